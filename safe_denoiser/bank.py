@@ -1,0 +1,204 @@
+"""``NegativeBank``: unsafe datapoints in the model's sample space, stored as safetensors."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["BankError", "NegativeBank", "IMAGE_SUFFIXES", "l2_normalize_positions", "load_image_folder"]
+
+TENSOR_KEY = "bank"
+FORMAT = "safe-denoiser.negative-bank/1"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class BankError(ValueError):
+    """A negative bank that cannot be used: empty, non-finite, wrong shape or dtype, unreadable file."""
+
+
+def l2_normalize_positions(latents: Tensor, eps: float = 1e-12) -> Tensor:
+    """Divide each spatial position's channel vector (dim 1) by its L2 norm, as the reference code does."""
+    return latents / latents.norm(dim=1, keepdim=True).clamp_min(eps)
+
+
+@dataclass
+class NegativeBank:
+    """N unsafe datapoints ``data`` (N, *sample_shape) plus string metadata (encoder, normalisation, source)."""
+
+    data: Tensor
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---- properties -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self.data.shape[0])
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape[1:])
+
+    # ---- checks -----------------------------------------------------------------------------------
+    def validate(self, sample_shape: Sequence[int] | None = None) -> NegativeBank:
+        """Raise ``BankError`` naming the problem; returns self so calls chain."""
+        d = self.data
+        if not isinstance(d, Tensor):
+            raise BankError(f"bank data must be a torch.Tensor, got {type(d).__name__}")
+        if d.dtype not in _FLOAT_DTYPES:
+            raise BankError(f"bank dtype must be a floating type (float16/bfloat16/float32/float64), got {d.dtype}")
+        if d.dim() < 2:
+            raise BankError(f"bank must be (N, *sample_shape) with at least 2 dimensions, got shape {tuple(d.shape)}")
+        if d.shape[0] == 0:
+            raise BankError("bank is empty (N = 0): it needs at least one unsafe datapoint")
+        if not bool(torch.isfinite(d).all()):
+            bad = int((~torch.isfinite(d)).flatten(1).any(dim=1).sum())
+            raise BankError(f"bank has non-finite values (NaN or inf) in {bad} of {d.shape[0]} items")
+        if sample_shape is not None and tuple(sample_shape) != self.sample_shape:
+            raise BankError(
+                f"bank item shape {self.sample_shape} does not match the model's sample shape {tuple(sample_shape)}"
+            )
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.metadata.items()):
+            raise BankError("bank metadata must map str to str")
+        return self
+
+    # ---- construction -----------------------------------------------------------------------------
+    @classmethod
+    def from_tensor(cls, data: Tensor, **metadata: str) -> NegativeBank:
+        """Wrap a (N, ...) tensor; metadata values are stored as strings."""
+        meta = {"source": "tensor", **{k: str(v) for k, v in metadata.items()}}
+        return cls(data.detach().contiguous(), meta)
+
+    @classmethod
+    def from_images(
+        cls,
+        images: Iterable[Tensor],
+        encoder: Callable[[Tensor], Tensor],
+        batch_size: int = 8,
+        progress: bool = True,
+        total: int | None = None,
+        **metadata: str,
+    ) -> NegativeBank:
+        """Encode images (each (3, H, W) in [-1, 1]) in batches through ``encoder`` with a progress bar."""
+        from tqdm.auto import tqdm
+
+        if batch_size <= 0:
+            raise BankError(f"batch_size must be a positive int, got {batch_size}")
+        encoded: list[Tensor] = []
+        batch: list[Tensor] = []
+        with torch.no_grad(), tqdm(total=total, desc="encoding bank", unit="img", disable=not progress) as bar:
+            for img in images:
+                batch.append(img)
+                if len(batch) == batch_size:
+                    encoded.append(encoder(torch.stack(batch)).float().cpu())
+                    bar.update(len(batch))
+                    batch = []
+            if batch:
+                encoded.append(encoder(torch.stack(batch)).float().cpu())
+                bar.update(len(batch))
+        if not encoded:
+            raise BankError("no images to encode: the bank would be empty")
+        data = torch.cat(encoded)
+        meta = {"source": "images", **{k: str(v) for k, v in metadata.items()}}
+        return cls(data, meta)
+
+    # ---- storage ----------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write atomically (temporary file in the same folder, then rename) as safetensors."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = dict(self.metadata)
+        meta.update(
+            format=FORMAT,
+            count=str(len(self)),
+            sample_shape=json.dumps(list(self.sample_shape)),
+            dtype=str(self.data.dtype).removeprefix("torch."),
+        )
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file({TENSOR_KEY: self.data.contiguous().cpu()}, tmp, metadata=meta)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        sample_shape: Sequence[int] | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> NegativeBank:
+        """Load and validate a bank written by ``save`` (safetensors only: no pickle is ever read)."""
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise BankError(f"bank file {str(path)!r} does not exist or is not a file")
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                meta = dict(f.metadata() or {})
+                keys = list(f.keys())
+                if TENSOR_KEY not in keys:
+                    raise BankError(f"bank file {str(path)!r} has no tensor named {TENSOR_KEY!r} (found {keys})")
+                data = f.get_tensor(TENSOR_KEY)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise BankError(f"bank file {str(path)!r} is not a readable safetensors file: {exc}") from exc
+        if meta.get("format") != FORMAT:
+            raise BankError(f"bank file {str(path)!r} has format {meta.get('format')!r}, expected {FORMAT!r}")
+        if meta.get("count") != str(data.shape[0]) or meta.get("sample_shape") != json.dumps(list(data.shape[1:])):
+            raise BankError(
+                f"bank file {str(path)!r}: header says count={meta.get('count')} sample_shape={meta.get('sample_shape')}"
+                f" but the tensor is {tuple(data.shape)}"
+            )
+        bank = cls(data, meta).validate(sample_shape)
+        if dtype is not None or str(device) != "cpu":
+            bank = bank.to(device=device, dtype=dtype)
+        return bank
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> NegativeBank:
+        """A copy on another device/dtype (metadata kept)."""
+        return NegativeBank(self.data.to(device=device, dtype=dtype), dict(self.metadata))
+
+    def sha256(self) -> str:
+        """Hash of the float32 little-endian bytes: identifies the bank across files and graphs."""
+        import hashlib
+
+        return hashlib.sha256(self.data.float().contiguous().cpu().numpy().tobytes()).hexdigest()
+
+
+def load_image_folder(folder: str | os.PathLike[str], size: int) -> tuple[list[Path], Callable[[], Iterable[Tensor]]]:
+    """The sorted image files of a folder and a generator of (3, size, size) tensors in [-1, 1]."""
+    import numpy as np
+    from PIL import Image
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise BankError(f"--images {str(root)!r} is not a folder")
+    files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise BankError(f"--images {str(root)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+
+    def images() -> Iterable[Tensor]:
+        for p in files:
+            try:
+                with Image.open(p) as im:
+                    arr = np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC))
+            except OSError as exc:
+                raise BankError(f"cannot read image {str(p)!r}: {exc}") from exc
+            yield torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+
+    return files, images

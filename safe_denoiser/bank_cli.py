@@ -1,0 +1,71 @@
+"""``safe-denoiser bank build|info``: make a negative bank from a folder of images with a local VAE."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+
+from .bank import NegativeBank, load_image_folder
+from .vae import load_vae, vae_encoder
+
+
+def add_parser(sub: Any) -> None:
+    bank = sub.add_parser("bank", help="build or inspect a negative bank")
+    bank_sub = bank.add_subparsers(dest="bank_command", required=True)
+
+    build = bank_sub.add_parser("build", help="encode a folder of images into a bank (.safetensors)")
+    build.add_argument("--images", required=True, help="folder of unsafe images (png/jpg/webp/bmp)")
+    build.add_argument("--vae", required=True, help="local diffusers VAE folder, or a pipeline folder with vae/")
+    build.add_argument("--out", required=True, help="output .safetensors file")
+    build.add_argument("--size", type=int, default=512, help="images are resized to size x size (default 512)")
+    build.add_argument("--batch-size", type=int, default=8)
+    build.add_argument("--latent", choices=("mean", "sample"), default="mean", help="posterior mean or a sample")
+    build.add_argument("--l2-normalize", action="store_true", help="per-position L2 normalisation (reference code)")
+    build.add_argument("--seed", type=int, default=0, help="seed for --latent sample")
+    build.add_argument("--device", default="cpu")
+    build.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    build.set_defaults(func=_build)
+
+    info = bank_sub.add_parser("info", help="validate a bank file and print its metadata")
+    info.add_argument("path")
+    info.set_defaults(func=_info)
+
+
+def _build(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"--out {str(out)!r} exists; pass --overwrite to replace it")
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out must end in .safetensors, got {str(out)!r}")
+    if args.size <= 0 or args.size % 8:
+        raise ValueError(f"--size must be a positive multiple of 8, got {args.size}")
+    files, images = load_image_folder(args.images, args.size)
+    vae = load_vae(args.vae, args.device)
+    gen = torch.Generator(args.device).manual_seed(args.seed)
+    encoder = vae_encoder(vae, args.latent, args.l2_normalize, gen)
+    bank = NegativeBank.from_images(
+        images(),
+        encoder,
+        batch_size=args.batch_size,
+        total=len(files),
+        encoder=f"diffusers.AutoencoderKL:{Path(args.vae).name}",
+        latent=args.latent,
+        normalization="l2-per-position" if args.l2_normalize else "none",
+        image_size=str(args.size),
+        images=str(Path(args.images).name),
+    )
+    bank.save(out)
+    print(f"wrote {out}: {len(bank)} items of shape {bank.sample_shape}")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    bank = NegativeBank.load(args.path)
+    print(f"{args.path}: {len(bank)} items of shape {bank.sample_shape}, dtype {bank.data.dtype}")
+    for k, v in sorted(bank.metadata.items()):
+        print(f"  {k}: {v}")
+    return 0

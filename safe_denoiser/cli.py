@@ -1,0 +1,34 @@
+"""The ``safe-denoiser`` command. Each sub-command lives in its own module, which registers itself here."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# module path of each sub-command; each module defines ``add_parser(subparsers)`` setting ``func``.
+COMMANDS = ("safe_denoiser.bank_cli", "safe_denoiser.toy")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="safe-denoiser", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        importlib.import_module(name).add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError) as exc:
+        # Bad input: a one-line message naming the problem, not a traceback.
+        print(f"safe-denoiser {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
