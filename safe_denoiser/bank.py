@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["BankError", "NegativeBank", "IMAGE_SUFFIXES", "l2_normalize_positions", "load_image_folder"]
+__all__ = ["IMAGE_SUFFIXES", "BankError", "NegativeBank", "l2_normalize_positions", "load_image_folder"]
 
 TENSOR_KEY = "bank"
 FORMAT = "safe-denoiser.negative-bank/1"
@@ -85,7 +85,7 @@ class NegativeBank:
         batch_size: int = 8,
         progress: bool = True,
         total: int | None = None,
-        **metadata: str,
+        metadata: dict[str, str] | None = None,
     ) -> NegativeBank:
         """Encode images (each (3, H, W) in [-1, 1]) in batches through ``encoder`` with a progress bar."""
         from tqdm.auto import tqdm
@@ -107,7 +107,7 @@ class NegativeBank:
         if not encoded:
             raise BankError("no images to encode: the bank would be empty")
         data = torch.cat(encoded)
-        meta = {"source": "images", **{k: str(v) for k, v in metadata.items()}}
+        meta = {"source": "images", **{k: str(v) for k, v in (metadata or {}).items()}}
         return cls(data, meta)
 
     # ---- storage ----------------------------------------------------------------------------------
@@ -161,8 +161,8 @@ class NegativeBank:
             raise BankError(f"bank file {str(path)!r} has format {meta.get('format')!r}, expected {FORMAT!r}")
         if meta.get("count") != str(data.shape[0]) or meta.get("sample_shape") != json.dumps(list(data.shape[1:])):
             raise BankError(
-                f"bank file {str(path)!r}: header says count={meta.get('count')} sample_shape={meta.get('sample_shape')}"
-                f" but the tensor is {tuple(data.shape)}"
+                f"bank file {str(path)!r}: header says count={meta.get('count')} "
+                f"sample_shape={meta.get('sample_shape')} but the tensor is {tuple(data.shape)}"
             )
         bank = cls(data, meta).validate(sample_shape)
         if dtype is not None or str(device) != "cpu":

@@ -52,11 +52,13 @@ def _build(args: argparse.Namespace) -> int:
         encoder,
         batch_size=args.batch_size,
         total=len(files),
-        encoder=f"diffusers.AutoencoderKL:{Path(args.vae).name}",
-        latent=args.latent,
-        normalization="l2-per-position" if args.l2_normalize else "none",
-        image_size=str(args.size),
-        images=str(Path(args.images).name),
+        metadata={
+            "encoder": f"diffusers.AutoencoderKL:{Path(args.vae).name}",
+            "latent": args.latent,
+            "normalization": "l2-per-position" if args.l2_normalize else "none",
+            "image_size": str(args.size),
+            "images": Path(args.images).name,
+        },
     )
     bank.save(out)
     print(f"wrote {out}: {len(bank)} items of shape {bank.sample_shape}")

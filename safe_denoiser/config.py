@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
-__all__ = ["Mode", "BetaMode", "SafeGuidance"]
+__all__ = ["BetaMode", "Mode", "SafeGuidance"]
 
 Mode = Literal["theorem", "reference"]
 BetaMode = Literal["constant", "mass"]
@@ -46,7 +46,12 @@ class SafeGuidance:
         _check(self.beta_mode in ("constant", "mass"), "beta_mode", "'constant' or 'mass'", self.beta_mode)
         _check(_finite(self.eta) and self.eta >= 0, "eta", "a finite float >= 0", self.eta)
         if self.kernel_sigma is not None:
-            _check(_finite(self.kernel_sigma) and self.kernel_sigma > 0, "kernel_sigma", "a float > 0 or None", self.kernel_sigma)
+            _check(
+                _finite(self.kernel_sigma) and self.kernel_sigma > 0,
+                "kernel_sigma",
+                "a float > 0 or None",
+                self.kernel_sigma,
+            )
         if self.mode == "reference":
             _check(self.kernel_sigma is not None, "kernel_sigma", "set (a float > 0) in reference mode", None)
         if self.gate_log_mass is not None:
@@ -63,7 +68,12 @@ class SafeGuidance:
         if self.threshold is not None:
             _check(_finite(self.threshold), "threshold", "a finite float or None", self.threshold)
         if self.chunk_size is not None:
-            _check(isinstance(self.chunk_size, int) and self.chunk_size > 0, "chunk_size", "a positive int or None", self.chunk_size)
+            _check(
+                isinstance(self.chunk_size, int) and self.chunk_size > 0,
+                "chunk_size",
+                "a positive int or None",
+                self.chunk_size,
+            )
 
     @classmethod
     def theorem(cls, eta: float = 1.0, **overrides: Any) -> SafeGuidance:

@@ -72,9 +72,7 @@ def kernel_estimate(
     if x.dim() < 2 or bank.dim() < 2:
         raise ValueError("x must be (B, ...) and bank (N, ...), each with at least 2 dimensions")
     if x.shape[1:] != bank.shape[1:]:
-        raise ValueError(
-            f"bank item shape {tuple(bank.shape[1:])} does not match sample shape {tuple(x.shape[1:])}"
-        )
+        raise ValueError(f"bank item shape {tuple(bank.shape[1:])} does not match sample shape {tuple(x.shape[1:])}")
     n = bank.shape[0]
     if n == 0:
         raise ValueError("the bank is empty")
@@ -106,9 +104,7 @@ def kernel_estimate(
     return KernelEstimate(mean, log_mass)
 
 
-def _forward_kernel(
-    alpha_bar: float | Tensor, bandwidth: float | Tensor | None, like: Tensor
-) -> tuple[Tensor, Tensor]:
+def _forward_kernel(alpha_bar: float | Tensor, bandwidth: float | Tensor | None, like: Tensor) -> tuple[Tensor, Tensor]:
     """(sqrt(abar), h) as (B, 1) columns in the accumulation dtype; h = 1 - abar unless overridden."""
     acc = like.new_empty(()).to(torch.float64 if like.dtype == torch.float64 else torch.float32)
     ab = as_batch_column(alpha_bar, like.shape[0], acc)

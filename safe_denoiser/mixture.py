@@ -29,7 +29,9 @@ class GaussianMixture:
         k = self.means.shape[0]
         for name in ("stds", "weights", "unsafe"):
             if getattr(self, name).shape != (k,):
-                raise ValueError(f"GaussianMixture.{name} must have shape ({k},), got {tuple(getattr(self, name).shape)}")
+                raise ValueError(
+                    f"GaussianMixture.{name} must have shape ({k},), got {tuple(getattr(self, name).shape)}"
+                )
         if not bool(self.unsafe.any()) or bool(self.unsafe.all()):
             raise ValueError("GaussianMixture.unsafe must mark some but not all components")
 

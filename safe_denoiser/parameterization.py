@@ -7,7 +7,6 @@ Sigma form (EDM, Euler): x = x_t / sqrt(abar) = x0 + sigma eps, sigma^2 = (1 - a
 
 from __future__ import annotations
 
-
 from torch import Tensor
 
 __all__ = [
@@ -86,5 +85,3 @@ def x0_from_eps_sigma(x: Tensor, eps: Tensor, sigma: float | Tensor) -> Tensor:
 def eps_from_x0_sigma(x: Tensor, x0: Tensor, sigma: float | Tensor) -> Tensor:
     """eps = (x - x0) / sigma."""
     return (x - x0) / broadcast_to_sample(sigma, x)
-
-

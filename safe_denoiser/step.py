@@ -15,7 +15,7 @@ from torch import Tensor
 from .config import SafeGuidance
 from .correction import safe_eps
 from .kernel import as_batch_column, kernel_estimate
-from .parameterization import broadcast_to_sample, x0_from_eps
+from .parameterization import x0_from_eps
 
 __all__ = ["StepRecord", "reference_correction", "reference_threshold", "theorem_correction", "window_mask"]
 
@@ -91,19 +91,24 @@ def reference_correction(
     # log of a non-positive floor is -inf or nan; "sum > floor" then always holds.
     applied = window_mask(t, guidance.window, b, x_t.device) & ((floor <= 0) | (log_sum > floor.clamp_min(1e-30).log()))
     x0_new = x0_hat - guidance.eta * est.mean
-    abb = broadcast_to_sample(ab, x0_new)
+    per_sample = (b,) + (1,) * (x_t.dim() - 1)
+    abb = ab.reshape(per_sample)
     x_new = (abb.sqrt() * x0_new + (1.0 - abb).sqrt() * noise.to(acc)).to(x_t.dtype)
-    out = torch.where(broadcast_to_sample(applied, x_new), x_new, x_t)
+    out = torch.where(applied.reshape(per_sample), x_new, x_t)
     return out, StepRecord(applied, est.log_mass.float(), _delta_norm(out, x_t))
 
 
-def reference_threshold(bank: Tensor, kernel_sigma: float, alpha_bar_last: float, generator: torch.Generator | None = None) -> float:
+def reference_threshold(
+    bank: Tensor, kernel_sigma: float, alpha_bar_last: float, generator: torch.Generator | None = None
+) -> float:
     """Minimum over bank items of the kernel sum of that item noised to the last timestep (METHOD.md 3).
 
     This is a one-off set-up computation (it returns a Python float), not part of the sampling loop.
     """
     y = bank.float()
-    z = torch.randn(y.shape, generator=generator, device=y.device if generator is None else generator.device).to(y.device)
+    z = torch.randn(y.shape, generator=generator, device=y.device if generator is None else generator.device).to(
+        y.device
+    )
     noised = math.sqrt(alpha_bar_last) * y + math.sqrt(1.0 - alpha_bar_last) * z
     est = kernel_estimate(noised, y, 1.0, kernel_sigma**2, False, chunk_size=4096)
     return float((est.log_mass + math.log(y.shape[0])).exp().min())

@@ -1,0 +1,161 @@
+"""NegativeBank: round trip, validation errors, building from images with a (tiny, random) diffusers VAE."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from safe_denoiser import BankError, NegativeBank, l2_normalize_positions
+from safe_denoiser.cli import main
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    data = torch.randn(7, 4, 8, 8)
+    bank = NegativeBank.from_tensor(data, concept="nudity")
+    path = bank.save(tmp_path / "b.safetensors")
+    back = NegativeBank.load(path, sample_shape=(4, 8, 8))
+    assert torch.equal(back.data, data)
+    assert back.metadata["concept"] == "nudity" and back.metadata["count"] == "7"
+    assert json.loads(back.metadata["sample_shape"]) == [4, 8, 8]
+    assert back.sha256() == bank.sha256()
+    assert NegativeBank.load(path, dtype=torch.float16).data.dtype == torch.float16
+    assert not list(tmp_path.glob("*.tmp"))  # the atomic write left nothing behind
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (torch.zeros(0, 4), "empty"),
+        (torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), "non-finite"),
+        (torch.tensor([[1.0, float("inf")]]), "non-finite"),
+        (torch.zeros(3, 4, dtype=torch.int64), "floating"),
+        (torch.zeros(5), "at least 2 dimensions"),
+    ],
+)
+def test_bad_tensor(data: torch.Tensor, message: str) -> None:
+    with pytest.raises(BankError, match=message):
+        NegativeBank(data)
+
+
+def test_wrong_sample_shape(tmp_path: Path) -> None:
+    path = NegativeBank.from_tensor(torch.randn(3, 4, 8, 8)).save(tmp_path / "b.safetensors")
+    with pytest.raises(BankError, match=r"does not match the model's sample shape \(4, 16, 16\)"):
+        NegativeBank.load(path, sample_shape=(4, 16, 16))
+
+
+def test_corrupt_and_foreign_files(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00\x01 not a safetensors file")
+    with pytest.raises(BankError, match="not a readable safetensors file"):
+        NegativeBank.load(garbage)
+    with pytest.raises(BankError, match="does not exist"):
+        NegativeBank.load(tmp_path / "missing.safetensors")
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"weights": torch.zeros(2, 2)}, str(foreign))
+    with pytest.raises(BankError, match="no tensor named 'bank'"):
+        NegativeBank.load(foreign)
+    no_header = tmp_path / "noheader.safetensors"
+    save_file({"bank": torch.zeros(2, 2)}, str(no_header))
+    with pytest.raises(BankError, match="format"):
+        NegativeBank.load(no_header)
+    # truncated copy of a good file
+    good = NegativeBank.from_tensor(torch.randn(4, 16)).save(tmp_path / "good.safetensors")
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[:-20])
+    with pytest.raises(BankError, match="not a readable safetensors file"):
+        NegativeBank.load(cut)
+
+
+def test_header_must_match_tensor(tmp_path: Path) -> None:
+    path = tmp_path / "lying.safetensors"
+    meta = {"format": "safe-denoiser.negative-bank/1", "count": "9", "sample_shape": "[4]"}
+    save_file({"bank": torch.zeros(3, 4)}, str(path), metadata=meta)
+    with pytest.raises(BankError, match="header says count=9"):
+        NegativeBank.load(path)
+
+
+def test_l2_normalize_positions() -> None:
+    z = torch.randn(2, 4, 3, 3)
+    n = l2_normalize_positions(z)
+    assert torch.allclose(n.norm(dim=1), torch.ones(2, 3, 3))
+    assert torch.allclose(n * z.norm(dim=1, keepdim=True), z, atol=1e-6)
+
+
+def tiny_vae_dir(root: Path) -> Path:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+    )
+    vae.save_pretrained(root / "vae", safe_serialization=True)
+    return root
+
+
+def write_images(folder: Path, n: int) -> None:
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+
+
+def test_cli_build_matches_direct_encoding(tmp_path: Path) -> None:
+    from safe_denoiser.bank import load_image_folder
+    from safe_denoiser.vae import load_vae
+
+    write_images(tmp_path / "imgs", 5)
+    model = tiny_vae_dir(tmp_path / "model")
+    out = tmp_path / "bank.safetensors"
+    args = ["bank", "build", "--images", str(tmp_path / "imgs"), "--vae", str(model), "--out", str(out)]
+    assert main([*args, "--size", "16", "--batch-size", "2", "--l2-normalize"]) == 0
+    bank = NegativeBank.load(out)
+    assert len(bank) == 5 and bank.sample_shape == (4, 8, 8)
+    assert bank.metadata["normalization"] == "l2-per-position"
+    # independent path: encode all images in one batch with the VAE directly
+    _, images = load_image_folder(tmp_path / "imgs", 16)
+    vae = load_vae(model)
+    with torch.no_grad():
+        z = vae.encode(torch.stack(list(images()))).latent_dist.mean * vae.config.scaling_factor
+    assert torch.allclose(bank.data, l2_normalize_positions(z), atol=1e-5)
+    # refuses to clobber an existing bank
+    before = out.read_bytes()
+    assert main([*args, "--size", "16"]) == 2
+    assert out.read_bytes() == before
+    assert main([*args, "--size", "16", "--overwrite", "--latent", "sample"]) == 0
+    assert NegativeBank.load(out).metadata["latent"] == "sample"
+
+
+def test_cli_build_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_images(tmp_path / "imgs", 2)
+    (tmp_path / "empty").mkdir()
+    model = tiny_vae_dir(tmp_path / "model")
+    base = ["bank", "build", "--out", str(tmp_path / "b.safetensors")]
+    cases = [
+        (["--images", str(tmp_path / "nope"), "--vae", str(model)], "--images"),
+        (["--images", str(tmp_path / "empty"), "--vae", str(model)], "holds no images"),
+        (["--images", str(tmp_path / "imgs"), "--vae", str(tmp_path / "nope")], "--vae"),
+        (["--images", str(tmp_path / "imgs"), "--vae", str(tmp_path / "empty")], "config.json"),
+        (["--images", str(tmp_path / "imgs"), "--vae", str(model), "--size", "10"], "--size"),
+    ]
+    for extra, message in cases:
+        assert main(base + extra) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "b.safetensors").exists()
+
+
+def test_cli_info(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = NegativeBank.from_tensor(torch.randn(3, 2, 2), concept="x").save(tmp_path / "b.safetensors")
+    assert main(["bank", "info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "3 items of shape (2, 2)" in out and "concept: x" in out

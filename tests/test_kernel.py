@@ -1,0 +1,125 @@
+"""The kernel estimator against float64 brute force; chunking, batching, precision and bad input."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from safe_denoiser import kernel_estimate, kernel_log_mass, unsafe_posterior_mean
+
+
+def brute_force(x: torch.Tensor, bank: torch.Tensor, ab: torch.Tensor, h: torch.Tensor | None = None):
+    """float64, explicit (B, N, D) differences: the independent reference."""
+    xd, yd, abd = x.double().flatten(1), bank.double().flatten(1), ab.double().reshape(-1, 1)
+    var = (1 - abd) if h is None else h.double().reshape(-1, 1)
+    d2 = (xd[:, None, :] - abd.sqrt()[:, :, None] * yd[None]).square().sum(-1)
+    logk = -d2 / (2 * var)
+    mean = (torch.softmax(logk, 1) @ yd).reshape(x.shape)
+    return mean, torch.logsumexp(logk, 1) - math.log(bank.shape[0])
+
+
+def test_matches_float64_brute_force() -> None:
+    x, bank = torch.randn(4, 3, 6, 6), torch.randn(37, 3, 6, 6)
+    ab = torch.tensor([0.02, 0.3, 0.8, 0.97])
+    ref_mean, ref_lm = brute_force(x, bank, ab)
+    est = kernel_estimate(x, bank, ab.sqrt().reshape(-1, 1), (1 - ab).reshape(-1, 1))
+    assert torch.allclose(est.mean.double(), ref_mean, atol=2e-5)
+    assert torch.allclose(est.log_mass.double(), ref_lm, rtol=1e-5)
+    assert torch.allclose(unsafe_posterior_mean(x, bank, ab).double(), ref_mean, atol=2e-5)
+    assert torch.allclose(kernel_log_mass(x, bank, ab).double(), ref_lm, rtol=1e-5)
+
+
+def test_bandwidth_override() -> None:
+    x, bank = torch.randn(2, 8), torch.randn(10, 8)
+    ab = torch.tensor([0.5, 0.5])
+    ref_mean, ref_lm = brute_force(x, bank, ab, torch.tensor([3.0, 3.0]))
+    assert torch.allclose(unsafe_posterior_mean(x, bank, 0.5, bandwidth=3.0).double(), ref_mean, atol=1e-5)
+    assert torch.allclose(kernel_log_mass(x, bank, 0.5, bandwidth=3.0).double(), ref_lm, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+def test_chunked_equals_unchunked(chunk: int) -> None:
+    x, bank = torch.randn(3, 4, 4, 4), torch.randn(100, 4, 4, 4)
+    full = kernel_estimate(x, bank, 0.7, 0.51)
+    part = kernel_estimate(x, bank, 0.7, 0.51, chunk_size=chunk)
+    assert torch.allclose(full.mean, part.mean, atol=1e-6)
+    assert torch.allclose(full.log_mass, part.log_mass, atol=1e-5)
+
+
+def test_batch_equals_items_one_at_a_time() -> None:
+    x, bank = torch.randn(5, 4, 8, 8), torch.randn(30, 4, 8, 8)
+    ab = torch.tensor([0.1, 0.2, 0.5, 0.9, 0.99])
+    batched = unsafe_posterior_mean(x, bank, ab)
+    for i in range(5):
+        single = unsafe_posterior_mean(x[i : i + 1], bank, float(ab[i]))
+        assert torch.allclose(batched[i : i + 1], single, atol=1e-6)
+
+
+@pytest.mark.parametrize("alpha_bar", [1e-6, 0.01, 0.5, 0.99, 0.99999])
+def test_float32_at_sd_latent_size_is_finite_and_matches_float64(alpha_bar: float) -> None:
+    """D = 4x64x64: plain exp() would underflow to 0/0 here; the log-space estimator stays exact."""
+    g = torch.Generator().manual_seed(3)
+    bank = torch.randn(64, 4, 64, 64, generator=g)
+    x0 = bank[:4] + 0.3 * torch.randn(4, 4, 64, 64, generator=g)
+    x_t = math.sqrt(alpha_bar) * x0 + math.sqrt(1 - alpha_bar) * torch.randn(4, 4, 64, 64, generator=g)
+    ab = torch.full((4,), alpha_bar)
+    est32 = kernel_estimate(x_t, bank, ab.sqrt().reshape(-1, 1), (1 - ab).reshape(-1, 1), chunk_size=16)
+    ref_mean, ref_lm = brute_force(x_t, bank, ab)
+    assert torch.isfinite(est32.mean).all() and torch.isfinite(est32.log_mass).all()
+    assert torch.allclose(est32.mean.double(), ref_mean, atol=1e-4)
+    assert torch.allclose(est32.log_mass.double(), ref_lm, rtol=1e-4)
+    # naive exp() of the same log-kernel underflows (the reason for log space)
+    if alpha_bar > 0.5:
+        d2 = (x_t.double().flatten(1)[:, None] - math.sqrt(alpha_bar) * bank.double().flatten(1)[None]).square().sum(-1)
+        assert (torch.exp(-d2 / (2 * (1 - alpha_bar))).float().sum(1) == 0).all()
+
+
+def test_half_precision_accumulates_in_float32() -> None:
+    x, bank = torch.randn(2, 4, 16, 16), torch.randn(50, 4, 16, 16)
+    ref, _ = brute_force(x.half().float(), bank.half().float(), torch.tensor([0.4, 0.4]))
+    out = unsafe_posterior_mean(x.half(), bank.half(), 0.4)
+    assert out.dtype == torch.float16
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out.double(), ref, atol=2e-3)
+
+
+def test_unsquared_distance_kernel() -> None:
+    """The reference code's kernel exp(-||x - y|| / (2 s^2)) on denoised estimates."""
+    x, bank = torch.randn(3, 10), torch.randn(12, 10)
+    d = torch.cdist(x.double(), bank.double())
+    logk = -d / (2 * 3.15**2)
+    est = kernel_estimate(x, bank, 1.0, 3.15**2, squared=False)
+    assert torch.allclose(est.mean.double(), torch.softmax(logk, 1) @ bank.double(), atol=1e-6)
+    assert torch.allclose(est.log_mass.double(), torch.logsumexp(logk, 1) - math.log(12), atol=1e-5)
+
+
+def test_memory_is_o_bn_plus_nd() -> None:
+    """Peak memory stays far below the 4 GiB that a (B, N, D) difference tensor would need (B=8, N=8000)."""
+    code = """
+import resource, torch
+from safe_denoiser import unsafe_posterior_mean
+x, bank = torch.randn(8, 4, 64, 64), torch.randn(8_000, 4, 64, 64)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = unsafe_posterior_mean(x, bank, 0.5, chunk_size=1024)
+assert out.shape == x.shape and bool(torch.isfinite(out).all())
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    growth_mib = int(res.stdout.strip().splitlines()[-1])
+    bnd_mib = 8 * 8_000 * 4 * 64 * 64 * 4 // 2**20
+    assert growth_mib < bnd_mib / 8, f"peak grew by {growth_mib} MiB; a (B, N, D) tensor is {bnd_mib} MiB"
+
+
+def test_bad_input() -> None:
+    with pytest.raises(ValueError, match="does not match sample shape"):
+        unsafe_posterior_mean(torch.randn(2, 4, 8, 8), torch.randn(5, 4, 8, 9), 0.5)
+    with pytest.raises(ValueError, match="empty"):
+        unsafe_posterior_mean(torch.randn(2, 8), torch.randn(0, 8), 0.5)
+    with pytest.raises(ValueError, match="chunk_size"):
+        unsafe_posterior_mean(torch.randn(2, 8), torch.randn(3, 8), 0.5, chunk_size=0)
+    with pytest.raises(ValueError, match=r"\(2,\) tensor"):
+        unsafe_posterior_mean(torch.randn(2, 8), torch.randn(3, 8), torch.tensor([0.1, 0.2, 0.3]))
