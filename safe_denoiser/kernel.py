@@ -48,8 +48,9 @@ def log_kernel(x: Tensor, bank: Tensor, scale: Tensor, variance: Tensor, squared
     ``x`` is (B, D), ``bank`` (N, D), ``scale`` and ``variance`` (B, 1). Returns (B, N).
     The squared distance is expanded as ||x||^2 - 2 s <x, y> + s^2 ||y||^2 so that one matmul does the work.
     """
-    x_sq = x.square().sum(dim=1, keepdim=True)  # (B, 1)
-    y_sq = bank.square().sum(dim=1).unsqueeze(0)  # (1, N)
+    # vector_norm reduces without a bank-sized temporary (square().sum() would allocate N x D).
+    x_sq = torch.linalg.vector_norm(x, dim=1, keepdim=True).square()  # (B, 1)
+    y_sq = torch.linalg.vector_norm(bank, dim=1).square().unsqueeze(0)  # (1, N)
     d_sq = (x_sq - 2.0 * scale * (x @ bank.T) + scale.square() * y_sq).clamp_min(0.0)
     dist = d_sq if squared else d_sq.sqrt()
     return -dist / (2.0 * variance)

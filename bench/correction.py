@@ -1,0 +1,549 @@
+"""Benchmark: cost of the Theorem-1 correction (kernel estimate of E_unsafe + ``safe_eps``) on SD latents.
+
+What is measured
+----------------
+One correction step on a batch of Stable-Diffusion-sized latents (D = 4x64x64 = 16384, float32, CPU):
+
+* **ours**: ``safe_denoiser.kernel.unsafe_posterior_mean`` (log space, online logsumexp over bank chunks, no
+  (B, N, D) tensor) followed by ``safe_denoiser.correction.safe_eps``; unchunked and with ``chunk_size``
+  (default 4096) where the chunk is smaller than the bank.
+* **baseline**: what the authors' research code does (METHOD.md section 3), written here: the query is
+  ``.repeat``-ed into a (B, N, D) tensor, the scaled bank is subtracted by broadcasting (a second (B, N, D)
+  tensor), the squared distance is summed from a third (the square), the kernel is a plain ``exp(-d / (2h))``
+  and the mean is ``sum_n k_n x_n / (sum_n k_n + 1e-8)`` with no logsumexp. The same ``safe_eps`` follows.
+  Both use the forward kernel of METHOD.md section 1 (scale sqrt(abar), h = 1 - abar), abar = 0.5, beta = 0.5.
+
+Inputs: a bank of N latents whose 4-channel vectors are L2-normalised per spatial position (as the reference
+code stores them); for N > 4096 the bank tiles a 4096-item random pool (the cost does not depend on the values).
+x_t = sqrt(abar) x^(n) + sqrt(1 - abar) z for random bank items n, eps ~ N(0, I).
+
+How
+---
+* Every (method, B, N, chunk) row runs in a fresh Python subprocess (no allocator or page carry-over between
+  rows) with ``torch.set_num_threads(--threads)`` and OMP/MKL thread variables set to the same value.
+* Set-up (bank, inputs) is excluded. The worker then runs the same function twice on tiny inputs, so the code
+  pages and the OpenMP pool are resident before anything is measured.
+* Time: ``time.perf_counter`` around each call; one warm-up call (reported as ``first_call_ms``), then
+  ``--repeats`` timed calls (fewer when the warm-up shows they would exceed ``--max-row-seconds``); the table
+  shows the median.
+* Peak memory: on Linux the process's peak-RSS counter (VmHWM) is reset by writing ``5`` to
+  ``/proc/self/clear_refs`` just before each call; the peak is VmHWM after the call minus VmRSS before it, i.e. the
+  largest extra resident memory the call needed (temporaries, output) on top of the bank and inputs. The table
+  shows the maximum over all calls (the warm-up included). Tensors of 32 MiB and more are mmap-ed and returned
+  to the OS on free by glibc, so big temporaries cannot hide in a cache. Without clear_refs the fallback is the
+  ``ru_maxrss`` increase over the post-set-up value (a lower bound if set-up peaked higher); the JSON says which.
+* Rows whose estimated extra working set exceeds ``--mem-cap-gib`` are not run; they are printed as
+  ``skipped (would need X GiB)`` and recorded as such. The baseline estimate is three (B, N, D) float32 tensors
+  plus one (N, D) (the scaled bank); ours needs (B, N) logits and (B, D) accumulators only.
+* Each baseline row records whether its output is finite, whether it has NaNs, and for how many samples the kernel
+  sum ``sum_n k_n`` underflowed to exactly 0 (then E_unsafe silently becomes 0).
+* Correctness: on small cases (N = 515, B = 2) the float32 outputs of ours (unchunked and chunked) and of the
+  baseline are compared with a float64 reference (direct differences, softmax in float64) for several abar.
+
+Output: a table on stdout and JSON at ``--out`` (default bench/results/correction.json, written atomically).
+Run: ``.venv/bin/python bench/correction.py [--quick] [--repeats K] [--out PATH]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from safe_denoiser.correction import safe_eps
+from safe_denoiser.kernel import unsafe_posterior_mean
+
+LATENT_SHAPE: tuple[int, int, int] = (4, 64, 64)
+ALPHA_BAR = 0.5
+BETA = 0.5
+BASELINE_EPS = 1e-8
+POOL_SIZE = 4096
+FLOAT_BYTES = 4
+GIB = 1024**3
+MIB = 1024**2
+RESULT_TAG = "@@BENCH_RESULT "
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "correction.json"
+
+Call = Callable[[], tuple[Tensor, Tensor | None]]
+
+
+# --------------------------------------------------------------------------------------------------- inputs
+
+
+def make_bank(n: int, shape: tuple[int, ...], seed: int) -> Tensor:
+    """N latents with each spatial position's channel vector L2-normalised; tiles a random pool for large N."""
+    gen = torch.Generator().manual_seed(seed)
+    pool = torch.randn((min(n, POOL_SIZE), *shape), generator=gen)
+    pool.mul_(torch.rsqrt(pool.square().sum(dim=1, keepdim=True)))
+    if n <= POOL_SIZE:
+        return pool
+    bank = torch.empty((n, *shape))
+    for start in range(0, n, POOL_SIZE):
+        stop = min(n, start + POOL_SIZE)
+        bank[start:stop].copy_(pool[: stop - start])
+    return bank
+
+
+def make_inputs(bank: Tensor, batch: int, alpha_bar: float, seed: int) -> tuple[Tensor, Tensor]:
+    """x_t = sqrt(abar) x^(n) + sqrt(1 - abar) z for random bank items n, and a random eps prediction."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, bank.shape[0], (batch,), generator=gen)
+    z = torch.randn((batch, *bank.shape[1:]), generator=gen)
+    x_t = math.sqrt(alpha_bar) * bank[idx] + math.sqrt(1.0 - alpha_bar) * z
+    eps = torch.randn((batch, *bank.shape[1:]), generator=gen)
+    return x_t, eps
+
+
+# ---------------------------------------------------------------------------------------------- the methods
+
+
+def baseline_posterior_mean(x_t: Tensor, bank: Tensor, alpha_bar: float) -> tuple[Tensor, Tensor]:
+    """The research code's estimate: (B, N, D) differences, plain exp, epsilon normalisation. Returns (mean, k_sum)."""
+    b, n = x_t.shape[0], bank.shape[0]
+    y = bank.reshape(n, -1)
+    x_rep = x_t.reshape(b, 1, -1).repeat(1, n, 1)  # (B, N, D)
+    diff = x_rep - math.sqrt(alpha_bar) * y.unsqueeze(0)  # (B, N, D)
+    dist = (diff**2).sum(dim=2)  # (B, N, D) temporary -> (B, N)
+    k = torch.exp(-dist / (2.0 * (1.0 - alpha_bar)))  # plain exp: underflows to 0 in high dimension
+    k_sum = k.sum(dim=1, keepdim=True)
+    mean = (k @ y) / (k_sum + BASELINE_EPS)
+    return mean.reshape(x_t.shape), k_sum.squeeze(1)
+
+
+def ours_call(bank: Tensor, x_t: Tensor, eps: Tensor, chunk: int | None) -> Call:
+    """unsafe_posterior_mean + safe_eps, as a closure returning (eps_safe, None)."""
+
+    def call() -> tuple[Tensor, Tensor | None]:
+        x0_unsafe = unsafe_posterior_mean(x_t, bank, ALPHA_BAR, chunk_size=chunk)
+        return safe_eps(eps, x_t, ALPHA_BAR, x0_unsafe, BETA), None
+
+    return call
+
+
+def baseline_call(bank: Tensor, x_t: Tensor, eps: Tensor) -> Call:
+    """baseline_posterior_mean + safe_eps, as a closure returning (eps_safe, kernel sums)."""
+
+    def call() -> tuple[Tensor, Tensor | None]:
+        x0_unsafe, k_sum = baseline_posterior_mean(x_t, bank, ALPHA_BAR)
+        return safe_eps(eps, x_t, ALPHA_BAR, x0_unsafe, BETA), k_sum
+
+    return call
+
+
+def estimate_extra_bytes(method: str, b: int, n: int, d: int, chunk: int | None) -> int:
+    """Rough extra working set of one call beyond bank and inputs (decides whether a row is run)."""
+    if method == "baseline":
+        return (3 * b * n * d + n * d) * FLOAT_BYTES
+    rows = n if chunk is None else min(chunk, n)
+    return (4 * b * rows + 4 * b * d) * FLOAT_BYTES  # logits/weights per chunk, accumulators; no (N, D) temporary
+
+
+# ------------------------------------------------------------------------------------------ memory counters
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _maxrss_kib() -> int:
+    value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return value // 1024 if sys.platform == "darwin" else value
+
+
+def measured_call(fn: Call) -> tuple[tuple[Tensor, Tensor | None], float, float, str]:
+    """Run ``fn`` once: (its result, seconds, peak extra MiB, how the peak was measured)."""
+    gc.collect()
+    rss_before = _status_kib("VmRSS")
+    use_hwm = rss_before is not None and _reset_peak_rss() and _status_kib("VmHWM") is not None
+    maxrss_before = _maxrss_kib()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        result = fn()
+    seconds = time.perf_counter() - t0
+    if use_hwm and rss_before is not None:
+        peak_kib = (_status_kib("VmHWM") or 0) - rss_before
+        method = "VmHWM (reset via /proc/self/clear_refs) minus VmRSS before the call"
+    else:
+        peak_kib = _maxrss_kib() - maxrss_before
+        method = "ru_maxrss increase over post-setup value (lower bound)"
+    return result, seconds, max(peak_kib, 0) / 1024.0, method
+
+
+# ------------------------------------------------------------------------------------------------- workers
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """One benchmark row, run in its own subprocess."""
+
+    method: str  # "ours" or "baseline"
+    b: int
+    n: int
+    chunk: int | None
+    threads: int
+    repeats: int
+    max_row_seconds: float
+    seed: int = 0
+
+
+def run_worker(spec: WorkerSpec) -> dict[str, Any]:
+    """Set up, warm up, then time and measure ``spec``'s call; returns a JSON-able record."""
+    torch.set_num_threads(spec.threads)
+    bank = make_bank(spec.n, LATENT_SHAPE, seed=spec.seed)
+    x_t, eps = make_inputs(bank, spec.b, ALPHA_BAR, seed=spec.seed + 1)
+
+    def build(bk: Tensor, xt: Tensor, ep: Tensor, chunk: int | None) -> Call:
+        return ours_call(bk, xt, ep, chunk) if spec.method == "ours" else baseline_call(bk, xt, ep)
+
+    fn = build(bank, x_t, eps, spec.chunk)
+    tiny = build(bank[:16].clone(), x_t[:1].clone(), eps[:1].clone(), None if spec.chunk is None else 8)
+    for _ in range(2):
+        measured_call(tiny)
+    setup_rss = _status_kib("VmRSS")
+
+    (out, k_sum), first_s, first_peak, mem_method = measured_call(fn)
+    repeats = spec.repeats
+    if first_s * repeats > spec.max_row_seconds:
+        repeats = max(1, int(spec.max_row_seconds // max(first_s, 1e-9)))
+    times: list[float] = []
+    peaks: list[float] = [first_peak]
+    for _ in range(repeats):
+        _, seconds, peak, _ = measured_call(fn)
+        times.append(seconds * 1e3)
+        peaks.append(peak)
+    record: dict[str, Any] = {
+        **asdict(spec),
+        "repeats_run": repeats,
+        "ms_median": statistics.median(times),
+        "ms_min": min(times),
+        "ms_all": times,
+        "first_call_ms": first_s * 1e3,
+        "peak_mib": max(peaks),
+        "peak_mib_first_call": first_peak,
+        "peak_mib_all": peaks,
+        "memory_method": mem_method,
+        "setup_rss_mib": None if setup_rss is None else setup_rss / 1024.0,
+        "bank_mib": bank.numel() * bank.element_size() / MIB,
+        "output_finite": bool(torch.isfinite(out).all()),
+        "output_has_nan": bool(torch.isnan(out).any()),
+    }
+    if k_sum is not None:
+        record["kernel_sum_underflow"] = int((k_sum == 0).sum())
+        record["kernel_sum_max"] = float(k_sum.max())
+    return record
+
+
+def launch(spec: WorkerSpec, timeout_s: float) -> dict[str, Any]:
+    """Run one row in a fresh interpreter; failures (OOM kill, timeout) become an ``error`` record."""
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(spec.threads)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(asdict(spec))]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, check=False)
+    except subprocess.TimeoutExpired:
+        return {**asdict(spec), "error": f"timed out after {timeout_s:.0f} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG) :])
+    return {**asdict(spec), "error": f"worker exited with {proc.returncode}: {proc.stderr.strip()[-800:]}"}
+
+
+# --------------------------------------------------------------------------------------------- correctness
+
+
+def reference_f64(x_t: Tensor, bank: Tensor, eps: Tensor, alpha_bar: float) -> tuple[Tensor, Tensor, float]:
+    """Float64 E_unsafe and eps_safe from direct differences and a float64 softmax; also the largest log k."""
+    b, n = x_t.shape[0], bank.shape[0]
+    x = x_t.reshape(b, -1).double()
+    y = bank.reshape(n, -1).double()
+    s = math.sqrt(alpha_bar)
+    logits = torch.stack([-((xi - s * y) ** 2).sum(dim=1) / (2.0 * (1.0 - alpha_bar)) for xi in x])
+    mean = torch.softmax(logits, dim=1) @ y
+    eps_unsafe = (x - s * mean) / math.sqrt(1.0 - alpha_bar)
+    e = eps.reshape(b, -1).double()
+    out = e + BETA * (e - eps_unsafe)
+    return mean.reshape(x_t.shape), out.reshape(x_t.shape), float(logits.max())
+
+
+def correctness_checks(threads: int) -> list[dict[str, Any]]:
+    """Errors of ours and of the baseline against float64, at SD-latent size and at a toy size (D = 16)."""
+    torch.set_num_threads(threads)
+    rows: list[dict[str, Any]] = []
+    n, b, chunk = 515, 2, 128
+    for name, shape in (("sd-latent D=16384", LATENT_SHAPE), ("toy D=16", (4, 2, 2))):
+        bank = make_bank(n, shape, seed=123)
+        for ab in (0.05, 0.5, 0.9, 0.99):
+            x_t, eps = make_inputs(bank, b, ab, seed=7)
+            ref_mean, ref_out, max_log_k = reference_f64(x_t, bank, eps, ab)
+            with torch.inference_mode():
+                ours_mean = unsafe_posterior_mean(x_t, bank, ab)
+                ours_mean_c = unsafe_posterior_mean(x_t, bank, ab, chunk_size=chunk)
+                base_mean, k_sum = baseline_posterior_mean(x_t, bank, ab)
+                ours_out = safe_eps(eps, x_t, ab, ours_mean, BETA)
+                ours_out_c = safe_eps(eps, x_t, ab, ours_mean_c, BETA)
+                base_out = safe_eps(eps, x_t, ab, base_mean, BETA)
+
+            def err(a: Tensor, ref: Tensor) -> float:
+                return float((a.double() - ref).abs().max())
+
+            rows.append(
+                {
+                    "case": name,
+                    "n": n,
+                    "b": b,
+                    "alpha_bar": ab,
+                    "max_log_kernel_f64": max_log_k,
+                    "ref_mean_absmax": float(ref_mean.abs().max()),
+                    "ours_err_mean": err(ours_mean, ref_mean),
+                    "ours_err_eps": err(ours_out, ref_out),
+                    "ours_chunked_err_eps": err(ours_out_c, ref_out),
+                    "ours_chunk_size": chunk,
+                    "ours_finite": bool(torch.isfinite(ours_out).all() and torch.isfinite(ours_out_c).all()),
+                    "baseline_err_mean": err(base_mean, ref_mean),
+                    "baseline_err_eps": err(base_out, ref_out),
+                    "baseline_finite": bool(torch.isfinite(base_out).all()),
+                    "baseline_has_nan": bool(torch.isnan(base_out).any()),
+                    "baseline_kernel_sum_underflow": int((k_sum == 0).sum()),
+                }
+            )
+    return rows
+
+
+# -------------------------------------------------------------------------------------------------- report
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _ratio(num: float | None, den: float | None) -> str:
+    if num is None or den is None or den <= 0:
+        return "-"
+    return f"{num / den:.1f}x"
+
+
+def _cell_result(rec: dict[str, Any] | None) -> tuple[str, str, float | None, float | None]:
+    """(ms cell, MiB cell, ms, MiB) for a record that may be skipped or failed."""
+    if rec is None:
+        return "-", "-", None, None
+    if "skipped" in rec:
+        return rec["skipped"], "", None, None
+    if "error" in rec:
+        return "error", "", None, None
+    return _fmt(rec["ms_median"]), _fmt(rec["peak_mib"]), rec["ms_median"], rec["peak_mib"]
+
+
+def _baseline_output(rec: dict[str, Any] | None) -> str:
+    if rec is None or "ms_median" not in rec:
+        return "-"
+    state = "NaN" if rec["output_has_nan"] else ("finite" if rec["output_finite"] else "inf")
+    return f"{state}, k-sum underflow {rec['kernel_sum_underflow']}/{rec['b']}"
+
+
+def perf_table(rows: list[dict[str, Any]]) -> str:
+    header = (
+        "| B | N | ours chunk | ours ms | ours peak MiB | baseline ms | baseline peak MiB | speed (base/ours) "
+        "| memory (base/ours) | baseline output |"
+    )
+    lines = [header, "|" + "---|" * 10]
+    for row in rows:
+        ours, base = row["ours"], row["baseline"]
+        o_ms_s, o_mib_s, o_ms, o_mib = _cell_result(ours)
+        b_ms_s, b_mib_s, b_ms, b_mib = _cell_result(base)
+        chunk = "none" if row["chunk"] is None else str(row["chunk"])
+        lines.append(
+            f"| {row['b']} | {row['n']} | {chunk} | {o_ms_s} | {o_mib_s} | {b_ms_s} | {b_mib_s} | "
+            f"{_ratio(b_ms, o_ms)} | {_ratio(b_mib, o_mib)} | {_baseline_output(base)} |"
+        )
+    return "\n".join(lines)
+
+
+def correctness_table(rows: list[dict[str, Any]]) -> str:
+    header = (
+        "| case | abar | max log k (f64) | ours err E_unsafe | ours err eps | ours chunked err eps "
+        "| baseline err E_unsafe | baseline err eps | baseline output |"
+    )
+    lines = [header, "|" + "---|" * 9]
+    for r in rows:
+        state = "NaN" if r["baseline_has_nan"] else ("finite" if r["baseline_finite"] else "inf")
+        lines.append(
+            f"| {r['case']} | {r['alpha_bar']} | {r['max_log_kernel_f64']:.1f} | {r['ours_err_mean']:.2e} | "
+            f"{r['ours_err_eps']:.2e} | {r['ours_chunked_err_eps']:.2e} | {r['baseline_err_mean']:.2e} | "
+            f"{r['baseline_err_eps']:.2e} | {state}, k-sum underflow {r['baseline_kernel_sum_underflow']}/{r['b']} |"
+        )
+    return "\n".join(lines)
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    model = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            model = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    mem_total = None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            mem_total = int(fh.readline().split()[1]) / 1024 / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return {
+        "torch_version": torch.__version__,
+        "torch_threads": threads,
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_model": model,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "mem_total_gib": mem_total,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_avg_start": list(os.getloadavg()),
+    }
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False, encoding="utf-8") as fh:
+        json.dump(payload, fh, indent=2)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+        tmp = fh.name
+    os.chmod(tmp, 0o644)  # NamedTemporaryFile creates 0600
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--quick", action="store_true", help="smoke run: N in {515, 3000}, B in {1, 2}, 3 repeats")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per row after one warm-up (default 5)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch.set_num_threads value")
+    p.add_argument("--chunk-size", type=int, default=4096, help="bank chunk for the chunked rows of ours")
+    p.add_argument("--mem-cap-gib", type=float, default=6.0, help="skip rows whose extra working set exceeds this")
+    p.add_argument("--max-row-seconds", type=float, default=20.0, help="cut repeats of slow rows to fit this")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds before a row's subprocess is killed")
+    p.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker is not None:
+        record = run_worker(WorkerSpec(**json.loads(args.worker)))
+        print(RESULT_TAG + json.dumps(record), flush=True)
+        return 0
+
+    wall0 = time.perf_counter()
+    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 5)
+    batches = (1, 2) if args.quick else (1, 2, 8)
+    banks = (515, 3000) if args.quick else (515, 3000, 10000, 100000)
+    d = math.prod(LATENT_SHAPE)
+    cap = args.mem_cap_gib * GIB
+    info = machine_info(args.threads)
+    print(
+        f"torch {info['torch_version']}, threads {args.threads} (torch.set_num_threads), "
+        f"cpu_count {info['cpu_count']}, "
+        f"D = {'x'.join(map(str, LATENT_SHAPE))} = {d}, float32, abar {ALPHA_BAR}, beta {BETA}, repeats {repeats}"
+    )
+
+    correctness = correctness_checks(args.threads)
+    gc.collect()
+
+    def run_or_skip(method: str, b: int, n: int, chunk: int | None) -> dict[str, Any]:
+        need = estimate_extra_bytes(method, b, n, d, chunk)
+        spec = WorkerSpec(method, b, n, chunk, args.threads, repeats, args.max_row_seconds)
+        if need > cap:
+            rec: dict[str, Any] = {**asdict(spec), "skipped": f"skipped (would need {need / GIB:.1f} GiB)"}
+        else:
+            rec = launch(spec, args.timeout)
+        rec["estimated_extra_gib"] = need / GIB
+        if method == "baseline":
+            rec["bnd_tensor_gib"] = b * n * d * FLOAT_BYTES / GIB
+        status = rec.get("skipped") or rec.get("error") or f"{rec['ms_median']:.1f} ms, {rec['peak_mib']:.1f} MiB"
+        print(f"  {method:8s} B={b} N={n} chunk={chunk}: {status}", file=sys.stderr, flush=True)
+        return rec
+
+    rows: list[dict[str, Any]] = []
+    for n in banks:
+        for b in batches:
+            baseline = run_or_skip("baseline", b, n, None)
+            chunks: list[int | None] = [None]
+            if args.chunk_size < n:
+                chunks.append(args.chunk_size)
+            for chunk in chunks:
+                rows.append({"b": b, "n": n, "chunk": chunk, "ours": run_or_skip("ours", b, n, chunk)})
+                rows[-1]["baseline"] = baseline
+
+    wall = time.perf_counter() - wall0
+    info["load_avg_end"] = list(os.getloadavg())
+    print()
+    print(perf_table(rows))
+    print()
+    print("Correctness vs a float64 reference (max abs error; N = 515, B = 2):")
+    print(correctness_table(correctness))
+    payload = {
+        "benchmark": "correction",
+        "description": "unsafe_posterior_mean + safe_eps vs a (B, N, D) plain-exp baseline, SD latent size, CPU",
+        "config": {
+            "latent_shape": list(LATENT_SHAPE),
+            "d": d,
+            "dtype": "float32",
+            "alpha_bar": ALPHA_BAR,
+            "beta": BETA,
+            "baseline_eps": BASELINE_EPS,
+            "repeats": repeats,
+            "quick": args.quick,
+            "chunk_size": args.chunk_size,
+            "mem_cap_gib": args.mem_cap_gib,
+            "max_row_seconds": args.max_row_seconds,
+            "bank_pool_size": POOL_SIZE,
+        },
+        "machine": info,
+        "rows": rows,
+        "correctness": correctness,
+        "wall_seconds": wall,
+    }
+    write_json_atomic(args.out, payload)
+    print(f"\nwall time {wall:.1f} s; JSON written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
