@@ -1,0 +1,202 @@
+"""The 2-D toy: DDIM step and schedule, the three samplers, ``run_toy``'s files and the ``toy`` CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from safe_denoiser.cli import main
+from safe_denoiser.config import SafeGuidance
+from safe_denoiser.mixture import GaussianMixture
+from safe_denoiser.step import StepRecord
+from safe_denoiser.toy import (
+    alphas_cumprod,
+    ddim_schedule,
+    ddim_step,
+    ddim_timesteps,
+    default_guidance,
+    default_mixture,
+    run_toy,
+    sample_toy,
+    single_threaded,
+    toy_metrics,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # (n, 2) tensors: two OpenMP threads on a shared 2-core machine are 20-100x slower than one.
+    with single_threaded():
+        yield
+
+
+def test_schedule_is_linear_ddpm_with_leading_spacing() -> None:
+    abar = alphas_cumprod()
+    assert abar.shape == (1000,)
+    assert abar[0].item() == pytest.approx(1 - 1e-4)
+    # prod(1 - beta) for linear betas 1e-4..0.02 over 1000 steps; SD's sqrt-spaced schedule ends near 4.7e-3.
+    assert abar[-1].item() == pytest.approx(4.04e-5, rel=0.01)
+    assert ddim_timesteps(50) == list(range(980, -1, -20))
+    assert ddim_timesteps(3) == [666, 333, 0]
+    assert ddim_timesteps(1000) == list(range(999, -1, -1))
+    sched = ddim_schedule(4)
+    assert [t for t, _, _ in sched] == [750, 500, 250, 0]
+    assert sched[0][2] == pytest.approx(abar[500].item())  # abar_prev is the next timestep's
+    assert sched[-1][2] == 1.0  # the last step lands on abar = 1 (x0)
+    for bad in (0, 1001):
+        with pytest.raises(ValueError, match="--steps"):
+            ddim_timesteps(bad)
+
+
+def test_ddim_step_is_consistent_with_the_forward_process() -> None:
+    # If x_t = sqrt(a) x0 + sqrt(1-a) eps and the model predicts that very eps, DDIM must land on
+    # sqrt(a') x0 + sqrt(1-a') eps (same noise, less of it); with a' = 1 on x0 itself.
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(64, 2, generator=g, dtype=torch.float64)
+    eps = torch.randn(64, 2, generator=g, dtype=torch.float64)
+    for a, a_prev in [(0.01, 0.3), (0.5, 0.9), (0.9, 1.0)]:
+        x_t = math.sqrt(a) * x0 + math.sqrt(1 - a) * eps
+        expected = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+        torch.testing.assert_close(ddim_step(x_t, eps, a, a_prev), expected, rtol=0, atol=1e-12)
+
+
+def _ddim_single_gaussian(noise: torch.Tensor, m: torch.Tensor, s: float, steps: int) -> torch.Tensor:
+    x = noise
+    for _, a, a_prev in ddim_schedule(steps):
+        # E[x0 | x_t] for x0 ~ N(m, s^2 I): m + sqrt(a) s^2 / (a s^2 + 1 - a) (x_t - sqrt(a) m)
+        x0 = m + math.sqrt(a) * s**2 / (a * s**2 + 1 - a) * (x - math.sqrt(a) * m)
+        eps = (x - math.sqrt(a) * x0) / math.sqrt(1 - a)
+        x = ddim_step(x, eps, a, a_prev)
+    return x
+
+
+def test_ddim_with_exact_gaussian_denoiser_recovers_the_gaussian() -> None:
+    m, s, n = torch.tensor([1.5, -1.0], dtype=torch.float64), 0.5, 10_000
+    noise = torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    # The probability-flow ODE from t_start maps x_T ~ N(0, I) (not quite p_T) affinely to
+    # N(m (1 - s sqrt(a_T) / sqrt(v_T)), s^2 / v_T), v_T = a_T s^2 + 1 - a_T: that is the closed form to hit.
+    a_T = ddim_schedule(1000)[0][1]
+    v_T = a_T * s**2 + 1 - a_T
+    mean_target, std_target = m * (1 - s * math.sqrt(a_T / v_T)), s / math.sqrt(v_T)
+
+    x = _ddim_single_gaussian(noise, m, s, 1000)
+    # Tolerances: the mean's standard error is std/sqrt(n) = 0.005 per coordinate; the variance over
+    # 2n = 2e4 pooled coordinates has relative standard error sqrt(2 / 2n) = 1%. Allow 5 standard errors
+    # plus the deterministic discretisation bias of 1000 DDIM steps (std 0.3% low, from the exact affine map).
+    se_mean = std_target / math.sqrt(n)
+    assert (x.mean(0) - mean_target).abs().max().item() < 5 * se_mean + 1e-3
+    var_rel = (x - x.mean(0)).square().mean().item() / std_target**2
+    assert abs(var_rel - 1) < 5 * math.sqrt(2 / (2 * n)) + 0.006
+
+    # Coarse DDIM under-disperses (deterministic, Cauchy-Schwarz): 10 steps shrink the std by over 10%
+    # (the variance by over 20%), which the tolerance above (5.6%) would catch.
+    coarse = _ddim_single_gaussian(noise, m, s, 10)
+    assert coarse.std(0).max().item() < 0.9 * std_target
+    assert (coarse.mean(0) - mean_target).abs().max().item() < 0.02
+
+
+def test_sample_toy_matches_the_independent_gaussian_loop() -> None:
+    # Two identical components (one marked unsafe) make a single Gaussian: sample_toy's base and exact
+    # samplers must then reproduce the hand-written loop above, step for step.
+    m, s = torch.tensor([0.7, -0.4], dtype=torch.float64), 0.6
+    mixture = GaussianMixture(
+        m.repeat(2, 1),
+        torch.full((2,), s, dtype=torch.float64),
+        torch.tensor([0.5, 0.5], dtype=torch.float64),
+        torch.tensor([False, True]),
+    )
+    noise = torch.randn(256, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    expected = _ddim_single_gaussian(noise, m, s, 50)
+    for denoiser in ("base", "exact"):
+        final, _ = sample_toy(mixture, noise, 50, denoiser)
+        torch.testing.assert_close(final, expected, rtol=0, atol=1e-9)
+
+
+def test_sample_toy_shapes_and_safe_with_zero_eta_is_base() -> None:
+    mixture = default_mixture()
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randn(32, 2, generator=g, dtype=torch.float64)
+    bank = mixture.sample(64, part="unsafe", generator=g)
+    base, traj = sample_toy(mixture, noise, 10, "base", record_every=3)
+    assert traj.shape == (1 + 4, 32, 2)  # x_T, after steps 3, 6, 9, and the final state
+    torch.testing.assert_close(traj[0], noise)
+    torch.testing.assert_close(traj[-1], base)
+    records: list[StepRecord] = []
+    safe0, _ = sample_toy(mixture, noise, 10, "safe", bank, default_guidance(eta=0.0), records=records)
+    torch.testing.assert_close(safe0, base, rtol=0, atol=1e-12)
+    assert len(records) == 10
+    with pytest.raises(ValueError, match="bank"):
+        sample_toy(mixture, noise, 10, "safe")
+    # A constant beta over the whole trajectory throws samples far off the data (why the default is "mass").
+    wild, _ = sample_toy(mixture, noise, 10, "safe", bank, SafeGuidance.theorem(eta=2.0))
+    assert toy_metrics(mixture, wild)["off_data_fraction"] > 0.5
+
+
+def test_run_toy_writes_files_and_the_safe_denoiser_avoids_the_unsafe_cluster(tmp_path: Path) -> None:
+    out = tmp_path / "toy"
+    result = run_toy(out, n=160, steps=25, seed=0)
+    m = result["metrics"]
+    assert m["base"]["unsafe_fraction"] > 0.15  # ~30% of the base distribution is unsafe
+    assert m["safe"]["unsafe_fraction"] <= 0.5 * m["base"]["unsafe_fraction"]
+    assert m["safe"]["unsafe_fraction"] < 0.05
+    assert m["exact"]["unsafe_fraction"] <= 0.02
+    assert m["safe"]["mean_dist_to_unsafe"] > m["base"]["mean_dist_to_unsafe"]
+    assert m["safe"]["mean_dist_to_ideal"] < m["base"]["mean_dist_to_ideal"]
+    assert m["exact"]["mean_dist_to_ideal"] == 0.0
+    assert m["safe"]["safe_fraction"] > 0.9  # steered onto safe clusters, not into empty space
+    for row in m.values():
+        total = row["unsafe_fraction"] + row["safe_fraction"] + row["off_data_fraction"]
+        assert total == pytest.approx(1.0)
+
+    on_disk = json.loads((out / "toy_metrics.json").read_text())
+    assert on_disk["metrics"] == m
+    assert on_disk["settings"]["n"] == 160 and on_disk["settings"]["steps"] == 25
+    assert on_disk["settings"]["guidance"]["beta_mode"] == "mass"
+    with Image.open(out / "toy_trajectories.png") as img:
+        img.verify()
+        assert img.format == "PNG" and img.size[0] > 600 and img.size[1] > 400
+    assert sorted(p.name for p in out.iterdir()) == ["toy_metrics.json", "toy_trajectories.png"]  # no temp files
+
+
+def test_cli_toy_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cli"
+    assert main(["toy", "--out", str(out), "--n", "48", "--steps", "10", "--seed", "2", "--eta", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "unsafe" in printed and "safe denoiser" in printed and "exact E_safe" in printed
+    assert json.loads((out / "toy_metrics.json").read_text())["settings"]["guidance"]["eta"] == 3.0
+    assert (out / "toy_trajectories.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--n", "0"], "--n"),
+        (["--n", "-5"], "--n"),
+        (["--steps", "0"], "--steps"),
+        (["--steps", "1001"], "--steps"),
+        (["--eta", "-1"], "--eta"),
+        (["--eta", "nan"], "--eta"),
+        (["--seed", "-1"], "--seed"),
+    ],
+)
+def test_cli_bad_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], named: str) -> None:
+    out = tmp_path / "never"
+    assert main(["toy", "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("safe-denoiser toy: error:") and named in err
+    assert not out.exists()
+
+
+def test_cli_out_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    assert main(["toy", "--out", str(f), "--n", "8", "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "file" in err
+    assert f.read_text() == "x"
