@@ -7,6 +7,7 @@ datapoints; adapters for diffusers and Lightning build on those.
 from .bank import BankError, NegativeBank, l2_normalize_positions
 from .config import SafeGuidance
 from .correction import cfg_combine, safe_eps, safe_x0
+from .diffusers_adapter import SafeScheduler, StepTrace, attach, detach
 from .kernel import KernelEstimate, kernel_estimate, kernel_log_mass, unsafe_posterior_mean
 from .mixture import GaussianMixture
 from .parameterization import (
@@ -20,6 +21,7 @@ from .parameterization import (
     x0_from_eps_sigma,
     x0_from_v,
 )
+from .sld import SLDConfig, SLDUNet, attach_sld, detach_sld, sld_guidance
 from .step import StepRecord, reference_correction, reference_threshold, theorem_correction
 
 __version__ = "0.1.0"
@@ -29,10 +31,18 @@ __all__ = [
     "GaussianMixture",
     "KernelEstimate",
     "NegativeBank",
+    "SLDConfig",
+    "SLDUNet",
     "SafeGuidance",
+    "SafeScheduler",
     "StepRecord",
+    "StepTrace",
     "alpha_bar_from_sigma",
+    "attach",
+    "attach_sld",
     "cfg_combine",
+    "detach",
+    "detach_sld",
     "eps_from_v",
     "eps_from_x0",
     "eps_from_x0_sigma",
@@ -44,6 +54,7 @@ __all__ = [
     "safe_eps",
     "safe_x0",
     "sigma_from_alpha_bar",
+    "sld_guidance",
     "theorem_correction",
     "unsafe_posterior_mean",
     "v_from_eps",

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 # module path of each sub-command; each module defines ``add_parser(subparsers)`` setting ``func``.
-COMMANDS = ("safe_denoiser.bank_cli", "safe_denoiser.toy")
+COMMANDS = ("safe_denoiser.bank_cli", "safe_denoiser.toy", "safe_denoiser.predict_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,7 +21,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # `predict` hands its options to LightningCLI untouched; every other command parses strictly.
+    args, extra = parser.parse_known_args(argv)
+    if hasattr(args, "cli_args"):
+        args.cli_args = [*extra, *args.cli_args]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError) as exc:

@@ -28,6 +28,8 @@ class SafeGuidance:
     mode="reference" (the authors' code, METHOD.md section 3): kernel exp(-||x0_hat - x_n|| / (2 sigma^2)) on the
       denoised estimate with a fixed ``kernel_sigma`` and unsquared distance; x0_hat <- x0_hat - eta * E_unsafe when
       the bank's kernel sum exceeds ``threshold - margin``; then x_t is re-noised from the corrected x0_hat.
+      ``threshold=None`` means: computed from the bank (``step.reference_threshold``) at the sampling schedule's
+      last, least noisy timestep, as the authors' code does.
     Both apply only for timesteps t with window[0] <= t <= window[1] (training-step units, 0..1000 for SD).
     """
 

@@ -66,6 +66,10 @@ class PromptDataModule(L.LightningDataModule):
         assert decided is not None
         self.items, self.skipped = decided
 
+    def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
+        """Prompt items are host data; the pipeline puts its own tensors on the device."""
+        return batch
+
     def predict_dataloader(self) -> DataLoader[Any]:
         return DataLoader(
             self.items,  # type: ignore[arg-type]

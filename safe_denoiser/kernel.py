@@ -42,18 +42,22 @@ def as_batch_column(value: float | Tensor, batch: int, like: Tensor) -> Tensor:
     return torch.full((batch, 1), float(value), device=like.device, dtype=like.dtype)
 
 
-def log_kernel(x: Tensor, bank: Tensor, scale: Tensor, variance: Tensor, squared: bool = True) -> Tensor:
+def log_kernel(x: Tensor, bank: Tensor, scale: Tensor, variance: Tensor, squared: bool = True) -> tuple[Tensor, Tensor]:
     """log k_n = -d_n^p / (2 v), d_n = ||x - scale * bank_n||, p = 2 (Gaussian) or 1 (reference code).
 
-    ``x`` is (B, D), ``bank`` (N, D), ``scale`` and ``variance`` (B, 1). Returns (B, N).
-    The squared distance is expanded as ||x||^2 - 2 s <x, y> + s^2 ||y||^2 so that one matmul does the work.
+    ``x`` is (B, D), ``bank`` (N, D), ``scale`` and ``variance`` (B, 1). Returns (logits (B, N), offset (B, 1))
+    with log k = logits + offset. The squared distance is expanded as ||x||^2 - 2 s <x, y> + s^2 ||y||^2 so that
+    one matmul does the work; for p = 2 the term ||x||^2, the same for every n, goes to ``offset`` instead of
+    being added and then cancelled in the softmax, which would cost float32 digits when ||x||^2 >> the spread.
     """
     # vector_norm reduces without a bank-sized temporary (square().sum() would allocate N x D).
     x_sq = torch.linalg.vector_norm(x, dim=1, keepdim=True).square()  # (B, 1)
     y_sq = torch.linalg.vector_norm(bank, dim=1).square().unsqueeze(0)  # (1, N)
-    d_sq = (x_sq - 2.0 * scale * (x @ bank.T) + scale.square() * y_sq).clamp_min(0.0)
-    dist = d_sq if squared else d_sq.sqrt()
-    return -dist / (2.0 * variance)
+    cross = 2.0 * scale * (x @ bank.T) - scale.square() * y_sq  # (B, N): ||x||^2 - d^2
+    if squared:
+        return cross / (2.0 * variance), -x_sq / (2.0 * variance)
+    dist = (x_sq - cross).clamp_min(0.0).sqrt()
+    return -dist / (2.0 * variance), torch.zeros_like(x_sq)
 
 
 def kernel_estimate(
@@ -93,7 +97,7 @@ def kernel_estimate(
     acc = torch.zeros_like(xf)
     for start in range(0, n, step):
         y = yf[start : start + step]
-        logits = log_kernel(xf, y, s, v, squared)  # (B, chunk)
+        logits, offset = log_kernel(xf, y, s, v, squared)  # (B, chunk), (B, 1)
         new_max = torch.maximum(run_max, logits.amax(dim=1, keepdim=True))
         rescale = torch.exp(run_max - new_max)  # exp(-inf) = 0 on the first chunk
         w = torch.exp(logits - new_max)
@@ -101,7 +105,7 @@ def kernel_estimate(
         acc = acc * rescale + w @ y
         run_max = new_max
     mean = (acc / run_sum).reshape(x.shape).to(out_dtype)
-    log_mass = (run_max + run_sum.log()).squeeze(1) - math.log(n)
+    log_mass = (offset + run_max + run_sum.log()).squeeze(1) - math.log(n)
     return KernelEstimate(mean, log_mass)
 
 

@@ -30,7 +30,9 @@ class StepRecord(NamedTuple):
 
 def window_mask(t: float | Tensor, window: tuple[float, float], batch: int, device: torch.device) -> Tensor:
     """(B,) bool: window[0] <= t <= window[1], for a float or a scalar/(B,) tensor timestep."""
-    tt = torch.as_tensor(t, device=device, dtype=torch.float32).reshape(-1)
+    if not isinstance(t, torch.Tensor):  # decided on the host: a fill, no host-to-device copy
+        return torch.full((batch,), window[0] <= float(t) <= window[1], device=device, dtype=torch.bool)
+    tt = t.to(device=device, dtype=torch.float32).reshape(-1)
     return ((tt >= window[0]) & (tt <= window[1])).expand(batch)
 
 
@@ -87,7 +89,10 @@ def reference_correction(
     x0_hat = x0_from_eps(x_t.to(acc), eps.to(acc), ab)
     est = kernel_estimate(x0_hat, bank, 1.0, guidance.kernel_sigma**2, False, guidance.chunk_size)
     log_sum = est.log_mass + math.log(bank.shape[0])
-    floor = torch.as_tensor(threshold, device=x_t.device, dtype=acc) - guidance.margin
+    if isinstance(threshold, torch.Tensor):
+        floor = threshold.to(device=x_t.device, dtype=acc) - guidance.margin
+    else:
+        floor = torch.full((), float(threshold) - guidance.margin, device=x_t.device, dtype=acc)
     # log of a non-positive floor is -inf or nan; "sum > floor" then always holds.
     applied = window_mask(t, guidance.window, b, x_t.device) & ((floor <= 0) | (log_sum > floor.clamp_min(1e-30).log()))
     x0_new = x0_hat - guidance.eta * est.mean
@@ -103,12 +108,12 @@ def reference_threshold(
 ) -> float:
     """Minimum over bank items of the kernel sum of that item noised to the last timestep (METHOD.md 3).
 
-    This is a one-off set-up computation (it returns a Python float), not part of the sampling loop.
+    A one-off set-up computation (it returns a Python float), not part of the sampling loop. The noise comes from
+    ``generator``, or from a CPU generator seeded with 0 so that the gate is the same on every run.
     """
     y = bank.float()
-    z = torch.randn(y.shape, generator=generator, device=y.device if generator is None else generator.device).to(
-        y.device
-    )
+    gen = torch.Generator().manual_seed(0) if generator is None else generator
+    z = torch.randn(y.shape, generator=gen, device=gen.device).to(y.device)
     noised = math.sqrt(alpha_bar_last) * y + math.sqrt(1.0 - alpha_bar_last) * z
     est = kernel_estimate(noised, y, 1.0, kernel_sigma**2, False, chunk_size=4096)
     return float((est.log_mass + math.log(y.shape[0])).exp().min())

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
 
 from safe_denoiser import GaussianMixture, eps_from_x0, safe_eps, safe_x0, unsafe_posterior_mean, x0_from_eps
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def _float64() -> Iterator[None]:
+    """Every tensor in this module is float64 (the references are exact); restored afterwards."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def mixture(dim: int, point_mass_unsafe: bool = False) -> GaussianMixture:

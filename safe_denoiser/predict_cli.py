@@ -1,0 +1,58 @@
+"""``safe-denoiser predict --config configs/<name>.yaml``: LightningCLI over ``SafeDiffusionModule``.
+
+Everything Lightning users expect works: ``--trainer.devices 8 --trainer.strategy ddp --trainer.num_nodes 2``,
+``--trainer.precision 16-mixed``, ``--print_config``. An ``ImageWriter`` is always added (``writer.*`` options);
+its folder follows ``data.output_dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from .data import PromptDataModule
+from .module import SafeDiffusionModule
+from .writer import ImageWriter
+
+__all__ = ["PredictCLI", "run_predict"]
+
+
+class PredictCLI(LightningCLI):
+    """LightningCLI with the image writer linked to the datamodule's output folder."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ImageWriter, "writer")
+        parser.link_arguments("data.output_dir", "writer.output_dir")
+
+
+def run_predict(argv: Sequence[str]) -> PredictCLI:
+    """Run ``trainer.predict`` as configured by ``argv`` (LightningCLI syntax, without the subcommand)."""
+    with warnings.catch_warnings():
+        # `safe-denoiser predict ...` passes its own argv on; LightningCLI would warn that sys.argv is set too.
+        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+        cli = PredictCLI(
+            SafeDiffusionModule,
+            PromptDataModule,
+            args=list(argv),
+            run=False,
+            trainer_defaults={"logger": False, "enable_checkpointing": False},
+            save_config_callback=None,
+            seed_everything_default=0,
+        )
+    # Images are written as they come: holding every prediction in memory would grow without bound.
+    cli.trainer.predict(cli.model, datamodule=cli.datamodule, return_predictions=False)
+    return cli
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="generate images for a prompt set with trainer.predict (LightningCLI: --config, --trainer.*, ...)",
+        add_help=False,
+    )
+    p.add_argument("cli_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda args: run_predict(args.cli_args) and 0)
