@@ -13,26 +13,12 @@ from torch import Tensor
 
 from safe_denoiser import SafeGuidance, attach, detach, reference_correction, theorem_correction
 from safe_denoiser.diffusers_adapter import SafeScheduler
-from safe_denoiser.pipelines import make_scheduler, tiny_sd_pipeline
+from safe_denoiser.pipelines import make_scheduler
 
 SCHEDULERS = ["ddim", "ddpm", "pndm", "euler", "euler_a", "lms", "dpmpp"]
 PREDICTIONS = ["epsilon", "v_prediction"]
 STEPS = 4
 HW = 16  # image size; the tiny VAE downsamples by 2, so latents are 4 x 8 x 8
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Two shared cores: one intra-op thread is several times faster than two fighting over them.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def pipe() -> Any:
-    return tiny_sd_pipeline(seed=0)
 
 
 @pytest.fixture()

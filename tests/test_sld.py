@@ -10,26 +10,13 @@ import torch
 from torch import Tensor
 
 from safe_denoiser import SafeGuidance, SafeScheduler, SLDConfig, attach, attach_sld, detach, detach_sld, sld_guidance
-from safe_denoiser.pipelines import make_scheduler, tiny_sd_pipeline
+from safe_denoiser.pipelines import make_scheduler
 from safe_denoiser.sld import SLDUNet, encode_concept, sld_noise_pred
 from safe_denoiser.step import theorem_correction
 
 HW, STEPS, W = 16, 5, 7.5
 PROMPTS, SEEDS = ["a photo of a cat", "a red car"], [0, 1]
 CONCEPT = "nudity, violence"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def pipe() -> Any:
-    return tiny_sd_pipeline(seed=0)
 
 
 @pytest.fixture()
