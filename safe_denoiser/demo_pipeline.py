@@ -1,0 +1,218 @@
+"""``DigitsPipeline``: class-conditional sampling from the bundled 8x8-digits diffusion model.
+
+A regular ``diffusers.DiffusionPipeline`` with two registered modules, ``unet`` (UNet2DModel with 11 class
+embeddings) and ``scheduler`` (any diffusers scheduler for an epsilon-prediction VP model). Each step makes one
+batched UNet call on [uncond; cond], combines them by classifier-free guidance, and hands the guided eps to
+``self.scheduler.step`` -- the single place where ``safe_denoiser.attach`` hooks its correction in.
+
+Sample space: (B, 1, 8, 8) in [-1, 1], the same as ``safe_denoiser.digits`` and the judge's input; get it with
+``output_type="latent"``. ``"pt"`` and ``"np"`` are rescaled to [0, 1] as diffusers does.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Imported from their modules, not the package root: diffusers' lazy root module types them as dummies.
+from diffusers.models.unets.unet_2d import UNet2DModel
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+from diffusers.schedulers.scheduling_ddim import DDIMScheduler
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
+from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
+from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+from torch import Tensor
+
+from .correction import cfg_combine
+
+__all__ = ["NULL_CLASS", "SCHEDULERS", "DigitsPipeline", "bundled_path"]
+
+NULL_CLASS = 10  # the classifier-free-guidance "no class" embedding (demo_model.NULL_CLASS)
+SCHEDULERS: dict[str, Any] = {
+    "ddpm": DDPMScheduler,
+    "ddim": DDIMScheduler,
+    "dpmsolver": DPMSolverMultistepScheduler,
+    "euler": EulerDiscreteScheduler,
+}
+Labels = Sequence[int | None] | Tensor
+
+
+def bundled_path() -> Path:
+    """The folder of the shipped weights inside the installed package: ``safe_denoiser/assets/digits``."""
+    from importlib.resources import files
+
+    return Path(str(files("safe_denoiser") / "assets" / "digits"))
+
+
+def _labels_tensor(labels: Labels, name: str) -> Tensor:
+    """int64 (B,) with None -> NULL_CLASS; raises on values outside 0..NULL_CLASS."""
+    if isinstance(labels, Tensor):
+        t = labels.detach().reshape(-1).to(torch.long).cpu()
+    else:
+        t = torch.tensor([NULL_CLASS if c is None else int(c) for c in labels], dtype=torch.long)
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) > NULL_CLASS):
+        raise ValueError(f"{name} must lie in 0..{NULL_CLASS} ({NULL_CLASS} or None = no class), got {t.tolist()}")
+    return t
+
+
+class DigitsPipeline(DiffusionPipeline):
+    """Sample 8x8 digits of requested classes with classifier-free guidance and an optional negative class.
+
+    Load the shipped model with ``DigitsPipeline.from_bundled()`` (DDIM) or ``from_bundled("ddpm")``.
+    """
+
+    unet: UNet2DModel
+    scheduler: Any  # any diffusers scheduler (SchedulerMixin declares none of the methods used here)
+
+    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin) -> None:
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    # ---- loading ----------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained_dir(cls, path: str | Path, scheduler: str = "ddim", **kwargs: Any) -> DigitsPipeline:
+        """Load a folder written by ``demo_model.train`` (offline, safetensors only), with a named sampler.
+
+        ``scheduler`` is one of ``SCHEDULERS`` ("ddpm", "ddim", "dpmsolver", "euler"); each is built from the
+        saved training schedule, so betas and clipping stay the ones the model was trained with.
+        """
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {scheduler!r}: expected one of {sorted(SCHEDULERS)}")
+        path = Path(path)
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(f"{str(path)!r} is not a DigitsPipeline folder (no model_index.json)")
+        # low_cpu_mem_usage=False: the default path wants ``accelerate`` and warns without it (1 MB model).
+        kwargs.setdefault("low_cpu_mem_usage", False)
+        pipe = cls.from_pretrained(str(path), local_files_only=True, use_safetensors=True, **kwargs)
+        pipe.register_modules(scheduler=SCHEDULERS[scheduler].from_config(pipe.scheduler.config))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @classmethod
+    def from_bundled(cls, scheduler: str = "ddim", **kwargs: Any) -> DigitsPipeline:
+        """The model shipped in ``safe_denoiser/assets/digits`` (see its ``train_config.json``)."""
+        return cls.from_pretrained_dir(bundled_path(), scheduler=scheduler, **kwargs)
+
+    # ---- properties -------------------------------------------------------------------------------
+    @property
+    def null_class(self) -> int:
+        """The class index of the unconditional branch (10)."""
+        return NULL_CLASS
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of one sample: (1, 8, 8)."""
+        cfg = self.unet.config
+        size = cfg["sample_size"]
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (int(cfg["in_channels"]), int(h), int(w))
+
+    # ---- sampling ---------------------------------------------------------------------------------
+    def _step_kwargs(self, generator: Any, eta: float) -> dict[str, Any]:
+        """Pass ``generator`` (and ``eta`` when non-zero) only to samplers whose ``step`` accepts them."""
+        params = inspect.signature(self.scheduler.step).parameters
+        var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        kwargs: dict[str, Any] = {}
+        if "generator" in params or var_kw:
+            kwargs["generator"] = generator
+        if eta != 0.0:
+            if "eta" not in params and not var_kw:
+                raise ValueError(f"{type(self.scheduler).__name__}.step takes no eta; eta={eta} needs DDIM")
+            kwargs["eta"] = eta
+        return kwargs
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: Labels | None = None,
+        guidance_scale: float = 2.0,
+        negative_class_labels: Labels | None = None,
+        num_inference_steps: int = 50,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pt",
+        latents: Tensor | None = None,
+        batch_size: int | None = None,
+        eta: float = 0.0,
+        return_dict: bool = True,
+    ) -> ImagePipelineOutput | tuple[Any]:
+        """Generate one image per entry of ``class_labels``.
+
+        Args:
+            class_labels: digits 0..9, one per image; ``None`` (as the argument or an entry) or 10 means no class
+                (unconditional). With ``class_labels=None`` give ``batch_size``.
+            guidance_scale: w in eps = eps_u + w (eps_c - eps_u). 1 uses the conditional branch alone (one UNet
+                pass per step), 0 the unconditional branch alone; anything else runs both in one batched call.
+            negative_class_labels: the "negative prompt": per image, the class whose eps replaces the null
+                class as eps_u, so guidance pushes away from it. ``None`` entries keep the null class.
+            num_inference_steps: sampler steps.
+            generator: one generator, or a list with one per image; with a list, image i's initial noise (and
+                any sampler noise) comes from generator i alone, so a batch equals its images made one by one.
+            output_type: "pt" (B, 1, 8, 8) in [0, 1], "np" (B, 8, 8, 1) in [0, 1], "pil" (list of L-mode
+                images) or "latent" (B, 1, 8, 8) in the model's space [-1, 1] (the judge's input).
+            latents: initial noise (B, 1, 8, 8) to use instead of drawing it.
+            batch_size: number of images when ``class_labels`` is None.
+            eta: DDIM's stochasticity (0 = deterministic DDIM); rejected for samplers without it.
+            return_dict: return an ``ImagePipelineOutput`` (else a 1-tuple).
+        """
+        if output_type not in ("pt", "np", "pil", "latent"):
+            raise ValueError(f"output_type must be 'pt', 'np', 'pil' or 'latent', got {output_type!r}")
+        if class_labels is None:
+            if batch_size is None:
+                batch_size = latents.shape[0] if latents is not None else 1
+            cond = torch.full((batch_size,), NULL_CLASS, dtype=torch.long)
+        else:
+            cond = _labels_tensor(class_labels, "class_labels")
+        b = cond.shape[0]
+        if b == 0:
+            raise ValueError("class_labels is empty: nothing to generate")
+        if negative_class_labels is None:
+            uncond = torch.full_like(cond, NULL_CLASS)
+        else:
+            uncond = _labels_tensor(negative_class_labels, "negative_class_labels")
+            if uncond.shape[0] != b:
+                raise ValueError(f"negative_class_labels has {uncond.shape[0]} entries for {b} images")
+        if isinstance(generator, list) and len(generator) != b:
+            raise ValueError(f"got {len(generator)} generators for {b} images: pass one per image or a single one")
+
+        device, dtype = self._execution_device, self.unet.dtype
+        cond, uncond = cond.to(device), uncond.to(device)
+        shape = (b, *self.sample_shape)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        x = latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        step_kwargs = self._step_kwargs(generator, eta)
+        both = guidance_scale not in (0.0, 1.0)
+        labels_in = torch.cat([uncond, cond]) if both else (cond if guidance_scale == 1.0 else uncond)
+        for t in self.progress_bar(self.scheduler.timesteps):
+            x_in = self.scheduler.scale_model_input(x, t)
+            if both:
+                x_in = torch.cat([x_in, x_in])
+            eps = self.unet(x_in, t, class_labels=labels_in).sample
+            if both:
+                eps_u, eps_c = eps.chunk(2)
+                eps = cfg_combine(eps_u, eps_c, guidance_scale)
+            x = self.scheduler.step(eps, t, x, **step_kwargs).prev_sample
+
+        images: Any
+        if output_type == "latent":
+            images = x
+        else:
+            images = (x / 2 + 0.5).clamp(0, 1)
+            if output_type in ("np", "pil"):
+                images = images.cpu().permute(0, 2, 3, 1).float().numpy()
+                if output_type == "pil":
+                    images = self.numpy_to_pil(images)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
