@@ -15,7 +15,7 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/safe-denoiser toy --out outputs/toy
+	$(BIN)/safe-denoiser evaluate --quick --out outputs/evaluate
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

@@ -8,7 +8,13 @@ import sys
 from collections.abc import Sequence
 
 # module path of each sub-command; each module defines ``add_parser(subparsers)`` setting ``func``.
-COMMANDS = ("safe_denoiser.bank_cli", "safe_denoiser.toy", "safe_denoiser.predict_cli")
+COMMANDS = (
+    "safe_denoiser.bank_cli",
+    "safe_denoiser.toy",
+    "safe_denoiser.predict_cli",
+    "safe_denoiser.evaluate",
+    "safe_denoiser.export.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

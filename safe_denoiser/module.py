@@ -56,7 +56,7 @@ class SafeDiffusionModule(L.LightningModule):
             folder, ``model_dir``), "sd14-random" (random-weight SD-1.4 architecture) or "tiny-sd" (tests).
         model_dir: local diffusers folder for ``model="sd"``; nothing is ever downloaded.
         unet_weights: optional safetensors UNet state dict replacing the folder's (ESD, RECE, ...).
-        scheduler: sampler name (ddim, ddpm, pndm, euler, euler_a, lms, dpmpp; demo: ddim, ddpm, dpmsolver, euler).
+        scheduler: sampler name (ddim, ddpm, pndm, euler, euler_a, lms, dpmpp; demo: ddim, ddpm, dpmsolver).
         num_inference_steps, guidance_scale, height, width: the usual sampling settings.
         negative_prompt: default negative prompt (demo: a class label), overridden per item.
         bank: negative bank (.safetensors); "bundled" for the demo model's shipped bank.

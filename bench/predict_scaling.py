@@ -1,0 +1,170 @@
+"""Throughput of ``safe-denoiser predict`` (trainer.predict) with 1 and 2 processes, and the writer's cost.
+
+* Scaling: the bundled demo model (DDIM, safe denoiser on, theorem preset, bundled bank) generates the same
+  prompt set with ``--trainer.devices 1`` and ``--trainer.devices 2 --trainer.strategy ddp`` (CPU, gloo), each
+  process limited to ``--threads`` threads. Reported: end-to-end images/s (wall clock of the whole command,
+  start-up included) and steady-state images/s (items divided by the longest rank's summed per-item generation
+  time, from the metadata rows). Both runs' images are compared byte for byte.
+* Writer: ``ImageWriter.write_images`` on synthetic images (8x8 grayscale as the demo makes, 512x512 RGB as SD
+  makes), per image, beside the per-image generation time.
+* With a CUDA device (``--gpu``), the same command runs once on one GPU and its images/s is reported separately.
+
+Usage: python bench/predict_scaling.py [--items 48] [--steps 20] [--threads 1] [--quick] [--gpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_info, print_table, write_json
+
+from safe_denoiser.prompts import PromptItem
+from safe_denoiser.writer import GeneratedImage, ImageWriter, read_metadata
+
+
+def predict(out: Path, prompts: Path, steps: int, threads: int, extra: list[str]) -> float:
+    cmd = [
+        sys.executable,
+        "-m",
+        "safe_denoiser.cli",
+        "predict",
+        "--model.model=demo",
+        f"--model.num_inference_steps={steps}",
+        "--model.guidance_scale=2.0",
+        "--model.bank=bundled",
+        "--model.safe_denoiser={preset: theorem, eta: 1.0}",
+        f"--data.prompts={prompts}",
+        f"--data.output_dir={out}",
+        "--data.batch_size=8",
+        "--trainer.enable_progress_bar=false",
+        *extra,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    start = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        raise SystemExit(f"predict failed:\n{res.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+def summarise(name: str, out: Path, wall: float, n: int) -> dict[str, Any]:
+    rows = read_metadata(out)
+    per_rank: dict[int, float] = {}
+    for r in rows.values():
+        per_rank[r["rank"]] = per_rank.get(r["rank"], 0.0) + r["seconds"]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted((out / "images").glob("*.png")))).hexdigest()
+    return {
+        "run": name,
+        "images": len(rows),
+        "wall_s": wall,
+        "end_to_end_img_per_s": n / wall,
+        "steady_img_per_s": n / max(per_rank.values()),
+        "ranks": len(per_rank),
+        "images_sha256": digest,
+    }
+
+
+def writer_cost(repeats: int) -> list[dict[str, Any]]:
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+
+        class _Trainer:
+            global_rank = 0
+            datamodule = None
+
+        writer = ImageWriter(tmp)
+        writer.setup(_Trainer(), None, "predict")  # type: ignore[arg-type]
+        rng = np.random.default_rng(0)
+        for label, shape in (("8x8 gray", (8, 8)), ("512x512 RGB", (512, 512, 3))):
+            batch = [
+                GeneratedImage(
+                    PromptItem(id=f"{label[:3]}{i}", prompt="x", seed=i), rng.integers(0, 255, shape, np.uint8)
+                )
+                for i in range(repeats)
+            ]
+            start = time.perf_counter()
+            writer.write_images(batch)
+            results.append({"image": label, "ms_per_image": 1000 * (time.perf_counter() - start) / repeats})
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--items", type=int, default=48)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=1, help="threads per process")
+    ap.add_argument("--quick", action="store_true", help="12 items, 5 steps")
+    ap.add_argument("--gpu", action="store_true", help="also run once on one CUDA GPU")
+    ap.add_argument("--out", default="bench/results/predict_scaling.json")
+    args = ap.parse_args()
+    items, steps = (12, 5) if args.quick else (args.items, args.steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        prompts = root / "prompts.csv"
+        lines = [f"d{i},{i % 10},{1000 + i}" for i in range(items)]
+        prompts.write_text("id,prompt,seed\n" + "\n".join(lines) + "\n", encoding="utf-8")
+        runs = []
+        one = predict(root / "one", prompts, steps, args.threads, ["--trainer.accelerator=cpu", "--trainer.devices=1"])
+        runs.append(summarise("1 process", root / "one", one, items))
+        ddp = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
+        two = predict(root / "two", prompts, steps, args.threads, ddp)
+        runs.append(summarise("2 processes (ddp)", root / "two", two, items))
+        if args.gpu:
+            gpu = predict(
+                root / "gpu", prompts, steps, args.threads, ["--trainer.accelerator=gpu", "--trainer.devices=1"]
+            )
+            runs.append(summarise("1 GPU", root / "gpu", gpu, items))
+    identical = runs[0]["images_sha256"] == runs[1]["images_sha256"]
+    ratio = {
+        "end_to_end": runs[1]["end_to_end_img_per_s"] / runs[0]["end_to_end_img_per_s"],
+        "steady": runs[1]["steady_img_per_s"] / runs[0]["steady_img_per_s"],
+    }
+    writer = writer_cost(20 if args.quick else 100)
+    print(f"demo model, {items} items, {steps} DDIM steps, safe denoiser on, {args.threads} thread(s) per process")
+    print_table(
+        ["run", "images", "wall s", "img/s end-to-end", "img/s steady"],
+        [
+            [
+                r["run"],
+                r["images"],
+                f"{r['wall_s']:.1f}",
+                f"{r['end_to_end_img_per_s']:.2f}",
+                f"{r['steady_img_per_s']:.2f}",
+            ]
+            for r in runs
+        ],
+    )
+    print(
+        f"\n2-process / 1-process: end-to-end {ratio['end_to_end']:.2f}x, steady {ratio['steady']:.2f}x; "
+        f"images identical: {identical}"
+    )
+    gen_ms = 1000 / runs[0]["steady_img_per_s"]
+    print_table(
+        ["writer: image", "ms per image", "share of a demo image's generation"],
+        [[w["image"], f"{w['ms_per_image']:.2f}", f"{100 * w['ms_per_image'] / gen_ms:.1f}%"] for w in writer],
+    )
+    result = {
+        "machine": machine_info(args.threads),
+        "items": items,
+        "steps": steps,
+        "runs": runs,
+        "ratio_2_over_1": ratio,
+        "images_identical": identical,
+        "writer": writer,
+    }
+    print(f"\nwrote {write_json(args.out, result)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""``safe-denoiser evaluate``: metrics by hand, class SLD against a hand-written loop, the bundled bank, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from safe_denoiser import cli
+from safe_denoiser.demo_sld import ClassSLDUNet, attach_class_sld, detach_class_sld
+from safe_denoiser.evaluate import (
+    ROWS,
+    UNSAFE_CLASSES,
+    EvalSettings,
+    attack_success,
+    attack_success_rate,
+    build_bank,
+    bundled_bank_path,
+    class_accuracy,
+    frechet_distance,
+    load_bundled_bank,
+    select,
+    toxic_rate,
+    unsafe_probability,
+)
+from safe_denoiser.sld import SLDConfig, sld_guidance
+
+
+# ---- metrics -----------------------------------------------------------------------------------------------------
+def _probs(rows: list[dict[int, float]]) -> torch.Tensor:
+    """(B, 10) probabilities from {class: p} rows (the rest spread evenly, so each row sums to 1)."""
+    out = torch.zeros(len(rows), 10, dtype=torch.float64)
+    for i, r in enumerate(rows):
+        rest = (1.0 - sum(r.values())) / (10 - len(r))
+        out[i] = rest
+        for c, p in r.items():
+            out[i, c] = p
+    return out
+
+
+def test_asr_and_tr_on_a_fake_judge_output() -> None:
+    probs = _probs([{8: 0.9}, {8: 0.6}, {8: 0.59, 3: 0.4}, {1: 0.7, 7: 0.25}])
+    # one unsafe class: p8 = 0.9, 0.6 (counts: >= 0.6), 0.59, 1/30 (rest = (1-0.95)/8 = 0.00625)
+    assert attack_success(probs, [8]).tolist() == [True, True, False, False]
+    assert attack_success_rate(probs, [8]) == pytest.approx(0.5)
+    p8 = [0.9, 0.6, 0.59, 0.05 / 8]
+    assert unsafe_probability(probs, [8]).tolist() == pytest.approx(p8)
+    assert toxic_rate(probs, [8]) == pytest.approx(sum(p8) / 4)
+    # two unsafe classes: success needs ONE class >= 0.6 (the max), TR sums both probabilities
+    assert attack_success(probs, [1, 7]).tolist() == [False, False, False, True]
+    rest = [0.1 / 9, 0.4 / 9, 0.01 / 8]
+    tr = [2 * rest[0], 2 * rest[1], 2 * rest[2], 0.95]
+    assert toxic_rate(probs, [1, 7]) == pytest.approx(sum(tr) / 4)
+    assert class_accuracy(probs, torch.tensor([8, 8, 3, 1])) == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="unsafe classes"):
+        attack_success(probs, [10])
+    with pytest.raises(ValueError, match="unsafe classes"):
+        toxic_rate(probs, [])
+
+
+def test_frechet_distance_closed_forms() -> None:
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(300, 6, generator=g, dtype=torch.float64) * torch.tensor([1.0, 2.0, 0.5, 1.5, 1.0, 3.0]) + 0.3
+    assert frechet_distance(a, a.clone()) == pytest.approx(0.0, abs=1e-8)
+    # shifted copy: same covariance, so FD = ||shift||^2 exactly
+    shift = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0, -1.0], dtype=torch.float64)
+    assert frechet_distance(a, a + shift) == pytest.approx(float(shift.square().sum()), rel=1e-9)
+    # scaled copy b = 2a: mu_b = 2 mu_a, S_b = 4 S_a, (S_a S_b)^(1/2) = 2 S_a -> FD = ||mu_a||^2 + tr(S_a)
+    mu, cov = a.mean(0), torch.cov(a.T)
+    assert frechet_distance(a, 2 * a) == pytest.approx(float(mu.square().sum() + cov.trace()), rel=1e-8)
+    with pytest.raises(ValueError, match="same F"):
+        frechet_distance(a, a[:, :3])
+
+
+def test_tuning_rule() -> None:
+    base = {"asr": 1.0, "fd": 20.0, "acc": 1.0}
+    cands = [
+        {"asr": 0.1, "fd": 40.0, "acc": 1.0},  # too costly (FD > 1.25 x 20)
+        {"asr": 0.2, "fd": 24.0, "acc": 0.95},  # accuracy dropped by more than 0.02
+        {"asr": 0.5, "fd": 24.0, "acc": 0.99},
+        {"asr": 0.5, "fd": 21.0, "acc": 0.99},  # same ASR, lower FD: chosen
+    ]
+    assert select(base, cands) is cands[3]
+    assert select(base, cands[:2]) is None
+    # ASR within the tie tolerance counts as equal: the lower FD wins
+    near = [{"asr": 0.50, "fd": 24.0, "acc": 1.0}, {"asr": 0.52, "fd": 21.0, "acc": 1.0}]
+    assert select(base, near) is near[0]
+    assert select(base, near, asr_tie=0.02) is near[1]
+
+
+# ---- the bundled bank ------------------------------------------------------------------------------------------
+def test_bundled_bank_matches_metadata_and_builder() -> None:
+    from safe_denoiser.bank import NegativeBank
+    from safe_denoiser.digits import load_split
+
+    path = bundled_bank_path()
+    assert path.is_file() and path.stat().st_mode & 0o044 == 0o044  # shipped: readable by everyone
+    bank = NegativeBank.load(path, sample_shape=(1, 8, 8))
+    meta = bank.metadata
+    classes = [int(c) for c in meta["classes"].split(",")]
+    assert tuple(classes) == UNSAFE_CLASSES and meta["split"] == "generator"
+    gen = load_split("generator")
+    expected = torch.cat([gen.of_class(c) for c in classes])
+    assert int(meta["count"]) == len(bank) == expected.shape[0] == int(sum((gen.labels == c).sum() for c in classes))
+    assert torch.equal(bank.data, expected)
+    assert torch.equal(bank.data, build_bank(classes).data)
+    assert bank.data.min() >= -1.0 and bank.data.max() <= 1.0
+    assert torch.equal(load_bundled_bank().data, bank.data)
+    with pytest.raises(ValueError, match="distinct digits"):
+        build_bank([8, 8])
+
+
+def test_off_data_check_on_real_and_inverted_digits() -> None:
+    from safe_denoiser.digits import load_split
+    from safe_denoiser.evaluate import Context
+
+    ctx = Context.load(EvalSettings(samples=10))
+    held = load_split("eval").images
+    assert ctx.off_data(held) == pytest.approx(0.01, abs=0.005)  # the 99th percentile, by construction
+    assert ctx.off_data(-held) == 1.0  # contrast-inverted digits are far from every real one
+    assert ctx.off_data(load_split("generator").images[:50]) == 0.0  # training images are their own neighbours
+
+
+# ---- class-conditional SLD ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def digits() -> Any:
+    from safe_denoiser.demo_pipeline import DigitsPipeline
+
+    return DigitsPipeline.from_bundled("ddim")
+
+
+def _gens(seeds: list[int]) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def test_class_sld_matches_a_hand_written_loop(digits: Any) -> None:
+    from diffusers.utils.torch_utils import randn_tensor
+
+    cfg = SLDConfig(guidance_scale=50.0, warmup_steps=1, threshold=0.02, momentum_scale=0.4, mom_beta=0.5)
+    labels, seeds, steps, w, unsafe = [8, 3], [5, 6], 3, 2.0, 8
+    wrapper = attach_class_sld(digits, unsafe, cfg)
+    try:
+        assert isinstance(digits.unet, ClassSLDUNet)
+        kw: dict[str, Any] = {"guidance_scale": w, "num_inference_steps": steps, "output_type": "latent"}
+        got = digits(labels, generator=_gens(seeds), **kw).images
+        again = digits(labels, generator=_gens(seeds), **kw).images  # momentum reset per call
+        assert wrapper.step_index == steps
+    finally:
+        unet = detach_class_sld(digits)
+    assert torch.equal(got, again)
+
+    # By hand: [uncond; cond; safety] in one UNet call, SLD's gamma, CFG on (eps_c - gamma), the scheduler's step.
+    sched = type(digits.scheduler).from_config(digits.scheduler.config)
+    sched.set_timesteps(steps)
+    x = randn_tensor((2, 1, 8, 8), generator=_gens(seeds), dtype=torch.float32)
+    cls = torch.tensor([10, 10, *labels, unsafe, unsafe])
+    momentum = None
+    step_kwargs = {k: v for k, v in digits._step_kwargs(None, 0.0).items() if k != "generator"}  # as the pipeline
+    with torch.no_grad():
+        for i, t in enumerate(sched.timesteps):
+            eps = unet(torch.cat([x, x, x]), t, class_labels=cls).sample
+            eps_u, eps_c, eps_s = eps.chunk(3)
+            gamma, momentum = sld_guidance(eps_u, eps_c, eps_s, momentum, i, cfg)
+            x = sched.step(eps_u + w * ((eps_c - gamma) - eps_u), t, x, **step_kwargs).prev_sample
+    torch.testing.assert_close(got, x, rtol=0, atol=1e-5)
+    # the safety term did something (the class-3 image differs from plain CFG)
+    plain = digits(labels, generator=_gens(seeds), **kw).images
+    assert float((plain[1] - got[1]).abs().max()) > 1e-3
+    # a prompt that IS the safety class gets gamma = 0: eps_c == eps_s exactly, so SLD leaves it untouched
+    torch.testing.assert_close(plain[0], got[0], rtol=0, atol=1e-5)
+
+
+def test_class_sld_passes_single_branch_calls_through(digits: Any) -> None:
+    kw: dict[str, Any] = {"guidance_scale": 1.0, "num_inference_steps": 2, "output_type": "latent"}
+    plain = digits([3, 5], generator=_gens([1, 2]), **kw).images
+    attach_class_sld(digits, 8, "max")
+    try:
+        wrapped = digits([3, 5], generator=_gens([1, 2]), **kw).images
+        with pytest.raises(ValueError, match="already attached"):
+            attach_class_sld(digits, 8)
+    finally:
+        detach_class_sld(digits)
+    assert torch.equal(plain, wrapped)
+    with pytest.raises(ValueError, match="not attached"):
+        detach_class_sld(digits)
+    with pytest.raises(ValueError, match="safety_class"):
+        attach_class_sld(digits, 11)
+
+
+# ---- the command -------------------------------------------------------------------------------------------------
+def test_evaluate_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "ev"
+    argv = ["evaluate", "--out", str(out), "--samples", "10", "--steps", "2", "--seeds", "2", "--no-progress"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| base model |" in printed and "safe denoiser (theorem)" in printed
+    result = json.loads((out / "results.json").read_text())
+    assert set(result["rows"]) == {r.name for r in ROWS}
+    assert result["settings"]["seed_sets"] == [1_000_000, 2_000_000]
+    for name, r in result["rows"].items():
+        assert len(r["per_seed"]) == 2
+        assert 0.0 <= r["mean"]["asr"] <= 1.0 and r["mean"]["fd"] >= 0.0 and math.isfinite(r["std"]["fd"])
+        assert (out / f"grid_{name}.png").stat().st_size > 1000
+    assert "acc" in result["rows"]["base"]["mean"] and "acc" not in result["rows"]["uncond"]["mean"]
+    assert "off_data" in result["rows"]["uncond"]["mean"] and "attack_to_safe" in result["rows"]["sld"]["mean"]
+    assert {p["multiplier"] for p in result["sweep"]["theorem"]} == set(EvalSettings().sweep)
+    md = (out / "results.md").read_text()
+    assert md.count("\n| ") == len(ROWS) + 1 and " ± " in md
+    assert (out / "asr_vs_quality.png").stat().st_size > 10_000
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # atomic writes left nothing behind
+
+
+@pytest.mark.parametrize(
+    "flags,needle",
+    [
+        (["--samples", "0"], "--samples"),
+        (["--steps", "0"], "--steps"),
+        (["--seeds", "11"], "--seeds"),
+        (["--threads", "0"], "--threads"),
+    ],
+)
+def test_bad_flags(flags: list[str], needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["evaluate", "--out", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "error" in err
+
+
+def test_out_must_be_a_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert cli.main(["evaluate", "--out", str(f), "--quick"]) == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_settings_errors_name_the_flag() -> None:
+    with pytest.raises(ValueError, match="--samples"):
+        EvalSettings(samples=True)  # a bool is not a sample count
+    with pytest.raises(ValueError, match="--steps"):
+        EvalSettings(steps=1001)
+    with pytest.raises(ValueError, match="--unsafe"):
+        EvalSettings(unsafe=(8, 8))
