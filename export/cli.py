@@ -1,0 +1,89 @@
+"""``safe-denoiser export --config CONFIG.yaml --out BUNDLE_DIR``: an ONNX bundle (and TensorRT engines).
+
+The config is the one ``safe-denoiser predict`` reads; only its ``model:`` section is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+__all__ = ["add_parser"]
+
+
+def _triple(text: str) -> tuple[int, int, int]:
+    parts = [int(p) for p in text.split(",")]
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"expected MIN,OPT,MAX (three integers), got {text!r}")
+    return (parts[0], parts[1], parts[2])
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``export`` on the ``safe-denoiser`` sub-command parser."""
+    p = sub.add_parser(
+        "export",
+        help="export the config's pipeline, negative bank and guidance to an ONNX bundle (optionally TensorRT)",
+        description=__doc__,
+    )
+    p.add_argument("--config", required=True, help="a safe-denoiser predict YAML (its model: section is used)")
+    p.add_argument("--out", required=True, help="bundle folder to write (must not exist or be empty)")
+    p.add_argument("--opset", type=int, default=17, choices=(17, 18), help="ONNX opset (legacy exporter)")
+    p.add_argument("--fp16", action="store_true", help="float16 weights (inputs/outputs and correction stay fp32)")
+    p.add_argument("--batch", type=int, default=2, help="batch used for tracing (the batch axis stays dynamic)")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels (overrides model.height)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (overrides model.width)")
+    p.add_argument("--external-data", choices=("auto", "always", "never"), default="auto", help="weights file")
+    p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime-vs-PyTorch check of each graph")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    p.add_argument("--tensorrt", action="store_true", help="also build TensorRT engines (needs TensorRT >= 10)")
+    p.add_argument("--trt-batch", type=_triple, default=(1, 2, 4), help="engine profile batch MIN,OPT,MAX")
+    p.add_argument(
+        "--trt-size",
+        type=_triple,
+        default=None,
+        help="engine profile MIN,OPT,MAX square size (latent units) for graphs whose height/width are free",
+    )
+    p.add_argument("--trt-fp32", action="store_true", help="build TensorRT engines without fp16 kernels")
+    p.add_argument("--trt-timing-cache", default=None, help="timing cache file (default: BUNDLE/tensorrt/timing.cache)")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .exporter import ExportOptions, export_from_config
+    from .tensorrt import EngineProfile, TensorRTUnavailableError, build_engines, require_tensorrt
+
+    try:
+        if args.tensorrt:
+            require_tensorrt()  # before the (slow) export: say now what to install
+        size = None
+        if args.trt_size is not None:
+            lo, opt, hi = args.trt_size
+            size = ((lo, lo), (opt, opt), (hi, hi))
+        profile = EngineProfile(batch=args.trt_batch, size=size)
+    except (TensorRTUnavailableError, ValueError) as exc:
+        print(f"safe-denoiser export: error: {exc}", file=sys.stderr)
+        return 2
+    options = ExportOptions(
+        opset=args.opset,
+        fp16=args.fp16,
+        batch=args.batch,
+        external_data=args.external_data,
+        verify=not args.no_verify,
+        overwrite=args.overwrite,
+    )
+    manifest = export_from_config(args.config, args.out, options, args.height, args.width)
+    print(f"wrote {args.out}: {manifest.model_kind} ({manifest.source}), sample {manifest.sample_shape}")
+    for graph in manifest.graphs.values():
+        worst = max(graph.parity_max_abs_diff.values(), default=float("nan"))
+        data = f" + {graph.external_data}" if graph.external_data else ""
+        print(f"  {graph.file}{data}: max |onnxruntime - torch| = {worst:.3g}")
+    if args.tensorrt:
+        try:
+            engines = build_engines(args.out, profile, fp16=not args.trt_fp32, timing_cache=args.trt_timing_cache)
+        except TensorRTUnavailableError as exc:
+            print(f"safe-denoiser export: error: {exc}", file=sys.stderr)
+            return 2
+        for name, path in engines.items():
+            print(f"  TensorRT engine {name}: {path}")
+    return 0

@@ -1,0 +1,247 @@
+"""The PyTorch modules that are traced into the bundle's ONNX graphs.
+
+``DenoiserStep`` is one guided, corrected denoising step, everything between the sampler's x_t and its update:
+
+1. one UNet call on the CFG batch [uncond; cond] (plus SLD's safety-concept branch: [uncond; cond; safety]);
+2. SLD's safety term (``sld.sld_guidance``) with its momentum as explicit state, active from the warm-up step on;
+3. classifier-free guidance (``correction.cfg_combine``);
+4. the safe-denoiser correction (``step.theorem_correction`` or ``step.reference_correction``) with the negative
+   bank as a constant. The timestep is a tensor, so the window test and the kernel-mass gate are graph logic
+   (``torch.where``), evaluated per sample at run time rather than fixed when the graph is traced.
+
+Inputs (B = the request batch; the UNet sees 2B or 3B):
+
+=====================  ==================  ======================================================================
+sample                 (B, C, H, W) f32    x_t in the VP form (for sigma samplers: the scaled model input)
+timestep               (B,) f32            the UNet timestep (training-step units, 0..T-1)
+alpha_bar              (B,) f32            alphas_cumprod[timestep] (sigma samplers: 1 / (1 + sigma^2))
+class_labels           (B,) i64            demo model: digits 0..9 (10 = no class)
+negative_class_labels  (B,) i64            demo model: the uncond branch's class (10 = null class)
+prompt_embeds          (B, L, D) f32       text models: the prompt's text-encoder output
+negative_prompt_embeds (B, L, D) f32       text models: the negative (or empty) prompt's output
+guidance_scale         (B,) f32            CFG scale w: eps = eps_u + w (eps_c - eps_u)
+noise                  (B, C, H, W) f32    reference preset only: fresh noise for the re-noise
+sld_momentum           (B, C, H, W) f32    SLD only: momentum nu (zeros at the first step)
+sld_step               (B,) i64            SLD only: the step index (SLD acts from its warm-up step on)
+=====================  ==================  ======================================================================
+
+Outputs: ``noise_pred`` (guided, corrected eps), ``sample_corrected`` (the x_t the sampler must step from: the
+re-noised sample for the reference preset where it fired, else ``sample``), ``x0_hat`` (the denoised estimate of
+those two), and with the correction ``correction_applied`` (B,) bool and ``kernel_log_mass`` (B,) f32; with SLD
+``sld_momentum_out``. The sampler update is then plain DDIM/DDPM/... on (noise_pred, sample_corrected).
+
+Constants that become named initializers (``BANK_INITIALIZER`` = "negative_bank", "reference_threshold",
+"sld_safety_embedding") are passed to the module as extra trailing inputs during export, so that the exporter
+controls their names and storage; called with the runtime inputs only, the module uses its own buffers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from safe_denoiser.config import SafeGuidance
+from safe_denoiser.correction import cfg_combine
+from safe_denoiser.parameterization import x0_from_eps
+from safe_denoiser.sld import SLDConfig, sld_guidance
+from safe_denoiser.step import reference_correction, theorem_correction
+
+from .manifest import BANK_INITIALIZER
+
+__all__ = ["Conditioning", "DenoiserStep", "TextEncoderGraph", "VaeDecoderGraph"]
+
+Conditioning = Literal["class_labels", "text"]
+THRESHOLD_INITIALIZER = "reference_threshold"
+SAFETY_INITIALIZER = "sld_safety_embedding"
+
+
+class DenoiserStep(nn.Module):
+    """UNet + SLD + CFG + safe-denoiser correction as one traceable step (see the module docstring).
+
+    Args:
+        unet: a diffusers UNet2DModel (class-conditional) or UNet2DConditionModel (text), epsilon prediction.
+        conditioning: "class_labels" or "text".
+        guidance: the correction's settings, or None (CFG only: no bank, no correction outputs).
+        bank: (N, C, H, W) negative bank (required with ``guidance``).
+        threshold: the reference preset's gate threshold (required with a reference ``guidance``).
+        sld: SLD settings, or None; only with text conditioning.
+        safety_embedding: (1, L, D) text-encoder output of SLD's safety concept (required with ``sld``).
+    """
+
+    bank: Tensor
+    threshold: Tensor
+    safety_embedding: Tensor
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        conditioning: Conditioning,
+        guidance: SafeGuidance | None = None,
+        bank: Tensor | None = None,
+        threshold: float | None = None,
+        sld: SLDConfig | None = None,
+        safety_embedding: Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        if conditioning not in ("class_labels", "text"):
+            raise ValueError(f"conditioning must be 'class_labels' or 'text', got {conditioning!r}")
+        if guidance is not None and bank is None:
+            raise ValueError("DenoiserStep: a bank is required when guidance is set")
+        if guidance is not None and guidance.mode == "reference" and threshold is None:
+            raise ValueError("DenoiserStep: the reference preset needs its threshold")
+        if sld is not None and (conditioning != "text" or safety_embedding is None):
+            raise ValueError("DenoiserStep: SLD needs text conditioning and the safety-concept embedding")
+        self.unet = unet
+        self.conditioning = conditioning
+        self.guidance = guidance
+        self.sld = sld
+        # Float32 constants: the correction accumulates in float32 even when the UNet runs in float16.
+        self.register_buffer("bank", torch.empty(0) if bank is None else bank.detach().float().clone())
+        self.register_buffer("threshold", torch.tensor(float(threshold if threshold is not None else 0.0)))
+        emb = torch.empty(0) if safety_embedding is None else safety_embedding.detach().float().clone()
+        self.register_buffer("safety_embedding", emb)
+
+    # ---- names --------------------------------------------------------------------------------------------
+    @property
+    def reference(self) -> bool:
+        return self.guidance is not None and self.guidance.mode == "reference"
+
+    @property
+    def input_names(self) -> list[str]:
+        """Runtime inputs, in the order ``forward`` takes them."""
+        cond = (
+            ["class_labels", "negative_class_labels"]
+            if self.conditioning == "class_labels"
+            else ["prompt_embeds", "negative_prompt_embeds"]
+        )
+        names = ["sample", "timestep", "alpha_bar", *cond, "guidance_scale"]
+        if self.reference:
+            names.append("noise")
+        if self.sld is not None:
+            names += ["sld_momentum", "sld_step"]
+        return names
+
+    @property
+    def constant_names(self) -> list[str]:
+        """Inputs that the exporter turns into initializers (after the runtime inputs)."""
+        names = []
+        if self.guidance is not None:
+            names.append(BANK_INITIALIZER)
+        if self.reference:
+            names.append(THRESHOLD_INITIALIZER)
+        if self.sld is not None:
+            names.append(SAFETY_INITIALIZER)
+        return names
+
+    def constants(self) -> list[Tensor]:
+        """The values of ``constant_names``, in order."""
+        values = {
+            BANK_INITIALIZER: self.bank,
+            THRESHOLD_INITIALIZER: self.threshold,
+            SAFETY_INITIALIZER: self.safety_embedding,
+        }
+        return [values[k] for k in self.constant_names]
+
+    @property
+    def output_names(self) -> list[str]:
+        names = ["noise_pred", "sample_corrected", "x0_hat"]
+        if self.guidance is not None:
+            names += ["correction_applied", "kernel_log_mass"]
+        if self.sld is not None:
+            names.append("sld_momentum_out")
+        return names
+
+    # ---- the step -----------------------------------------------------------------------------------------
+    def _unet(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        dtype = next(self.unet.parameters()).dtype
+        if self.conditioning == "class_labels":
+            out = self.unet(x.to(dtype), t, class_labels=cond, return_dict=False)[0]
+        else:
+            out = self.unet(x.to(dtype), t, encoder_hidden_states=cond.to(dtype), return_dict=False)[0]
+        return out.float()
+
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        """One step; ``inputs`` are ``input_names`` (then optionally ``constant_names``), outputs ``output_names``."""
+        names = self.input_names
+        if len(inputs) not in (len(names), len(names) + len(self.constant_names)):
+            raise ValueError(f"DenoiserStep expects inputs {names} (+ constants {self.constant_names})")
+        x: dict[str, Tensor] = dict(zip(names, inputs, strict=False))
+        consts = dict(zip(self.constant_names, inputs[len(names) :], strict=True)) if len(inputs) > len(names) else {}
+        bank = consts.get(BANK_INITIALIZER, self.bank)
+        threshold = consts.get(THRESHOLD_INITIALIZER, self.threshold)
+        safety = consts.get(SAFETY_INITIALIZER, self.safety_embedding)
+
+        sample, t, ab = x["sample"], x["timestep"], x["alpha_bar"]
+        b = sample.shape[0]
+        if self.conditioning == "class_labels":
+            cond = torch.cat([x["negative_class_labels"], x["class_labels"]])
+        else:
+            cond = torch.cat([x["negative_prompt_embeds"], x["prompt_embeds"]])
+        x_in, t_in = torch.cat([sample, sample]), torch.cat([t, t])
+        if self.sld is not None:  # SLD's third branch, as SLDUNet batches it: [uncond; cond; safety]
+            x_in, t_in = torch.cat([x_in, sample]), torch.cat([t_in, t])
+            cond = torch.cat([cond, safety.to(cond.dtype).expand(b, -1, -1)])
+        eps_all = self._unet(x_in, t_in, cond)
+
+        extra: list[Tensor] = []
+        if self.sld is not None:
+            eps_u, eps_c, eps_s = eps_all.chunk(3)
+            # sld_guidance decides warm-up with a Python int; passing warmup_steps makes it return gamma, and the
+            # per-sample warm-up test is done here as graph logic on the sld_step input.
+            gamma, momentum = sld_guidance(eps_u, eps_c, eps_s, x["sld_momentum"], self.sld.warmup_steps, self.sld)
+            active = (x["sld_step"] >= self.sld.warmup_steps).reshape(b, 1, 1, 1)
+            eps_c = eps_c - torch.where(active, gamma, torch.zeros_like(gamma))
+            extra.append(momentum)
+        else:
+            eps_u, eps_c = eps_all.chunk(2)
+        eps = cfg_combine(eps_u, eps_c, x["guidance_scale"])
+
+        g = self.guidance
+        if g is None:
+            x_out = sample
+            record: list[Tensor] = []
+        elif g.mode == "theorem":
+            eps, rec = theorem_correction(eps, sample, ab, t, bank, g)
+            x_out = sample
+            record = [rec.applied, rec.log_mass]
+        else:
+            x_out, rec = reference_correction(eps, sample, ab, t, bank, g, threshold, x["noise"])
+            record = [rec.applied, rec.log_mass]
+        x0 = x0_from_eps(x_out, eps, ab)
+        return (eps, x_out, x0, *record, *extra)
+
+
+class TextEncoderGraph(nn.Module):
+    """Prompt token ids (B, L) int64 -> the text encoder's last hidden state (B, L, D) float32."""
+
+    def __init__(self, text_encoder: nn.Module) -> None:
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    input_names: ClassVar[list[str]] = ["input_ids"]
+    output_names: ClassVar[list[str]] = ["last_hidden_state"]
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        """What ``StableDiffusionPipeline.encode_prompt`` takes: ``text_encoder(ids)[0]``."""
+        out: Any = self.text_encoder(input_ids)
+        return out[0].float()
+
+
+class VaeDecoderGraph(nn.Module):
+    """The sampler's final latents (B, 4, h, w) -> image (B, 3, H, W) in [-1, 1] (scaling factor applied inside)."""
+
+    def __init__(self, vae: Any) -> None:
+        super().__init__()
+        self.vae = vae
+        self.scaling_factor = float(vae.config.scaling_factor)
+
+    input_names: ClassVar[list[str]] = ["latents"]
+    output_names: ClassVar[list[str]] = ["image"]
+
+    def forward(self, latents: Tensor) -> Tensor:
+        """``vae.decode(latents / scaling_factor).sample`` as the pipelines do it."""
+        dtype = next(self.vae.parameters()).dtype
+        out: Any = self.vae.decode((latents / self.scaling_factor).to(dtype), return_dict=False)
+        return out[0].float()

@@ -1,0 +1,439 @@
+"""``manifest.json``: what an exported bundle holds, versioned and validated on load.
+
+A bundle is a folder::
+
+    manifest.json          this file (format "safe-denoiser.bundle", format_version 1)
+    denoiser.onnx          one guided, corrected denoising step (see ``graphs.DenoiserStep``)
+    denoiser.onnx.data     its weights when the graph is over 2 GB (ONNX external data, one file)
+    text_encoder.onnx      prompt ids -> embeddings (text models)
+    tokenizer/             the tokenizer's files (text models)
+    vae_decoder.onnx       latents -> image in [-1, 1] (latent models)
+
+``Manifest.load`` refuses a bundle of another format version, a bundle with a missing file, and a bundle whose
+negative bank inside ``denoiser.onnx`` does not hash to the manifest's ``bank.sha256``: each with a
+``ManifestError`` naming the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from safe_denoiser.config import SafeGuidance
+from safe_denoiser.sld import SLDConfig
+
+__all__ = [
+    "BANK_INITIALIZER",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "BankInfo",
+    "GraphSpec",
+    "Manifest",
+    "ManifestError",
+    "SchedulerInfo",
+    "TensorSpec",
+    "array_sha256",
+    "process_umask",
+    "read_initializer",
+    "write_json_atomic",
+]
+
+FORMAT = "safe-denoiser.bundle"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+BANK_INITIALIZER = "negative_bank"  # the constant holding the negative bank inside denoiser.onnx
+
+
+class ManifestError(ValueError):
+    """A bundle that cannot be used: unreadable or invalid manifest, wrong version, missing file, bank mismatch."""
+
+
+def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
+    """Write JSON to a temporary file in the same folder, then rename: readers never see half a file."""
+    out = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        os.chmod(tmp, 0o666 & ~process_umask())  # mkstemp creates 0600; a bundle is meant to be shared
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def process_umask() -> int:
+    """The process's umask (read by setting and restoring it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def array_sha256(array: np.ndarray) -> str:
+    """sha256 of the float32 little-endian bytes: the same hash as ``NegativeBank.sha256``."""
+    return hashlib.sha256(np.ascontiguousarray(array, dtype="<f4").tobytes()).hexdigest()
+
+
+def read_initializer(onnx_path: str | os.PathLike[str], name: str) -> np.ndarray:
+    """One initializer of an ONNX file as a numpy array, without loading the other tensors' external data."""
+    import onnx
+    from onnx import numpy_helper
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    path = Path(onnx_path)
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in model.graph.initializer:
+        if tensor.name == name:
+            if uses_external_data(tensor):
+                load_external_data_for_tensor(tensor, str(path.parent))
+            return np.asarray(numpy_helper.to_array(tensor))
+    raise ManifestError(f"{str(path)!r} has no initializer named {name!r}")
+
+
+def _require(data: dict[str, Any], key: str, where: str) -> Any:
+    if key not in data:
+        raise ManifestError(f"manifest: {where} is missing the key {key!r}")
+    return data[key]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: name, ONNX element type name ("float32", "int64", "bool"), shape.
+
+    A dimension is an int or a symbolic name ("batch", "height", ...) that may vary between calls.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TensorSpec:
+        return cls(str(data["name"]), str(data["dtype"]), tuple(data["shape"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One ONNX file of the bundle: its file name, external data file (or None), I/O and named constants.
+
+    ``constants`` maps initializer names that users may need (the bank, the reference threshold) to their role;
+    ``parity_max_abs_diff`` maps each output to its largest |onnxruntime - PyTorch| difference measured at
+    export time on random inputs (booleans: the number of entries that differ), ``parity_max_abs_value`` to the
+    largest |PyTorch output| of that check, its scale (both empty when the export ran without verification).
+    """
+
+    file: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    external_data: str | None = None
+    constants: dict[str, str] = field(default_factory=dict)
+    parity_max_abs_diff: dict[str, float] = field(default_factory=dict)
+    parity_max_abs_value: dict[str, float] = field(default_factory=dict)
+
+    def input(self, name: str) -> TensorSpec:
+        """The input called ``name`` (KeyError naming the known inputs otherwise)."""
+        for spec in self.inputs:
+            if spec.name == name:
+                return spec
+        raise KeyError(f"{self.file} has no input {name!r}; inputs: {[s.name for s in self.inputs]}")
+
+    @property
+    def input_names(self) -> list[str]:
+        return [s.name for s in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [s.name for s in self.outputs]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GraphSpec:
+        return cls(
+            file=str(_require(data, "file", "a graph")),
+            inputs=tuple(TensorSpec.from_dict(d) for d in _require(data, "inputs", "a graph")),
+            outputs=tuple(TensorSpec.from_dict(d) for d in _require(data, "outputs", "a graph")),
+            external_data=data.get("external_data"),
+            constants=dict(data.get("constants", {})),
+            parity_max_abs_diff={k: float(v) for k, v in data.get("parity_max_abs_diff", {}).items()},
+            parity_max_abs_value={k: float(v) for k, v in data.get("parity_max_abs_value", {}).items()},
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "external_data": self.external_data,
+            "inputs": [s.to_dict() for s in self.inputs],
+            "outputs": [s.to_dict() for s in self.outputs],
+            "constants": dict(self.constants),
+            "parity_max_abs_diff": dict(self.parity_max_abs_diff),
+            "parity_max_abs_value": dict(self.parity_max_abs_value),
+        }
+
+
+@dataclass(frozen=True)
+class SchedulerInfo:
+    """The training noise schedule: diffusers class and config, full alphas_cumprod and sigma tables.
+
+    ``sigmas[t] = sqrt((1 - alphas_cumprod[t]) / alphas_cumprod[t])`` (the Euler/EDM form of the same schedule).
+    ``ddim`` holds the settings of a DDIM sampler over this schedule, resolved by diffusers'
+    ``DDIMScheduler.from_config`` at export (timestep_spacing, steps_offset, clip_sample, clip_sample_range,
+    thresholding), so a runtime needs no diffusers defaults, plus ``use_clipped_model_output``, the pipeline's
+    step argument; ``final_alpha_cumprod`` is DDIM's abar after the last step (1 with ``set_alpha_to_one``).
+    """
+
+    type: str
+    config: dict[str, Any]
+    alphas_cumprod: tuple[float, ...]
+    sigmas: tuple[float, ...]
+    final_alpha_cumprod: float
+    ddim: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return len(self.alphas_cumprod)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SchedulerInfo:
+        return cls(
+            type=str(_require(data, "type", "scheduler")),
+            config=dict(_require(data, "config", "scheduler")),
+            alphas_cumprod=tuple(float(v) for v in _require(data, "alphas_cumprod", "scheduler")),
+            sigmas=tuple(float(v) for v in _require(data, "sigmas", "scheduler")),
+            final_alpha_cumprod=float(_require(data, "final_alpha_cumprod", "scheduler")),
+            ddim=dict(_require(data, "ddim", "scheduler")),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["alphas_cumprod"] = list(self.alphas_cumprod)
+        d["sigmas"] = list(self.sigmas)
+        return d
+
+
+@dataclass(frozen=True)
+class BankInfo:
+    """The negative bank baked into denoiser.onnx: count, item shape, sha256 of its float32 bytes, metadata."""
+
+    count: int
+    sample_shape: tuple[int, ...]
+    sha256: str
+    initializer: str = BANK_INITIALIZER
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BankInfo:
+        return cls(
+            count=int(_require(data, "count", "bank")),
+            sample_shape=tuple(int(v) for v in _require(data, "sample_shape", "bank")),
+            sha256=str(_require(data, "sha256", "bank")),
+            initializer=str(data.get("initializer", BANK_INITIALIZER)),
+            metadata={str(k): str(v) for k, v in data.get("metadata", {}).items()},
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["sample_shape"] = list(self.sample_shape)
+        return d
+
+
+@dataclass
+class Manifest:
+    """Everything a runtime needs besides the ONNX files (see the module docstring for the bundle layout).
+
+    ``model_kind`` is "class-conditional" (the demo model: class labels, pixel space) or "text-to-image" (Stable
+    Diffusion: text embeddings, latent space, a VAE). The denoiser works in the VP form x_t = sqrt(abar) x0 +
+    sqrt(1 - abar) eps; its noise_pred output is always an eps prediction.
+    """
+
+    model_kind: str
+    source: str
+    sample_shape: tuple[int, ...]
+    prediction_type: str
+    scheduler: SchedulerInfo
+    num_inference_steps: int
+    guidance_scale: float
+    graphs: dict[str, GraphSpec]
+    opset: int
+    precision: str
+    guidance: SafeGuidance | None = None
+    reference_threshold: float | None = None
+    reference_threshold_steps: int | None = None
+    reference_threshold_alpha_bar: float | None = None
+    sld: SLDConfig | None = None
+    bank: BankInfo | None = None
+    tokenizer: str | None = None
+    null_class: int | None = None
+    vae_scaling_factor: float | None = None
+    model_config: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    # ---- (de)serialisation ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able data (what manifest.json holds)."""
+        return {
+            "format": FORMAT,
+            "format_version": self.format_version,
+            "model_kind": self.model_kind,
+            "source": self.source,
+            "sample_shape": list(self.sample_shape),
+            "prediction_type": self.prediction_type,
+            "null_class": self.null_class,
+            "vae_scaling_factor": self.vae_scaling_factor,
+            "num_inference_steps": self.num_inference_steps,
+            "guidance_scale": self.guidance_scale,
+            "guidance": None if self.guidance is None else self.guidance.to_dict(),
+            "reference_threshold": self.reference_threshold,
+            "reference_threshold_steps": self.reference_threshold_steps,
+            "reference_threshold_alpha_bar": self.reference_threshold_alpha_bar,
+            "sld": None if self.sld is None else self.sld.to_dict(),
+            "bank": None if self.bank is None else self.bank.to_dict(),
+            "opset": self.opset,
+            "precision": self.precision,
+            "tokenizer": self.tokenizer,
+            "graphs": {name: g.to_dict() for name, g in self.graphs.items()},
+            "scheduler": self.scheduler.to_dict(),
+            "model_config": self.model_config,
+            "versions": self.versions,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        """Parse and check the format and version; ``ManifestError`` names what is wrong."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            got = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise ManifestError(f"manifest: format is {got!r}, expected {FORMAT!r}")
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ManifestError(
+                f"manifest: bundle format_version {version!r} is not supported by this safe-denoiser (it reads"
+                f" format_version {FORMAT_VERSION}); re-export the bundle with this version"
+            )
+        try:
+            guidance = data.get("guidance")
+            sld = data.get("sld")
+            bank = data.get("bank")
+            return cls(
+                model_kind=str(_require(data, "model_kind", "the manifest")),
+                source=str(_require(data, "source", "the manifest")),
+                sample_shape=tuple(int(v) for v in _require(data, "sample_shape", "the manifest")),
+                prediction_type=str(_require(data, "prediction_type", "the manifest")),
+                scheduler=SchedulerInfo.from_dict(_require(data, "scheduler", "the manifest")),
+                num_inference_steps=int(_require(data, "num_inference_steps", "the manifest")),
+                guidance_scale=float(_require(data, "guidance_scale", "the manifest")),
+                graphs={k: GraphSpec.from_dict(v) for k, v in _require(data, "graphs", "the manifest").items()},
+                opset=int(_require(data, "opset", "the manifest")),
+                precision=str(_require(data, "precision", "the manifest")),
+                guidance=None if guidance is None else SafeGuidance.from_dict(guidance),
+                reference_threshold=data.get("reference_threshold"),
+                reference_threshold_steps=data.get("reference_threshold_steps"),
+                reference_threshold_alpha_bar=data.get("reference_threshold_alpha_bar"),
+                sld=None if sld is None else SLDConfig(**sld),
+                bank=None if bank is None else BankInfo.from_dict(bank),
+                tokenizer=data.get("tokenizer"),
+                null_class=data.get("null_class"),
+                vae_scaling_factor=data.get("vae_scaling_factor"),
+                model_config=dict(data.get("model_config", {})),
+                versions=dict(data.get("versions", {})),
+                format_version=int(version),
+            )
+        except ManifestError:
+            raise
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ManifestError(f"manifest: invalid content: {exc}") from exc
+
+    def save(self, bundle_dir: str | os.PathLike[str]) -> Path:
+        """Write ``bundle_dir/manifest.json`` atomically."""
+        return write_json_atomic(Path(bundle_dir) / MANIFEST_NAME, self.to_dict())
+
+    @classmethod
+    def load(cls, bundle_dir: str | os.PathLike[str], check_bank: bool = True) -> Manifest:
+        """Read ``bundle_dir/manifest.json`` and ``validate`` the bundle against it."""
+        root = Path(bundle_dir)
+        path = root / MANIFEST_NAME
+        if not root.is_dir():
+            raise ManifestError(f"bundle {str(root)!r} is not a folder")
+        if not path.is_file():
+            raise ManifestError(f"bundle {str(root)!r} has no {MANIFEST_NAME}")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ManifestError(f"{str(path)!r} is not readable JSON: {exc}") from exc
+        manifest = cls.from_dict(data)
+        manifest.validate(root, check_bank=check_bank)
+        return manifest
+
+    # ---- checks -----------------------------------------------------------------------------------
+    def validate(self, bundle_dir: str | os.PathLike[str], check_bank: bool = True) -> Manifest:
+        """Check the bundle's files against the manifest; with ``check_bank`` hash the bank inside the graph."""
+        root = Path(bundle_dir)
+        if self.model_kind not in ("class-conditional", "text-to-image"):
+            raise ManifestError(f"manifest: unknown model_kind {self.model_kind!r}")
+        if "denoiser" not in self.graphs:
+            raise ManifestError("manifest: no 'denoiser' graph")
+        needed = {"text-to-image": ("text_encoder", "vae_decoder")}.get(self.model_kind, ())
+        for name in needed:
+            if name not in self.graphs:
+                raise ManifestError(f"manifest: a {self.model_kind} bundle needs a {name!r} graph")
+        for name, graph in self.graphs.items():
+            for file in (graph.file, graph.external_data):
+                if file is not None and not (root / file).is_file():
+                    raise ManifestError(f"bundle {str(root)!r}: file {file!r} of graph {name!r} is missing")
+        if self.tokenizer is not None and not (root / self.tokenizer).is_dir():
+            raise ManifestError(f"bundle {str(root)!r}: tokenizer folder {self.tokenizer!r} is missing")
+        if len(self.scheduler.alphas_cumprod) != len(self.scheduler.sigmas) or not self.scheduler.alphas_cumprod:
+            raise ManifestError("manifest: scheduler.alphas_cumprod and scheduler.sigmas must be non-empty and equal")
+        if (self.guidance is None) != (self.bank is None):
+            raise ManifestError("manifest: guidance and bank must both be set (correction on) or both be null")
+        if self.bank is not None:
+            if self.bank.sample_shape != self.sample_shape:
+                raise ManifestError(
+                    f"manifest: bank item shape {self.bank.sample_shape} differs from sample_shape {self.sample_shape}"
+                )
+            if check_bank:
+                self.check_bank(root)
+        return self
+
+    def check_bank(self, bundle_dir: str | os.PathLike[str]) -> str:
+        """Hash the bank constant inside denoiser.onnx; ``ManifestError`` when it differs from ``bank.sha256``."""
+        if self.bank is None:
+            raise ManifestError("manifest: this bundle has no negative bank (the correction is off)")
+        path = Path(bundle_dir) / self.graphs["denoiser"].file
+        array = read_initializer(path, self.bank.initializer)
+        if tuple(array.shape) != (self.bank.count, *self.bank.sample_shape):
+            raise ManifestError(
+                f"bank inside {str(path)!r} has shape {tuple(array.shape)}, manifest says"
+                f" {(self.bank.count, *self.bank.sample_shape)}"
+            )
+        digest = array_sha256(array)
+        if digest != self.bank.sha256:
+            raise ManifestError(
+                f"bank hash mismatch: the bank inside {str(path)!r} hashes to {digest[:16]}..., the manifest"
+                f" records {self.bank.sha256[:16]}... (the graph or the manifest was changed after export)"
+            )
+        return digest
+
+    def check_bank_file(self, bank_path: str | os.PathLike[str]) -> None:
+        """``ManifestError`` unless the bank file (.safetensors) is the one exported into this bundle."""
+        from safe_denoiser.bank import NegativeBank
+
+        if self.bank is None:
+            raise ManifestError("manifest: this bundle has no negative bank (the correction is off)")
+        digest = NegativeBank.load(bank_path).sha256()
+        if digest != self.bank.sha256:
+            raise ManifestError(
+                f"bank hash mismatch: {str(bank_path)!r} hashes to {digest[:16]}..., the bundle's bank to"
+                f" {self.bank.sha256[:16]}..."
+            )

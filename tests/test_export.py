@@ -1,0 +1,560 @@
+"""ONNX export: graph and whole-loop parity with PyTorch, manifest validation, graph logic, CLI, TensorRT stubs.
+
+Tolerances (fp32): each graph's outputs within 1e-4 absolute of PyTorch (measured at export on random inputs of
+a batch other than the traced one); a whole DDIM loop through onnxruntime within 1e-4 relative (L2) of the
+PyTorch pipeline with ``safe_denoiser.attach`` and the same initial noise, and the same steps corrected.
+The SD-1.4-architecture test lives in ``test_export_sd14.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from safe_denoiser import NegativeBank, attach, attach_sld, cfg_combine, detach, theorem_correction
+from safe_denoiser.cli import main as cli_main
+from safe_denoiser.export.exporter import ExportOptions, ExportSource, export_bundle, load_source
+from safe_denoiser.export.manifest import BANK_INITIALIZER, Manifest, ManifestError, read_initializer
+from safe_denoiser.export.runtime import Bundle, ProviderUnavailableError, ddim_timesteps, resolve_providers, run_bundle
+from safe_denoiser.export.tensorrt import (
+    EngineProfile,
+    TensorRTUnavailableError,
+    build_engines,
+    polygraphy_compare,
+    profile_shapes,
+    require_tensorrt,
+)
+from safe_denoiser.pipelines import tiny_sd_pipeline
+
+GRAPH_ATOL = 1e-4
+LOOP_RTOL = 1e-4
+DEMO_STEPS = 10
+TINY_STEPS = 4
+TINY_HW = 16  # pixels; the tiny VAE halves it: 4 x 8 x 8 latents
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    # Two shared cores: one intra-op thread is faster than two fighting over them.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+# ---- the demo model (class labels, pixel space) --------------------------------------------------------------
+def demo_args(bank_path: Path, **changes: Any) -> dict[str, Any]:
+    args: dict[str, Any] = {
+        "model": "demo",
+        "scheduler": "ddim",
+        "num_inference_steps": DEMO_STEPS,
+        "guidance_scale": 2.0,
+        "bank": str(bank_path),
+        "safe_denoiser": {"preset": "theorem", "eta": 0.5, "window": [300, 800], "gate_log_mass": -200.0},
+    }
+    args.update(changes)
+    return args
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("export")
+
+
+@pytest.fixture(scope="module")
+def demo_bank(work: Path) -> Path:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    sevens = digits.images[digits.target == 7][:16]  # the "unsafe" class: sevens, in the model's [-1, 1] space
+    data = torch.from_numpy(sevens / 8.0 - 1.0).float().unsqueeze(1)
+    return NegativeBank.from_tensor(data, source="sklearn-digits-7").save(work / "demo_bank.safetensors")
+
+
+@pytest.fixture(scope="module")
+def demo(work: Path, demo_bank: Path) -> tuple[ExportSource, Manifest, Path]:
+    source = load_source(demo_args(demo_bank))
+    out = work / "demo_bundle"
+    return source, export_bundle(source, out), out
+
+
+@pytest.fixture(scope="module")
+def demo_cfg_only(work: Path, demo_bank: Path) -> tuple[ExportSource, Manifest, Path]:
+    source = load_source(demo_args(demo_bank, safe_denoiser=None, bank=None))
+    out = work / "demo_cfg_only"
+    return source, export_bundle(source, out), out
+
+
+def check_graph_parity(manifest: Manifest) -> None:
+    """Export-time check: max |ORT - torch| <= 1e-4 x max(1, max |torch|) per output; booleans identical."""
+    for name, graph in manifest.graphs.items():
+        diffs, scales = graph.parity_max_abs_diff, graph.parity_max_abs_value
+        assert diffs, name
+        print(f"{manifest.source} {name}: max abs diff {diffs} (max abs value {scales})")
+        for output, diff in diffs.items():
+            limit = 0 if output == "correction_applied" else GRAPH_ATOL * max(1.0, scales[output])
+            assert diff <= limit, (name, output, diff, scales[output])
+
+
+def test_demo_graph_parity_and_io(demo: tuple[ExportSource, Manifest, Path]) -> None:
+    _, manifest, _ = demo
+    check_graph_parity(manifest)
+    spec = manifest.graphs["denoiser"]
+    assert spec.input_names == [
+        "sample",
+        "timestep",
+        "alpha_bar",
+        "class_labels",
+        "negative_class_labels",
+        "guidance_scale",
+    ]
+    assert spec.output_names == ["noise_pred", "sample_corrected", "x0_hat", "correction_applied", "kernel_log_mass"]
+    assert spec.input("sample").shape == ("batch", 1, 8, 8)
+    assert spec.input("class_labels").dtype == "int64"
+    assert manifest.model_kind == "class-conditional" and manifest.sample_shape == (1, 8, 8)
+    assert manifest.scheduler.num_train_timesteps == 1000 and manifest.opset == 17 and manifest.precision == "fp32"
+
+
+def test_demo_loop_parity(demo: tuple[ExportSource, Manifest, Path]) -> None:
+    source, _, out = demo
+    labels = [7, 1, 0]
+    noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    got = Bundle(out).sample(labels, noise=noise.numpy())
+    handle = attach(source.pipe, source.bank, source.guidance, record=True)
+    try:
+        ref = source.pipe(
+            class_labels=labels, guidance_scale=2.0, num_inference_steps=DEMO_STEPS, latents=noise, output_type="latent"
+        ).images.numpy()
+        ref_applied = torch.stack([tr.record.applied for tr in handle.records]).numpy()
+    finally:
+        detach(source.pipe)
+    err = rel_err(got.sample, ref)
+    print(f"demo loop: rel err {err:.2e}, max abs {np.abs(got.sample - ref).max():.2e}")
+    assert err <= LOOP_RTOL
+    assert got.applied is not None and np.array_equal(got.applied, ref_applied)
+    assert got.applied.any() and not got.applied.all()  # the window opens and closes along the trajectory
+    # Batch 1 (traced with 2): the batch axis is dynamic.
+    one = run_bundle(out, [7], noise=noise[:1].numpy())
+    assert rel_err(one, ref[:1]) <= LOOP_RTOL
+
+
+def _demo_feeds(manifest: Manifest, sample: np.ndarray, t: list[int]) -> dict[str, np.ndarray]:
+    b = sample.shape[0]
+    ac = np.asarray(manifest.scheduler.alphas_cumprod, dtype=np.float32)
+    return {
+        "sample": sample.astype(np.float32),
+        "timestep": np.asarray(t, dtype=np.float32),
+        "alpha_bar": ac[t],
+        "class_labels": np.full((b,), 7, dtype=np.int64),
+        "negative_class_labels": np.full((b,), 10, dtype=np.int64),
+        "guidance_scale": np.full((b,), 2.0, dtype=np.float32),
+    }
+
+
+def test_window_and_gate_are_graph_logic(
+    demo: tuple[ExportSource, Manifest, Path], demo_cfg_only: tuple[ExportSource, Manifest, Path]
+) -> None:
+    """One graph, per-sample decisions at run time: inside/outside the window, kernel mass above/below the gate."""
+    source, manifest, out = demo
+    assert source.bank is not None and source.guidance is not None
+    bank = source.bank.data.numpy()
+    ac = np.asarray(manifest.scheduler.alphas_cumprod)
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal(bank.shape[1:])
+    t_in, t_out_lo, t_out_hi = 550, 200, 900
+    near = math.sqrt(ac[t_in]) * bank[0]  # x_t = sqrt(abar) x^(0): log-mass >= -log N, gate (-200) open
+    far = math.sqrt(ac[t_in]) * bank[0] + 5 * math.sqrt(1 - ac[t_in]) * z  # log-mass ~ -25 * 32: gate closed
+    x = np.stack([near, far, math.sqrt(ac[t_out_lo]) * bank[0], math.sqrt(ac[t_out_hi]) * bank[0]])
+    t = [t_in, t_in, t_out_lo, t_out_hi]
+    feeds = _demo_feeds(manifest, x, t)
+    names = manifest.graphs["denoiser"].output_names
+    got = dict(zip(names, Bundle(out).session("denoiser").run(names, feeds), strict=True))
+    assert got["correction_applied"].tolist() == [True, False, False, False]
+    base = Bundle(demo_cfg_only[2]).session("denoiser").run(["noise_pred"], feeds)[0]
+    closed = ~got["correction_applied"]
+    np.testing.assert_allclose(got["noise_pred"][closed], base[closed], rtol=0, atol=1e-6)
+    assert np.abs(got["noise_pred"][0] - base[0]).max() > 1e-3
+    # The fired sample equals PyTorch's theorem correction applied to the CFG-only eps.
+    eps, rec = theorem_correction(
+        torch.from_numpy(base), torch.from_numpy(feeds["sample"]), torch.from_numpy(feeds["alpha_bar"]),
+        torch.from_numpy(feeds["timestep"]), source.bank.data, source.guidance,
+    )  # fmt: skip
+    assert rec.applied.tolist() == [True, False, False, False]
+    np.testing.assert_allclose(got["noise_pred"], eps.numpy(), rtol=0, atol=GRAPH_ATOL)
+    # float32 log-mass: ||x||^2 - 2<x, y> + ||y||^2 cancels to a few units here, so compare in absolute terms
+    np.testing.assert_allclose(got["kernel_log_mass"], rec.log_mass.numpy(), rtol=1e-5, atol=GRAPH_ATOL)
+
+
+def test_correction_off_equals_cfg_only_unet(demo_cfg_only: tuple[ExportSource, Manifest, Path]) -> None:
+    """Exported without the safe denoiser: no bank, no correction outputs, exactly UNet + CFG."""
+    source, manifest, out = demo_cfg_only
+    assert manifest.bank is None and manifest.guidance is None
+    spec = manifest.graphs["denoiser"]
+    assert spec.output_names == ["noise_pred", "sample_corrected", "x0_hat"]
+    import onnx
+
+    model = onnx.load(str(out / spec.file))
+    assert BANK_INITIALIZER not in {t.name for t in model.graph.initializer}
+    x = np.random.default_rng(1).standard_normal((2, 1, 8, 8)).astype(np.float32)
+    feeds = _demo_feeds(manifest, x, [550, 120])
+    eps = Bundle(out).session("denoiser").run(["noise_pred"], feeds)[0]
+    with torch.no_grad():
+        both = source.pipe.unet(
+            torch.from_numpy(np.concatenate([x, x])),
+            torch.tensor([550, 120, 550, 120]),
+            class_labels=torch.tensor([10, 10, 7, 7]),
+        ).sample
+    eps_u, eps_c = both.chunk(2)
+    ref = cfg_combine(eps_u, eps_c, torch.full((2,), 2.0)).numpy()
+    np.testing.assert_allclose(eps, ref, rtol=0, atol=GRAPH_ATOL)
+
+
+def test_bank_in_graph_equals_bank_file(demo: tuple[ExportSource, Manifest, Path], demo_bank: Path) -> None:
+    _, manifest, out = demo
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(out / "denoiser.onnx"))
+    (tensor,) = [t for t in model.graph.initializer if t.name == BANK_INITIALIZER]
+    in_graph = numpy_helper.to_array(tensor)
+    bank = NegativeBank.load(demo_bank)
+    assert in_graph.dtype == np.float32
+    assert np.array_equal(in_graph, bank.data.float().numpy())
+    assert manifest.bank is not None and manifest.bank.sha256 == bank.sha256()
+    assert manifest.bank.count == 16 and manifest.bank.sample_shape == (1, 8, 8)
+    manifest.check_bank_file(demo_bank)
+    assert np.array_equal(read_initializer(out / "denoiser.onnx", BANK_INITIALIZER), in_graph)
+
+
+# ---- manifest ---------------------------------------------------------------------------------------------------
+def test_manifest_round_trip(demo: tuple[ExportSource, Manifest, Path], tmp_path: Path) -> None:
+    _, manifest, out = demo
+    loaded = Manifest.load(out)
+    assert loaded == manifest
+    assert Manifest.from_dict(json.loads(json.dumps(loaded.to_dict()))) == manifest
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    manifest.save(copy)
+    assert Manifest.load(copy) == manifest
+    assert loaded.guidance == manifest.guidance and loaded.guidance is not None and loaded.guidance.window == (300, 800)
+
+
+def _copy(out: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "bundle"
+    shutil.copytree(out, dst)
+    return dst
+
+
+def _edit_manifest(root: Path, **changes: Any) -> None:
+    path = root / "manifest.json"
+    data = json.loads(path.read_text())
+    for key, value in changes.items():
+        node = data
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    path.write_text(json.dumps(data))
+
+
+def test_manifest_rejects_wrong_version(demo: tuple[ExportSource, Manifest, Path], tmp_path: Path) -> None:
+    root = _copy(demo[2], tmp_path)
+    _edit_manifest(root, format_version=99)
+    with pytest.raises(ManifestError, match="format_version 99 is not supported"):
+        Manifest.load(root)
+    _edit_manifest(root, format="something-else")
+    with pytest.raises(ManifestError, match="format is 'something-else'"):
+        Bundle(root)
+
+
+def test_manifest_rejects_missing_file(demo: tuple[ExportSource, Manifest, Path], tmp_path: Path) -> None:
+    root = _copy(demo[2], tmp_path)
+    (root / "denoiser.onnx").unlink()
+    with pytest.raises(ManifestError, match=r"file 'denoiser\.onnx' of graph 'denoiser' is missing"):
+        Manifest.load(root)
+    with pytest.raises(ManifestError, match=r"has no manifest\.json"):
+        Manifest.load(tmp_path)
+
+
+def test_manifest_rejects_bank_hash_mismatch(
+    demo: tuple[ExportSource, Manifest, Path], demo_bank: Path, tmp_path: Path
+) -> None:
+    root = _copy(demo[2], tmp_path)
+    _edit_manifest(root, **{"bank.sha256": "0" * 64})
+    with pytest.raises(ManifestError, match="bank hash mismatch"):
+        Manifest.load(root)
+    Manifest.load(root, check_bank=False)  # opt-out for quick inspection
+    # A graph whose bank was swapped (same shape) after export is caught as well.
+    import onnx
+    from onnx import numpy_helper
+
+    root2 = _copy(demo[2], tmp_path / "second")
+    model = onnx.load(str(root2 / "denoiser.onnx"))
+    for i, t in enumerate(model.graph.initializer):
+        if t.name == BANK_INITIALIZER:
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) + 1, t.name))
+    onnx.save(model, str(root2 / "denoiser.onnx"))
+    with pytest.raises(ManifestError, match="bank hash mismatch"):
+        Manifest.load(root2)
+    other = NegativeBank.from_tensor(torch.zeros(16, 1, 8, 8)).save(tmp_path / "other.safetensors")
+    with pytest.raises(ManifestError, match="bank hash mismatch"):
+        demo[1].check_bank_file(other)
+
+
+def test_out_dir_is_written_atomically(demo_cfg_only: tuple[ExportSource, Manifest, Path], tmp_path: Path) -> None:
+    source = demo_cfg_only[0]
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    opts = ExportOptions(verify=False)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        export_bundle(source, out, opts)
+    assert (out / "keep.txt").exists()
+    export_bundle(source, out, ExportOptions(verify=False, overwrite=True))
+    assert sorted(p.name for p in out.iterdir()) == ["denoiser.onnx", "manifest.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no staging or backup folders left behind
+
+
+def test_fp16_export(demo: tuple[ExportSource, Manifest, Path], tmp_path: Path) -> None:
+    import onnx
+
+    source, _, out32 = demo
+    manifest = export_bundle(source, tmp_path / "fp16", ExportOptions(fp16=True, verify=False))
+    assert manifest.precision == "fp16"
+    model = onnx.load(str(tmp_path / "fp16" / "denoiser.onnx"))
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    assert types[BANK_INITIALIZER] == onnx.TensorProto.FLOAT  # the correction stays in float32
+    big = [t for t in model.graph.initializer if np.prod(t.dims) >= 1024 and t.name != BANK_INITIALIZER]
+    assert big and all(t.data_type == onnx.TensorProto.FLOAT16 for t in big)
+    assert all(s.dtype in ("float32", "int64") for s in manifest.graphs["denoiser"].inputs)
+    labels, noise = [7, 3], np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)
+    a = run_bundle(tmp_path / "fp16", labels, noise=noise, steps=4)
+    b = run_bundle(out32, labels, noise=noise, steps=4)
+    assert np.abs(a - b).max() < 5e-2  # fp16 weights: close, not equal
+
+
+# ---- tiny Stable Diffusion: text, latents, VAE, reference preset with re-noise, SLD ---------------------------------
+SLD = {"guidance_scale": 1000.0, "warmup_steps": 1, "threshold": 0.01, "momentum_scale": 0.3, "mom_beta": 0.4}
+
+
+@pytest.fixture(scope="module")
+def tiny_bank(work: Path) -> Path:
+    """Final latents of the uncorrected tiny pipeline: the trajectories come near them, so the gate opens."""
+    pipe = tiny_sd_pipeline(seed=0)
+    gens = [torch.Generator().manual_seed(s) for s in (0, 1, 2, 3)]
+    lat = pipe(
+        ["a photo of a cat"] * 4,
+        num_inference_steps=TINY_STEPS,
+        height=TINY_HW,
+        width=TINY_HW,
+        generator=gens,
+        output_type="latent",
+    ).images
+    return NegativeBank.from_tensor(lat).save(work / "tiny_bank.safetensors")
+
+
+def tiny_args(bank_path: Path, **changes: Any) -> dict[str, Any]:
+    args: dict[str, Any] = {
+        "model": "tiny-sd",
+        "scheduler": "ddim",
+        "num_inference_steps": TINY_STEPS,
+        "guidance_scale": 7.5,
+        "height": TINY_HW,
+        "width": TINY_HW,
+        "bank": str(bank_path),
+        "safe_denoiser": {"preset": "reference", "window": [400, 1000]},
+        "sld": SLD,
+    }
+    args.update(changes)
+    return args
+
+
+@pytest.fixture(scope="module")
+def tiny(work: Path, tiny_bank: Path) -> tuple[ExportSource, Manifest, Path]:
+    source = load_source(tiny_args(tiny_bank))
+    out = work / "tiny_bundle"
+    return source, export_bundle(source, out), out
+
+
+def test_tiny_sd_graph_parity_and_layout(tiny: tuple[ExportSource, Manifest, Path]) -> None:
+    _, manifest, out = tiny
+    check_graph_parity(manifest)
+    assert set(manifest.graphs) == {"denoiser", "text_encoder", "vae_decoder"}
+    assert (out / "tokenizer").is_dir() and manifest.tokenizer == "tokenizer"
+    spec = manifest.graphs["denoiser"]
+    assert spec.input_names[-4:] == ["guidance_scale", "noise", "sld_momentum", "sld_step"]
+    assert spec.output_names[-1] == "sld_momentum_out"
+    assert spec.input("prompt_embeds").shape == ("batch", 77, 32)
+    assert set(spec.constants) == {BANK_INITIALIZER, "reference_threshold", "sld_safety_embedding"}
+    assert manifest.reference_threshold is not None and manifest.sld is not None
+    assert manifest.vae_scaling_factor == pytest.approx(0.18215)
+
+
+def test_tiny_sd_loop_parity_reference_and_sld(tiny: tuple[ExportSource, Manifest, Path]) -> None:
+    source, manifest, out = tiny
+    bundle = Bundle(out)
+    b, seeds = 2, [0, 5]
+    emb = bundle.encode(["a photo of a cat", "a red car"])
+    neg = bundle.encode(["", ""])
+    noise = torch.randn(b, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert source.guidance is not None
+    w0, w1 = source.guidance.window
+    # The pipeline draws the re-noise from the per-image generators at each in-window step: replay those draws.
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    step_noise = [
+        randn_tensor((b, 4, 8, 8), generator=gens).numpy() if w0 <= t <= w1 else None
+        for t in ddim_timesteps(manifest.scheduler, TINY_STEPS)
+    ]
+    got = bundle.sample(emb, noise=noise.numpy(), negative=neg, step_noise=step_noise)
+
+    pipe = source.pipe
+    assert source.sld is not None
+    attach_sld(pipe, source.sld, source.sld_concept)
+    handle = attach(pipe, source.bank, source.guidance, record=True)
+    try:
+        ref = pipe(
+            prompt_embeds=torch.from_numpy(emb),
+            negative_prompt_embeds=torch.from_numpy(neg),
+            guidance_scale=7.5,
+            num_inference_steps=TINY_STEPS,
+            latents=noise,
+            generator=[torch.Generator().manual_seed(s) for s in seeds],
+            height=TINY_HW,
+            width=TINY_HW,
+            output_type="latent",
+        ).images.numpy()
+        ref_applied = torch.stack([tr.record.applied for tr in handle.records]).numpy()
+    finally:
+        from safe_denoiser import detach_sld
+
+        detach(pipe)
+        detach_sld(pipe)
+    err = rel_err(got.sample, ref)
+    print(f"tiny-sd loop (reference + SLD): rel err {err:.2e}, applied {got.applied.T.tolist()}")
+    assert err <= LOOP_RTOL
+    assert got.applied is not None and np.array_equal(got.applied, ref_applied)
+    assert got.applied.any()  # the re-noise really ran
+    # The VAE graph decodes like the pipeline's VAE.
+    with torch.no_grad():
+        img = pipe.vae.decode(torch.from_numpy(got.sample) / pipe.vae.config.scaling_factor).sample.numpy()
+    np.testing.assert_allclose(bundle.decode(got.sample), img, rtol=0, atol=GRAPH_ATOL)
+
+
+def test_tiny_sd_polygraphy_matches_pytorch(tiny: tuple[ExportSource, Manifest, Path]) -> None:
+    """polygraphy's onnxruntime runner + Comparator against the PyTorch step (TensorRT's runner on a GPU)."""
+    from safe_denoiser.export.exporter import build_denoiser, denoiser_inputs
+
+    source, _, out = tiny
+    step = build_denoiser(source)
+    inputs = denoiser_inputs(source, step, 3, seed=7)
+    feeds = {n: v.numpy() for n, v in zip(step.input_names, inputs, strict=True)}
+    with torch.no_grad():
+        ref = {n: v.numpy() for n, v in zip(step.output_names, step(*inputs), strict=True)}
+    # CFG (w = 7.5) amplifies the UNet's float32 rounding: absolute tolerance scaled by each output's magnitude.
+    atol = {n: GRAPH_ATOL * max(1.0, float(np.abs(v).max())) for n, v in ref.items()}
+    ok, diffs = polygraphy_compare(out / "denoiser.onnx", [feeds], [ref], atol=atol, rtol=1e-4)
+    print(f"polygraphy: {diffs}")
+    assert ok and all(diffs["onnxruntime"][n] <= atol[n] for n in ref)
+
+
+def test_tensorrt_profile_shapes(tiny: tuple[ExportSource, Manifest, Path]) -> None:
+    manifest = tiny[1]
+    shapes = profile_shapes(manifest.graphs["denoiser"], (8, 8), EngineProfile(batch=(1, 2, 8)))
+    assert shapes["sample"] == ((1, 4, 8, 8), (2, 4, 8, 8), (8, 4, 8, 8))
+    assert shapes["prompt_embeds"] == ((1, 77, 32), (2, 77, 32), (8, 77, 32))
+    vae = profile_shapes(manifest.graphs["vae_decoder"], (8, 8), EngineProfile(size=((4, 4), (8, 8), (16, 16))))
+    assert vae["latents"] == ((1, 4, 4, 4), (2, 4, 8, 8), (4, 4, 16, 16))
+    with pytest.raises(ValueError, match="1 <= min <= opt <= max"):
+        EngineProfile(batch=(2, 1, 4))
+
+
+def _tensorrt_importable() -> bool:
+    try:
+        require_tensorrt()
+    except TensorRTUnavailableError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(_tensorrt_importable(), reason="TensorRT is installed: the missing-TensorRT error cannot occur")
+def test_tensorrt_missing_gives_clear_error(demo: tuple[ExportSource, Manifest, Path]) -> None:
+    with pytest.raises(TensorRTUnavailableError, match="pip install tensorrt"):
+        require_tensorrt()
+    with pytest.raises(TensorRTUnavailableError, match="TensorRT's Python package is not importable"):
+        build_engines(demo[2])
+    feeds = _demo_feeds(demo[1], np.zeros((1, 1, 8, 8), np.float32), [500])
+    with pytest.raises(TensorRTUnavailableError):
+        polygraphy_compare(demo[2] / "denoiser.onnx", [feeds], [{}], tensorrt=True)
+
+
+def test_providers_resolve_or_explain() -> None:
+    import onnxruntime as ort
+
+    assert resolve_providers(None) == ["CPUExecutionProvider"]
+    assert resolve_providers("cpu") == ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(ProviderUnavailableError, match="install onnxruntime-gpu"):
+            resolve_providers(["cuda"])
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(ProviderUnavailableError, match="TensorrtExecutionProvider"):
+            resolve_providers("tensorrt")
+
+
+# ---- the command line ------------------------------------------------------------------------------------------------
+def test_cli_export_external_data_and_errors(
+    tiny_bank: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import yaml
+
+    config = tmp_path / "tiny.yaml"
+    model = tiny_args(tiny_bank, sld=None, safe_denoiser={"preset": "theorem", "eta": 0.3, "window": [0, 600]})
+    config.write_text(yaml.safe_dump({"model": model, "data": {"prompts": "unused.txt"}}))
+    out = tmp_path / "bundle"
+    argv = ["export", "--config", str(config), "--out", str(out), "--opset", "18", "--external-data", "always"]
+    assert cli_main(argv) == 0
+    assert "denoiser.onnx + denoiser.onnx.data" in capsys.readouterr().out
+    manifest = Manifest.load(out)
+    assert manifest.opset == 18 and manifest.graphs["denoiser"].external_data == "denoiser.onnx.data"
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    proto = onnx.load(str(out / "denoiser.onnx"), load_external_data=False)
+    big = [t for t in proto.graph.initializer if np.prod(t.dims) * 4 >= 1024]
+    assert big and all(uses_external_data(t) for t in big)  # weights and bank live in the one .data file
+    assert {e.value for t in big for e in t.external_data if e.key == "location"} == {"denoiser.onnx.data"}
+    assert manifest.guidance is not None and manifest.guidance.eta == 0.3
+    check_graph_parity(manifest)
+    noise = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    assert np.isfinite(Bundle(out).sample(["a cat"], noise=noise).sample).all()
+
+    assert cli_main(argv) == 2  # the bundle exists now
+    assert "--overwrite" in capsys.readouterr().err
+    if not _tensorrt_importable():
+        assert cli_main([*argv, "--overwrite", "--tensorrt"]) == 2
+        assert "pip install tensorrt" in capsys.readouterr().err
+    assert cli_main(["export", "--config", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "x")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_denoiser_rejects_v_prediction(tiny_bank: Path) -> None:
+    from safe_denoiser.export.exporter import build_denoiser
+
+    source = load_source(tiny_args(tiny_bank, sld=None))
+    source.pipe.scheduler = source.pipe.scheduler.from_config(
+        source.pipe.scheduler.config, prediction_type="v_prediction"
+    )
+    with pytest.raises(ValueError, match="epsilon-prediction"):
+        build_denoiser(source)
