@@ -56,7 +56,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -67,6 +66,7 @@ import torch
 from torch import Tensor
 
 from safe_denoiser.correction import safe_eps
+from safe_denoiser.files import atomic_write_json as write_json
 from safe_denoiser.kernel import unsafe_posterior_mean
 
 LATENT_SHAPE: tuple[int, int, int] = (4, 64, 64)
@@ -434,18 +434,6 @@ def machine_info(threads: int) -> dict[str, Any]:
     }
 
 
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False, encoding="utf-8") as fh:
-        json.dump(payload, fh, indent=2)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-        tmp = fh.name
-    os.chmod(tmp, 0o644)  # NamedTemporaryFile creates 0600
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------------------- main
 
 
@@ -540,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         "correctness": correctness,
         "wall_seconds": wall,
     }
-    write_json_atomic(args.out, payload)
+    write_json(args.out, payload)
     print(f"\nwall time {wall:.1f} s; JSON written to {args.out}")
     return 0
 

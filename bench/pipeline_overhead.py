@@ -21,11 +21,9 @@ Usage: python bench/pipeline_overhead.py [--rounds 3] [--threads N] [--out bench
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,22 +34,11 @@ from torch import Tensor
 
 from safe_denoiser import SafeGuidance, SafeScheduler, SLDConfig, SLDUNet
 from safe_denoiser.bank import l2_normalize_positions
+from safe_denoiser.files import atomic_write_json as write_json
 from safe_denoiser.pipelines import make_scheduler, sd14_unet
 
 GUIDANCE_SCALE = 7.5
 LATENT = (4, 64, 64)
-
-
-def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def timed(fn: Callable[[], Any]) -> float:
@@ -185,7 +172,7 @@ def main() -> None:
         "correction_only_ms": correction_ms,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    atomic_write_json(args.out, result)
+    write_json(args.out, result)
     print(f"\nwrote {args.out}")
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from safe_denoiser.config import SafeGuidance
+from safe_denoiser.files import atomic_write_json
 from safe_denoiser.sld import SLDConfig
 
 __all__ = [
@@ -57,19 +57,8 @@ class ManifestError(ValueError):
 
 
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
-    """Write JSON to a temporary file in the same folder, then rename: readers never see half a file."""
-    out = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~process_umask())  # mkstemp creates 0600; a bundle is meant to be shared
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    """Write JSON atomically (see ``safe_denoiser.files``): readers never see half a file."""
+    return atomic_write_json(path, data)
 
 
 def process_umask() -> int:

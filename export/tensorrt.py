@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from safe_denoiser.files import atomic_write
+
 from .manifest import GraphSpec, Manifest, write_json_atomic
 
 __all__ = [
@@ -137,13 +139,10 @@ def build_engine(
         raise RuntimeError(f"TensorRT failed to build an engine from {str(onnx_path)!r} (see the log above)")
     out = Path(engine_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_bytes(memoryview(serialized))
-    os.replace(tmp, out)
+    atomic_write(out, lambda p: p.write_bytes(memoryview(serialized)))
     if cache_path is not None:  # later builds (other graphs, other profiles) skip the kernel timing
-        cache_tmp = cache_path.with_name(f".{cache_path.name}.tmp")
-        cache_tmp.write_bytes(memoryview(config.get_timing_cache().serialize()))
-        os.replace(cache_tmp, cache_path)
+        cache = memoryview(config.get_timing_cache().serialize())
+        atomic_write(cache_path, lambda p: p.write_bytes(cache))
     return out
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from .files import atomic_write
 
 __all__ = ["IMAGE_SUFFIXES", "BankError", "NegativeBank", "l2_normalize_positions", "load_image_folder"]
 
@@ -124,15 +125,8 @@ class NegativeBank:
             sample_shape=json.dumps(list(self.sample_shape)),
             dtype=str(self.data.dtype).removeprefix("torch."),
         )
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file({TENSOR_KEY: self.data.contiguous().cpu()}, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        tensors = {TENSOR_KEY: self.data.contiguous().cpu()}
+        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     @classmethod
     def load(

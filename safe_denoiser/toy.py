@@ -43,7 +43,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,6 +52,7 @@ import torch
 from torch import Tensor
 
 from .config import BetaMode, SafeGuidance
+from .files import atomic_write
 from .mixture import GaussianMixture
 from .step import StepRecord, theorem_correction
 
@@ -234,21 +234,6 @@ def single_threaded() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Write through a temporary file in the same directory, then os.replace it onto ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def run_toy(
     out_dir: str | os.PathLike[str],
     n: int = 512,
@@ -315,8 +300,8 @@ def _run_toy(out: Path, n: int, steps: int, seed: int, eta: float, progress: boo
     }
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(result, indent=2) + "\n"
-    _atomic_write(out / "toy_metrics.json", lambda p: p.write_text(text, encoding="utf-8"))
-    _atomic_write(out / "toy_trajectories.png", lambda p: _plot(p, mixture, bank, trajs, metrics, guidance, steps))
+    atomic_write(out / "toy_metrics.json", lambda p: p.write_text(text, encoding="utf-8"))
+    atomic_write(out / "toy_trajectories.png", lambda p: _plot(p, mixture, bank, trajs, metrics, guidance, steps))
     return result
 
 

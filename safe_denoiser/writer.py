@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +15,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image, PngImagePlugin
 
+from .files import atomic_write
 from .prompts import PromptItem
 
 __all__ = ["GeneratedImage", "ImageWriter", "finished_stems", "image_path", "read_metadata"]
@@ -60,18 +61,6 @@ def check_output_dir(output_dir: str | os.PathLike[str]) -> Path:
     return out
 
 
-def _atomic_write(path: Path, write: Any, tag: str) -> None:
-    """write(tmp_path) then rename: readers see the old file or the whole new one, never a part."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".{tag}.tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def read_metadata(output_dir: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     """All ranks' metadata rows, by item id."""
     rows: dict[str, dict[str, Any]] = {}
@@ -112,7 +101,7 @@ class ImageWriter(BasePredictionWriter):
             text = meta.read_text(encoding="utf-8")
             if text and not text.endswith("\n"):  # a killed append: drop the partial last row
                 keep = text[: text.rfind("\n") + 1]
-                _atomic_write(meta, lambda tmp: Path(tmp).write_text(keep, encoding="utf-8"), self._tag)
+                atomic_write(meta, lambda tmp: Path(tmp).write_text(keep, encoding="utf-8"), self._tag)
 
     def _metadata_path(self) -> Path:
         return Path(str(self.output_dir)) / METADATA / f"{self._tag}.jsonl"
@@ -128,7 +117,7 @@ class ImageWriter(BasePredictionWriter):
             if "settings" in g.info:
                 pnginfo.add_text("settings", json.dumps(g.info["settings"], sort_keys=True))
             image = Image.fromarray(np.ascontiguousarray(g.image))
-            _atomic_write(path, lambda tmp, im=image, pi=pnginfo: im.save(tmp, format="PNG", pnginfo=pi), self._tag)
+            atomic_write(path, functools.partial(image.save, format="PNG", pnginfo=pnginfo), self._tag)
             rows.append(json.dumps({**g.item.to_dict(), **g.info, "file": f"{IMAGES}/{path.name}"}) + "\n")
         # One append per batch, after its PNGs are in place; a row cut short by a kill is dropped at setup.
         with self._metadata_path().open("a", encoding="utf-8") as f:
