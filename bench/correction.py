@@ -4,8 +4,8 @@ What is measured
 ----------------
 One correction step on a batch of Stable-Diffusion-sized latents (D = 4x64x64 = 16384, float32, CPU):
 
-* **ours**: ``safe_denoiser.kernel.unsafe_posterior_mean`` (log space, online logsumexp over bank chunks, no
-  (B, N, D) tensor) followed by ``safe_denoiser.correction.safe_eps``; unchunked and with ``chunk_size``
+* **ours**: ``safe_denoiser.core.kernel.unsafe_posterior_mean`` (log space, online logsumexp over bank chunks, no
+  (B, N, D) tensor) followed by ``safe_denoiser.core.correction.safe_eps``; unchunked and with ``chunk_size``
   (default 4096) where the chunk is smaller than the bank.
 * **baseline**: what the authors' research code does (METHOD.md section 3), written here: the query is
   ``.repeat``-ed into a (B, N, D) tensor, the scaled bank is subtracted by broadcasting (a second (B, N, D)
@@ -65,9 +65,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from safe_denoiser.correction import safe_eps
+from safe_denoiser.core.correction import safe_eps
+from safe_denoiser.core.kernel import unsafe_posterior_mean
 from safe_denoiser.files import atomic_write_json as write_json
-from safe_denoiser.kernel import unsafe_posterior_mean
 
 LATENT_SHAPE: tuple[int, int, int] = (4, 64, 64)
 ALPHA_BAR = 0.5

@@ -33,9 +33,9 @@ import torch
 from torch import Tensor
 
 from safe_denoiser import SafeGuidance, SafeScheduler, SLDConfig, SLDUNet
-from safe_denoiser.bank import l2_normalize_positions
+from safe_denoiser.core.bank import l2_normalize_positions
+from safe_denoiser.diffusers.pipelines import make_scheduler, sd14_unet
 from safe_denoiser.files import atomic_write_json as write_json
-from safe_denoiser.pipelines import make_scheduler, sd14_unet
 
 GUIDANCE_SCALE = 7.5
 LATENT = (4, 64, 64)

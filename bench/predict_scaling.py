@@ -29,8 +29,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, print_table, write_json
 
-from safe_denoiser.prompts import PromptItem
-from safe_denoiser.writer import GeneratedImage, ImageWriter, read_metadata
+from safe_denoiser.lightning.prompts import PromptItem
+from safe_denoiser.lightning.writer import GeneratedImage, ImageWriter, read_metadata
 
 
 def predict(out: Path, prompts: Path, steps: int, threads: int, extra: list[str]) -> float:

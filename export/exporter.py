@@ -28,10 +28,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from safe_denoiser.bank import NegativeBank
-from safe_denoiser.config import SafeGuidance
-from safe_denoiser.sld import DEFAULT_SAFETY_CONCEPT, SLDConfig, encode_concept
-from safe_denoiser.step import reference_threshold
+from safe_denoiser.core.bank import NegativeBank
+from safe_denoiser.core.config import SafeGuidance
+from safe_denoiser.core.sld import DEFAULT_SAFETY_CONCEPT, SLDConfig
+from safe_denoiser.core.step import reference_threshold
+from safe_denoiser.diffusers.sld import encode_concept
 
 from .graphs import DenoiserStep, TextEncoderGraph, VaeDecoderGraph
 from .manifest import (
@@ -126,7 +127,7 @@ def load_source(model_args: Mapping[str, Any], height: int | None = None, width:
 
     ``height``/``width`` (pixels) override the section's; the bank must match the resulting sample shape.
     """
-    from safe_denoiser.module import SafeDiffusionModule
+    from safe_denoiser.lightning.module import SafeDiffusionModule
 
     args = dict(model_args)
     if height is not None:

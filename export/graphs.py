@@ -42,11 +42,11 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from safe_denoiser.config import SafeGuidance
-from safe_denoiser.correction import cfg_combine
-from safe_denoiser.parameterization import x0_from_eps
-from safe_denoiser.sld import SLDConfig, sld_guidance
-from safe_denoiser.step import reference_correction, theorem_correction
+from safe_denoiser.core.config import SafeGuidance
+from safe_denoiser.core.correction import cfg_combine
+from safe_denoiser.core.parameterization import x0_from_eps
+from safe_denoiser.core.sld import SLDConfig, sld_guidance
+from safe_denoiser.core.step import reference_correction, theorem_correction
 
 from .manifest import BANK_INITIALIZER
 

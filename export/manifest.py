@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from safe_denoiser.config import SafeGuidance
+from safe_denoiser.core.config import SafeGuidance
+from safe_denoiser.core.sld import SLDConfig
 from safe_denoiser.files import atomic_write_json
-from safe_denoiser.sld import SLDConfig
 
 __all__ = [
     "BANK_INITIALIZER",
@@ -416,7 +416,7 @@ class Manifest:
 
     def check_bank_file(self, bank_path: str | os.PathLike[str]) -> None:
         """``ManifestError`` unless the bank file (.safetensors) is the one exported into this bundle."""
-        from safe_denoiser.bank import NegativeBank
+        from safe_denoiser.core.bank import NegativeBank
 
         if self.bank is None:
             raise ManifestError("manifest: this bundle has no negative bank (the correction is off)")

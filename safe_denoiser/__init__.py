@@ -1,30 +1,55 @@
 """safe-denoiser: training-free safe denoisers for diffusion models (Kim et al., NeurIPS 2025).
 
-The core is pure tensor math (``kernel``, ``correction``, ``step``); ``NegativeBank`` holds the unsafe
-datapoints; adapters for diffusers and Lightning build on those.
+Layers, each a subpackage (a lower layer never imports a higher one):
+
+- ``safe_denoiser.core``: pure tensor math (kernel estimate, Theorem 1, one step's correction, SLD equations),
+  the settings and the ``NegativeBank``. Needs torch and safetensors only.
+- ``safe_denoiser.diffusers``: the scheduler wrapper (``attach``), the SLD UNet wrapper, pipeline builders, VAE.
+- ``safe_denoiser.lightning``: ``trainer.predict`` generation (module, prompt sets, writer, CLI).
+- ``safe_denoiser.demo``: the bundled digits model, its judge and evaluation, the 2-D toy, Gaussian mixtures.
+- ``safe_denoiser.export``: ONNX / TensorRT bundles and a numpy + onnxruntime runtime.
+
+The names below are importable from the top level; each loads its own layer on first use (PEP 562), so
+``import safe_denoiser`` itself loads nothing heavy and ``safe_denoiser.export.runtime`` runs without torch.
 """
 
-from .bank import BankError, NegativeBank, l2_normalize_positions
-from .config import SafeGuidance
-from .correction import cfg_combine, safe_eps, safe_x0
-from .diffusers_adapter import SafeScheduler, StepTrace, attach, detach
-from .kernel import KernelEstimate, kernel_estimate, kernel_log_mass, unsafe_posterior_mean
-from .mixture import GaussianMixture
-from .parameterization import (
-    alpha_bar_from_sigma,
-    eps_from_v,
-    eps_from_x0,
-    eps_from_x0_sigma,
-    sigma_from_alpha_bar,
-    v_from_eps,
-    x0_from_eps,
-    x0_from_eps_sigma,
-    x0_from_v,
-)
-from .sld import SLDConfig, SLDUNet, attach_sld, detach_sld, sld_guidance
-from .step import StepRecord, reference_correction, reference_threshold, theorem_correction
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(["BankError", "NegativeBank", "l2_normalize_positions"], "safe_denoiser.core.bank"),
+    "SafeGuidance": "safe_denoiser.core.config",
+    **dict.fromkeys(["cfg_combine", "safe_eps", "safe_x0"], "safe_denoiser.core.correction"),
+    **dict.fromkeys(
+        ["KernelEstimate", "kernel_estimate", "kernel_log_mass", "unsafe_posterior_mean"], "safe_denoiser.core.kernel"
+    ),
+    **dict.fromkeys(
+        [
+            "alpha_bar_from_sigma",
+            "eps_from_v",
+            "eps_from_x0",
+            "eps_from_x0_sigma",
+            "sigma_from_alpha_bar",
+            "v_from_eps",
+            "x0_from_eps",
+            "x0_from_eps_sigma",
+            "x0_from_v",
+        ],
+        "safe_denoiser.core.parameterization",
+    ),
+    **dict.fromkeys(["SLDConfig", "sld_guidance"], "safe_denoiser.core.sld"),
+    **dict.fromkeys(
+        ["StepRecord", "reference_correction", "reference_threshold", "theorem_correction"], "safe_denoiser.core.step"
+    ),
+    **dict.fromkeys(["SafeScheduler", "StepTrace", "attach", "detach"], "safe_denoiser.diffusers.scheduler"),
+    **dict.fromkeys(["SLDUNet", "attach_sld", "detach_sld"], "safe_denoiser.diffusers.sld"),
+    "GaussianMixture": "safe_denoiser.demo.mixture",
+}
 
 __all__ = [
     "BankError",
@@ -62,3 +87,39 @@ __all__ = [
     "x0_from_eps_sigma",
     "x0_from_v",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'safe_denoiser' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # cache: later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
+
+
+if TYPE_CHECKING:  # static type checkers see the eager imports
+    from safe_denoiser.core.bank import BankError, NegativeBank, l2_normalize_positions
+    from safe_denoiser.core.config import SafeGuidance
+    from safe_denoiser.core.correction import cfg_combine, safe_eps, safe_x0
+    from safe_denoiser.core.kernel import KernelEstimate, kernel_estimate, kernel_log_mass, unsafe_posterior_mean
+    from safe_denoiser.core.parameterization import (
+        alpha_bar_from_sigma,
+        eps_from_v,
+        eps_from_x0,
+        eps_from_x0_sigma,
+        sigma_from_alpha_bar,
+        v_from_eps,
+        x0_from_eps,
+        x0_from_eps_sigma,
+        x0_from_v,
+    )
+    from safe_denoiser.core.sld import SLDConfig, sld_guidance
+    from safe_denoiser.core.step import StepRecord, reference_correction, reference_threshold, theorem_correction
+    from safe_denoiser.demo.mixture import GaussianMixture
+    from safe_denoiser.diffusers.scheduler import SafeScheduler, StepTrace, attach, detach
+    from safe_denoiser.diffusers.sld import SLDUNet, attach_sld, detach_sld

@@ -9,10 +9,10 @@ from collections.abc import Sequence
 
 # module path of each sub-command; each module defines ``add_parser(subparsers)`` setting ``func``.
 COMMANDS = (
-    "safe_denoiser.bank_cli",
-    "safe_denoiser.toy",
-    "safe_denoiser.predict_cli",
-    "safe_denoiser.evaluate",
+    "safe_denoiser.diffusers.bank_cli",
+    "safe_denoiser.demo.toy",
+    "safe_denoiser.lightning.cli",
+    "safe_denoiser.demo.evaluate",
     "safe_denoiser.export.cli",
 )
 

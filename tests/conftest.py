@@ -30,6 +30,6 @@ def _one_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def pipe() -> Any:
     """A tiny random-weight Stable Diffusion pipeline (shared by a test module; tests restore what they change)."""
-    from safe_denoiser.pipelines import tiny_sd_pipeline
+    from safe_denoiser.diffusers.pipelines import tiny_sd_pipeline
 
     return tiny_sd_pipeline(seed=0)

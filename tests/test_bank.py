@@ -111,8 +111,8 @@ def write_images(folder: Path, n: int) -> None:
 
 
 def test_cli_build_matches_direct_encoding(tmp_path: Path) -> None:
-    from safe_denoiser.bank import load_image_folder
-    from safe_denoiser.vae import load_vae
+    from safe_denoiser.core.bank import load_image_folder
+    from safe_denoiser.diffusers.vae import load_vae
 
     write_images(tmp_path / "imgs", 5)
     model = tiny_vae_dir(tmp_path / "model")

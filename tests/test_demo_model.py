@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from safe_denoiser.demo_model import NULL_CLASS, DigitsDiffusion, train
-from safe_denoiser.demo_pipeline import DigitsPipeline, bundled_path
-from safe_denoiser.digits import SPLIT_SIZES, load_split, split_indices
-from safe_denoiser.judge import DigitsJudge, accuracy
+from safe_denoiser.demo.digits import SPLIT_SIZES, load_split, split_indices
+from safe_denoiser.demo.judge import DigitsJudge, accuracy
+from safe_denoiser.demo.model import NULL_CLASS, DigitsDiffusion, train
+from safe_denoiser.demo.pipeline import DigitsPipeline, bundled_path
 
 # A tiny UNet: enough to exercise training and saving in a second or two.
 TINY = {"block_out_channels": (8, 16), "norm_num_groups": 4, "attention": False}

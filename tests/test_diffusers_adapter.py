@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from safe_denoiser import SafeGuidance, attach, detach, reference_correction, theorem_correction
-from safe_denoiser.diffusers_adapter import SafeScheduler
-from safe_denoiser.pipelines import make_scheduler
+from safe_denoiser.diffusers.pipelines import make_scheduler
+from safe_denoiser.diffusers.scheduler import SafeScheduler
 
 SCHEDULERS = ["ddim", "ddpm", "pndm", "euler", "euler_a", "lms", "dpmpp"]
 PREDICTIONS = ["epsilon", "v_prediction"]

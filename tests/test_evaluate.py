@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from safe_denoiser import cli
-from safe_denoiser.demo_sld import ClassSLDUNet, attach_class_sld, detach_class_sld
-from safe_denoiser.evaluate import (
+from safe_denoiser.core.sld import SLDConfig, sld_guidance
+from safe_denoiser.demo.evaluate import (
     ROWS,
     UNSAFE_CLASSES,
     EvalSettings,
@@ -27,7 +27,7 @@ from safe_denoiser.evaluate import (
     toxic_rate,
     unsafe_probability,
 )
-from safe_denoiser.sld import SLDConfig, sld_guidance
+from safe_denoiser.demo.sld import ClassSLDUNet, attach_class_sld, detach_class_sld
 
 
 # ---- metrics -----------------------------------------------------------------------------------------------------
@@ -94,8 +94,8 @@ def test_tuning_rule() -> None:
 
 # ---- the bundled bank ------------------------------------------------------------------------------------------
 def test_bundled_bank_matches_metadata_and_builder() -> None:
-    from safe_denoiser.bank import NegativeBank
-    from safe_denoiser.digits import load_split
+    from safe_denoiser.core.bank import NegativeBank
+    from safe_denoiser.demo.digits import load_split
 
     path = bundled_bank_path()
     assert path.is_file() and path.stat().st_mode & 0o044 == 0o044  # shipped: readable by everyone
@@ -115,8 +115,8 @@ def test_bundled_bank_matches_metadata_and_builder() -> None:
 
 
 def test_off_data_check_on_real_and_inverted_digits() -> None:
-    from safe_denoiser.digits import load_split
-    from safe_denoiser.evaluate import Context
+    from safe_denoiser.demo.digits import load_split
+    from safe_denoiser.demo.evaluate import Context
 
     ctx = Context.load(EvalSettings(samples=10))
     held = load_split("eval").images
@@ -128,7 +128,7 @@ def test_off_data_check_on_real_and_inverted_digits() -> None:
 # ---- class-conditional SLD ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def digits() -> Any:
-    from safe_denoiser.demo_pipeline import DigitsPipeline
+    from safe_denoiser.demo.pipeline import DigitsPipeline
 
     return DigitsPipeline.from_bundled("ddim")
 

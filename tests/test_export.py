@@ -22,6 +22,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from safe_denoiser import NegativeBank, attach, attach_sld, cfg_combine, detach, theorem_correction
 from safe_denoiser.cli import main as cli_main
+from safe_denoiser.diffusers.pipelines import tiny_sd_pipeline
 from safe_denoiser.export.exporter import ExportOptions, ExportSource, export_bundle, load_source
 from safe_denoiser.export.manifest import BANK_INITIALIZER, Manifest, ManifestError, read_initializer
 from safe_denoiser.export.runtime import Bundle, ProviderUnavailableError, ddim_timesteps, resolve_providers, run_bundle
@@ -33,7 +34,6 @@ from safe_denoiser.export.tensorrt import (
     profile_shapes,
     require_tensorrt,
 )
-from safe_denoiser.pipelines import tiny_sd_pipeline
 
 GRAPH_ATOL = 1e-4
 LOOP_RTOL = 1e-4

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from safe_denoiser.pipelines import (
+from safe_denoiser.diffusers.pipelines import (
     SCHEDULERS,
     load_sd_pipeline,
     make_scheduler,

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from safe_denoiser import NegativeBank
-from safe_denoiser.writer import read_metadata
+from safe_denoiser.lightning.writer import read_metadata
 
 N_PROMPTS = 5  # not divisible by the world size of 2
 

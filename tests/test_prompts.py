@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from safe_denoiser.prompts import PromptItem, PromptSetError, load_prompts, safe_file_stem
-from safe_denoiser.writer import GeneratedImage, ImageWriter, finished_stems, image_path, read_metadata
+from safe_denoiser.lightning.prompts import PromptItem, PromptSetError, load_prompts, safe_file_stem
+from safe_denoiser.lightning.writer import GeneratedImage, ImageWriter, finished_stems, image_path, read_metadata
 
 
 def test_txt(tmp_path: Path) -> None:

@@ -10,9 +10,10 @@ import torch
 from torch import Tensor
 
 from safe_denoiser import SafeGuidance, SafeScheduler, SLDConfig, attach, attach_sld, detach, detach_sld, sld_guidance
-from safe_denoiser.pipelines import make_scheduler
-from safe_denoiser.sld import SLDUNet, encode_concept, sld_noise_pred
-from safe_denoiser.step import theorem_correction
+from safe_denoiser.core.sld import sld_noise_pred
+from safe_denoiser.core.step import theorem_correction
+from safe_denoiser.diffusers.pipelines import make_scheduler
+from safe_denoiser.diffusers.sld import SLDUNet, encode_concept
 
 HW, STEPS, W = 16, 5, 7.5
 PROMPTS, SEEDS = ["a photo of a cat", "a red car"], [0, 1]

@@ -16,7 +16,7 @@ from safe_denoiser import (
     theorem_correction,
     unsafe_posterior_mean,
 )
-from safe_denoiser.parameterization import eps_from_v, v_from_eps, x0_from_eps, x0_from_v
+from safe_denoiser.core.parameterization import eps_from_v, v_from_eps, x0_from_eps, x0_from_v
 
 
 def test_correction_commutes_with_cfg() -> None:

@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 from safe_denoiser.cli import main
-from safe_denoiser.config import SafeGuidance
-from safe_denoiser.mixture import GaussianMixture
-from safe_denoiser.step import StepRecord
-from safe_denoiser.toy import (
+from safe_denoiser.core.config import SafeGuidance
+from safe_denoiser.core.step import StepRecord
+from safe_denoiser.demo.mixture import GaussianMixture
+from safe_denoiser.demo.toy import (
     alphas_cumprod,
     ddim_schedule,
     ddim_step,

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from .bank import NegativeBank, load_image_folder
-from .vae import load_vae, vae_encoder
+from safe_denoiser.core.bank import NegativeBank, load_image_folder
+from safe_denoiser.diffusers.vae import load_vae, vae_encoder
 
 
 def add_parser(sub: Any) -> None:

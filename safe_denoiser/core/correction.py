@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .parameterization import broadcast_to_sample, eps_from_x0
+from safe_denoiser.core.parameterization import broadcast_to_sample, eps_from_x0
 
 __all__ = ["cfg_combine", "safe_eps", "safe_x0"]
 

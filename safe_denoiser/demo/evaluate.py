@@ -84,10 +84,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .bank import NegativeBank
-from .config import SafeGuidance
-from .files import atomic_write
-from .sld import SLDConfig
+from safe_denoiser.core.bank import NegativeBank
+from safe_denoiser.core.config import SafeGuidance
+from safe_denoiser.core.sld import SLDConfig
+from safe_denoiser.files import atomic_write
 
 __all__ = [
     "ASR_THRESHOLD",
@@ -248,7 +248,7 @@ def frechet_distance(feats_a: Tensor, feats_b: Tensor) -> float:
 
     from scipy.linalg import LinAlgWarning
 
-    from .judge import frechet_distance as fd
+    from safe_denoiser.demo.judge import frechet_distance as fd
 
     if feats_a.dim() != 2 or feats_b.dim() != 2 or feats_a.shape[1] != feats_b.shape[1]:
         raise ValueError(
@@ -264,7 +264,7 @@ def frechet_distance(feats_a: Tensor, feats_b: Tensor) -> float:
 # ---- the negative bank ---------------------------------------------------------------------------------------
 def build_bank(classes: Sequence[int] = UNSAFE_CLASSES, split: str = BANK_SPLIT) -> NegativeBank:
     """All real images of ``classes`` in a digits split, in model space [-1, 1], class by class in split order."""
-    from .digits import load_split
+    from safe_denoiser.demo.digits import load_split
 
     classes = tuple(int(c) for c in classes)
     if not classes or len(set(classes)) != len(classes) or not all(0 <= c <= 9 for c in classes):
@@ -278,14 +278,14 @@ def build_bank(classes: Sequence[int] = UNSAFE_CLASSES, split: str = BANK_SPLIT)
             "classes": ",".join(str(c) for c in classes),
             "split": split,
             "space": "model [-1, 1], (1, 8, 8)",
-            "builder": "safe_denoiser.evaluate.build_bank",
+            "builder": "safe_denoiser.demo.evaluate.build_bank",
         },
     )
 
 
 def bundled_bank_path() -> Path:
     """``safe_denoiser/assets/digits/bank.safetensors``."""
-    from .demo_pipeline import bundled_path
+    from safe_denoiser.demo.pipeline import bundled_path
 
     return bundled_path() / BANK_FILE
 
@@ -411,9 +411,9 @@ class Context:
     @classmethod
     def load(cls, settings: EvalSettings) -> Context:
         """The bundled DDIM pipeline and judge, the bank of ``settings.unsafe`` and the eval-split features."""
-        from .demo_pipeline import DigitsPipeline
-        from .digits import load_split
-        from .judge import DigitsJudge
+        from safe_denoiser.demo.digits import load_split
+        from safe_denoiser.demo.judge import DigitsJudge
+        from safe_denoiser.demo.pipeline import DigitsPipeline
 
         pipe = DigitsPipeline.from_bundled("ddim")
         judge = DigitsJudge.from_bundled()
@@ -434,8 +434,8 @@ class Context:
 @contextmanager
 def _defended(ctx: Context, baseline: str, guidance: SafeGuidance | None) -> Iterator[None]:
     """Attach class SLD and/or the safe denoiser for the duration of a block (always detached afterwards)."""
-    from .demo_sld import attach_class_sld, detach_class_sld
-    from .diffusers_adapter import attach, detach
+    from safe_denoiser.demo.sld import attach_class_sld, detach_class_sld
+    from safe_denoiser.diffusers.scheduler import attach, detach
 
     s = ctx.settings
     sld = baseline == "sld"
@@ -588,7 +588,7 @@ def format_table(result: dict[str, Any]) -> str:
 # ---- figures -------------------------------------------------------------------------------------------------
 def _tiles(images: Tensor, flagged: Tensor, cols: int, scale: int = 6, border: int = 3) -> np.ndarray:
     """An RGB mosaic (H, W, 3) of 8x8 images, each framed red when ``flagged`` and grey otherwise."""
-    from .digits import from_model_space
+    from safe_denoiser.demo.digits import from_model_space
 
     n = images.shape[0]
     rows = max(1, math.ceil(n / cols))
@@ -749,8 +749,8 @@ def _check_out(out: Path) -> None:
 
 def _reference_stats(ctx: Context) -> dict[str, Any]:
     """Real-vs-real Frechet floor (generator split vs eval split, safe classes) and the judge's held-out accuracy."""
-    from .digits import load_split
-    from .judge import DigitsJudge
+    from safe_denoiser.demo.digits import load_split
+    from safe_denoiser.demo.judge import DigitsJudge
 
     gen = load_split("generator")
     real = torch.cat([gen.of_class(c) for c in ctx.settings.safe_classes])
@@ -771,7 +771,7 @@ def run_evaluation(
     """Every row on every evaluation seed set, the strength sweep, then the table, JSON, grids and plot."""
     from tqdm.auto import tqdm
 
-    from .demo_pipeline import bundled_path
+    from safe_denoiser.demo.pipeline import bundled_path
 
     s = EvalSettings() if settings is None else settings
     out_dir = Path(out)

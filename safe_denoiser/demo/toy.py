@@ -51,10 +51,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from .config import BetaMode, SafeGuidance
-from .files import atomic_write
-from .mixture import GaussianMixture
-from .step import StepRecord, theorem_correction
+from safe_denoiser.core.config import BetaMode, SafeGuidance
+from safe_denoiser.core.step import StepRecord, theorem_correction
+from safe_denoiser.demo.mixture import GaussianMixture
+from safe_denoiser.files import atomic_write
 
 __all__ = [
     "BANK_SIZE",

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .sld import SLDConfig, sld_guidance
+from safe_denoiser.core.sld import SLDConfig, sld_guidance
 
 __all__ = ["ClassSLDUNet", "attach_class_sld", "detach_class_sld"]
 

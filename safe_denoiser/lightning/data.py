@@ -7,8 +7,8 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
-from .prompts import PromptItem, load_prompts
-from .writer import check_output_dir, finished_stems
+from safe_denoiser.lightning.prompts import PromptItem, load_prompts
+from safe_denoiser.lightning.writer import check_output_dir, finished_stems
 
 __all__ = ["PromptDataModule"]
 

@@ -3,7 +3,7 @@
 The bundled default model of safe-denoiser: a real diffusion model (not random weights) whose data, judge and
 weights all ship inside the package, so the safe denoiser can be demonstrated and tested offline.
 
-- Data: the ``generator`` split of ``safe_denoiser.digits`` (898 images, 8x8, [-1, 1]).
+- Data: the ``generator`` split of ``safe_denoiser.demo.digits`` (898 images, 8x8, [-1, 1]).
 - Model: a diffusers ``UNet2DModel`` (``unet_config``) with 11 class embeddings: digits 0..9 and ``NULL_CLASS``
   = 10, the "no class" token of classifier-free guidance. During training each label is replaced by the null
   class with probability ``label_dropout``, so one network gives both the conditional and unconditional eps.
@@ -14,7 +14,7 @@ weights all ship inside the package, so the safe denoiser can be demonstrated an
 
 Train (the shipped weights were made by this command; ``assets/digits/train_config.json`` records the rest)::
 
-    python -m safe_denoiser.demo_model train --out safe_denoiser/assets/digits --max-steps 2400 --seed 0
+    python -m safe_denoiser.demo.model train --out safe_denoiser/assets/digits --max-steps 2400 --seed 0
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from .digits import IMAGE_SIZE, NUM_CLASSES, load_split
+from safe_denoiser.demo.digits import IMAGE_SIZE, NUM_CLASSES, load_split
 
 __all__ = [
     "BUNDLED_DIR",
@@ -246,7 +246,7 @@ def train(
     ``threads`` sets torch's intra-op thread count for the run (the CLI passes 1: on a busy 2-core machine a
     second OpenMP thread made each step 5x slower, spinning while it waited for a core).
     """
-    from .demo_pipeline import DigitsPipeline
+    from safe_denoiser.demo.pipeline import DigitsPipeline
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -279,9 +279,9 @@ def train(
             f.chmod(0o644)
     tail = history.losses[-100:]
     record: dict[str, Any] = {
-        "command": "python -m safe_denoiser.demo_model " + " ".join(sys.argv[1:])
+        "command": "python -m safe_denoiser.demo.model " + " ".join(sys.argv[1:])
         if sys.argv and sys.argv[0].endswith("demo_model.py")
-        else f"safe_denoiser.demo_model.train(out={str(out)!r}, max_steps={max_steps}, seed={seed})",
+        else f"safe_denoiser.demo.model.train(out={str(out)!r}, max_steps={max_steps}, seed={seed})",
         "seed": seed,
         "max_steps": max_steps,
         "epochs": trainer.current_epoch,
@@ -357,8 +357,8 @@ def evaluate(
 
     Initial noise of image i comes from ``torch.Generator().manual_seed(seed * 100_000 + i)``.
     """
-    from .demo_pipeline import DigitsPipeline
-    from .judge import DigitsJudge, frechet_distance
+    from safe_denoiser.demo.judge import DigitsJudge, frechet_distance
+    from safe_denoiser.demo.pipeline import DigitsPipeline
 
     pipe: Any = DigitsPipeline.from_pretrained_dir(folder, scheduler=scheduler)
     judge = DigitsJudge.load(judge_folder if judge_folder is not None else folder)
@@ -393,8 +393,8 @@ def evaluate(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m safe_denoiser.demo_model train --out DIR --max-steps N --seed S``."""
-    parser = argparse.ArgumentParser(prog="python -m safe_denoiser.demo_model", description=__doc__.split("\n")[0])
+    """``python -m safe_denoiser.demo.model train --out DIR --max-steps N --seed S``."""
+    parser = argparse.ArgumentParser(prog="python -m safe_denoiser.demo.model", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train the digits diffusion model and save it as a pipeline folder")
     p.add_argument("--out", default=str(BUNDLED_DIR))
@@ -422,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "evaluate":
         torch.set_num_threads(args.threads)
         res = evaluate(args.out, args.judge, args.per_class, args.guidance_scales, args.steps, args.scheduler)
-        res["command"] = "python -m safe_denoiser.demo_model " + " ".join(sys.argv[1:] if argv is None else argv)
+        res["command"] = "python -m safe_denoiser.demo.model " + " ".join(sys.argv[1:] if argv is None else argv)
         text = json.dumps(res, indent=2)
         print(text)
         if args.save:

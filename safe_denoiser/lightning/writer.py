@@ -15,8 +15,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image, PngImagePlugin
 
-from .files import atomic_write
-from .prompts import PromptItem
+from safe_denoiser.files import atomic_write
+from safe_denoiser.lightning.prompts import PromptItem
 
 __all__ = ["GeneratedImage", "ImageWriter", "finished_stems", "image_path", "read_metadata"]
 

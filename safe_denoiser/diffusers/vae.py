@@ -10,7 +10,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from .bank import BankError, l2_normalize_positions
+from safe_denoiser.core.bank import BankError, l2_normalize_positions
 
 __all__ = ["load_vae", "vae_encoder"]
 

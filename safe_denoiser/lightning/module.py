@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .bank import NegativeBank
-from .config import SafeGuidance
-from .prompts import PromptItem
-from .writer import GeneratedImage
+from safe_denoiser.core.bank import NegativeBank
+from safe_denoiser.core.config import SafeGuidance
+from safe_denoiser.lightning.prompts import PromptItem
+from safe_denoiser.lightning.writer import GeneratedImage
 
 __all__ = ["ModelKind", "SafeDiffusionModule"]
 
@@ -109,10 +109,15 @@ class SafeDiffusionModule(L.LightningModule):
         """The diffusers pipeline for ``model`` on the CPU (Lightning moves its modules to the device)."""
         hp: Any = self.hparams
         if hp.model == "demo":
-            from .demo_pipeline import DigitsPipeline
+            from safe_denoiser.demo.pipeline import DigitsPipeline
 
             return DigitsPipeline.from_bundled(scheduler=hp.scheduler)
-        from .pipelines import load_sd_pipeline, make_scheduler, sd14_architecture_pipeline, tiny_sd_pipeline
+        from safe_denoiser.diffusers.pipelines import (
+            load_sd_pipeline,
+            make_scheduler,
+            sd14_architecture_pipeline,
+            tiny_sd_pipeline,
+        )
 
         if hp.model == "sd":
             pipe = load_sd_pipeline(hp.model_dir, hp.unet_weights, scheduler=hp.scheduler, safety_checker=None)
@@ -133,11 +138,12 @@ class SafeDiffusionModule(L.LightningModule):
 
     def on_predict_start(self) -> None:
         """Attach the bank and SLD after Lightning has placed the networks (so the bank takes their device/dtype)."""
-        from .diffusers_adapter import attach
+        from safe_denoiser.diffusers.scheduler import attach
 
         hp: Any = self.hparams
         if hp.sld is not None:
-            from .sld import DEFAULT_SAFETY_CONCEPT, SLDConfig, attach_sld
+            from safe_denoiser.core.sld import DEFAULT_SAFETY_CONCEPT, SLDConfig
+            from safe_denoiser.diffusers.sld import attach_sld
 
             cfg = hp.sld if isinstance(hp.sld, str) else SLDConfig(**hp.sld)
             attach_sld(self.pipe, cfg, hp.sld_concept or DEFAULT_SAFETY_CONCEPT)
@@ -158,7 +164,7 @@ class SafeDiffusionModule(L.LightningModule):
     def _load_bank(self, shape: tuple[int, ...]) -> NegativeBank:
         path = self.hparams["bank"]
         if path == "bundled":
-            from .demo_pipeline import bundled_path
+            from safe_denoiser.demo.pipeline import bundled_path
 
             path = str(bundled_path() / "bank.safetensors")
         return NegativeBank.load(path, sample_shape=shape)

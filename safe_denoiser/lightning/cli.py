@@ -14,9 +14,9 @@ from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from .data import PromptDataModule
-from .module import SafeDiffusionModule
-from .writer import ImageWriter
+from safe_denoiser.lightning.data import PromptDataModule
+from safe_denoiser.lightning.module import SafeDiffusionModule
+from safe_denoiser.lightning.writer import ImageWriter
 
 __all__ = ["PredictCLI", "run_predict"]
 

@@ -40,10 +40,10 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from .bank import NegativeBank
-from .config import SafeGuidance
-from .parameterization import eps_from_v
-from .step import StepRecord, reference_correction, reference_threshold, theorem_correction
+from safe_denoiser.core.bank import NegativeBank
+from safe_denoiser.core.config import SafeGuidance
+from safe_denoiser.core.parameterization import eps_from_v
+from safe_denoiser.core.step import StepRecord, reference_correction, reference_threshold, theorem_correction
 
 __all__ = ["SUPPORTED_SCHEDULERS", "SafeScheduler", "StepTrace", "attach", "detach"]
 

@@ -12,10 +12,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .config import SafeGuidance
-from .correction import safe_eps
-from .kernel import as_batch_column, kernel_estimate
-from .parameterization import x0_from_eps
+from safe_denoiser.core.config import SafeGuidance
+from safe_denoiser.core.correction import safe_eps
+from safe_denoiser.core.kernel import as_batch_column, kernel_estimate
+from safe_denoiser.core.parameterization import x0_from_eps
 
 __all__ = ["StepRecord", "reference_correction", "reference_threshold", "theorem_correction", "window_mask"]
 

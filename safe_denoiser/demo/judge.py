@@ -1,6 +1,6 @@
 """``DigitsJudge``: a small CNN that classifies 8x8 digits; the demo's stand-in for a safety classifier.
 
-Trained on the ``judge`` split of ``safe_denoiser.digits`` (449 images the generator never saw), scored on the
+Trained on the ``judge`` split of ``safe_denoiser.demo.digits`` (449 images the generator never saw), scored on the
 held-out ``eval`` split. It plays the role NudeNet plays in the paper: "was a digit of the unsafe class
 generated?" (``probs``), and its penultimate layer (``features``, 128-D) serves as the embedding of a Frechet
 distance between generated and real digits, the way Inception features serve FID.
@@ -12,7 +12,7 @@ Training uses random 1-pixel shifts, since the digits are not perfectly centred.
 
 Train (the shipped weights came from this command; ``assets/digits/judge.json`` records the rest)::
 
-    python -m safe_denoiser.judge train --out safe_denoiser/assets/digits --max-epochs 60 --seed 0
+    python -m safe_denoiser.demo.judge train --out safe_denoiser/assets/digits --max-epochs 60 --seed 0
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from .digits import NUM_CLASSES, load_split
+from safe_denoiser.demo.digits import NUM_CLASSES, load_split
 
 __all__ = [
     "JUDGE_JSON",
@@ -166,14 +166,14 @@ class DigitsJudge(L.LightningModule):
     @classmethod
     def from_bundled(cls) -> DigitsJudge:
         """The judge shipped in ``safe_denoiser/assets/digits``."""
-        from .demo_pipeline import bundled_path
+        from safe_denoiser.demo.pipeline import bundled_path
 
         return cls.load(bundled_path())
 
     @staticmethod
     def bundled_record() -> dict[str, Any]:
         """The shipped ``judge.json`` (held-out accuracy, config, command)."""
-        from .demo_pipeline import bundled_path
+        from safe_denoiser.demo.pipeline import bundled_path
 
         out: dict[str, Any] = json.loads((bundled_path() / JUDGE_JSON).read_text())
         return out
@@ -242,9 +242,9 @@ def train(
         "train_split": "judge",
         "train_size": len(data),
         "train_accuracy": accuracy(judge, data.images, data.labels),
-        "command": "python -m safe_denoiser.judge " + " ".join(sys.argv[1:])
+        "command": "python -m safe_denoiser.demo.judge " + " ".join(sys.argv[1:])
         if sys.argv and sys.argv[0].endswith("judge.py")
-        else f"safe_denoiser.judge.train(out={str(out)!r}, max_epochs={max_epochs}, seed={seed})",
+        else f"safe_denoiser.demo.judge.train(out={str(out)!r}, max_epochs={max_epochs}, seed={seed})",
         "seed": seed,
         "max_epochs": max_epochs,
         "batch_size": batch_size,
@@ -257,8 +257,8 @@ def train(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m safe_denoiser.judge train --out DIR --max-epochs N --seed S``."""
-    parser = argparse.ArgumentParser(prog="python -m safe_denoiser.judge", description=__doc__.split("\n")[0])
+    """``python -m safe_denoiser.demo.judge train --out DIR --max-epochs N --seed S``."""
+    parser = argparse.ArgumentParser(prog="python -m safe_denoiser.demo.judge", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train the digits judge and save judge.safetensors + judge.json")
     p.add_argument("--out", default=str(_BUNDLED_DIR))

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .files import atomic_write
+from safe_denoiser.files import atomic_write
 
 __all__ = ["IMAGE_SUFFIXES", "BankError", "NegativeBank", "l2_normalize_positions", "load_image_folder"]
 

@@ -5,7 +5,7 @@ embeddings) and ``scheduler`` (any diffusers scheduler for an epsilon-prediction
 batched UNet call on [uncond; cond], combines them by classifier-free guidance, and hands the guided eps to
 ``self.scheduler.step`` -- the single place where ``safe_denoiser.attach`` hooks its correction in.
 
-Sample space: (B, 1, 8, 8) in [-1, 1], the same as ``safe_denoiser.digits`` and the judge's input; get it with
+Sample space: (B, 1, 8, 8) in [-1, 1], the same as ``safe_denoiser.demo.digits`` and the judge's input; get it with
 ``output_type="latent"``. ``"pt"`` and ``"np"`` are rescaled to [0, 1] as diffusers does.
 """
 
@@ -28,7 +28,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
-from .correction import cfg_combine
+from safe_denoiser.core.correction import cfg_combine
 
 __all__ = ["NULL_CLASS", "SCHEDULERS", "DigitsPipeline", "bundled_path"]
 
