@@ -12,7 +12,7 @@ COMMANDS = (
     "safe_denoiser.diffusers.bank_cli",
     "safe_denoiser.demo.toy",
     "safe_denoiser.lightning.cli",
-    "safe_denoiser.demo.evaluate",
+    "safe_denoiser.demo.evaluate.cli",
     "safe_denoiser.export.cli",
 )
 

@@ -236,10 +236,41 @@ def test_out_must_be_a_directory(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "--out" in capsys.readouterr().err
 
 
-def test_settings_errors_name_the_flag() -> None:
-    with pytest.raises(ValueError, match="--samples"):
+def test_settings_errors_name_the_field_not_a_flag() -> None:
+    """The library names its fields; only the command line speaks of flags (test_bad_flags)."""
+    with pytest.raises(ValueError, match=r"EvalSettings\.samples must be an integer >= 10") as info:
         EvalSettings(samples=True)  # a bool is not a sample count
-    with pytest.raises(ValueError, match="--steps"):
+    assert "--" not in str(info.value)
+    with pytest.raises(ValueError, match=r"EvalSettings\.steps"):
         EvalSettings(steps=1001)
-    with pytest.raises(ValueError, match="--unsafe"):
+    with pytest.raises(ValueError, match=r"EvalSettings\.unsafe"):
         EvalSettings(unsafe=(8, 8))
+
+
+# ---- golden regression ---------------------------------------------------------------------------------------
+GOLDEN = Path(__file__).parent / "golden" / "evaluate_small.json"
+GOLDEN_ROWS = ("base", "base_theorem", "base_reference", "uncond", "uncond_reference")
+
+
+def test_evaluation_table_matches_the_golden_run(tmp_path: Path) -> None:
+    """The table's numbers on a small fixed run (20 images per set, 4 DDIM steps, one seed set) equal the recorded
+    ones. Fractions may move by at most one image (a judge probability within rounding of 0.6 can flip across
+    CPUs); TR and Frechet distance are float64 sums of float32 judge outputs, equal to 1e-3 relative."""
+    from safe_denoiser.demo.evaluate import Row, run_evaluation
+
+    rows = tuple(Row(*name.split("_")) for name in GOLDEN_ROWS)
+    settings = EvalSettings(samples=20, steps=4, seeds=1, sweep=(0.0, 1.0), rows=rows)
+    result = run_evaluation(tmp_path, settings)
+    golden = json.loads(GOLDEN.read_text())
+    one_image = 1.0 / settings.samples
+    for name in GOLDEN_ROWS:
+        got, want = result["rows"][name]["mean"], golden[name]
+        assert set(got) == set(want), name
+        for key, value in want.items():
+            tol = one_image + 1e-9 if key in ("asr", "attack_to_safe", "off_data", "acc", "benign_unsafe") else 1e-3
+            rel = 1.0 if tol > 1e-3 else max(1.0, abs(value))
+            assert abs(got[key] - value) <= tol * rel, (name, key, got[key], value)
+    # The safe denoiser really acts: its rows differ from their baselines where the golden run says they do.
+    base, theorem, reference = (result["rows"][n]["mean"] for n in ("base", "base_theorem", "base_reference"))
+    assert theorem["asr"] <= base["asr"] - 2 * one_image and reference["asr"] <= base["asr"] - 2 * one_image
+    assert result["rows"]["uncond_reference"]["mean"]["asr"] < result["rows"]["uncond"]["mean"]["asr"]

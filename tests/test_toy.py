@@ -50,7 +50,7 @@ def test_schedule_is_linear_ddpm_with_leading_spacing() -> None:
     assert sched[0][2] == pytest.approx(abar[500].item())  # abar_prev is the next timestep's
     assert sched[-1][2] == 1.0  # the last step lands on abar = 1 (x0)
     for bad in (0, 1001):
-        with pytest.raises(ValueError, match="--steps"):
+        with pytest.raises(ValueError, match="steps must be an integer"):
             ddim_timesteps(bad)
 
 

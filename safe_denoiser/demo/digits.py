@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -29,12 +30,15 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "BUNDLED_DIR",
     "IMAGE_SIZE",
+    "NULL_CLASS",
     "NUM_CLASSES",
     "SPLIT_SEED",
     "SPLIT_SIZES",
     "DigitsSplit",
     "Split",
+    "bundled_path",
     "from_model_space",
     "load_split",
     "split_indices",
@@ -43,7 +47,10 @@ __all__ = [
 
 Split = Literal["generator", "judge", "eval"]
 NUM_CLASSES = 10
+NULL_CLASS = NUM_CLASSES  # class index 10: the "no class" embedding of classifier-free guidance
 IMAGE_SIZE = 8
+# The shipped demo: weights, judge, negative bank and their training records (package data).
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "assets" / "digits"
 SPLIT_SEED = 0
 # Fractions of the whole set; sizes after stratified rounding (recorded so that tests can check them).
 _EVAL_FRACTION = 0.25
@@ -118,3 +125,8 @@ def load_split(split: Split) -> DigitsSplit:
     x = to_model_space(images[idx]).unsqueeze(1)
     y = torch.from_numpy(labels[idx].copy())
     return DigitsSplit(images=x, labels=y, indices=idx)
+
+
+def bundled_path() -> Path:
+    """The folder of the shipped demo model (``safe_denoiser/assets/digits``)."""
+    return BUNDLED_DIR

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from safe_denoiser.demo.digits import NUM_CLASSES, load_split
+from safe_denoiser.demo.digits import BUNDLED_DIR, NUM_CLASSES, bundled_path, load_split
+from safe_denoiser.demo.training import fit
+from safe_denoiser.files import atomic_write, atomic_write_json
 
 __all__ = [
     "JUDGE_JSON",
@@ -40,14 +41,12 @@ __all__ = [
     "DigitsJudge",
     "JudgeConfig",
     "accuracy",
-    "frechet_distance",
     "main",
     "train",
 ]
 
 JUDGE_WEIGHTS = "judge.safetensors"
 JUDGE_JSON = "judge.json"
-_BUNDLED_DIR = Path(__file__).resolve().parent / "assets" / "digits"
 
 
 @dataclass(frozen=True)
@@ -146,10 +145,10 @@ class DigitsJudge(L.LightningModule):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(folder / JUDGE_WEIGHTS), metadata={"format": "safe-denoiser.digits-judge/1"})
-        (folder / JUDGE_WEIGHTS).chmod(0o644)  # safetensors creates the file 0600; shipped files must be readable
+        meta_st = {"format": "safe-denoiser.digits-judge/1"}
+        atomic_write(folder / JUDGE_WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata=meta_st))
         meta = {"config": {**asdict(self.config), "channels": list(self.config.channels)}, **record}
-        (folder / JUDGE_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+        atomic_write_json(folder / JUDGE_JSON, meta)
 
     @classmethod
     def load(cls, folder: str | Path) -> DigitsJudge:
@@ -166,15 +165,11 @@ class DigitsJudge(L.LightningModule):
     @classmethod
     def from_bundled(cls) -> DigitsJudge:
         """The judge shipped in ``safe_denoiser/assets/digits``."""
-        from safe_denoiser.demo.pipeline import bundled_path
-
         return cls.load(bundled_path())
 
     @staticmethod
     def bundled_record() -> dict[str, Any]:
         """The shipped ``judge.json`` (held-out accuracy, config, command)."""
-        from safe_denoiser.demo.pipeline import bundled_path
-
         out: dict[str, Any] = json.loads((bundled_path() / JUDGE_JSON).read_text())
         return out
 
@@ -187,50 +182,24 @@ def accuracy(judge: DigitsJudge, images: Tensor, labels: Tensor, batch_size: int
     return correct / max(1, images.shape[0])
 
 
-def frechet_distance(feats_a: Tensor, feats_b: Tensor) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets (N, F): the FID formula on judge features.
-
-    ||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)), in float64; the matrix square root comes from scipy.
-    """
-    import numpy as np
-    from scipy import linalg
-
-    a = feats_a.detach().double().cpu().numpy()
-    b = feats_b.detach().double().cpu().numpy()
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = linalg.sqrtm(cov_a @ cov_b)
-    if not np.isfinite(covmean).all():  # near-singular product: regularise as the FID reference code does
-        off = np.eye(cov_a.shape[0]) * 1e-6
-        covmean = linalg.sqrtm((cov_a + off) @ (cov_b + off))
-    covmean = np.real(covmean)
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2.0 * np.trace(covmean))
-
-
 def train(
     out: str | Path, max_epochs: int = 60, seed: int = 0, batch_size: int = 32, threads: int | None = None
 ) -> dict[str, Any]:
     """Train on the judge split, score on the eval split, save weights + record to ``out``; returns the record."""
-    if threads is not None:
-        torch.set_num_threads(threads)
-    L.seed_everything(seed, workers=True)
     data = load_split("judge")
-    g = torch.Generator().manual_seed(seed)
-    loader = DataLoader(TensorDataset(data.images, data.labels), batch_size=batch_size, shuffle=True, generator=g)
-    judge = DigitsJudge(max_epochs=max_epochs)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
+
+    def loader() -> DataLoader[tuple[Tensor, ...]]:
+        g = torch.Generator().manual_seed(seed)
+        return DataLoader(TensorDataset(data.images, data.labels), batch_size=batch_size, shuffle=True, generator=g)
+
+    judge, _, wall = fit(
+        lambda: DigitsJudge(max_epochs=max_epochs),
+        loader,
+        seed=seed,
+        threads=threads,
         max_epochs=max_epochs,
-        deterministic=True,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
         enable_progress_bar=False,
     )
-    start = time.perf_counter()
-    trainer.fit(judge, loader)
-    wall = time.perf_counter() - start
     judge.eval()
     held = load_split("eval")
     record: dict[str, Any] = {
@@ -261,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m safe_denoiser.demo.judge", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train the digits judge and save judge.safetensors + judge.json")
-    p.add_argument("--out", default=str(_BUNDLED_DIR))
+    p.add_argument("--out", default=str(BUNDLED_DIR))
     p.add_argument("--max-epochs", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)

@@ -25,7 +25,6 @@ import json
 import math
 import platform
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,11 +37,12 @@ from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from safe_denoiser.demo.digits import IMAGE_SIZE, NUM_CLASSES, load_split
+from safe_denoiser.demo.digits import BUNDLED_DIR, IMAGE_SIZE, NULL_CLASS, NUM_CLASSES, load_split
+from safe_denoiser.demo.training import fit
+from safe_denoiser.files import atomic_write, atomic_write_json
+from safe_denoiser.threads import torch_threads
 
 __all__ = [
-    "BUNDLED_DIR",
-    "NULL_CLASS",
     "DigitsDiffusion",
     "main",
     "make_scheduler",
@@ -51,9 +51,6 @@ __all__ = [
     "train",
     "unet_config",
 ]
-
-NULL_CLASS = NUM_CLASSES  # index 10: the unconditional ("null") class of classifier-free guidance
-BUNDLED_DIR = Path(__file__).resolve().parent / "assets" / "digits"
 
 
 def unet_config(
@@ -248,25 +245,16 @@ def train(
     """
     from safe_denoiser.demo.pipeline import DigitsPipeline
 
-    if threads is not None:
-        torch.set_num_threads(threads)
-    L.seed_everything(seed, workers=True)
-    model = DigitsDiffusion(total_steps=max_steps, **hparams)
     history = _LossHistory()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=max_steps,
-        deterministic=True,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
+    model, trainer, wall = fit(
+        lambda: DigitsDiffusion(total_steps=max_steps, **hparams),
+        lambda: _dataloader(batch_size, seed),
+        seed=seed,
+        threads=threads,
         callbacks=[history],
+        max_steps=max_steps,
         log_every_n_steps=50,
     )
-    start = time.perf_counter()
-    trainer.fit(model, _dataloader(batch_size, seed))
-    wall = time.perf_counter() - start
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -280,13 +268,13 @@ def train(
     tail = history.losses[-100:]
     record: dict[str, Any] = {
         "command": "python -m safe_denoiser.demo.model " + " ".join(sys.argv[1:])
-        if sys.argv and sys.argv[0].endswith("demo_model.py")
+        if sys.argv and sys.argv[0].endswith("model.py")
         else f"safe_denoiser.demo.model.train(out={str(out)!r}, max_steps={max_steps}, seed={seed})",
         "seed": seed,
         "max_steps": max_steps,
         "epochs": trainer.current_epoch,
         "batch_size": batch_size,
-        "threads": torch.get_num_threads(),
+        "threads": threads if threads is not None else torch.get_num_threads(),
         "hparams": {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.hparams.items()},
         "unet_parameters": sum(p.numel() for p in model.unet.parameters()),
         "train_images": len(load_split("generator")),
@@ -303,7 +291,7 @@ def train(
             "diffusers": __import__("diffusers").__version__,
         },
     }
-    (out / "train_config.json").write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_json(out / "train_config.json", record)
     if sample_grid:
         save_sample_grid(out / "samples.png", DigitsPipeline.from_pretrained_dir(out, scheduler="ddim"))
     return record
@@ -339,7 +327,7 @@ def save_sample_grid(
         grid[pad + r * h : pad + r * h + IMAGE_SIZE, pad + c * h : pad + c * h + IMAGE_SIZE] = img[i, 0]
     pil = Image.fromarray(grid.numpy(), mode="L")
     pil = pil.resize((pil.width * scale, pil.height * scale), Image.Resampling.NEAREST)
-    pil.save(path)
+    atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
     return x
 
 
@@ -357,7 +345,8 @@ def evaluate(
 
     Initial noise of image i comes from ``torch.Generator().manual_seed(seed * 100_000 + i)``.
     """
-    from safe_denoiser.demo.judge import DigitsJudge, frechet_distance
+    from safe_denoiser.demo.evaluate.metrics import frechet_distance
+    from safe_denoiser.demo.judge import DigitsJudge
     from safe_denoiser.demo.pipeline import DigitsPipeline
 
     pipe: Any = DigitsPipeline.from_pretrained_dir(folder, scheduler=scheduler)
@@ -420,13 +409,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     e.add_argument("--save", action="store_true", help="write the result to OUT/eval_<scheduler>.json")
     args = parser.parse_args(argv)
     if args.command == "evaluate":
-        torch.set_num_threads(args.threads)
-        res = evaluate(args.out, args.judge, args.per_class, args.guidance_scales, args.steps, args.scheduler)
+        with torch_threads(args.threads):
+            res = evaluate(args.out, args.judge, args.per_class, args.guidance_scales, args.steps, args.scheduler)
         res["command"] = "python -m safe_denoiser.demo.model " + " ".join(sys.argv[1:] if argv is None else argv)
         text = json.dumps(res, indent=2)
         print(text)
         if args.save:
-            (Path(args.out) / f"eval_{args.scheduler}.json").write_text(text + "\n")
+            atomic_write_json(Path(args.out) / f"eval_{args.scheduler}.json", res)
         return 0
     record = train(
         args.out,

@@ -39,12 +39,11 @@ exact sampler's sample from the same noise (0 for the exact sampler).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,7 +53,9 @@ from torch import Tensor
 from safe_denoiser.core.config import BetaMode, SafeGuidance
 from safe_denoiser.core.step import StepRecord, theorem_correction
 from safe_denoiser.demo.mixture import GaussianMixture
-from safe_denoiser.files import atomic_write
+from safe_denoiser.errors import FieldError
+from safe_denoiser.files import atomic_write, atomic_write_json
+from safe_denoiser.threads import torch_threads
 
 __all__ = [
     "BANK_SIZE",
@@ -108,7 +109,7 @@ def alphas_cumprod(
 def ddim_timesteps(steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> list[int]:
     """diffusers' "leading" spacing: t_i = i * (T // steps), i = steps-1 .. 0 (descending)."""
     if not 1 <= steps <= num_train_timesteps:
-        raise ValueError(f"--steps must be an integer in 1..{num_train_timesteps}, got {steps}")
+        raise FieldError("steps", f"an integer in 1..{num_train_timesteps}", steps)
     ratio = num_train_timesteps // steps
     return [i * ratio for i in range(steps - 1, -1, -1)]
 
@@ -207,31 +208,25 @@ SAMPLERS: tuple[tuple[Denoiser, str], ...] = (("base", "base"), ("safe", "safe d
 
 
 def _check_args(out_dir: Path, n: int, steps: int, seed: int, eta: float) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-        raise ValueError(f"--n must be a positive integer (number of samples), got {n!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= NUM_TRAIN_TIMESTEPS:
-        raise ValueError(f"--steps must be an integer in 1..{NUM_TRAIN_TIMESTEPS}, got {steps!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"--seed must be a non-negative integer, got {seed!r}")
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not is_int(n) or n <= 0:
+        raise FieldError("n", "a positive integer (number of samples)", n)
+    if not is_int(steps) or not 1 <= steps <= NUM_TRAIN_TIMESTEPS:
+        raise FieldError("steps", f"an integer in 1..{NUM_TRAIN_TIMESTEPS}", steps)
+    if not is_int(seed) or seed < 0:
+        raise FieldError("seed", "a non-negative integer", seed)
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
-        raise ValueError(f"--eta must be a finite number >= 0, got {eta!r}")
+        raise FieldError("eta", "a finite number >= 0", eta)
     if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out must be a directory (existing or to be created), but {str(out_dir)!r} is a file")
+        raise FieldError("out_dir", "a directory (existing or to be created), not a file", str(out_dir))
 
 
-@contextmanager
-def single_threaded() -> Iterator[None]:
-    """Run torch on one intra-op thread, restoring the previous count afterwards.
-
-    The toy's tensors are (n, 2): threads only add synchronisation, and on a busy machine OpenMP's
-    spin-waiting made the safe sampler 20-100x slower with two threads than with one.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+def single_threaded() -> AbstractContextManager[None]:
+    """One intra-op thread for the block: the toy's tensors are (n, 2), and on a busy machine OpenMP's spin-waiting
+    made the safe sampler 20-100x slower with two threads than with one."""
+    return torch_threads(1)
 
 
 def run_toy(
@@ -299,8 +294,7 @@ def _run_toy(out: Path, n: int, steps: int, seed: int, eta: float, progress: boo
         "safe_denoiser_mean_eps_change": float(delta.mean()),
     }
     out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(result, indent=2) + "\n"
-    atomic_write(out / "toy_metrics.json", lambda p: p.write_text(text, encoding="utf-8"))
+    atomic_write_json(out / "toy_metrics.json", result)
     atomic_write(out / "toy_trajectories.png", lambda p: _plot(p, mixture, bank, trajs, metrics, guidance, steps))
     return result
 
@@ -389,7 +383,12 @@ def _plot(
 
 
 def _cli(args: argparse.Namespace) -> int:
-    result = run_toy(args.out, n=args.n, steps=args.steps, seed=args.seed, eta=args.eta, progress=sys.stderr.isatty())
+    try:
+        result = run_toy(
+            args.out, n=args.n, steps=args.steps, seed=args.seed, eta=args.eta, progress=sys.stderr.isatty()
+        )
+    except FieldError as exc:
+        raise exc.for_flag("--out" if exc.field == "out_dir" else f"--{exc.field}") from None
     s = result["settings"]
     print(
         f"toy: n={s['n']} steps={s['steps']} seed={s['seed']} eta={args.eta:g} beta_mode={s['guidance']['beta_mode']}"

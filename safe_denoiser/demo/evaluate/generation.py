@@ -1,0 +1,156 @@
+"""Sampling and scoring one row: the loaded context, the defences attached around a block, the images."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from safe_denoiser.core.bank import NegativeBank
+from safe_denoiser.core.config import SafeGuidance
+from safe_denoiser.demo.bank import load_bundled_bank
+from safe_denoiser.demo.evaluate.metrics import (
+    attack_success_rate,
+    class_accuracy,
+    frechet_distance,
+    toxic_rate,
+)
+from safe_denoiser.demo.evaluate.protocol import (
+    OFF_DATA_QUANTILE,
+    SEED_OFFSETS,
+    EvalSettings,
+    Row,
+    prompt_labels,
+    sld_config,
+)
+
+__all__ = ["Context", "generate", "run_row", "score"]
+
+
+@dataclass
+class Context:
+    """Loaded once per run: the pipeline, the judge, the bank and the real reference features.
+
+    ``ref_feats``: judge features of the held-out real images of the safe classes (benign quality). ``train``
+    (N, 64): the generator split's real images, and ``nn_threshold``: the 99th percentile of the held-out real
+    images' nearest-neighbour distance to ``train``; a sample farther than that from every real digit is "off the
+    data" (a judge-free check: a judge can misread images unlike any it was trained on).
+    """
+
+    pipe: Any
+    judge: Any
+    bank: NegativeBank
+    ref_feats: Tensor
+    train: Tensor
+    nn_threshold: float
+    settings: EvalSettings
+
+    @classmethod
+    def load(cls, settings: EvalSettings) -> Context:
+        """The bundled DDIM pipeline and judge, the bank of ``settings.unsafe`` and the eval-split features."""
+        from safe_denoiser.demo.digits import load_split
+        from safe_denoiser.demo.judge import DigitsJudge
+        from safe_denoiser.demo.pipeline import DigitsPipeline
+
+        pipe = DigitsPipeline.from_bundled("ddim")
+        judge = DigitsJudge.from_bundled()
+        held = load_split("eval")
+        ref = torch.cat([held.of_class(c) for c in settings.safe_classes])
+        bank = load_bundled_bank(settings.unsafe)
+        train = load_split("generator").images.flatten(1)
+        threshold = float(torch.cdist(held.images.flatten(1), train).amin(dim=1).quantile(OFF_DATA_QUANTILE))
+        return cls(pipe, judge, bank, judge.features(ref).detach(), train, threshold, settings)
+
+    def off_data(self, images: Tensor) -> float:
+        """Fraction of ``images`` farther (L2, model space) from every real training digit than ``nn_threshold``."""
+        return float(
+            (torch.cdist(images.flatten(1).float(), self.train).amin(dim=1) > self.nn_threshold).float().mean()
+        )
+
+
+@contextmanager
+def _defended(
+    ctx: Context, baseline: str, guidance: SafeGuidance | None, safety: int | Sequence[int]
+) -> Iterator[None]:
+    """Attach class SLD (safety class(es) ``safety``) and/or the safe denoiser for a block; always detached."""
+    from safe_denoiser.demo.sld import attach_class_sld, detach_class_sld
+    from safe_denoiser.diffusers.scheduler import attach, detach
+
+    sld = baseline == "sld"
+    if sld:
+        attach_class_sld(ctx.pipe, safety, sld_config(ctx.settings.steps))
+    try:
+        if guidance is not None:
+            attach(ctx.pipe, ctx.bank, guidance)
+        try:
+            yield
+        finally:
+            if guidance is not None:
+                detach(ctx.pipe)
+    finally:
+        if sld:
+            detach_class_sld(ctx.pipe)
+
+
+def generate(ctx: Context, baseline: str, guidance: SafeGuidance | None, kind: str, seed_set: int) -> Tensor:
+    """``settings.samples`` images (B, 1, 8, 8) in [-1, 1] of one prompt set under one defence."""
+    s = ctx.settings
+    labels = prompt_labels(kind, s.samples, s)
+    first = seed_set + SEED_OFFSETS[kind]
+    out: list[Tensor] = []
+    for start in range(0, s.samples, s.batch_size):
+        chunk = labels[start : start + s.batch_size]
+        gens = [torch.Generator().manual_seed(first + start + i) for i in range(len(chunk))]
+        # Image i's negative / safety class: unsafe[i % k] (one class: that class for every image).
+        per_image = [s.unsafe[(start + i) % len(s.unsafe)] for i in range(len(chunk))]
+        kwargs: dict[str, Any] = {"negative_class_labels": per_image} if baseline == "negative" else {}
+        with _defended(ctx, baseline, guidance, s.unsafe[0] if len(s.unsafe) == 1 else per_image):
+            images = ctx.pipe(
+                class_labels=chunk,
+                guidance_scale=1.0 if kind == "uncond" else s.cfg_scale,
+                num_inference_steps=s.steps,
+                generator=gens,
+                output_type="latent",
+                **kwargs,
+            ).images
+        out.append(images.float().cpu())
+    return torch.cat(out)
+
+
+def score(ctx: Context, row: Row, images: dict[str, Tensor]) -> dict[str, float]:
+    """The row's metrics for one seed set from its images (keys of ``images``: attack/benign or uncond)."""
+    s, judge = ctx.settings, ctx.judge
+    m: dict[str, float] = {}
+    if row.conditional:
+        pa, pb = judge.probs(images["attack"]), judge.probs(images["benign"])
+        labels = torch.tensor(prompt_labels("benign", pb.shape[0], s))
+        m["asr"] = attack_success_rate(pa, s.unsafe)
+        m["tr"] = toxic_rate(pa, s.unsafe)
+        # Attack samples that became a confidently recognised safe digit (rather than an unrecognisable image).
+        m["attack_to_safe"] = attack_success_rate(pa, s.safe_classes)
+        # ... and whether attack samples still look like real digits at all (judge-free).
+        m["off_data"] = ctx.off_data(images["attack"])
+        m["fd"] = frechet_distance(judge.features(images["benign"]), ctx.ref_feats)
+        m["acc"] = class_accuracy(pb, labels)
+        m["benign_unsafe"] = attack_success_rate(pb, s.unsafe)
+    else:
+        pu = judge.probs(images["uncond"])
+        m["asr"] = attack_success_rate(pu, s.unsafe)  # the leak rate
+        m["tr"] = toxic_rate(pu, s.unsafe)
+        m["off_data"] = ctx.off_data(images["uncond"])
+        m["fd"] = frechet_distance(judge.features(images["uncond"]), ctx.ref_feats)
+    return m
+
+
+def run_row(
+    ctx: Context, row: Row, seed_set: int, guidance: SafeGuidance | None = None
+) -> tuple[dict[str, float], dict[str, Tensor]]:
+    """Generate and score one row on one seed set; ``guidance`` overrides the row's preset (sweeps, tuning)."""
+    g = ctx.settings.guidance(row.safe) if guidance is None else guidance
+    kinds = ("attack", "benign") if row.conditional else ("uncond",)
+    images = {k: generate(ctx, row.baseline, g, k, seed_set) for k in kinds}
+    return score(ctx, row, images), images

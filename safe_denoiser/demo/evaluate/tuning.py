@@ -1,0 +1,96 @@
+"""Tuning on the validation seed set only: each preset's grid scored on the base model, one stated rule."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from safe_denoiser.core.config import SafeGuidance
+from safe_denoiser.demo.evaluate.generation import Context, run_row
+from safe_denoiser.demo.evaluate.protocol import (
+    ACC_TOLERANCE,
+    FD_TOLERANCE,
+    REFERENCE_GRID,
+    THEOREM_GRID,
+    VALIDATION_SEED_SET,
+    EvalSettings,
+    Row,
+)
+from safe_denoiser.demo.evaluate.report import write_text
+from safe_denoiser.files import check_out_dir
+from safe_denoiser.threads import torch_threads
+
+__all__ = ["select", "tune", "tuning_grid", "tuning_rule"]
+
+
+def tuning_grid(mode: str) -> list[SafeGuidance]:
+    """Every setting of a preset's grid (``THEOREM_GRID`` / ``REFERENCE_GRID``)."""
+    grid = THEOREM_GRID if mode == "theorem" else REFERENCE_GRID
+    keys = list(grid)
+    base = SafeGuidance.theorem() if mode == "theorem" else SafeGuidance.reference()
+    out = []
+    for values in itertools.product(*(grid[k] for k in keys)):
+        changes: dict[str, Any] = {}
+        for k, v in zip(keys, values, strict=True):
+            if isinstance(v, dict):
+                changes.update(v)
+            else:
+                changes[k] = v
+        out.append(base.with_(**changes))
+    return out
+
+
+def select(base: dict[str, float], candidates: Sequence[dict[str, Any]], asr_tie: float = 0.0) -> dict[str, Any] | None:
+    """The tuning rule: among candidates within the quality tolerances, the lowest FD of those whose ASR is within
+    ``asr_tie`` of the lowest ASR (``tune`` passes one sample, 1 / n: smaller differences are noise)."""
+    ok = [c for c in candidates if c["fd"] <= FD_TOLERANCE * base["fd"] and c["acc"] >= base["acc"] - ACC_TOLERANCE]
+    if not ok:
+        return None
+    best = min(c["asr"] for c in ok)
+    return min((c for c in ok if c["asr"] <= best + asr_tie + 1e-6), key=lambda c: (c["fd"], c["asr"]))
+
+
+def tune(
+    out: str | os.PathLike[str],
+    settings: EvalSettings | None = None,
+    progress: bool = False,
+    modes: Sequence[str] = ("theorem", "reference"),
+) -> dict[str, Any]:
+    """Score the presets' grids (``modes``) on the validation seed set (base model) and write ``tuning.json``."""
+    from tqdm.auto import tqdm
+
+    s = EvalSettings() if settings is None else settings
+    out_dir = Path(out)
+    check_out_dir(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with torch_threads(s.threads):
+        ctx = Context.load(s)
+        grids = {mode: tuning_grid(mode) for mode in modes}
+        bar = tqdm(total=1 + sum(map(len, grids.values())), desc="tune", unit="setting", disable=not progress)
+        base, _ = run_row(ctx, Row("base"), VALIDATION_SEED_SET)
+        bar.update(1)
+        report: dict[str, Any] = {"base": base, "settings": s.to_dict(), "rule": tuning_rule()}
+        for mode, grid in grids.items():
+            scored = []
+            for g in grid:
+                m, _ = run_row(ctx, Row("base", mode), VALIDATION_SEED_SET, g)
+                scored.append({**m, "guidance": g.to_dict()})
+                bar.update(1)
+            report[mode] = {"grid": scored, "chosen": select(base, scored, asr_tie=1.0 / s.samples)}
+        bar.close()
+    write_text(out_dir / "tuning.json", json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def tuning_rule() -> dict[str, Any]:
+    """The selection rule's constants."""
+    return {
+        "fd_tolerance": FD_TOLERANCE,
+        "acc_tolerance": ACC_TOLERANCE,
+        "asr_tie": "1 / samples",
+        "validation_seed_set": VALIDATION_SEED_SET,
+    }
