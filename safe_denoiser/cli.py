@@ -14,6 +14,7 @@ COMMANDS = (
     "safe_denoiser.lightning.cli",
     "safe_denoiser.demo.evaluate.cli",
     "safe_denoiser.export.cli",
+    "safe_denoiser.evaluation.cli",
 )
 
 
