@@ -48,6 +48,8 @@ _EXPORTS: dict[str, str] = {
     ),
     **dict.fromkeys(["SafeScheduler", "StepTrace", "attach", "detach"], "safe_denoiser.diffusers.scheduler"),
     **dict.fromkeys(["SLDUNet", "attach_sld", "detach_sld"], "safe_denoiser.diffusers.sld"),
+    "SafreeConfig": "safe_denoiser.core.safree",
+    **dict.fromkeys(["Safree", "attach_safree", "detach_safree"], "safe_denoiser.diffusers.safree"),
     "GaussianMixture": "safe_denoiser.demo.mixture",
 }
 
@@ -60,13 +62,17 @@ __all__ = [
     "SLDUNet",
     "SafeGuidance",
     "SafeScheduler",
+    "Safree",
+    "SafreeConfig",
     "StepRecord",
     "StepTrace",
     "alpha_bar_from_sigma",
     "attach",
+    "attach_safree",
     "attach_sld",
     "cfg_combine",
     "detach",
+    "detach_safree",
     "detach_sld",
     "eps_from_v",
     "eps_from_x0",
@@ -118,8 +124,10 @@ if TYPE_CHECKING:  # static type checkers see the eager imports
         x0_from_eps_sigma,
         x0_from_v,
     )
+    from safe_denoiser.core.safree import SafreeConfig
     from safe_denoiser.core.sld import SLDConfig, sld_guidance
     from safe_denoiser.core.step import StepRecord, reference_correction, reference_threshold, theorem_correction
     from safe_denoiser.demo.mixture import GaussianMixture
+    from safe_denoiser.diffusers.safree import Safree, attach_safree, detach_safree
     from safe_denoiser.diffusers.scheduler import SafeScheduler, StepTrace, attach, detach
     from safe_denoiser.diffusers.sld import SLDUNet, attach_sld, detach_sld

@@ -1,4 +1,4 @@
-"""Shared fixtures. Tests run on CPU with deterministic seeds."""
+"""Shared fixtures. Tests run on CPU, on one thread, with deterministic seeds; shared helpers are in helpers.py."""
 
 from __future__ import annotations
 
@@ -9,22 +9,23 @@ from typing import Any
 import pytest
 import torch
 
+from safe_denoiser.threads import torch_threads
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no downloads, ever
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 @pytest.fixture(autouse=True)
-def _seed() -> None:
-    torch.manual_seed(0)
+def _seed(request: pytest.FixtureRequest) -> None:
+    """torch's global seed: 0, or the seed a multi-seed check passes by indirect parametrisation of ``_seed``."""
+    torch.manual_seed(getattr(request, "param", 0))
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _one_thread() -> Iterator[None]:
     """One intra-op thread: the models are tiny, and on two shared cores a second OpenMP thread mostly waits."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -33,3 +34,18 @@ def pipe() -> Any:
     from safe_denoiser.diffusers.pipelines import tiny_sd_pipeline
 
     return tiny_sd_pipeline(seed=0)
+
+
+@pytest.fixture()
+def fresh(pipe: Any) -> Iterator[Any]:
+    """The shared pipeline with a fresh DDIM scheduler; a safe denoiser or SLD a test attached is removed after."""
+    from safe_denoiser.diffusers.pipelines import make_scheduler
+    from safe_denoiser.diffusers.scheduler import SafeScheduler, detach
+    from safe_denoiser.diffusers.sld import SLDUNet, detach_sld
+
+    pipe.scheduler = make_scheduler("ddim")
+    yield pipe
+    if isinstance(pipe.unet, SLDUNet):
+        detach_sld(pipe)
+    if isinstance(pipe.scheduler, SafeScheduler):
+        detach(pipe)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -15,33 +15,15 @@ from safe_denoiser import SafeGuidance, attach, detach, reference_correction, th
 from safe_denoiser.diffusers.pipelines import make_scheduler
 from safe_denoiser.diffusers.scheduler import SafeScheduler
 
+from helpers import HW, assert_close_to_rounding, generators, kernel_reference, latent_bank, sample_latents
+
 SCHEDULERS = ["ddim", "ddpm", "pndm", "euler", "euler_a", "lms", "dpmpp"]
 PREDICTIONS = ["epsilon", "v_prediction"]
 STEPS = 4
-HW = 16  # image size; the tiny VAE downsamples by 2, so latents are 4 x 8 x 8
-
-
-@pytest.fixture()
-def fresh(pipe: Any) -> Iterator[Any]:
-    """The shared pipeline with a fresh DDIM scheduler; whatever a test attached is removed afterwards."""
-    pipe.scheduler = make_scheduler("ddim")
-    yield pipe
-    if isinstance(pipe.scheduler, SafeScheduler):
-        detach(pipe)
-
-
-def gens(seeds: list[int]) -> list[torch.Generator]:
-    return [torch.Generator().manual_seed(s) for s in seeds]
 
 
 def run(pipe: Any, prompts: list[str], seeds: list[int], steps: int = STEPS, **kwargs: Any) -> Tensor:
-    return pipe(
-        prompts, num_inference_steps=steps, height=HW, width=HW, output_type="latent", generator=gens(seeds), **kwargs
-    ).images
-
-
-def bank(n: int = 6, seed: int = 0) -> Tensor:
-    return torch.randn(n, 4, HW // 2, HW // 2, generator=torch.Generator().manual_seed(seed))
+    return sample_latents(pipe, prompts, seeds, steps, **kwargs)
 
 
 PROMPTS = ["a photo of a cat", "a red car"]
@@ -55,19 +37,18 @@ def test_noop_settings_are_bit_exact(pipe: Any, name: str, prediction: str) -> N
     pipe.scheduler = make_scheduler(name, prediction_type=prediction)
     base = run(pipe, PROMPTS, SEEDS)
     for guidance in (SafeGuidance.theorem(eta=0.0), SafeGuidance.reference(window=(2000.0, 3000.0))):
-        attach(pipe, bank(), guidance)
+        attach(pipe, latent_bank(), guidance)
         out = run(pipe, PROMPTS, SEEDS)
         detach(pipe)
         assert torch.equal(out, base), (name, prediction, guidance.mode)
-    corrected = attach(pipe, bank(), SafeGuidance.theorem(eta=0.5))
+    corrected = attach(pipe, latent_bank(), SafeGuidance.theorem(eta=0.5))
     assert not torch.equal(run(pipe, PROMPTS, SEEDS), base)
     assert detach(pipe) is corrected.scheduler
 
 
 # ---- one step against the theorem written in x0 space, in each scheduler's own parameterisation -----------------
-def _kernel_mean(x: Tensor, bank_: Tensor, scale: float, var: float) -> Tensor:
-    logits = -(x.flatten(1)[:, None, :] - scale * bank_.flatten(1)[None]).square().sum(-1) / (2 * var)
-    return (logits.softmax(dim=1) @ bank_.flatten(1)).reshape(x.shape)
+def _kernel_mean(x: Tensor, bank: Tensor, scale: float, var: float) -> Tensor:
+    return kernel_reference(x, bank, scale, var).mean.float()
 
 
 @pytest.mark.parametrize("prediction", PREDICTIONS)
@@ -76,7 +57,7 @@ def test_single_step_is_theorem_in_x0_space(name: str, prediction: str) -> None:
     """x0_safe = x0 + beta (x0 - E_unsafe), E_unsafe under the sampler's own forward kernel (METHOD.md section 1)."""
     torch.manual_seed(0)
     plain, inner = (make_scheduler(name, prediction_type=prediction) for _ in range(2))
-    eta, b = 0.7, bank(5)
+    eta, b = 0.7, latent_bank(5)
     safe = SafeScheduler(inner, b, SafeGuidance.theorem(eta=eta))
     for s in (plain, safe):
         s.set_timesteps(STEPS)
@@ -130,7 +111,7 @@ def hand_loop(
     cond, uncond = pipe.encode_prompt(prompts, "cpu", 1, True, negative_prompt)
     emb = torch.cat([uncond, cond])
     sched.set_timesteps(STEPS)
-    g = gens(seeds)
+    g = generators(seeds)
     latents = randn_tensor((len(prompts), 4, HW // 2, HW // 2), generator=g, dtype=emb.dtype) * sched.init_noise_sigma
     with torch.no_grad():
         for t in sched.timesteps:
@@ -145,7 +126,7 @@ W = 7.5  # the pipeline's default guidance scale
 
 @pytest.mark.parametrize("negative_prompt", [None, ["blurry, ugly", "low quality"]])
 def test_theorem_through_pipeline_equals_hand_loop(fresh: Any, negative_prompt: list[str] | None) -> None:
-    g, b = SafeGuidance.theorem(eta=0.4, window=(300.0, 1000.0)), bank()
+    g, b = SafeGuidance.theorem(eta=0.4, window=(300.0, 1000.0)), latent_bank()
 
     def finish(u: Tensor, c: Tensor, t: Tensor, x: Tensor, sched: Any, _: Any) -> Tensor:
         eps = u + W * (c - u)
@@ -169,7 +150,7 @@ def test_reference_through_pipeline_equals_hand_loop(pipe: Any) -> None:
 
     pipe.scheduler = make_scheduler("ddpm")
     g = SafeGuidance.reference(kernel_sigma=20.0, eta=0.5, threshold=0.0, window=(500.0, 1000.0))
-    b = bank()
+    b = latent_bank()
 
     def finish(u: Tensor, c: Tensor, t: Tensor, x: Tensor, sched: Any, gs: list[torch.Generator]) -> Tensor:
         eps = u + W * (c - u)
@@ -191,7 +172,7 @@ def test_reference_through_pipeline_equals_hand_loop(pipe: Any) -> None:
 def test_cfg_correct_after_combination_equals_correcting_each_branch(fresh: Any) -> None:
     """Theorem preset: eps + beta (eps - eps_unsafe) is affine in eps with x_t-only coefficients, so it commutes
     with CFG (METHOD.md section 1), also with the kernel-mass beta."""
-    b = bank()
+    b = latent_bank()
     g = SafeGuidance.theorem(eta=0.3)
     for guidance in (g, g.with_(beta_mode="mass", eta=50.0)):
 
@@ -218,13 +199,13 @@ def test_batch_equals_items_one_by_one(pipe: Any, preset: str, name: str) -> Non
         g = SafeGuidance.theorem(eta=0.3)
     else:
         g = SafeGuidance.reference(kernel_sigma=20.0, threshold=0.0, window=(400.0, 1000.0))
-    attach(pipe, bank(), g)
+    attach(pipe, latent_bank(), g)
     batch = run(pipe, PROMPTS, SEEDS)
     items = torch.cat([run(pipe, [p], [s]) for p, s in zip(PROMPTS, SEEDS, strict=True)])
     detach(pipe)
     # The UNet's own batch-size-dependent rounding (about 4e-6 of the sample's scale here, present without the
     # correction too) is all that separates them; the correction itself moves samples by O(1).
-    assert float((batch - items).abs().max()) <= 2e-5 * float(batch.abs().max())
+    assert_close_to_rounding(items, batch, 2e-5)
     assert (batch - run(pipe, PROMPTS, SEEDS)).abs().max() > 1.0
 
 
@@ -247,11 +228,11 @@ def test_correction_moves_samples_away_from_the_bank(fresh: Any) -> None:
 # ---- records, errors, detach -------------------------------------------------------------------------------------
 def test_records_are_optional_and_do_not_change_the_samples(fresh: Any) -> None:
     g = SafeGuidance.theorem(eta=0.3, window=(500.0, 1000.0))
-    handle = attach(fresh, bank(), g)
+    handle = attach(fresh, latent_bank(), g)
     quiet = run(fresh, PROMPTS, SEEDS)
     assert handle.records == []
     detach(fresh)
-    handle = attach(fresh, bank(), g, record=True)
+    handle = attach(fresh, latent_bank(), g, record=True)
     loud = run(fresh, PROMPTS, SEEDS)
     assert torch.equal(quiet, loud)
     times = [r.timestep for r in handle.records]
@@ -269,24 +250,24 @@ def test_unsupported_scheduler_and_prediction_type_raise(fresh: Any) -> None:
 
     fresh.scheduler = HeunDiscreteScheduler.from_config(fresh.scheduler.config)
     with pytest.raises(ValueError, match=r"unsupported scheduler .*HeunDiscreteScheduler"):
-        attach(fresh, bank())
+        attach(fresh, latent_bank())
     fresh.scheduler = make_scheduler("ddim", prediction_type="sample")
     with pytest.raises(ValueError, match="unsupported prediction_type 'sample'"):
-        attach(fresh, bank())
+        attach(fresh, latent_bank())
     fresh.scheduler = make_scheduler("ddim")
     with pytest.raises(ValueError, match="3 channels"):
         attach(fresh, torch.randn(2, 3, 8, 8))
     with pytest.raises(ValueError, match="no safe denoiser is attached"):
         detach(fresh)
-    attach(fresh, bank())
+    attach(fresh, latent_bank())
     with pytest.raises(ValueError, match="already attached"):
-        attach(fresh, bank())
+        attach(fresh, latent_bank())
 
 
 def test_detach_restores_scheduler_and_outputs(fresh: Any) -> None:
     original, config = fresh.scheduler, dict(fresh.config)
     base = run(fresh, PROMPTS, SEEDS)
-    handle = attach(fresh, bank(), SafeGuidance.theorem(eta=0.5))
+    handle = attach(fresh, latent_bank(), SafeGuidance.theorem(eta=0.5))
     assert fresh.scheduler is handle and dict(fresh.config) == config  # pipe.config still names DDIMScheduler
     assert not torch.equal(run(fresh, PROMPTS, SEEDS), base)
     assert detach(fresh) is original and fresh.scheduler is original
@@ -298,7 +279,7 @@ def test_wrapper_delegates_like_the_scheduler(fresh: Any, tmp_path: Any) -> None
 
     from diffusers import DDIMScheduler
 
-    handle = attach(fresh, bank().double(), SafeGuidance.theorem())
+    handle = attach(fresh, latent_bank().double(), SafeGuidance.theorem())
     assert isinstance(handle, DDIMScheduler) and isinstance(handle, SafeScheduler)
     assert handle.config is handle.scheduler.config and handle.order == 1
     assert handle.bank.dtype == torch.float32  # follows the pipeline's dtype
@@ -331,14 +312,14 @@ def test_host_timestep_without_device_reads(pipe: Any, name: str, monkeypatch: p
 
     monkeypatch.setattr(SafeScheduler, "_host_timestep", checked)
     pipe.scheduler = make_scheduler(name)
-    attach(pipe, bank(), SafeGuidance.theorem(eta=0.1))
+    attach(pipe, latent_bank(), SafeGuidance.theorem(eta=0.1))
     run(pipe, PROMPTS[:1], SEEDS[:1], steps=3)
     detach(pipe)
     img2img = StableDiffusionImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
     img2img.set_progress_bar_config(disable=True)
-    attach(img2img, bank(), SafeGuidance.theorem(eta=0.1))
+    attach(img2img, latent_bank(), SafeGuidance.theorem(eta=0.1))
     image = torch.zeros(1, 3, HW, HW)
-    img2img("a cat", image=image, strength=0.5, num_inference_steps=4, output_type="latent", generator=gens([0]))
+    img2img("a cat", image=image, strength=0.5, num_inference_steps=4, output_type="latent", generator=generators([0]))
     detach(img2img)
     assert len(seen) >= 3 + 2
 
@@ -348,7 +329,7 @@ def test_reference_preset_default_threshold_and_window(pipe: Any) -> None:
     from safe_denoiser import reference_threshold
 
     pipe.scheduler = make_scheduler("ddpm")
-    b = bank()
+    b = latent_bank()
     handle = attach(pipe, b, SafeGuidance.reference(), record=True)
     run(pipe, PROMPTS, SEEDS, steps=10)
     detach(pipe)

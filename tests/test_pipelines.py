@@ -11,7 +11,6 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from safe_denoiser.diffusers.pipelines import (
-    SCHEDULERS,
     load_sd_pipeline,
     make_scheduler,
     sd14_architecture_pipeline,
@@ -19,6 +18,8 @@ from safe_denoiser.diffusers.pipelines import (
     tiny_clip_tokenizer,
     tiny_sd_pipeline,
 )
+from safe_denoiser.diffusers.scheduler import SUPPORTED_SCHEDULERS
+from safe_denoiser.diffusers.schedulers import DEMO_SCHEDULERS, SCHEDULERS, scheduler_class
 
 HW = 16
 
@@ -44,14 +45,23 @@ def sample(pipe: Any) -> Tensor:
 def test_make_scheduler_names_and_errors() -> None:
     import diffusers
 
-    for name, cls_name in SCHEDULERS.items():
+    for name, spec in SCHEDULERS.items():
+        assert SUPPORTED_SCHEDULERS[spec.class_name] == spec.kind  # the safe denoiser supports every listed one
+        if spec.kind == "flow":  # flow matching: no betas or prediction type to configure
+            assert type(make_scheduler(name)) is getattr(diffusers, spec.class_name)
+            continue
         s = make_scheduler(name, prediction_type="v_prediction")
-        assert type(s) is getattr(diffusers, cls_name) and s.config.prediction_type == "v_prediction"
+        assert type(s) is getattr(diffusers, spec.class_name) and s.config.prediction_type == "v_prediction"
         assert s.config.beta_schedule == "scaled_linear" and s.config.num_train_timesteps == 1000
     assert make_scheduler("Euler-A").__class__.__name__ == "EulerAncestralDiscreteScheduler"
     assert make_scheduler("pndm").config.skip_prk_steps  # SD-1.4's own scheduler config
     with pytest.raises(ValueError, match="unknown scheduler 'heun'"):
         make_scheduler("heun")
+    # The demo offers a subset of the same names (no sigma-form samplers).
+    assert set(DEMO_SCHEDULERS) <= set(SCHEDULERS) and "euler" not in DEMO_SCHEDULERS
+    assert scheduler_class("dpmpp", DEMO_SCHEDULERS) is diffusers.DPMSolverMultistepScheduler
+    with pytest.raises(ValueError, match=r"unknown scheduler 'euler': expected one of \['ddim', 'ddpm', 'dpmpp'\]"):
+        scheduler_class("euler", DEMO_SCHEDULERS)
 
 
 def test_tiny_pipeline_is_seeded_and_leaves_the_global_rng_alone(pipe: Any) -> None:

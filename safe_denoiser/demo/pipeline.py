@@ -21,43 +21,30 @@ import torch
 # Imported from their modules, not the package root: diffusers' lazy root module types them as dummies.
 from diffusers.models.unets.unet_2d import UNet2DModel
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
-from diffusers.schedulers.scheduling_ddim import DDIMScheduler
-from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
-from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from safe_denoiser.core.correction import cfg_combine
+from safe_denoiser.demo.digits import NULL_CLASS, bundled_path
+from safe_denoiser.diffusers.schedulers import DEMO_SCHEDULERS, scheduler_class
 
-__all__ = ["NULL_CLASS", "SCHEDULERS", "DigitsPipeline", "bundled_path"]
+__all__ = ["NULL_CLASS", "DigitsPipeline", "bundled_path"]
 
-NULL_CLASS = 10  # the classifier-free-guidance "no class" embedding (demo_model.NULL_CLASS)
-SCHEDULERS: dict[str, Any] = {
-    "ddpm": DDPMScheduler,
-    "ddim": DDIMScheduler,
-    "dpmsolver": DPMSolverMultistepScheduler,
-}
-# Not offered: Euler (sigma form). The cosine schedule ends at alpha_bar = 2.4e-9, i.e. sigma_max = 20,000, and Euler
-# has no x0 clipping, so eps errors times sigma blow up (measured: samples in +-3,000 at 20 or 50 trailing steps).
 Labels = Sequence[int | None] | Tensor
 
 
-def bundled_path() -> Path:
-    """The folder of the shipped weights inside the installed package: ``safe_denoiser/assets/digits``."""
-    from importlib.resources import files
-
-    return Path(str(files("safe_denoiser") / "assets" / "digits"))
-
-
-def _labels_tensor(labels: Labels, name: str) -> Tensor:
-    """int64 (B,) with None -> NULL_CLASS; raises on values outside 0..NULL_CLASS."""
+def _labels_tensor(labels: Labels, name: str, num_labels: int = NULL_CLASS + 1) -> Tensor:
+    """int64 (B,) with None -> NULL_CLASS; raises on values outside 0..num_labels - 1 (the UNet's class embeddings)."""
     if isinstance(labels, Tensor):
         t = labels.detach().reshape(-1).to(torch.long).cpu()
     else:
         t = torch.tensor([NULL_CLASS if c is None else int(c) for c in labels], dtype=torch.long)
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) > NULL_CLASS):
-        raise ValueError(f"{name} must lie in 0..{NULL_CLASS} ({NULL_CLASS} or None = no class), got {t.tolist()}")
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_labels):
+        raise ValueError(
+            f"{name} must lie in 0..{num_labels - 1} ({NULL_CLASS} or None = no class), got "
+            f"{t[(t < 0) | (t >= num_labels)][:5].tolist()} (first bad values of {t.numel()})"
+        )
     return t
 
 
@@ -70,27 +57,33 @@ class DigitsPipeline(DiffusionPipeline):
     unet: UNet2DModel
     scheduler: Any  # any diffusers scheduler (SchedulerMixin declares none of the methods used here)
 
+    @property
+    def num_labels(self) -> int:
+        """How many class labels the UNet embeds: digits, the null class and any super-classes."""
+        embedding = getattr(self.unet, "class_embedding", None)
+        return int(embedding.num_embeddings) if isinstance(embedding, torch.nn.Embedding) else NULL_CLASS + 1
+
     def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin) -> None:
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
+        self._do_classifier_free_guidance = False
 
     # ---- loading ----------------------------------------------------------------------------------
     @classmethod
     def from_pretrained_dir(cls, path: str | Path, scheduler: str = "ddim", **kwargs: Any) -> DigitsPipeline:
         """Load a folder written by ``demo_model.train`` (offline, safetensors only), with a named sampler.
 
-        ``scheduler`` is one of ``SCHEDULERS`` ("ddpm", "ddim", "dpmsolver"); each is built from the
-        saved training schedule, so betas and clipping stay the ones the model was trained with.
+        ``scheduler`` is one of ``DEMO_SCHEDULERS`` ("ddim", "ddpm", "dpmpp"); each is built from the saved
+        training schedule, so betas and clipping stay the ones the model was trained with.
         """
-        if scheduler not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {scheduler!r}: expected one of {sorted(SCHEDULERS)}")
+        scheduler_cls = scheduler_class(scheduler, DEMO_SCHEDULERS)
         path = Path(path)
         if not (path / "model_index.json").is_file():
             raise FileNotFoundError(f"{str(path)!r} is not a DigitsPipeline folder (no model_index.json)")
         # low_cpu_mem_usage=False: the default path wants ``accelerate`` and warns without it (1 MB model).
         kwargs.setdefault("low_cpu_mem_usage", False)
         pipe = cls.from_pretrained(str(path), local_files_only=True, use_safetensors=True, **kwargs)
-        pipe.register_modules(scheduler=SCHEDULERS[scheduler].from_config(pipe.scheduler.config))
+        pipe.register_modules(scheduler=scheduler_cls.from_config(pipe.scheduler.config))
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -106,6 +99,11 @@ class DigitsPipeline(DiffusionPipeline):
         return NULL_CLASS
 
     @property
+    def do_classifier_free_guidance(self) -> bool:
+        """Whether the current (or last) call runs the batched [uncond; cond] UNet call (guidance not 0 or 1)."""
+        return self._do_classifier_free_guidance
+
+    @property
     def sample_shape(self) -> tuple[int, int, int]:
         """(channels, height, width) of one sample: (1, 8, 8)."""
         cfg = self.unet.config
@@ -114,7 +112,7 @@ class DigitsPipeline(DiffusionPipeline):
         return (int(cfg["in_channels"]), int(h), int(w))
 
     # ---- sampling ---------------------------------------------------------------------------------
-    def _step_kwargs(self, generator: Any, eta: float) -> dict[str, Any]:
+    def step_kwargs(self, generator: Any, eta: float) -> dict[str, Any]:
         """Pass ``generator`` (and ``eta`` when non-zero) only to samplers whose ``step`` accepts them.
 
         DDIM also gets ``use_clipped_model_output=True``: it recomputes eps from the clipped x0 so that x0 and eps
@@ -177,14 +175,14 @@ class DigitsPipeline(DiffusionPipeline):
                 batch_size = latents.shape[0] if latents is not None else 1
             cond = torch.full((batch_size,), NULL_CLASS, dtype=torch.long)
         else:
-            cond = _labels_tensor(class_labels, "class_labels")
+            cond = _labels_tensor(class_labels, "class_labels", self.num_labels)
         b = cond.shape[0]
         if b == 0:
             raise ValueError("class_labels is empty: nothing to generate")
         if negative_class_labels is None:
             uncond = torch.full_like(cond, NULL_CLASS)
         else:
-            uncond = _labels_tensor(negative_class_labels, "negative_class_labels")
+            uncond = _labels_tensor(negative_class_labels, "negative_class_labels", self.num_labels)
             if uncond.shape[0] != b:
                 raise ValueError(f"negative_class_labels has {uncond.shape[0]} entries for {b} images")
         if isinstance(generator, list) and len(generator) != b:
@@ -200,8 +198,9 @@ class DigitsPipeline(DiffusionPipeline):
         x = latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        step_kwargs = self._step_kwargs(generator, eta)
+        step_kwargs = self.step_kwargs(generator, eta)
         both = guidance_scale not in (0.0, 1.0)
+        self._do_classifier_free_guidance = both  # read by UNet wrappers (SLD) during this call
         labels_in = torch.cat([uncond, cond]) if both else (cond if guidance_scale == 1.0 else uncond)
         for t in self.progress_bar(self.scheduler.timesteps):
             x_in = self.scheduler.scale_model_input(x, t)
