@@ -4,9 +4,14 @@ What is measured
 ----------------
 One correction step on a batch of Stable-Diffusion-sized latents (D = 4x64x64 = 16384, float32, CPU):
 
-* **ours**: ``safe_denoiser.core.kernel.unsafe_posterior_mean`` (log space, online logsumexp over bank chunks, no
-  (B, N, D) tensor) followed by ``safe_denoiser.core.correction.safe_eps``; unchunked and with ``chunk_size``
-  (default 4096) where the chunk is smaller than the bank.
+* **ours**: ``safe_denoiser.core.kernel.unsafe_posterior_mean`` (log space, online logsumexp over cache-sized bank
+  chunks chosen automatically, the bank's squared norms precomputed once as ``NegativeBank`` holds them, no (B, N, D)
+  tensor) followed by ``safe_denoiser.core.correction.safe_eps``; also with the bank stored in float16 (**ours-f16**,
+  float32 arithmetic) and, where ``--chunk-size`` is given, with that fixed chunk.
+* **roofline**: in the same worker, interleaved with the method's calls, one plain read of the same float32 bank:
+  ``x @ bank.T`` (a GEMV, the least any estimate must do) and ``bank.sum()`` (a pure streaming read). Each method's
+  time is reported as a multiple of the GEMV measured in the same round (median over rounds), and as effective GB/s
+  (bank bytes as stored / time).
 * **baseline**: what the authors' research code does (METHOD.md section 3), written here: the query is
   ``.repeat``-ed into a (B, N, D) tensor, the scaled bank is subtracted by broadcasting (a second (B, N, D)
   tensor), the squared distance is summed from a third (the square), the kernel is a plain ``exp(-d / (2h))``
@@ -66,7 +71,7 @@ import torch
 from torch import Tensor
 
 from safe_denoiser.core.correction import safe_eps
-from safe_denoiser.core.kernel import unsafe_posterior_mean
+from safe_denoiser.core.kernel import bank_sq_norms, unsafe_posterior_mean
 from safe_denoiser.files import atomic_write_json as write_json
 
 LATENT_SHAPE: tuple[int, int, int] = (4, 64, 64)
@@ -127,10 +132,11 @@ def baseline_posterior_mean(x_t: Tensor, bank: Tensor, alpha_bar: float) -> tupl
 
 
 def ours_call(bank: Tensor, x_t: Tensor, eps: Tensor, chunk: int | None) -> Call:
-    """unsafe_posterior_mean + safe_eps, as a closure returning (eps_safe, None)."""
+    """unsafe_posterior_mean (norms precomputed, as NegativeBank holds them) + safe_eps, returning (eps_safe, None)."""
+    norms = bank_sq_norms(bank)
 
     def call() -> tuple[Tensor, Tensor | None]:
-        x0_unsafe = unsafe_posterior_mean(x_t, bank, ALPHA_BAR, chunk_size=chunk)
+        x0_unsafe = unsafe_posterior_mean(x_t, bank, ALPHA_BAR, chunk_size=chunk, bank_sq_norms=norms)
         return safe_eps(eps, x_t, ALPHA_BAR, x0_unsafe, BETA), None
 
     return call
@@ -208,7 +214,7 @@ def measured_call(fn: Call) -> tuple[tuple[Tensor, Tensor | None], float, float,
 class WorkerSpec:
     """One benchmark row, run in its own subprocess."""
 
-    method: str  # "ours" or "baseline"
+    method: str  # "ours", "ours-f16" or "baseline"
     b: int
     n: int
     chunk: int | None
@@ -223,11 +229,22 @@ def run_worker(spec: WorkerSpec) -> dict[str, Any]:
     torch.set_num_threads(spec.threads)
     bank = make_bank(spec.n, LATENT_SHAPE, seed=spec.seed)
     x_t, eps = make_inputs(bank, spec.b, ALPHA_BAR, seed=spec.seed + 1)
+    stored = bank.half() if spec.method == "ours-f16" else bank
 
     def build(bk: Tensor, xt: Tensor, ep: Tensor, chunk: int | None) -> Call:
-        return ours_call(bk, xt, ep, chunk) if spec.method == "ours" else baseline_call(bk, xt, ep)
+        if spec.method == "baseline":
+            return baseline_call(bk, xt, ep)
+        return ours_call(bk.half() if spec.method == "ours-f16" else bk, xt, ep, chunk)
 
     fn = build(bank, x_t, eps, spec.chunk)
+    if spec.method == "ours-f16":
+        del bank  # only the float16 copy stays resident (the roofline below reads a float32 bank of the same size)
+        bank = torch.empty(stored.shape)
+        bank.copy_(stored)
+    gemv_x = x_t.reshape(spec.b, -1)
+    flat = bank.reshape(spec.n, -1)
+    roof_gemv: Call = lambda: (gemv_x @ flat.T, None)  # noqa: E731
+    roof_read: Call = lambda: (flat.sum(), None)  # noqa: E731
     tiny = build(bank[:16].clone(), x_t[:1].clone(), eps[:1].clone(), None if spec.chunk is None else 8)
     for _ in range(2):
         measured_call(tiny)
@@ -239,10 +256,16 @@ def run_worker(spec: WorkerSpec) -> dict[str, Any]:
         repeats = max(1, int(spec.max_row_seconds // max(first_s, 1e-9)))
     times: list[float] = []
     peaks: list[float] = [first_peak]
-    for _ in range(repeats):
+    gemv_ms: list[float] = []
+    read_ms: list[float] = []
+    measured_call(roof_gemv), measured_call(roof_read)
+    for _ in range(repeats):  # roofline and method side by side in every round: the machine's load hits both
+        gemv_ms.append(measured_call(roof_gemv)[1] * 1e3)
+        read_ms.append(measured_call(roof_read)[1] * 1e3)
         _, seconds, peak, _ = measured_call(fn)
         times.append(seconds * 1e3)
         peaks.append(peak)
+    stored_bytes = stored.numel() * stored.element_size()
     record: dict[str, Any] = {
         **asdict(spec),
         "repeats_run": repeats,
@@ -255,7 +278,13 @@ def run_worker(spec: WorkerSpec) -> dict[str, Any]:
         "peak_mib_all": peaks,
         "memory_method": mem_method,
         "setup_rss_mib": None if setup_rss is None else setup_rss / 1024.0,
-        "bank_mib": bank.numel() * bank.element_size() / MIB,
+        "bank_mib": stored_bytes / MIB,
+        "roofline_gemv_ms_median": statistics.median(gemv_ms),
+        "roofline_read_ms_median": statistics.median(read_ms),
+        "roofline_gemv_gbs": bank.numel() * 4 / 1e6 / min(gemv_ms),
+        "x_roofline": statistics.median(t / r for t, r in zip(times, gemv_ms, strict=True)),
+        "x_roofline_min": min(times) / min(gemv_ms),
+        "effective_gbs": stored_bytes / 1e6 / min(times),
         "output_finite": bool(torch.isfinite(out).all()),
         "output_has_nan": bool(torch.isnan(out).any()),
     }
@@ -373,20 +402,32 @@ def _baseline_output(rec: dict[str, Any] | None) -> str:
     return f"{state}, k-sum underflow {rec['kernel_sum_underflow']}/{rec['b']}"
 
 
+def _multiple(rec: dict[str, Any] | None) -> str:
+    return "-" if rec is None or "x_roofline" not in rec else f"{rec['x_roofline']:.2f}x"
+
+
+def _gbs(rec: dict[str, Any] | None) -> str:
+    return "-" if rec is None or "effective_gbs" not in rec else f"{rec['effective_gbs']:.1f}"
+
+
 def perf_table(rows: list[dict[str, Any]]) -> str:
     header = (
-        "| B | N | ours chunk | ours ms | ours peak MiB | baseline ms | baseline peak MiB | speed (base/ours) "
-        "| memory (base/ours) | baseline output |"
+        "| B | N | GEMV ms (roofline) | GEMV GB/s | ours ms | ours / GEMV | ours GB/s | ours-f16 ms | f16 / GEMV(f32) "
+        "| f16 GB/s | ours peak MiB | baseline ms | baseline / ours | baseline output |"
     )
-    lines = [header, "|" + "---|" * 10]
+    lines = [header, "|" + "---|" * 14]
     for row in rows:
-        ours, base = row["ours"], row["baseline"]
-        o_ms_s, o_mib_s, o_ms, o_mib = _cell_result(ours)
-        b_ms_s, b_mib_s, b_ms, b_mib = _cell_result(base)
-        chunk = "none" if row["chunk"] is None else str(row["chunk"])
+        ours, half, base = row["ours"], row["ours-f16"], row["baseline"]
+        o_ms_s, o_mib_s, o_ms, _ = _cell_result(ours)
+        h_ms_s, _, _, _ = _cell_result(half)
+        b_ms_s, _, b_ms, _ = _cell_result(base)
+        roof = ours if ours is not None and "roofline_gemv_ms_median" in ours else None
+        g_ms = "-" if roof is None else _fmt(roof["roofline_gemv_ms_median"], 2)
+        g_bw = "-" if roof is None else _fmt(roof["roofline_gemv_gbs"])
         lines.append(
-            f"| {row['b']} | {row['n']} | {chunk} | {o_ms_s} | {o_mib_s} | {b_ms_s} | {b_mib_s} | "
-            f"{_ratio(b_ms, o_ms)} | {_ratio(b_mib, o_mib)} | {_baseline_output(base)} |"
+            f"| {row['b']} | {row['n']} | {g_ms} | {g_bw} | {o_ms_s} | {_multiple(ours)} | {_gbs(ours)} | {h_ms_s} | "
+            f"{_multiple(half)} | {_gbs(half)} | {o_mib_s} | {b_ms_s} | {_ratio(b_ms, o_ms)} | "
+            f"{_baseline_output(base)} |"
         )
     return "\n".join(lines)
 
@@ -405,6 +446,15 @@ def correctness_table(rows: list[dict[str, Any]]) -> str:
             f"{r['baseline_err_eps']:.2e} | {state}, k-sum underflow {r['baseline_kernel_sum_underflow']}/{r['b']} |"
         )
     return "\n".join(lines)
+
+
+def available_bytes() -> float:
+    """MemAvailable now (the machine is shared: what others use is not ours to take); inf where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            return next(int(ln.split()[1]) * 1024.0 for ln in fh if ln.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return math.inf
 
 
 def machine_info(threads: int) -> dict[str, Any]:
@@ -443,7 +493,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="timed calls per row after one warm-up (default 5)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch.set_num_threads value")
-    p.add_argument("--chunk-size", type=int, default=4096, help="bank chunk for the chunked rows of ours")
+    p.add_argument("--chunk-size", type=int, default=None, help="fixed bank chunk for ours (default: automatic)")
     p.add_argument("--mem-cap-gib", type=float, default=6.0, help="skip rows whose extra working set exceeds this")
     p.add_argument("--max-row-seconds", type=float, default=20.0, help="cut repeats of slow rows to fit this")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before a row's subprocess is killed")
@@ -461,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     wall0 = time.perf_counter()
     repeats = args.repeats if args.repeats is not None else (3 if args.quick else 5)
     batches = (1, 2) if args.quick else (1, 2, 8)
-    banks = (515, 3000) if args.quick else (515, 3000, 10000, 100000)
+    banks = (515, 3000) if args.quick else (515, 3000, 10000, 30000, 100000)
     d = math.prod(LATENT_SHAPE)
     cap = args.mem_cap_gib * GIB
     info = machine_info(args.threads)
@@ -477,8 +527,11 @@ def main(argv: list[str] | None = None) -> int:
     def run_or_skip(method: str, b: int, n: int, chunk: int | None) -> dict[str, Any]:
         need = estimate_extra_bytes(method, b, n, d, chunk)
         spec = WorkerSpec(method, b, n, chunk, args.threads, repeats, args.max_row_seconds)
+        resident = n * d * FLOAT_BYTES * (1.5 if method == "ours-f16" else 1.0)
         if need > cap:
             rec: dict[str, Any] = {**asdict(spec), "skipped": f"skipped (would need {need / GIB:.1f} GiB)"}
+        elif resident + need > 0.7 * available_bytes():
+            rec = {**asdict(spec), "skipped": f"skipped (bank {resident / GIB:.1f} GiB > 70% of available memory)"}
         else:
             rec = launch(spec, args.timeout)
         rec["estimated_extra_gib"] = need / GIB
@@ -491,13 +544,10 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for n in banks:
         for b in batches:
-            baseline = run_or_skip("baseline", b, n, None)
-            chunks: list[int | None] = [None]
-            if args.chunk_size < n:
-                chunks.append(args.chunk_size)
-            for chunk in chunks:
-                rows.append({"b": b, "n": n, "chunk": chunk, "ours": run_or_skip("ours", b, n, chunk)})
-                rows[-1]["baseline"] = baseline
+            row: dict[str, Any] = {"b": b, "n": n, "chunk": args.chunk_size}
+            for method in ("ours", "ours-f16", "baseline"):
+                row[method] = run_or_skip(method, b, n, None if method == "baseline" else args.chunk_size)
+            rows.append(row)
 
     wall = time.perf_counter() - wall0
     info["load_avg_end"] = list(os.getloadavg())

@@ -14,6 +14,8 @@ from safetensors.torch import save_file
 from safe_denoiser import BankError, NegativeBank, l2_normalize_positions
 from safe_denoiser.cli import main
 
+from helpers import LAMBDA, U32, assert_within, tiny_vae_dir
+
 
 def test_round_trip(tmp_path: Path) -> None:
     data = torch.randn(7, 4, 8, 8)
@@ -84,23 +86,8 @@ def test_l2_normalize_positions() -> None:
     z = torch.randn(2, 4, 3, 3)
     n = l2_normalize_positions(z)
     assert torch.allclose(n.norm(dim=1), torch.ones(2, 3, 3))
-    assert torch.allclose(n * z.norm(dim=1, keepdim=True), z, atol=1e-6)
-
-
-def tiny_vae_dir(root: Path) -> Path:
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=4,
-        layers_per_block=1,
-    )
-    vae.save_pretrained(root / "vae", safe_serialization=True)
-    return root
+    # float32: each norm sums 4 squares and takes a root (relative error <= 5 u), then a division and a product
+    assert_within(n * z.norm(dim=1, keepdim=True), z, 16 * U32 * z.abs(), "n ||z||")
 
 
 def write_images(folder: Path, n: int) -> None:
@@ -159,3 +146,75 @@ def test_cli_info(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bank", "info", str(path)]) == 0
     out = capsys.readouterr().out
     assert "3 items of shape (2, 2)" in out and "concept: x" in out
+
+
+def test_sq_norms_are_computed_once_and_follow_the_data() -> None:
+    bank = NegativeBank.from_tensor(torch.randn(9, 4, 8, 8))
+    exact = bank.data.double().flatten(1).square().sum(1)
+    # a 256-term sum of squares, a square root, squared again (float32)
+    assert_within(bank.sq_norms, exact, LAMBDA * 16.5 * U32 * exact, "norms")
+    assert bank.sq_norms is bank.sq_norms  # cached
+    bank.data.mul_(2.0)  # an in-place change bumps the tensor's version: the norms are recomputed
+    assert_within(bank.sq_norms, 4 * exact, 4 * LAMBDA * 16.5 * U32 * exact, "norms after mul_")
+    moved = bank.to(device="cpu")
+    assert torch.equal(moved.sq_norms, bank.sq_norms)
+    half = bank.to(dtype=torch.float16)  # rounded values: their own norms
+    assert torch.equal(half.sq_norms, NegativeBank(half.data.clone()).sq_norms)
+    assert not torch.equal(half.sq_norms, bank.sq_norms)
+    with pytest.raises(BankError, match="overflow float32"):
+        NegativeBank(torch.full((2, 4), 1e20))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_half_storage_and_mmap_round_trip(tmp_path: Path, dtype: torch.dtype) -> None:
+    data = torch.randn(40, 4, 8, 8).to(dtype)
+    path = NegativeBank.from_tensor(data).save(tmp_path / "b.safetensors")
+    assert path.stat().st_size < data.numel() * data.element_size() + 4096  # stored at its own width
+    plain = NegativeBank.load(path)
+    mapped = NegativeBank.load(path, sample_shape=(4, 8, 8), mmap=True)
+    assert plain.data.dtype == mapped.data.dtype == dtype
+    assert torch.equal(plain.data, data) and torch.equal(mapped.data, data)
+    assert torch.equal(mapped.sq_norms, plain.sq_norms) and mapped.sha256() == plain.sha256()
+    with pytest.raises(BankError, match="mmap=True"):
+        NegativeBank.load(path, mmap=True, dtype=torch.float32)
+    bad = tmp_path / "nan.safetensors"
+    meta = {**plain.metadata, "count": "1", "sample_shape": "[2]"}
+    save_file({"bank": torch.tensor([[1.0, float("nan")]])}, str(bad), metadata=meta)
+    with pytest.raises(BankError, match="non-finite"):
+        NegativeBank.load(bad, mmap=True)
+
+
+def test_mmap_bank_runs_the_kernel_at_bounded_memory(tmp_path: Path) -> None:
+    """A 256 MiB bank file: mapped, validated and used by the kernel with a few MiB of anonymous memory."""
+    import subprocess
+    import sys
+
+    n, d = 64_000, 1024
+    path = tmp_path / "big.safetensors"
+    code = f"""
+import torch
+from safe_denoiser import NegativeBank
+NegativeBank.from_tensor(torch.randn({n}, {d})).save({str(path)!r})
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
+    code = f"""
+import torch
+from safe_denoiser import NegativeBank
+from safe_denoiser.core.kernel import forward_kernel_estimate
+
+def anon_kib():
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("RssAnon:"))
+
+x = torch.randn(2, {d})
+forward_kernel_estimate(x, torch.randn(64, {d}), 0.5)  # warm the allocator and code paths
+before = anon_kib()
+bank = NegativeBank.load({str(path)!r}, mmap=True)
+est = forward_kernel_estimate(x, bank.data, 0.5, bank_sq_norms=bank.sq_norms)
+assert bool(torch.isfinite(est.mean).all())
+print(anon_kib() - before)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    growth_mib = int(res.stdout.strip().splitlines()[-1]) / 1024
+    file_mib = n * d * 4 / 2**20
+    assert growth_mib < 24, f"anonymous memory grew by {growth_mib:.1f} MiB for a {file_mib:.0f} MiB bank"

@@ -11,34 +11,32 @@ import torch
 
 from safe_denoiser import kernel_estimate, kernel_log_mass, unsafe_posterior_mean
 
+from helpers import KernelReference, assert_within, forward_reference, kernel_reference, unit_roundoff
 
-def brute_force(x: torch.Tensor, bank: torch.Tensor, ab: torch.Tensor, h: torch.Tensor | None = None):
-    """float64, explicit (B, N, D) differences: the independent reference."""
-    xd, yd, abd = x.double().flatten(1), bank.double().flatten(1), ab.double().reshape(-1, 1)
-    var = (1 - abd) if h is None else h.double().reshape(-1, 1)
-    d2 = (xd[:, None, :] - abd.sqrt()[:, :, None] * yd[None]).square().sum(-1)
-    logk = -d2 / (2 * var)
-    mean = (torch.softmax(logk, 1) @ yd).reshape(x.shape)
-    return mean, torch.logsumexp(logk, 1) - math.log(bank.shape[0])
+# Every comparison is against the exact float64 value with the float32 rounding-error bound of helpers.py
+# (``kernel_reference``): it scales with the inputs, the bank size, the chunk count and the kernel's bandwidth.
+
+
+def check(est_mean: torch.Tensor, est_log_mass: torch.Tensor | None, ref: KernelReference, what: str) -> None:
+    """The estimate's mean (and log-mass, when given) within the float32 bounds of the float64 reference."""
+    assert_within(est_mean, ref.mean, ref.mean_bound, f"{what} mean")
+    if est_log_mass is not None:
+        assert_within(est_log_mass, ref.log_mass, ref.log_mass_bound, f"{what} log-mass")
 
 
 def test_matches_float64_brute_force() -> None:
     x, bank = torch.randn(4, 3, 6, 6), torch.randn(37, 3, 6, 6)
     ab = torch.tensor([0.02, 0.3, 0.8, 0.97])
-    ref_mean, ref_lm = brute_force(x, bank, ab)
+    ref = forward_reference(x, bank, ab)
     est = kernel_estimate(x, bank, ab.sqrt().reshape(-1, 1), (1 - ab).reshape(-1, 1))
-    assert torch.allclose(est.mean.double(), ref_mean, atol=2e-5)
-    assert torch.allclose(est.log_mass.double(), ref_lm, rtol=1e-5)
-    assert torch.allclose(unsafe_posterior_mean(x, bank, ab).double(), ref_mean, atol=2e-5)
-    assert torch.allclose(kernel_log_mass(x, bank, ab).double(), ref_lm, rtol=1e-5)
+    check(est.mean, est.log_mass, ref, "kernel_estimate")
+    check(unsafe_posterior_mean(x, bank, ab), kernel_log_mass(x, bank, ab), ref, "forward kernel")
 
 
 def test_bandwidth_override() -> None:
     x, bank = torch.randn(2, 8), torch.randn(10, 8)
-    ab = torch.tensor([0.5, 0.5])
-    ref_mean, ref_lm = brute_force(x, bank, ab, torch.tensor([3.0, 3.0]))
-    assert torch.allclose(unsafe_posterior_mean(x, bank, 0.5, bandwidth=3.0).double(), ref_mean, atol=1e-5)
-    assert torch.allclose(kernel_log_mass(x, bank, 0.5, bandwidth=3.0).double(), ref_lm, rtol=1e-5)
+    ref = forward_reference(x, bank, torch.tensor([0.5, 0.5]), bandwidth=torch.tensor([3.0, 3.0]))
+    check(unsafe_posterior_mean(x, bank, 0.5, bandwidth=3.0), kernel_log_mass(x, bank, 0.5, bandwidth=3.0), ref, "h")
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
@@ -46,17 +44,25 @@ def test_chunked_equals_unchunked(chunk: int) -> None:
     x, bank = torch.randn(3, 4, 4, 4), torch.randn(100, 4, 4, 4)
     full = kernel_estimate(x, bank, 0.7, 0.51)
     part = kernel_estimate(x, bank, 0.7, 0.51, chunk_size=chunk)
-    assert torch.allclose(full.mean, part.mean, atol=1e-6)
-    assert torch.allclose(full.log_mass, part.log_mass, atol=1e-5)
+    ref_full = kernel_reference(x, bank, 0.7, 0.51)
+    ref_part = kernel_reference(x, bank, 0.7, 0.51, chunks=math.ceil(100 / chunk))
+    check(full.mean, full.log_mass, ref_full, "unchunked")
+    check(part.mean, part.log_mass, ref_part, f"chunk {chunk}")
+    # equal to each other up to the two estimates' rounding (the triangle inequality through the reference)
+    assert_within(part.mean, full.mean, ref_full.mean_bound + ref_part.mean_bound, "chunked vs unchunked mean")
+    assert_within(part.log_mass, full.log_mass, ref_full.log_mass_bound + ref_part.log_mass_bound, "log-mass")
 
 
 def test_batch_equals_items_one_at_a_time() -> None:
     x, bank = torch.randn(5, 4, 8, 8), torch.randn(30, 4, 8, 8)
     ab = torch.tensor([0.1, 0.2, 0.5, 0.9, 0.99])
     batched = unsafe_posterior_mean(x, bank, ab)
+    ref = forward_reference(x, bank, ab)
+    check(batched, None, ref, "batched")
     for i in range(5):
         single = unsafe_posterior_mean(x[i : i + 1], bank, float(ab[i]))
-        assert torch.allclose(batched[i : i + 1], single, atol=1e-6)
+        assert_within(single, ref.mean[i : i + 1], ref.mean_bound[i : i + 1], f"item {i} alone")
+        assert_within(batched[i : i + 1], single, 2 * ref.mean_bound[i : i + 1], f"item {i}: batch vs alone")
 
 
 @pytest.mark.parametrize("alpha_bar", [1e-6, 0.01, 0.5, 0.99, 0.99999])
@@ -68,10 +74,8 @@ def test_float32_at_sd_latent_size_is_finite_and_matches_float64(alpha_bar: floa
     x_t = math.sqrt(alpha_bar) * x0 + math.sqrt(1 - alpha_bar) * torch.randn(4, 4, 64, 64, generator=g)
     ab = torch.full((4,), alpha_bar)
     est32 = kernel_estimate(x_t, bank, ab.sqrt().reshape(-1, 1), (1 - ab).reshape(-1, 1), chunk_size=16)
-    ref_mean, ref_lm = brute_force(x_t, bank, ab)
     assert torch.isfinite(est32.mean).all() and torch.isfinite(est32.log_mass).all()
-    assert torch.allclose(est32.mean.double(), ref_mean, atol=1e-4)
-    assert torch.allclose(est32.log_mass.double(), ref_lm, rtol=1e-4)
+    check(est32.mean, est32.log_mass, forward_reference(x_t, bank, ab, chunks=4), f"abar {alpha_bar}")
     # naive exp() of the same log-kernel underflows (the reason for log space)
     if alpha_bar > 0.5:
         d2 = (x_t.double().flatten(1)[:, None] - math.sqrt(alpha_bar) * bank.double().flatten(1)[None]).square().sum(-1)
@@ -79,12 +83,16 @@ def test_float32_at_sd_latent_size_is_finite_and_matches_float64(alpha_bar: floa
 
 
 def test_half_precision_accumulates_in_float32() -> None:
-    x, bank = torch.randn(2, 4, 16, 16), torch.randn(50, 4, 16, 16)
-    ref, _ = brute_force(x.half().float(), bank.half().float(), torch.tensor([0.4, 0.4]))
-    out = unsafe_posterior_mean(x.half(), bank.half(), 0.4)
+    x, bank = torch.randn(2, 4, 16, 16).half(), torch.randn(50, 4, 16, 16).half()
+    ref = forward_reference(x.float(), bank.float(), 0.4)  # the half inputs are exact in float32
+    out = unsafe_posterior_mean(x, bank, 0.4)
     assert out.dtype == torch.float16
     assert torch.isfinite(out).all()
-    assert torch.allclose(out.double(), ref, atol=2e-3)
+    # float32 accumulation, then one rounding of the result to half: relative u16, but absolute (u16 times the
+    # smallest normal number) among float16's subnormals
+    half = torch.finfo(torch.float16)
+    bound = ref.mean_bound + unit_roundoff(torch.float16) * (ref.mean.abs() + ref.mean_bound + half.tiny)
+    assert_within(out, ref.mean, bound, "half")
 
 
 def test_unsquared_distance_kernel() -> None:
@@ -93,8 +101,9 @@ def test_unsquared_distance_kernel() -> None:
     d = torch.cdist(x.double(), bank.double())
     logk = -d / (2 * 3.15**2)
     est = kernel_estimate(x, bank, 1.0, 3.15**2, squared=False)
-    assert torch.allclose(est.mean.double(), torch.softmax(logk, 1) @ bank.double(), atol=1e-6)
-    assert torch.allclose(est.log_mass.double(), torch.logsumexp(logk, 1) - math.log(12), atol=1e-5)
+    bounds = kernel_reference(x, bank, 1.0, 3.15**2, squared=False)  # cdist is the float64 reference here
+    assert_within(est.mean, torch.softmax(logk, 1) @ bank.double(), bounds.mean_bound, "unsquared mean")
+    assert_within(est.log_mass, torch.logsumexp(logk, 1) - math.log(12), bounds.log_mass_bound, "unsquared log-mass")
 
 
 def test_memory_is_o_bn_plus_nd() -> None:

@@ -1,9 +1,17 @@
-"""``NegativeBank``: unsafe datapoints in the model's sample space, stored as safetensors."""
+"""``NegativeBank``: unsafe datapoints in the model's sample space, stored as safetensors.
+
+A bank is a constant: its squared norms (the kernel's ||y_n||^2 term) are computed once, in the same chunked pass
+that checks it is finite, and held beside it. It may be stored in float16 / bfloat16 (half the bytes to read; the
+kernel accumulates in float32), and a file may be memory-mapped instead of read, so a bank larger than memory is
+streamed from the page cache chunk by chunk.
+"""
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from safe_denoiser.core.kernel import bank_sq_norms
 from safe_denoiser.files import atomic_write
 
 __all__ = ["IMAGE_SUFFIXES", "BankError", "NegativeBank", "l2_normalize_positions", "load_image_folder"]
@@ -18,7 +27,9 @@ __all__ = ["IMAGE_SUFFIXES", "BankError", "NegativeBank", "l2_normalize_position
 TENSOR_KEY = "bank"
 FORMAT = "safe-denoiser.negative-bank/1"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CHECK_ROWS = 1024  # rows per chunk when bad items are counted or the bank is hashed
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
 class BankError(ValueError):
@@ -30,15 +41,31 @@ def l2_normalize_positions(latents: Tensor, eps: float = 1e-12) -> Tensor:
     return latents / latents.norm(dim=1, keepdim=True).clamp_min(eps)
 
 
+def _data_key(d: Tensor) -> tuple[object, ...]:
+    """Identifies one version of a tensor's values (inference-mode tensors, as Lightning's predict makes, keep no
+    version counter: their key is their storage, shape and dtype only)."""
+    version = None if d.is_inference() else d._version
+    return (d.data_ptr(), version, tuple(d.shape), d.dtype, d.device)
+
+
 @dataclass
 class NegativeBank:
     """N unsafe datapoints ``data`` (N, *sample_shape) plus string metadata (encoder, normalisation, source)."""
 
     data: Tensor
     metadata: dict[str, str] = field(default_factory=dict)
+    _norms: tuple[tuple[object, ...], Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @property
+    def sq_norms(self) -> Tensor:
+        """(N,) squared norms ||x^(n)||^2 in the kernel's accumulation dtype, computed once per version of ``data``."""
+        key = _data_key(self.data)
+        if self._norms is None or self._norms[0] != key:
+            self._norms = (key, bank_sq_norms(self.data))
+        return self._norms[1]
 
     # ---- properties -------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -60,9 +87,11 @@ class NegativeBank:
             raise BankError(f"bank must be (N, *sample_shape) with at least 2 dimensions, got shape {tuple(d.shape)}")
         if d.shape[0] == 0:
             raise BankError("bank is empty (N = 0): it needs at least one unsafe datapoint")
-        if not bool(torch.isfinite(d).all()):
-            bad = int((~torch.isfinite(d)).flatten(1).any(dim=1).sum())
-            raise BankError(f"bank has non-finite values (NaN or inf) in {bad} of {d.shape[0]} items")
+        if not bool(torch.isfinite(self.sq_norms).all()):  # one chunked pass: no bank-sized boolean temporary
+            bad = sum(int((~torch.isfinite(c)).flatten(1).any(dim=1).sum()) for c in d.split(CHECK_ROWS))
+            if bad:
+                raise BankError(f"bank has non-finite values (NaN or inf) in {bad} of {d.shape[0]} items")
+            raise BankError("bank values are too large: their squared norms overflow float32 (rescale the bank)")
         if sample_shape is not None and tuple(sample_shape) != self.sample_shape:
             raise BankError(
                 f"bank item shape {self.sample_shape} does not match the model's sample shape {tuple(sample_shape)}"
@@ -135,21 +164,32 @@ class NegativeBank:
         sample_shape: Sequence[int] | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
+        *,
+        mmap: bool = False,
     ) -> NegativeBank:
-        """Load and validate a bank written by ``save`` (safetensors only: no pickle is ever read)."""
+        """Load and validate a bank written by ``save`` (safetensors only: no pickle is ever read).
+
+        With ``mmap=True`` (CPU, no ``dtype`` change) the tensor is a read-only memory map of the file: nothing is
+        copied, pages are read on demand and belong to the page cache, so banks larger than memory work; validation
+        and the squared norms cost one streaming pass. Do not modify such a bank in place (the map is read-only).
+        """
         from safetensors import SafetensorError, safe_open
 
         path = Path(path)
         if not path.is_file():
             raise BankError(f"bank file {str(path)!r} does not exist or is not a file")
+        if mmap and (str(device) != "cpu" or dtype is not None):
+            raise BankError(
+                "NegativeBank.load: mmap=True maps the file as stored; it needs device='cpu' and dtype=None"
+            )
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 meta = dict(f.metadata() or {})
                 keys = list(f.keys())
                 if TENSOR_KEY not in keys:
                     raise BankError(f"bank file {str(path)!r} has no tensor named {TENSOR_KEY!r} (found {keys})")
-                data = f.get_tensor(TENSOR_KEY)
-        except (SafetensorError, OSError, RuntimeError) as exc:
+                data = _mapped_tensor(path) if mmap else f.get_tensor(TENSOR_KEY)
+        except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as exc:
             raise BankError(f"bank file {str(path)!r} is not a readable safetensors file: {exc}") from exc
         if meta.get("format") != FORMAT:
             raise BankError(f"bank file {str(path)!r} has format {meta.get('format')!r}, expected {FORMAT!r}")
@@ -164,14 +204,47 @@ class NegativeBank:
         return bank
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> NegativeBank:
-        """A copy on another device/dtype (metadata kept)."""
-        return NegativeBank(self.data.to(device=device, dtype=dtype), dict(self.metadata))
+        """A copy on another device/dtype (metadata kept; the norms move with it unless the dtype changes)."""
+        data = self.data.to(device=device, dtype=dtype)
+        if data.dtype != self.data.dtype:
+            return NegativeBank(data, dict(self.metadata))  # rounded values: new norms, new check
+        bank = NegativeBank.__new__(NegativeBank)
+        bank.data, bank.metadata = data, dict(self.metadata)
+        norms = self.sq_norms.to(data.device)
+        bank._norms = (_data_key(data), norms)
+        return bank
 
     def sha256(self) -> str:
         """Hash of the float32 little-endian bytes: identifies the bank across files and graphs."""
         import hashlib
 
-        return hashlib.sha256(self.data.float().contiguous().cpu().numpy().tobytes()).hexdigest()
+        digest = hashlib.sha256()
+        for part in self.data.split(CHECK_ROWS):  # chunk by chunk: the same bytes, no bank-sized copy
+            digest.update(part.float().contiguous().cpu().numpy().tobytes())
+        return digest.hexdigest()
+
+
+def _mapped_tensor(path: Path) -> Tensor:
+    """The bank tensor of a safetensors file as a read-only memory map (header parsed as JSON: no code, no pickle)."""
+    with path.open("rb") as fh:
+        header_len = int.from_bytes(fh.read(8), "little")
+        entry = json.loads(fh.read(header_len))[TENSOR_KEY]
+        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise BankError(
+                f"bank file {str(path)!r}: dtype {entry['dtype']} is not one of {list(_SAFETENSORS_DTYPES)}"
+            )
+        begin, end = (int(v) for v in entry["data_offsets"])
+        shape = [int(v) for v in entry["shape"]]
+        count = (end - begin) // torch.empty((), dtype=dtype).element_size()
+        if count == 0:
+            return torch.empty(shape, dtype=dtype)
+        # MAP_SHARED + PROT_READ: no commit charge however large the file; the mapping lives as long as the tensor.
+        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        flat = torch.frombuffer(mapped, dtype=dtype, count=count, offset=8 + header_len + begin)
+    return flat.reshape(shape)
 
 
 def load_image_folder(folder: str | os.PathLike[str], size: int) -> tuple[list[Path], Callable[[], Iterable[Tensor]]]:
@@ -181,10 +254,10 @@ def load_image_folder(folder: str | os.PathLike[str], size: int) -> tuple[list[P
 
     root = Path(folder)
     if not root.is_dir():
-        raise BankError(f"--images {str(root)!r} is not a folder")
+        raise BankError(f"image folder {str(root)!r} is not a folder")
     files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
-        raise BankError(f"--images {str(root)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise BankError(f"image folder {str(root)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
 
     def images() -> Iterable[Tensor]:
         for p in files:

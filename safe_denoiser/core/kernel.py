@@ -1,8 +1,10 @@
 """Kernel estimates of the unsafe posterior mean E_unsafe[x0 | x_t] over a negative bank.
 
-Pure tensor functions (METHOD.md section 1). Everything is computed in log space with an online
-logsumexp over bank chunks, so memory is O(B*N + N*D) (O(B*chunk + chunk*D) when chunked) and no
-(B, N, D) tensor is ever built. No host synchronisation: safe inside traced or compiled graphs.
+Pure tensor functions (docs/method.md section 1). Everything is computed in log space with an online logsumexp
+over cache-sized bank chunks, so each call reads the bank from memory once, extra memory is O(B*N + chunk*D) and no
+(B, N, D) tensor is ever built. The bank's squared norms are a constant of the bank (``bank_sq_norms``, held by
+``NegativeBank``); a float16 / bfloat16 bank is read in half precision and accumulated in float32. No host
+synchronisation: safe inside traced or compiled graphs. Differentiation is not supported (in-place updates).
 """
 
 from __future__ import annotations
@@ -15,7 +17,11 @@ from torch import Tensor
 
 __all__ = [
     "KernelEstimate",
+    "accumulation_dtype",
     "as_batch_column",
+    "auto_chunk_size",
+    "bank_sq_norms",
+    "forward_kernel_estimate",
     "kernel_estimate",
     "kernel_log_mass",
     "log_kernel",
@@ -23,11 +29,25 @@ __all__ = [
 ]
 
 
+FLOAT32_BYTES = 4
+CPU_CHUNK_BYTES = 4 * 1024**2  # a float32 chunk this size stays in cache between the two matmuls (bench/correction.py)
+DEVICE_CHUNK_BYTES = 256 * 1024**2  # accelerators: few, large chunks (launch overhead); bounds the widening buffer
+MIN_CHUNK_ROWS = 8
+MAX_TRACED_CHUNKS = 16  # automatic chunks in a traced (ONNX) graph, where the loop is unrolled into nodes
+
+
 class KernelEstimate(NamedTuple):
     """The kernel-weighted bank mean and the log of the mean kernel value, per sample."""
 
     mean: Tensor  # (B, ...) same shape as the query
     log_mass: Tensor  # (B,) log( (1/N) sum_n k_n )
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernel and the correction are computed in: float64 stays float64, anything else float32."""
+    # Half precision cannot hold the logits (d^2 / 2h reaches 1e4 and more at SD size); float32 errors are bounded
+    # and tested against float64 in tests/test_kernel.py.
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def as_batch_column(value: float | Tensor, batch: int, like: Tensor) -> Tensor:
@@ -42,22 +62,73 @@ def as_batch_column(value: float | Tensor, batch: int, like: Tensor) -> Tensor:
     return torch.full((batch, 1), float(value), device=like.device, dtype=like.dtype)
 
 
-def log_kernel(x: Tensor, bank: Tensor, scale: Tensor, variance: Tensor, squared: bool = True) -> tuple[Tensor, Tensor]:
+def bank_sq_norms(bank: Tensor, chunk_size: int | None = None) -> Tensor:
+    """||y_n||^2 of each bank item, (N,), in the accumulation dtype; one chunked pass (no bank-sized temporary).
+
+    A bank is a constant, so callers compute this once (``NegativeBank.sq_norms``) and pass it to the kernel.
+    """
+    n = bank.shape[0]
+    acc = accumulation_dtype(bank.dtype)
+    flat = bank.reshape(n, -1)
+    step = min(n, chunk_size or auto_chunk_size(1, n, flat.shape[1], flat.device))
+    # vector_norm reduces without a temporary the size of its input (square().sum() would allocate one).
+    parts = [torch.linalg.vector_norm(flat[i : i + step].to(acc), dim=1).square() for i in range(0, n, step)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def auto_chunk_size(batch: int, n: int, d: int, device: torch.device | str = "cpu") -> int:
+    """Bank rows per chunk so that a float32 chunk stays in cache between the kernel's two matmuls.
+
+    On a CPU the chunk (plus the (B, chunk) logits) is kept near ``CPU_CHUNK_BYTES``, a few times the per-core L2
+    and well under the shared L3; accelerators re-read from their own large caches and pay per launch, so there
+    the chunk is as large as ``DEVICE_CHUNK_BYTES`` allows. Never fewer than ``MIN_CHUNK_ROWS`` rows (the per-chunk
+    Python overhead) nor more than ``n``.
+    """
+    budget = CPU_CHUNK_BYTES if torch.device(device).type == "cpu" else DEVICE_CHUNK_BYTES
+    rows = budget // (FLOAT32_BYTES * (max(d, 1) + max(batch, 1)))
+    return int(min(max(rows, MIN_CHUNK_ROWS), max(n, 1)))
+
+
+def log_kernel(
+    x: Tensor,
+    bank: Tensor,
+    scale: Tensor,
+    variance: Tensor,
+    squared: bool = True,
+    *,
+    bank_sq_norms: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """log k_n = -d_n^p / (2 v), d_n = ||x - scale * bank_n||, p = 2 (Gaussian) or 1 (reference code).
 
-    ``x`` is (B, D), ``bank`` (N, D), ``scale`` and ``variance`` (B, 1). Returns (logits (B, N), offset (B, 1))
-    with log k = logits + offset. The squared distance is expanded as ||x||^2 - 2 s <x, y> + s^2 ||y||^2 so that
-    one matmul does the work; for p = 2 the term ||x||^2, the same for every n, goes to ``offset`` instead of
-    being added and then cancelled in the softmax, which would cost float32 digits when ||x||^2 >> the spread.
+    ``x`` is (B, D), ``bank`` (N, D), ``scale`` and ``variance`` (B, 1), ``bank_sq_norms`` the precomputed (N,)
+    ||bank_n||^2 (computed here when omitted). Returns (logits (B, N), offset (B, 1)) with log k = logits + offset.
+    The squared distance is expanded as ||x||^2 - 2 s <x, y> + s^2 ||y||^2 so that one matmul does the work; for
+    p = 2 the term ||x||^2, the same for every n, goes to ``offset`` instead of being added and then cancelled in
+    the softmax, which would cost float32 digits when ||x||^2 >> the spread.
     """
-    # vector_norm reduces without a bank-sized temporary (square().sum() would allocate N x D).
     x_sq = torch.linalg.vector_norm(x, dim=1, keepdim=True).square()  # (B, 1)
-    y_sq = torch.linalg.vector_norm(bank, dim=1).square().unsqueeze(0)  # (1, N)
+    y_sq = (_bank_sq_norms(bank) if bank_sq_norms is None else bank_sq_norms.to(x.dtype)).unsqueeze(0)  # (1, N)
     cross = 2.0 * scale * (x @ bank.T) - scale.square() * y_sq  # (B, N): ||x||^2 - d^2
     if squared:
         return cross / (2.0 * variance), -x_sq / (2.0 * variance)
     dist = (x_sq - cross).clamp_min(0.0).sqrt()
     return -dist / (2.0 * variance), torch.zeros_like(x_sq)
+
+
+_bank_sq_norms = bank_sq_norms  # log_kernel's parameter of the same name shadows the function
+
+
+def _check_inputs(x: Tensor, bank: Tensor, chunk_size: int | None, norms: Tensor | None) -> None:
+    if x.dim() < 2 or bank.dim() < 2:
+        raise ValueError("x must be (B, ...) and bank (N, ...), each with at least 2 dimensions")
+    if x.shape[1:] != bank.shape[1:]:
+        raise ValueError(f"bank item shape {tuple(bank.shape[1:])} does not match sample shape {tuple(x.shape[1:])}")
+    if bank.shape[0] == 0:
+        raise ValueError("the bank is empty")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
+        raise ValueError(f"chunk_size must be a positive int or None (automatic), got {chunk_size!r}")
+    if norms is not None and tuple(norms.shape) != (bank.shape[0],):
+        raise ValueError(f"bank_sq_norms must be ({bank.shape[0]},) (one per bank item), got {tuple(norms.shape)}")
 
 
 def kernel_estimate(
@@ -67,55 +138,94 @@ def kernel_estimate(
     variance: float | Tensor = 1.0,
     squared: bool = True,
     chunk_size: int | None = None,
+    *,
+    bank_sq_norms: Tensor | None = None,
 ) -> KernelEstimate:
     """Self-normalised kernel mean sum_n softmax(log k)_n bank_n and log mean kernel value.
 
-    Online logsumexp over chunks of the bank (the flash-attention recurrence): for each chunk the running
-    maximum m, normaliser s and weighted sum acc are rescaled by exp(m_old - m_new).
-    Half-precision inputs are accumulated in float32 and the mean is returned in the input dtype.
+    One pass over the bank's memory: an online logsumexp over chunks (the flash-attention recurrence: the running
+    maximum m, normaliser s and weighted sum acc are rescaled by exp(m_old - m_new)), each chunk small enough
+    (``auto_chunk_size`` unless ``chunk_size`` is given) to be read from memory by the first matmul and from cache
+    by the second. ``bank_sq_norms`` (N,) are the bank's precomputed squared norms; without them they cost one
+    more read of the bank. A float16 / bfloat16 bank is widened chunk by chunk into a cache-resident float32
+    buffer, so memory traffic is halved and all arithmetic is float32 (float64 for float64 inputs); the mean is
+    returned in ``x``'s dtype.
     """
-    if x.dim() < 2 or bank.dim() < 2:
-        raise ValueError("x must be (B, ...) and bank (N, ...), each with at least 2 dimensions")
-    if x.shape[1:] != bank.shape[1:]:
-        raise ValueError(f"bank item shape {tuple(bank.shape[1:])} does not match sample shape {tuple(x.shape[1:])}")
-    n = bank.shape[0]
-    if n == 0:
-        raise ValueError("the bank is empty")
-    if chunk_size is not None and chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
-    out_dtype = x.dtype
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    b = x.shape[0]
+    _check_inputs(x, bank, chunk_size, bank_sq_norms)
+    n, b = bank.shape[0], x.shape[0]
+    acc_dtype = accumulation_dtype(x.dtype)
     xf = x.reshape(b, -1).to(acc_dtype)
-    yf = bank.reshape(n, -1).to(device=x.device, dtype=acc_dtype)
+    y_all = bank.reshape(n, -1)
     s = as_batch_column(scale, b, xf)
     v = as_batch_column(variance, b, xf)
+    if bank_sq_norms is None:
+        bank_sq_norms = _bank_sq_norms(y_all.to(xf.device) if y_all.device != xf.device else y_all, chunk_size)
+    norms = bank_sq_norms.to(device=xf.device, dtype=acc_dtype)
 
-    step = n if chunk_size is None else min(chunk_size, n)
+    tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
+    step = min(n, chunk_size or auto_chunk_size(b, n, xf.shape[1], xf.device))
+    if tracing and chunk_size is None:  # a traced loop is unrolled: keep the graph small
+        step = max(step, math.ceil(n / MAX_TRACED_CHUNKS))
+    widen = y_all.dtype != acc_dtype or y_all.device != xf.device
+    buffer = torch.empty((step, xf.shape[1]), device=xf.device, dtype=acc_dtype) if widen else None
+    if squared:
+        # logits = (s / v) <x, y> - s^2 ||y||^2 / (2 v): one addmm per chunk; ||x||^2 / (2 v) is the common offset.
+        coef = s / v
+        x_scaled = xf * coef
+        bias = (-0.5 * coef * s) * norms.unsqueeze(0)  # (B, N)
+        offset = -torch.linalg.vector_norm(xf, dim=1, keepdim=True).square() / (2.0 * v)
+    else:
+        offset = torch.zeros((b, 1), device=xf.device, dtype=acc_dtype)
     run_max = torch.full((b, 1), -math.inf, device=xf.device, dtype=acc_dtype)
     run_sum = torch.zeros((b, 1), device=xf.device, dtype=acc_dtype)
     acc = torch.zeros_like(xf)
+    # In high dimension most chunks' weights underflow to exactly 0 once the running max is found; on a CPU, outside
+    # a trace, testing for that on the host is cheap and skips the second matmul. Elsewhere the graph stays static.
+    skip_underflow = xf.device.type == "cpu" and not tracing
     for start in range(0, n, step):
-        y = yf[start : start + step]
-        logits, offset = log_kernel(xf, y, s, v, squared)  # (B, chunk), (B, 1)
+        y = y_all[start : start + step]
+        if buffer is not None:
+            y = buffer[: y.shape[0]].copy_(y)  # into cache: the only read of these rows from memory
+        if squared:
+            logits = torch.addmm(bias[:, start : start + y.shape[0]], x_scaled, y.T)
+        else:
+            logits = log_kernel(xf, y, s, v, False, bank_sq_norms=norms[start : start + y.shape[0]])[0]
         new_max = torch.maximum(run_max, logits.amax(dim=1, keepdim=True))
-        rescale = torch.exp(run_max - new_max)  # exp(-inf) = 0 on the first chunk
-        w = torch.exp(logits - new_max)
-        run_sum = run_sum * rescale + w.sum(dim=1, keepdim=True)
-        acc = acc * rescale + w @ y
+        w = logits.sub_(new_max).exp_()
+        if skip_underflow and not bool(w.any()):
+            continue  # every weight underflowed to 0: then the max did not move and the update adds exact zeros
+        rescale = (run_max - new_max).exp_()  # exp(-inf) = 0 on the first chunk
+        run_sum = run_sum.mul_(rescale).add_(w.sum(dim=1, keepdim=True))
+        acc = torch.addmm(acc.mul_(rescale), w, y)
         run_max = new_max
-    mean = (acc / run_sum).reshape(x.shape).to(out_dtype)
+    mean = (acc / run_sum).reshape(x.shape).to(x.dtype)
     log_mass = (offset + run_max + run_sum.log()).squeeze(1) - math.log(n)
     return KernelEstimate(mean, log_mass)
 
 
-def _forward_kernel(alpha_bar: float | Tensor, bandwidth: float | Tensor | None, like: Tensor) -> tuple[Tensor, Tensor]:
-    """(sqrt(abar), h) as (B, 1) columns in the accumulation dtype; h = 1 - abar unless overridden."""
-    acc = like.new_empty(()).to(torch.float64 if like.dtype == torch.float64 else torch.float32)
-    ab = as_batch_column(alpha_bar, like.shape[0], acc)
-    variance = (1.0 - ab) if bandwidth is None else as_batch_column(bandwidth, like.shape[0], acc)
+def forward_kernel_estimate(
+    x_t: Tensor,
+    bank: Tensor,
+    alpha_bar: float | Tensor,
+    bandwidth: float | Tensor | None = None,
+    chunk_size: int | None = None,
+    *,
+    bank_sq_norms: Tensor | None = None,
+) -> KernelEstimate:
+    """Both the unsafe posterior mean and the kernel log-mass under the forward kernel N(x_t; sqrt(abar) x^(n), h).
+
+    h is the forward process's variance 1 - abar (the exact posterior for a bank of point masses) unless
+    ``bandwidth`` overrides it. ``x_t`` is (B, ...), ``bank`` (N, ...), ``alpha_bar`` and ``bandwidth`` floats or (B,).
+    One pass over the bank: callers that need the mean and the mass (the gated, mass-scaled correction) call this.
+    ``chunk_size`` and ``bank_sq_norms`` as in ``kernel_estimate``.
+    """
+    acc = x_t.new_empty((), dtype=accumulation_dtype(x_t.dtype))
+    ab = as_batch_column(alpha_bar, x_t.shape[0], acc)
+    variance = (1.0 - ab) if bandwidth is None else as_batch_column(bandwidth, x_t.shape[0], acc)
     # abar == 1 (no noise) would divide by zero; 1e-12 keeps -d^2/(2h) finite in float32.
-    return ab.sqrt(), variance.clamp_min(1e-12)
+    return kernel_estimate(
+        x_t, bank, ab.sqrt(), variance.clamp_min(1e-12), True, chunk_size, bank_sq_norms=bank_sq_norms
+    )
 
 
 def unsafe_posterior_mean(
@@ -124,14 +234,14 @@ def unsafe_posterior_mean(
     alpha_bar: float | Tensor,
     bandwidth: float | Tensor | None = None,
     chunk_size: int | None = None,
+    *,
+    bank_sq_norms: Tensor | None = None,
 ) -> Tensor:
     """E_unsafe[x0 | x_t] ~ sum_n w_n x^(n), w = softmax_n(-||x_t - sqrt(abar) x^(n)||^2 / (2 h)).
 
-    h is the forward process's variance 1 - abar (the exact posterior for a bank of point masses)
-    unless ``bandwidth`` overrides it. ``x_t`` is (B, ...), ``bank`` (N, ...), ``alpha_bar`` a float or (B,).
+    The mean of ``forward_kernel_estimate`` (same arguments): h = 1 - abar unless ``bandwidth`` overrides it.
     """
-    scale, variance = _forward_kernel(alpha_bar, bandwidth, x_t)
-    return kernel_estimate(x_t, bank, scale, variance, squared=True, chunk_size=chunk_size).mean
+    return forward_kernel_estimate(x_t, bank, alpha_bar, bandwidth, chunk_size, bank_sq_norms=bank_sq_norms).mean
 
 
 def kernel_log_mass(
@@ -140,11 +250,12 @@ def kernel_log_mass(
     alpha_bar: float | Tensor,
     bandwidth: float | Tensor | None = None,
     chunk_size: int | None = None,
+    *,
+    bank_sq_norms: Tensor | None = None,
 ) -> Tensor:
     """log (1/N) sum_n exp(-||x_t - sqrt(abar) x^(n)||^2 / (2 h)), per sample: (B,).
 
     The kernel is the unnormalised Gaussian (1 at distance 0), so the mass lies in (0, 1]; in high
     dimension it is tiny, which is why gates and thresholds work on its logarithm.
     """
-    scale, variance = _forward_kernel(alpha_bar, bandwidth, x_t)
-    return kernel_estimate(x_t, bank, scale, variance, squared=True, chunk_size=chunk_size).log_mass
+    return forward_kernel_estimate(x_t, bank, alpha_bar, bandwidth, chunk_size, bank_sq_norms=bank_sq_norms).log_mass
