@@ -12,12 +12,31 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from safe_denoiser.core.beta import log_beta
 from safe_denoiser.core.config import SafeGuidance
-from safe_denoiser.core.correction import safe_eps
-from safe_denoiser.core.kernel import as_batch_column, kernel_estimate
-from safe_denoiser.core.parameterization import x0_from_eps
+from safe_denoiser.core.correction import safe_eps, safe_prediction
+from safe_denoiser.core.kernel import (
+    KernelEstimate,
+    accumulation_dtype,
+    as_batch_column,
+    forward_kernel_estimate,
+    kernel_estimate,
+)
+from safe_denoiser.core.parameterization import broadcast_to_sample, x0_from_eps
+from safe_denoiser.core.paths import GaussianPath, Prediction
 
-__all__ = ["StepRecord", "reference_correction", "reference_threshold", "theorem_correction", "window_mask"]
+__all__ = [
+    "THRESHOLD_SEED",
+    "StepRecord",
+    "odds_log_beta",
+    "path_correction",
+    "reference_correction",
+    "reference_threshold",
+    "theorem_correction",
+    "window_mask",
+]
+
+THRESHOLD_SEED = 0  # seed of reference_threshold's noise: every run (PyTorch or an exported bundle) sees one gate
 
 
 class StepRecord(NamedTuple):
@@ -47,23 +66,100 @@ def theorem_correction(
     t: float | Tensor,
     bank: Tensor,
     guidance: SafeGuidance,
+    reference: Tensor | None = None,
+    *,
+    bank_sq_norms: Tensor | None = None,
 ) -> tuple[Tensor, StepRecord]:
-    """Theorem 1 in noise space with the bank's kernel estimate of E_unsafe[x0 | x_t] and a gated beta."""
+    """Theorem 1 in noise space with the bank's kernel estimate of E_unsafe[x0 | x_t] and a gated beta.
+
+    ``reference`` is the reference bank that ``beta_mode="odds"`` needs (``core.beta``); other modes ignore it.
+    ``bank_sq_norms``: the bank's precomputed (N,) squared norms (``NegativeBank.sq_norms``), else recomputed.
+    """
+    acc = accumulation_dtype(x_t.dtype)
+    est, beta, applied = _theorem_terms(x_t, alpha_bar, t, bank, guidance, reference, bank_sq_norms)
+    ab = as_batch_column(alpha_bar, x_t.shape[0], x_t.new_empty((), dtype=acc)).squeeze(1)
+    # Done in the accumulation dtype so that fp16 models do not lose the correction to rounding.
+    out = safe_eps(eps.to(acc), x_t.to(acc), ab, est.mean.to(acc), beta).to(eps.dtype)
+    return out, StepRecord(applied, est.log_mass.float(), _delta_norm(out, eps))
+
+
+def path_correction(
+    pred: Tensor,
+    x_t: Tensor,
+    path: GaussianPath,
+    prediction: Prediction,
+    t: float | Tensor,
+    bank: Tensor,
+    guidance: SafeGuidance,
+    reference: Tensor | None = None,
+    *,
+    bank_sq_norms: Tensor | None = None,
+) -> tuple[Tensor, StepRecord]:
+    """``theorem_correction`` on any Gaussian path, for a model predicting ``prediction`` (``core.paths``).
+
+    Kernel, beta, gate and window are evaluated on the equivalent VP sample; the correction is applied in the
+    model's own prediction space (p + beta (p - p_unsafe)), which stays exact where a_t = 0 (the flow path's
+    sigma = 1, where eps = x_t carries no correction). An eps prediction is corrected exactly as
+    ``theorem_correction`` on the VP sample does, bit for bit.
+    """
+    acc = accumulation_dtype(x_t.dtype)
+    c, ab = path.to_vp()
+    x_vp = x_t if isinstance(c, float) and c == 1.0 else x_t * broadcast_to_sample(c, x_t)
+    if prediction == "epsilon":  # eps is the same on the path and on its VP form
+        return theorem_correction(pred, x_vp, ab, t, bank, guidance, reference, bank_sq_norms=bank_sq_norms)
+    est, beta, applied = _theorem_terms(x_vp, ab, t, bank, guidance, reference, bank_sq_norms)
+    out = safe_prediction(pred.to(acc), x_t.to(acc), path, prediction, est.mean.to(acc), beta).to(pred.dtype)
+    return out, StepRecord(applied, est.log_mass.float(), _delta_norm(out, pred))
+
+
+def _theorem_terms(
+    x_t: Tensor,
+    alpha_bar: float | Tensor,
+    t: float | Tensor,
+    bank: Tensor,
+    guidance: SafeGuidance,
+    reference: Tensor | None,
+    bank_sq_norms: Tensor | None = None,
+) -> tuple[KernelEstimate, Tensor, Tensor]:
+    """(kernel estimate, beta (B,) zero where not applied, applied (B,) bool) for a VP sample ``x_t``."""
     b = x_t.shape[0]
-    acc = torch.float64 if x_t.dtype == torch.float64 else torch.float32
-    ab = as_batch_column(alpha_bar, b, x_t.new_empty((), dtype=acc))
-    variance = (1.0 - ab) if guidance.kernel_sigma is None else torch.full_like(ab, guidance.kernel_sigma**2)
-    est = kernel_estimate(x_t, bank, ab.sqrt(), variance.clamp_min(1e-12), True, guidance.chunk_size)
+    acc = accumulation_dtype(x_t.dtype)
+    bandwidth = None if guidance.kernel_sigma is None else guidance.kernel_sigma**2
+    # mean and mass in one pass over the bank
+    est = forward_kernel_estimate(x_t, bank, alpha_bar, bandwidth, guidance.chunk_size, bank_sq_norms=bank_sq_norms)
     beta = torch.full((b,), guidance.eta, device=x_t.device, dtype=acc)
     if guidance.beta_mode == "mass":
         beta = beta * est.log_mass.exp()
+    elif guidance.beta_mode == "odds":
+        if reference is None:
+            raise ValueError("SafeGuidance.beta_mode='odds' needs a reference bank (safe or unlabelled data)")
+        beta = beta * odds_log_beta(x_t, bank, reference, alpha_bar, guidance, bandwidth).exp()
     applied = window_mask(t, guidance.window, b, x_t.device)
     if guidance.gate_log_mass is not None:
         applied = applied & (est.log_mass >= guidance.gate_log_mass)
-    beta = torch.where(applied, beta, torch.zeros_like(beta))
-    # Done in the accumulation dtype so that fp16 models do not lose the correction to rounding.
-    out = safe_eps(eps.to(acc), x_t.to(acc), ab.squeeze(1), est.mean.to(acc), beta).to(eps.dtype)
-    return out, StepRecord(applied, est.log_mass.float(), _delta_norm(out, eps))
+    return est, torch.where(applied, beta, torch.zeros_like(beta)), applied
+
+
+def odds_log_beta(
+    x_t: Tensor,
+    bank: Tensor,
+    reference: Tensor,
+    alpha_bar: float | Tensor,
+    guidance: SafeGuidance,
+    bandwidth: float | None = None,
+) -> Tensor:
+    """log beta(x_t) of Theorem 1 with ``guidance``'s reference kind, prior and cap (``core.beta.log_beta``)."""
+    return log_beta(
+        x_t,
+        bank,
+        reference,
+        alpha_bar,
+        reference=guidance.reference_kind,
+        prior_unsafe=guidance.prior_unsafe,
+        bandwidth=bandwidth,
+        log_beta_max=guidance.log_beta_max,
+        chunk_size=guidance.chunk_size,
+    )
 
 
 def reference_correction(
@@ -75,6 +171,8 @@ def reference_correction(
     guidance: SafeGuidance,
     threshold: float | Tensor,
     noise: Tensor,
+    *,
+    bank_sq_norms: Tensor | None = None,
 ) -> tuple[Tensor, StepRecord]:
     """The authors' correction: x0_hat -= eta * E_unsafe(x0_hat), gated, then x_t re-noised with ``noise``.
 
@@ -84,10 +182,12 @@ def reference_correction(
     if guidance.kernel_sigma is None:
         raise ValueError("reference_correction needs SafeGuidance.kernel_sigma")
     b = x_t.shape[0]
-    acc = torch.float64 if x_t.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(x_t.dtype)
     ab = as_batch_column(alpha_bar, b, x_t.new_empty((), dtype=acc)).squeeze(1)
     x0_hat = x0_from_eps(x_t.to(acc), eps.to(acc), ab)
-    est = kernel_estimate(x0_hat, bank, 1.0, guidance.kernel_sigma**2, False, guidance.chunk_size)
+    est = kernel_estimate(
+        x0_hat, bank, 1.0, guidance.kernel_sigma**2, False, guidance.chunk_size, bank_sq_norms=bank_sq_norms
+    )
     log_sum = est.log_mass + math.log(bank.shape[0])
     if isinstance(threshold, torch.Tensor):
         floor = threshold.to(device=x_t.device, dtype=acc) - guidance.margin
@@ -109,10 +209,10 @@ def reference_threshold(
     """Minimum over bank items of the kernel sum of that item noised to the last timestep (METHOD.md 3).
 
     A one-off set-up computation (it returns a Python float), not part of the sampling loop. The noise comes from
-    ``generator``, or from a CPU generator seeded with 0 so that the gate is the same on every run.
+    ``generator``, or from a CPU generator seeded with ``THRESHOLD_SEED`` so that the gate is the same on every run.
     """
     y = bank.float()
-    gen = torch.Generator().manual_seed(0) if generator is None else generator
+    gen = torch.Generator().manual_seed(THRESHOLD_SEED) if generator is None else generator
     z = torch.randn(y.shape, generator=gen, device=gen.device).to(y.device)
     noised = math.sqrt(alpha_bar_last) * y + math.sqrt(1.0 - alpha_bar_last) * z
     est = kernel_estimate(noised, y, 1.0, kernel_sigma**2, False, chunk_size=4096)

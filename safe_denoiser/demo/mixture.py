@@ -1,8 +1,9 @@
 """Isotropic Gaussian mixtures with closed-form diffused marginals and posterior means.
 
-The independent reference for the theorem: with p_data = sum_k pi_k N(mu_k, s_k^2 I) and the VP forward
-process, p_t = sum_k pi_k N(sqrt(abar) mu_k, (abar s_k^2 + 1 - abar) I) and
-E[x0 | x_t, k] = mu_k + sqrt(abar) s_k^2 / (abar s_k^2 + 1 - abar) (x_t - sqrt(abar) mu_k).
+The independent reference for the theorem: with p_data = sum_k pi_k N(mu_k, s_k^2 I) and any Gaussian path
+x_t = a x0 + s eps (``core.paths``), p_t = sum_k pi_k N(a mu_k, (a^2 s_k^2 + s^2) I) and
+E[x0 | x_t, k] = mu_k + a s_k^2 / (a^2 s_k^2 + s^2) (x_t - a mu_k). The noise level is an abar (the VP path, as
+before) or a ``GaussianPath`` (VP, sigma or rectified flow).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from safe_denoiser.core.paths import GaussianPath
 
 __all__ = ["GaussianMixture"]
 
@@ -39,13 +42,14 @@ class GaussianMixture:
     def dim(self) -> int:
         return int(self.means.shape[1])
 
-    def _component_log_joint(self, x_t: Tensor, alpha_bar: float) -> Tensor:
-        """log pi_k + log N(x_t; sqrt(abar) mu_k, (abar s_k^2 + 1 - abar) I): (B, K)."""
-        var = alpha_bar * self.stds.square() + (1.0 - alpha_bar)  # (K,)
-        d2 = (x_t.unsqueeze(1) - math.sqrt(alpha_bar) * self.means.unsqueeze(0)).square().sum(-1)  # (B, K)
+    def _component_log_joint(self, x_t: Tensor, alpha_bar: float | GaussianPath) -> Tensor:
+        """log pi_k + log N(x_t; a mu_k, (a^2 s_k^2 + s^2) I): (B, K)."""
+        a, a2, s2 = _path_terms(alpha_bar)
+        var = a2 * self.stds.square() + s2  # (K,)
+        d2 = (x_t.unsqueeze(1) - a * self.means.unsqueeze(0)).square().sum(-1)  # (B, K)
         return self.weights.log() - 0.5 * d2 / var - 0.5 * self.dim * (var * 2 * math.pi).log()
 
-    def log_density(self, x_t: Tensor, alpha_bar: float, part: str = "data") -> Tensor:
+    def log_density(self, x_t: Tensor, alpha_bar: float | GaussianPath, part: str = "data") -> Tensor:
         """log of Z_part p_part,t(x_t) for part in {'data', 'safe', 'unsafe'} (unnormalised by Z for parts)."""
         lj = self._component_log_joint(x_t, alpha_bar)
         return torch.logsumexp(lj.masked_fill(~self._mask(part), -math.inf), dim=1)
@@ -59,17 +63,18 @@ class GaussianMixture:
             return ~self.unsafe
         raise ValueError(f"part must be 'data', 'safe' or 'unsafe', got {part!r}")
 
-    def posterior_mean(self, x_t: Tensor, alpha_bar: float, part: str = "data") -> Tensor:
+    def posterior_mean(self, x_t: Tensor, alpha_bar: float | GaussianPath, part: str = "data") -> Tensor:
         """E_part[x0 | x_t] in closed form: (B, D)."""
         lj = self._component_log_joint(x_t, alpha_bar).masked_fill(~self._mask(part), -math.inf)
         r = torch.softmax(lj, dim=1)  # responsibilities (B, K)
-        var = alpha_bar * self.stds.square() + (1.0 - alpha_bar)
-        gain = math.sqrt(alpha_bar) * self.stds.square() / var  # (K,)
-        resid = x_t.unsqueeze(1) - math.sqrt(alpha_bar) * self.means.unsqueeze(0)  # (B, K, D)
+        a, a2, s2 = _path_terms(alpha_bar)
+        var = a2 * self.stds.square() + s2
+        gain = a * self.stds.square() / var  # (K,)
+        resid = x_t.unsqueeze(1) - a * self.means.unsqueeze(0)  # (B, K, D)
         comp = self.means.unsqueeze(0) + gain[None, :, None] * resid
         return (r.unsqueeze(-1) * comp).sum(1)
 
-    def exact_beta(self, x_t: Tensor, alpha_bar: float) -> Tensor:
+    def exact_beta(self, x_t: Tensor, alpha_bar: float | GaussianPath) -> Tensor:
         """beta(x_t) = Z_u p_unsafe,t(x_t) / (Z_s p_safe,t(x_t)): (B,)."""
         return (self.log_density(x_t, alpha_bar, "unsafe") - self.log_density(x_t, alpha_bar, "safe")).exp()
 
@@ -83,3 +88,15 @@ class GaussianMixture:
     def component_of(self, x0: Tensor) -> Tensor:
         """Index of the most likely component for each point at t = 0: (B,)."""
         return self._component_log_joint(x0, 1.0 - 1e-12).argmax(dim=1)
+
+
+def _path_terms(level: float | GaussianPath) -> tuple[float, float, float]:
+    """(a, a^2, s^2) of an abar (the VP path, computed as before: bit for bit) or of a path at a float level."""
+    if isinstance(level, GaussianPath):
+        if isinstance(level.level, Tensor):
+            raise ValueError("GaussianMixture: the path's level must be a float (one noise level for the batch)")
+        if level.kind != "vp":
+            a, s = float(level.a), float(level.s)
+            return a, a * a, s * s
+        level = level.level
+    return math.sqrt(level), level, 1.0 - level

@@ -30,6 +30,12 @@ kernel bandwidth h = 1 - abar (the forward kernel). Why (measured on 4,000 sampl
   0.33 / 0.47. eta = 4 brings the unsafe fraction within 1% of the ideal's with 98% of samples on a
   safe cluster (the ideal: 98.8%). ``--eta`` changes it.
 
+Flow-matching mode (``path="flow"``, ``--path flow``): the same picture under the rectified-flow path x_sigma =
+(1 - sigma) x0 + sigma eps (SD3, Flux). The "model" predicts the velocity u = eps - x0 from the same closed-form
+posteriors, the sampler is FlowMatchEulerDiscreteScheduler's Euler step x <- x + (sigma' - sigma) u on sigmas
+linearly spaced from 1 to 0 (timesteps 1000 sigma), and the safe sampler corrects u with ``path_correction``
+(u + beta (u - u_unsafe)), with the same guidance and bank.
+
 Metrics (``toy_metrics``): unsafe fraction = component_of(x) is unsafe; safe fraction = component_of(x) is
 safe and x lies within 3 std of that component's mean (98.9% of a 2-D Gaussian's mass, so the ideal
 scores ~0.989); off-data = the rest; mean distance to the nearest unsafe mean; mean distance to the
@@ -39,6 +45,7 @@ exact sampler's sample from the same noise (0 for the exact sampler).
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import sys
@@ -51,7 +58,8 @@ import torch
 from torch import Tensor
 
 from safe_denoiser.core.config import BetaMode, SafeGuidance
-from safe_denoiser.core.step import StepRecord, theorem_correction
+from safe_denoiser.core.paths import flow_path, prediction_from_x0
+from safe_denoiser.core.step import StepRecord, path_correction, theorem_correction
 from safe_denoiser.demo.mixture import GaussianMixture
 from safe_denoiser.errors import FieldError
 from safe_denoiser.files import atomic_write, atomic_write_json
@@ -70,6 +78,7 @@ __all__ = [
     "ddim_timesteps",
     "default_guidance",
     "default_mixture",
+    "flow_schedule",
     "format_table",
     "run_toy",
     "sample_toy",
@@ -78,6 +87,7 @@ __all__ = [
 ]
 
 Denoiser = Literal["base", "safe", "exact"]
+ToyPath = Literal["vp", "flow"]
 
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START, BETA_END = 1e-4, 0.02
@@ -132,6 +142,14 @@ def ddim_step(x_t: Tensor, eps: Tensor, abar_t: float, abar_prev: float) -> Tens
     return math.sqrt(abar_prev) * x0_hat + math.sqrt(1.0 - abar_prev) * eps
 
 
+def flow_schedule(steps: int) -> list[tuple[float, float, float]]:
+    """(timestep, sigma, sigma_next) per Euler step of the rectified flow: sigmas linear from 1 to 0, t = 1000 sigma."""
+    if not 1 <= steps <= NUM_TRAIN_TIMESTEPS:
+        raise FieldError("steps", f"an integer in 1..{NUM_TRAIN_TIMESTEPS}", steps)
+    sigmas = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
+    return [(NUM_TRAIN_TIMESTEPS * s, s, s_next) for s, s_next in itertools.pairwise(sigmas)]
+
+
 def default_guidance(
     eta: float = DEFAULT_ETA, beta_mode: BetaMode = DEFAULT_BETA_MODE, window: tuple[float, float] = DEFAULT_WINDOW
 ) -> SafeGuidance:
@@ -153,13 +171,17 @@ def sample_toy(
     record_every: int = 1,
     records: list[StepRecord] | None = None,
     on_step: Callable[[], None] | None = None,
+    reference: Tensor | None = None,
+    path: ToyPath = "vp",
 ) -> tuple[Tensor, Tensor]:
     """DDIM from ``noise`` (B, D) with the mixture's exact denoiser playing the pretrained model.
 
     ``denoiser``: "base" uses E_data[x0 | x_t]; "safe" corrects its eps with ``theorem_correction`` over
     ``bank`` and ``guidance``; "exact" uses the closed-form E_safe[x0 | x_t] (samples p_safe).
     Returns the final samples (B, D) and the trajectory (R, B, D): x_T, every ``record_every``-th state
-    and the final state. ``records`` (if given) receives the safe denoiser's StepRecord per step.
+    and the final state. ``records`` (if given) receives the safe denoiser's StepRecord per step. ``reference``:
+    the reference bank that ``beta_mode="odds"`` needs. ``path="flow"``: the rectified-flow Euler sampler instead
+    of DDIM, the safe sampler correcting the velocity with ``path_correction`` (module docstring).
     """
     if denoiser not in ("base", "safe", "exact"):
         raise ValueError(f"denoiser must be 'base', 'safe' or 'exact', got {denoiser!r}")
@@ -167,18 +189,27 @@ def sample_toy(
         raise ValueError("denoiser='safe' needs a bank and a guidance config")
     if record_every <= 0:
         raise ValueError(f"record_every must be a positive int, got {record_every}")
-    schedule = ddim_schedule(steps)
+    if path not in ("vp", "flow"):
+        raise FieldError("path", "'vp' or 'flow'", path)
+    schedule = ddim_schedule(steps) if path == "vp" else flow_schedule(steps)
     part = "safe" if denoiser == "exact" else "data"
     x = noise
     traj = [x]
-    for i, (t, abar_t, abar_prev) in enumerate(schedule):
-        eps = _eps_from_x0(x, mixture.posterior_mean(x, abar_t, part), abar_t)
+    for i, (t, level, level_next) in enumerate(schedule):
+        fp = flow_path(level)
+        if path == "vp":
+            eps = _eps_from_x0(x, mixture.posterior_mean(x, level, part), level)
+        else:  # the velocity u = eps - x0
+            eps = prediction_from_x0(x, mixture.posterior_mean(x, fp, part), fp, "flow")
         if denoiser == "safe":
             assert bank is not None and guidance is not None
-            eps, record = theorem_correction(eps, x, abar_t, float(t), bank, guidance)
+            if path == "vp":
+                eps, record = theorem_correction(eps, x, level, float(t), bank, guidance, reference)
+            else:
+                eps, record = path_correction(eps, x, fp, "flow", float(t), bank, guidance, reference)
             if records is not None:
                 records.append(record)
-        x = ddim_step(x, eps, abar_t, abar_prev)
+        x = ddim_step(x, eps, level, level_next) if path == "vp" else x + (level_next - level) * eps
         if (i + 1) % record_every == 0 or i + 1 == len(schedule):
             traj.append(x)
         if on_step is not None:
@@ -236,15 +267,21 @@ def run_toy(
     seed: int = 0,
     eta: float = DEFAULT_ETA,
     progress: bool = False,
+    path: ToyPath = "vp",
 ) -> dict[str, Any]:
-    """Sample base / safe denoiser / exact safe from the same noise; write the PNG and JSON; return the metrics."""
+    """Sample base / safe denoiser / exact safe from the same noise; write the PNG and JSON; return the metrics.
+
+    ``path``: "vp" (DDIM) or "flow" (the rectified-flow Euler sampler; module docstring).
+    """
     out = Path(out_dir)
     _check_args(out, n, steps, seed, eta)
+    if path not in ("vp", "flow"):
+        raise FieldError("path", "'vp' or 'flow'", path)
     with single_threaded():
-        return _run_toy(out, n, steps, seed, eta, progress)
+        return _run_toy(out, n, steps, seed, eta, progress, path)
 
 
-def _run_toy(out: Path, n: int, steps: int, seed: int, eta: float, progress: bool) -> dict[str, Any]:
+def _run_toy(out: Path, n: int, steps: int, seed: int, eta: float, progress: bool, path: ToyPath) -> dict[str, Any]:
     mixture = default_mixture()
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn((n, mixture.dim), generator=gen, dtype=mixture.means.dtype)
@@ -261,7 +298,7 @@ def _run_toy(out: Path, n: int, steps: int, seed: int, eta: float, progress: boo
         for name, _ in SAMPLERS:
             bar.set_postfix_str(name)
             finals[name], trajs[name] = sample_toy(
-                mixture, noise, steps, name, bank, guidance, records=records, on_step=bar.update
+                mixture, noise, steps, name, bank, guidance, records=records, on_step=bar.update, path=path
             )
     finally:
         bar.close()
@@ -275,9 +312,8 @@ def _run_toy(out: Path, n: int, steps: int, seed: int, eta: float, progress: boo
             "n": n,
             "steps": steps,
             "seed": seed,
-            "sampler": "DDIM eta=0, leading spacing, final abar=1",
-            "schedule": {"beta_start": BETA_START, "beta_end": BETA_END, "num_train_timesteps": NUM_TRAIN_TIMESTEPS},
-            "timesteps": ddim_timesteps(steps),
+            "path": path,
+            **_sampler_settings(path, steps),
             "bank_size": BANK_SIZE,
             "guidance": guidance.to_dict(),
             "region_radius_std": REGION_RADIUS,
@@ -295,8 +331,22 @@ def _run_toy(out: Path, n: int, steps: int, seed: int, eta: float, progress: boo
     }
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "toy_metrics.json", result)
-    atomic_write(out / "toy_trajectories.png", lambda p: _plot(p, mixture, bank, trajs, metrics, guidance, steps))
+    atomic_write(out / "toy_trajectories.png", lambda p: _plot(p, mixture, bank, trajs, metrics, guidance, steps, path))
     return result
+
+
+def _sampler_settings(path: ToyPath, steps: int) -> dict[str, Any]:
+    """What the JSON records about the sampler of ``path``."""
+    if path == "flow":
+        return {
+            "sampler": "rectified-flow Euler (FlowMatchEulerDiscreteScheduler's step), sigmas linear 1 -> 0",
+            "timesteps": [t for t, _, _ in flow_schedule(steps)],
+        }
+    return {
+        "sampler": "DDIM eta=0, leading spacing, final abar=1",
+        "schedule": {"beta_start": BETA_START, "beta_end": BETA_END, "num_train_timesteps": NUM_TRAIN_TIMESTEPS},
+        "timesteps": ddim_timesteps(steps),
+    }
 
 
 def format_table(metrics: dict[str, dict[str, float]]) -> str:
@@ -320,6 +370,7 @@ def _plot(
     metrics: dict[str, dict[str, float]],
     guidance: SafeGuidance,
     steps: int,
+    noising: ToyPath = "vp",
 ) -> None:
     import matplotlib
 
@@ -357,14 +408,15 @@ def _plot(
     ax.scatter(base[0, :, 0], base[0, :, 1], s=14, c="k", marker="o", zorder=3, label="start x_T (shared noise)")
     ax.scatter(base[-1, :, 0], base[-1, :, 1], s=22, c="tab:blue", marker="x", zorder=3, label="base end")
     ax.scatter(safe[-1, :, 0], safe[-1, :, 1], s=22, c="tab:green", marker="^", zorder=3, label="safe denoiser end")
-    ax.plot([], [], color="tab:blue", lw=1.5, label="base DDIM path (E_data)")
+    sampler = "DDIM" if noising == "vp" else "rectified-flow Euler"
+    ax.plot([], [], color="tab:blue", lw=1.5, label=f"base {sampler} path (E_data)")
     ax.plot([], [], color="tab:green", lw=1.5, label="safe denoiser path")
     ax.fill_between([], [], color="#ea7d7d", label="unsafe component (density)")
     ax.plot([], [], color="#b00000", ls="--", lw=1.0, label=f"unsafe region ({REGION_RADIUS:g} std)")
     ax.plot([], [], color="0.55", lw=0.7, label="safe components (density)")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.04), ncol=4, fontsize=9, frameon=False)
     ax.set_title(
-        f"{k} DDIM trajectories ({steps} steps) from the same noise: base vs safe denoiser\n"
+        f"{k} {sampler} trajectories ({steps} steps) from the same noise: base vs safe denoiser\n"
         f"theorem preset, beta = {guidance.eta:g} x kernel mass over {bank.shape[0]} unsafe samples; "
         f"unsafe fraction {metrics['base']['unsafe_fraction']:.1%} -> {metrics['safe']['unsafe_fraction']:.1%}",
         fontsize=11,
@@ -385,13 +437,20 @@ def _plot(
 def _cli(args: argparse.Namespace) -> int:
     try:
         result = run_toy(
-            args.out, n=args.n, steps=args.steps, seed=args.seed, eta=args.eta, progress=sys.stderr.isatty()
+            args.out,
+            n=args.n,
+            steps=args.steps,
+            seed=args.seed,
+            eta=args.eta,
+            progress=sys.stderr.isatty(),
+            path=args.path,
         )
     except FieldError as exc:
         raise exc.for_flag("--out" if exc.field == "out_dir" else f"--{exc.field}") from None
     s = result["settings"]
     print(
         f"toy: n={s['n']} steps={s['steps']} seed={s['seed']} eta={args.eta:g} beta_mode={s['guidance']['beta_mode']}"
+        f" path={s['path']}"
     )
     print(format_table(result["metrics"]))
     print(f"wrote {Path(args.out) / 'toy_metrics.json'} and {Path(args.out) / 'toy_trajectories.png'}")
@@ -407,4 +466,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--steps", type=int, default=50, help="DDIM steps, 1..1000 (default 50)")
     p.add_argument("--seed", type=int, default=0, help="seed for the initial noise and the bank (default 0)")
     p.add_argument("--eta", type=float, default=DEFAULT_ETA, help=f"beta = eta x kernel mass (default {DEFAULT_ETA:g})")
+    p.add_argument(
+        "--path",
+        choices=("vp", "flow"),
+        default="vp",
+        help="vp: DDIM on the variance-preserving path (default); flow: rectified flow (SD3/Flux), Euler on sigma",
+    )
     p.set_defaults(func=_cli)

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from safe_denoiser.core.bank import NegativeBank, load_image_folder
-from safe_denoiser.diffusers.vae import load_vae, vae_encoder
+from safe_denoiser.core.bank import BankError, NegativeBank, load_image_folder
+from safe_denoiser.diffusers.vae import latent_factors, load_vae, vae_encoder
 
 
 def add_parser(sub: Any) -> None:
@@ -43,10 +43,17 @@ def _build(args: argparse.Namespace) -> int:
         raise ValueError(f"--out must end in .safetensors, got {str(out)!r}")
     if args.size <= 0 or args.size % 8:
         raise ValueError(f"--size must be a positive multiple of 8, got {args.size}")
-    files, images = load_image_folder(args.images, args.size)
-    vae = load_vae(args.vae, args.device)
+    try:
+        files, images = load_image_folder(args.images, args.size)
+    except BankError as exc:
+        raise BankError(f"--images: {exc}") from None
+    try:
+        vae = load_vae(args.vae, args.device)
+    except BankError as exc:
+        raise BankError(f"--vae: {exc}") from None
     gen = torch.Generator(args.device).manual_seed(args.seed)
     encoder = vae_encoder(vae, args.latent, args.l2_normalize, gen)
+    scaling, shift = latent_factors(vae)
     bank = NegativeBank.from_images(
         images(),
         encoder,
@@ -57,6 +64,9 @@ def _build(args: argparse.Namespace) -> int:
             "latent": args.latent,
             "normalization": "l2-per-position" if args.l2_normalize else "none",
             "image_size": str(args.size),
+            "scaling_factor": repr(scaling),
+            "shift_factor": "none" if shift is None else repr(shift),
+            "layout": "unpacked (C, h, w) latents; attach packs them for Flux",
             "images": Path(args.images).name,
         },
     )

@@ -7,7 +7,7 @@
   parameters without allocating them).
 * ``load_sd_pipeline``: a real pipeline from a local folder (safetensors only, never remote code), optionally with
   other UNet weights (ESD, RECE, ...) from a safetensors state dict.
-* ``make_scheduler``: short names (ddim, ddpm, pndm, euler, euler_a, lms, dpmpp) to diffusers schedulers.
+* ``make_scheduler``: a scheduler by its short name in ``safe_denoiser.diffusers.schedulers.SCHEDULERS``.
 
 No builder downloads anything: every component comes from a config, and the CLIP tokenizer is built from a
 byte-level vocabulary written to a temporary folder (no merges, so words split into characters; ids stay below
@@ -26,8 +26,10 @@ from typing import Any
 
 import torch
 
+from safe_denoiser.diffusers.schedulers import scheduler_class, scheduler_spec
+
 __all__ = [
-    "SCHEDULERS",
+    "SD3_SCHEDULER_CONFIG",
     "SD14_SCHEDULER_CONFIG",
     "load_sd_pipeline",
     "load_unet_weights",
@@ -38,17 +40,6 @@ __all__ = [
     "tiny_clip_tokenizer",
     "tiny_sd_pipeline",
 ]
-
-# diffusers class names for the short scheduler names (resolved lazily: importing diffusers is slow).
-SCHEDULERS: dict[str, str] = {
-    "ddim": "DDIMScheduler",
-    "ddpm": "DDPMScheduler",
-    "pndm": "PNDMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "lms": "LMSDiscreteScheduler",
-    "dpmpp": "DPMSolverMultistepScheduler",
-}
 
 # CompVis/stable-diffusion-v1-4 scheduler/scheduler_config.json (a PNDM scheduler); other classes ignore the keys
 # they do not know.
@@ -68,15 +59,18 @@ _TINY_VOCAB = 1000  # text-encoder vocabulary of the tiny pipeline (diffusers' d
 _SD14_VOCAB = 49408
 
 
-def make_scheduler(name: str, config: Mapping[str, Any] | None = None, **overrides: Any) -> Any:
-    """A diffusers scheduler by short name, from ``config`` (default: SD-1.4's) with ``overrides`` on top."""
-    import diffusers
+# stabilityai/stable-diffusion-3-medium-diffusers scheduler/scheduler_config.json (FlowMatchEulerDiscreteScheduler).
+SD3_SCHEDULER_CONFIG: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 3.0}
 
-    key = name.lower().replace("-", "_")
-    if key not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}: expected one of {sorted(SCHEDULERS)}")
-    cls = getattr(diffusers, SCHEDULERS[key])
-    base = dict(SD14_SCHEDULER_CONFIG if config is None else config)
+
+def make_scheduler(name: str, config: Mapping[str, Any] | None = None, **overrides: Any) -> Any:
+    """A diffusers scheduler by short name, from ``config`` (default: SD-1.4's; SD3's for flow matching) with
+    ``overrides`` on top. ``prediction_type`` is dropped for flow matching (its model always predicts u = eps - x0)."""
+    spec = scheduler_spec(name)
+    cls = scheduler_class(name)
+    if spec.kind == "flow":
+        overrides.pop("prediction_type", None)
+    base = dict((SD3_SCHEDULER_CONFIG if spec.kind == "flow" else SD14_SCHEDULER_CONFIG) if config is None else config)
     return cls.from_config(base, **overrides)
 
 
@@ -117,8 +111,9 @@ def tiny_clip_tokenizer(model_max_length: int = 77) -> Any:
         return CLIPTokenizer.from_pretrained(folder, local_files_only=True, model_max_length=model_max_length)
 
 
-def _text_encoder(tokenizer: Any, **config: Any) -> Any:
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _text_encoder(tokenizer: Any, projection: bool = False, **config: Any) -> Any:
+    """A CLIP text model (``projection``: with the text projection, as SDXL's second and SD3's encoders)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cfg = CLIPTextConfig(
         bos_token_id=tokenizer.bos_token_id,
@@ -127,7 +122,7 @@ def _text_encoder(tokenizer: Any, **config: Any) -> Any:
         max_position_embeddings=77,
         **config,
     )
-    return CLIPTextModel(cfg).eval()
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
 
 
 def _assemble(unet: Any, vae: Any, text_encoder: Any, tokenizer: Any, scheduler: Any) -> Any:
@@ -289,9 +284,12 @@ def load_sd_pipeline(
     scheduler: str | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
+    pipeline_class: Any = None,
     **kwargs: Any,
 ) -> Any:
     """``StableDiffusionPipeline`` from a local diffusers folder (save_pretrained layout, safetensors weights).
+
+    ``pipeline_class``: another diffusers pipeline class to load (SDXL, SD3, Flux: ``families.load_family``).
 
     Never downloads and never runs code from the folder. ``unet_weights``: a safetensors state dict of the same
     UNet architecture (ESD, RECE, ...), loaded with ``strict=True``. ``scheduler``: a short name of
@@ -300,6 +298,7 @@ def load_sd_pipeline(
     """
     from diffusers import StableDiffusionPipeline
 
+    cls = StableDiffusionPipeline if pipeline_class is None else pipeline_class
     bad = sorted(k for k in kwargs if k in _FORBIDDEN_KWARGS)
     if bad:
         raise ValueError(f"load_sd_pipeline does not accept {bad}: it always loads local safetensors, no remote code")
@@ -314,15 +313,12 @@ def load_sd_pipeline(
             " with unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
         )
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            str(root), local_files_only=True, use_safetensors=True, torch_dtype=dtype, **kwargs
-        )
+        pipe = cls.from_pretrained(str(root), local_files_only=True, use_safetensors=True, torch_dtype=dtype, **kwargs)
     except (OSError, ValueError, RuntimeError) as exc:
-        raise ValueError(
-            f"cannot load a StableDiffusionPipeline with safetensors weights from {str(root)!r}: {exc}"
-        ) from exc
+        raise ValueError(f"cannot load a {cls.__name__} with safetensors weights from {str(root)!r}: {exc}") from exc
     if unet_weights is not None:
-        load_unet_weights(pipe.unet, unet_weights)
+        net = getattr(pipe, "unet", None)
+        load_unet_weights(net if net is not None else pipe.transformer, unet_weights)
     if scheduler is not None:
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     return pipe.to(device)

@@ -30,37 +30,43 @@ for the default spacing and consistent with the solver's conversions otherwise).
 sample in the sigma form x = x0 + sigma eps (x_VP = x / sqrt(1+sigma^2), abar = 1/(1+sigma^2)) and their model
 output is the prediction for the scaled (= VP) input. ``v_prediction`` outputs are converted to eps and the change
 is mapped back linearly (dv = d_eps / sqrt(abar) at fixed x), so a closed gate leaves every bit unchanged.
+
+Flow matching (FlowMatchEulerDiscreteScheduler: SD3, Flux, with any shift or dynamic shifting, which only move the
+sigmas): the sample is x = (1 - sigma) x0 + sigma eps and the model output the velocity u = eps - x0. The kernel and
+beta are evaluated on the equivalent VP sample and the velocity is corrected in its own space,
+u <- u + beta (u - u_unsafe) (``core.step.path_correction``; exact also at sigma = 1, where eps carries none of it).
+The reference preset is refused there (its threshold and re-noising are defined on the DDPM schedule). Flux packs
+its latents into 2x2 patches, (B, C, h, w) -> (B, h w / 4, 4 C): ``attach`` packs an unpacked bank the same way, so
+the bank lives in the space of the sample the scheduler steps (packing permutes coordinates, so kernel distances
+and the correction are those of the unpacked latents).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from safe_denoiser.core.bank import NegativeBank
 from safe_denoiser.core.config import SafeGuidance
+from safe_denoiser.core.kernel import accumulation_dtype
 from safe_denoiser.core.parameterization import eps_from_v
-from safe_denoiser.core.step import StepRecord, reference_correction, reference_threshold, theorem_correction
+from safe_denoiser.core.paths import flow_path
+from safe_denoiser.core.step import (
+    THRESHOLD_SEED,
+    StepRecord,
+    path_correction,
+    reference_correction,
+    reference_threshold,
+    theorem_correction,
+)
+from safe_denoiser.diffusers.schedulers import SUPPORTED_SCHEDULERS, Kind
 
-__all__ = ["SUPPORTED_SCHEDULERS", "SafeScheduler", "StepTrace", "attach", "detach"]
+__all__ = ["SUPPORTED_SCHEDULERS", "SafeScheduler", "StepTrace", "attach", "detach", "sample_space_bank"]
 
-Kind = Literal["vp", "vp_sigma", "sigma"]
-
-# Scheduler class name -> how its sample and noise level are parameterised (see the module docstring).
-SUPPORTED_SCHEDULERS: dict[str, Kind] = {
-    "DDIMScheduler": "vp",
-    "DDPMScheduler": "vp",
-    "PNDMScheduler": "vp",
-    "DPMSolverMultistepScheduler": "vp_sigma",
-    "EulerDiscreteScheduler": "sigma",
-    "EulerAncestralDiscreteScheduler": "sigma",
-    "LMSDiscreteScheduler": "sigma",
-}
 SUPPORTED_PREDICTIONS = ("epsilon", "v_prediction")
-_THRESHOLD_SEED = 0  # the reference threshold's noise: fixed so that every call sees the same gate
 
 
 class StepTrace(NamedTuple):
@@ -86,6 +92,10 @@ def _scheduler_kind(scheduler: Any) -> Kind:
             f"{', '.join(sorted(SUPPORTED_SCHEDULERS))} (diffusers classes, not subclasses)"
         )
     cfg = scheduler.config
+    if SUPPORTED_SCHEDULERS[name] == "flow":
+        if cfg.get("invert_sigmas", False):
+            raise ValueError(f"safe denoiser: {name} with invert_sigmas=True is not supported (sigma must fall)")
+        return "flow"
     prediction = cfg.get("prediction_type", "epsilon")
     if prediction not in SUPPORTED_PREDICTIONS:
         raise ValueError(
@@ -109,6 +119,18 @@ def _bank_tensor(bank: NegativeBank | Tensor) -> Tensor:
     raise TypeError(f"bank must be a NegativeBank or a tensor, got {type(bank).__name__}")
 
 
+def _bank_and_norms(
+    bank: NegativeBank | Tensor, device: torch.device | str | None, dtype: torch.dtype | None
+) -> tuple[Tensor, Tensor]:
+    """The bank on ``device`` in ``dtype`` (a half-precision bank stays half: half the bytes per step, the kernel
+    accumulates in float32) and its squared norms, computed once here rather than at every step."""
+    nb = bank if isinstance(bank, NegativeBank) else NegativeBank.from_tensor(_bank_tensor(bank))
+    if dtype is not None and nb.data.dtype in (torch.float16, torch.bfloat16):
+        dtype = nb.data.dtype
+    moved = nb.to(device=device, dtype=dtype)
+    return moved.data, moved.sq_norms
+
+
 class SafeScheduler:
     """A diffusers scheduler whose ``step`` applies the safe-denoiser correction first (see the module docstring).
 
@@ -119,6 +141,8 @@ class SafeScheduler:
     # The wrapper's own attributes (annotations only, set in __init__); every other name is the scheduler's.
     scheduler: Any
     bank: Tensor
+    bank_sq_norms: Tensor
+    reference: Tensor | None
     guidance: SafeGuidance
     record: bool
     records: list[StepTrace]
@@ -142,6 +166,7 @@ class SafeScheduler:
         record: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        reference: NegativeBank | Tensor | None = None,
     ) -> None:
         import inspect
 
@@ -151,17 +176,28 @@ class SafeScheduler:
             guidance = SafeGuidance.preset(guidance or "theorem")
         if not isinstance(guidance, SafeGuidance):
             raise TypeError(f"guidance must be a SafeGuidance, got {type(guidance).__name__}")
+        kind = _scheduler_kind(scheduler)
+        if kind == "flow" and guidance.mode == "reference":
+            raise ValueError(
+                f"safe denoiser: the reference preset is defined on the DDPM schedule; with flow matching"
+                f" ({type(scheduler).__name__}) use the theorem preset"
+            )
         own = {
             "scheduler": scheduler,
-            "_kind": _scheduler_kind(scheduler),
-            "_prediction": scheduler.config.get("prediction_type", "epsilon"),
+            "_kind": kind,
+            "_prediction": "flow" if kind == "flow" else scheduler.config.get("prediction_type", "epsilon"),
             "_step_params": frozenset(inspect.signature(scheduler.step).parameters),
-            "bank": _bank_tensor(bank).to(device=device, dtype=dtype),
+            **dict(zip(("bank", "bank_sq_norms"), _bank_and_norms(bank, device, dtype), strict=True)),
+            "reference": None if reference is None else _bank_tensor(reference).to(device=device, dtype=dtype),
             "guidance": guidance,
             "record": bool(record),
             "records": [],
             # Host copy: DDIM/DDPM move alphas_cumprod to the sample's device inside add_noise/get_velocity.
-            "_alphas_cumprod": scheduler.alphas_cumprod.detach().to("cpu", torch.float64),
+            "_alphas_cumprod": (
+                torch.empty(0, dtype=torch.float64)
+                if kind == "flow"
+                else scheduler.alphas_cumprod.detach().to("cpu", torch.float64)
+            ),
             "_host_timesteps": None,
             "_host_sigmas": None,
             "_calls": 0,
@@ -171,6 +207,9 @@ class SafeScheduler:
         }
         for name, value in own.items():
             object.__setattr__(self, name, value)
+        # Pipelines read set_timesteps' signature (retrieve_timesteps: "sigmas", "timesteps"; Flux passes mu): show
+        # the wrapped scheduler's own.
+        object.__setattr__(self, "set_timesteps", _with_signature(self.set_timesteps, scheduler.set_timesteps))
         if getattr(scheduler, "timesteps", None) is not None and getattr(scheduler, "num_inference_steps", None):
             self._refresh_schedule()
 
@@ -228,7 +267,7 @@ class SafeScheduler:
         assert self._host_timesteps is not None and self.guidance.kernel_sigma is not None
         ab_last = float(self._alphas_cumprod[round(float(self._host_timesteps[-1]))])
         if ab_last not in self._threshold_cache:
-            gen = torch.Generator(device=self.bank.device).manual_seed(_THRESHOLD_SEED)
+            gen = torch.Generator(device=self.bank.device).manual_seed(THRESHOLD_SEED)
             self._threshold_cache[ab_last] = reference_threshold(self.bank, self.guidance.kernel_sigma, ab_last, gen)
         return float(self._threshold_cache[ab_last])
 
@@ -263,7 +302,7 @@ class SafeScheduler:
 
     def _bank_on(self, like: Tensor) -> Tensor:
         if self.bank.device != like.device:  # the pipeline moved after attach: follow it once
-            self.bank = self.bank.to(like.device)
+            self.bank, self.bank_sq_norms = self.bank.to(like.device), self.bank_sq_norms.to(like.device)
         return self.bank
 
     # ---- the correction ---------------------------------------------------------------------------------
@@ -285,15 +324,18 @@ class SafeScheduler:
         in_window = g.in_window(t_host)
         if not in_window and not self.record:
             return model_output, sample
-        ab, c = self._noise_level(t_host, timestep)
         bank = self._bank_on(sample)
+        t_dev = timestep if isinstance(timestep, Tensor) else t_host
+        if self._kind == "flow":
+            return self._correct_flow(model_output, timestep, t_dev, sample, bank, in_window, t_host), sample
+        ab, c = self._noise_level(t_host, timestep)
         x = sample if c == 1.0 else sample * c
         v_pred = self._prediction == "v_prediction"
         eps = eps_from_v(x, model_output, ab) if v_pred else model_output
         # The window mask in the core reads the device-side timestep: no host<->device copy.
-        t_dev = timestep if isinstance(timestep, Tensor) else t_host
         if g.mode == "theorem":
-            new_eps, rec = theorem_correction(eps, x, ab, t_dev, bank, g)
+            ref = None if self.reference is None else self.reference.to(bank.device)
+            new_eps, rec = theorem_correction(eps, x, ab, t_dev, bank, g, ref, bank_sq_norms=self.bank_sq_norms)
             if in_window:
                 # eps-space change mapped to the model's output; zero where the gate is closed (bit-exact no-op).
                 model_output = model_output + (new_eps - eps) / math.sqrt(ab) if v_pred else new_eps
@@ -302,18 +344,42 @@ class SafeScheduler:
                 noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
             else:  # recording only: the mask is closed, so the noise is never used (and no RNG draw is made)
                 noise = torch.zeros_like(sample)
-            new_x, rec = reference_correction(eps, x, ab, t_dev, bank, g, self._threshold_tensor(x), noise)
+            threshold = self._threshold_tensor(x)
+            new_x, rec = reference_correction(
+                eps, x, ab, t_dev, bank, g, threshold, noise, bank_sq_norms=self.bank_sq_norms
+            )
             if in_window:
                 sample = new_x if c == 1.0 else sample + (new_x - x) / c
         if self.record:
             self.records.append(StepTrace(t_host, rec))
         return model_output, sample
 
+    def _correct_flow(
+        self,
+        velocity: Tensor,
+        timestep: float | Tensor,
+        t_dev: float | Tensor,
+        sample: Tensor,
+        bank: Tensor,
+        in_window: bool,
+        t_host: float,
+    ) -> Tensor:
+        """The rectified-flow velocity u corrected in its own space (module docstring)."""
+        if self._host_sigmas is None:
+            raise RuntimeError("SafeScheduler: call set_timesteps through the wrapper before step")
+        sigma = float(self._host_sigmas[self._position(timestep)])
+        ref = None if self.reference is None else self.reference.to(bank.device)
+        path, g, norms = flow_path(sigma), self.guidance, self.bank_sq_norms
+        new_u, rec = path_correction(velocity, sample, path, "flow", t_dev, bank, g, ref, bank_sq_norms=norms)
+        if self.record:
+            self.records.append(StepTrace(t_host, rec))
+        return new_u if in_window else velocity
+
     def _threshold_tensor(self, like: Tensor) -> Tensor:
         if self._threshold is None:
             self._threshold = self._reference_threshold()
-        acc = torch.float64 if like.dtype == torch.float64 else torch.float32
-        return torch.full((), self._threshold, device=like.device, dtype=acc)  # a fill, not a host->device copy
+        # A fill, not a host->device copy.
+        return torch.full((), self._threshold, device=like.device, dtype=accumulation_dtype(like.dtype))
 
     def step(
         self,
@@ -327,6 +393,8 @@ class SafeScheduler:
         **kwargs: Any,
     ) -> Any:
         """Correct, then the wrapped scheduler's ``step`` with the arguments it accepts."""
+        if kwargs.get("per_token_timesteps") is not None:
+            raise ValueError("safe denoiser: per_token_timesteps (one sigma per token) is not supported")
         model_output, sample = self.correct(model_output, timestep, sample, generator)
         if eta is not None and "eta" in self._step_params:
             kwargs["eta"] = eta
@@ -340,11 +408,59 @@ class SafeScheduler:
 _OWN = frozenset(SafeScheduler.__annotations__)
 
 
-def _pipeline_device_dtype(pipe: Any) -> tuple[torch.device, torch.dtype]:
+def _with_signature(method: Any, like: Any) -> Any:
+    """``method`` as a plain function whose ``inspect.signature`` is ``like``'s."""
+    import inspect
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return method(*args, **kwargs)
+
+    call.__doc__ = method.__doc__
+    setattr(call, "__signature__", inspect.signature(like))  # noqa: B010 (mypy: functions have no such attribute)
+    return call
+
+
+def _denoiser(pipe: Any) -> Any:
+    """The pipeline's denoising network: the UNet (SD-1.x/2.x, SDXL) or the transformer (SD3, Flux); or None."""
     unet = getattr(pipe, "unet", None)
-    if unet is not None:
-        return unet.device, unet.dtype
+    return unet if unet is not None else getattr(pipe, "transformer", None)
+
+
+def _pipeline_device_dtype(pipe: Any) -> tuple[torch.device, torch.dtype]:
+    net = _denoiser(pipe)
+    if net is not None:
+        return net.device, net.dtype
     return pipe.device, pipe.dtype
+
+
+def sample_space_bank(pipe: Any, bank: NegativeBank | Tensor, what: str = "bank") -> Tensor:
+    """The bank in the space of the sample that ``pipe``'s scheduler steps, checked against the denoiser's input.
+
+    Flux (a pipeline with ``_pack_latents``) steps packed latents (B, h w / 4, 4 C): a bank of unpacked latents
+    (N, C, h, w), the layout ``safe-denoiser bank build`` writes, is packed with the pipeline's own function; a bank
+    already packed (N, L, 4 C) is taken as it is. Other pipelines step (B, C, h, w) latents.
+    """
+    data = _bank_tensor(bank)
+    channels = getattr(getattr(_denoiser(pipe), "config", None), "in_channels", None)
+    pack = getattr(type(pipe), "_pack_latents", None)
+    if pack is not None and channels is not None:
+        if data.dim() == 4 and 4 * data.shape[1] == channels:
+            n, c, h, w = data.shape
+            if h % 2 or w % 2:
+                raise ValueError(f"{what} latents {tuple(data.shape[1:])}: height and width must be even (2x2 patches)")
+            return pack(data, n, c, h, w)
+        if data.dim() == 3 and data.shape[2] == channels:
+            return data
+        raise ValueError(
+            f"{what} items have shape {tuple(data.shape[1:])}; {type(pipe).__name__} steps packed latents: expected"
+            f" unpacked ({channels // 4}, h, w) latents (packed at attach) or packed (h w / 4, {channels})"
+        )
+    if channels is not None and data.shape[1] != channels:
+        raise ValueError(
+            f"{what} items have {data.shape[1]} channels (shape {tuple(data.shape[1:])}) but the"
+            f" pipeline's {type(_denoiser(pipe)).__name__} samples {channels}-channel latents"
+        )
+    return data
 
 
 def attach(
@@ -353,27 +469,28 @@ def attach(
     guidance: SafeGuidance | str | None = None,
     *,
     record: bool = False,
+    reference: NegativeBank | Tensor | None = None,
 ) -> SafeScheduler:
     """Make ``pipe`` apply the safe denoiser at every step inside ``guidance.window``; returns the handle.
 
     ``guidance``: a SafeGuidance or a preset name ('theorem', the default, or 'reference'). The bank is moved to
     the pipeline's device and dtype (the kernel still accumulates in float32). The handle is
     the ``SafeScheduler`` now at ``pipe.scheduler``: ``handle.records`` (with ``record=True``), ``handle.guidance``.
+    ``reference``: the reference bank (safe or unlabelled data) that ``beta_mode="odds"`` needs.
     """
+    if reference is None and isinstance(guidance, SafeGuidance) and guidance.beta_mode == "odds":
+        raise ValueError(
+            "SafeGuidance.beta_mode='odds' needs a reference bank: attach(pipe, bank, guidance, reference=...)"
+        )
     scheduler = getattr(pipe, "scheduler", None)
     if scheduler is None:
         raise ValueError(f"{type(pipe).__name__} has no scheduler to attach the safe denoiser to")
     if isinstance(scheduler, SafeScheduler):
         raise ValueError("a safe denoiser is already attached to this pipeline: detach(pipe) first")
     device, dtype = _pipeline_device_dtype(pipe)
-    handle = SafeScheduler(scheduler, bank, guidance, record=record, device=device, dtype=dtype)
-    unet = getattr(pipe, "unet", None)
-    channels = getattr(getattr(unet, "config", None), "in_channels", None)
-    if channels is not None and handle.bank.shape[1] != channels:
-        raise ValueError(
-            f"bank items have {handle.bank.shape[1]} channels (shape {tuple(handle.bank.shape[1:])}) but the"
-            f" pipeline's UNet samples {channels}-channel latents"
-        )
+    data = sample_space_bank(pipe, bank)
+    ref = None if reference is None else sample_space_bank(pipe, reference, "reference bank")
+    handle = SafeScheduler(scheduler, data, guidance, record=record, device=device, dtype=dtype, reference=ref)
     object.__setattr__(pipe, "scheduler", handle)  # bypass config registration: pipe.config keeps the real class
     return handle
 
