@@ -105,19 +105,27 @@ def test_writer_files_and_resume_state(tmp_path: Path) -> None:
     assert finished_stems(tmp_path / "out", items) == {"i0", "i1"}
     with Image.open(image_path(tmp_path / "out", items[1])) as im:
         assert np.array_equal(np.asarray(im), pixels[1])
-        assert json.loads(im.text["safe-denoiser"]) == {"id": "i1", "seed": 1, "prompt": "p1"}
+        record = json.loads(im.text["safe-denoiser"])  # the image carries its own record
+        assert {k: record[k] for k in ("id", "seed", "prompt", "applied_steps")} == {
+            "id": "i1",
+            "seed": 1,
+            "prompt": "p1",
+            "applied_steps": 2,
+        }
     rows = read_metadata(tmp_path / "out")
     assert set(rows) == {"i0", "i1"} and rows["i0"]["applied_steps"] == 2 and rows["i0"]["file"] == "images/i0.png"
     # a corrupt image (e.g. written by something else and cut short) is not taken for a finished one
     path = image_path(tmp_path / "out", items[0])
     path.write_bytes(path.read_bytes()[:30])
     assert finished_stems(tmp_path / "out", items) == {"i1"}
-    # a killed append leaves a partial row: the next setup drops it, keeping the whole rows
+    # a killed append leaves a partial row: the next setup drops it, keeping the rows of whole images (the corrupt
+    # image's row goes with it: that item is to be generated again)
+    writer.teardown(_FakeTrainer(), None, "predict")  # type: ignore[arg-type]  # releases the folder's lock
     meta = tmp_path / "out" / "metadata" / "rank1.jsonl"
     meta.write_text(meta.read_text() + '{"id": "i2", "prom', encoding="utf-8")
     (tmp_path / "out" / "images" / ".i2.png.abc.rank1.tmp").write_bytes(b"partial")
     ImageWriter(str(tmp_path / "out")).setup(_FakeTrainer(), None, "predict")  # type: ignore[arg-type]
-    assert set(read_metadata(tmp_path / "out")) == {"i0", "i1"}
+    assert set(read_metadata(tmp_path / "out")) == {"i1"}
     assert not list((tmp_path / "out" / "images").glob(".*.tmp"))
 
 

@@ -8,38 +8,20 @@ with the item's own seed, so image k does not depend on the world size, the batc
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from torch import nn
 
-from safe_denoiser.core.bank import NegativeBank
-from safe_denoiser.core.config import SafeGuidance
-from safe_denoiser.lightning.prompts import PromptItem
+from safe_denoiser.core.safree import SafreeConfig
+from safe_denoiser.factory import ModelConfig, ModelKind
+from safe_denoiser.lightning.checks import FiniteWatch, check_finite, check_window
+from safe_denoiser.lightning.prompts import PromptItem, clip_text
 from safe_denoiser.lightning.writer import GeneratedImage
 
 __all__ = ["ModelKind", "SafeDiffusionModule"]
-
-ModelKind = Literal["demo", "sd", "sd14-random", "tiny-sd"]
-
-
-def _guidance_from(settings: dict[str, Any] | None) -> SafeGuidance | None:
-    """``{"preset": "reference", "eta": 0.5, ...}`` -> SafeGuidance; None or ``{"enabled": false}`` -> None."""
-    if settings is None:
-        return None
-    values = dict(settings)
-    if not values.pop("enabled", True):
-        return None
-    preset = values.pop("preset", "theorem")
-    if "window" in values:
-        values["window"] = tuple(values["window"])
-    try:
-        return SafeGuidance.preset(preset, **values)
-    except TypeError as exc:  # an unknown key reaches the dataclass constructor
-        known = sorted(SafeGuidance.__dataclass_fields__)
-        raise ValueError(f"model.safe_denoiser: {exc}; expected 'preset' and some of {known}") from exc
 
 
 def _to_uint8(images: np.ndarray) -> list[np.ndarray]:
@@ -56,13 +38,16 @@ class SafeDiffusionModule(L.LightningModule):
             folder, ``model_dir``), "sd14-random" (random-weight SD-1.4 architecture) or "tiny-sd" (tests).
         model_dir: local diffusers folder for ``model="sd"``; nothing is ever downloaded.
         unet_weights: optional safetensors UNet state dict replacing the folder's (ESD, RECE, ...).
-        scheduler: sampler name (ddim, ddpm, pndm, euler, euler_a, lms, dpmpp; demo: ddim, ddpm, dpmsolver).
+        scheduler: sampler name (ddim, ddpm, pndm, euler, euler_a, lms, dpmpp; demo: ddim, ddpm, dpmpp).
         num_inference_steps, guidance_scale, height, width: the usual sampling settings.
         negative_prompt: default negative prompt (demo: a class label), overridden per item.
         bank: negative bank (.safetensors); "bundled" for the demo model's shipped bank.
-        safe_denoiser: None (off) or ``{"preset": "theorem" | "reference", <SafeGuidance fields>}``.
+        reference_bank: the reference bank of the odds preset (safe or unlabelled data, .safetensors); "bundled" for
+            the demo model's safe training digits.
+        safe_denoiser: None (off) or ``{"preset": "odds" | "theorem" | "reference", <SafeGuidance fields>}``.
         sld: None (off), an SLD preset name (weak, medium, strong, max) or SLDConfig fields (text models only).
         sld_concept: the SLD safety concept text (default: diffusers' SLD concept).
+        safree: None (off) or SafreeConfig fields (``{}``: the defaults, nudity concepts; text models only).
         seed: weight seed for the random-weight models.
         batch_invariant: run the pipeline one item at a time inside each batch, so that an image's bytes never
             depend on the batch it lands in (or so the world size). Kernels pick different blockings for different
@@ -82,57 +67,46 @@ class SafeDiffusionModule(L.LightningModule):
         width: int | None = None,
         negative_prompt: str | None = None,
         bank: str | None = None,
+        reference_bank: str | None = None,
         safe_denoiser: dict[str, Any] | None = None,
         sld: str | dict[str, Any] | None = None,
         sld_concept: str | None = None,
+        safree: dict[str, Any] | None = None,
         seed: int = 0,
         batch_invariant: bool = True,
     ) -> None:
         super().__init__()
-        if model not in ("demo", "sd", "sd14-random", "tiny-sd"):
-            raise ValueError(f"model.model must be one of demo, sd, sd14-random, tiny-sd; got {model!r}")
-        if model == "sd" and not model_dir:
-            raise ValueError("model.model_dir is required with model: sd (a local diffusers folder)")
-        if num_inference_steps <= 0:
-            raise ValueError(f"model.num_inference_steps must be a positive int, got {num_inference_steps}")
-        if model == "demo" and sld is not None:
-            raise ValueError("model.sld needs a text model; the demo model takes class labels")
-        self.guidance = _guidance_from(safe_denoiser)
-        if self.guidance is not None and bank is None:
-            raise ValueError("model.bank is required when model.safe_denoiser is set (a .safetensors bank file)")
+        self.model_config = ModelConfig(
+            model=model,
+            model_dir=model_dir,
+            unet_weights=unet_weights,
+            scheduler=scheduler,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            height=height,
+            width=width,
+            negative_prompt=negative_prompt,
+            bank=bank,
+            reference_bank=reference_bank,
+            safe_denoiser=safe_denoiser,
+            sld=sld,
+            sld_concept=sld_concept,
+            seed=seed,
+            batch_invariant=batch_invariant,
+        )  # validates every field
+        self.guidance = self.model_config.guidance
+        self.safree = SafreeConfig.from_section(safree, "model.safree")
+        if self.safree is not None and model == "demo":
+            raise ValueError("model.safree needs a text model; the demo model takes class labels")
         self.save_hyperparameters()
         self.pipe: Any = None
         self.handle: Any = None
 
     # ---- building -------------------------------------------------------------------------------------
-    def build_pipeline(self) -> Any:
-        """The diffusers pipeline for ``model`` on the CPU (Lightning moves its modules to the device)."""
-        hp: Any = self.hparams
-        if hp.model == "demo":
-            from safe_denoiser.demo.pipeline import DigitsPipeline
-
-            return DigitsPipeline.from_bundled(scheduler=hp.scheduler)
-        from safe_denoiser.diffusers.pipelines import (
-            load_sd_pipeline,
-            make_scheduler,
-            sd14_architecture_pipeline,
-            tiny_sd_pipeline,
-        )
-
-        if hp.model == "sd":
-            pipe = load_sd_pipeline(hp.model_dir, hp.unet_weights, scheduler=hp.scheduler, safety_checker=None)
-        elif hp.model == "sd14-random":
-            pipe = sd14_architecture_pipeline(seed=hp.seed)
-            pipe.scheduler = make_scheduler(hp.scheduler, pipe.scheduler.config)
-        else:
-            pipe = tiny_sd_pipeline(seed=hp.seed, scheduler=hp.scheduler)
-        pipe.set_progress_bar_config(disable=True)  # Lightning's bar shows progress per batch
-        return pipe
-
     def configure_model(self) -> None:
         if self.pipe is not None:
             return
-        self.pipe = self.build_pipeline()
+        self.pipe = self.model_config.build_pipeline()  # on the CPU: Lightning moves its modules to the device
         # The pipeline's networks become children, so Lightning moves and casts them (devices, precision).
         self.networks = nn.ModuleDict({k: v for k, v in self.pipe.components.items() if isinstance(v, nn.Module)})
 
@@ -140,34 +114,23 @@ class SafeDiffusionModule(L.LightningModule):
         """Attach the bank and SLD after Lightning has placed the networks (so the bank takes their device/dtype)."""
         from safe_denoiser.diffusers.scheduler import attach
 
-        hp: Any = self.hparams
-        if hp.sld is not None:
-            from safe_denoiser.core.sld import DEFAULT_SAFETY_CONCEPT, SLDConfig
+        cfg = self.model_config
+        if self.guidance is not None:  # before any image: a window the schedule never enters is a mistake
+            check_window(self.guidance.window, self.pipe.scheduler, cfg.num_inference_steps)
+        sld = cfg.sld_config
+        if sld is not None:
+            from safe_denoiser.core.config import DEFAULT_SAFETY_CONCEPT
             from safe_denoiser.diffusers.sld import attach_sld
 
-            cfg = hp.sld if isinstance(hp.sld, str) else SLDConfig(**hp.sld)
-            attach_sld(self.pipe, cfg, hp.sld_concept or DEFAULT_SAFETY_CONCEPT)
+            attach_sld(self.pipe, sld, cfg.sld_concept or DEFAULT_SAFETY_CONCEPT)
+        if self.safree is not None:
+            from safe_denoiser.diffusers.safree import attach_safree
+
+            attach_safree(self.pipe, self.safree)
         if self.guidance is not None:
-            shape = self._sample_shape()
-            bank = self._load_bank(shape)
-            self.handle = attach(self.pipe, bank, self.guidance, record=True)
-
-    def _sample_shape(self) -> tuple[int, ...]:
-        hp: Any = self.hparams
-        if hp.model == "demo":
-            return tuple(self.pipe.sample_shape)
-        c = self.pipe.unet.config.in_channels
-        factor = self.pipe.vae_scale_factor
-        size = self.pipe.unet.config.sample_size * factor
-        return (c, (hp.height or size) // factor, (hp.width or size) // factor)
-
-    def _load_bank(self, shape: tuple[int, ...]) -> NegativeBank:
-        path = self.hparams["bank"]
-        if path == "bundled":
-            from safe_denoiser.demo.pipeline import bundled_path
-
-            path = str(bundled_path() / "bank.safetensors")
-        return NegativeBank.load(path, sample_shape=shape)
+            shape = cfg.sample_shape(self.pipe)
+            reference = cfg.load_reference_bank(shape)
+            self.handle = attach(self.pipe, cfg.load_bank(shape), self.guidance, record=True, reference=reference)
 
     # ---- generation -----------------------------------------------------------------------------------
     def _generators(self, batch: list[PromptItem]) -> list[torch.Generator]:
@@ -208,20 +171,31 @@ class SafeDiffusionModule(L.LightningModule):
         )
         return np.asarray(out.images)
 
+    def check_items(self, items: list[PromptItem]) -> None:
+        """Fail before any model loads if an item cannot be generated (the demo model: class labels 0-9)."""
+        if self.model_config.model == "demo":
+            for it in items:
+                _class_of(it)
+                _negative_class(it.negative_prompt or self.model_config.negative_prompt)
+
     def settings(self) -> dict[str, Any]:
         """What determines an image besides its item: recorded in every PNG and metadata row."""
         hp: Any = self.hparams
-        keys = ("model", "scheduler", "num_inference_steps", "guidance_scale", "height", "width", "sld")
+        keys = ["model", "scheduler", "num_inference_steps", "guidance_scale", "height", "width", "sld"]
+        keys += ["model_dir", "unet_weights", "negative_prompt", "sld_concept", "seed"]  # checked on resume too
         s = {k: hp[k] for k in keys}
         s["safe_denoiser"] = None if self.guidance is None else self.guidance.to_dict()
         s["bank"] = hp.bank
+        s["safree"] = None if self.safree is None else self.safree.to_dict()
         return s
 
     def predict_step(
         self, batch: list[PromptItem], batch_idx: int = 0, dataloader_idx: int = 0
     ) -> list[GeneratedImage]:
         start = time.perf_counter()
-        pixels, fired = self.generate(batch)
+        with FiniteWatch(getattr(self.pipe, "unet", None)) as watch:
+            pixels, fired = self.generate(batch)
+        check_finite(pixels, batch, watch, self.model_config.num_inference_steps)  # NaN is never written as black
         images = _to_uint8(pixels)
         seconds = (time.perf_counter() - start) / len(batch)
         settings = self.settings()
@@ -254,10 +228,11 @@ def _class_of(item: PromptItem) -> int:
         label = int(str(raw).strip())
     except ValueError:
         raise ValueError(
-            f"item {item.id!r}: the demo model needs a class label 0-9 as prompt or class, got {raw!r}"
+            f"item {clip_text(item.id)}: the demo model needs a class label 0-9 as prompt or class, "
+            f"got {clip_text(raw)}"
         ) from None
     if not 0 <= label <= 9:
-        raise ValueError(f"item {item.id!r}: class label must be 0-9, got {label}")
+        raise ValueError(f"item {clip_text(item.id)}: class label must be 0-9, got {label}")
     return label
 
 

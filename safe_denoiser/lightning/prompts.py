@@ -8,14 +8,16 @@ the class from ``class``, ``class_label``, ``label`` or ``categories``; ``negati
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PromptItem", "PromptSetError", "load_prompts", "safe_file_stem"]
+__all__ = ["PromptItem", "PromptSetError", "clip_text", "load_prompts", "safe_file_stem"]
 
 PROMPT_KEYS = ("prompt", "text", "caption")
 SEED_KEYS = ("seed", "evaluation_seed", "sd_seed")
@@ -23,6 +25,13 @@ ID_KEYS = ("id", "case_number")
 CLASS_KEYS = ("class", "class_label", "label", "categories")
 NEGATIVE_KEYS = ("negative_prompt",)
 _STEM = re.compile(r"[^A-Za-z0-9_.-]+")
+CLIP = 80  # longest value echoed in a message
+
+
+def clip_text(value: Any, limit: int = CLIP) -> str:
+    """``repr(value)``, cut to ``limit`` characters with the full length noted (ids and prompts can be huge)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 1]}... ({len(text)} characters)"
 
 
 class PromptSetError(ValueError):
@@ -53,7 +62,9 @@ def safe_file_stem(item_id: str, max_len: int = 100) -> str:
     """Letters, digits, '.', '_' and '-' only; no leading dot (no hidden files, no '..'); bounded length."""
     stem = _STEM.sub("_", item_id).lstrip(".")[:max_len]
     if not stem:
-        raise PromptSetError(f"item id {item_id!r} gives an empty file name; use letters, digits, '_', '-' or '.'")
+        raise PromptSetError(
+            f"item id {clip_text(item_id)} gives an empty file name; use letters, digits, '_', '-' or '.'"
+        )
     return stem
 
 
@@ -64,13 +75,31 @@ def _first(row: dict[str, Any], keys: tuple[str, ...]) -> Any:
     return None
 
 
+def _as_integer(value: Any) -> int | None:
+    """An int from an int, an integral float (``2922.0``, as spreadsheets write) or such a string; else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        if re.fullmatch(r"[+-]?\d+", text):
+            return int(text)
+        try:
+            value = float(text)
+        except ValueError:
+            return None
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return None
+
+
 def _parse_seed(value: Any, where: str, default_seed: int) -> int:
     if value is None:
         return default_seed
-    try:
-        seed = int(float(value)) if isinstance(value, str) else int(value)
-    except (TypeError, ValueError) as exc:
-        raise PromptSetError(f"{where}: seed {value!r} is not an integer") from exc
+    seed = _as_integer(value)
+    if seed is None:  # "1.9" is refused, not truncated to 1
+        raise PromptSetError(f"{where}: seed {clip_text(value)} is not an integer")
     if not 0 <= seed < 2**63:
         raise PromptSetError(f"{where}: seed {seed} must be in [0, 2**63)")
     return seed
@@ -79,6 +108,9 @@ def _parse_seed(value: Any, where: str, default_seed: int) -> int:
 def _item(row: dict[str, Any], index: int, where: str, default_seed: int) -> PromptItem:
     prompt = _first(row, PROMPT_KEYS)
     if prompt is None:
+        present = [k for k in PROMPT_KEYS if k in row]
+        if present:
+            raise PromptSetError(f"{where}: the prompt is empty (column {present[0]!r}); every item needs one")
         raise PromptSetError(f"{where}: no prompt: expected a column named one of {list(PROMPT_KEYS)}")
     raw_id = _first(row, ID_KEYS)
     item_id = str(raw_id) if raw_id is not None else f"{index:06d}"
@@ -96,6 +128,48 @@ def _item(row: dict[str, Any], index: int, where: str, default_seed: int) -> Pro
     )
 
 
+def _read_text(p: Path) -> str:
+    """The file as text: UTF-8, a byte-order mark dropped (spreadsheets write one), bad bytes named by line."""
+    data = p.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        offset = exc.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
+        line = data.count(b"\n", 0, offset) + 1
+        raise PromptSetError(
+            f"prompt file {p.name!r} is not UTF-8 text: line {line} has the byte {data[offset]:#04x} "
+            "that UTF-8 does not allow; save the file as UTF-8"
+        ) from None
+
+
+def _txt_items(text: str, default_seed: int) -> list[PromptItem]:
+    lines = [line.strip() for line in text.splitlines()]
+    return [PromptItem(id=f"{i:06d}", prompt=line, seed=default_seed) for i, line in enumerate(x for x in lines if x)]
+
+
+def _csv_items(text: str, name: str, default_seed: int) -> list[PromptItem]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if not reader.fieldnames or not any(k in reader.fieldnames for k in PROMPT_KEYS):
+        found = [clip_text(k, 40) for k in reader.fieldnames or []][:20]
+        raise PromptSetError(f"{name}: no prompt column: expected one of {list(PROMPT_KEYS)}, found {found}")
+    return [_item(row, i, f"{name} row {i + 2}", default_seed) for i, row in enumerate(reader)]
+
+
+def _jsonl_items(text: str, name: str, default_seed: int) -> list[PromptItem]:
+    items: list[PromptItem] = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PromptSetError(f"{name} line {lineno}: not valid JSON ({exc.msg})") from exc
+        if not isinstance(row, dict):
+            raise PromptSetError(f"{name} line {lineno}: expected a JSON object, got {type(row).__name__}")
+        items.append(_item(row, len(items), f"{name} line {lineno}", default_seed))
+    return items
+
+
 def load_prompts(path: str | os.PathLike[str], default_seed: int = 42) -> list[PromptItem]:
     """Read a .txt (one prompt a line), .csv (header row) or .jsonl (one object a line) prompt set.
 
@@ -104,49 +178,25 @@ def load_prompts(path: str | os.PathLike[str], default_seed: int = 42) -> list[P
     """
     p = Path(path)
     if not p.is_file():
-        raise PromptSetError(f"prompt file {str(p)!r} does not exist or is not a file")
+        raise PromptSetError(f"prompt file {clip_text(str(p), 200)} does not exist or is not a file")
     suffix = p.suffix.lower()
-    items: list[PromptItem] = []
-    try:
-        with p.open(encoding="utf-8", newline="") as f:
-            if suffix == ".txt":
-                lines = [line.strip() for line in f]
-                for i, line in enumerate(x for x in lines if x):
-                    items.append(PromptItem(id=f"{i:06d}", prompt=line, seed=default_seed))
-            elif suffix == ".csv":
-                reader = csv.DictReader(f)
-                if not reader.fieldnames or not any(k in reader.fieldnames for k in PROMPT_KEYS):
-                    raise PromptSetError(
-                        f"{p.name}: no prompt column: expected one of {list(PROMPT_KEYS)}, found {reader.fieldnames}"
-                    )
-                for i, row in enumerate(reader):
-                    items.append(_item(row, i, f"{p.name} row {i + 2}", default_seed))
-            elif suffix in (".jsonl", ".ndjson"):
-                n = 0
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise PromptSetError(f"{p.name} line {lineno}: not valid JSON ({exc.msg})") from exc
-                    if not isinstance(row, dict):
-                        raise PromptSetError(
-                            f"{p.name} line {lineno}: expected a JSON object, got {type(row).__name__}"
-                        )
-                    items.append(_item(row, n, f"{p.name} line {lineno}", default_seed))
-                    n += 1
-            else:
-                raise PromptSetError(f"prompt file {p.name!r}: unsupported suffix {suffix!r}; use .txt, .csv or .jsonl")
-    except UnicodeDecodeError as exc:
-        raise PromptSetError(f"prompt file {p.name!r} is not UTF-8 text") from exc
+    if suffix not in (".txt", ".csv", ".jsonl", ".ndjson"):
+        raise PromptSetError(f"prompt file {p.name!r}: unsupported suffix {suffix!r}; use .txt, .csv or .jsonl")
+    text = _read_text(p)
+    if suffix == ".txt":
+        items = _txt_items(text, default_seed)
+    elif suffix == ".csv":
+        items = _csv_items(text, p.name, default_seed)
+    else:
+        items = _jsonl_items(text, p.name, default_seed)
     if not items:
         raise PromptSetError(f"prompt file {p.name!r} holds no prompts")
     seen: dict[str, str] = {}
     for it in items:
         if it.stem in seen:
             raise PromptSetError(
-                f"{p.name}: ids {seen[it.stem]!r} and {it.id!r} give the same file name {it.stem!r}; ids must be unique"
+                f"{p.name}: ids {clip_text(seen[it.stem])} and {clip_text(it.id)} give the same file name "
+                f"{clip_text(it.stem)}; ids must be unique"
             )
         seen[it.stem] = it.id
     return items
