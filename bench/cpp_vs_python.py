@@ -1,0 +1,338 @@
+"""The C++ runtime (``safe-denoiser-cpp``) vs the Python onnxruntime runtime vs the PyTorch pipeline.
+
+Models (theorem preset, bundled / random bank):
+
+* demo  - the bundled 8x8-digits model, batch 4, 25 steps;
+* sd14  - the SD-1.4 architecture with random weights at 16x16 latents (128x128 pixels), batch 1, 3 steps, with
+  the text encoder and the VAE decoder (``--quick`` skips it).
+
+Measured in one run, same steps and ``--threads`` intra-op threads everywhere:
+
+* images/s end to end: C++ ``batch`` (a process: start-up, sessions, all images, PNGs) and a Python process doing
+  the same with ``runtime.Bundle`` (import, sessions, all images, PNGs), and the PyTorch pipeline with
+  ``safe_denoiser.attach`` in this process (pipeline already built; its start-up is not counted, which favours it);
+  also the in-process generation rate of both runtimes (start-up excluded). Ratios are against the Python runtime.
+* start-up: ``safe-denoiser-cpp info`` vs ``python -c 'Bundle(dir); sessions'`` wall time.
+* peak memory: each process's peak resident set (VmHWM, sampled every 10 ms).
+* server: ``safe-denoiser-cpp serve`` on 127.0.0.1, 1/2/4 concurrent clients, throughput and p50/p99 latency.
+
+Usage: python bench/cpp_vs_python.py [--quick] [--threads 1] [--images 16] [--out bench/results/cpp_vs_python.json]
+Needs ``make cpp`` first (the binary is cpp_runtime/build/release/safe-denoiser-cpp).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_info, print_table, write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+BINARY = ROOT / "cpp_runtime" / "build" / "release" / "safe-denoiser-cpp"
+
+PY_RUNNER = """
+import json, sys, time
+t0 = time.perf_counter()
+from safe_denoiser.export.runtime import Bundle
+from safe_denoiser.export.png import png_bytes
+bundle_dir, reqs = sys.argv[1], json.loads(sys.argv[2])
+batch, steps, threads = (int(v) for v in sys.argv[3:6])
+b = Bundle(bundle_dir, threads=threads)
+b.session("denoiser")
+for g in b.manifest.graphs:
+    b.session(g)
+t1 = time.perf_counter()
+for i in range(0, len(reqs), batch):
+    chunk = reqs[i : i + batch]
+    cond = [r.get("class", r.get("prompt")) for r in chunk]
+    res = b.sample(cond, seed=[r["seed"] for r in chunk], steps=steps)
+    for img in Bundle.to_uint8(b.decode(res.sample)):
+        png_bytes(img)
+print(json.dumps({"startup_s": t1 - t0, "generate_s": time.perf_counter() - t1}))
+"""
+
+
+def vm_hwm_mib(pid: int) -> int:
+    """The process's peak resident set (VmHWM) in MiB; 0 once it has exited."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return 0
+
+
+def run_measured(cmd: list[str]) -> tuple[float, int, str]:
+    """Wall seconds, peak RSS (MiB) and stdout of a child process.
+
+    Peak RSS is VmHWM sampled every 10 ms: ``ru_maxrss`` of a child would include this (large) parent's resident
+    set, which Linux carries over fork and exec.
+    """
+    start = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, vm_hwm_mib(proc.pid))
+            time.sleep(0.01)
+        wall = time.perf_counter() - start
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cmd[:2]} exited {proc.returncode}: {err.read()[-2000:]}")
+        return wall, peak, out.read()
+
+
+def export(name: str, tmp: Path, steps: int) -> tuple[Path, Any]:
+    from safe_denoiser.export.exporter import export_bundle, load_source
+
+    common = {"scheduler": "ddim", "num_inference_steps": steps, "safe_denoiser": {"preset": "theorem", "eta": 0.5}}
+    if name == "demo":
+        args = {"model": "demo", "guidance_scale": 2.0, "bank": "bundled", **common}
+    else:
+        import torch
+
+        from safe_denoiser.core.bank import NegativeBank
+
+        bank = tmp / "sd14_bank.safetensors"
+        NegativeBank.from_tensor(torch.randn(16, 4, 16, 16, generator=torch.Generator().manual_seed(0))).save(bank)
+        args = {"model": "sd14-random", "guidance_scale": 7.5, "height": 128, "width": 128, "bank": str(bank), **common}
+    source = load_source(args)
+    out = tmp / name
+    export_bundle(source, out)
+    return out, source
+
+
+def torch_rate(name: str, source: Any, reqs: list[dict[str, Any]], batch: int, steps: int) -> float:
+    """Images per second of the PyTorch pipeline with the correction attached (PNG encoding included)."""
+    import torch
+
+    from safe_denoiser import attach, detach
+    from safe_denoiser.export.png import png_bytes
+
+    pipe = source.pipe
+    attach(pipe, source.bank, source.guidance)
+    try:
+        start = time.perf_counter()
+        with torch.no_grad():
+            for i in range(0, len(reqs), batch):
+                chunk = reqs[i : i + batch]
+                gens = [torch.Generator().manual_seed(r["seed"]) for r in chunk]
+                if name == "demo":
+                    out = pipe(
+                        class_labels=[r["class"] for r in chunk],
+                        num_inference_steps=steps,
+                        generator=gens,
+                        guidance_scale=2.0,
+                        output_type="np",
+                    ).images
+                else:
+                    out = pipe(
+                        [r["prompt"] for r in chunk],
+                        num_inference_steps=steps,
+                        generator=gens,
+                        height=128,
+                        width=128,
+                        guidance_scale=7.5,
+                        output_type="np",
+                    ).images
+                for img in np.asarray(out):
+                    png_bytes(np.rint(np.clip(img, 0, 1) * 255).astype(np.uint8))
+        return len(reqs) / (time.perf_counter() - start)
+    finally:
+        detach(pipe)
+
+
+def server_bench(bundle: Path, reqs: list[dict[str, Any]], threads: int, steps: int) -> list[dict[str, Any]]:
+    """Throughput and latency percentiles of the C++ server at 1, 2 and 4 concurrent clients."""
+    cmd = [
+        str(BINARY),
+        "serve",
+        "--bundle",
+        str(bundle),
+        "--port",
+        "0",
+        "--threads",
+        str(threads),
+        "--max-batch",
+        "4",
+        "--queue",
+        "16",
+        "--max-seconds",
+        "600",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    port = int(proc.stdout.readline().rsplit(":", 1)[1])
+    rows = []
+    try:
+        for clients in (1, 2, 4):
+            latencies: list[float] = []
+            lock = threading.Lock()
+
+            def client(k: int, clients: int = clients, latencies: list[float] = latencies, lock: Any = lock) -> None:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+                for r in reqs[k::clients]:
+                    t = time.perf_counter()
+                    conn.request("POST", "/generate?format=png", json.dumps({**r, "steps": steps}))
+                    resp = conn.getresponse()
+                    resp.read()
+                    assert resp.status == 200, resp.status
+                    with lock:
+                        latencies.append(time.perf_counter() - t)
+                conn.close()
+
+            start = time.perf_counter()
+            pool = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+            for t in pool:
+                t.start()
+            for t in pool:
+                t.join()
+            wall = time.perf_counter() - start
+            lat = sorted(latencies)
+            rows.append(
+                {
+                    "clients": clients,
+                    "images_per_s": len(lat) / wall,
+                    "p50_ms": 1e3 * statistics.median(lat),
+                    "p99_ms": 1e3 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+                }
+            )
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    return rows
+
+
+def run_model(name: str, images: int, threads: int, tmp: Path) -> dict[str, Any]:
+    batch, steps = (4, 25) if name == "demo" else (1, 3)
+    bundle, source = export(name, tmp, steps)
+    if name == "demo":
+        reqs: list[dict[str, Any]] = [{"class": i % 10, "seed": i} for i in range(images)]
+    else:
+        reqs = [{"prompt": f"a photo of a cat number {i}", "seed": i} for i in range(images)]
+    (tmp / f"{name}.jsonl").write_text("\n".join(json.dumps({**r, "steps": steps}) for r in reqs) + "\n")
+    out_dir = tmp / f"{name}_out"
+    out_dir.mkdir()
+
+    startup_cpp, rss_info, _ = run_measured([str(BINARY), "info", "--bundle", str(bundle), "--threads", str(threads)])
+    cpp_wall, cpp_rss, _ = run_measured(
+        [
+            str(BINARY),
+            "batch",
+            "--bundle",
+            str(bundle),
+            "--requests",
+            str(tmp / f"{name}.jsonl"),
+            "--out-dir",
+            str(out_dir),
+            "--max-batch",
+            str(batch),
+            "--threads",
+            str(threads),
+        ]
+    )
+    records = [json.loads(p.read_text()) for p in sorted(out_dir.glob("*.json"))]
+    cpp_load_s = records[0]["timings_ms"]["load"] / 1e3
+    py_wall, py_rss, py_out = run_measured(
+        [sys.executable, "-c", PY_RUNNER, str(bundle), json.dumps(reqs), str(batch), str(steps), str(threads)]
+    )
+    py = json.loads(py_out)
+    startup_py, _, _ = run_measured([sys.executable, "-c", PY_RUNNER, str(bundle), "[]", "1", str(steps), str(threads)])
+    torch_ips = torch_rate(name, source, reqs, batch, steps)
+    server = server_bench(bundle, reqs, threads, steps)
+    cpp_ips, py_ips = images / cpp_wall, images / py_wall
+    return {
+        "model": name,
+        "batch": batch,
+        "steps": steps,
+        "images": images,
+        "cpp_images_per_s": cpp_ips,
+        "python_images_per_s": py_ips,
+        "torch_images_per_s": torch_ips,
+        "cpp_generate_images_per_s": images / max(cpp_wall - cpp_load_s, 1e-9),
+        "python_generate_images_per_s": images / py["generate_s"],
+        "cpp_vs_python": cpp_ips / py_ips,
+        "cpp_vs_torch": cpp_ips / torch_ips,
+        "startup_cpp_s": startup_cpp,
+        "startup_python_s": startup_py,
+        "peak_rss_cpp_mib": cpp_rss,
+        "peak_rss_cpp_info_mib": rss_info,
+        "peak_rss_python_mib": py_rss,
+        "server": server,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="the demo model only")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--images", type=int, default=16)
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "cpp_vs_python.json"))
+    args = p.parse_args(argv)
+    if not BINARY.is_file():
+        raise SystemExit(f"{BINARY} is missing: run `make cpp` first")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="cpp-vs-python-") as tmp:
+        for name in ["demo"] if args.quick else ["demo", "sd14"]:
+            results.append(
+                run_model(name, args.images if name == "demo" else max(2, args.images // 4), args.threads, Path(tmp))
+            )
+    header = [
+        "model",
+        "C++ img/s",
+        "Python img/s",
+        "PyTorch img/s",
+        "C++/Python",
+        "C++/PyTorch",
+        "start-up C++ / Py (s)",
+        "peak RSS C++ / Py (MiB)",
+    ]
+    print_table(
+        header,
+        [
+            [
+                r["model"],
+                f"{r['cpp_images_per_s']:.2f}",
+                f"{r['python_images_per_s']:.2f}",
+                f"{r['torch_images_per_s']:.2f}",
+                f"{r['cpp_vs_python']:.2f}x",
+                f"{r['cpp_vs_torch']:.2f}x",
+                f"{r['startup_cpp_s']:.2f} / {r['startup_python_s']:.2f}",
+                f"{r['peak_rss_cpp_mib']} / {r['peak_rss_python_mib']}",
+            ]
+            for r in results
+        ],
+    )
+    print()
+    print_table(
+        ["model", "clients", "img/s", "p50 ms", "p99 ms"],
+        [
+            [r["model"], s["clients"], f"{s['images_per_s']:.2f}", f"{s['p50_ms']:.0f}", f"{s['p99_ms']:.0f}"]
+            for r in results
+            for s in r["server"]
+        ],
+    )
+    write_json(args.out, {"machine": machine_info(args.threads), "load_avg_1m": os.getloadavg()[0], "results": results})
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Export the four small bundles the C++ tests use into OUT (skips bundles that already exist).
+
+demo_theorem   demo model, theorem preset, bundled bank          (class labels, pixel space)
+demo_reference demo model, reference preset (re-noise)            (class labels)
+tiny_sld       tiny random-weight SD, reference preset + SLD      (text, latents, VAE)
+tiny_theorem   tiny random-weight SD, theorem preset, no SLD      (text)
+
+Usage: python cpp_runtime/scripts/make_test_bundles.py OUT
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+SLD = {"guidance_scale": 1000.0, "warmup_steps": 1, "threshold": 0.01, "momentum_scale": 0.3, "mom_beta": 0.4}
+
+
+def specs(work: Path) -> dict[str, dict[str, Any]]:
+    """The export configs (the ``model:`` section of a predict YAML) of each test bundle."""
+    demo = {"model": "demo", "scheduler": "ddim", "num_inference_steps": 10, "guidance_scale": 2.0, "bank": "bundled"}
+    tiny = {
+        "model": "tiny-sd",
+        "scheduler": "ddim",
+        "num_inference_steps": 4,
+        "guidance_scale": 7.5,
+        "height": 16,
+        "width": 16,
+        "bank": str(work / "tiny_bank.safetensors"),
+    }
+    return {
+        "demo_theorem": {
+            **demo,
+            "safe_denoiser": {"preset": "theorem", "eta": 0.5, "window": [300, 800], "gate_log_mass": -200.0},
+        },
+        "demo_reference": {**demo, "safe_denoiser": {"preset": "reference", "window": [0, 1000]}},
+        "tiny_sld": {**tiny, "safe_denoiser": {"preset": "reference", "window": [400, 1000]}, "sld": SLD},
+        "tiny_theorem": {**tiny, "safe_denoiser": {"preset": "theorem", "eta": 0.5, "window": [0, 1000]}},
+    }
+
+
+def tiny_bank(path: Path) -> None:
+    """A bank of final latents of the uncorrected tiny pipeline (trajectories come near it, so the gate opens)."""
+    import torch
+
+    from safe_denoiser.core.bank import NegativeBank
+    from safe_denoiser.diffusers.pipelines import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline(seed=0)
+    gens = [torch.Generator().manual_seed(s) for s in range(4)]
+    lat = pipe(
+        ["a photo of a cat"] * 4, num_inference_steps=4, height=16, width=16, generator=gens, output_type="latent"
+    ).images
+    NegativeBank.from_tensor(lat).save(path)
+
+
+def main(out: str) -> None:
+    """Export every missing bundle into ``out``."""
+    import torch
+
+    from safe_denoiser.export.exporter import export_bundle, load_source
+
+    torch.set_num_threads(1)
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / "tiny_bank.safetensors").is_file():
+        tiny_bank(root / "tiny_bank.safetensors")
+    for name, args in specs(root).items():
+        if not (root / name / "manifest.json").is_file():
+            export_bundle(load_source(args), root / name)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,316 @@
+// safe-denoiser-cpp: generate | batch | serve | info | schedule | noise | tokenize (see the README).
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <chrono>
+#include <fstream>
+#include <iomanip>
+#include <set>
+#include <iostream>
+#include <sstream>
+
+#include "requests.hpp"
+#include "safe_denoiser_cpp/files.hpp"
+#include "safe_denoiser_cpp/image.hpp"
+#include "safe_denoiser_cpp/noise.hpp"
+#include "safe_denoiser_cpp/scheduler.hpp"
+#include "safe_denoiser_cpp/tokenizer.hpp"
+#include "server.hpp"
+
+namespace {
+using nlohmann::json;
+using namespace sdcpp;
+
+std::string dump(const json& j) { return j.dump(2, ' ', false, json::error_handler_t::replace) + "\n"; }
+
+std::string parent_dir(const std::string& path) {
+  const auto slash = path.find_last_of('/');
+  return slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
+}
+
+// Fail before the (slow) generation when an output cannot be written.
+void require_writable(const std::string& path, const char* what) {
+  const std::string dir = parent_dir(path);
+  struct stat st {};
+  if (::stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode) || ::access(dir.c_str(), W_OK) != 0) {
+    throw Error(ErrorKind::io, std::string(what) + ": '" + dir + "' is not a writable folder");
+  }
+}
+
+std::string stem_of(const std::string& path) {
+  const auto dot = path.find_last_of('.');
+  const auto slash = path.find_last_of('/');
+  return dot == std::string::npos || (slash != std::string::npos && dot < slash) ? path : path.substr(0, dot);
+}
+
+double ms_since(std::chrono::steady_clock::time_point t) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t).count();
+}
+
+struct Common {
+  std::string bundle, provider = "cpu";
+  int threads = 0, inter_threads = 0, device = 0;
+  bool trt_fp16 = false;
+  RuntimeOptions options() const {
+    RuntimeOptions o;
+    o.provider = provider;
+    o.intra_threads = threads;
+    o.inter_threads = inter_threads;
+    o.device_id = device;
+    o.trt_fp16 = trt_fp16;
+    return o;
+  }
+};
+
+void add_common(CLI::App* app, Common& c) {
+  app->add_option("--bundle", c.bundle, "bundle folder written by `safe-denoiser export`")->required();
+  app->add_option("--provider", c.provider, "execution provider: cpu, cuda or tensorrt")->capture_default_str();
+  app->add_option("--threads", c.threads, "intra-op threads (0: ONNX Runtime's default)");
+  app->add_option("--inter-threads", c.inter_threads, "inter-op threads (0: default)");
+  app->add_option("--device", c.device, "GPU device id (cuda, tensorrt)");
+  app->add_flag("--trt-fp16", c.trt_fp16, "tensorrt: allow fp16 kernels");
+}
+
+struct GenerateArgs {
+  Common common;
+  std::optional<int64_t> cls, negative_class;
+  std::optional<std::string> prompt;
+  std::string negative_prompt, out, record, noise, sample_out;
+  uint64_t seed = 0;
+  uint32_t item = 0;
+  int steps = 0;
+  std::optional<double> guidance;
+};
+
+int run_generate(const GenerateArgs& a) {
+  require_writable(a.out, "--out");
+  const std::string record_path = a.record.empty() ? stem_of(a.out) + ".json" : a.record;
+  require_writable(record_path, "--record");
+  if (!a.sample_out.empty()) require_writable(a.sample_out, "--sample-out");
+  auto runtime = Runtime::open(a.common.bundle, a.common.options());
+  const Manifest& m = runtime->manifest();
+  cli::ParsedRequest p;
+  p.request.class_label = a.cls;
+  p.request.negative_class = a.negative_class;
+  p.request.prompt = a.prompt;
+  p.request.negative_prompt = a.negative_prompt;
+  p.request.seed = a.seed;
+  p.request.item = a.item;
+  p.request.guidance = a.guidance;
+  p.steps = a.steps;
+  if (!a.noise.empty()) {
+    NpyArray noise = read_npy_f32(a.noise);
+    std::vector<int64_t> expect = m.sample_shape, expect1 = {1};
+    expect1.insert(expect1.end(), expect.begin(), expect.end());
+    if (noise.shape != expect && noise.shape != expect1) {
+      std::string got;
+      for (const auto d : noise.shape) got += (got.empty() ? "" : ", ") + std::to_string(d);
+      throw Error(ErrorKind::input, "noise: '" + a.noise + "' has shape (" + got + "), expected (1, " +
+                                        std::to_string(expect[0]) + ", " + std::to_string(expect[1]) + ", " +
+                                        std::to_string(expect[2]) + ") float32");
+    }
+    p.request.noise = std::move(noise.data);
+  }
+  runtime->validate(p.request);
+  auto results = runtime->generate({p.request}, p.steps);
+  const auto t_png = std::chrono::steady_clock::now();
+  const auto png = cli::result_png(results[0]);
+  const double png_ms = ms_since(t_png);
+  const json record = cli::make_record(*runtime, p, results[0], a.common.provider, png_ms);
+  if (!a.sample_out.empty()) {
+    std::vector<int64_t> shape = {1};
+    shape.insert(shape.end(), m.sample_shape.begin(), m.sample_shape.end());
+    atomic_write(a.sample_out, npy_bytes_f32(shape, results[0].sample.data()));
+  }
+  atomic_write(record_path, dump(record));
+  atomic_write(a.out, png.data(), png.size());
+  std::cout << a.out << " (" << results[0].corrected_steps.size() << " corrected steps, "
+            << results[0].timings.denoise_ms << " ms)\n";
+  return 0;
+}
+
+struct BatchArgs {
+  Common common;
+  std::string requests, out_dir;
+  int max_batch = 4;
+};
+
+int run_batch(const BatchArgs& a) {
+  require_writable(a.out_dir + "/x", "--out-dir");
+  auto runtime = Runtime::open(a.common.bundle, a.common.options());
+  // Read and validate every line first: a malformed file writes nothing.
+  std::ifstream in(a.requests);
+  if (!in) throw Error(ErrorKind::io, "--requests: cannot read '" + a.requests + "'");
+  std::vector<cli::ParsedRequest> parsed;
+  std::string line;
+  std::set<std::string> ids;
+  for (int number = 1; std::getline(in, line); ++number) {
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    try {
+      auto p = cli::parse_request(json::parse(line), runtime->manifest());
+      runtime->validate(p.request);
+      if (p.id.empty()) {
+        std::ostringstream id;
+        id << "line" << std::setw(6) << std::setfill('0') << number;
+        p.id = id.str();
+      }
+      if (!ids.insert(p.id).second) throw Error(ErrorKind::input, "id: '" + p.id + "' appears twice");
+      parsed.push_back(std::move(p));
+    } catch (const json::exception& e) {
+      throw Error(ErrorKind::input, a.requests + " line " + std::to_string(number) + ": not JSON (" + e.what() + ")");
+    } catch (const Error& e) {
+      throw Error(e.kind(), a.requests + " line " + std::to_string(number) + ": " + e.what());
+    }
+  }
+  size_t i = 0;
+  while (i < parsed.size()) {  // consecutive requests with the same steps share a batch
+    size_t j = i;
+    std::vector<Request> batch;
+    while (j < parsed.size() && static_cast<int>(batch.size()) < a.max_batch && parsed[j].steps == parsed[i].steps) {
+      batch.push_back(parsed[j++].request);
+    }
+    auto results = runtime->generate(batch, parsed[i].steps);
+    for (size_t k = 0; k < results.size(); ++k) {
+      const auto t_png = std::chrono::steady_clock::now();
+      const auto png = cli::result_png(results[k]);
+      const auto& p = parsed[i + k];
+      json rec = cli::make_record(*runtime, p, results[k], a.common.provider, ms_since(t_png));
+      rec["batch_size"] = results.size();
+      atomic_write(a.out_dir + "/" + p.id + ".json", dump(rec));
+      atomic_write(a.out_dir + "/" + p.id + ".png", png.data(), png.size());
+    }
+    i = j;
+  }
+  std::cout << parsed.size() << " images in " << a.out_dir << "\n";
+  return 0;
+}
+
+int run_info(const Common& c) {
+  auto runtime = Runtime::open(c.bundle, c.options());
+  const Manifest& m = runtime->manifest();
+  json info = {{"bundle", c.bundle},          {"model_kind", m.model_kind},
+               {"source", m.source},          {"sample_shape", m.sample_shape},
+               {"steps", m.num_inference_steps}, {"guidance_scale", m.guidance_scale},
+               {"correction", m.guidance_mode ? json(*m.guidance_mode) : json(nullptr)},
+               {"sld", m.has_sld},            {"bank_sha256", m.bank ? json(m.bank->sha256) : json(nullptr)},
+               {"onnxruntime", ort_version()}, {"ort_api_version", kOrtApiVersion},
+               {"providers", available_providers()}, {"load_ms", runtime->load_ms()}};
+  std::cout << dump(info);
+  return 0;
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"safe-denoiser-cpp: run a safe-denoiser bundle with ONNX Runtime (no Python)"};
+  app.require_subcommand(1);
+
+  GenerateArgs g;
+  auto* gen = app.add_subcommand("generate", "generate one image");
+  add_common(gen, g.common);
+  auto* cls = gen->add_option("--class", g.cls, "class label (class-conditional bundles)");
+  auto* prompt = gen->add_option("--prompt", g.prompt, "prompt (text bundles)");
+  cls->excludes(prompt);
+  gen->add_option("--negative-class", g.negative_class, "negative class (default: the null class)");
+  gen->add_option("--negative-prompt", g.negative_prompt, "negative prompt (default: empty)");
+  gen->add_option("--seed", g.seed, "noise seed")->required();
+  gen->add_option("--item", g.item, "noise stream under the seed (Python: position in the batch)");
+  gen->add_option("--steps", g.steps, "DDIM steps (default: the manifest's)");
+  gen->add_option("--guidance", g.guidance, "classifier-free guidance scale (default: the manifest's)");
+  gen->add_option("--out", g.out, "PNG to write")->required();
+  gen->add_option("--record", g.record, "JSON record to write (default: OUT with .json)");
+  gen->add_option("--noise", g.noise, "initial noise .npy, float32 (1, C, H, W)");
+  gen->add_option("--sample-out", g.sample_out, "also write the final sample as .npy (float32)");
+
+  BatchArgs b;
+  auto* batch = app.add_subcommand("batch", "generate from JSONL requests (sessions load once)");
+  add_common(batch, b.common);
+  batch->add_option("--requests", b.requests, "JSONL file: one request object per line")->required();
+  batch->add_option("--out-dir", b.out_dir, "folder for <id>.png and <id>.json")->required();
+  batch->add_option("--max-batch", b.max_batch, "requests per ONNX Runtime call")->check(CLI::Range(1, 64));
+
+  Common info_args;
+  auto* info = app.add_subcommand("info", "validate a bundle and print what the runtime sees");
+  add_common(info, info_args);
+
+  Common serve_common;
+  cli::ServerOptions so;
+  auto* serve = app.add_subcommand("serve", "HTTP server: POST /generate, GET /health");
+  add_common(serve, serve_common);
+  serve->add_option("--host", so.host, "address to bind (loopback by default)")->capture_default_str();
+  serve->add_option("--port", so.port, "port (0: any free port, printed on start)")->capture_default_str();
+  serve->add_option("--queue", so.queue, "queued requests before answering 503")->check(CLI::Range(1, 4096))->capture_default_str();
+  serve->add_option("--max-batch", so.max_batch, "requests per ONNX Runtime call")->check(CLI::Range(1, 64))->capture_default_str();
+  serve->add_option("--timeout-ms", so.timeout_ms, "per-request timeout (504 after it)")->capture_default_str();
+  serve->add_option("--max-body", so.max_body, "largest request body in bytes (413 above)")->capture_default_str();
+  serve->add_option("--max-requests", so.max_requests, "stop after this many answered requests (0: never)");
+  serve->add_option("--max-seconds", so.max_seconds, "stop after this many seconds (0: never)");
+
+  std::string spacing = "leading";
+  int64_t train = 1000, offset = 0;
+  int sched_steps = 10;
+  auto* schedule = app.add_subcommand("schedule", "print DDIM timesteps as JSON");
+  schedule->add_option("--spacing", spacing)->required();
+  schedule->add_option("--train-steps", train);
+  schedule->add_option("--offset", offset);
+  schedule->add_option("--steps", sched_steps)->required();
+
+  uint64_t nseed = 0;
+  uint32_t nitem = 0, nstream = 0;
+  size_t ncount = 16;
+  std::string nout;
+  auto* noise = app.add_subcommand("noise", "write Philox Gaussian noise as .npy (parity tests)");
+  noise->add_option("--seed", nseed)->required();
+  noise->add_option("--item", nitem);
+  noise->add_option("--stream", nstream);
+  noise->add_option("--count", ncount)->required();
+  noise->add_option("--out", nout)->required();
+
+  std::string texts, tokenizer_dir;
+  auto* tokenize = app.add_subcommand("tokenize", "token ids of prompts (JSON list file) as JSON");
+  tokenize->add_option("--tokenizer", tokenizer_dir, "a bundle's tokenizer folder (tokenizer.json)")->required();
+  tokenize->add_option("--texts", texts, "JSON file: a list of strings")->required();
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    const int code = app.exit(e);
+    return code == 0 ? 0 : static_cast<int>(ErrorKind::usage);
+  }
+  try {
+    if (*gen) return run_generate(g);
+    if (*batch) return run_batch(b);
+    if (*info) return run_info(info_args);
+    if (*serve) {
+      auto runtime = Runtime::open(serve_common.bundle, serve_common.options());
+      return cli::serve(*runtime, serve_common.provider, so);
+    }
+    if (*schedule) {
+      std::cout << json(ddim_timesteps(spacing, train, offset, sched_steps)).dump() << "\n";
+      return 0;
+    }
+    if (*noise) {
+      std::vector<float> v(ncount);
+      gaussian_noise(nseed, nitem, nstream, v.data(), v.size());
+      atomic_write(nout, npy_bytes_f32({static_cast<int64_t>(ncount)}, v.data()));
+      return 0;
+    }
+    if (*tokenize) {
+      const auto tokenizer = ClipTokenizer::load(tokenizer_dir);
+      json ids = json::array();
+      for (const auto& text : json::parse(read_file(texts)).get<std::vector<std::string>>()) ids.push_back(tokenizer.encode(text));
+      std::cout << ids.dump() << "\n";
+      return 0;
+    }
+  } catch (const Error& e) {
+    std::cerr << "safe-denoiser-cpp: error: " << e.what() << "\n";
+    return static_cast<int>(e.kind());
+  } catch (const nlohmann::json::exception& e) {
+    std::cerr << "safe-denoiser-cpp: error: invalid JSON: " << e.what() << "\n";
+    return static_cast<int>(ErrorKind::input);
+  } catch (const std::exception& e) {
+    std::cerr << "safe-denoiser-cpp: error: " << e.what() << "\n";
+    return static_cast<int>(ErrorKind::runtime);
+  }
+  return static_cast<int>(ErrorKind::usage);
+}

@@ -1,0 +1,130 @@
+#include "requests.hpp"
+
+#include <cmath>
+#include <set>
+
+#include "safe_denoiser_cpp/image.hpp"
+
+namespace sdcpp::cli {
+namespace {
+using nlohmann::json;
+
+[[noreturn]] void bad(const std::string& field, const std::string& expected, const json& got) {
+  std::string shown = got.dump();
+  if (shown.size() > 60) shown = shown.substr(0, 57) + "...";
+  throw Error(ErrorKind::input, field + ": expected " + expected + ", got " + shown);
+}
+
+int64_t integer(const json& v, const std::string& field, int64_t lo, int64_t hi) {
+  if (!v.is_number_integer()) bad(field, "an integer", v);
+  // nlohmann stores non-negative literals as unsigned: compare in the matching type.
+  const bool out_of_range = v.is_number_unsigned()
+                                ? (v.get<uint64_t>() > static_cast<uint64_t>(hi) || (lo > 0 && v.get<uint64_t>() < static_cast<uint64_t>(lo)))
+                                : (v.get<int64_t>() < lo || v.get<int64_t>() > hi);
+  if (out_of_range) {
+    bad(field, "an integer in " + std::to_string(lo) + ".." + std::to_string(hi), v);
+  }
+  return v.get<int64_t>();
+}
+}  // namespace
+
+bool safe_stem(const std::string& stem) {
+  if (stem.empty() || stem.size() > 128 || stem[0] == '.') return false;
+  for (const char c : stem) {
+    if (!std::isalnum(static_cast<unsigned char>(c)) && c != '.' && c != '_' && c != '-') return false;
+  }
+  return true;
+}
+
+ParsedRequest parse_request(const json& body, const Manifest& m) {
+  static const std::set<std::string> known = {"id", "class", "negative_class", "prompt", "negative_prompt",
+                                              "seed", "item", "steps", "guidance"};
+  if (!body.is_object()) bad("request", "a JSON object", body);
+  for (const auto& [key, value] : body.items()) {
+    if (!known.count(key)) {
+      throw Error(ErrorKind::input, "request: unknown field '" + key +
+                                        "' (expected id, class, negative_class, prompt, negative_prompt, seed, item, steps, guidance)");
+    }
+  }
+  ParsedRequest out;
+  Request& r = out.request;
+  const int64_t null = m.null_class.value_or(0);
+  if (body.contains("class")) r.class_label = integer(body["class"], "class", 0, null);
+  if (body.contains("negative_class")) r.negative_class = integer(body["negative_class"], "negative_class", 0, null);
+  if (body.contains("prompt")) {
+    if (!body["prompt"].is_string()) bad("prompt", "a string", body["prompt"]);
+    r.prompt = body["prompt"].get<std::string>();
+    if (r.prompt->size() > 16384) throw Error(ErrorKind::input, "prompt: longer than 16384 bytes");
+  }
+  if (body.contains("negative_prompt")) {
+    if (!body["negative_prompt"].is_string()) bad("negative_prompt", "a string", body["negative_prompt"]);
+    r.negative_prompt = body["negative_prompt"].get<std::string>();
+    if (r.negative_prompt.size() > 16384) throw Error(ErrorKind::input, "negative_prompt: longer than 16384 bytes");
+  }
+  if (body.contains("seed")) {
+    const auto& s = body["seed"];
+    if (!s.is_number_integer() || (!s.is_number_unsigned() && s.get<int64_t>() < 0)) bad("seed", "an integer in 0..2^64-1", s);
+    r.seed = s.get<uint64_t>();
+  }
+  if (body.contains("item")) r.item = static_cast<uint32_t>(integer(body["item"], "item", 0, 0xffffffffLL));
+  const int64_t train = static_cast<int64_t>(m.alphas_cumprod.size());
+  if (body.contains("steps")) out.steps = static_cast<int>(integer(body["steps"], "steps", 1, train));
+  if (body.contains("guidance")) {
+    const auto& g = body["guidance"];
+    if (!g.is_number() || !std::isfinite(g.get<double>())) bad("guidance", "a finite number", g);
+    r.guidance = g.get<double>();
+  }
+  if (body.contains("id")) {
+    if (!body["id"].is_string() || !safe_stem(body["id"].get<std::string>())) {
+      bad("id", "a file stem of letters, digits, '.', '_' or '-' (1..128 characters)", body["id"]);
+    }
+    out.id = body["id"].get<std::string>();
+  }
+  return out;
+}
+
+std::vector<uint8_t> result_png(const Result& result) {
+  const auto pixels = to_uint8(result.image.data(), result.image_c, result.image_h, result.image_w);
+  return png_bytes(pixels.data(), result.image_h, result.image_w, result.image_c);
+}
+
+json make_record(const Runtime& runtime, const ParsedRequest& p, const Result& res, const std::string& provider,
+                 double png_ms) {
+  const Manifest& m = runtime.manifest();
+  const Request& r = p.request;
+  json rec = {
+      {"runtime", "safe-denoiser-cpp"},
+      {"onnxruntime", ort_version()},
+      {"provider", provider},
+      {"bundle", runtime.bundle_dir()},
+      {"source", m.source},
+      {"seed", r.seed},
+      {"item", r.item},
+      {"noise", r.noise.empty() ? "philox4x32-10 (seed, item)" : "explicit"},
+      {"steps", res.timesteps.size()},
+      {"guidance_scale", r.guidance.value_or(m.guidance_scale)},
+      {"timesteps", res.timesteps},
+      {"correction", m.guidance_mode ? json(*m.guidance_mode) : json(nullptr)},
+      {"sld", m.has_sld},
+      {"corrected_steps", res.corrected_steps},
+      {"corrected_count", res.corrected_steps.size()},
+      {"kernel_log_mass", res.kernel_log_mass},
+      {"warnings", res.warnings},
+      {"image", {{"height", res.image_h}, {"width", res.image_w}, {"channels", res.image_c}}},
+      {"timings_ms",
+       {{"load", runtime.load_ms()}, {"encode", res.timings.encode_ms}, {"denoise", res.timings.denoise_ms},
+        {"decode", res.timings.decode_ms}, {"png", png_ms}}},
+  };
+  if (!p.id.empty()) rec["id"] = p.id;
+  if (r.class_label) {
+    rec["class"] = *r.class_label;
+    rec["negative_class"] = r.negative_class.value_or(m.null_class.value_or(0));
+  }
+  if (r.prompt) {
+    rec["prompt"] = *r.prompt;
+    rec["negative_prompt"] = r.negative_prompt;
+  }
+  return rec;
+}
+
+}  // namespace sdcpp::cli

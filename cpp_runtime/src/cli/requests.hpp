@@ -1,0 +1,26 @@
+// JSON requests (batch lines, POST /generate bodies) -> Request, and the JSON record written with every image.
+#pragma once
+
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "safe_denoiser_cpp/runtime.hpp"
+
+namespace sdcpp::cli {
+
+struct ParsedRequest {
+  Request request;
+  int steps = 0;   // 0: the manifest's default
+  std::string id;  // batch mode: output file stem
+};
+
+// Validate keys and types; Error(input) naming the field and the expected form.
+ParsedRequest parse_request(const nlohmann::json& body, const Manifest& manifest);
+nlohmann::json make_record(const Runtime& runtime, const ParsedRequest& request, const Result& result,
+                           const std::string& provider, double png_ms);
+// PNG bytes of a result's decoded image.
+std::vector<uint8_t> result_png(const Result& result);
+// "<stem>.png" under `dir` is safe: [A-Za-z0-9._-], 1..128 characters, no leading dot.
+bool safe_stem(const std::string& stem);
+
+}  // namespace sdcpp::cli

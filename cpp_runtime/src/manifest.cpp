@@ -1,0 +1,204 @@
+// manifest.json: parse and validate as safe_denoiser.export.manifest.Manifest.load does.
+#include <sys/stat.h>
+
+#include <nlohmann/json.hpp>
+
+#include "onnx_initializer.hpp"
+#include "safe_denoiser_cpp/files.hpp"
+#include "safe_denoiser_cpp/runtime.hpp"
+
+namespace sdcpp {
+namespace {
+using nlohmann::json;
+
+[[noreturn]] void bad(const std::string& why) { throw Error(ErrorKind::bundle, "manifest: " + why); }
+
+const json& require(const json& obj, const std::string& key, const std::string& where) {
+  if (!obj.is_object() || !obj.contains(key)) bad(where + " is missing the key '" + key + "'");
+  return obj.at(key);
+}
+
+bool is_file(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
+}
+
+bool is_dir(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+std::string shape_text(const std::vector<int64_t>& shape) {
+  std::string s = "(";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + ")";
+}
+
+std::vector<TensorSpec> tensors(const json& list, const std::string& where) {
+  if (!list.is_array()) bad(where + " must be a list");
+  std::vector<TensorSpec> out;
+  for (const auto& t : list) {
+    TensorSpec spec{require(t, "name", where).get<std::string>(), require(t, "dtype", where).get<std::string>(), {}};
+    for (const auto& d : require(t, "shape", where)) spec.shape.push_back(d.is_number_integer() ? d.get<int64_t>() : -1);
+    out.push_back(std::move(spec));
+  }
+  return out;
+}
+
+GraphSpec graph(const json& g, const std::string& name) {
+  const std::string where = "graph '" + name + "'";
+  GraphSpec spec;
+  spec.file = require(g, "file", where).get<std::string>();
+  if (g.contains("external_data") && !g.at("external_data").is_null()) spec.external_data = g.at("external_data");
+  spec.inputs = tensors(require(g, "inputs", where), where + " inputs");
+  spec.outputs = tensors(require(g, "outputs", where), where + " outputs");
+  return spec;
+}
+
+template <typename T>
+std::optional<T> optional_value(const json& data, const std::string& key) {
+  if (!data.contains(key) || data.at(key).is_null()) return std::nullopt;
+  return data.at(key).get<T>();
+}
+
+bool safe_relative(const std::string& file) {
+  return !file.empty() && file[0] != '/' && file.find("..") == std::string::npos;
+}
+}  // namespace
+
+const TensorSpec* GraphSpec::input(const std::string& name) const {
+  for (const auto& t : inputs) if (t.name == name) return &t;
+  return nullptr;
+}
+
+const TensorSpec* GraphSpec::output(const std::string& name) const {
+  for (const auto& t : outputs) if (t.name == name) return &t;
+  return nullptr;
+}
+
+int64_t Manifest::sample_size() const {
+  int64_t n = 1;
+  for (const auto d : sample_shape) n *= d;
+  return n;
+}
+
+Manifest Manifest::parse(const std::string& text) {
+  json data;
+  try {
+    data = json::parse(text);
+  } catch (const json::exception& e) {
+    bad(std::string("not readable JSON: ") + e.what());
+  }
+  if (!data.is_object() || !data.contains("format") || data.at("format") != kFormat) {
+    bad(std::string("format is ") + (data.is_object() && data.contains("format") ? data.at("format").dump() : "missing") +
+        ", expected '" + kFormat + "'");
+  }
+  if (!data.contains("format_version") || data.at("format_version") != kFormatVersion) {
+    bad("bundle format_version " + (data.contains("format_version") ? data.at("format_version").dump() : "missing") +
+        " is not supported by this runtime (it reads format_version " + std::to_string(kFormatVersion) +
+        "); re-export the bundle with a matching safe-denoiser");
+  }
+  Manifest m;
+  try {
+    m.model_kind = require(data, "model_kind", "the manifest").get<std::string>();
+    m.source = require(data, "source", "the manifest").get<std::string>();
+    m.sample_shape = require(data, "sample_shape", "the manifest").get<std::vector<int64_t>>();
+    m.num_inference_steps = require(data, "num_inference_steps", "the manifest").get<int>();
+    m.guidance_scale = require(data, "guidance_scale", "the manifest").get<double>();
+    const auto& sched = require(data, "scheduler", "the manifest");
+    m.alphas_cumprod = require(sched, "alphas_cumprod", "scheduler").get<std::vector<double>>();
+    const auto sigmas = require(sched, "sigmas", "scheduler").get<std::vector<double>>();
+    m.final_alpha_cumprod = require(sched, "final_alpha_cumprod", "scheduler").get<double>();
+    const auto& ddim = require(sched, "ddim", "scheduler");
+    m.timestep_spacing = ddim.value("timestep_spacing", std::string("leading"));
+    m.steps_offset = ddim.value("steps_offset", int64_t{0});
+    m.clip_sample = ddim.value("clip_sample", false);
+    m.clip_sample_range = ddim.value("clip_sample_range", 1.0);
+    m.thresholding = ddim.value("thresholding", false);
+    m.use_clipped_model_output = ddim.value("use_clipped_model_output", false);
+    if (m.alphas_cumprod.empty() || m.alphas_cumprod.size() != sigmas.size()) {
+      bad("scheduler.alphas_cumprod and scheduler.sigmas must be non-empty and equal");
+    }
+    if (data.contains("guidance") && !data.at("guidance").is_null()) {
+      const auto& g = data.at("guidance");
+      m.guidance_mode = require(g, "mode", "guidance").get<std::string>();
+      const auto window = require(g, "window", "guidance").get<std::vector<double>>();
+      if (window.size() != 2) bad("guidance.window must be [lo, hi]");
+      m.window_lo = window[0];
+      m.window_hi = window[1];
+      m.guidance_threshold = optional_value<double>(g, "threshold");
+    }
+    m.reference_threshold_alpha_bar = optional_value<double>(data, "reference_threshold_alpha_bar");
+    m.reference_threshold_steps = optional_value<int>(data, "reference_threshold_steps");
+    m.has_sld = data.contains("sld") && !data.at("sld").is_null();
+    if (data.contains("bank") && !data.at("bank").is_null()) {
+      const auto& b = data.at("bank");
+      BankInfo bank;
+      bank.count = require(b, "count", "bank").get<int64_t>();
+      bank.sample_shape = require(b, "sample_shape", "bank").get<std::vector<int64_t>>();
+      bank.sha256 = require(b, "sha256", "bank").get<std::string>();
+      bank.initializer = b.value("initializer", std::string("negative_bank"));
+      m.bank = bank;
+    }
+    m.tokenizer = optional_value<std::string>(data, "tokenizer");
+    m.null_class = optional_value<int64_t>(data, "null_class");
+    for (const auto& [name, g] : require(data, "graphs", "the manifest").items()) m.graphs[name] = graph(g, name);
+  } catch (const json::exception& e) {
+    bad(std::string("invalid content: ") + e.what());
+  }
+  if (m.sample_shape.size() != 3) bad("sample_shape must be (C, H, W), got " + shape_text(m.sample_shape));
+  return m;
+}
+
+Manifest Manifest::load(const std::string& bundle_dir, bool check_bank) {
+  if (!is_dir(bundle_dir)) throw Error(ErrorKind::bundle, "bundle '" + bundle_dir + "' is not a folder");
+  const std::string path = bundle_dir + "/manifest.json";
+  if (!is_file(path)) throw Error(ErrorKind::bundle, "bundle '" + bundle_dir + "' has no manifest.json");
+  Manifest m = parse(read_file(path));
+  if (m.model_kind != "class-conditional" && m.model_kind != "text-to-image") bad("unknown model_kind '" + m.model_kind + "'");
+  if (!m.graphs.count("denoiser")) bad("no 'denoiser' graph");
+  if (m.model_kind == "text-to-image") {
+    for (const char* name : {"text_encoder", "vae_decoder"}) {
+      if (!m.graphs.count(name)) bad(std::string("a text-to-image bundle needs a '") + name + "' graph");
+    }
+    if (!m.tokenizer) bad("a text-to-image bundle needs a tokenizer folder");
+  }
+  for (const auto& [name, g] : m.graphs) {
+    for (const auto* file : {&g.file, g.external_data ? &*g.external_data : nullptr}) {
+      if (file == nullptr) continue;
+      if (!safe_relative(*file)) bad("graph '" + name + "' names an unsafe path '" + *file + "'");
+      if (!is_file(bundle_dir + "/" + *file)) {
+        throw Error(ErrorKind::bundle, "bundle '" + bundle_dir + "': file '" + *file + "' of graph '" + name + "' is missing");
+      }
+    }
+  }
+  if (m.tokenizer && (!safe_relative(*m.tokenizer) || !is_dir(bundle_dir + "/" + *m.tokenizer))) {
+    throw Error(ErrorKind::bundle, "bundle '" + bundle_dir + "': tokenizer folder '" + *m.tokenizer + "' is missing");
+  }
+  if (m.guidance_mode.has_value() != m.bank.has_value()) bad("guidance and bank must both be set or both be null");
+  if (m.bank) {
+    if (m.bank->sample_shape != m.sample_shape) {
+      bad("bank item shape " + shape_text(m.bank->sample_shape) + " differs from sample_shape " + shape_text(m.sample_shape));
+    }
+    if (check_bank) {
+      const std::string onnx = bundle_dir + "/" + m.graphs.at("denoiser").file;
+      const Initializer bank = read_float_initializer(onnx, m.bank->initializer);
+      std::vector<int64_t> expected = {m.bank->count};
+      expected.insert(expected.end(), m.sample_shape.begin(), m.sample_shape.end());
+      if (bank.dims != expected) {
+        throw Error(ErrorKind::bundle, "bank inside '" + onnx + "' has shape " + shape_text(bank.dims) +
+                                           ", manifest says " + shape_text(expected));
+      }
+      const std::string digest = sha256_hex(bank.bytes);
+      if (digest != m.bank->sha256) {
+        throw Error(ErrorKind::bundle, "bank hash mismatch: the bank inside '" + onnx + "' hashes to " +
+                                           digest.substr(0, 16) + "..., the manifest records " +
+                                           m.bank->sha256.substr(0, 16) +
+                                           "... (the graph or the manifest was changed after export)");
+      }
+    }
+  }
+  return m;
+}
+
+}  // namespace sdcpp

@@ -1,0 +1,214 @@
+#include "onnx_initializer.hpp"
+
+#include <openssl/evp.h>
+
+#include <cstdio>
+#include <fstream>
+#include <memory>
+
+#include "safe_denoiser_cpp/runtime.hpp"
+
+namespace sdcpp {
+namespace {
+constexpr int kFloat = 1;          // TensorProto.DataType.FLOAT
+constexpr int kExternal = 1;       // TensorProto.DataLocation.EXTERNAL
+
+// Random-access reads of a file with bounds checks; every failure names the file.
+class Reader {
+ public:
+  explicit Reader(const std::string& path) : path_(path), in_(path, std::ios::binary) {
+    if (!in_) throw Error(ErrorKind::bundle, "cannot open '" + path + "'");
+    in_.seekg(0, std::ios::end);
+    size_ = static_cast<uint64_t>(in_.tellg());
+  }
+  uint64_t size() const { return size_; }
+  std::string read(uint64_t offset, uint64_t n) {
+    if (offset > size_ || n > size_ - offset) fail("field runs past the end of the file");
+    std::string out(n, '\0');
+    in_.seekg(static_cast<std::streamoff>(offset));
+    in_.read(out.data(), static_cast<std::streamsize>(n));
+    if (!in_) fail("read error");
+    return out;
+  }
+  uint64_t varint(uint64_t& pos, uint64_t end) {
+    uint64_t v = 0;
+    for (int shift = 0; shift < 64; shift += 7) {
+      if (pos >= end) fail("truncated varint");
+      const auto byte = static_cast<unsigned char>(read(pos++, 1)[0]);
+      v |= static_cast<uint64_t>(byte & 0x7f) << shift;
+      if (!(byte & 0x80)) return v;
+    }
+    fail("varint too long");
+  }
+  // Skip a field's payload of the given wire type; returns (offset, length) of length-delimited payloads.
+  void skip(int wire, uint64_t& pos, uint64_t end) {
+    switch (wire) {
+      case 0: varint(pos, end); break;
+      case 1: pos += 8; break;
+      case 2: { const uint64_t n = varint(pos, end); pos += n; break; }
+      case 5: pos += 4; break;
+      default: fail("unsupported wire type " + std::to_string(wire));
+    }
+    if (pos > end) fail("field runs past its message");
+  }
+  [[noreturn]] void fail(const std::string& why) const {
+    throw Error(ErrorKind::bundle, "'" + path_ + "' is not a readable ONNX file: " + why);
+  }
+
+ private:
+  std::string path_;
+  std::ifstream in_;
+  uint64_t size_ = 0;
+};
+
+struct Span {
+  uint64_t pos = 0, len = 0;
+};
+
+std::string dir_of(const std::string& path) {
+  const auto slash = path.find_last_of('/');
+  return slash == std::string::npos ? "." : path.substr(0, slash);
+}
+
+Initializer parse_tensor(Reader& r, const std::string& path, uint64_t pos, uint64_t end, const std::string& name) {
+  Initializer out;
+  int data_type = 0, location = 0;
+  Span raw, packed_floats;
+  std::string loose_floats;
+  std::string ext_location;
+  uint64_t ext_offset = 0, ext_length = 0;
+  bool has_length = false;
+  while (pos < end) {
+    const uint64_t tag = r.varint(pos, end);
+    const int field = static_cast<int>(tag >> 3), wire = static_cast<int>(tag & 7);
+    if (field == 1 && wire == 0) {
+      out.dims.push_back(static_cast<int64_t>(r.varint(pos, end)));
+    } else if (field == 1 && wire == 2) {
+      const uint64_t n = r.varint(pos, end), stop = pos + n;
+      while (pos < stop) out.dims.push_back(static_cast<int64_t>(r.varint(pos, stop)));
+    } else if (field == 2 && wire == 0) {
+      data_type = static_cast<int>(r.varint(pos, end));
+    } else if (field == 4 && wire == 2) {
+      packed_floats.len = r.varint(pos, end);
+      packed_floats.pos = pos;
+      pos += packed_floats.len;
+    } else if (field == 4 && wire == 5) {
+      loose_floats += r.read(pos, 4);
+      pos += 4;
+    } else if (field == 9 && wire == 2) {
+      raw.len = r.varint(pos, end);
+      raw.pos = pos;
+      pos += raw.len;
+    } else if (field == 13 && wire == 2) {  // StringStringEntryProto {key 1, value 2}
+      const uint64_t n = r.varint(pos, end), stop = pos + n;
+      std::string key, value;
+      while (pos < stop) {
+        const uint64_t t = r.varint(pos, stop);
+        if ((t & 7) != 2) { r.skip(static_cast<int>(t & 7), pos, stop); continue; }
+        const uint64_t len = r.varint(pos, stop);
+        ((t >> 3) == 1 ? key : value) = r.read(pos, len);
+        pos += len;
+      }
+      if (key == "location") ext_location = value;
+      if (key == "offset") ext_offset = std::stoull(value);
+      if (key == "length") { ext_length = std::stoull(value); has_length = true; }
+    } else if (field == 14 && wire == 0) {
+      location = static_cast<int>(r.varint(pos, end));
+    } else {
+      r.skip(wire, pos, end);
+    }
+    if (pos > end) r.fail("tensor runs past its message");
+  }
+  if (data_type != kFloat) {
+    throw Error(ErrorKind::bundle, "initializer '" + name + "' in '" + path + "' is not float32 (data_type " +
+                                       std::to_string(data_type) + ")");
+  }
+  if (location == kExternal) {
+    if (ext_location.empty() || ext_location.find("..") != std::string::npos || ext_location[0] == '/') {
+      throw Error(ErrorKind::bundle, "initializer '" + name + "' has an invalid external data location");
+    }
+    Reader data(dir_of(path) + "/" + ext_location);
+    out.bytes = data.read(ext_offset, has_length ? ext_length : data.size() - ext_offset);
+  } else if (raw.len > 0) {
+    out.bytes = r.read(raw.pos, raw.len);
+  } else if (packed_floats.len > 0) {
+    out.bytes = r.read(packed_floats.pos, packed_floats.len);
+  } else {
+    out.bytes = loose_floats;
+  }
+  return out;
+}
+
+// Find `name` among the graph's initializers: returns true and fills `out`.
+bool find_in_graph(Reader& r, const std::string& path, uint64_t pos, uint64_t end, const std::string& name,
+                   Initializer& out) {
+  while (pos < end) {
+    const uint64_t tag = r.varint(pos, end);
+    const int field = static_cast<int>(tag >> 3), wire = static_cast<int>(tag & 7);
+    if (field == 5 && wire == 2) {
+      const uint64_t n = r.varint(pos, end), start = pos, stop = pos + n;
+      // Protobuf writers emit fields in number order: the name (8) comes before raw_data (9).
+      uint64_t p = start;
+      std::string tensor_name;
+      while (p < stop) {
+        const uint64_t t = r.varint(p, stop);
+        if ((t >> 3) == 8 && (t & 7) == 2) {
+          const uint64_t len = r.varint(p, stop);
+          tensor_name = r.read(p, len);
+          break;
+        }
+        r.skip(static_cast<int>(t & 7), p, stop);
+      }
+      if (tensor_name == name) {
+        out = parse_tensor(r, path, start, stop, name);
+        return true;
+      }
+      pos = stop;
+    } else {
+      r.skip(wire, pos, end);
+    }
+  }
+  return false;
+}
+}  // namespace
+
+Initializer read_float_initializer(const std::string& onnx_path, const std::string& name) {
+  Reader r(onnx_path);
+  uint64_t pos = 0;
+  const uint64_t end = r.size();
+  bool saw_graph = false;
+  while (pos < end) {
+    const uint64_t tag = r.varint(pos, end);
+    const int field = static_cast<int>(tag >> 3), wire = static_cast<int>(tag & 7);
+    if (field == 0) r.fail("field number 0");
+    if (field == 7 && wire == 2) {
+      const uint64_t n = r.varint(pos, end);
+      if (n > end - pos) r.fail("graph runs past the end of the file");
+      saw_graph = true;
+      Initializer out;
+      if (find_in_graph(r, onnx_path, pos, pos + n, name, out)) return out;
+      pos += n;
+    } else {
+      r.skip(wire, pos, end);
+    }
+  }
+  if (!saw_graph) r.fail("no graph");
+  throw Error(ErrorKind::bundle, "'" + onnx_path + "' has no initializer named '" + name + "'");
+}
+
+std::string sha256_hex(const std::string& bytes) {
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  if (EVP_Digest(bytes.data(), bytes.size(), digest, &len, EVP_sha256(), nullptr) != 1) {
+    throw Error(ErrorKind::runtime, "sha256 failed");
+  }
+  static const char* hex = "0123456789abcdef";
+  std::string out;
+  for (unsigned int i = 0; i < len; ++i) {
+    out += hex[digest[i] >> 4];
+    out += hex[digest[i] & 15];
+  }
+  return out;
+}
+
+}  // namespace sdcpp

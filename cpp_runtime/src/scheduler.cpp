@@ -1,0 +1,70 @@
+#include "safe_denoiser_cpp/scheduler.hpp"
+
+#include <algorithm>
+#include <cmath>
+
+namespace sdcpp {
+namespace {
+// numpy's round-half-to-even of a float64, as np.round / np.rint.
+int64_t round_even(double v) { return static_cast<int64_t>(std::nearbyint(v)); }
+}  // namespace
+
+std::vector<int64_t> ddim_timesteps(const std::string& spacing, int64_t train_steps, int64_t steps_offset, int steps) {
+  if (steps <= 0 || steps > train_steps) {
+    throw Error(ErrorKind::input, "steps must lie in 1.." + std::to_string(train_steps) + ", got " +
+                                      std::to_string(steps));
+  }
+  std::vector<int64_t> ts(static_cast<size_t>(steps));
+  if (spacing == "linspace") {  // np.linspace(0, T - 1, steps).round()[::-1]
+    const double stop = static_cast<double>(train_steps - 1);
+    const double step = steps > 1 ? stop / (steps - 1) : 0.0;
+    for (int i = 0; i < steps; ++i) {
+      const double y = (steps > 1 && i == steps - 1) ? stop : (steps > 1 ? i * step : 0.0 * stop);
+      ts[static_cast<size_t>(steps - 1 - i)] = round_even(y);
+    }
+  } else if (spacing == "leading") {  // (arange(steps) * (T // steps)).round()[::-1] + offset
+    const int64_t ratio = train_steps / steps;
+    for (int i = 0; i < steps; ++i) ts[static_cast<size_t>(steps - 1 - i)] = i * ratio + steps_offset;
+  } else if (spacing == "trailing") {  // round(arange(T, 0, -T / steps)) - 1
+    const double start = static_cast<double>(train_steps), step = -start / steps;
+    const auto count = static_cast<int64_t>(std::ceil((0.0 - start) / step));
+    if (count != steps) throw Error(ErrorKind::input, "trailing spacing gives " + std::to_string(count) + " steps");
+    const double delta = (start + step) - start;  // numpy's arange fills start + i * (second - first)
+    for (int64_t i = 0; i < count; ++i) {
+      const double y = i == 0 ? start : (i == 1 ? start + step : start + static_cast<double>(i) * delta);
+      ts[static_cast<size_t>(i)] = round_even(y) - 1;
+    }
+  } else {
+    throw Error(ErrorKind::bundle, "unsupported timestep_spacing '" + spacing +
+                                       "' (expected linspace, leading or trailing)");
+  }
+  return ts;
+}
+
+std::vector<int64_t> ddim_timesteps(const Manifest& m, int steps) {
+  return ddim_timesteps(m.timestep_spacing, static_cast<int64_t>(m.alphas_cumprod.size()), m.steps_offset, steps);
+}
+
+void ddim_step(const Manifest& m, const float* eps, int64_t t, const float* x, int steps, float* out, size_t n) {
+  if (m.thresholding) throw Error(ErrorKind::bundle, "the bundle's scheduler uses dynamic thresholding (unsupported)");
+  const auto train = static_cast<int64_t>(m.alphas_cumprod.size());
+  const int64_t prev = t - train / steps;
+  const auto a_t = static_cast<float>(m.alphas_cumprod[static_cast<size_t>(t)]);
+  const auto a_prev = static_cast<float>(prev >= 0 ? m.alphas_cumprod[static_cast<size_t>(prev)] : m.final_alpha_cumprod);
+  const float b_t = 1.0f - a_t;
+  // numpy evaluates float32 ** 0.5 with powf; keep the same calls for bit-equal results.
+  const float sa = std::pow(a_t, 0.5f), sb = std::pow(b_t, 0.5f);
+  const float sa_prev = std::pow(a_prev, 0.5f), sb_prev = std::pow(1.0f - a_prev, 0.5f);
+  const auto r = static_cast<float>(m.clip_sample_range);
+  for (size_t i = 0; i < n; ++i) {
+    float e = eps[i];
+    float x0 = (x[i] - sb * e) / sa;
+    if (m.clip_sample) {
+      x0 = std::min(std::max(x0, -r), r);
+      if (m.use_clipped_model_output) e = (x[i] - sa * x0) / sb;
+    }
+    out[i] = sa_prev * x0 + sb_prev * e;
+  }
+}
+
+}  // namespace sdcpp

@@ -1,0 +1,213 @@
+// Unit tests that need no bundle: Philox known answers, noise statistics, timesteps, the DDIM update against a
+// float64 recomputation, PNG structure and round trip, .npy I/O, atomic writes, manifest and provider errors.
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <zlib.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <fstream>
+
+#include "safe_denoiser_cpp/files.hpp"
+#include "safe_denoiser_cpp/image.hpp"
+#include "safe_denoiser_cpp/noise.hpp"
+#include "safe_denoiser_cpp/runtime.hpp"
+#include "safe_denoiser_cpp/scheduler.hpp"
+
+using namespace sdcpp;
+
+namespace {
+std::string temp_dir() {
+  char tmpl[] = "/tmp/sdcpp-test-XXXXXX";
+  const char* dir = mkdtemp(tmpl);
+  if (dir == nullptr) throw std::runtime_error("mkdtemp failed");
+  return dir;
+}
+
+Manifest schedule_manifest(bool clip, bool clipped_eps) {
+  Manifest m;
+  for (int t = 0; t < 1000; ++t) {  // the linear beta schedule's abar
+    const double beta = 1e-4 + (0.02 - 1e-4) * t / 999.0;
+    m.alphas_cumprod.push_back((t ? m.alphas_cumprod.back() : 1.0) * (1 - beta));
+  }
+  m.final_alpha_cumprod = 1.0;
+  m.clip_sample = clip;
+  m.use_clipped_model_output = clipped_eps;
+  return m;
+}
+}  // namespace
+
+// Random123's published known-answer vectors (kat_vectors) for Philox4x32-10.
+TEST(Philox, KnownAnswerVectors) {
+  using A4 = std::array<uint32_t, 4>;
+  EXPECT_EQ(philox4x32_10({0, 0, 0, 0}, {0, 0}), (A4{0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8}));
+  EXPECT_EQ(philox4x32_10({0xffffffff, 0xffffffff, 0xffffffff, 0xffffffff}, {0xffffffff, 0xffffffff}),
+            (A4{0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd}));
+  EXPECT_EQ(philox4x32_10({0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344}, {0xa4093822, 0x299f31d0}),
+            (A4{0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1}));
+}
+
+TEST(Noise, StandardNormalMoments) {
+  // n = 2^20 draws: mean within 5 / sqrt(n), variance within 5 sqrt(2 / n) of 1 (5-sigma bounds).
+  const size_t n = size_t{1} << 20;
+  std::vector<float> z(n);
+  gaussian_noise(12345, 3, 0, z.data(), n);
+  double sum = 0, sq = 0;
+  for (const float v : z) {
+    sum += v;
+    sq += static_cast<double>(v) * v;
+  }
+  const double mean = sum / n, var = sq / n - mean * mean;
+  EXPECT_LT(std::abs(mean), 5.0 / std::sqrt(static_cast<double>(n)));
+  EXPECT_LT(std::abs(var - 1.0), 5.0 * std::sqrt(2.0 / n));
+}
+
+TEST(Noise, KeyedBySeedItemStreamAndPrefixStable) {
+  std::vector<float> a(64), b(64), c(10);
+  gaussian_noise(7, 0, 0, a.data(), a.size());
+  gaussian_noise(7, 0, 0, c.data(), c.size());  // a shorter draw is a prefix: the batch does not matter
+  for (size_t i = 0; i < c.size(); ++i) EXPECT_EQ(a[i], c[i]);
+  for (const auto& [seed, item, stream] : {std::tuple{8ull, 0u, 0u}, {7ull, 1u, 0u}, {7ull, 0u, 1u}, {7ull + (1ull << 32), 0u, 0u}}) {
+    gaussian_noise(seed, item, stream, b.data(), b.size());
+    EXPECT_NE(a, b) << seed << " " << item << " " << stream;
+  }
+  // Box-Muller of the first block, recomputed here in float64.
+  const auto r = philox4x32_10({0, 0, 0, 0}, {7, 0});
+  const double u0 = (r[0] + 0.5) / 4294967296.0, u1 = (r[1] + 0.5) / 4294967296.0;
+  EXPECT_EQ(a[0], static_cast<float>(std::sqrt(-2 * std::log(u0)) * std::cos(2 * M_PI * u1)));
+  EXPECT_EQ(a[1], static_cast<float>(std::sqrt(-2 * std::log(u0)) * std::sin(2 * M_PI * u1)));
+}
+
+TEST(Schedule, SpacingsMatchDiffusersFormulas) {
+  EXPECT_EQ(ddim_timesteps("leading", 1000, 1, 10), (std::vector<int64_t>{901, 801, 701, 601, 501, 401, 301, 201, 101, 1}));
+  EXPECT_EQ(ddim_timesteps("trailing", 1000, 0, 10), (std::vector<int64_t>{999, 899, 799, 699, 599, 499, 399, 299, 199, 99}));
+  EXPECT_EQ(ddim_timesteps("linspace", 1000, 0, 4), (std::vector<int64_t>{999, 666, 333, 0}));
+  EXPECT_EQ(ddim_timesteps("trailing", 1000, 0, 3), (std::vector<int64_t>{999, 666, 332}));
+  EXPECT_THROW(ddim_timesteps("leading", 1000, 0, 0), Error);
+  EXPECT_THROW(ddim_timesteps("leading", 1000, 0, 1001), Error);
+  EXPECT_THROW(ddim_timesteps("karras", 1000, 0, 10), Error);
+}
+
+TEST(Ddim, StepEqualsFloat64Recomputation) {
+  // |float32 - float64| <= 8 ulp-scale bound: a handful of float32 roundings of values of size ~|x| + |eps|.
+  for (const bool clip : {false, true}) {
+    const Manifest m = schedule_manifest(clip, clip);
+    const size_t n = 4096;
+    std::vector<float> x(n), eps(n), out(n);
+    gaussian_noise(1, 0, 0, x.data(), n);
+    gaussian_noise(1, 1, 0, eps.data(), n);
+    for (const int64_t t : {999, 500, 20}) {
+      ddim_step(m, eps.data(), t, x.data(), 50, out.data(), n);
+      const double a = static_cast<float>(m.alphas_cumprod[t]);
+      const double ap = static_cast<float>(t - 20 >= 0 ? m.alphas_cumprod[t - 20] : 1.0);
+      for (size_t i = 0; i < n; ++i) {
+        double e = eps[i], x0 = (x[i] - std::sqrt(1 - a) * e) / std::sqrt(a);
+        if (clip) {
+          x0 = std::min(1.0, std::max(-1.0, x0));
+          e = (x[i] - std::sqrt(a) * x0) / std::sqrt(1 - a);
+        }
+        const double want = std::sqrt(ap) * x0 + std::sqrt(1 - ap) * e;
+        const double scale = (std::abs(x[i]) + std::abs(eps[i])) / std::sqrt(a) + std::abs(e) + 1.0;
+        ASSERT_NEAR(out[i], want, 8 * 1.2e-7 * scale / std::sqrt(1 - a)) << "t=" << t << " i=" << i;
+      }
+    }
+  }
+}
+
+TEST(Image, Uint8RoundsHalfToEvenAndClips) {
+  const float v[] = {-1.0f, 1.0f, 2.0f, -3.0f, 0.0f, 1.0f / 255.0f};
+  const auto u = to_uint8(v, 1, 1, 6);
+  EXPECT_EQ(u, (std::vector<uint8_t>{0, 255, 255, 0, 128, 128}));  // 0.5 * 255 = 127.5 -> 128 (even)
+}
+
+TEST(Image, PngStructureAndRoundTrip) {
+  std::vector<uint8_t> pixels(5 * 7 * 3);
+  for (size_t i = 0; i < pixels.size(); ++i) pixels[i] = static_cast<uint8_t>(i * 37);
+  const auto png = png_bytes(pixels.data(), 5, 7, 3);
+  ASSERT_GT(png.size(), 8u + 25 + 12 + 12);
+  EXPECT_EQ(std::string(png.begin() + 12, png.begin() + 16), "IHDR");
+  const uint32_t idat_len = (png[33] << 24) | (png[34] << 16) | (png[35] << 8) | png[36];
+  EXPECT_EQ(std::string(png.begin() + 37, png.begin() + 41), "IDAT");
+  std::vector<uint8_t> raw(5 * (7 * 3 + 1));
+  uLongf raw_len = raw.size();
+  ASSERT_EQ(uncompress(raw.data(), &raw_len, png.data() + 41, idat_len), Z_OK);
+  ASSERT_EQ(raw_len, raw.size());
+  for (int y = 0; y < 5; ++y) {
+    EXPECT_EQ(raw[y * 22], 0);
+    for (int x = 0; x < 21; ++x) EXPECT_EQ(raw[y * 22 + 1 + x], pixels[y * 21 + x]);
+  }
+  EXPECT_EQ(std::string(png.end() - 8, png.end() - 4), "IEND");
+  EXPECT_THROW(png_bytes(pixels.data(), 5, 7, 2), Error);
+}
+
+TEST(Files, NpyRoundTripAndErrors) {
+  const std::string dir = temp_dir();
+  const std::vector<float> v = {1.5f, -2.0f, 3.25f, 0.0f, 7.0f, 8.0f};
+  atomic_write(dir + "/a.npy", npy_bytes_f32({1, 2, 3}, v.data()));
+  const auto back = read_npy_f32(dir + "/a.npy");
+  EXPECT_EQ(back.shape, (std::vector<int64_t>{1, 2, 3}));
+  EXPECT_EQ(back.data, v);
+  std::string f64 = npy_bytes_f32({6}, v.data());
+  f64.replace(f64.find("<f4"), 3, "<f8");
+  atomic_write(dir + "/b.npy", f64);
+  try {
+    read_npy_f32(dir + "/b.npy");
+    FAIL() << "float64 accepted";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::input);
+    EXPECT_NE(std::string(e.what()).find("float32"), std::string::npos);
+  }
+  atomic_write(dir + "/c.npy", std::string("not numpy"));
+  EXPECT_THROW(read_npy_f32(dir + "/c.npy"), Error);
+  std::string truncated = npy_bytes_f32({6}, v.data());
+  truncated.resize(truncated.size() - 4);
+  atomic_write(dir + "/d.npy", truncated);
+  EXPECT_THROW(read_npy_f32(dir + "/d.npy"), Error);
+}
+
+TEST(Files, AtomicWriteLeavesNothingOnFailure) {
+  const std::string dir = temp_dir();
+  try {
+    atomic_write(dir + "/missing/x.png", std::string("data"));
+    FAIL() << "wrote into a missing folder";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::io);
+  }
+  atomic_write(dir + "/x.txt", std::string("one"));
+  atomic_write(dir + "/x.txt", std::string("two"));
+  EXPECT_EQ(read_file(dir + "/x.txt"), "two");
+  std::system(("ls " + dir + " | grep -c tmp > " + dir + "/count || true").c_str());
+  EXPECT_EQ(read_file(dir + "/count"), "0\n");
+}
+
+TEST(Manifest, RejectsWrongFormatVersionAndBadJson) {
+  const auto kind_of = [](const std::string& text) {
+    try {
+      Manifest::parse(text);
+    } catch (const Error& e) {
+      return std::make_pair(e.kind(), std::string(e.what()));
+    }
+    return std::make_pair(ErrorKind::runtime, std::string("accepted"));
+  };
+  EXPECT_EQ(kind_of("{").first, ErrorKind::bundle);
+  EXPECT_NE(kind_of(R"({"format": "other"})").second.find("format"), std::string::npos);
+  EXPECT_NE(kind_of(R"({"format": "safe-denoiser.bundle", "format_version": 2})").second.find("format_version 2"),
+            std::string::npos);
+  EXPECT_NE(kind_of(R"({"format": "safe-denoiser.bundle", "format_version": 1})").second.find("model_kind"),
+            std::string::npos);
+}
+
+TEST(Providers, NamesAndUnknown) {
+  EXPECT_EQ(provider_name("cpu"), "CPUExecutionProvider");
+  EXPECT_EQ(provider_name("CUDA"), "CUDAExecutionProvider");
+  EXPECT_EQ(provider_name("trt"), "TensorrtExecutionProvider");
+  try {
+    provider_name("rocm");
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::provider);
+  }
+  const auto available = available_providers();
+  EXPECT_NE(std::find(available.begin(), available.end(), "CPUExecutionProvider"), available.end());
+}
