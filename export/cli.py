@@ -72,7 +72,14 @@ def _run(args: argparse.Namespace) -> int:
         verify=not args.no_verify,
         overwrite=args.overwrite,
     )
-    manifest = export_from_config(args.config, args.out, options, args.height, args.width)
+    try:
+        manifest = export_from_config(args.config, args.out, options, args.height, args.width)
+    except FileExistsError:
+        print(
+            f"safe-denoiser export: error: --out {args.out!r} is not empty; pass --overwrite to replace it",
+            file=sys.stderr,
+        )
+        return 2
     print(f"wrote {args.out}: {manifest.model_kind} ({manifest.source}), sample {manifest.sample_shape}")
     for graph in manifest.graphs.values():
         worst = max(graph.parity_max_abs_diff.values(), default=float("nan"))

@@ -2,8 +2,10 @@
 
 ``DenoiserStep`` is one guided, corrected denoising step, everything between the sampler's x_t and its update:
 
-1. one UNet call on the CFG batch [uncond; cond] (plus SLD's safety-concept branch: [uncond; cond; safety]);
-2. SLD's safety term (``sld.sld_guidance``) with its momentum as explicit state, active from the warm-up step on;
+1. one UNet call on the CFG batch [uncond; cond] (plus SLD's safety-concept branch: [uncond; cond; safety], built
+   by ``core.sld.append_safety_branch`` as ``SLDUNet`` builds it);
+2. SLD's safety term (``core.sld.sld_guidance``) with its momentum as explicit state and the step index as an input,
+   so the warm-up test is graph logic on each sample's real step;
 3. classifier-free guidance (``correction.cfg_combine``);
 4. the safe-denoiser correction (``step.theorem_correction`` or ``step.reference_correction``) with the negative
    bank as a constant. The timestep is a tensor, so the window test and the kernel-mass gate are graph logic
@@ -42,10 +44,10 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from safe_denoiser.core.config import SafeGuidance
+from safe_denoiser.core.config import SafeGuidance, SLDConfig
 from safe_denoiser.core.correction import cfg_combine
 from safe_denoiser.core.parameterization import x0_from_eps
-from safe_denoiser.core.sld import SLDConfig, sld_guidance
+from safe_denoiser.core.sld import append_safety_branch, sld_guidance
 from safe_denoiser.core.step import reference_correction, theorem_correction
 
 from .manifest import BANK_INITIALIZER
@@ -155,12 +157,13 @@ class DenoiserStep(nn.Module):
 
     # ---- the step -----------------------------------------------------------------------------------------
     def _unet(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        """The UNet in its weights' dtype; eps back in the sample's dtype (float32, or float64 for a reference)."""
         dtype = next(self.unet.parameters()).dtype
         if self.conditioning == "class_labels":
             out = self.unet(x.to(dtype), t, class_labels=cond, return_dict=False)[0]
         else:
             out = self.unet(x.to(dtype), t, encoder_hidden_states=cond.to(dtype), return_dict=False)[0]
-        return out.float()
+        return out.to(x.dtype)
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
         """One step; ``inputs`` are ``input_names`` (then optionally ``constant_names``), outputs ``output_names``."""
@@ -174,25 +177,24 @@ class DenoiserStep(nn.Module):
         safety = consts.get(SAFETY_INITIALIZER, self.safety_embedding)
 
         sample, t, ab = x["sample"], x["timestep"], x["alpha_bar"]
-        b = sample.shape[0]
         if self.conditioning == "class_labels":
             cond = torch.cat([x["negative_class_labels"], x["class_labels"]])
         else:
             cond = torch.cat([x["negative_prompt_embeds"], x["prompt_embeds"]])
         x_in, t_in = torch.cat([sample, sample]), torch.cat([t, t])
         if self.sld is not None:  # SLD's third branch, as SLDUNet batches it: [uncond; cond; safety]
-            x_in, t_in = torch.cat([x_in, sample]), torch.cat([t_in, t])
-            cond = torch.cat([cond, safety.to(cond.dtype).expand(b, -1, -1)])
+            x_in, t_in, cond = (
+                append_safety_branch(x_in),
+                append_safety_branch(t_in),
+                append_safety_branch(cond, safety),
+            )
         eps_all = self._unet(x_in, t_in, cond)
 
         extra: list[Tensor] = []
         if self.sld is not None:
             eps_u, eps_c, eps_s = eps_all.chunk(3)
-            # sld_guidance decides warm-up with a Python int; passing warmup_steps makes it return gamma, and the
-            # per-sample warm-up test is done here as graph logic on the sld_step input.
-            gamma, momentum = sld_guidance(eps_u, eps_c, eps_s, x["sld_momentum"], self.sld.warmup_steps, self.sld)
-            active = (x["sld_step"] >= self.sld.warmup_steps).reshape(b, 1, 1, 1)
-            eps_c = eps_c - torch.where(active, gamma, torch.zeros_like(gamma))
+            term, momentum = sld_guidance(eps_u, eps_c, eps_s, x["sld_momentum"], x["sld_step"], self.sld)
+            eps_c = eps_c - term
             extra.append(momentum)
         else:
             eps_u, eps_c = eps_all.chunk(2)

@@ -9,9 +9,10 @@ A bundle is a folder::
     tokenizer/             the tokenizer's files (text models)
     vae_decoder.onnx       latents -> image in [-1, 1] (latent models)
 
-``Manifest.load`` refuses a bundle of another format version, a bundle with a missing file, and a bundle whose
-negative bank inside ``denoiser.onnx`` does not hash to the manifest's ``bank.sha256``: each with a
-``ManifestError`` naming the problem.
+``Manifest.load`` refuses a bundle of another format version, a bundle with a missing file, a bundle whose
+negative bank inside ``denoiser.onnx`` does not hash to the manifest's ``bank.sha256``, and a file whose sha256
+differs from the one ``files`` records (``integrity``; ``check_files=False`` skips the hashing): each with a
+``ManifestError`` naming the problem and the file.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from safe_denoiser.core.config import SafeGuidance
-from safe_denoiser.core.sld import SLDConfig
+from safe_denoiser.core.config import SafeGuidance, SLDConfig
 from safe_denoiser.files import atomic_write_json
+
+from .integrity import BundleFileError, verify_files
 
 __all__ = [
     "BANK_INITIALIZER",
@@ -41,9 +43,7 @@ __all__ = [
     "SchedulerInfo",
     "TensorSpec",
     "array_sha256",
-    "process_umask",
     "read_initializer",
-    "write_json_atomic",
 ]
 
 FORMAT = "safe-denoiser.bundle"
@@ -54,18 +54,6 @@ BANK_INITIALIZER = "negative_bank"  # the constant holding the negative bank ins
 
 class ManifestError(ValueError):
     """A bundle that cannot be used: unreadable or invalid manifest, wrong version, missing file, bank mismatch."""
-
-
-def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
-    """Write JSON atomically (see ``safe_denoiser.files``): readers never see half a file."""
-    return atomic_write_json(path, data)
-
-
-def process_umask() -> int:
-    """The process's umask (read by setting and restoring it)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def array_sha256(array: np.ndarray) -> str:
@@ -80,7 +68,10 @@ def read_initializer(onnx_path: str | os.PathLike[str], name: str) -> np.ndarray
     from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
     path = Path(onnx_path)
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # a truncated or damaged file: protobuf's DecodeError names no file
+        raise ManifestError(f"{str(path)!r} is not a readable ONNX graph ({type(exc).__name__}: {exc})") from exc
     for tensor in model.graph.initializer:
         if tensor.name == name:
             if uses_external_data(tensor):
@@ -265,8 +256,12 @@ class Manifest:
     tokenizer: str | None = None
     null_class: int | None = None
     vae_scaling_factor: float | None = None
+    path: str = "vp"  # "vp": DDIM over alphas_cumprod; "flow": rectified flow (``flow`` holds the sampler settings)
+    flow: dict[str, Any] | None = None  # export.flow_sampler's settings: family, shift / mu, sigma range, ...
+    safree: dict[str, Any] | None = None  # SAFREE's text side (export.safree_text): settings and concept basis
     model_config: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256 of every graph and data file
     format_version: int = FORMAT_VERSION
 
     # ---- (de)serialisation ------------------------------------------------------------------------
@@ -281,6 +276,9 @@ class Manifest:
             "prediction_type": self.prediction_type,
             "null_class": self.null_class,
             "vae_scaling_factor": self.vae_scaling_factor,
+            "path": self.path,
+            "flow": self.flow,
+            "safree": self.safree,
             "num_inference_steps": self.num_inference_steps,
             "guidance_scale": self.guidance_scale,
             "guidance": None if self.guidance is None else self.guidance.to_dict(),
@@ -296,6 +294,7 @@ class Manifest:
             "scheduler": self.scheduler.to_dict(),
             "model_config": self.model_config,
             "versions": self.versions,
+            "files": self.files,
         }
 
     @classmethod
@@ -334,8 +333,12 @@ class Manifest:
                 tokenizer=data.get("tokenizer"),
                 null_class=data.get("null_class"),
                 vae_scaling_factor=data.get("vae_scaling_factor"),
+                path=str(data.get("path", "vp")),
+                flow=data.get("flow"),
+                safree=data.get("safree"),
                 model_config=dict(data.get("model_config", {})),
                 versions=dict(data.get("versions", {})),
+                files={str(k): str(v) for k, v in (data.get("files") or {}).items()},
                 format_version=int(version),
             )
         except ManifestError:
@@ -345,10 +348,10 @@ class Manifest:
 
     def save(self, bundle_dir: str | os.PathLike[str]) -> Path:
         """Write ``bundle_dir/manifest.json`` atomically."""
-        return write_json_atomic(Path(bundle_dir) / MANIFEST_NAME, self.to_dict())
+        return atomic_write_json(Path(bundle_dir) / MANIFEST_NAME, self.to_dict())
 
     @classmethod
-    def load(cls, bundle_dir: str | os.PathLike[str], check_bank: bool = True) -> Manifest:
+    def load(cls, bundle_dir: str | os.PathLike[str], check_bank: bool = True, check_files: bool = True) -> Manifest:
         """Read ``bundle_dir/manifest.json`` and ``validate`` the bundle against it."""
         root = Path(bundle_dir)
         path = root / MANIFEST_NAME
@@ -361,18 +364,25 @@ class Manifest:
         except (OSError, json.JSONDecodeError) as exc:
             raise ManifestError(f"{str(path)!r} is not readable JSON: {exc}") from exc
         manifest = cls.from_dict(data)
-        manifest.validate(root, check_bank=check_bank)
+        manifest.validate(root, check_bank=check_bank, check_files=check_files)
         return manifest
 
     # ---- checks -----------------------------------------------------------------------------------
-    def validate(self, bundle_dir: str | os.PathLike[str], check_bank: bool = True) -> Manifest:
-        """Check the bundle's files against the manifest; with ``check_bank`` hash the bank inside the graph."""
+    def validate(
+        self, bundle_dir: str | os.PathLike[str], check_bank: bool = True, check_files: bool = True
+    ) -> Manifest:
+        """Check the bundle's files against the manifest; with ``check_bank`` hash the bank inside the graph, with
+        ``check_files`` every file listed in ``files``."""
         root = Path(bundle_dir)
         if self.model_kind not in ("class-conditional", "text-to-image"):
             raise ManifestError(f"manifest: unknown model_kind {self.model_kind!r}")
         if "denoiser" not in self.graphs:
             raise ManifestError("manifest: no 'denoiser' graph")
+        if self.path not in ("vp", "flow") or (self.path == "flow") != (self.flow is not None):
+            raise ManifestError(f"manifest: path must be 'vp' or 'flow' (with a 'flow' section), got {self.path!r}")
+        # Flow bundles carry the denoiser step only (their multi-encoder text side and VAE are not exported).
         needed = {"text-to-image": ("text_encoder", "vae_decoder")}.get(self.model_kind, ())
+        needed = needed if self.path == "vp" else ()
         for name in needed:
             if name not in self.graphs:
                 raise ManifestError(f"manifest: a {self.model_kind} bundle needs a {name!r} graph")
@@ -393,7 +403,17 @@ class Manifest:
                 )
             if check_bank:
                 self.check_bank(root)
+        if check_files:
+            try:
+                verify_files(root, self.files)
+            except BundleFileError as exc:
+                raise ManifestError(str(exc)) from None
         return self
+
+    def file_entries(self) -> list[str]:
+        """What ``files`` covers: each graph's file and external data, and the tokenizer folder."""
+        graphs = [f for g in self.graphs.values() for f in (g.file, g.external_data) if f is not None]
+        return graphs + ([self.tokenizer] if self.tokenizer is not None else [])
 
     def check_bank(self, bundle_dir: str | os.PathLike[str]) -> str:
         """Hash the bank constant inside denoiser.onnx; ``ManifestError`` when it differs from ``bank.sha256``."""

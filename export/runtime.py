@@ -29,7 +29,11 @@ from typing import Any
 
 import numpy as np
 
-from .manifest import Manifest, SchedulerInfo
+from .arguments import check_array, check_int, check_labels, check_scales, check_seeds
+from .flow_sampler import flow_euler_step, flow_schedule
+from .manifest import Manifest, ManifestError, SchedulerInfo
+from .noise import INITIAL_STREAM, gaussian_noise, renoise_stream
+from .safree_text import SafreePrompt, masked_ids, pooled_rows, safree_prompt
 
 __all__ = [
     "PROVIDER_ALIASES",
@@ -53,7 +57,7 @@ _INSTALL_HINT = {
     "CUDAExecutionProvider": "install onnxruntime-gpu (matching your CUDA and cuDNN) instead of onnxruntime",
     "TensorrtExecutionProvider": (
         "install onnxruntime-gpu and NVIDIA TensorRT (its libraries on the loader path); or build TensorRT engines"
-        " with `safe-denoiser export --tensorrt`"
+        " from the bundle (safe_denoiser.export.tensorrt.build_engines)"
     ),
 }
 
@@ -146,6 +150,7 @@ class SampleResult:
     sample: np.ndarray
     timesteps: np.ndarray
     applied: np.ndarray | None
+    safree: list[SafreePrompt] | None = None  # per prompt, with a SAFREE bundle and text prompts
 
 
 class Bundle:
@@ -157,9 +162,11 @@ class Bundle:
         providers: str | Sequence[str] | None = None,
         threads: int | None = None,
         check_bank: bool = True,
+        check_files: bool = True,
     ) -> None:
         self.path = Path(path)
-        self.manifest = Manifest.load(self.path, check_bank=check_bank)
+        # check_files: every graph and data file against its sha256 in the manifest (False skips it, for speed)
+        self.manifest = Manifest.load(self.path, check_bank=check_bank, check_files=check_files)
         self.providers = resolve_providers(providers)
         self.threads = threads
         self._sessions: dict[str, Any] = {}
@@ -171,7 +178,12 @@ class Bundle:
             if graph not in self.manifest.graphs:
                 raise KeyError(f"bundle has no {graph!r} graph; it has {sorted(self.manifest.graphs)}")
             file = self.path / self.manifest.graphs[graph].file
-            self._sessions[graph] = make_session(file, self.providers, self.threads)
+            try:
+                self._sessions[graph] = make_session(file, self.providers, self.threads)
+            except ProviderUnavailableError:
+                raise
+            except Exception as exc:  # onnxruntime's parse errors do not name the file
+                raise ManifestError(f"{str(file)!r}: onnxruntime cannot load this graph: {exc}") from exc
         return self._sessions[graph]
 
     # ---- conditioning -------------------------------------------------------------------------------------
@@ -179,15 +191,55 @@ class Bundle:
         """Prompt embeddings (B, L, D) float32 through the bundle's tokenizer and text_encoder.onnx."""
         if self.manifest.tokenizer is None:
             raise ValueError("this bundle has no text encoder (its model takes class labels)")
+        return self._text(self._tokenize(prompts)[0])
+
+    def _tokenize(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, attention mask) (B, L) int64, padded and truncated to the model length as the pipelines do it."""
+        if self.manifest.tokenizer is None:
+            raise ValueError("this bundle has no text encoder (its model takes class labels or embeddings)")
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
             self._tokenizer = AutoTokenizer.from_pretrained(str(self.path / self.manifest.tokenizer))
         tok = self._tokenizer
-        ids = tok(
+        out = tok(
             list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="np"
-        ).input_ids.astype(np.int64)
+        )
+        return out.input_ids.astype(np.int64), out.attention_mask.astype(np.int64)
+
+    def _text(self, ids: np.ndarray) -> np.ndarray:
+        """text_encoder.onnx's last hidden state (B, L, D) float32."""
         return np.asarray(self.session("text_encoder").run(None, {"input_ids": ids})[0], dtype=np.float32)
+
+    def encode_safree(self, prompts: Sequence[str]) -> tuple[np.ndarray, list[SafreePrompt]]:
+        """The prompts' embeddings (B, L, D) and SAFREE's filtered rows, flags and t' per prompt (``safree_text``).
+
+        One text-encoder call for the prompts and one for all their leave-one-out prompts, as the PyTorch side does.
+        """
+        settings = self.manifest.safree
+        if settings is None:
+            raise ValueError("this bundle was exported without SAFREE (no 'safree' section in its manifest)")
+        ids, attention = self._tokenize(prompts)
+        hidden = self._text(ids)
+        counts = [max(int(a.sum()) - 2, 0) for a in attention]  # real tokens between BOS and EOS
+        masked = [masked_ids(ids[b], n, int(settings["mask_token_id"])) for b, n in enumerate(counts) if n > 0]
+        pooled = None
+        if masked:
+            all_ids = np.concatenate(masked)
+            pooled = pooled_rows(self._text(all_ids), all_ids, settings)
+        basis = np.asarray(settings["concept_basis"], dtype=np.float32)
+        results, offset = [], 0
+        for b, n in enumerate(counts):
+            rows = pooled[offset : offset + n] if pooled is not None else np.zeros((0, hidden.shape[-1]), np.float32)
+            offset += n
+            results.append(safree_prompt(hidden[b], rows, attention[b].astype(bool), basis, settings))
+        return hidden, results
+
+    def _safree_rows(self, prompt: np.ndarray, filtered: list[SafreePrompt], step: int) -> np.ndarray:
+        """The prompt rows at ``step``: filtered for steps 0..t' (every step without self-validation)."""
+        assert self.manifest.safree is not None
+        always = not self.manifest.safree["self_validation"]
+        return np.stack([r.filtered if always or step <= r.last_step else prompt[b] for b, r in enumerate(filtered)])
 
     def _labels(self, labels: Any, b: int | None, name: str) -> np.ndarray:
         null = int(self.manifest.null_class if self.manifest.null_class is not None else 0)
@@ -195,10 +247,10 @@ class Bundle:
             if b is None:
                 raise ValueError(f"{name}: give class labels")
             return np.full((b,), null, dtype=np.int64)
-        out = np.array([null if v is None else int(v) for v in np.asarray(labels, dtype=object).reshape(-1)])
-        if out.size and (out.min() < 0 or out.max() > null):
-            raise ValueError(f"{name} must lie in 0..{null} ({null} = no class), got {out.tolist()}")
-        return out.astype(np.int64)
+        out = check_labels(labels, null, name)
+        if b is not None and out.shape[0] != b:
+            raise ValueError(f"{name}: {out.shape[0]} labels for {b} images")
+        return out
 
     def _embeddings(self, value: Any, b: int | None, name: str) -> np.ndarray:
         if value is None:
@@ -206,7 +258,7 @@ class Bundle:
                 raise ValueError(f"{name}: give prompts or prompt embeddings")
             value = [""] * b
         if isinstance(value, np.ndarray):
-            return np.ascontiguousarray(value, dtype=np.float32)
+            return check_array(value, name, (b, None, None))
         if isinstance(value, str):
             value = [value]
         return self.encode(list(value))
@@ -220,40 +272,49 @@ class Bundle:
         guidance_scale: float | Sequence[float] | None = None,
         negative: Any = None,
         step_noise: Sequence[np.ndarray | None] | None = None,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
     ) -> SampleResult:
         """DDIM sampling through denoiser.onnx.
 
         Args:
             conditioning: class labels (demo model; None entries = no class), or prompts (list of str) or prompt
                 embeddings (B, L, D) for text models.
-            noise: initial noise (B, *sample_shape) float32; drawn from ``numpy.random.default_rng(seed)`` if None.
+            noise: initial noise (B, *sample_shape) float32; if None, the portable Philox noise of ``seed``
+                (``safe_denoiser.export.noise``, the same bits as ``safe-denoiser-cpp``).
             steps, guidance_scale: default to the manifest's (the config's) values.
             negative: negative class labels / prompts / embeddings (default: null class / empty prompt).
             step_noise: reference preset only: per step, the re-noise noise (None entries: zeros); default: drawn
-                from the same generator at the steps inside the correction window.
+                from the Philox noise of ``seed`` at the steps inside the correction window.
+            seed: one int (image i uses (seed, item i)) or one seed per image (image i uses (seed[i], item 0)).
         """
         m = self.manifest
-        steps = m.num_inference_steps if steps is None else int(steps)
-        rng = np.random.default_rng(seed)
+        if m.path != "vp":
+            raise ValueError(f"this is a {m.path} bundle: sample it with Bundle.sample_flow")
+        safree: list[SafreePrompt] | None = None
+        train_steps = len(m.scheduler.alphas_cumprod)
+        steps = m.num_inference_steps if steps is None else check_int(steps, "steps", 1, train_steps)
         if m.model_kind == "class-conditional":
             cond = self._labels(conditioning, None, "class labels")
             b = cond.shape[0]
             neg = self._labels(negative, b, "negative class labels")
             cond_feeds = {"class_labels": cond, "negative_class_labels": neg}
         else:
-            prompt = self._embeddings(conditioning, None, "conditioning")
+            if m.safree is not None and conditioning is not None and not isinstance(conditioning, np.ndarray):
+                texts = [conditioning] if isinstance(conditioning, str) else list(conditioning)
+                prompt, safree = self.encode_safree(texts)
+            else:  # precomputed embeddings have no tokens to analyse: they pass through, as in PyTorch
+                prompt = self._embeddings(conditioning, None, "conditioning")
             b = prompt.shape[0]
             cond_feeds = {"prompt_embeds": prompt, "negative_prompt_embeds": self._embeddings(negative, b, "negative")}
         if any(v.shape[0] != b for v in cond_feeds.values()):
             raise ValueError(f"conditioning and negative conditioning differ in batch size ({b})")
+        keys = check_seeds(seed, b)
         if noise is None:
-            noise = rng.standard_normal((b, *m.sample_shape)).astype(np.float32)
-        x = np.ascontiguousarray(noise, dtype=np.float32)
-        if x.shape[0] != b:
-            raise ValueError(f"noise has batch {x.shape[0]} for {b} conditioning entries")
-        gs = m.guidance_scale if guidance_scale is None else guidance_scale
-        gs_arr = np.broadcast_to(np.asarray(gs, dtype=np.float32), (b,)).copy()
+            noise = self._seed_noise(keys, INITIAL_STREAM)
+        # Without a bank a text model's spatial size is free (the graph's height and width axes are dynamic).
+        free = m.bank is None and m.model_kind == "text-to-image"
+        x = check_array(noise, "noise", (b, m.sample_shape[0], None, None) if free else (b, *m.sample_shape))
+        gs_arr = check_scales(m.guidance_scale if guidance_scale is None else guidance_scale, b)
         timesteps = ddim_timesteps(m.scheduler, steps)
         self._check_threshold(timesteps)
         reference = m.guidance is not None and m.guidance.mode == "reference"
@@ -272,8 +333,10 @@ class Bundle:
                 **cond_feeds,
                 "guidance_scale": gs_arr,
             }
+            if safree is not None:
+                feeds["prompt_embeds"] = self._safree_rows(cond_feeds["prompt_embeds"], safree, i)
             if reference:
-                feeds["noise"] = self._renoise(i, int(t), x, step_noise, rng)
+                feeds["noise"] = self._renoise(i, int(t), x, step_noise, keys)
             if momentum is not None:
                 feeds["sld_momentum"] = momentum
                 feeds["sld_step"] = np.full((b,), i, dtype=np.int64)
@@ -283,18 +346,86 @@ class Bundle:
             if "correction_applied" in out:
                 applied.append(out["correction_applied"])
             x = ddim_step(out["noise_pred"], int(t), out["sample_corrected"], steps, m.scheduler)
+            _check_finite(x, i, steps, float(t))
+        return SampleResult(x, timesteps, np.stack(applied) if applied else None, safree)
+
+    def sample_flow(
+        self,
+        prompt_embeds: np.ndarray,
+        pooled_prompt_embeds: np.ndarray,
+        negative_prompt_embeds: np.ndarray | None = None,
+        negative_pooled_prompt_embeds: np.ndarray | None = None,
+        noise: np.ndarray | None = None,
+        steps: int | None = None,
+        guidance_scale: float | Sequence[float] | None = None,
+        seed: int | Sequence[int] = 0,
+    ) -> SampleResult:
+        """Flow-matching Euler sampling through denoiser.onnx (SD3 / Flux bundles; ``flow_sampler``).
+
+        The embeddings are the pipeline's ``encode_prompt`` outputs (flow bundles carry no text encoder); SD3 needs
+        the negative (or empty) prompt's too, Flux takes none (``guidance_scale`` is its guidance embedding).
+        ``noise``: the initial sample (B, *sample_shape) (Flux: packed); default: Philox noise of ``seed``.
+        """
+        m = self.manifest
+        if m.flow is None:
+            raise ValueError("this bundle is not a flow-matching bundle: sample it with Bundle.sample")
+        steps = m.num_inference_steps if steps is None else check_int(steps, "steps", 1)
+        prompt = check_array(prompt_embeds, "prompt_embeds", (None, None, None))
+        b = prompt.shape[0]
+        feeds_c = {
+            "prompt_embeds": prompt,
+            "pooled_prompt_embeds": check_array(pooled_prompt_embeds, "pooled", (b, None)),
+        }
+        if "negative_prompt_embeds" in m.graphs["denoiser"].input_names:
+            if negative_prompt_embeds is None or negative_pooled_prompt_embeds is None:
+                raise ValueError(
+                    "negative_prompt_embeds and negative_pooled_prompt_embeds are required by this SD3 bundle (the"
+                    " pipeline's encode_prompt of the negative or empty prompt)"
+                )
+            feeds_c["negative_prompt_embeds"] = check_array(
+                negative_prompt_embeds, "negative_prompt_embeds", prompt.shape
+            )
+            feeds_c["negative_pooled_prompt_embeds"] = check_array(
+                negative_pooled_prompt_embeds, "negative_pooled_prompt_embeds", (b, None)
+            )
+        x = self._seed_noise(check_seeds(seed, b), INITIAL_STREAM) if noise is None else noise
+        x = check_array(x, "noise", (b, *m.sample_shape))
+        gs = check_scales(m.guidance_scale if guidance_scale is None else guidance_scale, b)
+        timesteps, sigmas = flow_schedule(m.flow, steps)
+        session = self.session("denoiser")
+        outputs = m.graphs["denoiser"].output_names
+        applied: list[np.ndarray] = []
+        for i, t in enumerate(timesteps):
+            feeds = {
+                "sample": x,
+                "timestep": np.full((b,), t, dtype=np.float32),
+                "sigma": np.full((b,), sigmas[i], dtype=np.float32),
+                **feeds_c,
+                "guidance_scale": gs,
+            }
+            out = dict(zip(outputs, session.run(outputs, feeds), strict=True))
+            if "correction_applied" in out:
+                applied.append(out["correction_applied"])
+            x = flow_euler_step(out["noise_pred"], x, sigmas[i], sigmas[i + 1])
+            _check_finite(x, i, steps, float(t))
         return SampleResult(x, timesteps, np.stack(applied) if applied else None)
 
     def _renoise(
-        self, i: int, t: int, x: np.ndarray, step_noise: Sequence[np.ndarray | None] | None, rng: np.random.Generator
+        self, i: int, t: int, x: np.ndarray, step_noise: Sequence[np.ndarray | None] | None, keys: list[tuple[int, int]]
     ) -> np.ndarray:
         if step_noise is not None:
             n = step_noise[i]
-            return np.zeros_like(x) if n is None else np.ascontiguousarray(n, dtype=np.float32)
+            return np.zeros_like(x) if n is None else check_array(n, f"step_noise[{i}]", x.shape)
         assert self.manifest.guidance is not None
         w0, w1 = self.manifest.guidance.window
         # Draw only where the graph can use it, as the PyTorch pipeline does (outside, the graph ignores it).
-        return rng.standard_normal(x.shape).astype(np.float32) if w0 <= t <= w1 else np.zeros_like(x)
+        return self._seed_noise(keys, renoise_stream(i)) if w0 <= t <= w1 else np.zeros_like(x)
+
+    def _seed_noise(self, keys: list[tuple[int, int]], stream: int) -> np.ndarray:
+        """(B, *sample_shape) float32 Philox noise, image i keyed by keys[i] = (seed, item)."""
+        shape = self.manifest.sample_shape
+        n = int(np.prod(shape))
+        return np.stack([gaussian_noise(s, item, stream, n).reshape(shape) for s, item in keys])
 
     def _check_threshold(self, timesteps: np.ndarray) -> None:
         m = self.manifest
@@ -323,6 +454,16 @@ class Bundle:
         """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8, rounded as diffusers' image processor does."""
         x = np.clip(images / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
         return np.rint(x * 255.0).astype(np.uint8)
+
+
+def _check_finite(x: np.ndarray, i: int, steps: int, t: float) -> None:
+    """Never hand back NaN samples without a word."""
+    finite = np.isfinite(x).reshape(x.shape[0], -1).all(axis=1)
+    if not finite.all():
+        raise FloatingPointError(
+            f"step {i + 1} of {steps} (timestep {t:g}) made non-finite samples for image(s) "
+            f"{np.flatnonzero(~finite).tolist()}; check the guidance scale, the conditioning and the bank"
+        )
 
 
 def run_bundle(

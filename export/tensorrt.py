@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from safe_denoiser.files import atomic_write
+from safe_denoiser.files import atomic_write, atomic_write_json
 
-from .manifest import GraphSpec, Manifest, write_json_atomic
+from .manifest import GraphSpec, Manifest
 
 __all__ = [
     "INSTALL_HINT",
@@ -170,7 +170,7 @@ def build_engines(
         shapes = profile_shapes(spec, hw, profile)
         engines[name] = build_engine(root / spec.file, out_dir / f"{name}.plan", shapes, fp16, cache)
         record["engines"][name] = {"file": f"{name}.plan", "shapes": {k: list(v) for k, v in shapes.items()}}
-    write_json_atomic(out_dir / "engines.json", record)
+    atomic_write_json(out_dir / "engines.json", record)
     return engines
 
 

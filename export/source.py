@@ -1,0 +1,281 @@
+"""What gets exported: a config's ``model:`` section built into pipeline, bank and guidance, and the step module.
+
+One YAML describes both ``safe-denoiser predict`` and ``safe-denoiser export``: the ``model:`` section
+(``safe_denoiser.factory.ModelConfig``, ``SafeDiffusionModule``'s arguments) builds what gets exported through the
+same factory that ``predict`` uses (``load_source``; no Lightning needed).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from safe_denoiser.core.bank import NegativeBank
+from safe_denoiser.core.config import DEFAULT_SAFETY_CONCEPT, SafeGuidance, SLDConfig
+from safe_denoiser.core.safree import SafreeConfig
+from safe_denoiser.core.step import THRESHOLD_SEED, reference_threshold
+from safe_denoiser.diffusers.sld import encode_concept
+from safe_denoiser.factory import ModelConfig
+
+from .flow_graphs import FlowDenoiserStep, FlowFamily, flow_family
+from .graphs import DenoiserStep
+
+FLUX_TEXT_LENGTH = 16  # T5 tokens of the example inputs (the graph's text length is dynamic)
+
+__all__ = [
+    "ExportSource",
+    "build_denoiser",
+    "build_flow_denoiser",
+    "denoiser_inputs",
+    "flow_inputs",
+    "load_source",
+    "prediction_type",
+    "read_model_section",
+    "resolved_threshold",
+    "step_sample_shape",
+]
+
+
+@dataclass
+class ExportSource:
+    """What one config's ``model:`` section builds: pipeline, guidance, bank, SLD, sample shape, defaults."""
+
+    model_args: dict[str, Any]
+    pipe: Any
+    kind: Literal["class-conditional", "text-to-image"]
+    sample_shape: tuple[int, ...]
+    num_inference_steps: int
+    guidance_scale: float
+    guidance: SafeGuidance | None = None
+    bank: NegativeBank | None = None
+    sld: SLDConfig | None = None
+    sld_concept: str = DEFAULT_SAFETY_CONCEPT
+    safree: SafreeConfig | None = None
+
+    @property
+    def family(self) -> FlowFamily | None:
+        """ "sd3" / "flux" for a rectified-flow pipeline (exported with ``FlowDenoiserStep``), else None."""
+        return flow_family(self.pipe)
+
+
+# ---- building from a config ---------------------------------------------------------------------------------
+def read_model_section(config: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``model:`` mapping of a ``safe-denoiser predict`` YAML (``init_args`` of a class_path form too)."""
+    import yaml
+
+    path = Path(config)
+    if not path.is_file():
+        raise FileNotFoundError(f"config {str(path)!r} does not exist")
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise ValueError(f"config {str(path)!r} has no 'model:' section (the SafeDiffusionModule arguments)")
+    section = data["model"]
+    if "init_args" in section:
+        section = section["init_args"] or {}
+    return dict(section)
+
+
+def load_source(model_args: Mapping[str, Any], height: int | None = None, width: int | None = None) -> ExportSource:
+    """Build the pipeline, bank and guidance of a ``model:`` section with ``predict``'s factory.
+
+    ``height``/``width`` (pixels) override the section's; the bank must match the resulting sample shape.
+    """
+    args = dict(model_args)
+    safree = SafreeConfig.from_section(args.get("safree"), "model.safree")  # predict's module reads it, not the factory
+    if height is not None:
+        args["height"] = height
+    if width is not None:
+        args["width"] = width
+    config = ModelConfig.from_mapping({k: v for k, v in args.items() if k != "safree"})
+    if config.guidance is not None and config.guidance.beta_mode == "odds":
+        # The graph would need the reference bank as a second constant and the beta of core.beta: not built yet.
+        raise ValueError(
+            "model.safe_denoiser: the odds preset (beta_mode 'odds') cannot be exported yet; export the theorem "
+            "preset with a constant or mass beta, or the reference preset"
+        )
+    pipe = config.build_pipeline()
+    shape = config.sample_shape(pipe)
+    guidance = config.guidance
+    sld = config.sld_config
+    if sld is not None and not sld.enabled:  # SLDUNet skips SLD when s_S <= 1: export the same (CFG only)
+        sld = None
+    kind: Literal["class-conditional", "text-to-image"] = (
+        "class-conditional" if config.model == "demo" else "text-to-image"
+    )
+    return ExportSource(
+        model_args=args,
+        pipe=pipe,
+        kind=kind,
+        sample_shape=shape,
+        num_inference_steps=config.num_inference_steps,
+        guidance_scale=float(config.guidance_scale),
+        guidance=guidance,
+        bank=config.load_bank(shape) if guidance is not None else None,
+        sld=sld,
+        sld_concept=config.sld_concept or DEFAULT_SAFETY_CONCEPT,
+        safree=safree,
+    )
+
+
+def prediction_type(pipe: Any) -> str:
+    """The scheduler config's prediction type (diffusers' default: "epsilon")."""
+    return str(pipe.scheduler.config.get("prediction_type", "epsilon"))
+
+
+def resolved_threshold(source: ExportSource) -> tuple[float | None, float | None]:
+    """(threshold, abar at the last timestep) of the reference gate: ``guidance.threshold`` or, as SafeScheduler
+    does it, the bank's minimum kernel sum at the configured schedule's last timestep (noise seeded with 0)."""
+    g = source.guidance
+    if g is None or g.mode != "reference":
+        return None, None
+    sched = source.pipe.scheduler
+    probe = type(sched).from_config(sched.config)
+    probe.set_timesteps(source.num_inference_steps)
+    ab_last = float(sched.alphas_cumprod.double()[round(float(probe.timesteps[-1]))])
+    if g.threshold is not None:
+        return float(g.threshold), ab_last
+    assert source.bank is not None and g.kernel_sigma is not None
+    gen = torch.Generator().manual_seed(THRESHOLD_SEED)
+    return reference_threshold(source.bank.data.float(), g.kernel_sigma, ab_last, gen), ab_last
+
+
+def build_denoiser(source: ExportSource, fp16: bool = False) -> DenoiserStep | FlowDenoiserStep:
+    """The step module for ``source`` (a float16 copy of the network with ``fp16``)."""
+    if source.family is not None:
+        return build_flow_denoiser(source, fp16)
+    if prediction_type(source.pipe) != "epsilon":
+        raise ValueError(
+            f"export supports epsilon-prediction models; this scheduler has prediction_type"
+            f" {prediction_type(source.pipe)!r}"
+        )
+    unet = source.pipe.unet
+    if fp16:
+        unet = copy.deepcopy(unet).half()
+    safety = None
+    if source.sld is not None:
+        safety = encode_concept(source.pipe, source.sld_concept)
+    threshold, _ = resolved_threshold(source)
+    return DenoiserStep(
+        unet.eval(),
+        "class_labels" if source.kind == "class-conditional" else "text",
+        source.guidance,
+        None if source.bank is None else source.bank.data,
+        threshold,
+        source.sld,
+        safety,
+    ).eval()
+
+
+def build_flow_denoiser(source: ExportSource, fp16: bool = False) -> FlowDenoiserStep:
+    """The ``FlowDenoiserStep`` of an SD3 / Flux ``source`` (the bank packed as Flux's scheduler steps it)."""
+    from safe_denoiser.diffusers.scheduler import sample_space_bank
+
+    family = source.family
+    assert family is not None
+    if source.sld is not None:
+        raise ValueError(f"model.sld: SLD is not supported on {family} pipelines (flow matching)")
+    if source.guidance is not None and source.guidance.mode != "theorem":
+        raise ValueError("model.safe_denoiser: flow matching supports the theorem preset only (not 'reference')")
+    if source.safree is not None:
+        raise ValueError(f"model.safree: SAFREE's export covers SD-1.x text encoders, not {family}")
+    transformer = source.pipe.transformer
+    if fp16:
+        transformer = copy.deepcopy(transformer).half()
+    bank = None if source.bank is None else sample_space_bank(source.pipe, source.bank.data)
+    image_ids = None
+    if family == "flux":
+        _, h, w = source.sample_shape  # unpacked latent shape; the pipeline's ids index 2x2 patches
+        image_ids = source.pipe._prepare_latent_image_ids(1, h // 2, w // 2, torch.device("cpu"), torch.float32)
+    return FlowDenoiserStep(transformer.eval(), family, source.guidance, bank, image_ids).eval()
+
+
+def step_sample_shape(source: ExportSource) -> tuple[int, ...]:
+    """The shape of one sample as the scheduler steps it (Flux: packed (h w / 4, 4 C); else ``sample_shape``)."""
+    if source.family == "flux":
+        c, h, w = source.sample_shape
+        return ((h // 2) * (w // 2), 4 * c)
+    return source.sample_shape
+
+
+# ---- example inputs ----------------------------------------------------------------------------------------
+def _window_timesteps(source: ExportSource, b: int, gen: torch.Generator) -> Tensor:
+    """Timesteps that alternate inside and outside the correction window (so both branches are exercised)."""
+    t_train = int(source.pipe.scheduler.config.num_train_timesteps)
+    ts = torch.randint(0, t_train, (b,), generator=gen)
+    g = source.guidance
+    if g is not None:
+        lo, hi = max(0.0, g.window[0]), min(float(t_train - 1), g.window[1])
+        inside = [round((lo + hi) / 2)] if lo <= hi else []
+        outside = [t for t in (round(lo) - 1, round(hi) + 1) if 0 <= t < t_train]
+        for i in range(b):
+            pool = inside if i % 2 == 0 else outside
+            if pool:
+                ts[i] = pool[0]
+    return ts
+
+
+def flow_inputs(source: ExportSource, module: FlowDenoiserStep, b: int, seed: int = 0) -> list[Tensor]:
+    """Example inputs of a ``FlowDenoiserStep``: sigmas inside and outside the window, the pipeline's embeddings."""
+    gen = torch.Generator().manual_seed(seed)
+    t = _window_timesteps(source, b, gen).float().clamp_min(1.0)
+    prompts = (["a photo of a cat", "a red car", "a dog"] * b)[:b]
+    values: dict[str, Tensor] = {
+        "sample": torch.randn((b, *step_sample_shape(source)), generator=gen),
+        "timestep": t,
+        "sigma": t / 1000.0,
+        "guidance_scale": torch.full((b,), source.guidance_scale),
+    }
+    pipe = source.pipe
+    with torch.no_grad():
+        if module.family == "flux":
+            pe, pooled, _ = pipe.encode_prompt(prompts[:b], prompts[:b], max_sequence_length=FLUX_TEXT_LENGTH)
+            values.update(prompt_embeds=pe, pooled_prompt_embeds=pooled)
+        else:
+            pe, npe, pooled, npooled = pipe.encode_prompt(prompts[:b], None, None, do_classifier_free_guidance=True)
+            values.update(
+                prompt_embeds=pe,
+                pooled_prompt_embeds=pooled,
+                negative_prompt_embeds=npe,
+                negative_pooled_prompt_embeds=npooled,
+            )
+    return [values[name].float() for name in module.input_names]
+
+
+def denoiser_inputs(
+    source: ExportSource, module: DenoiserStep | FlowDenoiserStep, b: int, seed: int = 0
+) -> list[Tensor]:
+    """Random but meaningful example inputs for ``module`` at batch ``b`` (in ``module.input_names`` order)."""
+    if isinstance(module, FlowDenoiserStep):
+        return flow_inputs(source, module, b, seed)
+    gen = torch.Generator().manual_seed(seed)
+    shape = (b, *source.sample_shape)
+    t = _window_timesteps(source, b, gen)
+    ac = source.pipe.scheduler.alphas_cumprod.float()
+    values: dict[str, Tensor] = {
+        "sample": torch.randn(shape, generator=gen),
+        "timestep": t.float(),
+        "alpha_bar": ac[t],
+        "guidance_scale": torch.full((b,), source.guidance_scale),
+        "noise": torch.randn(shape, generator=gen),
+        "sld_momentum": 0.1 * torch.randn(shape, generator=gen),
+    }
+    if source.sld is not None:
+        values["sld_step"] = torch.arange(b) % 2 * source.sld.warmup_steps  # before and after warm-up
+    if source.kind == "class-conditional":
+        values["class_labels"] = torch.randint(0, 10, (b,), generator=gen)
+        values["negative_class_labels"] = torch.full((b,), 10, dtype=torch.long)
+    else:
+        tok = source.pipe.tokenizer
+        ids = tok(["a photo of a cat"] * b, padding="max_length", max_length=tok.model_max_length, return_tensors="pt")
+        neg = tok([""] * b, padding="max_length", max_length=tok.model_max_length, return_tensors="pt")
+        with torch.no_grad():
+            values["prompt_embeds"] = source.pipe.text_encoder(ids.input_ids)[0].float()
+            values["negative_prompt_embeds"] = source.pipe.text_encoder(neg.input_ids)[0].float()
+    return [values[name] for name in module.input_names]

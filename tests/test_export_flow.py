@@ -1,0 +1,183 @@
+"""Flow-matching export (SD3, Flux): step graph vs PyTorch, the numpy schedule vs diffusers, whole loops vs ``attach``.
+
+Tolerances as in ``test_export`` (``step_bounds``): each graph output within twice the float32 error bound of the
+float64 step; a whole flow-Euler loop through onnxruntime within twice the relative change that rounding-sized
+transformer perturbations cause in the PyTorch loop, with the correction firing at the same steps.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+
+from safe_denoiser import NegativeBank, attach, detach
+from safe_denoiser.diffusers.families import FLUX_SCHEDULER_CONFIG, tiny_pipeline
+from safe_denoiser.diffusers.pipelines import make_scheduler
+from safe_denoiser.diffusers.scheduler import sample_space_bank
+from safe_denoiser.export.exporter import ExportSource, export_bundle, load_source
+from safe_denoiser.export.flow_sampler import calculate_shift, flow_euler_step, flow_schedule
+from safe_denoiser.export.manifest import BANK_INITIALIZER, Manifest, read_initializer
+from safe_denoiser.export.runtime import Bundle
+
+from step_bounds import check_graph_parity, perturbed
+
+HW, STEPS, W_SD3, W_FLUX, TEXT = 16, 4, 5.0, 3.5, 16
+PROMPTS = ["a photo of a cat", "a red car"]
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _run(pipe: Any, noise: Tensor, **kw: Any) -> np.ndarray:
+    flux = "Flux" in type(pipe).__name__
+    extra = {"max_sequence_length": TEXT} if flux else {}
+    scale = W_FLUX if flux else W_SD3
+    out = pipe(
+        PROMPTS,
+        num_inference_steps=STEPS,
+        height=HW,
+        width=HW,
+        guidance_scale=scale,
+        latents=noise,
+        output_type="latent",
+        **extra,
+        **kw,
+    ).images
+    return out.numpy()
+
+
+@pytest.fixture(scope="module", params=["sd3", "flux"])
+def flow(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[ExportSource, Manifest, Path]:
+    """A bundle of the tiny pipeline with a bank of its own unguided outputs (unpacked latents, as banks are)."""
+    family = request.param
+    work = tmp_path_factory.mktemp(f"flow-{family}")
+    pipe = tiny_pipeline(family)
+    gens = [torch.Generator().manual_seed(s) for s in (0, 1, 2)]
+    kw: dict[str, Any] = {"max_sequence_length": TEXT} if family == "flux" else {}
+    lat = pipe(
+        ["a photo of a cat"] * 3,
+        num_inference_steps=STEPS,
+        height=HW,
+        width=HW,
+        generator=gens,
+        output_type="latent",
+        **kw,
+    ).images
+    if family == "flux":
+        lat = pipe._unpack_latents(lat, HW, HW, pipe.vae_scale_factor)
+    bank = NegativeBank.from_tensor(lat).save(work / "bank.safetensors")
+    args = {
+        "model": f"tiny-{family}",
+        "scheduler": "flow_euler",
+        "num_inference_steps": STEPS,
+        "guidance_scale": W_FLUX if family == "flux" else W_SD3,
+        "height": HW,
+        "width": HW,
+        "bank": str(bank),
+        "safe_denoiser": {"preset": "theorem", "eta": 1.0, "window": [0, 1000]},
+    }
+    source = load_source(args)
+    out = work / "bundle"
+    return source, export_bundle(source, out), out
+
+
+def test_flow_graph_parity_and_manifest(flow: tuple[ExportSource, Manifest, Path]) -> None:
+    source, manifest, out = flow
+    check_graph_parity(source, manifest)
+    assert manifest.path == "flow" and manifest.prediction_type == "flow"
+    assert manifest.flow is not None and manifest.flow["family"] == source.family
+    assert set(manifest.graphs) == {"denoiser"} and manifest.tokenizer is None  # text encoders and VAE: not exported
+    spec = manifest.graphs["denoiser"]
+    assert spec.input_names[:3] == ["sample", "timestep", "sigma"]
+    assert spec.output_names == ["noise_pred", "x0_hat", "correction_applied", "kernel_log_mass"]
+    in_graph = read_initializer(out / spec.file, BANK_INITIALIZER)
+    assert source.bank is not None
+    want = sample_space_bank(source.pipe, source.bank.data).numpy()
+    assert np.array_equal(in_graph, want)  # Flux: packed at export, bit for bit as attach packs it
+    if source.family == "flux":
+        assert in_graph.shape == (3, (HW // 4) ** 2, 64) and manifest.sample_shape == (16, 64)
+        assert manifest.bank is not None and manifest.bank.metadata["packed_from_sha256"] == source.bank.sha256()
+    Bundle(out)  # loads: hashes of the graph, the packed bank and every file check out
+
+
+@pytest.mark.parametrize("steps", [1, 4, 28, 50])
+@pytest.mark.parametrize("case", ["sd3", "sd3-shift1", "flux", "flux-static"])
+def test_flow_schedule_is_the_schedulers_bit_for_bit(case: str, steps: int) -> None:
+    """The numpy schedule equals FlowMatchEulerDiscreteScheduler.set_timesteps as each pipeline calls it."""
+    flux = case.startswith("flux")
+    if flux:
+        cfg = {**FLUX_SCHEDULER_CONFIG, "use_dynamic_shifting": case == "flux"}
+    else:
+        cfg = {"num_train_timesteps": 1000, "shift": 1.0 if case.endswith("shift1") else 3.0}
+    sched = make_scheduler("flow_euler", cfg)
+    settings = {
+        "num_train_timesteps": 1000,
+        "shift": float(sched.config.shift),
+        "use_dynamic_shifting": bool(sched.config.use_dynamic_shifting),
+        "base_shift": float(sched.config.base_shift),
+        "max_shift": float(sched.config.max_shift),
+        "base_image_seq_len": int(sched.config.base_image_seq_len),
+        "max_image_seq_len": int(sched.config.max_image_seq_len),
+        "sigma_min": float(sched.sigma_min),
+        "sigma_max": float(sched.sigma_max),
+        "pipeline_sigmas": "linspace" if flux else None,
+        "image_seq_len": 1024,
+    }
+    mu = calculate_shift(1024, settings) if settings["use_dynamic_shifting"] else None
+    sigmas = np.linspace(1.0, 1 / steps, steps) if flux else None
+    sched.set_timesteps(steps, sigmas=sigmas, mu=mu)
+    timesteps, got = flow_schedule(settings, steps)
+    assert np.array_equal(timesteps, sched.timesteps.numpy()) and np.array_equal(got, sched.sigmas.numpy())
+    x, u = np.random.default_rng(0).standard_normal((2, 2, 3, 3)).astype(np.float32)
+    sched.set_begin_index(0)
+    want = sched.step(torch.from_numpy(u), sched.timesteps[0], torch.from_numpy(x)).prev_sample.numpy()
+    assert np.array_equal(flow_euler_step(u, x, got[0], got[1]), want)
+
+
+def test_flow_loop_parity(flow: tuple[ExportSource, Manifest, Path]) -> None:
+    source, manifest, out = flow
+    pipe, b = source.pipe, len(PROMPTS)
+    noise = torch.randn((b, *manifest.sample_shape), generator=torch.Generator().manual_seed(11))
+    assert source.bank is not None and source.guidance is not None
+    handle = attach(pipe, source.bank, source.guidance, record=True)
+    try:
+        want = _run(pipe, noise)
+        applied_pt = np.stack([r.record.applied.numpy() for r in handle.records])
+        with perturbed(pipe.transformer):
+            moved = _run(pipe, noise)
+    finally:
+        detach(pipe)
+    with torch.no_grad():
+        if source.family == "flux":
+            pe, pooled, _ = pipe.encode_prompt(PROMPTS, None, max_sequence_length=TEXT)
+            negatives: dict[str, np.ndarray] = {}
+        else:
+            pe, npe, pooled, npooled = pipe.encode_prompt(PROMPTS, None, None, do_classifier_free_guidance=True)
+            negatives = {"negative_prompt_embeds": npe.numpy(), "negative_pooled_prompt_embeds": npooled.numpy()}
+    got = Bundle(out).sample_flow(pe.numpy(), pooled.numpy(), noise=noise.numpy(), steps=STEPS, **negatives)
+    r = rel_err(moved, want)
+    err = rel_err(got.sample, want)
+    print(f"{source.family}: onnxruntime vs PyTorch loop rel err {err:.3g}, rounding-sized perturbation {r:.3g}")
+    assert 0 < r < 1e-3 and err <= 2 * r
+    assert got.applied is not None and np.array_equal(got.applied, applied_pt) and applied_pt.any()
+    assert rel_err(_run(pipe, noise), want) > 10 * r  # unguided: the correction moved the samples beyond rounding
+
+
+def test_flow_export_refusals(flow: tuple[ExportSource, Manifest, Path], tmp_path: Path) -> None:
+    source, _, out = flow
+    args = dict(source.model_args)
+    with pytest.raises(ValueError, match="theorem preset only"):
+        export_bundle(load_source({**args, "safe_denoiser": {"preset": "reference"}}), tmp_path / "x")
+    with pytest.raises(ValueError, match=r"sample it with Bundle\.sample_flow"):
+        Bundle(out).sample(np.zeros((1, 4, 4), np.float32))
+    if source.family == "sd3":
+        with pytest.raises(ValueError, match="negative_prompt_embeds"):
+            Bundle(out).sample_flow(np.zeros((1, 333, 64), np.float32), np.zeros((1, 64), np.float32))
