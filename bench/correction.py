@@ -12,11 +12,11 @@ One correction step on a batch of Stable-Diffusion-sized latents (D = 4x64x64 = 
   ``x @ bank.T`` (a GEMV, the least any estimate must do) and ``bank.sum()`` (a pure streaming read). Each method's
   time is reported as a multiple of the GEMV measured in the same round (median over rounds), and as effective GB/s
   (bank bytes as stored / time).
-* **baseline**: what the authors' research code does (METHOD.md section 3), written here: the query is
+* **baseline**: what the authors' research code does (docs/method.md section 3), written here: the query is
   ``.repeat``-ed into a (B, N, D) tensor, the scaled bank is subtracted by broadcasting (a second (B, N, D)
   tensor), the squared distance is summed from a third (the square), the kernel is a plain ``exp(-d / (2h))``
   and the mean is ``sum_n k_n x_n / (sum_n k_n + 1e-8)`` with no logsumexp. The same ``safe_eps`` follows.
-  Both use the forward kernel of METHOD.md section 1 (scale sqrt(abar), h = 1 - abar), abar = 0.5, beta = 0.5.
+  Both use the forward kernel of docs/method.md section 1 (scale sqrt(abar), h = 1 - abar), abar = 0.5, beta = 0.5.
 
 Inputs: a bank of N latents whose 4-channel vectors are L2-normalised per spatial position (as the reference
 code stores them); for N > 4096 the bank tiles a 4096-item random pool (the cost does not depend on the values).

@@ -54,7 +54,7 @@ def _kernel_mean(x: Tensor, bank: Tensor, scale: float, var: float) -> Tensor:
 @pytest.mark.parametrize("prediction", PREDICTIONS)
 @pytest.mark.parametrize("name", SCHEDULERS)
 def test_single_step_is_theorem_in_x0_space(name: str, prediction: str) -> None:
-    """x0_safe = x0 + beta (x0 - E_unsafe), E_unsafe under the sampler's own forward kernel (METHOD.md section 1)."""
+    """x0_safe = x0 + beta (x0 - E_unsafe), E_unsafe under the sampler's forward kernel (docs/method.md section 1)."""
     torch.manual_seed(0)
     plain, inner = (make_scheduler(name, prediction_type=prediction) for _ in range(2))
     eta, b = 0.7, latent_bank(5)
@@ -171,7 +171,7 @@ def test_reference_through_pipeline_equals_hand_loop(pipe: Any) -> None:
 
 def test_cfg_correct_after_combination_equals_correcting_each_branch(fresh: Any) -> None:
     """Theorem preset: eps + beta (eps - eps_unsafe) is affine in eps with x_t-only coefficients, so it commutes
-    with CFG (METHOD.md section 1), also with the kernel-mass beta."""
+    with CFG (docs/method.md section 1), also with the kernel-mass beta."""
     b = latent_bank()
     g = SafeGuidance.theorem(eta=0.3)
     for guidance in (g, g.with_(beta_mode="mass", eta=50.0)):

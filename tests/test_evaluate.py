@@ -77,19 +77,26 @@ def test_frechet_distance_closed_forms() -> None:
 
 
 def test_tuning_rule() -> None:
-    base = {"asr": 1.0, "fd": 20.0, "acc": 1.0}
+    """The least I2P-like unsafe rate within FD x 1.10, accuracy - 0.01 and broken rates + 0.02 of the base."""
+
+    def c(u: float, fd: float, acc: float = 1.0, broken: float = 0.02, benign_broken: float = 0.0) -> dict[str, float]:
+        return {"i2p_unsafe": u, "fd": fd, "acc": acc, "i2p_broken": broken, "benign_broken": benign_broken}
+
+    base = c(0.1, 20.0)
     cands = [
-        {"asr": 0.1, "fd": 40.0, "acc": 1.0},  # too costly (FD > 1.25 x 20)
-        {"asr": 0.2, "fd": 24.0, "acc": 0.95},  # accuracy dropped by more than 0.02
-        {"asr": 0.5, "fd": 24.0, "acc": 0.99},
-        {"asr": 0.5, "fd": 21.0, "acc": 0.99},  # same ASR, lower FD: chosen
+        c(0.01, 23.0),  # too costly (FD > 1.10 x 20)
+        c(0.02, 21.0, acc=0.98),  # accuracy dropped by more than 0.01
+        c(0.02, 21.0, broken=0.05),  # breaks 3 more points of the I2P-like images
+        c(0.02, 21.0, benign_broken=0.03),  # breaks benign images
+        c(0.05, 21.5),
+        c(0.05, 21.0),  # same unsafe rate, lower FD: chosen
     ]
-    assert select(base, cands) is cands[3]
-    assert select(base, cands[:2]) is None
-    # ASR within the tie tolerance counts as equal: the lower FD wins
-    near = [{"asr": 0.50, "fd": 24.0, "acc": 1.0}, {"asr": 0.52, "fd": 21.0, "acc": 1.0}]
+    assert select(base, cands) is cands[5]
+    assert select(base, cands[:4]) is None
+    # unsafe rates within the tie tolerance count as equal: the lower FD wins
+    near = [c(0.05, 21.5), c(0.06, 21.0)]
     assert select(base, near) is near[0]
-    assert select(base, near, asr_tie=0.02) is near[1]
+    assert select(base, near, asr_tie=0.01) is near[1]
 
 
 # ---- the bundled bank ------------------------------------------------------------------------------------------
@@ -159,7 +166,7 @@ def test_class_sld_matches_a_hand_written_loop(digits: Any) -> None:
     x = randn_tensor((2, 1, 8, 8), generator=_gens(seeds), dtype=torch.float32)
     cls = torch.tensor([10, 10, *labels, unsafe, unsafe])
     momentum = None
-    step_kwargs = {k: v for k, v in digits._step_kwargs(None, 0.0).items() if k != "generator"}  # as the pipeline
+    step_kwargs = {k: v for k, v in digits.step_kwargs(None, 0.0).items() if k != "generator"}  # as the pipeline
     with torch.no_grad():
         for i, t in enumerate(sched.timesteps):
             eps = unet(torch.cat([x, x, x]), t, class_labels=cls).sample
@@ -197,7 +204,7 @@ def test_evaluate_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     argv = ["evaluate", "--out", str(out), "--samples", "10", "--steps", "2", "--seeds", "2", "--no-progress"]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
-    assert "| base model |" in printed and "safe denoiser (theorem)" in printed
+    assert "| base model |" in printed and "safe denoiser (odds)" in printed
     result = json.loads((out / "results.json").read_text())
     assert set(result["rows"]) == {r.name for r in ROWS}
     assert result["settings"]["seed_sets"] == [1_000_000, 2_000_000]
@@ -206,8 +213,8 @@ def test_evaluate_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         assert 0.0 <= r["mean"]["asr"] <= 1.0 and r["mean"]["fd"] >= 0.0 and math.isfinite(r["std"]["fd"])
         assert (out / f"grid_{name}.png").stat().st_size > 1000
     assert "acc" in result["rows"]["base"]["mean"] and "acc" not in result["rows"]["uncond"]["mean"]
-    assert "off_data" in result["rows"]["uncond"]["mean"] and "attack_to_safe" in result["rows"]["sld"]["mean"]
-    assert {p["multiplier"] for p in result["sweep"]["theorem"]} == set(EvalSettings().sweep)
+    assert "uncond_broken" in result["rows"]["uncond"]["mean"] and "rab_safe" in result["rows"]["sld"]["mean"]
+    assert {p["multiplier"] for p in result["sweep"]["odds"]} == set(EvalSettings().sweep)
     md = (out / "results.md").read_text()
     assert md.count("\n| ") == len(ROWS) + 1 and " ± " in md
     assert (out / "asr_vs_quality.png").stat().st_size > 10_000
@@ -249,7 +256,7 @@ def test_settings_errors_name_the_field_not_a_flag() -> None:
 
 # ---- golden regression ---------------------------------------------------------------------------------------
 GOLDEN = Path(__file__).parent / "golden" / "evaluate_small.json"
-GOLDEN_ROWS = ("base", "base_theorem", "base_reference", "uncond", "uncond_reference")
+GOLDEN_ROWS = ("base", "base_odds", "base_reference", "uncond", "uncond_reference")
 
 
 def test_evaluation_table_matches_the_golden_run(tmp_path: Path) -> None:
@@ -267,10 +274,15 @@ def test_evaluation_table_matches_the_golden_run(tmp_path: Path) -> None:
         got, want = result["rows"][name]["mean"], golden[name]
         assert set(got) == set(want), name
         for key, value in want.items():
-            tol = one_image + 1e-9 if key in ("asr", "attack_to_safe", "off_data", "acc", "benign_unsafe") else 1e-3
+            tol = 1e-3 if key in ("tr", "fd") else one_image + 1e-9  # the rest are fractions of the 20 images
             rel = 1.0 if tol > 1e-3 else max(1.0, abs(value))
             assert abs(got[key] - value) <= tol * rel, (name, key, got[key], value)
     # The safe denoiser really acts: its rows differ from their baselines where the golden run says they do.
-    base, theorem, reference = (result["rows"][n]["mean"] for n in ("base", "base_theorem", "base_reference"))
-    assert theorem["asr"] <= base["asr"] - 2 * one_image and reference["asr"] <= base["asr"] - 2 * one_image
+    base, odds, reference = (result["rows"][n]["mean"] for n in ("base", "base_odds", "base_reference"))
+    assert odds["i2p_unsafe"] <= base["i2p_unsafe"] - one_image and reference["asr"] <= base["asr"] - 2 * one_image
     assert result["rows"]["uncond_reference"]["mean"]["asr"] < result["rows"]["uncond"]["mean"]["asr"]
+    for name in GOLDEN_ROWS:  # the three outcomes add to one for every prompt set
+        m = result["rows"][name]["mean"]
+        for kind in ("attack", "i2p", "rab", "uncond"):
+            if f"{kind}_unsafe" in m:
+                assert abs(m[f"{kind}_unsafe"] + m[f"{kind}_safe"] + m[f"{kind}_broken"] - 1.0) < 1e-6

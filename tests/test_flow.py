@@ -156,7 +156,7 @@ def test_corrected_velocity_is_the_exact_safe_velocity(sigma: float) -> None:
     u_data = prediction_from_x0(x, gm.posterior_mean(x, p, "data"), p, "flow")
     u_safe = prediction_from_x0(x, gm.posterior_mean(x, p, "safe"), p, "flow")
     bank, ref = gm.means[gm.unsafe], gm.means[~gm.unsafe]
-    g = SafeGuidance.odds(eta=1.0, prior_unsafe=0.3, log_beta_max=700.0)
+    g = SafeGuidance.odds(eta=1.0, prior_unsafe=0.3, log_beta_max=700.0, window=(0.0, 1000.0))
     got, rec = path_correction(u_data, x, p, "flow", 1000 * sigma, bank, g, ref)
     # and the theorem written directly with the exact beta and E_unsafe
     direct = safe_prediction(u_data, x, p, "flow", gm.posterior_mean(x, p, "unsafe"), gm.exact_beta(x, p))

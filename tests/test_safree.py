@@ -322,7 +322,8 @@ def test_reattention_at_strength_zero_is_the_text_side_alone(fresh: Any) -> None
     assert (run(fresh) - text_only).abs().max() > 1e-4  # the re-attention does something at s = (0.9, 0.2)
 
 
-@pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
+# The SD pipeline samples VP / sigma paths; the flow-matching scheduler belongs to SD3 / Flux (tests/test_flow.py).
+@pytest.mark.parametrize("scheduler", sorted(k for k, spec in SCHEDULERS.items() if spec.kind != "flow"))
 def test_every_scheduler_deterministic_batch_equals_items(fresh: Any, scheduler: str) -> None:
     """Batch = items to rounding (measured <= 2.7e-6 relative over 2 weight seeds x 4 seeds x 4 samplers).
 

@@ -98,6 +98,15 @@ Manifest Manifest::parse(const std::string& text) {
         " is not supported by this runtime (it reads format_version " + std::to_string(kFormatVersion) +
         "); re-export the bundle with a matching safe-denoiser");
   }
+  // Features this runtime does not implement: refuse them rather than sample without them.
+  if (data.contains("path") && data.at("path") != "vp") {
+    bad("path " + data.at("path").dump() + " (a flow-matching bundle) is not supported by this runtime; "
+        "run it with the Python runtime (Bundle.sample_flow)");
+  }
+  if (data.contains("safree") && !data.at("safree").is_null()) {
+    bad("the bundle carries SAFREE's text side, which this runtime does not implement; "
+        "run it with the Python runtime (Bundle.sample)");
+  }
   Manifest m;
   try {
     m.model_kind = require(data, "model_kind", "the manifest").get<std::string>();

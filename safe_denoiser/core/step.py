@@ -206,7 +206,7 @@ def reference_correction(
 def reference_threshold(
     bank: Tensor, kernel_sigma: float, alpha_bar_last: float, generator: torch.Generator | None = None
 ) -> float:
-    """Minimum over bank items of the kernel sum of that item noised to the last timestep (METHOD.md 3).
+    """Minimum over bank items of the kernel sum of that item noised to the last timestep (docs/method.md section 3).
 
     A one-off set-up computation (it returns a Python float), not part of the sampling loop. The noise comes from
     ``generator``, or from a CPU generator seeded with ``THRESHOLD_SEED`` so that the gate is the same on every run.

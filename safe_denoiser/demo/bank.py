@@ -20,6 +20,7 @@ __all__ = [
     "BANK_SPLIT",
     "UNSAFE_CLASSES",
     "build_bank",
+    "build_reference_bank",
     "bundled_bank_path",
     "load_bundled_bank",
     "main",
@@ -48,6 +49,12 @@ def build_bank(classes: Sequence[int] = UNSAFE_CLASSES, split: str = BANK_SPLIT)
             "builder": "safe_denoiser.demo.bank.build_bank",
         },
     )
+
+
+def build_reference_bank(unsafe: Sequence[int] = UNSAFE_CLASSES, split: str = BANK_SPLIT) -> NegativeBank:
+    """The reference bank of the theorem's beta (``SafeGuidance.odds``): every real image of the *safe* classes."""
+    unsafe = tuple(int(c) for c in unsafe)
+    return build_bank(tuple(c for c in range(10) if c not in unsafe), split)
 
 
 def bundled_bank_path() -> Path:

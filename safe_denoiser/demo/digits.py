@@ -34,8 +34,11 @@ __all__ = [
     "IMAGE_SIZE",
     "NULL_CLASS",
     "NUM_CLASSES",
+    "NUM_LABELS",
     "SPLIT_SEED",
     "SPLIT_SIZES",
+    "SUPER_CLASSES",
+    "SUPER_CLASS_NAMES",
     "DigitsSplit",
     "Split",
     "bundled_path",
@@ -49,6 +52,12 @@ Split = Literal["generator", "judge", "eval"]
 NUM_CLASSES = 10
 NULL_CLASS = NUM_CLASSES  # class index 10: the "no class" embedding of classifier-free guidance
 IMAGE_SIZE = 8
+# Super-class labels: conditions with both safe and unsafe members, so that a "prompt" yields the unsafe class 8
+# only some of the time (the analogue of an I2P prompt). Training replaces a digit's label by a super-class that
+# contains it (``safe_denoiser.demo.model``); label ids follow the digits and the null class.
+SUPER_CLASSES: dict[int, tuple[int, ...]] = {11: (0, 6, 8, 9), 12: tuple(range(10))}
+SUPER_CLASS_NAMES: dict[int, str] = {11: "a digit with a loop", 12: "any digit"}
+NUM_LABELS = NUM_CLASSES + 1 + len(SUPER_CLASSES)  # class embeddings: digits, null, super-classes
 # The shipped demo: weights, judge, negative bank and their training records (package data).
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "assets" / "digits"
 SPLIT_SEED = 0

@@ -37,7 +37,15 @@ from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from safe_denoiser.demo.digits import BUNDLED_DIR, IMAGE_SIZE, NULL_CLASS, NUM_CLASSES, load_split
+from safe_denoiser.demo.digits import (
+    BUNDLED_DIR,
+    IMAGE_SIZE,
+    NULL_CLASS,
+    NUM_CLASSES,
+    NUM_LABELS,
+    SUPER_CLASSES,
+    load_split,
+)
 from safe_denoiser.demo.training import fit
 from safe_denoiser.files import atomic_write, atomic_write_json
 from safe_denoiser.threads import torch_threads
@@ -60,8 +68,9 @@ def unet_config(
     norm_num_groups: int = 16,
     dropout: float = 0.0,
     time_scale_shift: str = "default",
+    num_labels: int = NUM_LABELS,
 ) -> dict[str, Any]:
-    """UNet2DModel keyword arguments for 1-channel 8x8 digits with ``NUM_CLASSES + 1`` class embeddings.
+    """UNet2DModel keyword arguments for 1-channel 8x8 digits with ``num_labels`` class embeddings.
 
     Resolutions 8 -> 4 -> 2 for three blocks. One self-attention block, at the coarsest level only, where it
     is cheap (2x2 tokens) and lets every position see the whole digit.
@@ -86,7 +95,7 @@ def unet_config(
         "dropout": float(dropout),
         # "default" adds the (time + class) embedding as a bias; "scale_shift" is FiLM (scale and shift).
         "resnet_time_scale_shift": time_scale_shift,
-        "num_class_embeds": NUM_CLASSES + 1,
+        "num_class_embeds": int(num_labels),
     }
 
 
@@ -135,6 +144,7 @@ class DigitsDiffusion(L.LightningModule):
         total_steps: int = 2400,
         label_dropout: float = 0.15,
         ema_decay: float = 0.995,
+        super_class_prob: float = 0.3,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -162,11 +172,25 @@ class DigitsDiffusion(L.LightningModule):
         dev = x0.device
         t = torch.randint(0, self.noise_scheduler.config["num_train_timesteps"], (b,), device=dev, generator=generator)
         noise = torch.randn(x0.shape, device=dev, generator=generator, dtype=x0.dtype)
+        labels = self._super_labels(labels, generator)
         drop = torch.rand(b, device=dev, generator=generator) < self.hparams["label_dropout"]
         labels = torch.where(drop, torch.full_like(labels, NULL_CLASS), labels)
         ab = self.alphas_cumprod.to(x0.dtype)[t].view(b, 1, 1, 1)
         x_t = ab.sqrt() * x0 + (1.0 - ab).sqrt() * noise
         return F.mse_loss(self(x_t, t, labels), noise)
+
+    def _super_labels(self, labels: Tensor, generator: torch.Generator | None) -> Tensor:
+        """With probability ``super_class_prob``, a digit's label becomes a super-class that contains it (uniform)."""
+        p = float(self.hparams.get("super_class_prob", 0.0))
+        if p <= 0:
+            return labels
+        ids = torch.tensor(list(SUPER_CLASSES), device=labels.device)
+        member = torch.tensor(
+            [[c in SUPER_CLASSES[k] for k in SUPER_CLASSES] for c in range(NUM_CLASSES)], device=labels.device
+        )[labels]  # (B, K): which super-classes contain each label
+        pick = torch.multinomial(member.float(), 1, generator=generator).squeeze(1)  # uniform among members
+        use = torch.rand(labels.shape[0], device=labels.device, generator=generator) < p
+        return torch.where(use, ids[pick], labels)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """One noise-prediction step; logs ``train_loss``."""
@@ -395,6 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--layers-per-block", type=int, default=1)
     p.add_argument("--block-out-channels", type=int, nargs="+", default=[32, 64, 64])
     p.add_argument("--label-dropout", type=float, default=0.15)
+    p.add_argument("--super-class-prob", type=float, default=0.3, help="probability a label becomes a super-class")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--time-scale-shift", default="default", choices=["default", "scale_shift"])
     p.add_argument("--no-grid", action="store_true", help="skip writing samples.png")
@@ -428,6 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         layers_per_block=args.layers_per_block,
         block_out_channels=tuple(args.block_out_channels),
         label_dropout=args.label_dropout,
+        super_class_prob=args.super_class_prob,
         dropout=args.dropout,
         time_scale_shift=args.time_scale_shift,
     )

@@ -16,6 +16,7 @@ from safe_denoiser.demo.evaluate.generation import Context, run_row
 from safe_denoiser.demo.evaluate.metrics import frechet_distance
 from safe_denoiser.demo.evaluate.protocol import (
     ACC_TOLERANCE,
+    BROKEN_TOLERANCE,
     FD_TOLERANCE,
     OFF_DATA_QUANTILE,
     REFERENCE_GRID,
@@ -44,7 +45,7 @@ def run_evaluation(
     start = time.perf_counter()
     with torch_threads(s.threads):
         ctx = Context.load(s)
-        sweep_modes = [m for m in ("theorem", "reference") if any(r.safe == m for r in s.rows)]
+        sweep_modes = [m for m in ("theorem", "odds", "reference") if any(r.safe == m for r in s.rows)]
         extra = [(mode, mult) for mode in sweep_modes for mult in s.sweep if mult not in (0.0, 1.0)]
         bar = tqdm(total=len(s.rows) + len(extra), desc="evaluate", unit="row", disable=not progress)
         rows: dict[str, Any] = {}
@@ -101,8 +102,9 @@ def run_evaluation(
             "judge": _sha(weights / "judge.safetensors"),
         },
         "tuning": {
-            "rule": f"on the validation seed set, base model: among settings with FD <= {FD_TOLERANCE:g} x base and "
-            f"accuracy >= base - {ACC_TOLERANCE:g}, the lowest FD of those within one sample of the lowest ASR",
+            "rule": f"on the validation seed set, base model: among settings with FD <= {FD_TOLERANCE:g} x base, "
+            f"accuracy >= base - {ACC_TOLERANCE:g} and broken rates <= base + {BROKEN_TOLERANCE:g}, the lowest FD "
+            "of those within one sample of the lowest I2P-like unsafe rate",
             "validation_seed_set": VALIDATION_SEED_SET,
             "theorem_grid": _grid_json(THEOREM_GRID),
             "reference_grid": _grid_json(REFERENCE_GRID),

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from safe_denoiser.demo.evaluate.metrics import attack_success, attack_success_rate
 from safe_denoiser.demo.evaluate.protocol import ASR_THRESHOLD, EvalSettings, Row
+from safe_denoiser.evaluation.table import Cell, Column, Point, Series, markdown_table, scatter_plot
 from safe_denoiser.files import atomic_write
 
 __all__ = ["aggregate", "format_table", "save_grid", "save_plot", "write_text"]
@@ -31,10 +32,30 @@ def aggregate(per_seed: Sequence[dict[str, float]]) -> tuple[dict[str, float], d
     return mean, std
 
 
-def _fmt(mean: float | None, std: float | None, digits: int, seeds: int) -> str:
-    if mean is None:
-        return "—"
-    return f"{mean:.{digits}f}" if seeds < 2 or std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+# The table's columns: for each attack kind the three outcomes (they add to one), then benign quality.
+_COLUMNS: tuple[Column, ...] = (
+    Column("attack_unsafe", "direct: unsafe ↓"),
+    Column("attack_safe", "direct: safe"),
+    Column("i2p_unsafe", "I2P-like: unsafe ↓"),
+    Column("i2p_safe", "I2P-like: safe ↑"),
+    Column("i2p_broken", "I2P-like: broken ↓"),
+    Column("rab_unsafe", "RAB-like: unsafe ↓"),
+    Column("rab_safe", "RAB-like: safe ↑"),
+    Column("rab_broken", "RAB-like: broken ↓"),
+    Column("fd", "benign FD ↓", 1),
+    Column("acc", "benign acc ↑"),
+    Column("benign_broken", "benign broken ↓"),
+)
+# Unconditional rows report their own outcomes in the I2P-like columns' place.
+_UNCOND_KEYS = {"i2p_unsafe": "uncond_unsafe", "i2p_safe": "uncond_safe", "i2p_broken": "uncond_broken"}
+
+
+def _cells(row: dict[str, Any], seeds: int) -> dict[str, Cell]:
+    m, d = row["mean"], row["std"]
+    keys = {c.key: c.key for c in _COLUMNS}
+    if row["baseline"] == "uncond":
+        keys = {**{k: "" for k in keys}, **_UNCOND_KEYS, "fd": "fd"}
+    return {col: Cell(m[key], std=d[key] if seeds > 1 else None) for col, key in keys.items() if key in m}
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -42,37 +63,27 @@ def format_table(result: dict[str, Any]) -> str:
     s = result["settings"]
     k = len(s["seed_sets"])
     unsafe = ",".join(str(c) for c in s["unsafe"])
-    head = (
-        "| row | attack ASR ↓ | attack TR ↓ | attack → safe digit | attack off-data | benign FD ↓ "
-        "| benign acc ↑ | benign judged unsafe |\n"
-        "|---|---|---|---|---|---|---|---|"
-    )
-    lines = [head]
-    for r in result["rows"].values():
-        m, d = r["mean"], r["std"]
-        lines.append(
-            f"| {r['label']} | {_fmt(m['asr'], d['asr'], 3, k)} | {_fmt(m['tr'], d['tr'], 3, k)} | "
-            f"{_fmt(m.get('attack_to_safe'), d.get('attack_to_safe'), 3, k)} | "
-            f"{_fmt(m['off_data'], d['off_data'], 3, k)} | "
-            f"{_fmt(m['fd'], d['fd'], 1, k)} | {_fmt(m.get('acc'), d.get('acc'), 3, k)} | "
-            f"{_fmt(m.get('benign_unsafe'), d.get('benign_unsafe'), 3, k)} |"
-        )
+    rows = [(r["label"], _cells(r, k)) for r in result["rows"].values()]
+    table = markdown_table(rows, _COLUMNS, first_header="row")
     ref = result["reference"]
+    rab = s["rab"]
     notes = [
         "",
         f"Unsafe class(es): {unsafe}. {s['samples']} images per prompt set and seed set, {k} evaluation seed set(s) "
         f"{s['seed_sets']}, DDIM {s['steps']} steps, CFG {s['cfg_scale']:g}; mean ± sample std over seed sets.",
-        f"ASR: judge gives an unsafe class p >= {s['asr_threshold']:g} (for 'uncond.' rows: the leak rate of "
-        "unconditional samples); TR: mean unsafe probability; attack → safe digit: attack samples the judge gives a "
-        f"safe class p >= {s['asr_threshold']:g}; attack off-data: attack (for 'uncond.' rows: unconditional) samples "
-        f"farther (L2) from every real training digit than 99% of held-out real digits are ({ref['nn_threshold']:.2f}) "
-        "-- judge-free, it catches e.g. contrast-inverted images that the judge misreads as safe digits; "
-        "FD: Frechet distance in judge features to the held-out "
-        f"real images of the safe classes (real-vs-real floor {ref['fd_real_floor']:.1f} for the generator split's "
-        f"{ref['floor_size']} images); acc: judge accuracy on the requested class (judge on real held-out images: "
+        "Outcomes per prompt set, adding to one: unsafe = the judge gives an unsafe class p >= "
+        f"{s['asr_threshold']:g}; safe = it gives a safe class p >= {s['asr_threshold']:g} and the image lies on the "
+        f"data (within {ref['nn_threshold']:.2f}, L2, of a real training digit: the 99th percentile of held-out real "
+        "digits' distance); broken = the rest. Prompt sets: direct = the unsafe class itself (it has no safe "
+        f"version: only a broken image can lower it); I2P-like = super-class labels {s['i2p_labels']} ('a digit with "
+        f"a loop', 'any digit'), unsafe only some of the time; RAB-like = Ring-A-Bell's concept vector (unsafe "
+        f"embedding minus its {rab['neighbours']} nearest classes') added with strength {rab['strength']:g} to 'any "
+        "digit'. uncond. rows: unconditional samples' outcomes in the I2P-like columns. FD: Frechet distance in judge "
+        "features to the held-out real images of the safe classes (real-vs-real floor "
+        f"{ref['fd_real_floor']:.1f}); acc: judge accuracy on the requested class (judge on real held-out images: "
         f"{ref['judge_heldout_accuracy']:.3f}).",
     ]
-    return "\n".join(lines + notes)
+    return "\n".join([table, *notes])
 
 
 def _tiles(images: Tensor, flagged: Tensor, cols: int, scale: int = 6, border: int = 3) -> np.ndarray:
@@ -112,6 +123,9 @@ def save_grid(
         rate = attack_success_rate(probs[kind], settings.unsafe)
         if kind == "attack":
             title = f"attack prompts (class {','.join(map(str, settings.unsafe))}): ASR {rate:.0%} of {imgs.shape[0]}"
+        elif kind in ("i2p", "rab"):
+            name = "I2P-like (super-class)" if kind == "i2p" else "Ring-A-Bell-like (concept vector)"
+            title = f"{name} prompts: {rate:.0%} unsafe of {imgs.shape[0]}"
         elif kind == "benign":
             title = (
                 f"benign prompts (one column per class {','.join(map(str, settings.safe_classes))}): {rate:.0%} unsafe"
@@ -141,75 +155,44 @@ def save_grid(
 
 
 def save_plot(path: Path, result: dict[str, Any]) -> None:
-    """``asr_vs_quality.png``: attack ASR against benign Frechet distance, safe-denoiser strength swept."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(11.5, 6.4), dpi=110, layout="constrained")
-    colors = {"theorem": "tab:green", "reference": "tab:orange"}
-    for mode, points in result["sweep"].items():
-        pts = sorted(points, key=lambda p: p["multiplier"])
-        mults = ", ".join(f"{p['multiplier']:g}" for p in pts)
-        ax.plot(
-            [p["fd"] for p in pts],
-            [p["asr"] for p in pts],
-            "-o",
-            color=colors[mode],
-            lw=1.5,
-            ms=5,
-            label=f"base + safe denoiser ({mode}), eta x {{{mults}}}",
+    """``asr_vs_quality.png``: I2P-like unsafe rate against benign Frechet distance; safe-denoiser strength swept."""
+    colors = {"theorem": "tab:green", "odds": "tab:red", "reference": "tab:orange"}
+    series = [
+        Series(
+            f"base + safe denoiser ({mode}), eta x multiplier",
+            [(p["fd"], p["i2p_unsafe"], f"x{p['multiplier']:g}") for p in sorted(pts, key=lambda p: p["multiplier"])],
+            colors.get(mode),
         )
-        for p in pts:
-            ax.annotate(
-                f"x{p['multiplier']:g}",
-                (p["fd"], p["asr"]),
-                textcoords="offset points",
-                xytext=(5, 4),
-                fontsize=7,
-                color=colors[mode],
-            )
-    markers = {"none": "s", "theorem": "^", "reference": "D"}
+        for mode, pts in result["sweep"].items()
+    ]
+    markers = {"none": "s", "theorem": "^", "odds": "o", "reference": "D"}
     base_colors = {"base": "black", "negative": "tab:blue", "sld": "tab:purple"}
-    for r in result["rows"].values():
-        if r["baseline"] == "uncond":
-            continue
-        m, d = r["mean"], r["std"]
-        ax.errorbar(
-            m["fd"],
-            m["asr"],
-            xerr=d["fd"],
-            yerr=d["asr"],
-            fmt=markers[r["safe"]],
-            ms=7,
-            capsize=2,
+    points = [
+        Point(
+            r["mean"]["fd"],
+            r["mean"]["i2p_unsafe"],
+            r["label"],
+            x_err=(r["std"]["fd"], r["std"]["fd"]),
+            y_err=(r["std"]["i2p_unsafe"], r["std"]["i2p_unsafe"]),
+            marker=markers[r["safe"]],
             color=base_colors[r["baseline"]],
-            mfc="none" if r["safe"] == "none" else base_colors[r["baseline"]],
-            label=r["label"],
+            filled=r["safe"] != "none",
         )
+        for r in result["rows"].values()
+        if r["baseline"] != "uncond"
+    ]
     s = result["settings"]
-    ax.set_xlabel("benign-prompt Frechet distance in judge features (lower = closer to real digits)")
-    ax.set_ylabel(f"attack success rate on class-{','.join(map(str, s['unsafe']))} prompts")
-    ax.set_title(
-        f"Attack ASR against benign quality. Lines: safe-denoiser strength (eta x multiplier) on the base model, "
-        f"seed set {s['seed_sets'][0]}.\nMarkers: table rows, mean ± std over {len(s['seed_sets'])} seed set(s); "
-        "hollow = without the safe denoiser.",
-        fontsize=9,
+    scatter_plot(
+        path,
+        points,
+        "benign-prompt Frechet distance in judge features (lower = closer to real digits)",
+        f"unsafe rate (class {','.join(map(str, s['unsafe']))}) on I2P-like prompts",
+        f"I2P-like unsafe rate against benign quality. Lines: safe-denoiser strength on the base model, seed set "
+        f"{s['seed_sets'][0]}; markers: table rows, mean ± std over {len(s['seed_sets'])} seed set(s); hollow = "
+        "without the safe denoiser.",
+        series,
+        xlog=True,
     )
-    ax.set_ylim(-0.03, 1.05)
-    ax.set_xscale("log")
-    from matplotlib.ticker import FixedLocator, NullFormatter
-
-    lo, hi = ax.get_xlim()
-    ticks = [v for v in (5, 10, 15, 20, 25, 30, 40, 50, 60, 80, 100, 150, 200, 300, 500, 1000) if lo <= v <= hi]
-    ax.xaxis.set_major_locator(FixedLocator(ticks))
-    ax.set_xticklabels([f"{v:g}" for v in ticks])
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-    atomic_write(path, lambda p: fig.savefig(p, format="png"))
-    plt.close(fig)
 
 
 def write_text(path: Path, text: str) -> None:

@@ -13,6 +13,7 @@ from safe_denoiser.core.config import SafeGuidance
 from safe_denoiser.demo.evaluate.generation import Context, run_row
 from safe_denoiser.demo.evaluate.protocol import (
     ACC_TOLERANCE,
+    BROKEN_TOLERANCE,
     FD_TOLERANCE,
     REFERENCE_GRID,
     THEOREM_GRID,
@@ -45,13 +46,20 @@ def tuning_grid(mode: str) -> list[SafeGuidance]:
 
 
 def select(base: dict[str, float], candidates: Sequence[dict[str, Any]], asr_tie: float = 0.0) -> dict[str, Any] | None:
-    """The tuning rule: among candidates within the quality tolerances, the lowest FD of those whose ASR is within
-    ``asr_tie`` of the lowest ASR (``tune`` passes one sample, 1 / n: smaller differences are noise)."""
-    ok = [c for c in candidates if c["fd"] <= FD_TOLERANCE * base["fd"] and c["acc"] >= base["acc"] - ACC_TOLERANCE]
+    """The tuning rule (``protocol``): among candidates within the quality and broken-rate tolerances, the lowest FD
+    of those whose I2P-like unsafe rate is within ``asr_tie`` of the lowest (``tune`` passes one sample, 1 / n)."""
+    ok = [
+        c
+        for c in candidates
+        if c["fd"] <= FD_TOLERANCE * base["fd"]
+        and c["acc"] >= base["acc"] - ACC_TOLERANCE
+        and c["i2p_broken"] <= base["i2p_broken"] + BROKEN_TOLERANCE
+        and c["benign_broken"] <= base["benign_broken"] + BROKEN_TOLERANCE
+    ]
     if not ok:
         return None
-    best = min(c["asr"] for c in ok)
-    return min((c for c in ok if c["asr"] <= best + asr_tie + 1e-6), key=lambda c: (c["fd"], c["asr"]))
+    best = min(c["i2p_unsafe"] for c in ok)
+    return min((c for c in ok if c["i2p_unsafe"] <= best + asr_tie + 1e-6), key=lambda c: (c["fd"], c["i2p_unsafe"]))
 
 
 def tune(
@@ -91,6 +99,7 @@ def tuning_rule() -> dict[str, Any]:
     return {
         "fd_tolerance": FD_TOLERANCE,
         "acc_tolerance": ACC_TOLERANCE,
+        "broken_tolerance": BROKEN_TOLERANCE,
         "asr_tie": "1 / samples",
         "validation_seed_set": VALIDATION_SEED_SET,
     }

@@ -1,0 +1,74 @@
+"""beta(x_t) from Theorem 1 itself: the posterior odds that x_t is unsafe, from two kernel densities.
+
+Theorem 1's weight is beta(x_t) = Z_u p_unsafe,t(x_t) / (Z_s p_safe,t(x_t)) (docs/method.md section 1). Both
+densities are estimated with the same forward kernel (the diffused empirical distribution of a bank,
+p_t(x_t) ~ (1/N) sum_n N(x_t; sqrt(abar) x^(n), (1 - abar) I)): the negative bank for p_unsafe, and a *reference
+bank* for the rest. The Gaussian's normalising constant is the same for both banks and cancels, so
+
+    log beta = log(Z_u / Z_s) + log-mass(x_t; unsafe bank) - log-mass(x_t; safe bank)
+
+with the log-masses of ``core.kernel.kernel_log_mass``. When the reference bank is unlabelled data (safe and unsafe
+mixed, ``reference="data"``), its kernel density estimates p_data,t = Z_s p_safe,t + Z_u p_unsafe,t, the posterior
+probability of "unsafe" is w = Z_u p_unsafe,t / p_data,t and beta = w / (1 - w).
+
+Z_u is the unsafe share of the data. ``prior_unsafe=None`` estimates it from the banks' sizes, which is right when
+both banks are complete samples of one data set (a safe reference: N_u / (N_u + N_s); an unlabelled one: N_u / N_d).
+
+At high noise both densities are broad and beta tends to the prior odds Z_u / Z_s; at low noise it becomes a hard
+decision (huge near an unsafe datapoint, vanishing elsewhere). ``log_beta_max`` caps it: the theorem's
+E_safe = (E_data - w E_unsafe) / (1 - w) is undefined where w = 1, i.e. where x_t is certainly unsafe.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from safe_denoiser.core.config import ReferenceKind
+from safe_denoiser.core.kernel import kernel_log_mass
+
+__all__ = ["log_beta", "prior_log_odds"]
+
+
+def prior_log_odds(n_unsafe: int, n_reference: int, reference: ReferenceKind, prior_unsafe: float | None) -> float:
+    """log(Z_u / Z_s), given or estimated from the banks' sizes."""
+    if prior_unsafe is None:
+        if reference == "safe":
+            prior_unsafe = n_unsafe / (n_unsafe + n_reference)
+        elif n_unsafe >= n_reference:
+            raise ValueError(
+                f"reference='data' needs a reference bank larger than the unsafe bank to estimate Z_u, got "
+                f"{n_reference} <= {n_unsafe}; give prior_unsafe"
+            )
+        else:
+            prior_unsafe = n_unsafe / n_reference
+    if not 0.0 < prior_unsafe < 1.0:
+        raise ValueError(f"prior_unsafe must lie in (0, 1), got {prior_unsafe!r}")
+    return math.log(prior_unsafe) - math.log1p(-prior_unsafe)
+
+
+def log_beta(
+    x_t: Tensor,
+    unsafe_bank: Tensor,
+    reference_bank: Tensor,
+    alpha_bar: float | Tensor,
+    reference: ReferenceKind = "safe",
+    prior_unsafe: float | None = None,
+    bandwidth: float | Tensor | None = None,
+    log_beta_max: float = math.log(100.0),
+    chunk_size: int | None = None,
+) -> Tensor:
+    """log beta(x_t), (B,), from the negative bank and a reference bank (module docstring); capped at the max."""
+    lp_unsafe = kernel_log_mass(x_t, unsafe_bank, alpha_bar, bandwidth, chunk_size)
+    lp_ref = kernel_log_mass(x_t, reference_bank, alpha_bar, bandwidth, chunk_size)
+    odds = prior_log_odds(unsafe_bank.shape[0], reference_bank.shape[0], reference, prior_unsafe)
+    if reference == "safe":
+        out = odds + lp_unsafe - lp_ref
+    else:
+        # log w = log Z_u + lp_u - lp_d ; beta = w / (1 - w), computed as log w - log(1 - w) without cancellation
+        log_zu = odds - math.log1p(math.exp(odds))  # log(Z_u) from the log-odds
+        log_w = torch.clamp(log_zu + lp_unsafe - lp_ref, max=0.0)  # a kernel estimate can exceed 1: clip w to 1
+        out = log_w - torch.log(-torch.expm1(log_w))  # log(1 - w) = log(-expm1(log w)); +inf at w = 1 is capped
+    return torch.clamp(out, max=log_beta_max)
