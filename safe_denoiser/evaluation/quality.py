@@ -80,10 +80,12 @@ def inception_from_safetensors(path: str | os.PathLike[str]) -> torch.nn.Module:
     if not p.is_file():
         raise QualityUnavailableError(
             f"FID Inception weights {str(p)!r} not found: pass the FID Inception (pt_inception-2015-12-05) converted "
-            "to safetensors with --inception (nothing is downloaded)"
+            "to safetensors (nothing is downloaded)"
         )
     if p.suffix != ".safetensors":
-        raise ValueError(f"--inception {p.name!r}: expected a .safetensors file (pickled weights are never loaded)")
+        raise ValueError(
+            f"FID Inception weights {p.name!r}: expected a .safetensors file (pickled weights are never loaded)"
+        )
     try:
         import torch_fidelity  # noqa: F401
         from torchmetrics.image.fid import NoTrainInceptionV3

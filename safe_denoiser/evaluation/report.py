@@ -128,7 +128,7 @@ def build_report(
 ) -> dict[str, Any]:
     """Judge what is not yet judged (unless ``judge_new`` is false) and gather every figure by configuration."""
     if not runs or not judges:
-        raise ValueError("a report needs at least one run (--run CONFIG SET FOLDER) and one judge")
+        raise ValueError("a report needs at least one run (configuration, prompt set, folder) and one judge")
     seen = set()
     for r in runs:
         if (r.config, r.prompt_set) in seen:
