@@ -35,6 +35,7 @@ from .graphs import TextEncoderGraph, VaeDecoderGraph
 from .integrity import bundle_files, hash_files
 from .manifest import (
     BANK_INITIALIZER,
+    BANK_NORMS_INITIALIZER,
     BankInfo,
     GraphSpec,
     Manifest,
@@ -221,7 +222,11 @@ def _export_denoiser(source: ExportSource, root: Path, options: ExportOptions) -
         for n in ("sample", "noise", "sld_momentum", "noise_pred", "sample_corrected", "x0_hat", "sld_momentum_out"):
             batch_axes[n] = {0: "batch", 2: "height", 3: "width"}
     layout = "packed (N, h w / 4, 4 C)" if source.family == "flux" else "(N, C, H, W)"
-    roles = {BANK_INITIALIZER: f"negative bank {layout} float32"} if source.guidance is not None else {}
+    roles = (
+        {BANK_INITIALIZER: f"negative bank {layout} float32", BANK_NORMS_INITIALIZER: "its squared norms (N,) float32"}
+        if source.guidance is not None
+        else {}
+    )
     if not flow and step.reference:
         roles["reference_threshold"] = "reference gate threshold (scalar float32)"
     if source.sld is not None:

@@ -41,10 +41,11 @@ from torch import Tensor, nn
 
 from safe_denoiser.core.config import SafeGuidance
 from safe_denoiser.core.correction import cfg_combine
+from safe_denoiser.core.kernel import bank_sq_norms
 from safe_denoiser.core.paths import flow_path, x0_from_prediction
 from safe_denoiser.core.step import path_correction
 
-from .manifest import BANK_INITIALIZER
+from .manifest import BANK_INITIALIZER, BANK_NORMS_INITIALIZER
 
 __all__ = ["FlowDenoiserStep", "FlowFamily", "flow_family", "register_rms_norm", "traceable_rotary"]
 
@@ -70,6 +71,7 @@ class FlowDenoiserStep(nn.Module):
     """
 
     bank: Tensor
+    bank_sq_norms: Tensor
     image_ids: Tensor
 
     def __init__(
@@ -91,6 +93,7 @@ class FlowDenoiserStep(nn.Module):
         self.family = family
         self.guidance = guidance
         self.register_buffer("bank", torch.empty(0) if bank is None else bank.detach().float().clone())
+        self.register_buffer("bank_sq_norms", bank_sq_norms(self.bank) if bank is not None else torch.empty(0))
         self.register_buffer("image_ids", torch.empty(0) if image_ids is None else image_ids.detach().clone())
 
     @property
@@ -104,11 +107,11 @@ class FlowDenoiserStep(nn.Module):
     @property
     def constant_names(self) -> list[str]:
         """Inputs that the exporter turns into initializers (after the runtime inputs)."""
-        return [BANK_INITIALIZER] if self.guidance is not None else []
+        return [BANK_INITIALIZER, BANK_NORMS_INITIALIZER] if self.guidance is not None else []
 
     def constants(self) -> list[Tensor]:
         """The values of ``constant_names``, in order."""
-        return [self.bank] if self.guidance is not None else []
+        return [self.bank, self.bank_sq_norms] if self.guidance is not None else []
 
     @property
     def output_names(self) -> list[str]:
@@ -147,12 +150,18 @@ class FlowDenoiserStep(nn.Module):
         if len(inputs) not in (len(names), len(names) + len(self.constant_names)):
             raise ValueError(f"FlowDenoiserStep expects inputs {names} (+ constants {self.constant_names})")
         x = dict(zip(names, inputs, strict=False))
-        bank = inputs[len(names)] if len(inputs) > len(names) else self.bank
+        consts = dict(zip(self.constant_names, inputs[len(names) :], strict=True)) if len(inputs) > len(names) else {}
+        bank = consts.get(BANK_INITIALIZER, self.bank)
+        # Given as a constant when exported; in eager calls computed from the bank in the module's own dtype (a
+        # float64 reference run then has exact norms, not float32 ones cast up).
+        norms = consts.get(BANK_NORMS_INITIALIZER)
         u = self._velocity(x)
         path = flow_path(x["sigma"])
         record: list[Tensor] = []
         if self.guidance is not None:
-            u, rec = path_correction(u, x["sample"], path, "flow", x["timestep"], bank, self.guidance)
+            u, rec = path_correction(
+                u, x["sample"], path, "flow", x["timestep"], bank, self.guidance, bank_sq_norms=norms
+            )
             record = [rec.applied, rec.log_mass]
         return (u, x0_from_prediction(x["sample"], u, path, "flow"), *record)
 

@@ -46,11 +46,12 @@ from torch import Tensor, nn
 
 from safe_denoiser.core.config import SafeGuidance, SLDConfig
 from safe_denoiser.core.correction import cfg_combine
+from safe_denoiser.core.kernel import bank_sq_norms
 from safe_denoiser.core.parameterization import x0_from_eps
 from safe_denoiser.core.sld import append_safety_branch, sld_guidance
 from safe_denoiser.core.step import reference_correction, theorem_correction
 
-from .manifest import BANK_INITIALIZER
+from .manifest import BANK_INITIALIZER, BANK_NORMS_INITIALIZER
 
 __all__ = ["Conditioning", "DenoiserStep", "TextEncoderGraph", "VaeDecoderGraph"]
 
@@ -73,6 +74,7 @@ class DenoiserStep(nn.Module):
     """
 
     bank: Tensor
+    bank_sq_norms: Tensor
     threshold: Tensor
     safety_embedding: Tensor
 
@@ -101,6 +103,7 @@ class DenoiserStep(nn.Module):
         self.sld = sld
         # Float32 constants: the correction accumulates in float32 even when the UNet runs in float16.
         self.register_buffer("bank", torch.empty(0) if bank is None else bank.detach().float().clone())
+        self.register_buffer("bank_sq_norms", bank_sq_norms(self.bank) if bank is not None else torch.empty(0))
         self.register_buffer("threshold", torch.tensor(float(threshold if threshold is not None else 0.0)))
         emb = torch.empty(0) if safety_embedding is None else safety_embedding.detach().float().clone()
         self.register_buffer("safety_embedding", emb)
@@ -130,7 +133,7 @@ class DenoiserStep(nn.Module):
         """Inputs that the exporter turns into initializers (after the runtime inputs)."""
         names = []
         if self.guidance is not None:
-            names.append(BANK_INITIALIZER)
+            names += [BANK_INITIALIZER, BANK_NORMS_INITIALIZER]
         if self.reference:
             names.append(THRESHOLD_INITIALIZER)
         if self.sld is not None:
@@ -141,6 +144,7 @@ class DenoiserStep(nn.Module):
         """The values of ``constant_names``, in order."""
         values = {
             BANK_INITIALIZER: self.bank,
+            BANK_NORMS_INITIALIZER: self.bank_sq_norms,
             THRESHOLD_INITIALIZER: self.threshold,
             SAFETY_INITIALIZER: self.safety_embedding,
         }
@@ -173,6 +177,9 @@ class DenoiserStep(nn.Module):
         x: dict[str, Tensor] = dict(zip(names, inputs, strict=False))
         consts = dict(zip(self.constant_names, inputs[len(names) :], strict=True)) if len(inputs) > len(names) else {}
         bank = consts.get(BANK_INITIALIZER, self.bank)
+        # Given as a constant when exported; in eager calls computed from the bank in the module's own dtype (a
+        # float64 reference run then has exact norms, not float32 ones cast up).
+        norms = consts.get(BANK_NORMS_INITIALIZER)
         threshold = consts.get(THRESHOLD_INITIALIZER, self.threshold)
         safety = consts.get(SAFETY_INITIALIZER, self.safety_embedding)
 
@@ -205,11 +212,11 @@ class DenoiserStep(nn.Module):
             x_out = sample
             record: list[Tensor] = []
         elif g.mode == "theorem":
-            eps, rec = theorem_correction(eps, sample, ab, t, bank, g)
+            eps, rec = theorem_correction(eps, sample, ab, t, bank, g, bank_sq_norms=norms)
             x_out = sample
             record = [rec.applied, rec.log_mass]
         else:
-            x_out, rec = reference_correction(eps, sample, ab, t, bank, g, threshold, x["noise"])
+            x_out, rec = reference_correction(eps, sample, ab, t, bank, g, threshold, x["noise"], bank_sq_norms=norms)
             record = [rec.applied, rec.log_mass]
         x0 = x0_from_eps(x_out, eps, ab)
         return (eps, x_out, x0, *record, *extra)

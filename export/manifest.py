@@ -33,6 +33,7 @@ from .integrity import BundleFileError, verify_files
 
 __all__ = [
     "BANK_INITIALIZER",
+    "BANK_NORMS_INITIALIZER",
     "FORMAT",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
@@ -50,6 +51,8 @@ FORMAT = "safe-denoiser.bundle"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 BANK_INITIALIZER = "negative_bank"  # the constant holding the negative bank inside denoiser.onnx
+# its squared norms ||x^(n)||^2, computed once at export (the kernel would otherwise re-read the bank for them)
+BANK_NORMS_INITIALIZER = "negative_bank_sq_norms"
 
 
 class ManifestError(ValueError):

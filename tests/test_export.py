@@ -33,7 +33,13 @@ from safe_denoiser.export.exporter import (
     export_bundle,
     load_source,
 )
-from safe_denoiser.export.manifest import BANK_INITIALIZER, Manifest, ManifestError, read_initializer
+from safe_denoiser.export.manifest import (
+    BANK_INITIALIZER,
+    BANK_NORMS_INITIALIZER,
+    Manifest,
+    ManifestError,
+    read_initializer,
+)
 from safe_denoiser.export.runtime import Bundle, ProviderUnavailableError, ddim_timesteps, resolve_providers, run_bundle
 from safe_denoiser.export.tensorrt import (
     EngineProfile,
@@ -239,6 +245,12 @@ def test_bank_in_graph_equals_bank_file(demo: tuple[ExportSource, Manifest, Path
     assert manifest.bank.count == 16 and manifest.bank.sample_shape == (1, 8, 8)
     manifest.check_bank_file(demo_bank)
     assert np.array_equal(read_initializer(out / "denoiser.onnx", BANK_INITIALIZER), in_graph)
+    # The bank's squared norms travel as a constant too (computed once at export, not per step): float32 sums of
+    # D = 64 squares, within 64 u32 of the float64 values (each term's rounding and the sum's).
+    norms = read_initializer(out / "denoiser.onnx", BANK_NORMS_INITIALIZER)
+    exact = (in_graph.astype(np.float64).reshape(len(in_graph), -1) ** 2).sum(1)
+    assert norms.shape == (16,) and norms.dtype == np.float32
+    assert np.all(np.abs(norms - exact) <= 64 * 2.0**-24 * exact)
 
 
 # ---- manifest ---------------------------------------------------------------------------------------------------
@@ -419,7 +431,12 @@ def test_tiny_sd_graph_parity_and_layout(tiny: tuple[ExportSource, Manifest, Pat
     assert spec.input_names[-4:] == ["guidance_scale", "noise", "sld_momentum", "sld_step"]
     assert spec.output_names[-1] == "sld_momentum_out"
     assert spec.input("prompt_embeds").shape == ("batch", 77, 32)
-    assert set(spec.constants) == {BANK_INITIALIZER, "reference_threshold", "sld_safety_embedding"}
+    assert set(spec.constants) == {
+        BANK_INITIALIZER,
+        BANK_NORMS_INITIALIZER,
+        "reference_threshold",
+        "sld_safety_embedding",
+    }
     assert manifest.reference_threshold is not None and manifest.sld is not None
     assert manifest.vae_scaling_factor == pytest.approx(0.18215)
 
