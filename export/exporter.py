@@ -92,16 +92,19 @@ def _install(staging: Path, out: Path) -> None:
 
 
 def _scheduler_info(pipe: Any) -> SchedulerInfo:
-    from diffusers import DDIMScheduler
+    from diffusers import DDIMScheduler, DDPMScheduler
 
     sched = pipe.scheduler
     ac = sched.alphas_cumprod.double()
     ddim: Any = DDIMScheduler.from_config(sched.config)
-    if not torch.equal(ddim.alphas_cumprod.double(), ac):
-        raise ValueError(f"a DDIM sampler over {type(sched).__name__}'s config has a different noise schedule")
-    keys = ("timestep_spacing", "steps_offset", "clip_sample", "clip_sample_range", "thresholding", "set_alpha_to_one")
-    settings = {k: _jsonable(ddim.config[k]) for k in keys}
+    ddpm: Any = DDPMScheduler.from_config(sched.config)
+    for name, other in (("DDIM", ddim), ("DDPM", ddpm)):
+        if not torch.equal(other.alphas_cumprod.double(), ac):
+            raise ValueError(f"a {name} sampler over {type(sched).__name__}'s config has a different noise schedule")
+    keys = ("timestep_spacing", "steps_offset", "clip_sample", "clip_sample_range", "thresholding")
+    settings = {k: _jsonable(ddim.config[k]) for k in (*keys, "set_alpha_to_one")}
     settings["use_clipped_model_output"] = _ddim_clips_model_output(pipe)
+    ddpm_settings = {k: _jsonable(ddpm.config[k]) for k in (*keys, "variance_type")}
     return SchedulerInfo(
         type=type(sched).__name__,
         config=_jsonable(dict(sched.config)),
@@ -109,6 +112,7 @@ def _scheduler_info(pipe: Any) -> SchedulerInfo:
         sigmas=tuple(float(v) for v in ((1 - ac) / ac).sqrt()),
         final_alpha_cumprod=float(ddim.final_alpha_cumprod),
         ddim=settings,
+        ddpm=ddpm_settings,
     )
 
 

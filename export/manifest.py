@@ -174,6 +174,8 @@ class SchedulerInfo:
     ``DDIMScheduler.from_config`` at export (timestep_spacing, steps_offset, clip_sample, clip_sample_range,
     thresholding), so a runtime needs no diffusers defaults, plus ``use_clipped_model_output``, the pipeline's
     step argument; ``final_alpha_cumprod`` is DDIM's abar after the last step (1 with ``set_alpha_to_one``).
+    ``ddpm``: the same for a DDPM sampler (``DDPMScheduler.from_config``: the keys above less ``set_alpha_to_one``,
+    plus ``variance_type``); empty in bundles exported before DDPM sampling existed (optional: format version 1).
     """
 
     type: str
@@ -182,6 +184,7 @@ class SchedulerInfo:
     sigmas: tuple[float, ...]
     final_alpha_cumprod: float
     ddim: dict[str, Any] = field(default_factory=dict)
+    ddpm: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -196,6 +199,7 @@ class SchedulerInfo:
             sigmas=tuple(float(v) for v in _require(data, "sigmas", "scheduler")),
             final_alpha_cumprod=float(_require(data, "final_alpha_cumprod", "scheduler")),
             ddim=dict(_require(data, "ddim", "scheduler")),
+            ddpm=dict(data.get("ddpm") or {}),
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -6,7 +6,8 @@ onnxruntime and from ``safe-denoiser-cpp``, whatever the batch the image runs in
 - block ``j`` of an image is ``philox4x32_10(counter=(j, item, stream, 0), key=(seed & 0xffffffff, seed >> 32))``;
 - its words ``(r0, r1, r2, r3)`` give two Box-Muller pairs in float64, ``u = (r + 0.5) / 2**32`` in (0, 1):
   ``sqrt(-2 log u0) * (cos, sin)(2 pi u1)``, then rounded to float32; values ``4j .. 4j + 3`` of the image;
-- ``stream`` 0 is the initial noise, ``stream`` ``s + 1`` the reference preset's re-noise at step index ``s``.
+- ``stream`` 0 is the initial noise, ``stream`` ``s + 1`` the reference preset's re-noise at step index ``s``,
+  ``stream`` ``2**31 + s`` the DDPM sampler's noise at step index ``s`` (steps never reach 2**31 - 1: no overlap).
 
 log, cos and sin go through Python's ``math`` (the C library's functions, as the C++ side calls them), so the
 float64 values are bit-identical on a given machine; numpy's vectorised versions may differ in the last bit.
@@ -18,9 +19,10 @@ import math
 
 import numpy as np
 
-__all__ = ["INITIAL_STREAM", "gaussian_noise", "philox4x32_10", "renoise_stream"]
+__all__ = ["DDPM_STREAM_BASE", "INITIAL_STREAM", "ddpm_stream", "gaussian_noise", "philox4x32_10", "renoise_stream"]
 
 INITIAL_STREAM = 0
+DDPM_STREAM_BASE = 2**31  # above every re-noise stream (1 + step index < 2**31)
 _M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)  # Philox 4x32 multipliers
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85  # Weyl key increments
 _MASK = np.uint64(0xFFFFFFFF)
@@ -29,6 +31,11 @@ _MASK = np.uint64(0xFFFFFFFF)
 def renoise_stream(step_index: int) -> int:
     """The noise stream of the reference preset's re-noise at a step index (0-based)."""
     return step_index + 1
+
+
+def ddpm_stream(step_index: int) -> int:
+    """The noise stream of the DDPM sampler's variance noise at a step index (0-based)."""
+    return DDPM_STREAM_BASE + step_index
 
 
 def philox4x32_10(counters: np.ndarray, key: tuple[int, int]) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Run an exported bundle with onnxruntime: a small numpy DDIM sampler (no torch, no diffusers at run time).
+"""Run an exported bundle with onnxruntime: small numpy DDIM / DDPM samplers (no torch, no diffusers at run time).
 
 ::
 
@@ -11,7 +11,9 @@ The sampler is deterministic DDIM (eta = 0) over the bundle's training schedule,
 offset and x0 clipping that diffusers' ``DDIMScheduler.from_config`` resolved at export time
 (``manifest.scheduler.ddim``). Each step is one ``denoiser.onnx`` call: it returns the guided, corrected noise
 prediction and the sample to step from (re-noised by the reference preset where it fired), then
-x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps, as ``DDIMScheduler.step`` computes it.
+x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps, as ``DDIMScheduler.step`` computes it. ``sampler="ddpm"``
+steps with ``DDPMScheduler.step`` instead (``ddpm_sampler``), its variance noise drawn from the Philox stream
+``ddpm_stream(step)`` of each image's (seed, item).
 
 Execution providers: "CPUExecutionProvider" (default), "CUDAExecutionProvider", "TensorrtExecutionProvider" or
 the short names "cpu", "cuda", "tensorrt"; a provider that the installed onnxruntime lacks raises
@@ -30,13 +32,15 @@ from typing import Any
 import numpy as np
 
 from .arguments import check_array, check_int, check_labels, check_scales, check_seeds
+from .ddpm_sampler import ddpm_settings, ddpm_step
 from .flow_sampler import flow_euler_step, flow_schedule
 from .manifest import Manifest, ManifestError, SchedulerInfo
-from .noise import INITIAL_STREAM, gaussian_noise, renoise_stream
+from .noise import INITIAL_STREAM, ddpm_stream, gaussian_noise, renoise_stream
 from .safree_text import SafreePrompt, masked_ids, pooled_rows, safree_prompt
 
 __all__ = [
     "PROVIDER_ALIASES",
+    "SAMPLERS",
     "Bundle",
     "ProviderUnavailableError",
     "SampleResult",
@@ -53,6 +57,7 @@ PROVIDER_ALIASES = {
     "tensorrt": "TensorrtExecutionProvider",
     "trt": "TensorrtExecutionProvider",
 }
+SAMPLERS = ("ddim", "ddpm")
 _INSTALL_HINT = {
     "CUDAExecutionProvider": "install onnxruntime-gpu (matching your CUDA and cuDNN) instead of onnxruntime",
     "TensorrtExecutionProvider": (
@@ -102,12 +107,16 @@ def make_session(
 
 
 # ---- DDIM in numpy ---------------------------------------------------------------------------------------------
-def ddim_timesteps(scheduler: SchedulerInfo, steps: int) -> np.ndarray:
-    """DDIMScheduler.set_timesteps: the int64 timesteps of a ``steps``-step schedule, noisiest first."""
+def ddim_timesteps(scheduler: SchedulerInfo, steps: int, settings: dict[str, Any] | None = None) -> np.ndarray:
+    """DDIMScheduler.set_timesteps: the int64 timesteps of a ``steps``-step schedule, noisiest first.
+
+    ``settings``: the sampler settings to space them by (default ``scheduler.ddim``; DDPM's set_timesteps is the
+    same code over ``scheduler.ddpm``).
+    """
     t_train = scheduler.num_train_timesteps
     if not 0 < steps <= t_train:
         raise ValueError(f"steps must lie in 1..{t_train}, got {steps}")
-    cfg = scheduler.ddim
+    cfg = scheduler.ddim if settings is None else settings
     spacing = cfg.get("timestep_spacing", "leading")
     if spacing == "linspace":
         ts = np.linspace(0, t_train - 1, steps).round()[::-1].astype(np.int64)
@@ -273,8 +282,10 @@ class Bundle:
         negative: Any = None,
         step_noise: Sequence[np.ndarray | None] | None = None,
         seed: int | Sequence[int] = 0,
+        sampler: str = "ddim",
+        ddpm_noise: Sequence[np.ndarray | None] | None = None,
     ) -> SampleResult:
-        """DDIM sampling through denoiser.onnx.
+        """DDIM or DDPM sampling through denoiser.onnx.
 
         Args:
             conditioning: class labels (demo model; None entries = no class), or prompts (list of str) or prompt
@@ -286,10 +297,18 @@ class Bundle:
             step_noise: reference preset only: per step, the re-noise noise (None entries: zeros); default: drawn
                 from the Philox noise of ``seed`` at the steps inside the correction window.
             seed: one int (image i uses (seed, item i)) or one seed per image (image i uses (seed[i], item 0)).
+            sampler: "ddim" (deterministic, eta = 0) or "ddpm" (``DDPMScheduler.step``, ``ddpm_sampler``).
+            ddpm_noise: DDPM only: per step, the variance noise (B, *sample_shape) (None where the timestep is 0);
+                default: the Philox noise of ``seed`` on stream ``ddpm_stream(step)``.
         """
         m = self.manifest
         if m.path != "vp":
             raise ValueError(f"this is a {m.path} bundle: sample it with Bundle.sample_flow")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        ddpm = sampler == "ddpm"
+        if ddpm_noise is not None and not ddpm:
+            raise ValueError("ddpm_noise is for sampler='ddpm' only")
         safree: list[SafreePrompt] | None = None
         train_steps = len(m.scheduler.alphas_cumprod)
         steps = m.num_inference_steps if steps is None else check_int(steps, "steps", 1, train_steps)
@@ -315,11 +334,12 @@ class Bundle:
         free = m.bank is None and m.model_kind == "text-to-image"
         x = check_array(noise, "noise", (b, m.sample_shape[0], None, None) if free else (b, *m.sample_shape))
         gs_arr = check_scales(m.guidance_scale if guidance_scale is None else guidance_scale, b)
-        timesteps = ddim_timesteps(m.scheduler, steps)
+        timesteps = ddim_timesteps(m.scheduler, steps, ddpm_settings(m.scheduler) if ddpm else None)
         self._check_threshold(timesteps)
         reference = m.guidance is not None and m.guidance.mode == "reference"
-        if step_noise is not None and len(step_noise) != steps:
-            raise ValueError(f"step_noise has {len(step_noise)} entries for {steps} steps")
+        for name, given in (("step_noise", step_noise), ("ddpm_noise", ddpm_noise)):
+            if given is not None and len(given) != steps:
+                raise ValueError(f"{name} has {len(given)} entries for {steps} steps")
         session = self.session("denoiser")
         outputs = m.graphs["denoiser"].output_names
         momentum = np.zeros_like(x) if m.sld is not None else None
@@ -345,7 +365,12 @@ class Bundle:
                 momentum = out["sld_momentum_out"]
             if "correction_applied" in out:
                 applied.append(out["correction_applied"])
-            x = ddim_step(out["noise_pred"], int(t), out["sample_corrected"], steps, m.scheduler)
+            if ddpm:
+                prev_t = int(timesteps[i + 1]) if i + 1 < steps else -1  # DDPMScheduler.previous_timestep
+                z = self._ddpm_noise(i, int(t), x, ddpm_noise, keys)
+                x = ddpm_step(out["noise_pred"], int(t), prev_t, out["sample_corrected"], z, m.scheduler)
+            else:
+                x = ddim_step(out["noise_pred"], int(t), out["sample_corrected"], steps, m.scheduler)
             _check_finite(x, i, steps, float(t))
         return SampleResult(x, timesteps, np.stack(applied) if applied else None, safree)
 
@@ -420,6 +445,15 @@ class Bundle:
         w0, w1 = self.manifest.guidance.window
         # Draw only where the graph can use it, as the PyTorch pipeline does (outside, the graph ignores it).
         return self._seed_noise(keys, renoise_stream(i)) if w0 <= t <= w1 else np.zeros_like(x)
+
+    def _ddpm_noise(
+        self, i: int, t: int, x: np.ndarray, ddpm_noise: Sequence[np.ndarray | None] | None, keys: list[tuple[int, int]]
+    ) -> np.ndarray | None:
+        """The DDPM step's variance noise: given, or drawn where DDPMScheduler draws it (t > 0)."""
+        if ddpm_noise is not None:
+            n = ddpm_noise[i]
+            return None if n is None else check_array(n, f"ddpm_noise[{i}]", x.shape)
+        return self._seed_noise(keys, ddpm_stream(i)) if t > 0 else None
 
     def _seed_noise(self, keys: list[tuple[int, int]], stream: int) -> np.ndarray:
         """(B, *sample_shape) float32 Philox noise, image i keyed by keys[i] = (seed, item)."""

@@ -1,10 +1,10 @@
 """The C++ runtime (cpp_runtime/, ``safe-denoiser-cpp``) against the Python onnxruntime runtime.
 
 Parity: the same seed gives the same final samples within 1e-5 relative (both run the same ONNX graphs with the
-same ONNX Runtime library; the DDIM update is float32 in the same order of operations, so in practice they are
-bit-equal) and the same PNG bytes, on the demo bundle (theorem, reference) and the tiny text bundle (reference +
-SLD, theorem). Noise: the Philox generator gives the same bits in numpy and C++. Tokenizer: equal ids to the
-transformers tokenizer on a corpus of hard cases. Bad input: a non-zero exit code with a message, and no output
+same ONNX Runtime library; the DDIM and DDPM updates are float32 in the same order of operations, so in practice
+they are bit-equal) and the same PNG bytes, on the demo bundle (theorem, reference) and the tiny text bundle
+(reference + SLD, theorem). Noise: the Philox generator gives the same bits in numpy and C++. Tokenizer: equal ids
+to the transformers tokenizer on a corpus of hard cases. Bad input: a non-zero exit code with a message, and no output
 file. Server: loopback only, bounded by --max-seconds so it always stops by itself.
 
 The binary is built by ``make cpp`` (``make test`` builds it first); a missing binary is built here.
@@ -190,6 +190,64 @@ def test_generate_parity(cpp: Path, bundles: Path, tmp_path: Path, case: tuple[s
         assert record["corrected_steps"] == fired and record["seed"] == seed
         assert record["timesteps"] == timesteps.tolist()
     print(f"{name}: max rel err C++ vs Python over 4 seeds {worst:.2e}")
+
+
+@pytest.mark.parametrize(
+    ("name", "cli_cond", "py_cond"),
+    [("demo_reference", ["--class", "3"], [3]), ("tiny_sld", ["--prompt", "a cat"], ["a cat"])],
+)
+def test_ddpm_parity(
+    cpp: Path, bundles: Path, tmp_path: Path, name: str, cli_cond: list[str], py_cond: list[Any]
+) -> None:
+    """DDPM (Philox variance noise on its own stream, with the reference re-noise and SLD): same samples and PNGs;
+    the batch request key ``sampler`` gives the same image as ``--sampler``."""
+    bundle = Bundle(bundles / name, threads=1)
+    steps = bundle.manifest.num_inference_steps
+    for seed in (0, 2**33 + 1):
+        res = bundle.sample(py_cond, seed=seed, steps=steps, sampler="ddpm")
+        out = tmp_path / f"{seed}.png"
+        args = ["--bundle", str(bundles / name), *cli_cond, "--seed", str(seed), "--steps", str(steps)]
+        run(
+            cpp,
+            "generate",
+            *args,
+            "--sampler",
+            "ddpm",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+            "--sample-out",
+            str(tmp_path / f"{seed}.npy"),
+        )
+        assert rel_err(np.load(tmp_path / f"{seed}.npy"), res.sample) <= PARITY_RTOL, (name, seed)
+        assert out.read_bytes() == png_bytes(Bundle.to_uint8(bundle.decode(res.sample))[0]), (name, seed)
+        record = json.loads(out.with_suffix(".json").read_text())
+        assert record["sampler"] == "ddpm" and record["timesteps"] == res.timesteps.tolist()
+    key = "class" if cli_cond[0] == "--class" else "prompt"
+    reqs = tmp_path / "reqs.jsonl"
+    lines = [{"id": "p", key: py_cond[0], "seed": 0, "sampler": "ddpm"}, {"id": "i", key: py_cond[0], "seed": 0}]
+    reqs.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "c").mkdir()
+    run(cpp, "batch", "--bundle", str(bundles / name), "--requests", str(reqs), "--out-dir", str(tmp_path / "b"))
+    assert (tmp_path / "b" / "p.png").read_bytes() == (tmp_path / "0.png").read_bytes()
+    assert (tmp_path / "b" / "i.png").read_bytes() != (tmp_path / "0.png").read_bytes()  # DDIM: another image
+    reqs.write_text(json.dumps({"id": "x", key: py_cond[0], "sampler": "euler"}) + "\n")
+    bad = run(
+        cpp,
+        "batch",
+        "--bundle",
+        str(bundles / name),
+        "--requests",
+        str(reqs),
+        "--out-dir",
+        str(tmp_path / "c"),
+        check=False,
+    )
+    assert bad.returncode == EXIT["input"] and "sampler" in bad.stderr
+    assert run(cpp, "generate", *args, "--sampler", "euler", "--out", str(tmp_path / "e.png"), check=False).returncode
+    assert not (tmp_path / "e.png").exists()
 
 
 def test_png_decodes_to_the_same_pixels() -> None:

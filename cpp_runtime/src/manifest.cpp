@@ -125,6 +125,18 @@ Manifest Manifest::parse(const std::string& text) {
     m.clip_sample_range = ddim.value("clip_sample_range", 1.0);
     m.thresholding = ddim.value("thresholding", false);
     m.use_clipped_model_output = ddim.value("use_clipped_model_output", false);
+    if (sched.contains("ddpm") && !sched.at("ddpm").is_null() && !sched.at("ddpm").empty()) {
+      const auto& ddpm = sched.at("ddpm");
+      if (!ddpm.is_object()) bad("scheduler.ddpm must be an object");
+      DdpmSettings s;
+      s.timestep_spacing = ddpm.value("timestep_spacing", s.timestep_spacing);
+      s.steps_offset = ddpm.value("steps_offset", s.steps_offset);
+      s.clip_sample = ddpm.value("clip_sample", s.clip_sample);
+      s.clip_sample_range = ddpm.value("clip_sample_range", s.clip_sample_range);
+      s.thresholding = ddpm.value("thresholding", s.thresholding);
+      s.variance_type = ddpm.value("variance_type", s.variance_type);
+      m.ddpm = s;
+    }
     if (m.alphas_cumprod.empty() || m.alphas_cumprod.size() != sigmas.size()) {
       bad("scheduler.alphas_cumprod and scheduler.sigmas must be non-empty and equal");
     }

@@ -1,4 +1,4 @@
-// Runtime: sessions, execution providers, and the DDIM loop around denoiser.onnx (export/runtime.py's Bundle).
+// Runtime: sessions, execution providers, and the DDIM / DDPM loop around denoiser.onnx (export/runtime.py's Bundle).
 #define ORT_API_MANUAL_INIT
 #include "safe_denoiser_cpp/runtime.hpp"
 
@@ -157,6 +157,7 @@ Ort::Value tensor(std::vector<T>& data, const std::vector<int64_t>& shape) {
 struct Workspace {
   int64_t b = 0;
   std::vector<float> x, timestep, alpha_bar, guidance, noise, momentum[2], eps, xc, x0, log_mass, prompt, negative;
+  std::vector<float> ddpm_noise;  // DDPM's variance noise, filled per step (not bound to the graph)
   std::vector<int64_t> labels, negative_labels, sld_step;
   std::vector<uint8_t> applied;  // ONNX bool is one byte
   std::vector<Ort::Value> values;
@@ -388,13 +389,22 @@ std::vector<std::vector<int64_t>> Runtime::tokenize(const std::vector<std::strin
   return out;
 }
 
-std::vector<Result> Runtime::generate(const std::vector<Request>& requests, int steps) {
+Sampler parse_sampler(const std::string& name, const std::string& field) {
+  if (name == "ddim") return Sampler::ddim;
+  if (name == "ddpm") return Sampler::ddpm;
+  throw Error(ErrorKind::input, field + ": unknown sampler '" + name + "' (expected ddim or ddpm)");
+}
+
+const char* sampler_name(Sampler sampler) { return sampler == Sampler::ddpm ? "ddpm" : "ddim"; }
+
+std::vector<Result> Runtime::generate(const std::vector<Request>& requests, int steps, Sampler sampler) {
   Impl& d = *impl_;
   const Manifest& m = d.m;
   if (requests.empty()) return {};
   for (const auto& r : requests) validate(r);
   steps = steps > 0 ? steps : m.num_inference_steps;
-  const auto timesteps = ddim_timesteps(m, steps);
+  const bool ddpm = sampler == Sampler::ddpm;
+  const auto timesteps = ddpm ? ddpm_timesteps(m, steps) : ddim_timesteps(m, steps);
   std::vector<std::string> warnings;
   if (m.reference_threshold_alpha_bar && m.guidance_mode && !m.guidance_threshold &&
       std::abs(m.alphas_cumprod[static_cast<size_t>(timesteps.back())] - *m.reference_threshold_alpha_bar) > 1e-12) {
@@ -469,7 +479,20 @@ std::vector<Result> Runtime::generate(const std::vector<Request>& requests, int 
         results[i].kernel_log_mass.push_back(ws.log_mass[i]);
       }
     }
-    ddim_step(m, ws.eps.data(), t, ws.xc.data(), steps, ws.x.data(), ws.x.size());
+    if (ddpm) {
+      const int64_t prev_t = s + 1 < timesteps.size() ? timesteps[s + 1] : -1;  // DDPMScheduler.previous_timestep
+      if (t > 0) {  // DDPMScheduler draws noise only there
+        ws.ddpm_noise.resize(ws.x.size());
+        for (int64_t i = 0; i < b; ++i) {
+          gaussian_noise(requests[i].seed, requests[i].item, ddpm_stream(static_cast<uint32_t>(s)),
+                         ws.ddpm_noise.data() + i * n, n);
+        }
+      }
+      ddpm_step(m, ws.eps.data(), t, prev_t, ws.xc.data(), t > 0 ? ws.ddpm_noise.data() : nullptr, ws.x.data(),
+                ws.x.size());
+    } else {
+      ddim_step(m, ws.eps.data(), t, ws.xc.data(), steps, ws.x.data(), ws.x.size());
+    }
   }
   const double denoise_ms = ms_since(t_denoise);
   const auto t_decode = Clock::now();

@@ -45,6 +45,48 @@ std::vector<int64_t> ddim_timesteps(const Manifest& m, int steps) {
   return ddim_timesteps(m.timestep_spacing, static_cast<int64_t>(m.alphas_cumprod.size()), m.steps_offset, steps);
 }
 
+const DdpmSettings& ddpm_settings(const Manifest& m) {
+  if (!m.ddpm) {
+    throw Error(ErrorKind::bundle, "this bundle records no DDPM settings (manifest scheduler.ddpm): it was exported "
+                                   "before DDPM sampling existed; re-export it or sample with ddim");
+  }
+  if (m.ddpm->thresholding) throw Error(ErrorKind::bundle, "the bundle's DDPM scheduler uses dynamic thresholding (unsupported)");
+  if (m.ddpm->variance_type != "fixed_small") {
+    throw Error(ErrorKind::bundle, "scheduler.ddpm.variance_type '" + m.ddpm->variance_type +
+                                       "' is not supported (expected 'fixed_small')");
+  }
+  return *m.ddpm;
+}
+
+std::vector<int64_t> ddpm_timesteps(const Manifest& m, int steps) {
+  const DdpmSettings& s = ddpm_settings(m);
+  return ddim_timesteps(s.timestep_spacing, static_cast<int64_t>(m.alphas_cumprod.size()), s.steps_offset, steps);
+}
+
+void ddpm_step(const Manifest& m, const float* eps, int64_t t, int64_t prev_t, const float* x, const float* noise,
+               float* out, size_t n) {
+  const DdpmSettings& s = ddpm_settings(m);
+  if (t > 0 && noise == nullptr) throw Error(ErrorKind::runtime, "the DDPM step at timestep " + std::to_string(t) + " needs noise");
+  // DDPMScheduler.step's float32 operations in its order (export/ddpm_sampler.py; numpy's ** 0.5 is powf).
+  const auto a_t = static_cast<float>(m.alphas_cumprod[static_cast<size_t>(t)]);
+  const float a_prev = prev_t >= 0 ? static_cast<float>(m.alphas_cumprod[static_cast<size_t>(prev_t)]) : 1.0f;
+  const float b_t = 1.0f - a_t, b_prev = 1.0f - a_prev;
+  const float alpha = a_t / a_prev;
+  const float beta = 1.0f - alpha;
+  const float sa = std::pow(a_t, 0.5f), sb = std::pow(b_t, 0.5f);
+  const float c_x0 = (std::pow(a_prev, 0.5f) * beta) / b_t;
+  const float c_x = std::pow(alpha, 0.5f) * b_prev / b_t;
+  const float sd = t > 0 ? std::pow(std::max(b_prev / b_t * beta, 1e-20f), 0.5f) : 0.0f;
+  const auto r = static_cast<float>(s.clip_sample_range);
+  for (size_t i = 0; i < n; ++i) {
+    float x0 = (x[i] - sb * eps[i]) / sa;
+    if (s.clip_sample) x0 = std::min(std::max(x0, -r), r);
+    float v = c_x0 * x0 + c_x * x[i];
+    if (t > 0) v = v + sd * noise[i];
+    out[i] = v;
+  }
+}
+
 void ddim_step(const Manifest& m, const float* eps, int64_t t, const float* x, int steps, float* out, size_t n) {
   if (m.thresholding) throw Error(ErrorKind::bundle, "the bundle's scheduler uses dynamic thresholding (unsupported)");
   const auto train = static_cast<int64_t>(m.alphas_cumprod.size());

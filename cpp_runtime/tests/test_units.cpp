@@ -115,6 +115,55 @@ TEST(Ddim, StepEqualsFloat64Recomputation) {
   }
 }
 
+TEST(Ddpm, StepEqualsFloat64Recomputation) {
+  // DDPMScheduler.step ("fixed_small") recomputed in float64 from the same float32 abar values; the bound is
+  // tests/test_runtime_ddpm.py's first-order float32 rounding bound (u = 2^-24), doubled.
+  const double u = std::ldexp(1.0, -24);
+  for (const bool clip : {false, true}) {
+    Manifest m = schedule_manifest(false, false);
+    m.ddpm = DdpmSettings{};
+    m.ddpm->clip_sample = clip;
+    const size_t n = 4096;
+    std::vector<float> x(n), eps(n), z(n), out(n);
+    gaussian_noise(2, 0, 0, x.data(), n);
+    gaussian_noise(2, 1, 0, eps.data(), n);
+    gaussian_noise(2, 2, 0, z.data(), n);
+    for (const auto& [t, prev] : {std::pair<int64_t, int64_t>{999, 979}, {500, 250}, {20, 19}, {1, 0}, {3, -1},
+                                  {0, -1}}) {
+      ddpm_step(m, eps.data(), t, prev, x.data(), z.data(), out.data(), n);
+      const double a = static_cast<float>(m.alphas_cumprod[t]);
+      const double ap = prev >= 0 ? static_cast<float>(m.alphas_cumprod[prev]) : 1.0;
+      const double beta = 1 - a / ap, c0 = std::sqrt(ap) * beta / (1 - a);
+      const double cx = std::sqrt(a / ap) * (1 - ap) / (1 - a), var = (1 - ap) / (1 - a) * beta;
+      const double sd = t > 0 ? std::sqrt(std::max(var, 1e-20)) : 0.0;
+      const double d_sd = t == 0 ? 0.0 : (ap == 1.0 ? 3 * u * sd : (4 * u * var + (1 - ap) / (1 - a) * u) / (2 * sd) + 2 * u * sd);
+      for (size_t i = 0; i < n; ++i) {
+        const double raw = (x[i] - std::sqrt(1 - a) * eps[i]) / std::sqrt(a);
+        const double x0 = clip ? std::min(1.0, std::max(-1.0, raw)) : raw;
+        const double want = c0 * x0 + cx * x[i] + sd * z[i];
+        const double mag = (std::abs(x[i]) + std::sqrt(1 - a) * std::abs(eps[i])) / std::sqrt(a);
+        const double ax0 = clip ? std::min(1.0, mag) : mag;
+        const double terms = c0 * ax0 + cx * std::abs(x[i]) + sd * std::abs(z[i]);
+        const double bound = 2 * ((5 * u * c0 + std::sqrt(ap) / (1 - a) * u) * ax0 + c0 * 8 * u * mag +
+                                  7 * u * cx * std::abs(x[i]) + d_sd * std::abs(z[i]) + 3 * u * terms);
+        ASSERT_NEAR(out[i], want, bound) << "t=" << t << " i=" << i;
+      }
+    }
+  }
+  // t = 0 draws no noise (a null pointer is fine); t > 0 without noise, or a bundle without DDPM settings, is an error.
+  Manifest m = schedule_manifest(false, false);
+  std::vector<float> v(4, 0.5f), out(4);
+  EXPECT_THROW(ddpm_step(m, v.data(), 10, 9, v.data(), v.data(), out.data(), 4), Error);
+  m.ddpm = DdpmSettings{};
+  EXPECT_NO_THROW(ddpm_step(m, v.data(), 0, -1, v.data(), nullptr, out.data(), 4));
+  EXPECT_THROW(ddpm_step(m, v.data(), 10, 9, v.data(), nullptr, out.data(), 4), Error);
+  m.ddpm->variance_type = "learned";
+  EXPECT_THROW(ddpm_timesteps(m, 10), Error);
+  EXPECT_EQ(ddpm_stream(0), 0x80000000u);
+  EXPECT_EQ(parse_sampler("ddpm"), Sampler::ddpm);
+  EXPECT_THROW(parse_sampler("euler"), Error);
+}
+
 TEST(Image, Uint8RoundsHalfToEvenAndClips) {
   const float v[] = {-1.0f, 1.0f, 2.0f, -3.0f, 0.0f, 1.0f / 255.0f};
   const auto u = to_uint8(v, 1, 1, 6);

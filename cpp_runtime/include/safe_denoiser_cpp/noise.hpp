@@ -8,8 +8,11 @@
 
 namespace sdcpp {
 
-// Stream 0 is the initial noise; stream s + 1 is the reference preset's re-noise at step index s.
+// Stream 0 is the initial noise; stream s + 1 is the reference preset's re-noise at step index s; stream
+// 2^31 + s the DDPM sampler's variance noise at step index s (steps stay below 2^31 - 1: the streams never meet).
 inline constexpr uint32_t kInitialNoiseStream = 0;
+inline constexpr uint32_t kDdpmStreamBase = 0x80000000u;
+inline constexpr uint32_t ddpm_stream(uint32_t step_index) { return kDdpmStreamBase + step_index; }
 
 // One Philox 4x32 block with 10 rounds (Salmon et al., SC'11).
 std::array<uint32_t, 4> philox4x32_10(std::array<uint32_t, 4> counter, std::array<uint32_t, 2> key);

@@ -52,6 +52,22 @@ struct BankInfo {
   std::string initializer = "negative_bank";
 };
 
+// DDPM sampler settings (manifest scheduler.ddpm, resolved by DDPMScheduler.from_config at export).
+struct DdpmSettings {
+  std::string timestep_spacing = "leading";
+  int64_t steps_offset = 0;
+  bool clip_sample = false;
+  double clip_sample_range = 1.0;
+  bool thresholding = false;
+  std::string variance_type = "fixed_small";
+};
+
+// The sampler loop around denoiser.onnx: deterministic DDIM (eta = 0) or DDPM (DDPMScheduler.step).
+enum class Sampler { ddim, ddpm };
+// "ddim" / "ddpm" -> Sampler; Error(input) naming `field` otherwise.
+Sampler parse_sampler(const std::string& name, const std::string& field = "sampler");
+const char* sampler_name(Sampler sampler);
+
 // What the runtime reads from manifest.json (see export/manifest.py for the full format).
 struct Manifest {
   std::string model_kind;  // "class-conditional" or "text-to-image"
@@ -68,6 +84,7 @@ struct Manifest {
   double clip_sample_range = 1.0;
   bool thresholding = false;
   bool use_clipped_model_output = false;
+  std::optional<DdpmSettings> ddpm;  // absent in bundles exported before DDPM sampling existed
   // guidance
   std::optional<std::string> guidance_mode;  // "theorem" / "reference"; empty: correction off
   double window_lo = 0.0, window_hi = 0.0;
@@ -135,8 +152,8 @@ class Runtime {
   const std::string& bundle_dir() const;
   // Check a request against the bundle (classes, prompt vs class, noise size); Error(input) naming the field.
   void validate(const Request& request) const;
-  // Generate one batch: all requests share `steps` (0: the manifest's default).
-  std::vector<Result> generate(const std::vector<Request>& requests, int steps = 0);
+  // Generate one batch: all requests share `steps` (0: the manifest's default) and the sampler.
+  std::vector<Result> generate(const std::vector<Request>& requests, int steps = 0, Sampler sampler = Sampler::ddim);
   // Token ids (77 per prompt) as the bundle's tokenizer gives them (text bundles).
   std::vector<std::vector<int64_t>> tokenize(const std::vector<std::string>& prompts) const;
   double load_ms() const;

@@ -80,6 +80,7 @@ struct GenerateArgs {
   uint64_t seed = 0;
   uint32_t item = 0;
   int steps = 0;
+  std::string sampler = "ddim";
   std::optional<double> guidance;
 };
 
@@ -99,6 +100,7 @@ int run_generate(const GenerateArgs& a) {
   p.request.item = a.item;
   p.request.guidance = a.guidance;
   p.steps = a.steps;
+  p.sampler = parse_sampler(a.sampler, "--sampler");
   if (!a.noise.empty()) {
     NpyArray noise = read_npy_f32(a.noise);
     std::vector<int64_t> expect = m.sample_shape, expect1 = {1};
@@ -113,7 +115,7 @@ int run_generate(const GenerateArgs& a) {
     p.request.noise = std::move(noise.data);
   }
   runtime->validate(p.request);
-  auto results = runtime->generate({p.request}, p.steps);
+  auto results = runtime->generate({p.request}, p.steps, p.sampler);
   const auto t_png = std::chrono::steady_clock::now();
   const auto png = cli::result_png(results[0]);
   const double png_ms = ms_since(t_png);
@@ -164,13 +166,14 @@ int run_batch(const BatchArgs& a) {
     }
   }
   size_t i = 0;
-  while (i < parsed.size()) {  // consecutive requests with the same steps share a batch
+  while (i < parsed.size()) {  // consecutive requests with the same steps and sampler share a batch
     size_t j = i;
     std::vector<Request> batch;
-    while (j < parsed.size() && static_cast<int>(batch.size()) < a.max_batch && parsed[j].steps == parsed[i].steps) {
+    while (j < parsed.size() && static_cast<int>(batch.size()) < a.max_batch && parsed[j].steps == parsed[i].steps &&
+           parsed[j].sampler == parsed[i].sampler) {
       batch.push_back(parsed[j++].request);
     }
-    auto results = runtime->generate(batch, parsed[i].steps);
+    auto results = runtime->generate(batch, parsed[i].steps, parsed[i].sampler);
     for (size_t k = 0; k < results.size(); ++k) {
       const auto t_png = std::chrono::steady_clock::now();
       const auto png = cli::result_png(results[k]);
@@ -215,7 +218,9 @@ int main(int argc, char** argv) {
   gen->add_option("--negative-prompt", g.negative_prompt, "negative prompt (default: empty)");
   gen->add_option("--seed", g.seed, "noise seed")->required();
   gen->add_option("--item", g.item, "noise stream under the seed (Python: position in the batch)");
-  gen->add_option("--steps", g.steps, "DDIM steps (default: the manifest's)");
+  gen->add_option("--steps", g.steps, "sampler steps (default: the manifest's)");
+  gen->add_option("--sampler", g.sampler, "ddim (deterministic) or ddpm (Philox variance noise of seed/item)")
+      ->check(CLI::IsMember({"ddim", "ddpm"}));
   gen->add_option("--guidance", g.guidance, "classifier-free guidance scale (default: the manifest's)");
   gen->add_option("--out", g.out, "PNG to write")->required();
   gen->add_option("--record", g.record, "JSON record to write (default: OUT with .json)");

@@ -38,12 +38,12 @@ bool safe_stem(const std::string& stem) {
 
 ParsedRequest parse_request(const json& body, const Manifest& m) {
   static const std::set<std::string> known = {"id", "class", "negative_class", "prompt", "negative_prompt",
-                                              "seed", "item", "steps", "guidance"};
+                                              "seed", "item", "steps", "guidance", "sampler"};
   if (!body.is_object()) bad("request", "a JSON object", body);
   for (const auto& [key, value] : body.items()) {
     if (!known.count(key)) {
       throw Error(ErrorKind::input, "request: unknown field '" + key +
-                                        "' (expected id, class, negative_class, prompt, negative_prompt, seed, item, steps, guidance)");
+                                        "' (expected id, class, negative_class, prompt, negative_prompt, seed, item, steps, guidance, sampler)");
     }
   }
   ParsedRequest out;
@@ -69,6 +69,10 @@ ParsedRequest parse_request(const json& body, const Manifest& m) {
   if (body.contains("item")) r.item = static_cast<uint32_t>(integer(body["item"], "item", 0, 0xffffffffLL));
   const int64_t train = static_cast<int64_t>(m.alphas_cumprod.size());
   if (body.contains("steps")) out.steps = static_cast<int>(integer(body["steps"], "steps", 1, train));
+  if (body.contains("sampler")) {
+    if (!body["sampler"].is_string()) bad("sampler", "\"ddim\" or \"ddpm\"", body["sampler"]);
+    out.sampler = parse_sampler(body["sampler"].get<std::string>());
+  }
   if (body.contains("guidance")) {
     const auto& g = body["guidance"];
     if (!g.is_number() || !std::isfinite(g.get<double>())) bad("guidance", "a finite number", g);
@@ -101,6 +105,7 @@ json make_record(const Runtime& runtime, const ParsedRequest& p, const Result& r
       {"seed", r.seed},
       {"item", r.item},
       {"noise", r.noise.empty() ? "philox4x32-10 (seed, item)" : "explicit"},
+      {"sampler", sampler_name(p.sampler)},
       {"steps", res.timesteps.size()},
       {"guidance_scale", r.guidance.value_or(m.guidance_scale)},
       {"timesteps", res.timesteps},

@@ -11,6 +11,7 @@ namespace sdcpp::cli {
 struct ParsedRequest {
   Request request;
   int steps = 0;   // 0: the manifest's default
+  Sampler sampler = Sampler::ddim;
   std::string id;  // batch mode: output file stem
 };
 

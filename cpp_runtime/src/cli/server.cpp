@@ -62,7 +62,7 @@ void send_error(httplib::Response& res, int status, const std::string& message) 
                   "application/json");
 }
 
-// One worker thread owns the runtime: it takes up to max_batch queued jobs with the same steps per call.
+// One worker thread owns the runtime: it takes up to max_batch queued jobs with the same steps and sampler per call.
 class Worker {
  public:
   Worker(Runtime& runtime, std::string provider, const ServerOptions& o)
@@ -99,10 +99,11 @@ class Worker {
         ready_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
         if (queue_.empty()) return;  // stopping and drained
         const int steps = queue_.front()->request.steps;
+        const Sampler sampler = queue_.front()->request.sampler;
         for (auto it = queue_.begin(); it != queue_.end() && static_cast<int>(batch.size()) < options_.max_batch;) {
           if ((*it)->cancelled) {
             it = queue_.erase(it);
-          } else if ((*it)->request.steps == steps) {
+          } else if ((*it)->request.steps == steps && (*it)->request.sampler == sampler) {
             batch.push_back(*it);
             it = queue_.erase(it);
           } else {
@@ -118,7 +119,7 @@ class Worker {
     std::vector<Request> requests;
     for (const auto& job : batch) requests.push_back(job->request.request);
     try {
-      const auto results = runtime_.generate(requests, batch.front()->request.steps);
+      const auto results = runtime_.generate(requests, batch.front()->request.steps, batch.front()->request.sampler);
       for (size_t i = 0; i < batch.size(); ++i) {
         const auto start = Clock::now();
         const auto png = result_png(results[i]);
