@@ -126,6 +126,11 @@ def ddim_timesteps(scheduler: SchedulerInfo, steps: int, settings: dict[str, Any
         ts = np.round(np.arange(t_train, 0, -t_train / steps)).astype(np.int64) - 1
     else:
         raise ValueError(f"unsupported timestep_spacing {spacing!r} (expected linspace, leading or trailing)")
+    if ts.size and (int(ts.min()) < 0 or int(ts.max()) >= t_train):  # "leading" + offset can pass the table's end
+        raise ValueError(
+            f"{steps} steps with {spacing} spacing reach timestep {int(ts.max())}, outside 0..{t_train - 1}; "
+            "use fewer steps"
+        )
     return np.ascontiguousarray(ts)
 
 

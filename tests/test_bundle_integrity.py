@@ -203,6 +203,10 @@ def test_export_rejects_a_bad_config_like_predict(
     assert main(["export", "--config", str(config), "--out", str(tmp_path / "b")]) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "b").exists()  # nothing made
+    # predict checks the same section with the same factory first: the same message, before any model loads
+    assert main(["predict", "--config", str(config), "--data.output_dir", str(tmp_path / "p")]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "p").exists()
 
 
 def test_export_refuses_the_odds_preset_clearly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -139,8 +139,15 @@ def test_schedule_equals_python(cpp: Path) -> None:
                     1.0,
                     {"timestep_spacing": spacing, "steps_offset": offset},
                 )
-                want = ddim_timesteps(info, steps).tolist()
                 args = ["schedule", "--spacing", spacing, "--offset", str(offset), "--steps", str(steps)]
+                if spacing == "leading" and offset + (steps - 1) * (1000 // steps) >= 1000:
+                    # past the end of the 1000-entry table: both refuse instead of reading beyond it
+                    with pytest.raises(ValueError, match=r"outside 0\.\.999"):
+                        ddim_timesteps(info, steps)
+                    proc = run(cpp, *args, check=False)
+                    assert proc.returncode != 0 and "outside 0..999" in proc.stderr, (offset, steps)
+                    continue
+                want = ddim_timesteps(info, steps).tolist()
                 assert json.loads(run(cpp, *args).stdout) == want, (spacing, offset, steps)
 
 

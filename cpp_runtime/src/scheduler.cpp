@@ -38,6 +38,14 @@ std::vector<int64_t> ddim_timesteps(const std::string& spacing, int64_t train_st
     throw Error(ErrorKind::bundle, "unsupported timestep_spacing '" + spacing +
                                        "' (expected linspace, leading or trailing)");
   }
+  // "leading" with an offset can step past the table (e.g. 1000 steps + offset 1): refuse, never read past it.
+  for (const int64_t t : ts) {
+    if (t < 0 || t >= train_steps) {
+      throw Error(ErrorKind::input, std::to_string(steps) + " steps with " + spacing + " spacing and offset " +
+                                        std::to_string(steps_offset) + " reach timestep " + std::to_string(t) +
+                                        ", outside 0.." + std::to_string(train_steps - 1) + "; use fewer steps");
+    }
+  }
   return ts;
 }
 

@@ -29,8 +29,30 @@ class PredictCLI(LightningCLI):
         parser.link_arguments("data.output_dir", "writer.output_dir")
 
 
+def check_model_sections(argv: Sequence[str]) -> None:
+    """Validate each ``--config`` file's ``model:`` section with the factory's ``ModelConfig`` first, so that
+    ``predict`` and ``export`` reject a misspelt or mistyped key with the same message."""
+    import yaml
+
+    from safe_denoiser.factory import ModelConfig
+
+    args = list(argv)
+    paths = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--config"]
+    paths += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        except OSError:
+            continue  # LightningCLI reports a missing or unreadable file itself
+        section = data.get("model") if isinstance(data, dict) else None
+        if isinstance(section, dict) and "class_path" not in section and "init_args" not in section:
+            ModelConfig.from_mapping({k: v for k, v in section.items() if k != "safree"})
+
+
 def run_predict(argv: Sequence[str]) -> PredictCLI:
     """Run ``trainer.predict`` as configured by ``argv`` (LightningCLI syntax, without the subcommand)."""
+    check_model_sections(argv)
     with warnings.catch_warnings():
         # `safe-denoiser predict ...` passes its own argv on; LightningCLI would warn that sys.argv is set too.
         warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
