@@ -188,10 +188,11 @@ def save_plot(path: Path, result: dict[str, Any]) -> None:
         "benign-prompt Frechet distance in judge features (lower = closer to real digits)",
         f"unsafe rate (class {','.join(map(str, s['unsafe']))}) on I2P-like prompts",
         f"I2P-like unsafe rate against benign quality. Lines: safe-denoiser strength on the base model, seed set "
-        f"{s['seed_sets'][0]}; markers: table rows, mean ± std over {len(s['seed_sets'])} seed set(s); hollow = "
+        f"{s['seed_sets'][0]};\nmarkers: table rows, mean ± std over {len(s['seed_sets'])} seed set(s); hollow = "
         "without the safe denoiser.",
         series,
         xlog=True,
+        ylim=None,  # the rates here are small: let the axis fit them
     )
 
 
