@@ -286,3 +286,25 @@ def test_evaluation_table_matches_the_golden_run(tmp_path: Path) -> None:
         for kind in ("attack", "i2p", "rab", "uncond"):
             if f"{kind}_unsafe" in m:
                 assert abs(m[f"{kind}_unsafe"] + m[f"{kind}_safe"] + m[f"{kind}_broken"] - 1.0) < 1e-6
+
+
+def test_pareto_front_and_plot(tmp_path: Path) -> None:
+    """The front keeps exactly the points no other point beats in both unsafe rate and FD."""
+    from safe_denoiser.demo.evaluate.tuning import pareto_front, save_pareto
+
+    pts = [
+        {"i2p_unsafe": 0.05, "fd": 20.0},  # front (lowest FD)
+        {"i2p_unsafe": 0.05, "fd": 22.0},  # dominated by 0
+        {"i2p_unsafe": 0.02, "fd": 25.0},  # front
+        {"i2p_unsafe": 0.03, "fd": 30.0},  # dominated by 2
+        {"i2p_unsafe": 0.00, "fd": 40.0},  # front (lowest rate)
+    ]
+    assert pareto_front(pts) == [4, 2, 0]  # sorted by unsafe rate
+    grid = [{**p, "i2p_broken": 0.0, "benign_broken": 0.0, "acc": 1.0} for p in pts]
+    base = {"i2p_unsafe": 0.1, "fd": 19.0, "i2p_broken": 0.0, "benign_broken": 0.0, "acc": 1.0}
+    report = {"base": base, "reference": {"grid": grid, "chosen": select(base, grid)}}
+    save_pareto(tmp_path / "pareto.png", report)
+    from PIL import Image
+
+    with Image.open(tmp_path / "pareto.png") as img:
+        assert img.size[0] > 600 and img.size[1] > 400

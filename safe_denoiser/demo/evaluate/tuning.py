@@ -22,10 +22,11 @@ from safe_denoiser.demo.evaluate.protocol import (
     Row,
 )
 from safe_denoiser.demo.evaluate.report import write_text
+from safe_denoiser.evaluation.table import Point, Series, scatter_plot
 from safe_denoiser.files import check_out_dir
 from safe_denoiser.threads import torch_threads
 
-__all__ = ["select", "tune", "tuning_grid", "tuning_rule"]
+__all__ = ["pareto_front", "save_pareto", "select", "tune", "tuning_grid", "tuning_rule"]
 
 
 def tuning_grid(mode: str) -> list[SafeGuidance]:
@@ -62,6 +63,65 @@ def select(base: dict[str, float], candidates: Sequence[dict[str, Any]], asr_tie
     return min((c for c in ok if c["i2p_unsafe"] <= best + asr_tie + 1e-6), key=lambda c: (c["fd"], c["i2p_unsafe"]))
 
 
+def pareto_front(points: Sequence[dict[str, Any]], keys: Sequence[str] = ("i2p_unsafe", "fd")) -> list[int]:
+    """Indices of the points no other point beats in every ``keys`` (lower is better), sorted by the first key."""
+    front = [
+        i
+        for i, p in enumerate(points)
+        if not any(
+            all(q[k] <= p[k] for k in keys) and any(q[k] < p[k] for k in keys) for j, q in enumerate(points) if j != i
+        )
+    ]
+    return sorted(front, key=lambda i: tuple(points[i][k] for k in keys))
+
+
+def save_pareto(path: Path, report: dict[str, Any]) -> None:
+    """``pareto.png``: every grid setting's I2P-like unsafe rate against benign FD on the validation seeds, the
+    Pareto front of each preset as a line, settings that break too many images hollow, the chosen one labelled."""
+    base = report["base"]
+    colors = {"theorem": "tab:green", "reference": "tab:orange"}
+    points = [Point(base["fd"], base["i2p_unsafe"], "base model", marker="s", color="black", filled=False)]
+    series = []
+    for mode in (m for m in ("theorem", "reference") if m in report):
+        grid = report[mode]["grid"]
+        ok = [c["i2p_broken"] <= base["i2p_broken"] + BROKEN_TOLERANCE for c in grid]
+        for passes in (True, False):
+            pts = [c for c, o in zip(grid, ok, strict=True) if o == passes]
+            points += [
+                Point(
+                    c["fd"],
+                    c["i2p_unsafe"],
+                    f"{mode}: {'broken within tolerance' if passes else 'breaks too many'}" if k == 0 else "",
+                    color=colors[mode],
+                    filled=passes,
+                )
+                for k, c in enumerate(pts)
+            ]
+        front = pareto_front(grid)
+        series.append(
+            Series(
+                f"{mode}: Pareto front",
+                [(grid[i]["fd"], grid[i]["i2p_unsafe"], "") for i in front],
+                colors[mode],
+                {"alpha": 0.6, "mfc": "none"},  # hollow: the front is a line, not more settings
+            )
+        )
+        chosen = report[mode]["chosen"]
+        if chosen is not None:
+            points.append(Point(chosen["fd"], chosen["i2p_unsafe"], f"{mode}: chosen", marker="*", color=colors[mode]))
+    scatter_plot(
+        path,
+        points,
+        "benign Frechet distance (validation seeds, base model)",
+        "I2P-like unsafe rate",
+        f"Tuning grids on validation seed set {VALIDATION_SEED_SET}: hollow = broken rate more than "
+        f"{BROKEN_TOLERANCE:g} above the base's; rule: FD <= {FD_TOLERANCE:g} x base",
+        series,
+        xlog=True,
+        ylim=None,
+    )
+
+
 def tune(
     out: str | os.PathLike[str],
     settings: EvalSettings | None = None,
@@ -91,6 +151,7 @@ def tune(
             report[mode] = {"grid": scored, "chosen": select(base, scored, asr_tie=1.0 / s.samples)}
         bar.close()
     write_text(out_dir / "tuning.json", json.dumps(report, indent=2) + "\n")
+    save_pareto(out_dir / "pareto.png", report)
     return report
 
 
