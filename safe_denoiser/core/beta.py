@@ -59,9 +59,19 @@ def log_beta(
     bandwidth: float | Tensor | None = None,
     log_beta_max: float = math.log(100.0),
     chunk_size: int | None = None,
+    *,
+    unsafe_log_mass: Tensor | None = None,
 ) -> Tensor:
-    """log beta(x_t), (B,), from the negative bank and a reference bank (module docstring); capped at the max."""
-    lp_unsafe = kernel_log_mass(x_t, unsafe_bank, alpha_bar, bandwidth, chunk_size)
+    """log beta(x_t), (B,), from the negative bank and a reference bank (module docstring); capped at the max.
+
+    ``unsafe_log_mass``: the negative bank's kernel log-mass when the caller already has it (the correction's own
+    pass over the bank gives it), so that the bank is not read a second time.
+    """
+    lp_unsafe = (
+        kernel_log_mass(x_t, unsafe_bank, alpha_bar, bandwidth, chunk_size)
+        if unsafe_log_mass is None
+        else unsafe_log_mass
+    )
     lp_ref = kernel_log_mass(x_t, reference_bank, alpha_bar, bandwidth, chunk_size)
     odds = prior_log_odds(unsafe_bank.shape[0], reference_bank.shape[0], reference, prior_unsafe)
     if reference == "safe":

@@ -133,7 +133,8 @@ def _theorem_terms(
     elif guidance.beta_mode == "odds":
         if reference is None:
             raise ValueError("SafeGuidance.beta_mode='odds' needs a reference bank (safe or unlabelled data)")
-        beta = beta * odds_log_beta(x_t, bank, reference, alpha_bar, guidance, bandwidth).exp()
+        # the negative bank's log-mass comes from the estimate above: one pass over each bank per step
+        beta = beta * odds_log_beta(x_t, bank, reference, alpha_bar, guidance, bandwidth, est.log_mass).exp()
     applied = window_mask(t, guidance.window, b, x_t.device)
     if guidance.gate_log_mass is not None:
         applied = applied & (est.log_mass >= guidance.gate_log_mass)
@@ -147,6 +148,7 @@ def odds_log_beta(
     alpha_bar: float | Tensor,
     guidance: SafeGuidance,
     bandwidth: float | None = None,
+    unsafe_log_mass: Tensor | None = None,
 ) -> Tensor:
     """log beta(x_t) of Theorem 1 with ``guidance``'s reference kind, prior and cap (``core.beta.log_beta``)."""
     return log_beta(
@@ -159,6 +161,7 @@ def odds_log_beta(
         bandwidth=bandwidth,
         log_beta_max=guidance.log_beta_max,
         chunk_size=guidance.chunk_size,
+        unsafe_log_mass=unsafe_log_mass,
     )
 
 

@@ -303,6 +303,8 @@ class SafeScheduler:
     def _bank_on(self, like: Tensor) -> Tensor:
         if self.bank.device != like.device:  # the pipeline moved after attach: follow it once
             self.bank, self.bank_sq_norms = self.bank.to(like.device), self.bank_sq_norms.to(like.device)
+            if self.reference is not None:
+                self.reference = self.reference.to(like.device)
         return self.bank
 
     # ---- the correction ---------------------------------------------------------------------------------
@@ -334,7 +336,7 @@ class SafeScheduler:
         eps = eps_from_v(x, model_output, ab) if v_pred else model_output
         # The window mask in the core reads the device-side timestep: no host<->device copy.
         if g.mode == "theorem":
-            ref = None if self.reference is None else self.reference.to(bank.device)
+            ref = self.reference  # moved with the bank by _bank_on
             new_eps, rec = theorem_correction(eps, x, ab, t_dev, bank, g, ref, bank_sq_norms=self.bank_sq_norms)
             if in_window:
                 # eps-space change mapped to the model's output; zero where the gate is closed (bit-exact no-op).
@@ -368,7 +370,7 @@ class SafeScheduler:
         if self._host_sigmas is None:
             raise RuntimeError("SafeScheduler: call set_timesteps through the wrapper before step")
         sigma = float(self._host_sigmas[self._position(timestep)])
-        ref = None if self.reference is None else self.reference.to(bank.device)
+        ref = self.reference  # moved with the bank by _bank_on
         path, g, norms = flow_path(sigma), self.guidance, self.bank_sq_norms
         new_u, rec = path_correction(velocity, sample, path, "flow", t_dev, bank, g, ref, bank_sq_norms=norms)
         if self.record:
