@@ -61,6 +61,8 @@ def log_beta(
     chunk_size: int | None = None,
     *,
     unsafe_log_mass: Tensor | None = None,
+    reference_sq_norms: Tensor | None = None,
+    bank_sigma: float | None = None,
 ) -> Tensor:
     """log beta(x_t), (B,), from the negative bank and a reference bank (module docstring); capped at the max.
 
@@ -68,11 +70,13 @@ def log_beta(
     pass over the bank gives it), so that the bank is not read a second time.
     """
     lp_unsafe = (
-        kernel_log_mass(x_t, unsafe_bank, alpha_bar, bandwidth, chunk_size)
+        kernel_log_mass(x_t, unsafe_bank, alpha_bar, bandwidth, chunk_size, bank_sigma=bank_sigma)
         if unsafe_log_mass is None
         else unsafe_log_mass
     )
-    lp_ref = kernel_log_mass(x_t, reference_bank, alpha_bar, bandwidth, chunk_size)
+    lp_ref = kernel_log_mass(
+        x_t, reference_bank, alpha_bar, bandwidth, chunk_size, bank_sq_norms=reference_sq_norms, bank_sigma=bank_sigma
+    )
     odds = prior_log_odds(unsafe_bank.shape[0], reference_bank.shape[0], reference, prior_unsafe)
     if reference == "safe":
         out = odds + lp_unsafe - lp_ref

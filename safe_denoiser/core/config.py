@@ -31,7 +31,10 @@ class SafeGuidance:
       beta(x_t) = Z_u p_unsafe,t / (Z_s p_safe,t) from the negative bank and a reference bank (``"odds"``,
       ``core.beta``: ``reference_kind`` says whether the reference bank holds safe data or unlabelled data,
       ``prior_unsafe`` is Z_u (None: from the banks' sizes), ``log_beta_max`` caps log beta); applied where the
-      kernel log-mass is >= ``gate_log_mass`` (no gate when None).
+      kernel log-mass is >= ``gate_log_mass`` (no gate when None). ``bank_sigma`` (None: point masses) makes both
+      banks kernel density estimates, each item the centre of N(x_n, bank_sigma^2 I): the exact posterior of that
+      smoother density, whose kernel stays soft and whose correction fades as the noise vanishes (docs/method.md
+      sections 2 and 4).
     mode="reference" (the authors' code, docs/method.md section 3): kernel exp(-||x0_hat - x_n|| / (2 sigma^2)) on the
       denoised estimate with a fixed ``kernel_sigma`` and unsquared distance; x0_hat <- x0_hat - eta * E_unsafe when
       the bank's kernel sum exceeds ``threshold - margin``; then x_t is re-noised from the corrected x0_hat.
@@ -52,6 +55,7 @@ class SafeGuidance:
     reference_kind: ReferenceKind = "safe"
     prior_unsafe: float | None = None
     log_beta_max: float = 4.605170185988092  # log(100)
+    bank_sigma: float | None = None
 
     def __post_init__(self) -> None:
         _check(self.mode in ("theorem", "reference"), "mode", "'theorem' or 'reference'", self.mode)
@@ -74,6 +78,19 @@ class SafeGuidance:
                 "kernel_sigma",
                 "a float > 0 or None",
                 self.kernel_sigma,
+            )
+        if self.bank_sigma is not None:
+            _check(
+                _finite(self.bank_sigma) and self.bank_sigma > 0,
+                "bank_sigma",
+                "a float > 0 or None (point-mass bank)",
+                self.bank_sigma,
+            )
+            _check(
+                self.kernel_sigma is None,
+                "bank_sigma",
+                "None when kernel_sigma fixes the bandwidth (they are two ways to set it)",
+                self.bank_sigma,
             )
         if self.mode == "reference":
             _check(self.kernel_sigma is not None, "kernel_sigma", "set (a float > 0) in reference mode", None)

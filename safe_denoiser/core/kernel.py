@@ -211,6 +211,7 @@ def forward_kernel_estimate(
     chunk_size: int | None = None,
     *,
     bank_sq_norms: Tensor | None = None,
+    bank_sigma: float | None = None,
 ) -> KernelEstimate:
     """Both the unsafe posterior mean and the kernel log-mass under the forward kernel N(x_t; sqrt(abar) x^(n), h).
 
@@ -218,14 +219,32 @@ def forward_kernel_estimate(
     ``bandwidth`` overrides it. ``x_t`` is (B, ...), ``bank`` (N, ...), ``alpha_bar`` and ``bandwidth`` floats or (B,).
     One pass over the bank: callers that need the mean and the mass (the gated, mass-scaled correction) call this.
     ``chunk_size`` and ``bank_sq_norms`` as in ``kernel_estimate``.
+
+    ``bank_sigma = s`` makes the bank a kernel density estimate, each item the centre of N(x^(n), s^2 I) in x0
+    space, and returns that density's exact posterior mean and diffused mass (docs/method.md section 4): the
+    forward kernel's variance becomes h = 1 - abar + abar s^2 and, per item, E[x0 | x_t, n] = x^(n) +
+    (sqrt(abar) s^2 / h) (x_t - sqrt(abar) x^(n)), so with m the weighted bank mean
+    E[x0 | x_t] = m + (sqrt(abar) s^2 / h) (x_t - sqrt(abar) m). As the noise vanishes h -> s^2 (the kernel's
+    temperature never falls below s^2, so the choice between bank items stays soft) and E[x0 | x_t] -> x_t.
     """
+    if bank_sigma is not None and bandwidth is not None:
+        raise ValueError("give bandwidth (a fixed kernel variance) or bank_sigma (a kernel density bank), not both")
     acc = x_t.new_empty((), dtype=accumulation_dtype(x_t.dtype))
     ab = as_batch_column(alpha_bar, x_t.shape[0], acc)
-    variance = (1.0 - ab) if bandwidth is None else as_batch_column(bandwidth, x_t.shape[0], acc)
+    if bank_sigma is not None:
+        variance = 1.0 - ab + ab * bank_sigma**2
+    else:
+        variance = (1.0 - ab) if bandwidth is None else as_batch_column(bandwidth, x_t.shape[0], acc)
     # abar == 1 (no noise) would divide by zero; 1e-12 keeps -d^2/(2h) finite in float32.
-    return kernel_estimate(
-        x_t, bank, ab.sqrt(), variance.clamp_min(1e-12), True, chunk_size, bank_sq_norms=bank_sq_norms
-    )
+    variance = variance.clamp_min(1e-12)
+    est = kernel_estimate(x_t, bank, ab.sqrt(), variance, True, chunk_size, bank_sq_norms=bank_sq_norms)
+    if bank_sigma is None:
+        return est
+    b = x_t.shape[0]
+    gain = (ab.sqrt() * bank_sigma**2 / variance).reshape((b,) + (1,) * (x_t.dim() - 1))  # (B, 1, ...)
+    m = est.mean.to(acc.dtype)
+    mean = m + gain * (x_t.to(acc.dtype) - ab.sqrt().reshape(gain.shape) * m)
+    return KernelEstimate(mean.to(est.mean.dtype), est.log_mass)
 
 
 def unsafe_posterior_mean(
@@ -236,12 +255,15 @@ def unsafe_posterior_mean(
     chunk_size: int | None = None,
     *,
     bank_sq_norms: Tensor | None = None,
+    bank_sigma: float | None = None,
 ) -> Tensor:
     """E_unsafe[x0 | x_t] ~ sum_n w_n x^(n), w = softmax_n(-||x_t - sqrt(abar) x^(n)||^2 / (2 h)).
 
     The mean of ``forward_kernel_estimate`` (same arguments): h = 1 - abar unless ``bandwidth`` overrides it.
     """
-    return forward_kernel_estimate(x_t, bank, alpha_bar, bandwidth, chunk_size, bank_sq_norms=bank_sq_norms).mean
+    return forward_kernel_estimate(
+        x_t, bank, alpha_bar, bandwidth, chunk_size, bank_sq_norms=bank_sq_norms, bank_sigma=bank_sigma
+    ).mean
 
 
 def kernel_log_mass(
@@ -252,10 +274,13 @@ def kernel_log_mass(
     chunk_size: int | None = None,
     *,
     bank_sq_norms: Tensor | None = None,
+    bank_sigma: float | None = None,
 ) -> Tensor:
     """log (1/N) sum_n exp(-||x_t - sqrt(abar) x^(n)||^2 / (2 h)), per sample: (B,).
 
     The kernel is the unnormalised Gaussian (1 at distance 0), so the mass lies in (0, 1]; in high
     dimension it is tiny, which is why gates and thresholds work on its logarithm.
     """
-    return forward_kernel_estimate(x_t, bank, alpha_bar, bandwidth, chunk_size, bank_sq_norms=bank_sq_norms).log_mass
+    return forward_kernel_estimate(
+        x_t, bank, alpha_bar, bandwidth, chunk_size, bank_sq_norms=bank_sq_norms, bank_sigma=bank_sigma
+    ).log_mass

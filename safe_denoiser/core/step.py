@@ -69,14 +69,16 @@ def theorem_correction(
     reference: Tensor | None = None,
     *,
     bank_sq_norms: Tensor | None = None,
+    reference_sq_norms: Tensor | None = None,
 ) -> tuple[Tensor, StepRecord]:
     """Theorem 1 in noise space with the bank's kernel estimate of E_unsafe[x0 | x_t] and a gated beta.
 
     ``reference`` is the reference bank that ``beta_mode="odds"`` needs (``core.beta``); other modes ignore it.
-    ``bank_sq_norms``: the bank's precomputed (N,) squared norms (``NegativeBank.sq_norms``), else recomputed.
+    ``bank_sq_norms`` / ``reference_sq_norms``: the banks' precomputed (N,) squared norms
+    (``NegativeBank.sq_norms``), else recomputed.
     """
     acc = accumulation_dtype(x_t.dtype)
-    est, beta, applied = _theorem_terms(x_t, alpha_bar, t, bank, guidance, reference, bank_sq_norms)
+    est, beta, applied = _theorem_terms(x_t, alpha_bar, t, bank, guidance, reference, bank_sq_norms, reference_sq_norms)
     ab = as_batch_column(alpha_bar, x_t.shape[0], x_t.new_empty((), dtype=acc)).squeeze(1)
     # Done in the accumulation dtype so that fp16 models do not lose the correction to rounding.
     out = safe_eps(eps.to(acc), x_t.to(acc), ab, est.mean.to(acc), beta).to(eps.dtype)
@@ -94,6 +96,7 @@ def path_correction(
     reference: Tensor | None = None,
     *,
     bank_sq_norms: Tensor | None = None,
+    reference_sq_norms: Tensor | None = None,
 ) -> tuple[Tensor, StepRecord]:
     """``theorem_correction`` on any Gaussian path, for a model predicting ``prediction`` (``core.paths``).
 
@@ -106,8 +109,18 @@ def path_correction(
     c, ab = path.to_vp()
     x_vp = x_t if isinstance(c, float) and c == 1.0 else x_t * broadcast_to_sample(c, x_t)
     if prediction == "epsilon":  # eps is the same on the path and on its VP form
-        return theorem_correction(pred, x_vp, ab, t, bank, guidance, reference, bank_sq_norms=bank_sq_norms)
-    est, beta, applied = _theorem_terms(x_vp, ab, t, bank, guidance, reference, bank_sq_norms)
+        return theorem_correction(
+            pred,
+            x_vp,
+            ab,
+            t,
+            bank,
+            guidance,
+            reference,
+            bank_sq_norms=bank_sq_norms,
+            reference_sq_norms=reference_sq_norms,
+        )
+    est, beta, applied = _theorem_terms(x_vp, ab, t, bank, guidance, reference, bank_sq_norms, reference_sq_norms)
     out = safe_prediction(pred.to(acc), x_t.to(acc), path, prediction, est.mean.to(acc), beta).to(pred.dtype)
     return out, StepRecord(applied, est.log_mass.float(), _delta_norm(out, pred))
 
@@ -120,13 +133,22 @@ def _theorem_terms(
     guidance: SafeGuidance,
     reference: Tensor | None,
     bank_sq_norms: Tensor | None = None,
+    reference_sq_norms: Tensor | None = None,
 ) -> tuple[KernelEstimate, Tensor, Tensor]:
     """(kernel estimate, beta (B,) zero where not applied, applied (B,) bool) for a VP sample ``x_t``."""
     b = x_t.shape[0]
     acc = accumulation_dtype(x_t.dtype)
     bandwidth = None if guidance.kernel_sigma is None else guidance.kernel_sigma**2
     # mean and mass in one pass over the bank
-    est = forward_kernel_estimate(x_t, bank, alpha_bar, bandwidth, guidance.chunk_size, bank_sq_norms=bank_sq_norms)
+    est = forward_kernel_estimate(
+        x_t,
+        bank,
+        alpha_bar,
+        bandwidth,
+        guidance.chunk_size,
+        bank_sq_norms=bank_sq_norms,
+        bank_sigma=guidance.bank_sigma,
+    )
     beta = torch.full((b,), guidance.eta, device=x_t.device, dtype=acc)
     if guidance.beta_mode == "mass":
         beta = beta * est.log_mass.exp()
@@ -134,7 +156,8 @@ def _theorem_terms(
         if reference is None:
             raise ValueError("SafeGuidance.beta_mode='odds' needs a reference bank (safe or unlabelled data)")
         # the negative bank's log-mass comes from the estimate above: one pass over each bank per step
-        beta = beta * odds_log_beta(x_t, bank, reference, alpha_bar, guidance, bandwidth, est.log_mass).exp()
+        log_odds = odds_log_beta(x_t, bank, reference, alpha_bar, guidance, bandwidth, est.log_mass, reference_sq_norms)
+        beta = beta * log_odds.exp()
     applied = window_mask(t, guidance.window, b, x_t.device)
     if guidance.gate_log_mass is not None:
         applied = applied & (est.log_mass >= guidance.gate_log_mass)
@@ -149,6 +172,7 @@ def odds_log_beta(
     guidance: SafeGuidance,
     bandwidth: float | None = None,
     unsafe_log_mass: Tensor | None = None,
+    reference_sq_norms: Tensor | None = None,
 ) -> Tensor:
     """log beta(x_t) of Theorem 1 with ``guidance``'s reference kind, prior and cap (``core.beta.log_beta``)."""
     return log_beta(
@@ -162,6 +186,8 @@ def odds_log_beta(
         log_beta_max=guidance.log_beta_max,
         chunk_size=guidance.chunk_size,
         unsafe_log_mass=unsafe_log_mass,
+        reference_sq_norms=reference_sq_norms,
+        bank_sigma=guidance.bank_sigma,
     )
 
 

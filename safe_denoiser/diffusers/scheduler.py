@@ -143,6 +143,7 @@ class SafeScheduler:
     bank: Tensor
     bank_sq_norms: Tensor
     reference: Tensor | None
+    reference_sq_norms: Tensor | None
     guidance: SafeGuidance
     record: bool
     records: list[StepTrace]
@@ -188,7 +189,13 @@ class SafeScheduler:
             "_prediction": "flow" if kind == "flow" else scheduler.config.get("prediction_type", "epsilon"),
             "_step_params": frozenset(inspect.signature(scheduler.step).parameters),
             **dict(zip(("bank", "bank_sq_norms"), _bank_and_norms(bank, device, dtype), strict=True)),
-            "reference": None if reference is None else _bank_tensor(reference).to(device=device, dtype=dtype),
+            **dict(
+                zip(
+                    ("reference", "reference_sq_norms"),
+                    (None, None) if reference is None else _bank_and_norms(reference, device, dtype),
+                    strict=True,
+                )
+            ),
             "guidance": guidance,
             "record": bool(record),
             "records": [],
@@ -303,8 +310,9 @@ class SafeScheduler:
     def _bank_on(self, like: Tensor) -> Tensor:
         if self.bank.device != like.device:  # the pipeline moved after attach: follow it once
             self.bank, self.bank_sq_norms = self.bank.to(like.device), self.bank_sq_norms.to(like.device)
-            if self.reference is not None:
+            if self.reference is not None and self.reference_sq_norms is not None:
                 self.reference = self.reference.to(like.device)
+                self.reference_sq_norms = self.reference_sq_norms.to(like.device)
         return self.bank
 
     # ---- the correction ---------------------------------------------------------------------------------
@@ -337,7 +345,17 @@ class SafeScheduler:
         # The window mask in the core reads the device-side timestep: no host<->device copy.
         if g.mode == "theorem":
             ref = self.reference  # moved with the bank by _bank_on
-            new_eps, rec = theorem_correction(eps, x, ab, t_dev, bank, g, ref, bank_sq_norms=self.bank_sq_norms)
+            new_eps, rec = theorem_correction(
+                eps,
+                x,
+                ab,
+                t_dev,
+                bank,
+                g,
+                ref,
+                bank_sq_norms=self.bank_sq_norms,
+                reference_sq_norms=self.reference_sq_norms,
+            )
             if in_window:
                 # eps-space change mapped to the model's output; zero where the gate is closed (bit-exact no-op).
                 model_output = model_output + (new_eps - eps) / math.sqrt(ab) if v_pred else new_eps
@@ -372,7 +390,18 @@ class SafeScheduler:
         sigma = float(self._host_sigmas[self._position(timestep)])
         ref = self.reference  # moved with the bank by _bank_on
         path, g, norms = flow_path(sigma), self.guidance, self.bank_sq_norms
-        new_u, rec = path_correction(velocity, sample, path, "flow", t_dev, bank, g, ref, bank_sq_norms=norms)
+        new_u, rec = path_correction(
+            velocity,
+            sample,
+            path,
+            "flow",
+            t_dev,
+            bank,
+            g,
+            ref,
+            bank_sq_norms=norms,
+            reference_sq_norms=self.reference_sq_norms,
+        )
         if self.record:
             self.records.append(StepTrace(t_host, rec))
         return new_u if in_window else velocity
