@@ -30,6 +30,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--out", required=True, help="bundle folder to write (must not exist or be empty)")
     p.add_argument("--opset", type=int, default=17, choices=(17, 18), help="ONNX opset (legacy exporter)")
     p.add_argument("--fp16", action="store_true", help="float16 weights (inputs/outputs and correction stay fp32)")
+    p.add_argument(
+        "--bank-dtype",
+        choices=("float32", "float16"),
+        default="float32",
+        help="how the graph stores the bank(s): float16 halves their bytes (cast to float32 inside the graph)",
+    )
     p.add_argument("--batch", type=int, default=2, help="batch used for tracing (the batch axis stays dynamic)")
     p.add_argument("--height", type=int, default=None, help="image height in pixels (overrides model.height)")
     p.add_argument("--width", type=int, default=None, help="image width in pixels (overrides model.width)")
@@ -71,6 +77,7 @@ def _run(args: argparse.Namespace) -> int:
         external_data=args.external_data,
         verify=not args.no_verify,
         overwrite=args.overwrite,
+        bank_dtype=args.bank_dtype,
     )
     try:
         manifest = export_from_config(args.config, args.out, options, args.height, args.width)

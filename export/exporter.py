@@ -3,7 +3,7 @@
 Three modules, one concern each: ``source`` builds what gets exported from the ``model:`` section of a
 ``safe-denoiser predict`` config (pipeline, bank, guidance, SLD, SAFREE, and the step module); ``onnx_graph`` traces
 a module with the legacy TorchScript exporter (opset 17 or 18), turns constants into named initializers (the bank
-is ``negative_bank``, bit-identical to the bank file), gathers weights over 2 GB into one external-data file and
+is ``negative_bank``, bit-identical to a float32 bank file), gathers weights over 2 GB into one external-data file and
 checks the graph with onnxruntime against PyTorch; this module writes the bundle: the graphs, the tokenizer, the
 scheduler tables, SAFREE's concept basis and the manifest, atomically (everything goes to a temporary sibling
 folder that is renamed into place at the end). The public names of all three are importable from here.
@@ -15,6 +15,7 @@ settings in ``manifest.flow``; their text encoders (CLIP + T5, concatenated) and
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -27,15 +28,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from safe_denoiser.core.bank import NegativeBank
 from safe_denoiser.demo.digits import NULL_CLASS
 from safe_denoiser.files import staging_dir
 
 from .flow_graphs import FlowDenoiserStep, register_rms_norm, traceable_rotary
-from .graphs import TextEncoderGraph, VaeDecoderGraph
+from .graphs import TextEncoderGraph, VaeDecoderGraph, stored_bank
 from .integrity import bundle_files, hash_files
 from .manifest import (
     BANK_INITIALIZER,
     BANK_NORMS_INITIALIZER,
+    REFERENCE_BANK_INITIALIZER,
+    REFERENCE_NORMS_INITIALIZER,
+    ROUNDED_FROM,
+    BankDtype,
     BankInfo,
     GraphSpec,
     Manifest,
@@ -196,7 +202,8 @@ def _write_bundle(source: ExportSource, root: Path, options: ExportOptions) -> M
         reference_threshold_steps=source.num_inference_steps if threshold is not None else None,
         reference_threshold_alpha_bar=ab_last,
         sld=source.sld,
-        bank=_bank_info(source),
+        bank=_bank_info(source, options.bank_dtype),
+        reference_bank=_reference_bank_info(source, options.bank_dtype),
         tokenizer=tokenizer_dir,
         null_class=NULL_CLASS if source.kind == "class-conditional" else None,
         vae_scaling_factor=float(pipe.vae.config.scaling_factor) if source.kind == "text-to-image" else None,
@@ -214,7 +221,7 @@ def _write_bundle(source: ExportSource, root: Path, options: ExportOptions) -> M
 
 def _export_denoiser(source: ExportSource, root: Path, options: ExportOptions) -> GraphSpec:
     """denoiser.onnx: the guided, corrected step (VP/sigma ``DenoiserStep`` or flow ``FlowDenoiserStep``)."""
-    step = build_denoiser(source, options.fp16)
+    step = build_denoiser(source, options.fp16, options.bank_dtype)
     flow = isinstance(step, FlowDenoiserStep)
     batch_axes = {n: {0: "batch"} for n in [*step.input_names, *step.output_names]}
     if flow:
@@ -226,11 +233,15 @@ def _export_denoiser(source: ExportSource, root: Path, options: ExportOptions) -
         for n in ("sample", "noise", "sld_momentum", "noise_pred", "sample_corrected", "x0_hat", "sld_momentum_out"):
             batch_axes[n] = {0: "batch", 2: "height", 3: "width"}
     layout = "packed (N, h w / 4, 4 C)" if source.family == "flux" else "(N, C, H, W)"
+    stored = options.bank_dtype if options.bank_dtype == "float32" else f"{options.bank_dtype} (cast to float32)"
     roles = (
-        {BANK_INITIALIZER: f"negative bank {layout} float32", BANK_NORMS_INITIALIZER: "its squared norms (N,) float32"}
+        {BANK_INITIALIZER: f"negative bank {layout} {stored}", BANK_NORMS_INITIALIZER: "its squared norms (N,) float32"}
         if source.guidance is not None
         else {}
     )
+    if source.reference_bank is not None:
+        roles[REFERENCE_BANK_INITIALIZER] = f"reference bank of the odds beta {layout} {stored}"
+        roles[REFERENCE_NORMS_INITIALIZER] = "its squared norms (M,) float32"
     if not flow and step.reference:
         roles["reference_threshold"] = "reference gate threshold (scalar float32)"
     if source.sld is not None:
@@ -294,21 +305,45 @@ def _export_text_and_vae(source: ExportSource, root: Path, options: ExportOption
     return graphs
 
 
-def _bank_info(source: ExportSource) -> BankInfo | None:
-    """The bank as the graph holds it (Flux: packed; its hash is that of the packed array, the file's in metadata)."""
+def _bank_info(source: ExportSource, bank_dtype: BankDtype = "float32") -> BankInfo | None:
+    """The bank as the graph holds it (Flux: packed; its hash is that of the packed array, the file's in metadata;
+    float16: the hash of the rounded values, the file's in metadata)."""
     bank = source.bank
     if bank is None:
         return None
     if source.family != "flux":
-        return BankInfo(
-            count=len(bank), sample_shape=bank.sample_shape, sha256=bank.sha256(), metadata=dict(bank.metadata)
-        )
+        return _vp_bank_info(bank, bank_dtype, BANK_INITIALIZER)
     from safe_denoiser.diffusers.scheduler import sample_space_bank
 
     packed = sample_space_bank(source.pipe, bank.data).float().numpy()
     metadata = {**bank.metadata, "packed_from_sha256": bank.sha256(), "layout": "flux packed 2x2 patches"}
     return BankInfo(
         count=len(bank), sample_shape=tuple(packed.shape[1:]), sha256=array_sha256(packed), metadata=metadata
+    )
+
+
+def _reference_bank_info(source: ExportSource, bank_dtype: BankDtype = "float32") -> BankInfo | None:
+    """The odds preset's reference bank as the graph holds it, with the guidance's ``reference_kind``."""
+    if source.reference_bank is None or source.guidance is None:
+        return None
+    info = _vp_bank_info(source.reference_bank, bank_dtype, REFERENCE_BANK_INITIALIZER)
+    return dataclasses.replace(info, reference_kind=source.guidance.reference_kind)
+
+
+def _vp_bank_info(bank: NegativeBank, bank_dtype: BankDtype, initializer: str) -> BankInfo:
+    """Count, shape, storage dtype and hash of a (not packed) bank stored as ``bank_dtype`` in initializer."""
+    metadata = dict(bank.metadata)
+    digest = bank.sha256()
+    if bank_dtype != "float32":
+        metadata[ROUNDED_FROM] = digest
+        digest = array_sha256(stored_bank(bank.data, bank_dtype).numpy())
+    return BankInfo(
+        count=len(bank),
+        sample_shape=bank.sample_shape,
+        sha256=digest,
+        initializer=initializer,
+        metadata=metadata,
+        dtype=bank_dtype,
     )
 
 

@@ -8,8 +8,9 @@
    so the warm-up test is graph logic on each sample's real step;
 3. classifier-free guidance (``correction.cfg_combine``);
 4. the safe-denoiser correction (``step.theorem_correction`` or ``step.reference_correction``) with the negative
-   bank as a constant. The timestep is a tensor, so the window test and the kernel-mass gate are graph logic
-   (``torch.where``), evaluated per sample at run time rather than fixed when the graph is traced.
+   bank as a constant (and, for the odds preset, the reference bank of Theorem 1's beta as a second constant). The
+   timestep is a tensor, so the window test and the kernel-mass gate are graph logic (``torch.where``), evaluated
+   per sample at run time rather than fixed when the graph is traced.
 
 Inputs (B = the request batch; the UNet sees 2B or 3B):
 
@@ -32,9 +33,14 @@ re-noised sample for the reference preset where it fired, else ``sample``), ``x0
 those two), and with the correction ``correction_applied`` (B,) bool and ``kernel_log_mass`` (B,) f32; with SLD
 ``sld_momentum_out``. The sampler update is then plain DDIM/DDPM/... on (noise_pred, sample_corrected).
 
-Constants that become named initializers (``BANK_INITIALIZER`` = "negative_bank", "reference_threshold",
-"sld_safety_embedding") are passed to the module as extra trailing inputs during export, so that the exporter
-controls their names and storage; called with the runtime inputs only, the module uses its own buffers.
+Constants that become named initializers (``BANK_INITIALIZER`` = "negative_bank" and its norms,
+``REFERENCE_BANK_INITIALIZER`` = "reference_bank" and its norms, "reference_threshold", "sld_safety_embedding") are
+passed to the module as extra trailing inputs during export, so that the exporter controls their names and storage;
+called with the runtime inputs only, the module uses its own buffers.
+
+``bank_dtype="float16"`` stores both banks rounded to float16 (half the bytes) and casts them to float32 inside the
+graph: the kernel still accumulates in float32, and the float32 norms are those of the rounded values, so the graph
+computes exactly the float32 correction of the rounded bank (``stored_bank``).
 """
 
 from __future__ import annotations
@@ -51,13 +57,32 @@ from safe_denoiser.core.parameterization import x0_from_eps
 from safe_denoiser.core.sld import append_safety_branch, sld_guidance
 from safe_denoiser.core.step import reference_correction, theorem_correction
 
-from .manifest import BANK_INITIALIZER, BANK_NORMS_INITIALIZER
+from .manifest import (
+    BANK_DTYPES,
+    BANK_INITIALIZER,
+    BANK_NORMS_INITIALIZER,
+    REFERENCE_BANK_INITIALIZER,
+    REFERENCE_NORMS_INITIALIZER,
+    BankDtype,
+)
 
-__all__ = ["Conditioning", "DenoiserStep", "TextEncoderGraph", "VaeDecoderGraph"]
+__all__ = ["Conditioning", "DenoiserStep", "TextEncoderGraph", "VaeDecoderGraph", "stored_bank"]
 
 Conditioning = Literal["class_labels", "text"]
 THRESHOLD_INITIALIZER = "reference_threshold"
 SAFETY_INITIALIZER = "sld_safety_embedding"
+
+
+def stored_bank(data: Tensor, bank_dtype: BankDtype = "float32") -> Tensor:
+    """A bank as the graph stores it: a float32 copy, or rounded to float16 (``bank_dtype="float16"``)."""
+    if bank_dtype not in BANK_DTYPES:
+        raise ValueError(f"bank_dtype must be one of {BANK_DTYPES}, got {bank_dtype!r}")
+    return data.detach().float().to(getattr(torch, bank_dtype)).clone()
+
+
+def _widen(bank: Tensor, like: Tensor) -> Tensor:
+    """A float16-stored bank in ``like``'s dtype (a Cast inside the graph); other banks as they are."""
+    return bank.to(like.dtype) if bank.dtype == torch.float16 else bank
 
 
 class DenoiserStep(nn.Module):
@@ -71,10 +96,14 @@ class DenoiserStep(nn.Module):
         threshold: the reference preset's gate threshold (required with a reference ``guidance``).
         sld: SLD settings, or None; only with text conditioning.
         safety_embedding: (1, L, D) text-encoder output of SLD's safety concept (required with ``sld``).
+        reference_bank: (M, C, H, W) reference bank of the odds preset (required with ``beta_mode="odds"``).
+        bank_dtype: how both banks are stored, "float32" or "float16" (see the module docstring).
     """
 
     bank: Tensor
     bank_sq_norms: Tensor
+    reference_bank: Tensor
+    reference_sq_norms: Tensor
     threshold: Tensor
     safety_embedding: Tensor
 
@@ -87,6 +116,8 @@ class DenoiserStep(nn.Module):
         threshold: float | None = None,
         sld: SLDConfig | None = None,
         safety_embedding: Tensor | None = None,
+        reference_bank: Tensor | None = None,
+        bank_dtype: BankDtype = "float32",
     ) -> None:
         super().__init__()
         if conditioning not in ("class_labels", "text"):
@@ -97,13 +128,19 @@ class DenoiserStep(nn.Module):
             raise ValueError("DenoiserStep: the reference preset needs its threshold")
         if sld is not None and (conditioning != "text" or safety_embedding is None):
             raise ValueError("DenoiserStep: SLD needs text conditioning and the safety-concept embedding")
+        odds = guidance is not None and guidance.beta_mode == "odds"
+        if odds != (reference_bank is not None):
+            raise ValueError("DenoiserStep: a reference bank is required with beta_mode 'odds' and used only there")
         self.unet = unet
         self.conditioning = conditioning
         self.guidance = guidance
         self.sld = sld
-        # Float32 constants: the correction accumulates in float32 even when the UNet runs in float16.
-        self.register_buffer("bank", torch.empty(0) if bank is None else bank.detach().float().clone())
-        self.register_buffer("bank_sq_norms", bank_sq_norms(self.bank) if bank is not None else torch.empty(0))
+        # Float32 (or float16-stored) constants: the correction accumulates in float32 even when the UNet runs in
+        # float16; the norms are float32 and those of the stored (possibly rounded) values.
+        for name, data in (("bank", bank), ("reference_bank", reference_bank)):
+            self.register_buffer(name, torch.empty(0) if data is None else stored_bank(data, bank_dtype))
+        for name, data in (("bank_sq_norms", self.bank), ("reference_sq_norms", self.reference_bank)):
+            self.register_buffer(name, bank_sq_norms(data.float()) if data.numel() else torch.empty(0))
         self.register_buffer("threshold", torch.tensor(float(threshold if threshold is not None else 0.0)))
         emb = torch.empty(0) if safety_embedding is None else safety_embedding.detach().float().clone()
         self.register_buffer("safety_embedding", emb)
@@ -112,6 +149,11 @@ class DenoiserStep(nn.Module):
     @property
     def reference(self) -> bool:
         return self.guidance is not None and self.guidance.mode == "reference"
+
+    @property
+    def odds(self) -> bool:
+        """Whether the correction's beta is Theorem 1's odds (the graph then holds the reference bank too)."""
+        return self.guidance is not None and self.guidance.beta_mode == "odds"
 
     @property
     def input_names(self) -> list[str]:
@@ -134,6 +176,8 @@ class DenoiserStep(nn.Module):
         names = []
         if self.guidance is not None:
             names += [BANK_INITIALIZER, BANK_NORMS_INITIALIZER]
+        if self.odds:
+            names += [REFERENCE_BANK_INITIALIZER, REFERENCE_NORMS_INITIALIZER]
         if self.reference:
             names.append(THRESHOLD_INITIALIZER)
         if self.sld is not None:
@@ -145,6 +189,8 @@ class DenoiserStep(nn.Module):
         values = {
             BANK_INITIALIZER: self.bank,
             BANK_NORMS_INITIALIZER: self.bank_sq_norms,
+            REFERENCE_BANK_INITIALIZER: self.reference_bank,
+            REFERENCE_NORMS_INITIALIZER: self.reference_sq_norms,
             THRESHOLD_INITIALIZER: self.threshold,
             SAFETY_INITIALIZER: self.safety_embedding,
         }
@@ -176,14 +222,17 @@ class DenoiserStep(nn.Module):
             raise ValueError(f"DenoiserStep expects inputs {names} (+ constants {self.constant_names})")
         x: dict[str, Tensor] = dict(zip(names, inputs, strict=False))
         consts = dict(zip(self.constant_names, inputs[len(names) :], strict=True)) if len(inputs) > len(names) else {}
-        bank = consts.get(BANK_INITIALIZER, self.bank)
+        sample = x["sample"]
+        bank = _widen(consts.get(BANK_INITIALIZER, self.bank), sample)
         # Given as a constant when exported; in eager calls computed from the bank in the module's own dtype (a
         # float64 reference run then has exact norms, not float32 ones cast up).
         norms = consts.get(BANK_NORMS_INITIALIZER)
+        reference = _widen(consts.get(REFERENCE_BANK_INITIALIZER, self.reference_bank), sample) if self.odds else None
+        reference_norms = consts.get(REFERENCE_NORMS_INITIALIZER)
         threshold = consts.get(THRESHOLD_INITIALIZER, self.threshold)
         safety = consts.get(SAFETY_INITIALIZER, self.safety_embedding)
 
-        sample, t, ab = x["sample"], x["timestep"], x["alpha_bar"]
+        t, ab = x["timestep"], x["alpha_bar"]
         if self.conditioning == "class_labels":
             cond = torch.cat([x["negative_class_labels"], x["class_labels"]])
         else:
@@ -212,7 +261,9 @@ class DenoiserStep(nn.Module):
             x_out = sample
             record: list[Tensor] = []
         elif g.mode == "theorem":
-            eps, rec = theorem_correction(eps, sample, ab, t, bank, g, bank_sq_norms=norms)
+            eps, rec = theorem_correction(
+                eps, sample, ab, t, bank, g, reference, bank_sq_norms=norms, reference_sq_norms=reference_norms
+            )
             x_out = sample
             record = [rec.applied, rec.log_mass]
         else:

@@ -10,7 +10,8 @@ A bundle is a folder::
     vae_decoder.onnx       latents -> image in [-1, 1] (latent models)
 
 ``Manifest.load`` refuses a bundle of another format version, a bundle with a missing file, a bundle whose
-negative bank inside ``denoiser.onnx`` does not hash to the manifest's ``bank.sha256``, and a file whose sha256
+negative bank (or, for the odds preset, reference bank) inside ``denoiser.onnx`` does not hash to the manifest's
+``bank.sha256`` (``reference_bank.sha256``), and a file whose sha256
 differs from the one ``files`` records (``integrity``; ``check_files=False`` skips the hashing): each with a
 ``ManifestError`` naming the problem and the file.
 """
@@ -22,7 +23,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -32,11 +33,15 @@ from safe_denoiser.files import atomic_write_json
 from .integrity import BundleFileError, verify_files
 
 __all__ = [
+    "BANK_DTYPES",
     "BANK_INITIALIZER",
     "BANK_NORMS_INITIALIZER",
     "FORMAT",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
+    "REFERENCE_BANK_INITIALIZER",
+    "REFERENCE_NORMS_INITIALIZER",
+    "BankDtype",
     "BankInfo",
     "GraphSpec",
     "Manifest",
@@ -53,6 +58,11 @@ MANIFEST_NAME = "manifest.json"
 BANK_INITIALIZER = "negative_bank"  # the constant holding the negative bank inside denoiser.onnx
 # its squared norms ||x^(n)||^2, computed once at export (the kernel would otherwise re-read the bank for them)
 BANK_NORMS_INITIALIZER = "negative_bank_sq_norms"
+REFERENCE_BANK_INITIALIZER = "reference_bank"  # the odds preset's reference bank (safe or unlabelled data)
+REFERENCE_NORMS_INITIALIZER = "reference_bank_sq_norms"
+BankDtype = Literal["float32", "float16"]
+BANK_DTYPES: tuple[BankDtype, ...] = ("float32", "float16")  # how the graph stores a bank (float16: cast inside)
+ROUNDED_FROM = "rounded_from_sha256"  # BankInfo.metadata key: the float32 bank file's hash of a float16-stored bank
 
 
 class ManifestError(ValueError):
@@ -60,7 +70,8 @@ class ManifestError(ValueError):
 
 
 def array_sha256(array: np.ndarray) -> str:
-    """sha256 of the float32 little-endian bytes: the same hash as ``NegativeBank.sha256``."""
+    """sha256 of the float32 little-endian bytes: the same hash as ``NegativeBank.sha256`` (a float16 array is
+    widened first, so a float16-stored bank hashes as the float32 bank of its rounded values)."""
     return hashlib.sha256(np.ascontiguousarray(array, dtype="<f4").tobytes()).hexdigest()
 
 
@@ -211,27 +222,45 @@ class SchedulerInfo:
 
 @dataclass(frozen=True)
 class BankInfo:
-    """The negative bank baked into denoiser.onnx: count, item shape, sha256 of its float32 bytes, metadata."""
+    """A bank baked into denoiser.onnx: count, item shape, sha256 of its float32 bytes, storage dtype, metadata.
+
+    ``dtype`` is how the graph stores it ("float16": rounded, cast to float32 inside the graph; ``sha256`` is then
+    the hash of the rounded values as float32 and ``metadata[ROUNDED_FROM]`` the bank file's). ``reference_kind``
+    ("safe" / "data") is set on the odds preset's reference bank only.
+    """
 
     count: int
     sample_shape: tuple[int, ...]
     sha256: str
     initializer: str = BANK_INITIALIZER
     metadata: dict[str, str] = field(default_factory=dict)
+    dtype: BankDtype = "float32"
+    reference_kind: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in BANK_DTYPES:
+            raise ManifestError(f"manifest: bank dtype must be one of {BANK_DTYPES}, got {self.dtype!r}")
+        if self.reference_kind not in (None, "safe", "data"):
+            raise ManifestError(f"manifest: reference_kind must be 'safe' or 'data', got {self.reference_kind!r}")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BankInfo:
+    def from_dict(cls, data: dict[str, Any], where: str = "bank") -> BankInfo:
+        kind = data.get("reference_kind")
         return cls(
-            count=int(_require(data, "count", "bank")),
-            sample_shape=tuple(int(v) for v in _require(data, "sample_shape", "bank")),
-            sha256=str(_require(data, "sha256", "bank")),
+            count=int(_require(data, "count", where)),
+            sample_shape=tuple(int(v) for v in _require(data, "sample_shape", where)),
+            sha256=str(_require(data, "sha256", where)),
             initializer=str(data.get("initializer", BANK_INITIALIZER)),
             metadata={str(k): str(v) for k, v in data.get("metadata", {}).items()},
+            dtype=data.get("dtype", "float32"),
+            reference_kind=None if kind is None else str(kind),
         )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["sample_shape"] = list(self.sample_shape)
+        if self.reference_kind is None:  # the negative bank's entry keeps its pre-odds keys
+            del d["reference_kind"]
         return d
 
 
@@ -260,6 +289,7 @@ class Manifest:
     reference_threshold_alpha_bar: float | None = None
     sld: SLDConfig | None = None
     bank: BankInfo | None = None
+    reference_bank: BankInfo | None = None  # the odds preset's reference bank (``beta_mode="odds"`` only)
     tokenizer: str | None = None
     null_class: int | None = None
     vae_scaling_factor: float | None = None
@@ -294,6 +324,7 @@ class Manifest:
             "reference_threshold_alpha_bar": self.reference_threshold_alpha_bar,
             "sld": None if self.sld is None else self.sld.to_dict(),
             "bank": None if self.bank is None else self.bank.to_dict(),
+            "reference_bank": None if self.reference_bank is None else self.reference_bank.to_dict(),
             "opset": self.opset,
             "precision": self.precision,
             "tokenizer": self.tokenizer,
@@ -320,6 +351,7 @@ class Manifest:
             guidance = data.get("guidance")
             sld = data.get("sld")
             bank = data.get("bank")
+            reference_bank = data.get("reference_bank")
             return cls(
                 model_kind=str(_require(data, "model_kind", "the manifest")),
                 source=str(_require(data, "source", "the manifest")),
@@ -337,6 +369,7 @@ class Manifest:
                 reference_threshold_alpha_bar=data.get("reference_threshold_alpha_bar"),
                 sld=None if sld is None else SLDConfig(**sld),
                 bank=None if bank is None else BankInfo.from_dict(bank),
+                reference_bank=None if reference_bank is None else BankInfo.from_dict(reference_bank, "reference_bank"),
                 tokenizer=data.get("tokenizer"),
                 null_class=data.get("null_class"),
                 vae_scaling_factor=data.get("vae_scaling_factor"),
@@ -403,11 +436,17 @@ class Manifest:
             raise ManifestError("manifest: scheduler.alphas_cumprod and scheduler.sigmas must be non-empty and equal")
         if (self.guidance is None) != (self.bank is None):
             raise ManifestError("manifest: guidance and bank must both be set (correction on) or both be null")
+        odds = self.guidance is not None and self.guidance.beta_mode == "odds"
+        if odds != (self.reference_bank is not None):
+            raise ManifestError(
+                "manifest: reference_bank must be set exactly when guidance.beta_mode is 'odds' (Theorem 1's beta)"
+            )
         if self.bank is not None:
-            if self.bank.sample_shape != self.sample_shape:
-                raise ManifestError(
-                    f"manifest: bank item shape {self.bank.sample_shape} differs from sample_shape {self.sample_shape}"
-                )
+            for key, info in (("bank", self.bank), ("reference_bank", self.reference_bank)):
+                if info is not None and info.sample_shape != self.sample_shape:
+                    raise ManifestError(
+                        f"manifest: {key} item shape {info.sample_shape} differs from sample_shape {self.sample_shape}"
+                    )
             if check_bank:
                 self.check_bank(root)
         if check_files:
@@ -423,22 +462,14 @@ class Manifest:
         return graphs + ([self.tokenizer] if self.tokenizer is not None else [])
 
     def check_bank(self, bundle_dir: str | os.PathLike[str]) -> str:
-        """Hash the bank constant inside denoiser.onnx; ``ManifestError`` when it differs from ``bank.sha256``."""
+        """Hash the bank constants inside denoiser.onnx (the negative bank, and the reference bank of the odds
+        preset); ``ManifestError`` when one differs from its record. Returns the negative bank's hash."""
         if self.bank is None:
             raise ManifestError("manifest: this bundle has no negative bank (the correction is off)")
         path = Path(bundle_dir) / self.graphs["denoiser"].file
-        array = read_initializer(path, self.bank.initializer)
-        if tuple(array.shape) != (self.bank.count, *self.bank.sample_shape):
-            raise ManifestError(
-                f"bank inside {str(path)!r} has shape {tuple(array.shape)}, manifest says"
-                f" {(self.bank.count, *self.bank.sample_shape)}"
-            )
-        digest = array_sha256(array)
-        if digest != self.bank.sha256:
-            raise ManifestError(
-                f"bank hash mismatch: the bank inside {str(path)!r} hashes to {digest[:16]}..., the manifest"
-                f" records {self.bank.sha256[:16]}... (the graph or the manifest was changed after export)"
-            )
+        digest = _check_bank_constant(path, self.bank, "bank")
+        if self.reference_bank is not None:
+            _check_bank_constant(path, self.reference_bank, "reference bank")
         return digest
 
     def check_bank_file(self, bank_path: str | os.PathLike[str]) -> None:
@@ -448,8 +479,27 @@ class Manifest:
         if self.bank is None:
             raise ManifestError("manifest: this bundle has no negative bank (the correction is off)")
         digest = NegativeBank.load(bank_path).sha256()
-        if digest != self.bank.sha256:
+        if digest != self.bank.metadata.get(ROUNDED_FROM, self.bank.sha256):
             raise ManifestError(
                 f"bank hash mismatch: {str(bank_path)!r} hashes to {digest[:16]}..., the bundle's bank to"
                 f" {self.bank.sha256[:16]}..."
             )
+
+
+def _check_bank_constant(path: Path, info: BankInfo, what: str) -> str:
+    """Shape, storage dtype and hash of one bank initializer of ``path`` against ``info``; returns the hash."""
+    array = read_initializer(path, info.initializer)
+    if tuple(array.shape) != (info.count, *info.sample_shape):
+        raise ManifestError(
+            f"{what} inside {str(path)!r} has shape {tuple(array.shape)}, manifest says"
+            f" {(info.count, *info.sample_shape)}"
+        )
+    if array.dtype != np.dtype(info.dtype):
+        raise ManifestError(f"{what} inside {str(path)!r} is {array.dtype}, the manifest says {info.dtype}")
+    digest = array_sha256(array)
+    if digest != info.sha256:
+        raise ManifestError(
+            f"{what} hash mismatch: the {what} inside {str(path)!r} hashes to {digest[:16]}..., the manifest"
+            f" records {info.sha256[:16]}... (the graph or the manifest was changed after export)"
+        )
+    return digest

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .manifest import GraphSpec, TensorSpec
+from .manifest import BANK_DTYPES, BankDtype, GraphSpec, TensorSpec
 
 __all__ = ["SUPPORTED_OPSETS", "ExportOptions", "export_graph"]
 
@@ -39,6 +39,7 @@ class ExportOptions:
     runs in float32. ``external_data``: "auto" (only when the graph is over 2 GB), "always" or "never".
     ``verify`` runs every graph once with onnxruntime on random inputs of batch ``batch + 1`` (so a graph that
     silently fixed the traced batch fails) and records the max abs differences in the manifest.
+    ``bank_dtype``: "float32" or "float16" storage of the banks inside the graph (cast to float32 there).
     """
 
     opset: int = 17
@@ -47,6 +48,7 @@ class ExportOptions:
     external_data: Literal["auto", "always", "never"] = "auto"
     verify: bool = True
     overwrite: bool = False
+    bank_dtype: BankDtype = "float32"
 
     def __post_init__(self) -> None:
         if self.opset not in SUPPORTED_OPSETS:
@@ -55,6 +57,8 @@ class ExportOptions:
             raise ValueError(f"batch must be >= 1, got {self.batch}")
         if self.external_data not in ("auto", "always", "never"):
             raise ValueError(f"external_data must be auto, always or never, got {self.external_data!r}")
+        if self.bank_dtype not in BANK_DTYPES:
+            raise ValueError(f"bank_dtype must be one of {BANK_DTYPES}, got {self.bank_dtype!r}")
 
 
 # ---- tracing and ONNX post-processing ---------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from safe_denoiser.factory import ModelConfig
 
 from .flow_graphs import FlowDenoiserStep, FlowFamily, flow_family
 from .graphs import DenoiserStep
+from .manifest import BANK_DTYPES, BankDtype
 
 FLUX_TEXT_LENGTH = 16  # T5 tokens of the example inputs (the graph's text length is dynamic)
 
@@ -45,7 +46,10 @@ __all__ = [
 
 @dataclass
 class ExportSource:
-    """What one config's ``model:`` section builds: pipeline, guidance, bank, SLD, sample shape, defaults."""
+    """What one config's ``model:`` section builds: pipeline, guidance, banks, SLD, sample shape, defaults.
+
+    ``reference_bank``: the odds preset's reference bank (``model.reference_bank``), None for other presets.
+    """
 
     model_args: dict[str, Any]
     pipe: Any
@@ -58,6 +62,7 @@ class ExportSource:
     sld: SLDConfig | None = None
     sld_concept: str = DEFAULT_SAFETY_CONCEPT
     safree: SafreeConfig | None = None
+    reference_bank: NegativeBank | None = None
 
     @property
     def family(self) -> FlowFamily | None:
@@ -94,12 +99,6 @@ def load_source(model_args: Mapping[str, Any], height: int | None = None, width:
     if width is not None:
         args["width"] = width
     config = ModelConfig.from_mapping({k: v for k, v in args.items() if k != "safree"})
-    if config.guidance is not None and config.guidance.beta_mode == "odds":
-        # The graph would need the reference bank as a second constant and the beta of core.beta: not built yet.
-        raise ValueError(
-            "model.safe_denoiser: the odds preset (beta_mode 'odds') cannot be exported yet; export the theorem "
-            "preset with a constant or mass beta, or the reference preset"
-        )
     pipe = config.build_pipeline()
     shape = config.sample_shape(pipe)
     guidance = config.guidance
@@ -118,10 +117,21 @@ def load_source(model_args: Mapping[str, Any], height: int | None = None, width:
         guidance_scale=float(config.guidance_scale),
         guidance=guidance,
         bank=config.load_bank(shape) if guidance is not None else None,
+        reference_bank=_reference_bank(config, shape),
         sld=sld,
         sld_concept=config.sld_concept or DEFAULT_SAFETY_CONCEPT,
         safree=safree,
     )
+
+
+def _reference_bank(config: ModelConfig, shape: tuple[int, ...]) -> NegativeBank | None:
+    """The odds preset's reference bank (``model.reference_bank``, checked against ``shape``); None otherwise."""
+    if config.guidance is None or config.guidance.beta_mode != "odds":
+        return None
+    bank = config.load_reference_bank(shape)
+    if bank is None:  # ModelConfig refuses this already; kept for a clear message if that changes
+        raise ValueError("model.reference_bank is required with the odds preset (beta_mode 'odds')")
+    return bank.validate(shape)
 
 
 def prediction_type(pipe: Any) -> str:
@@ -146,9 +156,15 @@ def resolved_threshold(source: ExportSource) -> tuple[float | None, float | None
     return reference_threshold(source.bank.data.float(), g.kernel_sigma, ab_last, gen), ab_last
 
 
-def build_denoiser(source: ExportSource, fp16: bool = False) -> DenoiserStep | FlowDenoiserStep:
-    """The step module for ``source`` (a float16 copy of the network with ``fp16``)."""
+def build_denoiser(
+    source: ExportSource, fp16: bool = False, bank_dtype: BankDtype = "float32"
+) -> DenoiserStep | FlowDenoiserStep:
+    """The step module for ``source`` (a float16 copy of the network with ``fp16``; banks stored as ``bank_dtype``)."""
+    if bank_dtype not in BANK_DTYPES:
+        raise ValueError(f"bank_dtype must be one of {BANK_DTYPES}, got {bank_dtype!r}")
     if source.family is not None:
+        if bank_dtype != "float32":
+            raise ValueError(f"bank_dtype: {source.family} bundles store their bank in float32 (float16 is VP only)")
         return build_flow_denoiser(source, fp16)
     if prediction_type(source.pipe) != "epsilon":
         raise ValueError(
@@ -170,6 +186,8 @@ def build_denoiser(source: ExportSource, fp16: bool = False) -> DenoiserStep | F
         threshold,
         source.sld,
         safety,
+        None if source.reference_bank is None else source.reference_bank.data,
+        bank_dtype,
     ).eval()
 
 
@@ -183,6 +201,11 @@ def build_flow_denoiser(source: ExportSource, fp16: bool = False) -> FlowDenoise
         raise ValueError(f"model.sld: SLD is not supported on {family} pipelines (flow matching)")
     if source.guidance is not None and source.guidance.mode != "theorem":
         raise ValueError("model.safe_denoiser: flow matching supports the theorem preset only (not 'reference')")
+    if source.guidance is not None and source.guidance.beta_mode == "odds":
+        raise ValueError(
+            f"model.safe_denoiser.beta_mode: the odds preset is not exported for {family} pipelines (flow matching);"
+            " use beta_mode 'constant' or 'mass'"
+        )
     if source.safree is not None:
         raise ValueError(f"model.safree: SAFREE's export covers SD-1.x text encoders, not {family}")
     transformer = source.pipe.transformer

@@ -209,16 +209,20 @@ def test_export_rejects_a_bad_config_like_predict(
     assert not (tmp_path / "p").exists()
 
 
-def test_export_refuses_the_odds_preset_clearly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """The odds beta is not in the exported graph yet: export says so instead of exporting another beta."""
+def test_export_cli_odds_preset_and_float16_banks(tmp_path: Path) -> None:
+    """The odds preset exports from a predict config (reference bank inside the graph; tests/test_export_odds.py
+    checks its numbers); ``--bank-dtype float16`` is recorded in the manifest."""
     import yaml
 
     from safe_denoiser import cli
+    from safe_denoiser.export.manifest import Manifest
 
     cfg = tmp_path / "odds.yaml"
     section = {"model": "demo", "bank": "bundled", "reference_bank": "bundled", "safe_denoiser": {"preset": "odds"}}
     cfg.write_text(yaml.safe_dump({"model": section}))
     out = tmp_path / "bundle"
-    assert cli.main(["export", "--config", str(cfg), "--out", str(out)]) == 2
-    assert "odds preset" in capsys.readouterr().err
-    assert not out.exists()
+    assert cli.main(["export", "--config", str(cfg), "--out", str(out), "--bank-dtype", "float16", "--no-verify"]) == 0
+    manifest = Manifest.load(out)
+    assert manifest.guidance is not None and manifest.guidance.beta_mode == "odds"
+    assert manifest.reference_bank is not None and manifest.reference_bank.reference_kind == "safe"
+    assert manifest.bank is not None and manifest.bank.dtype == manifest.reference_bank.dtype == "float16"

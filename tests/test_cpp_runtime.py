@@ -2,10 +2,10 @@
 
 Parity: the same seed gives the same final samples within 1e-5 relative (both run the same ONNX graphs with the
 same ONNX Runtime library; the DDIM and DDPM updates are float32 in the same order of operations, so in practice
-they are bit-equal) and the same PNG bytes, on the demo bundle (theorem, reference) and the tiny text bundle
-(reference + SLD, theorem). Noise: the Philox generator gives the same bits in numpy and C++. Tokenizer: equal ids
-to the transformers tokenizer on a corpus of hard cases. Bad input: a non-zero exit code with a message, and no output
-file. Server: loopback only, bounded by --max-seconds so it always stops by itself.
+they are bit-equal) and the same PNG bytes, on the demo bundle (theorem, reference, odds with float32 and float16
+banks) and the tiny text bundle (reference + SLD, theorem). Noise: the Philox generator gives the same bits in numpy
+and C++. Tokenizer: equal ids to the transformers tokenizer on a corpus of hard cases. Bad input: a non-zero exit
+code with a message, and no output file. Server: loopback only, bounded by --max-seconds so it always stops by itself.
 
 The binary is built by ``make cpp`` (``make test`` builds it first); a missing binary is built here.
 """
@@ -152,7 +152,12 @@ def test_schedule_equals_python(cpp: Path) -> None:
 
 
 # ---- generation parity ----------------------------------------------------------------------------------------------
-CASES = [("demo_theorem", ["--class", "3"], [3]), ("demo_reference", ["--class", "7"], [7])]
+CASES = [
+    ("demo_theorem", ["--class", "3"], [3]),
+    ("demo_reference", ["--class", "7"], [7]),
+    ("demo_odds", ["--class", "8"], [8]),
+    ("demo_odds_fp16", ["--class", "8"], [8]),
+]
 TEXT_CASES = [("tiny_sld", "a photo of a cat"), ("tiny_theorem", "A red car, driving fast!")]
 
 
@@ -501,6 +506,21 @@ def test_bad_bundles_and_arguments(cpp: Path, bundles: Path, tmp_path: Path) -> 
         )
     finally:
         locked.chmod(0o700)
+
+
+def test_odds_bundle_checks(cpp: Path, bundles: Path, tmp_path: Path) -> None:
+    """The reference bank of an odds bundle is checked as the negative bank is (hash, presence, storage dtype)."""
+    out = tmp_path / "x.png"
+    gen = ["generate", "--seed", "1", "--class", "3", "--out", str(out)]
+    b = copy_bundle(bundles, tmp_path / "hash", "demo_odds")
+    edit_manifest(b, **{"reference_bank.sha256": "0" * 64})
+    expect_failure(cpp, out, "bundle", "reference bank hash mismatch", *gen, "--bundle", str(b))
+    b = copy_bundle(bundles, tmp_path / "missing", "demo_odds")
+    edit_manifest(b, reference_bank=None)
+    expect_failure(cpp, out, "bundle", "reference_bank must be set exactly when", *gen, "--bundle", str(b))
+    b = copy_bundle(bundles, tmp_path / "dtype", "demo_odds_fp16")
+    edit_manifest(b, **{"bank.dtype": "float32"})
+    expect_failure(cpp, out, "bundle", "is float16, the manifest says float32", *gen, "--bundle", str(b))
 
 
 def test_cuda_append_path_fails_cleanly(cpp: Path, bundles: Path, tmp_path: Path) -> None:

@@ -1,7 +1,9 @@
-"""Export the four small bundles the C++ tests use into OUT (skips bundles that already exist).
+"""Export the small bundles the C++ tests use into OUT (skips bundles that already exist).
 
 demo_theorem   demo model, theorem preset, bundled bank          (class labels, pixel space)
 demo_reference demo model, reference preset (re-noise)            (class labels)
+demo_odds      demo model, odds preset: bundled bank + reference bank (Theorem 1's beta inside the graph)
+demo_odds_fp16 demo_odds with a jittered bank, both banks stored as float16 (--bank-dtype float16)
 tiny_sld       tiny random-weight SD, reference preset + SLD      (text, latents, VAE)
 tiny_theorem   tiny random-weight SD, theorem preset, no SLD      (text)
 
@@ -14,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+# Export options per bundle (ExportOptions fields); the others use the defaults.
+OPTIONS: dict[str, dict[str, Any]] = {"demo_odds_fp16": {"bank_dtype": "float16"}}
 SLD = {"guidance_scale": 1000.0, "warmup_steps": 1, "threshold": 0.01, "momentum_scale": 0.3, "mom_beta": 0.4}
 
 
@@ -35,6 +39,13 @@ def specs(work: Path) -> dict[str, dict[str, Any]]:
             "safe_denoiser": {"preset": "theorem", "eta": 0.5, "window": [300, 800], "gate_log_mass": -200.0},
         },
         "demo_reference": {**demo, "safe_denoiser": {"preset": "reference", "window": [0, 1000]}},
+        "demo_odds": {**demo, "reference_bank": "bundled", "safe_denoiser": {"preset": "odds", "eta": 1.0}},
+        "demo_odds_fp16": {
+            **demo,
+            "bank": str(work / "demo_jitter_bank.safetensors"),
+            "reference_bank": "bundled",
+            "safe_denoiser": {"preset": "odds", "eta": 1.0},
+        },
         "tiny_sld": {**tiny, "safe_denoiser": {"preset": "reference", "window": [400, 1000]}, "sld": SLD},
         "tiny_theorem": {**tiny, "safe_denoiser": {"preset": "theorem", "eta": 0.5, "window": [0, 1000]}},
     }
@@ -55,20 +66,35 @@ def tiny_bank(path: Path) -> None:
     NegativeBank.from_tensor(lat).save(path)
 
 
+def jitter_bank(path: Path) -> None:
+    """The demo's bank plus small noise: its values are not float16 numbers, so float16 storage rounds them."""
+    import torch
+
+    from safe_denoiser.core.bank import NegativeBank
+    from safe_denoiser.demo.bank import load_bundled_bank
+
+    data = load_bundled_bank().data
+    NegativeBank.from_tensor(data + 0.01 * torch.randn(data.shape, generator=torch.Generator().manual_seed(0))).save(
+        path
+    )
+
+
 def main(out: str) -> None:
     """Export every missing bundle into ``out``."""
     import torch
 
-    from safe_denoiser.export.exporter import export_bundle, load_source
+    from safe_denoiser.export.exporter import ExportOptions, export_bundle, load_source
 
     torch.set_num_threads(1)
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     if not (root / "tiny_bank.safetensors").is_file():
         tiny_bank(root / "tiny_bank.safetensors")
+    if not (root / "demo_jitter_bank.safetensors").is_file():
+        jitter_bank(root / "demo_jitter_bank.safetensors")
     for name, args in specs(root).items():
         if not (root / name / "manifest.json").is_file():
-            export_bundle(load_source(args), root / name)
+            export_bundle(load_source(args), root / name, ExportOptions(**OPTIONS.get(name, {})))
 
 
 if __name__ == "__main__":

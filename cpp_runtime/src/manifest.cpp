@@ -61,6 +61,43 @@ std::optional<T> optional_value(const json& data, const std::string& key) {
   return data.at(key).get<T>();
 }
 
+BankInfo bank_info(const json& b, const std::string& where, const std::string& initializer) {
+  BankInfo bank;
+  bank.count = require(b, "count", where).get<int64_t>();
+  bank.sample_shape = require(b, "sample_shape", where).get<std::vector<int64_t>>();
+  bank.sha256 = require(b, "sha256", where).get<std::string>();
+  bank.initializer = b.value("initializer", initializer);
+  bank.dtype = b.value("dtype", std::string("float32"));
+  if (bank.dtype != "float32" && bank.dtype != "float16") bad(where + ".dtype must be 'float32' or 'float16', got '" + bank.dtype + "'");
+  bank.reference_kind = optional_value<std::string>(b, "reference_kind");
+  if (bank.reference_kind && *bank.reference_kind != "safe" && *bank.reference_kind != "data") {
+    bad(where + ".reference_kind must be 'safe' or 'data', got '" + *bank.reference_kind + "'");
+  }
+  return bank;
+}
+
+// Shape, storage dtype and sha256 (of the float32 values) of one bank inside denoiser.onnx against its record.
+void check_bank_constant(const std::string& onnx, const BankInfo& info, const std::vector<int64_t>& sample_shape,
+                         const std::string& what) {
+  const Initializer bank = read_float_initializer(onnx, info.initializer);
+  std::vector<int64_t> expected = {info.count};
+  expected.insert(expected.end(), sample_shape.begin(), sample_shape.end());
+  if (bank.dims != expected) {
+    throw Error(ErrorKind::bundle, what + " inside '" + onnx + "' has shape " + shape_text(bank.dims) +
+                                       ", manifest says " + shape_text(expected));
+  }
+  if (bank.stored_dtype != info.dtype) {
+    throw Error(ErrorKind::bundle, what + " inside '" + onnx + "' is " + bank.stored_dtype + ", the manifest says " +
+                                       info.dtype);
+  }
+  const std::string digest = sha256_hex(bank.bytes);
+  if (digest != info.sha256) {
+    throw Error(ErrorKind::bundle, what + " hash mismatch: the " + what + " inside '" + onnx + "' hashes to " +
+                                       digest.substr(0, 16) + "..., the manifest records " + info.sha256.substr(0, 16) +
+                                       "... (the graph or the manifest was changed after export)");
+  }
+}
+
 bool safe_relative(const std::string& file) {
   return !file.empty() && file[0] != '/' && file.find("..") == std::string::npos;
 }
@@ -148,18 +185,14 @@ Manifest Manifest::parse(const std::string& text) {
       m.window_lo = window[0];
       m.window_hi = window[1];
       m.guidance_threshold = optional_value<double>(g, "threshold");
+      m.beta_mode = g.value("beta_mode", std::string("constant"));
     }
     m.reference_threshold_alpha_bar = optional_value<double>(data, "reference_threshold_alpha_bar");
     m.reference_threshold_steps = optional_value<int>(data, "reference_threshold_steps");
     m.has_sld = data.contains("sld") && !data.at("sld").is_null();
-    if (data.contains("bank") && !data.at("bank").is_null()) {
-      const auto& b = data.at("bank");
-      BankInfo bank;
-      bank.count = require(b, "count", "bank").get<int64_t>();
-      bank.sample_shape = require(b, "sample_shape", "bank").get<std::vector<int64_t>>();
-      bank.sha256 = require(b, "sha256", "bank").get<std::string>();
-      bank.initializer = b.value("initializer", std::string("negative_bank"));
-      m.bank = bank;
+    if (data.contains("bank") && !data.at("bank").is_null()) m.bank = bank_info(data.at("bank"), "bank", "negative_bank");
+    if (data.contains("reference_bank") && !data.at("reference_bank").is_null()) {
+      m.reference_bank = bank_info(data.at("reference_bank"), "reference_bank", "reference_bank");
     }
     m.tokenizer = optional_value<std::string>(data, "tokenizer");
     m.null_class = optional_value<int64_t>(data, "null_class");
@@ -197,26 +230,20 @@ Manifest Manifest::load(const std::string& bundle_dir, bool check_bank) {
     throw Error(ErrorKind::bundle, "bundle '" + bundle_dir + "': tokenizer folder '" + *m.tokenizer + "' is missing");
   }
   if (m.guidance_mode.has_value() != m.bank.has_value()) bad("guidance and bank must both be set or both be null");
+  // The odds preset's beta (Theorem 1) needs the reference bank inside the graph; this runtime only feeds the graph.
+  const bool odds = m.guidance_mode.has_value() && m.beta_mode == "odds";
+  if (odds != m.reference_bank.has_value()) bad("reference_bank must be set exactly when guidance.beta_mode is 'odds'");
   if (m.bank) {
-    if (m.bank->sample_shape != m.sample_shape) {
-      bad("bank item shape " + shape_text(m.bank->sample_shape) + " differs from sample_shape " + shape_text(m.sample_shape));
+    for (const auto* info : {&*m.bank, m.reference_bank ? &*m.reference_bank : nullptr}) {
+      if (info != nullptr && info->sample_shape != m.sample_shape) {
+        bad(std::string(info == &*m.bank ? "bank" : "reference_bank") + " item shape " + shape_text(info->sample_shape) +
+            " differs from sample_shape " + shape_text(m.sample_shape));
+      }
     }
     if (check_bank) {
       const std::string onnx = bundle_dir + "/" + m.graphs.at("denoiser").file;
-      const Initializer bank = read_float_initializer(onnx, m.bank->initializer);
-      std::vector<int64_t> expected = {m.bank->count};
-      expected.insert(expected.end(), m.sample_shape.begin(), m.sample_shape.end());
-      if (bank.dims != expected) {
-        throw Error(ErrorKind::bundle, "bank inside '" + onnx + "' has shape " + shape_text(bank.dims) +
-                                           ", manifest says " + shape_text(expected));
-      }
-      const std::string digest = sha256_hex(bank.bytes);
-      if (digest != m.bank->sha256) {
-        throw Error(ErrorKind::bundle, "bank hash mismatch: the bank inside '" + onnx + "' hashes to " +
-                                           digest.substr(0, 16) + "..., the manifest records " +
-                                           m.bank->sha256.substr(0, 16) +
-                                           "... (the graph or the manifest was changed after export)");
-      }
+      check_bank_constant(onnx, *m.bank, m.sample_shape, "bank");
+      if (m.reference_bank) check_bank_constant(onnx, *m.reference_bank, m.sample_shape, "reference bank");
     }
   }
   return m;

@@ -11,6 +11,7 @@
 namespace sdcpp {
 namespace {
 constexpr int kFloat = 1;          // TensorProto.DataType.FLOAT
+constexpr int kFloat16 = 10;       // TensorProto.DataType.FLOAT16 (a float16-stored bank, cast inside the graph)
 constexpr int kExternal = 1;       // TensorProto.DataLocation.EXTERNAL
 
 // Random-access reads of a file with bounds checks; every failure names the file.
@@ -64,6 +65,31 @@ class Reader {
 struct Span {
   uint64_t pos = 0, len = 0;
 };
+
+// IEEE binary16 -> binary32 bits (exact: every half value is a float value).
+uint32_t half_to_float_bits(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
+  if (exp == 0x1fu) return sign | 0x7f800000u | (mant << 13);  // inf / nan
+  if (exp == 0) {
+    if (mant == 0) return sign;
+    uint32_t e = 113;  // subnormal mant * 2^-24: normalise so that bit 10 is the implicit one
+    while (!(mant & 0x400u)) { mant <<= 1; --e; }
+    return sign | (e << 23) | ((mant & 0x3ffu) << 13);
+  }
+  return sign | ((exp + 112) << 23) | (mant << 13);
+}
+
+// Little-endian float16 bytes -> little-endian float32 bytes.
+std::string widen_half(const std::string& bytes) {
+  std::string out(bytes.size() * 2, '\0');
+  for (size_t i = 0; i + 1 < bytes.size(); i += 2) {
+    const auto lo = static_cast<uint8_t>(bytes[i]), hi = static_cast<uint8_t>(bytes[i + 1]);
+    const uint32_t f = half_to_float_bits(static_cast<uint16_t>(lo | (hi << 8)));
+    for (int k = 0; k < 4; ++k) out[2 * i + k] = static_cast<char>((f >> (8 * k)) & 0xffu);
+  }
+  return out;
+}
 
 std::string dir_of(const std::string& path) {
   const auto slash = path.find_last_of('/');
@@ -119,9 +145,12 @@ Initializer parse_tensor(Reader& r, const std::string& path, uint64_t pos, uint6
     }
     if (pos > end) r.fail("tensor runs past its message");
   }
-  if (data_type != kFloat) {
-    throw Error(ErrorKind::bundle, "initializer '" + name + "' in '" + path + "' is not float32 (data_type " +
+  if (data_type != kFloat && data_type != kFloat16) {
+    throw Error(ErrorKind::bundle, "initializer '" + name + "' in '" + path + "' is not float32 or float16 (data_type " +
                                        std::to_string(data_type) + ")");
+  }
+  if (data_type == kFloat16 && location != kExternal && raw.len == 0) {
+    throw Error(ErrorKind::bundle, "float16 initializer '" + name + "' in '" + path + "' has no raw_data");
   }
   if (location == kExternal) {
     if (ext_location.empty() || ext_location.find("..") != std::string::npos || ext_location[0] == '/') {
@@ -135,6 +164,18 @@ Initializer parse_tensor(Reader& r, const std::string& path, uint64_t pos, uint6
     out.bytes = r.read(packed_floats.pos, packed_floats.len);
   } else {
     out.bytes = loose_floats;
+  }
+  uint64_t count = 1;
+  for (const auto d : out.dims) count *= static_cast<uint64_t>(d);
+  const uint64_t width = data_type == kFloat16 ? 2 : 4;
+  if (out.bytes.size() != count * width) {
+    throw Error(ErrorKind::bundle, "initializer '" + name + "' in '" + path + "' holds " +
+                                       std::to_string(out.bytes.size()) + " bytes, its shape needs " +
+                                       std::to_string(count * width));
+  }
+  if (data_type == kFloat16) {
+    out.bytes = widen_half(out.bytes);
+    out.stored_dtype = "float16";
   }
   return out;
 }

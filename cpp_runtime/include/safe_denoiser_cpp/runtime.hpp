@@ -50,6 +50,8 @@ struct BankInfo {
   std::vector<int64_t> sample_shape;
   std::string sha256;
   std::string initializer = "negative_bank";
+  std::string dtype = "float32";              // storage inside the graph: "float32" or "float16"
+  std::optional<std::string> reference_kind;  // the odds preset's reference bank: "safe" or "data"
 };
 
 // DDPM sampler settings (manifest scheduler.ddpm, resolved by DDPMScheduler.from_config at export).
@@ -87,12 +89,14 @@ struct Manifest {
   std::optional<DdpmSettings> ddpm;  // absent in bundles exported before DDPM sampling existed
   // guidance
   std::optional<std::string> guidance_mode;  // "theorem" / "reference"; empty: correction off
+  std::string beta_mode = "constant";        // "constant" / "mass" / "odds" (odds: the graph holds reference_bank)
   double window_lo = 0.0, window_hi = 0.0;
   std::optional<double> guidance_threshold;
   std::optional<double> reference_threshold_alpha_bar;
   std::optional<int> reference_threshold_steps;
   bool has_sld = false;
   std::optional<BankInfo> bank;
+  std::optional<BankInfo> reference_bank;  // the odds preset's reference bank (inside denoiser.onnx)
   std::optional<std::string> tokenizer;
   std::optional<int64_t> null_class;
   std::map<std::string, GraphSpec> graphs;
