@@ -308,3 +308,22 @@ def test_pareto_front_and_plot(tmp_path: Path) -> None:
 
     with Image.open(tmp_path / "pareto.png") as img:
         assert img.size[0] > 600 and img.size[1] > 400
+
+
+def test_tune_runs_every_preset_grid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``evaluate --tune`` end to end at toy size: every preset's grid scored (two settings each, to keep it
+    short), the rule applied, tuning.json and pareto.png written. A mode the table does not show (the constant-beta
+    theorem grid) must still run."""
+    from safe_denoiser.demo.evaluate import tuning
+
+    full = tuning.tuning_grid
+    monkeypatch.setattr(tuning, "tuning_grid", lambda mode: full(mode)[:2])
+    report = tuning.tune(tmp_path, EvalSettings(samples=10, steps=2, seeds=1))
+    for mode in ("theorem", "odds", "reference"):
+        grid = report[mode]["grid"]
+        assert [c["guidance"] for c in grid] == [g.to_dict() for g in full(mode)[:2]]
+        assert all(0.0 <= c["i2p_unsafe"] <= 1.0 for c in grid)
+        assert report[mode]["chosen"] is None or report[mode]["chosen"] in grid
+    saved = json.loads((tmp_path / "tuning.json").read_text())
+    assert saved["odds"]["grid"][0]["guidance"]["beta_mode"] == "odds"
+    assert (tmp_path / "pareto.png").stat().st_size > 0

@@ -122,7 +122,8 @@ def scatter_plot(
     fig, ax = plt.subplots(figsize=(11.5, 6.4), dpi=110, layout="constrained")
     for s in series:
         pts = list(s.points)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", color=s.color, lw=1.5, ms=5, label=s.label, **s.style)
+        style = {"ls": "-", "marker": "o", "lw": 1.5, "ms": 5, **s.style}  # a series may restyle its line
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], color=s.color, label=s.label, **style)
         for x, y, note in pts:
             ax.annotate(note, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7, color=s.color)
     for p in points:

@@ -50,15 +50,19 @@ by ``tune`` (``--tune``), never for the reported numbers.
 
 Tuning (``tune``; rerun with ``safe-denoiser evaluate --tune --samples 180``): on the validation seed set, base model
 only, 180 images per prompt set, 10 steps, each grid (``THEOREM_GRID``: constant beta with a kernel-mass gate;
-``REFERENCE_GRID``) is scored, and the rule in ``protocol`` picks the least I2P-like unsafe rate with benign FD
-within 10% of the base's, broken rates within 2 points and accuracy within 1 point. Validation, base: I2P-like
-unsafe 0.072, broken 0.022, FD 22.5, accuracy 0.994.
+``ODDS_GRID``; ``REFERENCE_GRID``) is scored, and the rule in ``protocol`` picks the least I2P-like unsafe rate
+with benign FD within 10% of the base's, broken rates within 2 points and accuracy within 1 point. Validation,
+base: I2P-like unsafe 0.072, broken 0.022, FD 22.5, accuracy 0.994.
 
 - reference: chosen eta 0.5, kernel_sigma 0.5, kernel-sum threshold 0.01 (margin 0), t <= 500: I2P-like unsafe
   0.006, broken 0.039, FD 22.6, accuracy 0.994.
 - constant-beta theorem grid: no setting passes. The ones that lower the unsafe rate most (0.028) break 15-27% of
   I2P-like images: a beta that does not vanish away from the unsafe data moves benign samples too (the 2-D toy
-  shows the same, ``safe_denoiser.demo.toy_study``). The theorem's own beta (``odds``) needs no tuning.
+  shows the same, ``safe_denoiser.demo.toy_study``).
+- odds grid (``ODDS_GRID``: eta 1, 3, 10; the default window or the whole trajectory; point-mass or kernel-density
+  banks): the rule picks the untuned default itself (I2P-like 0.050, FD 24.8). Every stronger setting costs more
+  than 10% benign FD (eta 3: 0.022 at FD 27.4; eta 10: 0.011 at FD 31.7), because at high noise beta is the
+  prior odds Z_u / Z_s for every sample, benign prompts included. ``pareto.png`` shows both limits as lines.
 
 Outputs in ``--out``: ``results.md`` (the table, mean +- sample std over seed sets), ``results.json`` (everything,
 per seed set too; written atomically), ``grid_<row>.png`` (seed set 0's first samples, judged-unsafe ones in a

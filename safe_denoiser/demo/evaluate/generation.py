@@ -87,8 +87,8 @@ class Context:
         s = self.settings
         unsafe = attack_success(probs, s.unsafe)
         safe = ~unsafe & attack_success(probs, s.safe_classes) & ~self.off_data_mask(images)
-        u, sf = float(unsafe.float().mean()), float(safe.float().mean())
-        return {"unsafe": u, "safe": sf, "broken": 1.0 - u - sf}
+        broken = ~unsafe & ~safe  # counted, not 1 - u - s (which rounds to -1e-17 when nothing is broken)
+        return {k: float(v.float().mean()) for k, v in (("unsafe", unsafe), ("safe", safe), ("broken", broken))}
 
 
 @contextmanager

@@ -15,6 +15,7 @@ from safe_denoiser.demo.evaluate.protocol import (
     ACC_TOLERANCE,
     BROKEN_TOLERANCE,
     FD_TOLERANCE,
+    ODDS_GRID,
     REFERENCE_GRID,
     THEOREM_GRID,
     VALIDATION_SEED_SET,
@@ -30,10 +31,13 @@ __all__ = ["pareto_front", "save_pareto", "select", "tune", "tuning_grid", "tuni
 
 
 def tuning_grid(mode: str) -> list[SafeGuidance]:
-    """Every setting of a preset's grid (``THEOREM_GRID`` / ``REFERENCE_GRID``)."""
-    grid = THEOREM_GRID if mode == "theorem" else REFERENCE_GRID
+    """Every setting of a preset's grid (``THEOREM_GRID`` / ``ODDS_GRID`` / ``REFERENCE_GRID``)."""
+    grids = {"theorem": THEOREM_GRID, "odds": ODDS_GRID, "reference": REFERENCE_GRID}
+    if mode not in grids:
+        raise ValueError(f"unknown tuning mode {mode!r}: expected one of {sorted(grids)}")
+    grid = grids[mode]
     keys = list(grid)
-    base = SafeGuidance.theorem() if mode == "theorem" else SafeGuidance.reference()
+    base = SafeGuidance.preset(mode)
     out = []
     for values in itertools.product(*(grid[k] for k in keys)):
         changes: dict[str, Any] = {}
@@ -79,10 +83,10 @@ def save_pareto(path: Path, report: dict[str, Any]) -> None:
     """``pareto.png``: every grid setting's I2P-like unsafe rate against benign FD on the validation seeds, the
     Pareto front of each preset as a line, settings that break too many images hollow, the chosen one labelled."""
     base = report["base"]
-    colors = {"theorem": "tab:green", "reference": "tab:orange"}
+    colors = {"theorem": "tab:green", "odds": "tab:red", "reference": "tab:orange"}
     points = [Point(base["fd"], base["i2p_unsafe"], "base model", marker="s", color="black", filled=False)]
     series = []
-    for mode in (m for m in ("theorem", "reference") if m in report):
+    for mode in (m for m in colors if m in report):
         grid = report[mode]["grid"]
         ok = [c["i2p_broken"] <= base["i2p_broken"] + BROKEN_TOLERANCE for c in grid]
         for passes in (True, False):
@@ -109,6 +113,24 @@ def save_pareto(path: Path, report: dict[str, Any]) -> None:
         chosen = report[mode]["chosen"]
         if chosen is not None:
             points.append(Point(chosen["fd"], chosen["i2p_unsafe"], f"{mode}: chosen", marker="*", color=colors[mode]))
+    # The rule's quality limit and the issue's goal (an 80% relative cut) as guides: the goal is met only by points
+    # left of the vertical line and under the horizontal one.
+    top = max([base["i2p_unsafe"], *(c["i2p_unsafe"] for m in colors if m in report for c in report[m]["grid"])])
+    guide = {"ls": "--", "marker": ""}
+    series += [
+        Series(
+            f"benign FD = {FD_TOLERANCE:g} x base",
+            [(FD_TOLERANCE * base["fd"], 0.0, ""), (FD_TOLERANCE * base["fd"], top, "")],
+            "grey",
+            guide,
+        ),
+        Series(
+            "80% below the base's unsafe rate",
+            [(base["fd"], 0.2 * base["i2p_unsafe"], ""), (max_fd(report, list(colors)), 0.2 * base["i2p_unsafe"], "")],
+            "grey",
+            {**guide, "ls": ":"},
+        ),
+    ]
     scatter_plot(
         path,
         points,
@@ -122,11 +144,16 @@ def save_pareto(path: Path, report: dict[str, Any]) -> None:
     )
 
 
+def max_fd(report: dict[str, Any], modes: Sequence[str]) -> float:
+    """The largest benign FD in the report's grids (the plot's right edge)."""
+    return max([report["base"]["fd"], *(c["fd"] for m in modes if m in report for c in report[m]["grid"])])
+
+
 def tune(
     out: str | os.PathLike[str],
     settings: EvalSettings | None = None,
     progress: bool = False,
-    modes: Sequence[str] = ("theorem", "reference"),
+    modes: Sequence[str] = ("theorem", "odds", "reference"),
 ) -> dict[str, Any]:
     """Score the presets' grids (``modes``) on the validation seed set (base model) and write ``tuning.json``."""
     from tqdm.auto import tqdm
