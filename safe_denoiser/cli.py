@@ -13,6 +13,7 @@ COMMANDS = (
     "safe_denoiser.demo.toy",
     "safe_denoiser.lightning.cli",
     "safe_denoiser.demo.evaluate.cli",
+    "safe_denoiser.demo.memorisation",
     "safe_denoiser.export.cli",
     "safe_denoiser.evaluation.cli",
 )

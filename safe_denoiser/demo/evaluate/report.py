@@ -15,7 +15,7 @@ from safe_denoiser.demo.evaluate.protocol import ASR_THRESHOLD, EvalSettings, Ro
 from safe_denoiser.evaluation.table import Cell, Column, Point, Series, markdown_table, scatter_plot
 from safe_denoiser.files import atomic_write
 
-__all__ = ["aggregate", "format_table", "save_grid", "save_plot", "write_text"]
+__all__ = ["aggregate", "format_table", "save_grid", "save_plot", "tiles", "write_text"]
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -86,7 +86,7 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join([table, *notes])
 
 
-def _tiles(images: Tensor, flagged: Tensor, cols: int, scale: int = 6, border: int = 3) -> np.ndarray:
+def tiles(images: Tensor, flagged: Tensor, cols: int, scale: int = 6, border: int = 3) -> np.ndarray:
     """An RGB mosaic (H, W, 3) of 8x8 images, each framed red when ``flagged`` and grey otherwise."""
     from safe_denoiser.demo.digits import from_model_space
 
@@ -132,7 +132,7 @@ def save_grid(
             )
         else:
             title = f"unconditional samples: leak rate {rate:.0%} of {imgs.shape[0]}"
-        panels.append((title, _tiles(imgs[:k], flagged, cols)))
+        panels.append((title, tiles(imgs[:k], flagged, cols)))
     heights = [p[1].shape[0] for p in panels]
     width_px = panels[0][1].shape[1]
     dpi = 100
