@@ -27,10 +27,11 @@ def check_int(value: Any, name: str, low: int, high: int | None = None) -> int:
     return int(value)
 
 
-def check_labels(labels: Any, null: int, name: str) -> np.ndarray:
-    """Class labels as int64: ints in 0..null (``null`` and None: no class); at least one."""
+def check_labels(labels: Any, null: int, name: str, high: int | None = None) -> np.ndarray:
+    """Class labels as int64: ints in 0..high (default ``null``; ``null`` and None: no class); at least one."""
+    high = null if high is None else high
     if isinstance(labels, (str, bytes)) or not isinstance(labels, (Sequence, np.ndarray)):
-        raise ValueError(f"{name} must be a list of ints 0..{null} (or None for no class), got {labels!r}")
+        raise ValueError(f"{name} must be a list of ints 0..{high} ({null} or None: no class), got {labels!r}")
     values = list(np.asarray(labels, dtype=object).reshape(-1))
     if not values:
         raise ValueError(f"{name} is empty: give one class label per image")
@@ -38,10 +39,10 @@ def check_labels(labels: Any, null: int, name: str) -> np.ndarray:
     for i, v in enumerate(values):
         if v is None:
             out.append(null)
-        elif _is_int(v) and 0 <= v <= null:
+        elif _is_int(v) and 0 <= v <= high:
             out.append(int(v))
         else:
-            raise ValueError(f"{name}[{i}] must be an int in 0..{null} ({null} = no class) or None, got {v!r}")
+            raise ValueError(f"{name}[{i}] must be an int in 0..{high} ({null} = no class) or None, got {v!r}")
     return np.asarray(out, dtype=np.int64)
 
 

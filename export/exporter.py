@@ -53,6 +53,7 @@ from .safree_text import orthonormal_basis
 from .source import (
     ExportSource,
     build_denoiser,
+    class_label_count,
     denoiser_inputs,
     load_source,
     prediction_type,
@@ -206,6 +207,7 @@ def _write_bundle(source: ExportSource, root: Path, options: ExportOptions) -> M
         reference_bank=_reference_bank_info(source, options.bank_dtype),
         tokenizer=tokenizer_dir,
         null_class=NULL_CLASS if source.kind == "class-conditional" else None,
+        num_class_labels=class_label_count(pipe) if source.kind == "class-conditional" else None,
         vae_scaling_factor=float(pipe.vae.config.scaling_factor) if source.kind == "text-to-image" else None,
         path="flow" if flow else "vp",
         flow=_flow_settings(source) if flow else None,

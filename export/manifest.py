@@ -291,7 +291,10 @@ class Manifest:
     bank: BankInfo | None = None
     reference_bank: BankInfo | None = None  # the odds preset's reference bank (``beta_mode="odds"`` only)
     tokenizer: str | None = None
-    null_class: int | None = None
+    null_class: int | None = None  # the "no class" label (class-conditional bundles)
+    # Rows of the class embedding (labels 0..num_class_labels-1: digits, null, super-classes); None in bundles
+    # exported before it was recorded, which accept 0..null_class only (``class_label_max``).
+    num_class_labels: int | None = None
     vae_scaling_factor: float | None = None
     path: str = "vp"  # "vp": DDIM over alphas_cumprod; "flow": rectified flow (``flow`` holds the sampler settings)
     flow: dict[str, Any] | None = None  # export.flow_sampler's settings: family, shift / mu, sigma range, ...
@@ -312,6 +315,7 @@ class Manifest:
             "sample_shape": list(self.sample_shape),
             "prediction_type": self.prediction_type,
             "null_class": self.null_class,
+            "num_class_labels": self.num_class_labels,
             "vae_scaling_factor": self.vae_scaling_factor,
             "path": self.path,
             "flow": self.flow,
@@ -372,6 +376,7 @@ class Manifest:
                 reference_bank=None if reference_bank is None else BankInfo.from_dict(reference_bank, "reference_bank"),
                 tokenizer=data.get("tokenizer"),
                 null_class=data.get("null_class"),
+                num_class_labels=data.get("num_class_labels"),
                 vae_scaling_factor=data.get("vae_scaling_factor"),
                 path=str(data.get("path", "vp")),
                 flow=data.get("flow"),
@@ -432,6 +437,13 @@ class Manifest:
                     raise ManifestError(f"bundle {str(root)!r}: file {file!r} of graph {name!r} is missing")
         if self.tokenizer is not None and not (root / self.tokenizer).is_dir():
             raise ManifestError(f"bundle {str(root)!r}: tokenizer folder {self.tokenizer!r} is missing")
+        count = self.num_class_labels
+        if count is not None and (
+            not isinstance(count, int) or isinstance(count, bool) or count <= (self.null_class or 0)
+        ):
+            raise ManifestError(
+                f"manifest: num_class_labels must be an int > null_class ({self.null_class}), got {count!r}"
+            )
         if len(self.scheduler.alphas_cumprod) != len(self.scheduler.sigmas) or not self.scheduler.alphas_cumprod:
             raise ManifestError("manifest: scheduler.alphas_cumprod and scheduler.sigmas must be non-empty and equal")
         if (self.guidance is None) != (self.bank is None):
@@ -455,6 +467,11 @@ class Manifest:
             except BundleFileError as exc:
                 raise ManifestError(str(exc)) from None
         return self
+
+    def class_label_max(self) -> int:
+        """The highest class label the denoiser embeds: num_class_labels - 1, or null_class for older bundles."""
+        null = self.null_class if self.null_class is not None else 0
+        return self.num_class_labels - 1 if self.num_class_labels is not None else null
 
     def file_entries(self) -> list[str]:
         """What ``files`` covers: each graph's file and external data, and the tokenizer folder."""

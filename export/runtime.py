@@ -261,7 +261,7 @@ class Bundle:
             if b is None:
                 raise ValueError(f"{name}: give class labels")
             return np.full((b,), null, dtype=np.int64)
-        out = check_labels(labels, null, name)
+        out = check_labels(labels, null, name, self.manifest.class_label_max())
         if b is not None and out.shape[0] != b:
             raise ValueError(f"{name}: {out.shape[0]} labels for {b} images")
         return out

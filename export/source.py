@@ -34,6 +34,7 @@ __all__ = [
     "ExportSource",
     "build_denoiser",
     "build_flow_denoiser",
+    "class_label_count",
     "denoiser_inputs",
     "flow_inputs",
     "load_source",
@@ -132,6 +133,14 @@ def _reference_bank(config: ModelConfig, shape: tuple[int, ...]) -> NegativeBank
     if bank is None:  # ModelConfig refuses this already; kept for a clear message if that changes
         raise ValueError("model.reference_bank is required with the odds preset (beta_mode 'odds')")
     return bank.validate(shape)
+
+
+def class_label_count(pipe: Any) -> int:
+    """Rows of the UNet's class embedding (config ``num_class_embeds``): digits, the null class, super-classes."""
+    count = pipe.unet.config.get("num_class_embeds")
+    if not isinstance(count, int) or count < 1:
+        raise ValueError(f"the class-conditional UNet's config has no num_class_embeds (got {count!r})")
+    return count
 
 
 def prediction_type(pipe: Any) -> str:

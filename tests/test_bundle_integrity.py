@@ -151,7 +151,7 @@ def test_a_truncated_graph_names_the_file(bundle: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"conditioning": ["3"]}, r"class labels\[0\] must be an int in 0\.\.10"),
+        ({"conditioning": ["3"]}, r"class labels\[0\] must be an int in 0\.\.12 \(10 = no class\)"),
         ({"conditioning": []}, "class labels is empty"),
         ({"conditioning": [2.7]}, r"class labels\[0\] must be an int .* got 2\.7"),
         ({"conditioning": [1, 2], "negative": [3]}, "negative class labels: 1 labels for 2 images"),

@@ -262,6 +262,45 @@ def test_ddpm_parity(
     assert not (tmp_path / "e.png").exists()
 
 
+def test_super_class_labels_equal_python(cpp: Path, bundles: Path, tmp_path: Path) -> None:
+    """Labels up to num_class_labels - 1 (super-classes 11, 12) as class and negative class: the same sample and PNG
+    as Python; 13 and -1 refused as bad input; a manifest without num_class_labels keeps 0..null_class."""
+    demo = bundles / "demo_reference"
+    bundle = Bundle(demo, threads=1)
+    assert bundle.manifest.null_class == 10 and bundle.manifest.num_class_labels == 13
+    out = tmp_path / "s.png"
+    args = ["generate", "--bundle", str(demo), "--seed", "5", "--threads", "1"]
+    for cls, neg in ((11, None), (3, 12)):
+        res = bundle.sample([cls], negative=None if neg is None else [neg], seed=5)
+        extra = [] if neg is None else ["--negative-class", str(neg)]
+        run(cpp, *args, "--class", str(cls), *extra, "--out", str(out), "--sample-out", str(tmp_path / "s.npy"))
+        assert rel_err(np.load(tmp_path / "s.npy"), res.sample) <= PARITY_RTOL, (cls, neg)
+        assert out.read_bytes() == png_bytes(Bundle.to_uint8(bundle.decode(res.sample))[0]), (cls, neg)
+        record = json.loads(out.with_suffix(".json").read_text())
+        assert (record["class"], record["negative_class"]) == (cls, 10 if neg is None else neg)
+    bad = tmp_path / "bad.png"
+    for flag, value in (("--class", "13"), ("--class", "-1"), ("--negative-class", "13")):
+        name = flag.removeprefix("--").replace("-", "_")
+        cond = ["--class", "3"] if flag != "--class" else []
+        message = f"{name} must lie in 0..12 (10 = no class), got {value}"
+        expect_failure(cpp, bad, "input", message, *args, *cond, flag, value, "--out", str(bad))
+    reqs = tmp_path / "r.jsonl"
+    reqs.write_text(json.dumps({"class": 12, "negative_class": 13}) + "\n")
+    (tmp_path / "b").mkdir()
+    batch = ["batch", "--bundle", str(demo), "--requests", str(reqs), "--out-dir", str(tmp_path / "b")]
+    expect_failure(cpp, bad, "input", "negative_class: expected an integer in 0..12, got 13", *batch)
+    old = copy_bundle(bundles, tmp_path / "old", "demo_reference")
+    data = json.loads((old / "manifest.json").read_text())
+    del data["num_class_labels"]
+    (old / "manifest.json").write_text(json.dumps(data))
+    old_args = ["generate", "--bundle", str(old), "--seed", "5", "--out", str(bad)]
+    expect_failure(cpp, bad, "input", "class must lie in 0..10 (10 = no class), got 11", *old_args, "--class", "11")
+    edit_manifest(old, num_class_labels=10)
+    expect_failure(
+        cpp, bad, "bundle", "num_class_labels must be an integer > null_class (10)", *old_args, "--class", "1"
+    )
+
+
 def test_png_decodes_to_the_same_pixels() -> None:
     """The PNG encoder against PIL's decoder (an independent reader)."""
     import io
@@ -458,7 +497,7 @@ def test_bad_bundles_and_arguments(cpp: Path, bundles: Path, tmp_path: Path) -> 
     expect_failure(cpp, out, "bundle", "tokenizer.json is not JSON", *gen(b, "--prompt", "a cat"))
 
     demo = bundles / "demo_theorem"
-    expect_failure(cpp, out, "input", "class must lie in 0..10", *gen(demo, "--class", "11"))
+    expect_failure(cpp, out, "input", "class must lie in 0..12 (10 = no class), got 13", *gen(demo, "--class", "13"))
     expect_failure(cpp, out, "input", "prompt", *gen(demo, "--prompt", "a cat"))
     expect_failure(cpp, out, "input", "class: required", *gen(bundles / "demo_theorem", "--steps", "3"))
     expect_failure(cpp, out, "input", "steps must lie in 1..1000", *gen(demo, "--class", "1", "--steps", "5000"))

@@ -24,6 +24,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from safe_denoiser import NegativeBank, attach, attach_sld, cfg_combine, detach, theorem_correction
 from safe_denoiser.cli import main as cli_main
+from safe_denoiser.demo.digits import NULL_CLASS, NUM_LABELS
 from safe_denoiser.diffusers.pipelines import tiny_sd_pipeline
 from safe_denoiser.export.exporter import (
     ExportOptions,
@@ -123,28 +124,76 @@ def test_demo_graph_parity_and_io(demo: tuple[ExportSource, Manifest, Path]) -> 
     assert manifest.scheduler.num_train_timesteps == 1000 and manifest.opset == 17 and manifest.precision == "fp32"
 
 
-def test_demo_loop_parity(demo: tuple[ExportSource, Manifest, Path]) -> None:
-    source, _, out = demo
-    labels = [7, 1, 0]
-    noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    got = Bundle(out).sample(labels, noise=noise.numpy())
+def _demo_loop(
+    source: ExportSource, out: Path, labels: list[Any], negative: list[Any] | None = None
+) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
+    """Bundle.sample vs ``attach``'s PyTorch pipeline, same noise: (result, reference, perturbed, ref. applied)."""
+    noise = torch.randn(len(labels), 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    got = Bundle(out).sample(labels, noise=noise.numpy(), negative=negative)
     handle = attach(source.pipe, source.bank, source.guidance, record=True)
     kw: dict[str, Any] = {"guidance_scale": 2.0, "num_inference_steps": DEMO_STEPS, "output_type": "latent"}
+    kw.update(class_labels=labels, negative_class_labels=negative, latents=noise)
     try:
-        ref = source.pipe(class_labels=labels, latents=noise, **kw).images.numpy()
+        ref = source.pipe(**kw).images.numpy()
         ref_applied = torch.stack([tr.record.applied for tr in handle.records]).numpy()
         with perturbed(source.pipe.unet):  # the loop's sensitivity to rounding-sized UNet errors (step_bounds)
-            moved = source.pipe(class_labels=labels, latents=noise, **kw).images.numpy()
+            moved = source.pipe(**kw).images.numpy()
     finally:
         detach(source.pipe)
+    return got, ref, moved, ref_applied
+
+
+def test_demo_loop_parity(demo: tuple[ExportSource, Manifest, Path]) -> None:
+    source, _, out = demo
+    got, ref, moved, ref_applied = _demo_loop(source, out, [7, 1, 0])
     err, tol = rel_err(got.sample, ref), 2 * rel_err(moved, ref)
     print(f"demo loop: rel err {err:.2e} (bound {tol:.2e}), max abs {np.abs(got.sample - ref).max():.2e}")
     assert err <= tol
     assert got.applied is not None and np.array_equal(got.applied, ref_applied)
     assert got.applied.any() and not got.applied.all()  # the window opens and closes along the trajectory
     # Batch 1 (traced with 2): the batch axis is dynamic.
+    noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     one = run_bundle(out, [7], noise=noise[:1].numpy())
     assert rel_err(one, ref[:1]) <= 2 * rel_err(moved[:1], ref[:1])
+
+
+def test_super_class_labels(demo: tuple[ExportSource, Manifest, Path]) -> None:
+    """Labels 0..num_class_labels-1 (super-classes 11, 12), as class and negative, equal PyTorch; 13 and -1 refused."""
+    source, manifest, out = demo
+    assert manifest.null_class == NULL_CLASS and manifest.num_class_labels == NUM_LABELS == 13
+    got, ref, moved, ref_applied = _demo_loop(source, out, [11, 12, 3], negative=[12, None, 11])
+    err, tol = rel_err(got.sample, ref), 2 * rel_err(moved, ref)
+    print(f"super-class loop: rel err {err:.2e} (bound {tol:.2e})")
+    assert err <= tol and got.applied is not None and np.array_equal(got.applied, ref_applied)
+    noise = np.zeros((1, 1, 8, 8), np.float32)
+    bundle = Bundle(out)
+    for bad in (13, -1):
+        with pytest.raises(
+            ValueError, match=rf"class labels\[0\] must be an int in 0\.\.12 \(10 = no class\) or None, got {bad}"
+        ):
+            bundle.sample([bad], noise=noise)
+        with pytest.raises(ValueError, match=rf"negative class labels\[0\] must be an int in 0\.\.12 .* got {bad}"):
+            bundle.sample([3], noise=noise, negative=[bad])
+
+
+def test_old_manifest_keeps_the_old_label_range(demo: tuple[ExportSource, Manifest, Path], tmp_path: Path) -> None:
+    """A bundle exported before num_class_labels was recorded accepts 0..null_class as before; bad counts refused."""
+    root = _copy(demo[2], tmp_path)
+    data = json.loads((root / "manifest.json").read_text())
+    del data["num_class_labels"]
+    (root / "manifest.json").write_text(json.dumps(data))
+    bundle = Bundle(root)
+    assert bundle.manifest.num_class_labels is None and bundle.manifest.class_label_max() == NULL_CLASS
+    noise = np.zeros((1, 1, 8, 8), np.float32)
+    assert np.isfinite(bundle.sample([10], noise=noise).sample).all()
+    with pytest.raises(
+        ValueError, match=r"class labels\[0\] must be an int in 0\.\.10 \(10 = no class\) or None, got 11"
+    ):
+        bundle.sample([11], noise=noise)
+    for count in (10, 12.5, "13", True):
+        _edit_manifest(root, num_class_labels=count)
+        with pytest.raises(ManifestError, match=r"num_class_labels must be an int > null_class \(10\)"):
+            Manifest.load(root)
 
 
 def _demo_feeds(manifest: Manifest, sample: np.ndarray, t: list[int]) -> dict[str, np.ndarray]:

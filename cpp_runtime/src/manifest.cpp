@@ -196,6 +196,13 @@ Manifest Manifest::parse(const std::string& text) {
     }
     m.tokenizer = optional_value<std::string>(data, "tokenizer");
     m.null_class = optional_value<int64_t>(data, "null_class");
+    if (data.contains("num_class_labels") && !data.at("num_class_labels").is_null()) {
+      const auto& n = data.at("num_class_labels");
+      if (!n.is_number_integer() || n.get<int64_t>() <= m.null_label()) {
+        bad("num_class_labels must be an integer > null_class (" + std::to_string(m.null_label()) + "), got " + n.dump());
+      }
+      m.num_class_labels = n.get<int64_t>();
+    }
     for (const auto& [name, g] : require(data, "graphs", "the manifest").items()) m.graphs[name] = graph(g, name);
   } catch (const json::exception& e) {
     bad(std::string("invalid content: ") + e.what());

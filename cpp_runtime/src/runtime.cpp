@@ -360,12 +360,12 @@ std::unique_ptr<Runtime> Runtime::open(const std::string& bundle_dir, const Runt
 void Runtime::validate(const Request& r) const {
   const Manifest& m = impl_->m;
   if (m.model_kind == "class-conditional") {
-    const int64_t null = m.null_class.value_or(0);
-    if (r.prompt) throw Error(ErrorKind::input, "prompt: this bundle takes class labels (class 0.." + std::to_string(null - 1) + "), not prompts");
+    const int64_t null = m.null_label(), high = m.class_label_max();
+    if (r.prompt) throw Error(ErrorKind::input, "prompt: this bundle takes class labels (class 0.." + std::to_string(high) + "), not prompts");
     if (!r.class_label) throw Error(ErrorKind::input, "class: required for this class-conditional bundle");
     for (const auto& [name, v] : {std::pair{"class", r.class_label}, std::pair{"negative_class", r.negative_class}}) {
-      if (v && (*v < 0 || *v > null)) {
-        throw Error(ErrorKind::input, std::string(name) + " must lie in 0.." + std::to_string(null) + " (" +
+      if (v && (*v < 0 || *v > high)) {
+        throw Error(ErrorKind::input, std::string(name) + " must lie in 0.." + std::to_string(high) + " (" +
                                           std::to_string(null) + " = no class), got " + std::to_string(*v));
       }
     }
@@ -421,7 +421,7 @@ std::vector<Result> Runtime::generate(const std::vector<Request>& requests, int 
   if (m.model_kind == "class-conditional") {
     for (int64_t i = 0; i < b; ++i) {
       ws.labels[i] = *requests[i].class_label;
-      ws.negative_labels[i] = requests[i].negative_class.value_or(m.null_class.value_or(0));
+      ws.negative_labels[i] = requests[i].negative_class.value_or(m.null_label());
     }
   } else {
     std::vector<std::string> prompts, negatives;

@@ -98,11 +98,14 @@ struct Manifest {
   std::optional<BankInfo> bank;
   std::optional<BankInfo> reference_bank;  // the odds preset's reference bank (inside denoiser.onnx)
   std::optional<std::string> tokenizer;
-  std::optional<int64_t> null_class;
+  std::optional<int64_t> null_class;        // the "no class" label
+  std::optional<int64_t> num_class_labels;  // class-embedding rows; absent in older bundles (0..null_class only)
   std::map<std::string, GraphSpec> graphs;
 
   bool reference() const { return guidance_mode && *guidance_mode == "reference"; }
   int64_t sample_size() const;  // C * H * W
+  int64_t null_label() const { return null_class.value_or(0); }
+  int64_t class_label_max() const { return num_class_labels ? *num_class_labels - 1 : null_label(); }
   // Parse and validate as Manifest.load does: format and version, keys, files present, bank hash (check_bank).
   static Manifest load(const std::string& bundle_dir, bool check_bank = true);
   static Manifest parse(const std::string& json_text);  // format, version and content only

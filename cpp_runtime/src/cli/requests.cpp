@@ -48,9 +48,9 @@ ParsedRequest parse_request(const json& body, const Manifest& m) {
   }
   ParsedRequest out;
   Request& r = out.request;
-  const int64_t null = m.null_class.value_or(0);
-  if (body.contains("class")) r.class_label = integer(body["class"], "class", 0, null);
-  if (body.contains("negative_class")) r.negative_class = integer(body["negative_class"], "negative_class", 0, null);
+  const int64_t high = m.class_label_max();
+  if (body.contains("class")) r.class_label = integer(body["class"], "class", 0, high);
+  if (body.contains("negative_class")) r.negative_class = integer(body["negative_class"], "negative_class", 0, high);
   if (body.contains("prompt")) {
     if (!body["prompt"].is_string()) bad("prompt", "a string", body["prompt"]);
     r.prompt = body["prompt"].get<std::string>();
@@ -123,7 +123,7 @@ json make_record(const Runtime& runtime, const ParsedRequest& p, const Result& r
   if (!p.id.empty()) rec["id"] = p.id;
   if (r.class_label) {
     rec["class"] = *r.class_label;
-    rec["negative_class"] = r.negative_class.value_or(m.null_class.value_or(0));
+    rec["negative_class"] = r.negative_class.value_or(m.null_label());
   }
   if (r.prompt) {
     rec["prompt"] = *r.prompt;
