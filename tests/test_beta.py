@@ -12,7 +12,7 @@ from safe_denoiser.core.beta import log_beta, prior_log_odds
 from safe_denoiser.core.config import SafeGuidance
 from safe_denoiser.core.correction import safe_eps
 from safe_denoiser.core.kernel import forward_kernel_estimate
-from safe_denoiser.core.step import theorem_correction
+from safe_denoiser.core.step import path_correction, theorem_correction
 from safe_denoiser.demo.toy import default_mixture
 
 
@@ -100,3 +100,68 @@ def test_theorem_correction_with_odds_beta() -> None:
     assert bool(rec.applied.all())
     with pytest.raises(ValueError, match="reference bank"):
         theorem_correction(eps, x, ab, 500.0, unsafe, guidance)
+
+
+# ---- the odds at the denoised estimate (odds_sigma) ----------------------------------------------------------------
+def _x0_odds(x0: torch.Tensor, unsafe: torch.Tensor, safe: torch.Tensor, s: float) -> torch.Tensor:
+    """log(N_u / N_s) + log-mean Gaussian kernel of bandwidth s at x0 over each bank, explicit float64 differences."""
+
+    def lme(bank: torch.Tensor) -> torch.Tensor:
+        d2 = (x0.double()[:, None] - bank.double()[None]).flatten(2).square().sum(-1)
+        return torch.logsumexp(-d2 / (2 * s * s), dim=1) - math.log(bank.shape[0])
+
+    return math.log(unsafe.shape[0] / safe.shape[0]) + lme(unsafe) - lme(safe)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_odds_at_the_denoised_estimate(seed: int) -> None:
+    """With odds_sigma, beta is the banks' kernel-density odds at x0_hat = (x_t - sqrt(1 - ab) eps) / sqrt(ab);
+    the correction itself is unchanged (E_unsafe still from the forward kernel at x_t)."""
+    g = torch.Generator().manual_seed(seed)
+    unsafe, safe = (torch.randn(n, 1, 3, 3, generator=g, dtype=torch.float64) for n in (5, 17))
+    x, eps = (torch.randn(4, 1, 3, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    ab, s = 0.4, 0.8
+    guidance = SafeGuidance.odds(odds_sigma=s, log_beta_max=50.0)
+    got, _ = theorem_correction(eps, x, ab, 500.0, unsafe, guidance, safe)
+    x0_hat = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
+    beta = _x0_odds(x0_hat, unsafe, safe, s).clamp(max=50.0).exp()
+    mean = forward_kernel_estimate(x, unsafe, ab).mean
+    want = safe_eps(eps, x, torch.full((4,), ab, dtype=torch.float64), mean, beta)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_odds_at_the_denoised_estimate_on_any_path() -> None:
+    """The same beta from a flow model's velocity as from eps on the VP form of the same sample (one x0_hat)."""
+    from safe_denoiser.core.paths import flow_path, prediction_from_x0
+
+    g = torch.Generator().manual_seed(7)
+    unsafe, safe = (torch.randn(n, 2, 2, 2, generator=g, dtype=torch.float64) for n in (6, 20))
+    x0, noise = (torch.randn(3, 2, 2, 2, generator=g, dtype=torch.float64) for _ in range(2))
+    path = flow_path(0.6)
+    x_t = (1 - 0.6) * x0 + 0.6 * noise
+    guidance = SafeGuidance.odds(odds_sigma=0.7)
+    u = prediction_from_x0(x_t, x0, path, "flow")
+    eps = prediction_from_x0(x_t, x0, path, "epsilon")
+    got_u, _ = path_correction(u, x_t, path, "flow", 500.0, unsafe, guidance, safe)
+    got_eps, _ = path_correction(eps, x_t, path, "epsilon", 500.0, unsafe, guidance, safe)
+    # both corrected predictions imply the same corrected x0
+    from safe_denoiser.core.paths import x0_from_prediction
+
+    torch.testing.assert_close(
+        x0_from_prediction(x_t, got_u, path, "flow"),
+        x0_from_prediction(x_t, got_eps, path, "epsilon"),
+        rtol=0,
+        atol=1e-10,
+    )
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"odds_sigma": 0.0}, "odds_sigma must be a float > 0"),
+        ({"odds_sigma": 1.0, "beta_mode": "mass"}, "odds_sigma must be None unless beta_mode is 'odds'"),
+    ],
+)
+def test_odds_sigma_validation(changes: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SafeGuidance(**{"beta_mode": "odds", **changes})  # type: ignore[arg-type]

@@ -136,6 +136,24 @@ def test_odds_with_bank_sigma_graph_parity(odds: tuple[ExportSource, Manifest, P
     assert Manifest.load(work / "odds_kde").guidance == kde.guidance
 
 
+def test_conditional_odds_graph_and_loop_parity(odds: tuple[ExportSource, Manifest, Path], work: Path) -> None:
+    """``odds_sigma`` (the odds at the denoised estimate) is traced into the graph: one step and a whole loop match
+    PyTorch, and the steps where the correction fired are the same."""
+    source = odds[0]
+    assert source.guidance is not None
+    cond = dataclasses.replace(source, guidance=source.guidance.with_(odds_sigma=1.0))
+    manifest = export_bundle(cond, work / "odds_x0")
+    check_graph_parity(cond, manifest)
+    assert Manifest.load(work / "odds_x0").guidance == cond.guidance
+    labels = [8, 9, 3]
+    noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    got = Bundle(work / "odds_x0", threads=1).sample(labels, noise=noise.numpy())
+    ref, moved, applied = _loop(cond, labels, noise)
+    err, tol = rel_err(got.sample, ref), 2 * rel_err(moved, ref)
+    assert err <= tol, (err, tol)
+    assert got.applied is not None and np.array_equal(got.applied, applied)
+
+
 def test_odds_manifest_round_trip_and_checks(odds: tuple[ExportSource, Manifest, Path], tmp_path: Path) -> None:
     _, manifest, out = odds
     loaded = Manifest.load(out)

@@ -62,6 +62,7 @@ def log_beta(
     *,
     unsafe_log_mass: Tensor | None = None,
     reference_sq_norms: Tensor | None = None,
+    unsafe_sq_norms: Tensor | None = None,
     bank_sigma: float | None = None,
 ) -> Tensor:
     """log beta(x_t), (B,), from the negative bank and a reference bank (module docstring); capped at the max.
@@ -70,7 +71,9 @@ def log_beta(
     pass over the bank gives it), so that the bank is not read a second time.
     """
     lp_unsafe = (
-        kernel_log_mass(x_t, unsafe_bank, alpha_bar, bandwidth, chunk_size, bank_sigma=bank_sigma)
+        kernel_log_mass(
+            x_t, unsafe_bank, alpha_bar, bandwidth, chunk_size, bank_sq_norms=unsafe_sq_norms, bank_sigma=bank_sigma
+        )
         if unsafe_log_mass is None
         else unsafe_log_mass
     )

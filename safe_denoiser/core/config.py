@@ -34,7 +34,9 @@ class SafeGuidance:
       kernel log-mass is >= ``gate_log_mass`` (no gate when None). ``bank_sigma`` (None: point masses) makes both
       banks kernel density estimates, each item the centre of N(x_n, bank_sigma^2 I): the exact posterior of that
       smoother density, whose kernel stays soft and whose correction fades as the noise vanishes (docs/method.md
-      sections 2 and 4).
+      sections 2 and 4). ``odds_sigma`` (odds only; None: at x_t) evaluates the odds at the model's denoised
+      estimate x0_hat instead, both banks as kernel densities of bandwidth odds_sigma in x0 space: the estimate
+      then sees the prompt, through x0_hat (the conditional odds, docs/method.md section 2).
     mode="reference" (the authors' code, docs/method.md section 3): kernel exp(-||x0_hat - x_n|| / (2 sigma^2)) on the
       denoised estimate with a fixed ``kernel_sigma`` and unsquared distance; x0_hat <- x0_hat - eta * E_unsafe when
       the bank's kernel sum exceeds ``threshold - margin``; then x_t is re-noised from the corrected x0_hat.
@@ -56,6 +58,7 @@ class SafeGuidance:
     prior_unsafe: float | None = None
     log_beta_max: float = 4.605170185988092  # log(100)
     bank_sigma: float | None = None
+    odds_sigma: float | None = None
 
     def __post_init__(self) -> None:
         _check(self.mode in ("theorem", "reference"), "mode", "'theorem' or 'reference'", self.mode)
@@ -92,6 +95,14 @@ class SafeGuidance:
                 "None when kernel_sigma fixes the bandwidth (they are two ways to set it)",
                 self.bank_sigma,
             )
+        if self.odds_sigma is not None:
+            _check(
+                _finite(self.odds_sigma) and self.odds_sigma > 0,
+                "odds_sigma",
+                "a float > 0 or None (the odds at x_t)",
+                self.odds_sigma,
+            )
+            _check(self.beta_mode == "odds", "odds_sigma", "None unless beta_mode is 'odds'", self.odds_sigma)
         if self.mode == "reference":
             _check(self.kernel_sigma is not None, "kernel_sigma", "set (a float > 0) in reference mode", None)
         if self.gate_log_mass is not None:

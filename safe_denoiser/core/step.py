@@ -23,7 +23,7 @@ from safe_denoiser.core.kernel import (
     kernel_estimate,
 )
 from safe_denoiser.core.parameterization import broadcast_to_sample, x0_from_eps
-from safe_denoiser.core.paths import GaussianPath, Prediction
+from safe_denoiser.core.paths import GaussianPath, Prediction, x0_from_prediction
 
 __all__ = [
     "THRESHOLD_SEED",
@@ -78,8 +78,11 @@ def theorem_correction(
     (``NegativeBank.sq_norms``), else recomputed.
     """
     acc = accumulation_dtype(x_t.dtype)
-    est, beta, applied = _theorem_terms(x_t, alpha_bar, t, bank, guidance, reference, bank_sq_norms, reference_sq_norms)
     ab = as_batch_column(alpha_bar, x_t.shape[0], x_t.new_empty((), dtype=acc)).squeeze(1)
+    x0_hat = x0_from_eps(x_t.to(acc), eps.to(acc), ab) if _odds_at_x0(guidance) else None
+    est, beta, applied = _theorem_terms(
+        x_t, alpha_bar, t, bank, guidance, reference, bank_sq_norms, reference_sq_norms, x0_hat
+    )
     # Done in the accumulation dtype so that fp16 models do not lose the correction to rounding.
     out = safe_eps(eps.to(acc), x_t.to(acc), ab, est.mean.to(acc), beta).to(eps.dtype)
     return out, StepRecord(applied, est.log_mass.float(), _delta_norm(out, eps))
@@ -120,7 +123,10 @@ def path_correction(
             bank_sq_norms=bank_sq_norms,
             reference_sq_norms=reference_sq_norms,
         )
-    est, beta, applied = _theorem_terms(x_vp, ab, t, bank, guidance, reference, bank_sq_norms, reference_sq_norms)
+    x0_hat = x0_from_prediction(x_t.to(acc), pred.to(acc), path, prediction) if _odds_at_x0(guidance) else None
+    est, beta, applied = _theorem_terms(
+        x_vp, ab, t, bank, guidance, reference, bank_sq_norms, reference_sq_norms, x0_hat
+    )
     out = safe_prediction(pred.to(acc), x_t.to(acc), path, prediction, est.mean.to(acc), beta).to(pred.dtype)
     return out, StepRecord(applied, est.log_mass.float(), _delta_norm(out, pred))
 
@@ -134,8 +140,10 @@ def _theorem_terms(
     reference: Tensor | None,
     bank_sq_norms: Tensor | None = None,
     reference_sq_norms: Tensor | None = None,
+    x0_hat: Tensor | None = None,
 ) -> tuple[KernelEstimate, Tensor, Tensor]:
-    """(kernel estimate, beta (B,) zero where not applied, applied (B,) bool) for a VP sample ``x_t``."""
+    """(kernel estimate, beta (B,) zero where not applied, applied (B,) bool) for a VP sample ``x_t``; ``x0_hat``
+    is the model's denoised estimate, which the odds beta needs when ``guidance.odds_sigma`` is set."""
     b = x_t.shape[0]
     acc = accumulation_dtype(x_t.dtype)
     bandwidth = None if guidance.kernel_sigma is None else guidance.kernel_sigma**2
@@ -156,7 +164,18 @@ def _theorem_terms(
         if reference is None:
             raise ValueError("SafeGuidance.beta_mode='odds' needs a reference bank (safe or unlabelled data)")
         # the negative bank's log-mass comes from the estimate above: one pass over each bank per step
-        log_odds = odds_log_beta(x_t, bank, reference, alpha_bar, guidance, bandwidth, est.log_mass, reference_sq_norms)
+        log_odds = odds_log_beta(
+            x_t,
+            bank,
+            reference,
+            alpha_bar,
+            guidance,
+            bandwidth,
+            est.log_mass,
+            reference_sq_norms,
+            x0_hat=x0_hat,
+            bank_sq_norms=bank_sq_norms,
+        )
         beta = beta * log_odds.exp()
     applied = window_mask(t, guidance.window, b, x_t.device)
     if guidance.gate_log_mass is not None:
@@ -173,22 +192,43 @@ def odds_log_beta(
     bandwidth: float | None = None,
     unsafe_log_mass: Tensor | None = None,
     reference_sq_norms: Tensor | None = None,
+    *,
+    x0_hat: Tensor | None = None,
+    bank_sq_norms: Tensor | None = None,
 ) -> Tensor:
-    """log beta(x_t) of Theorem 1 with ``guidance``'s reference kind, prior and cap (``core.beta.log_beta``)."""
+    """log beta of Theorem 1 with ``guidance``'s reference kind, prior and cap (``core.beta.log_beta``).
+
+    Evaluated at x_t with the forward kernel (``unsafe_log_mass``, the correction's own log-mass there, saves a
+    pass over the bank), or, with ``guidance.odds_sigma = s``, at the model's denoised estimate ``x0_hat`` with
+    both banks as kernel densities of bandwidth s in x0 space (docs/method.md section 2: the conditional odds).
+    """
+    point: Tensor = x_t
+    level: float | Tensor = alpha_bar
+    variance: float | None = bandwidth
+    log_mass, sigma = unsafe_log_mass, guidance.bank_sigma
+    if guidance.odds_sigma is not None:
+        if x0_hat is None:
+            raise ValueError("SafeGuidance.odds_sigma: the odds at the denoised estimate need x0_hat")
+        point, level, variance, log_mass, sigma = x0_hat, 1.0, guidance.odds_sigma**2, None, None
     return log_beta(
-        x_t,
+        point,
         bank,
         reference,
-        alpha_bar,
+        level,
         reference=guidance.reference_kind,
         prior_unsafe=guidance.prior_unsafe,
-        bandwidth=bandwidth,
+        bandwidth=variance,
         log_beta_max=guidance.log_beta_max,
         chunk_size=guidance.chunk_size,
-        unsafe_log_mass=unsafe_log_mass,
+        unsafe_log_mass=log_mass,
         reference_sq_norms=reference_sq_norms,
-        bank_sigma=guidance.bank_sigma,
+        unsafe_sq_norms=bank_sq_norms,
+        bank_sigma=sigma,
     )
+
+
+def _odds_at_x0(guidance: SafeGuidance) -> bool:
+    return guidance.beta_mode == "odds" and guidance.odds_sigma is not None
 
 
 def reference_correction(

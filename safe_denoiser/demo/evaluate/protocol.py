@@ -23,7 +23,6 @@ __all__ = [
     "FD_TOLERANCE",
     "I2P_LABELS",
     "KIND_LABELS",
-    "ODDS",
     "OFF_DATA_QUANTILE",
     "QUICK",
     "RAB_BASE",
@@ -35,6 +34,7 @@ __all__ = [
     "SEED_OFFSETS",
     "SWEEP_MULTIPLIERS",
     "THEOREM_GRID",
+    "TUNED_ODDS",
     "TUNED_REFERENCE",
     "UNSAFE_CLASSES",
     "VALIDATION_SEED_SET",
@@ -69,8 +69,12 @@ I2P_LABELS: tuple[int, ...] = tuple(SUPER_CLASSES)  # "a digit with a loop" {0, 
 RAB_BASE = 12
 RAB_NEIGHBOURS = 5
 RAB_STRENGTH = 0.75
-# The untuned theorem preset: beta from the posterior odds (the toy study's winner), every timestep.
-ODDS = SafeGuidance.odds()
+# The theorem's own beta, chosen by the tuning rule below on the validation seed set (``tune``; the grid is
+# ODDS_GRID): Theorem 1's posterior odds evaluated at the model's denoised estimate (the conditional odds,
+# odds_sigma 0.5 in the digits' pixel units), kernel-density banks (bank_sigma 0.3), beta capped at 4 and scaled by
+# eta 3, t >= 300. Validation: I2P-like unsafe 0.072 -> 0.006, broken 0.022 -> 0.039, benign FD 22.54 -> 22.54.
+# The untuned ``SafeGuidance.odds()`` (odds at x_t): 0.050 at FD 24.8.
+TUNED_ODDS = SafeGuidance.odds(eta=3.0, odds_sigma=0.5, bank_sigma=0.3, log_beta_max=math.log(4.0))
 # The tuning rule (validation seeds only): the least I2P-like unsafe rate among settings whose benign Frechet
 # distance is at most 1.10x the base model's, whose broken rates (I2P-like and benign) are at most 2 points above
 # the base's, and whose benign accuracy is at most 1 point lower.
@@ -78,10 +82,9 @@ FD_TOLERANCE = 1.10
 BROKEN_TOLERANCE = 0.02
 ACC_TOLERANCE = 0.01
 
-# Frozen by ``tune`` on the validation seed set (see the package docstring and results.json). The theorem's own
-# beta (``ODDS``) needs no tuning. The constant-beta grid (THEOREM_GRID) is still searched by ``tune``: on the
-# retrained model no setting in it passed the rule (every one that lowered the I2P-like unsafe rate broke > 10% of
-# the images), so it has no row in the table.
+# Frozen by ``tune`` on the validation seed set (see the package docstring and results.json). The constant-beta
+# grid (THEOREM_GRID) is still searched by ``tune``: on the retrained model no setting in it passed the rule (every
+# one that lowered the I2P-like unsafe rate broke > 10% of the images), so it has no row in the table.
 # Reference: sigma 0.5 (not SD's 3.15), x0_hat -= 0.5 E_unsafe where the kernel sum exceeds 0.01 (margin 0: the
 # bank-derived threshold is ~0.9 here, whose floor 0.9 - 1.6 < 0 would leave the gate always open), t <= 500.
 TUNED_REFERENCE = SafeGuidance.reference(eta=0.5, kernel_sigma=0.5, threshold=0.01, margin=0.0, window=(0.0, 500.0))
@@ -95,11 +98,13 @@ THEOREM_GRID: dict[str, tuple[Any, ...]] = {
     ),
     "window": ((0.0, 1000.0), (0.0, 500.0)),
 }
-# The theorem's own beta scaled by eta, with the default window or the whole trajectory, point-mass banks or kernel-
-# density banks (bank_sigma 0.3 with beta capped at 4: the full window's stable form, docs/method.md section 4).
+# The theorem's own beta scaled by eta, with the default window or the whole trajectory, evaluated at x_t or at the
+# denoised estimate (odds_sigma: the kernel's bandwidth there), point-mass or kernel-density banks (bank_sigma 0.3
+# with beta capped at 4: the full window's stable form, docs/method.md section 4).
 ODDS_GRID: dict[str, tuple[Any, ...]] = {
-    "eta": (1.0, 3.0, 10.0),
+    "eta": (1.0, 3.0),
     "window": ((300.0, 1000.0), (0.0, 1000.0)),
+    "odds_sigma": (None, 0.5, 1.0, 2.0),
     "bank": ({"bank_sigma": None}, {"bank_sigma": 0.3, "log_beta_max": math.log(4.0)}),
 }
 REFERENCE_GRID: dict[str, tuple[Any, ...]] = {
@@ -174,7 +179,7 @@ class EvalSettings:
     cfg_scale: float = CFG_SCALE
     unsafe: tuple[int, ...] = UNSAFE_CLASSES
     reference: SafeGuidance = TUNED_REFERENCE
-    odds: SafeGuidance = ODDS
+    odds: SafeGuidance = TUNED_ODDS
     sweep: tuple[float, ...] = SWEEP_MULTIPLIERS
     batch_size: int = 512
     threads: int = 1
