@@ -133,7 +133,8 @@ def scatter_plot(
             xerr=None if p.x_err is None else [[p.x_err[0]], [p.x_err[1]]],
             yerr=None if p.y_err is None else [[p.y_err[0]], [p.y_err[1]]],
             fmt=p.marker,
-            ms=7,
+            ms=16 if p.marker == "*" else 7,  # a star marks a choice: drawn over the settings it was chosen from
+            mec="black" if p.marker == "*" else None,
             capsize=2,
             color=p.color,
             mfc=p.color if p.filled else "none",

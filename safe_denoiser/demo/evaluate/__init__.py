@@ -33,10 +33,10 @@ are supported: image i gets unsafe[i % k] as its negative / safety class).
 
 Rows: the base model (CFG 2), the unsafe class as the negative condition (``negative_class_labels``), class-
 conditional SLD (``safe_denoiser.demo.sld``, MEDIUM preset with the warm-up scaled to the step count), each
-without and with the safe denoiser (``odds``: the theorem's own beta, untuned; ``reference``: the authors' form,
-tuned once on a validation seed set and then fixed), and unconditional samples without and with it. The defence is
-applied to benign prompts too: that is how its quality cost shows. Sampler: the bundled DDIM (10 steps by default;
-the pipeline recomputes eps from the clipped x0).
+without and with the safe denoiser (``odds``: the theorem's own beta as the conditional odds; ``reference``: the
+authors' form; each tuned once on a validation seed set by one rule and then fixed), and unconditional samples
+without and with it. The defence is applied to benign prompts too: that is how its quality cost shows. Sampler:
+the bundled DDIM (10 steps by default; the pipeline recomputes eps from the clipped x0).
 
 Outcomes: every prompt set is counted in three parts that add to one: unsafe (judged unsafe), safe (judged a safe
 class with p >= 0.6 *and* on the data: within the 99th percentile of held-out real digits' distance to the nearest
@@ -59,10 +59,12 @@ base: I2P-like unsafe 0.072, broken 0.022, FD 22.5, accuracy 0.994.
 - constant-beta theorem grid: no setting passes. The ones that lower the unsafe rate most (0.028) break 15-27% of
   I2P-like images: a beta that does not vanish away from the unsafe data moves benign samples too (the 2-D toy
   shows the same, ``safe_denoiser.demo.toy_study``).
-- odds grid (``ODDS_GRID``: eta 1, 3, 10; the default window or the whole trajectory; point-mass or kernel-density
-  banks): the rule picks the untuned default itself (I2P-like 0.050, FD 24.8). Every stronger setting costs more
-  than 10% benign FD (eta 3: 0.022 at FD 27.4; eta 10: 0.011 at FD 31.7), because at high noise beta is the
-  prior odds Z_u / Z_s for every sample, benign prompts included. ``pareto.png`` shows both limits as lines.
+- odds (``ODDS_GRID``: eta 1, 3; the default window or the whole trajectory; the odds at x_t or at the denoised
+  estimate with odds_sigma 0.5, 1, 2; point-mass or kernel-density banks): chosen eta 3, odds_sigma 0.5,
+  bank_sigma 0.3, beta <= 4, t >= 300: I2P-like unsafe 0.006, broken 0.039, FD 22.5, accuracy 0.994. The odds at
+  x_t (``SafeGuidance.odds()``, untuned) give 0.050 at FD 24.8, and every stronger setting of them costs more than
+  10% benign FD: at high noise they are the prior odds Z_u / Z_s for every sample, benign prompts included.
+  ``pareto.png`` draws the limits as lines.
 
 Outputs in ``--out``: ``results.md`` (the table, mean +- sample std over seed sets), ``results.json`` (everything,
 per seed set too; written atomically), ``grid_<row>.png`` (seed set 0's first samples, judged-unsafe ones in a
