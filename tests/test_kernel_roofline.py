@@ -171,3 +171,32 @@ def test_bad_norms() -> None:
         forward_kernel_estimate(torch.randn(2, 8), torch.randn(5, 8), 0.5, bank_sq_norms=torch.ones(4))
     with pytest.raises(ValueError, match="chunk_size"):
         forward_kernel_estimate(torch.randn(2, 8), torch.randn(5, 8), 0.5, chunk_size=-3)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sparse_second_matmul_keeps_the_result(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nearly one-hot weights: the second matmul over only the rows that carry weight is within the same float64
+    bounds as the dense one, for a batch whose samples pick different rows (their union is gathered), one of them
+    a query far from every item (its nearest row still takes all the weight)."""
+    import safe_denoiser.core.kernel as kernel
+
+    g = torch.Generator().manual_seed(seed)
+    bank = torch.randn(96, 2048, generator=g)
+    x_t = torch.cat([near_bank(bank[[3]], 1, 0.9, seed=seed), near_bank(bank[[70]], 1, 0.9, seed=seed + 1)])
+    x_t = torch.cat([x_t, 0.05 * torch.randn(1, 2048, generator=g)])
+    chunk = 16
+    ref = forward_reference(x_t, bank, 0.9, chunks=96 // chunk)
+    calls: list[int] = []
+    real = torch.Tensor.nonzero
+
+    def counting(self: Tensor, *args: object, **kwargs: object) -> Tensor:
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "nonzero", counting)
+    sparse = forward_kernel_estimate(x_t, bank, 0.9, chunk_size=chunk)
+    assert calls, "the sparse branch was not taken"
+    check(sparse.mean, sparse.log_mass, ref, "sparse")
+    monkeypatch.setattr(kernel, "SPARSE_ROWS_FRACTION", 10**9)  # never sparse
+    dense = forward_kernel_estimate(x_t, bank, 0.9, chunk_size=chunk)
+    check(dense.mean, dense.log_mass, ref, "dense")

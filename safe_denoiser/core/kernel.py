@@ -34,6 +34,9 @@ CPU_CHUNK_BYTES = 4 * 1024**2  # a float32 chunk this size stays in cache betwee
 DEVICE_CHUNK_BYTES = 256 * 1024**2  # accelerators: few, large chunks (launch overhead); bounds the widening buffer
 MIN_CHUNK_ROWS = 8
 MAX_TRACED_CHUNKS = 16  # automatic chunks in a traced (ONNX) graph, where the loop is unrolled into nodes
+# CPU, untraced: when at most 1/SPARSE_ROWS_FRACTION of a chunk's rows carry a non-zero weight (the usual case in
+# high dimension, where the softmax is nearly one-hot), the second matmul gathers just those rows.
+SPARSE_ROWS_FRACTION = 4
 
 
 class KernelEstimate(NamedTuple):
@@ -179,8 +182,9 @@ def kernel_estimate(
     run_max = torch.full((b, 1), -math.inf, device=xf.device, dtype=acc_dtype)
     run_sum = torch.zeros((b, 1), device=xf.device, dtype=acc_dtype)
     acc = torch.zeros_like(xf)
-    # In high dimension most chunks' weights underflow to exactly 0 once the running max is found; on a CPU, outside
-    # a trace, testing for that on the host is cheap and skips the second matmul. Elsewhere the graph stays static.
+    # In high dimension most chunks' weights underflow to exactly 0 once the running max is found, and the rest are
+    # nearly one-hot; on a CPU, outside a trace, testing for that on the host is cheap and skips the second matmul or
+    # restricts it to the rows that carry weight. Elsewhere the graph stays static.
     skip_underflow = xf.device.type == "cpu" and not tracing
     for start in range(0, n, step):
         y = y_all[start : start + step]
@@ -192,11 +196,20 @@ def kernel_estimate(
             logits = log_kernel(xf, y, s, v, False, bank_sq_norms=norms[start : start + y.shape[0]])[0]
         new_max = torch.maximum(run_max, logits.amax(dim=1, keepdim=True))
         w = logits.sub_(new_max).exp_()
-        if skip_underflow and not bool(w.any()):
-            continue  # every weight underflowed to 0: then the max did not move and the update adds exact zeros
+        rows: Tensor | None = None
+        if skip_underflow:
+            carries = w.ne(0).any(dim=0)  # bank rows with a non-zero weight for some sample
+            count = int(carries.sum())
+            if count == 0:
+                continue  # every weight underflowed to 0: then the max did not move and the update adds exact zeros
+            if count * SPARSE_ROWS_FRACTION <= y.shape[0]:
+                rows = carries.nonzero().squeeze(1)
         rescale = (run_max - new_max).exp_()  # exp(-inf) = 0 on the first chunk
         run_sum = run_sum.mul_(rescale).add_(w.sum(dim=1, keepdim=True))
-        acc = torch.addmm(acc.mul_(rescale), w, y)
+        if rows is None:
+            acc = torch.addmm(acc.mul_(rescale), w, y)
+        else:  # the second matmul over the few rows that carry weight: the rest would add exact zeros
+            acc = torch.addmm(acc.mul_(rescale), w[:, rows], y[rows])
         run_max = new_max
     mean = (acc / run_sum).reshape(x.shape).to(x.dtype)
     log_mass = (offset + run_max + run_sum.log()).squeeze(1) - math.log(n)
