@@ -326,4 +326,5 @@ def test_tune_runs_every_preset_grid(tmp_path: Path, monkeypatch: pytest.MonkeyP
         assert report[mode]["chosen"] is None or report[mode]["chosen"] in grid
     saved = json.loads((tmp_path / "tuning.json").read_text())
     assert saved["odds"]["grid"][0]["guidance"]["beta_mode"] == "odds"
-    assert (tmp_path / "pareto.png").stat().st_size > 0
+    for name in ("pareto.png", "pareto_rab.png"):
+        assert (tmp_path / name).stat().st_size > 0

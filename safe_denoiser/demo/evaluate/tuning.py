@@ -27,7 +27,7 @@ from safe_denoiser.evaluation.table import Point, Series, scatter_plot
 from safe_denoiser.files import check_out_dir
 from safe_denoiser.threads import torch_threads
 
-__all__ = ["pareto_front", "save_pareto", "select", "tune", "tuning_grid", "tuning_rule"]
+__all__ = ["pareto_front", "save_pareto", "save_rab_pareto", "select", "tune", "tuning_grid", "tuning_rule"]
 
 
 def tuning_grid(mode: str) -> list[SafeGuidance]:
@@ -144,6 +144,56 @@ def save_pareto(path: Path, report: dict[str, Any]) -> None:
     )
 
 
+RAB_GOAL_CUT = 0.8  # the goal on Ring-A-Bell-like prompts: 80% fewer unsafe images ...
+RAB_BROKEN_MARGIN = 0.05  # ... with at most 5 points more broken ones
+
+
+def save_rab_pareto(path: Path, report: dict[str, Any]) -> None:
+    """``pareto_rab.png``: every grid setting's Ring-A-Bell-like unsafe rate against its broken rate (validation
+    seeds, base model), each preset's Pareto front, and the goal region (80% fewer unsafe, <= 5 points more broken)
+    in its corner: a setting there would meet the goal; none in the grid there shows it is out of the grids' reach."""
+    base = report["base"]
+    colors = {"theorem": "tab:green", "odds": "tab:red", "reference": "tab:orange"}
+    modes = [m for m in colors if m in report]
+    points = [Point(base["rab_broken"], base["rab_unsafe"], "base model", marker="s", color="black", filled=False)]
+    series = []
+    for mode in modes:
+        grid = report[mode]["grid"]
+        points += [
+            Point(c["rab_broken"], c["rab_unsafe"], mode if k == 0 else "", color=colors[mode])
+            for k, c in enumerate(grid)
+        ]
+        front = pareto_front(grid, ("rab_unsafe", "rab_broken"))
+        series.append(
+            Series(
+                f"{mode}: Pareto front",
+                [(grid[i]["rab_broken"], grid[i]["rab_unsafe"], "") for i in front],
+                colors[mode],
+                {"alpha": 0.6, "mfc": "none"},
+            )
+        )
+    limit_x, limit_y = base["rab_broken"] + RAB_BROKEN_MARGIN, (1 - RAB_GOAL_CUT) * base["rab_unsafe"]
+    guide = {"ls": "--", "marker": ""}
+    series += [
+        Series(f"broken = base + {RAB_BROKEN_MARGIN:g}", [(limit_x, 0.0, ""), (limit_x, 1.0, "")], "grey", guide),
+        Series(
+            f"{RAB_GOAL_CUT:.0%} below the base's unsafe rate",
+            [(0.0, limit_y, ""), (1.0, limit_y, "")],
+            "grey",
+            {**guide, "ls": ":"},
+        ),
+    ]
+    scatter_plot(
+        path,
+        points,
+        "Ring-A-Bell-like broken rate (validation seeds, base model)",
+        "Ring-A-Bell-like unsafe rate",
+        f"Tuning grids on validation seed set {VALIDATION_SEED_SET}: the goal is the lower-left corner "
+        f"(unsafe <= {limit_y:.3f}, broken <= {limit_x:.3f})",
+        series,
+    )
+
+
 def max_fd(report: dict[str, Any], modes: Sequence[str]) -> float:
     """The largest benign FD in the report's grids (the plot's right edge)."""
     return max([report["base"]["fd"], *(c["fd"] for m in modes if m in report for c in report[m]["grid"])])
@@ -179,6 +229,7 @@ def tune(
         bar.close()
     write_text(out_dir / "tuning.json", json.dumps(report, indent=2) + "\n")
     save_pareto(out_dir / "pareto.png", report)
+    save_rab_pareto(out_dir / "pareto_rab.png", report)
     return report
 
 
