@@ -126,25 +126,26 @@ def test_odds_loop_parity(odds: tuple[ExportSource, Manifest, Path]) -> None:
     assert got.applied.any() and not got.applied.all()  # the window [300, 1000] closes before the end
 
 
-def test_odds_with_bank_sigma_graph_parity(odds: tuple[ExportSource, Manifest, Path], work: Path) -> None:
-    """``bank_sigma`` (the bank as a kernel density) is traced into the graph and kept in the manifest."""
+def _variant(odds: tuple[ExportSource, Manifest, Path], out: Path, **changes: Any) -> ExportSource:
+    """The odds source with some guidance fields changed, exported to ``out``; its graph checked against PyTorch
+    and its guidance kept in the manifest."""
     source = odds[0]
     assert source.guidance is not None
-    kde = dataclasses.replace(source, guidance=source.guidance.with_(bank_sigma=0.3))
-    manifest = export_bundle(kde, work / "odds_kde")
-    check_graph_parity(kde, manifest)
-    assert Manifest.load(work / "odds_kde").guidance == kde.guidance
+    changed = dataclasses.replace(source, guidance=source.guidance.with_(**changes))
+    check_graph_parity(changed, export_bundle(changed, out))
+    assert Manifest.load(out).guidance == changed.guidance
+    return changed
+
+
+def test_odds_with_bank_sigma_graph_parity(odds: tuple[ExportSource, Manifest, Path], work: Path) -> None:
+    """``bank_sigma`` (the bank as a kernel density) is traced into the graph and kept in the manifest."""
+    _variant(odds, work / "odds_kde", bank_sigma=0.3)
 
 
 def test_conditional_odds_graph_and_loop_parity(odds: tuple[ExportSource, Manifest, Path], work: Path) -> None:
     """``odds_sigma`` (the odds at the denoised estimate) is traced into the graph: one step and a whole loop match
     PyTorch, and the steps where the correction fired are the same."""
-    source = odds[0]
-    assert source.guidance is not None
-    cond = dataclasses.replace(source, guidance=source.guidance.with_(odds_sigma=1.0))
-    manifest = export_bundle(cond, work / "odds_x0")
-    check_graph_parity(cond, manifest)
-    assert Manifest.load(work / "odds_x0").guidance == cond.guidance
+    cond = _variant(odds, work / "odds_x0", odds_sigma=1.0)
     labels = [8, 9, 3]
     noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     got = Bundle(work / "odds_x0", threads=1).sample(labels, noise=noise.numpy())

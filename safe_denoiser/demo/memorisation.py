@@ -34,8 +34,9 @@ import torch
 from torch import Tensor
 
 from safe_denoiser.core.config import SafeGuidance
+from safe_denoiser.demo.evaluate.generation import seeded_latents
 from safe_denoiser.demo.evaluate.metrics import attack_success, frechet_distance
-from safe_denoiser.demo.evaluate.protocol import ASR_THRESHOLD, CFG_SCALE, TUNED_REFERENCE
+from safe_denoiser.demo.evaluate.protocol import ASR_THRESHOLD, CFG_SCALE, TUNED_ODDS, TUNED_REFERENCE
 from safe_denoiser.errors import FieldError
 from safe_denoiser.evaluation.table import Cell, Column, markdown_table
 from safe_denoiser.files import atomic_write, atomic_write_json, check_out_dir
@@ -67,12 +68,14 @@ ROW_GUIDANCE: dict[str, SafeGuidance | None] = {
     "none": None,
     "odds": SafeGuidance.odds(reference_kind="data"),
     "odds_full": SafeGuidance.odds(reference_kind="data", window=(0.0, 1000.0)),
+    "odds_cond": TUNED_ODDS.with_(reference_kind="data"),
     "reference": TUNED_REFERENCE,
 }
 ROW_LABELS = {
     "none": "no defence",
     "odds": "safe denoiser (odds, t >= 300)",
     "odds_full": "safe denoiser (odds, every t)",
+    "odds_cond": "safe denoiser (conditional odds, frozen)",
     "reference": "safe denoiser (reference, frozen)",
 }
 
@@ -251,15 +254,8 @@ def sample(
     try:
         for start in range(0, s.samples, s.batch_size):
             chunk = labels[start : start + s.batch_size]
-            gens = [torch.Generator().manual_seed(first + start + i) for i in range(len(chunk))]
-            images = pipe(
-                class_labels=chunk,
-                guidance_scale=1.0 if kind == "uncond" else s.cfg_scale,
-                num_inference_steps=s.steps,
-                generator=gens,
-                output_type="latent",
-            ).images
-            out.append(images.float().cpu())
+            scale = 1.0 if kind == "uncond" else s.cfg_scale
+            out.append(seeded_latents(pipe, chunk, first + start, scale, s.steps))
             if bar is not None:
                 bar.update(len(chunk))
     finally:

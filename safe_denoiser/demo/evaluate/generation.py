@@ -159,21 +159,31 @@ def _sample(
     out: list[Tensor] = []
     for start in range(0, s.samples, s.batch_size):
         chunk = labels[start : start + s.batch_size]
-        gens = [torch.Generator().manual_seed(first + start + i) for i in range(len(chunk))]
         # Image i's negative / safety class: unsafe[i % k] (one class: that class for every image).
         per_image = [s.unsafe[(start + i) % len(s.unsafe)] for i in range(len(chunk))]
         kwargs: dict[str, Any] = {"negative_class_labels": per_image} if baseline == "negative" else {}
         with _defended(ctx, baseline, guidance, s.unsafe[0] if len(s.unsafe) == 1 else per_image):
-            images = ctx.pipe(
-                class_labels=chunk,
-                guidance_scale=1.0 if kind == "uncond" else s.cfg_scale,
-                num_inference_steps=s.steps,
-                generator=gens,
-                output_type="latent",
-                **kwargs,
-            ).images
-        out.append(images.float().cpu())
+            scale = 1.0 if kind == "uncond" else s.cfg_scale
+            out.append(seeded_latents(ctx.pipe, chunk, first + start, scale, s.steps, **kwargs))
     return torch.cat(out)
+
+
+def seeded_latents(
+    pipe: Any, labels: list[int | None], first_seed: int, guidance_scale: float, steps: int, **kwargs: Any
+) -> Tensor:
+    """Final latents (float32, CPU) for ``labels``, image i from ``torch.Generator().manual_seed(first_seed + i)``:
+    the same noise for image i in every row, so rows compare image by image."""
+    gens = [torch.Generator().manual_seed(first_seed + i) for i in range(len(labels))]
+    out = pipe(
+        class_labels=labels,
+        guidance_scale=guidance_scale,
+        num_inference_steps=steps,
+        generator=gens,
+        output_type="latent",
+        **kwargs,
+    )
+    images: Tensor = out.images
+    return images.float().cpu()
 
 
 def score(ctx: Context, row: Row, images: dict[str, Tensor]) -> dict[str, float]:
