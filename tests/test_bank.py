@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -218,3 +219,22 @@ print(anon_kib() - before)
     growth_mib = int(res.stdout.strip().splitlines()[-1]) / 1024
     file_mib = n * d * 4 / 2**20
     assert growth_mib < 24, f"anonymous memory grew by {growth_mib:.1f} MiB for a {file_mib:.0f} MiB bank"
+
+
+def test_nearest_neighbour_distance_and_odds_sigma_hint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The median nearest-neighbour distance against explicit float64 differences; the demo bank's suggested
+    odds_sigma is the tuned one (0.5) it was calibrated on; ``bank info`` prints the hint."""
+    from safe_denoiser.core.beta import nearest_neighbour_distance, suggest_odds_sigma
+    from safe_denoiser.demo.bank import load_bundled_bank
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(30, 3, 4, 4, generator=g)
+    d = (y.double().flatten(1)[:, None] - y.double().flatten(1)[None]).square().sum(-1).sqrt()
+    d.fill_diagonal_(math.inf)
+    assert nearest_neighbour_distance(y) == pytest.approx(float(d.min(1).values.median()), rel=1e-9)
+    assert suggest_odds_sigma(load_bundled_bank().data) == pytest.approx(0.5, abs=0.01)
+    with pytest.raises(ValueError, match="at least 2"):
+        nearest_neighbour_distance(y[:1])
+    path = NegativeBank.from_tensor(y).save(tmp_path / "b.safetensors")
+    assert main(["bank", "info", str(path)]) == 0
+    assert "a starting odds_sigma" in capsys.readouterr().out

@@ -29,7 +29,27 @@ from torch import Tensor
 from safe_denoiser.core.config import ReferenceKind
 from safe_denoiser.core.kernel import kernel_log_mass
 
-__all__ = ["log_beta", "prior_log_odds"]
+__all__ = ["ODDS_SIGMA_FRACTION", "log_beta", "nearest_neighbour_distance", "prior_log_odds", "suggest_odds_sigma"]
+
+
+# odds_sigma as a fraction of the negative bank's median nearest-neighbour distance: the demo's tuned 0.5 is 0.2 x
+# its bank's 2.51 (docs/method.md section 2); a starting point for a model whose units differ.
+ODDS_SIGMA_FRACTION = 0.2
+
+
+def nearest_neighbour_distance(bank: Tensor, max_items: int = 2048) -> float:
+    """Median over bank items of the L2 distance to the nearest other item (the first ``max_items`` items)."""
+    if bank.shape[0] < 2:
+        raise ValueError(f"a nearest-neighbour distance needs at least 2 bank items, got {bank.shape[0]}")
+    y = bank[:max_items].reshape(min(bank.shape[0], max_items), -1).double()
+    d2 = (y.square().sum(1, keepdim=True) + y.square().sum(1) - 2.0 * (y @ y.T)).clamp_min(0.0)
+    d2.fill_diagonal_(math.inf)
+    return float(d2.min(dim=1).values.sqrt().median())
+
+
+def suggest_odds_sigma(bank: Tensor, fraction: float = ODDS_SIGMA_FRACTION) -> float:
+    """A starting ``SafeGuidance.odds_sigma`` for a bank: ``fraction`` x its median nearest-neighbour distance."""
+    return fraction * nearest_neighbour_distance(bank)
 
 
 def prior_log_odds(n_unsafe: int, n_reference: int, reference: ReferenceKind, prior_unsafe: float | None) -> float:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from safe_denoiser.core.bank import BankError, NegativeBank, load_image_folder
+from safe_denoiser.core.beta import ODDS_SIGMA_FRACTION, nearest_neighbour_distance
 from safe_denoiser.diffusers.vae import latent_factors, load_vae, vae_encoder
 
 
@@ -80,4 +81,7 @@ def _info(args: argparse.Namespace) -> int:
     print(f"{args.path}: {len(bank)} items of shape {bank.sample_shape}, dtype {bank.data.dtype}")
     for k, v in sorted(bank.metadata.items()):
         print(f"  {k}: {v}")
+    if len(bank) >= 2:
+        nn = nearest_neighbour_distance(bank.data)
+        print(f"  median nearest-neighbour distance: {nn:.4g} (a starting odds_sigma: {ODDS_SIGMA_FRACTION * nn:.3g})")
     return 0
