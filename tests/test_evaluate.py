@@ -16,6 +16,7 @@ from safe_denoiser.demo.evaluate import (
     ROWS,
     UNSAFE_CLASSES,
     EvalSettings,
+    SettingsError,
     attack_success,
     attack_success_rate,
     build_bank,
@@ -318,7 +319,7 @@ def test_tune_runs_every_preset_grid(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
     full = tuning.tuning_grid
     monkeypatch.setattr(tuning, "tuning_grid", lambda mode: full(mode)[:2])
-    report = tuning.tune(tmp_path, EvalSettings(samples=10, steps=2, seeds=1))
+    report = tuning.tune(tmp_path, EvalSettings(samples=10, steps=2, seeds=1), baselines=("base", "sld"))
     for mode in ("theorem", "odds", "reference"):
         grid = report[mode]["grid"]
         assert [c["guidance"] for c in grid] == [g.to_dict() for g in full(mode)[:2]]
@@ -326,5 +327,10 @@ def test_tune_runs_every_preset_grid(tmp_path: Path, monkeypatch: pytest.MonkeyP
         assert report[mode]["chosen"] is None or report[mode]["chosen"] in grid
     saved = json.loads((tmp_path / "tuning.json").read_text())
     assert saved["odds"]["grid"][0]["guidance"]["beta_mode"] == "odds"
-    for name in ("pareto.png", "pareto_rab.png"):
+    for name in ("pareto.png", "pareto_rab.png", "pareto_sld.png", "pareto_rab_sld.png"):
         assert (tmp_path / name).stat().st_size > 0
+    sld = saved["baselines"]["sld"]  # the extra baseline: its own metrics, the odds and reference grids
+    assert set(sld) == {"base", "odds", "reference"} and len(sld["odds"]["grid"]) == 2
+    assert sld["base"]["fd"] != saved["base"]["fd"]  # SLD really ran: its benign images differ
+    with pytest.raises(SettingsError, match="baselines"):
+        tuning.tune(tmp_path / "x", EvalSettings(samples=10, steps=2, seeds=1), baselines=("uncond",))

@@ -40,11 +40,15 @@ def _cli(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     progress = not args.no_progress and sys.stderr.isatty()
     if args.tune:
-        report = tune(args.out, settings, progress=progress)
+        baselines = tuple(b for b in args.tune_baselines.split(",") if b)
+        try:
+            report = tune(args.out, settings, progress=progress, baselines=baselines)
+        except SettingsError as exc:
+            raise exc.for_flag("--tune-baselines") from None
         print(f"tuning on validation seed set {VALIDATION_SEED_SET}: base {report['base']}")
-        for mode in ("theorem", "reference"):
+        for mode in ("theorem", "odds", "reference"):
             print(f"{mode}: chosen {report[mode]['chosen']}")
-        print(f"wrote {Path(args.out) / 'tuning.json'}")
+        print(f"wrote {Path(args.out) / 'tuning.json'} and the pareto*.png plots")
         return 0
     result = run_evaluation(args.out, settings, progress=progress)
     print(format_table(result))
@@ -83,6 +87,12 @@ def add_parser(sub: Any) -> None:
         "--tune",
         action="store_true",
         help=f"instead: score the presets' grids on the validation seed set {VALIDATION_SEED_SET} -> tuning.json",
+    )
+    p.add_argument(
+        "--tune-baselines",
+        default="base",
+        help="with --tune: comma-separated baselines to score the odds and reference grids on (base, negative, sld; "
+        "the rule chooses on base only; default base)",
     )
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
