@@ -310,26 +310,34 @@ def _export_text_and_vae(source: ExportSource, root: Path, options: ExportOption
 def _bank_info(source: ExportSource, bank_dtype: BankDtype = "float32") -> BankInfo | None:
     """The bank as the graph holds it (Flux: packed; its hash is that of the packed array, the file's in metadata;
     float16: the hash of the rounded values, the file's in metadata)."""
-    bank = source.bank
-    if bank is None:
+    if source.bank is None:
         return None
-    if source.family != "flux":
-        return _vp_bank_info(bank, bank_dtype, BANK_INITIALIZER)
-    from safe_denoiser.diffusers.scheduler import sample_space_bank
-
-    packed = sample_space_bank(source.pipe, bank.data).float().numpy()
-    metadata = {**bank.metadata, "packed_from_sha256": bank.sha256(), "layout": "flux packed 2x2 patches"}
-    return BankInfo(
-        count=len(bank), sample_shape=tuple(packed.shape[1:]), sha256=array_sha256(packed), metadata=metadata
-    )
+    return _graph_bank_info(source, source.bank, bank_dtype, BANK_INITIALIZER)
 
 
 def _reference_bank_info(source: ExportSource, bank_dtype: BankDtype = "float32") -> BankInfo | None:
     """The odds preset's reference bank as the graph holds it, with the guidance's ``reference_kind``."""
     if source.reference_bank is None or source.guidance is None:
         return None
-    info = _vp_bank_info(source.reference_bank, bank_dtype, REFERENCE_BANK_INITIALIZER)
+    info = _graph_bank_info(source, source.reference_bank, bank_dtype, REFERENCE_BANK_INITIALIZER)
     return dataclasses.replace(info, reference_kind=source.guidance.reference_kind)
+
+
+def _graph_bank_info(source: ExportSource, bank: NegativeBank, bank_dtype: BankDtype, initializer: str) -> BankInfo:
+    """``bank`` as initializer ``initializer`` holds it: packed for Flux (the packed array's hash), else as stored."""
+    if source.family != "flux":
+        return _vp_bank_info(bank, bank_dtype, initializer)
+    from safe_denoiser.diffusers.scheduler import sample_space_bank
+
+    packed = sample_space_bank(source.pipe, bank.data).float().numpy()
+    metadata = {**bank.metadata, "packed_from_sha256": bank.sha256(), "layout": "flux packed 2x2 patches"}
+    return BankInfo(
+        count=len(bank),
+        sample_shape=tuple(packed.shape[1:]),
+        sha256=array_sha256(packed),
+        initializer=initializer,
+        metadata=metadata,
+    )
 
 
 def _vp_bank_info(bank: NegativeBank, bank_dtype: BankDtype, initializer: str) -> BankInfo:

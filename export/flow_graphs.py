@@ -3,7 +3,8 @@
 ``FlowDenoiserStep`` is one guided, corrected step between the sampler's x_t and its Euler update: the transformer
 (SD3: on the CFG batch [negative; prompt], then CFG; Flux: one call with the embedded guidance scale, as FLUX.1-dev
 samples), then the safe-denoiser correction of the velocity u = eps - x0 in its own space
-(``core.step.path_correction`` on ``flow_path(sigma)``) with the negative bank as a constant. ``sigma`` is an input:
+(``core.step.path_correction`` on ``flow_path(sigma)``) with the negative bank as a constant (and, for the odds preset,
+the reference bank of Theorem 1's beta as a second one, packed like the negative bank). ``sigma`` is an input:
 the schedule (shift, Flux's dynamic shifting ``mu``) is host-side work (``export.flow_sampler``).
 
 Inputs (B = the request batch):
@@ -45,7 +46,7 @@ from safe_denoiser.core.kernel import bank_sq_norms
 from safe_denoiser.core.paths import flow_path, x0_from_prediction
 from safe_denoiser.core.step import path_correction
 
-from .manifest import BANK_INITIALIZER, BANK_NORMS_INITIALIZER
+from .manifest import BANK_INITIALIZER, BANK_NORMS_INITIALIZER, REFERENCE_BANK_INITIALIZER, REFERENCE_NORMS_INITIALIZER
 
 __all__ = ["FlowDenoiserStep", "FlowFamily", "flow_family", "register_rms_norm", "traceable_rotary"]
 
@@ -68,10 +69,13 @@ class FlowDenoiserStep(nn.Module):
         guidance: the correction's settings (theorem preset), or None (no bank, no correction outputs).
         bank: the negative bank in the space the scheduler steps (Flux: packed, (N, h w / 4, 4 C)).
         image_ids: Flux's image position ids (h w / 4, 3) (required for "flux"); its text ids are zeros.
+        reference_bank: the odds preset's reference bank, in the bank's space (required with ``beta_mode="odds"``).
     """
 
     bank: Tensor
     bank_sq_norms: Tensor
+    reference_bank: Tensor
+    reference_sq_norms: Tensor
     image_ids: Tensor
 
     def __init__(
@@ -81,6 +85,7 @@ class FlowDenoiserStep(nn.Module):
         guidance: SafeGuidance | None = None,
         bank: Tensor | None = None,
         image_ids: Tensor | None = None,
+        reference_bank: Tensor | None = None,
     ) -> None:
         super().__init__()
         if family not in ("sd3", "flux"):
@@ -89,12 +94,21 @@ class FlowDenoiserStep(nn.Module):
             raise ValueError("FlowDenoiserStep: the correction needs a bank and the theorem preset")
         if family == "flux" and image_ids is None:
             raise ValueError("FlowDenoiserStep: Flux needs its image position ids")
+        if (guidance is not None and guidance.beta_mode == "odds") != (reference_bank is not None):
+            raise ValueError("FlowDenoiserStep: a reference bank is required with beta_mode 'odds' and used only there")
         self.transformer = transformer
         self.family = family
         self.guidance = guidance
-        self.register_buffer("bank", torch.empty(0) if bank is None else bank.detach().float().clone())
-        self.register_buffer("bank_sq_norms", bank_sq_norms(self.bank) if bank is not None else torch.empty(0))
+        for name, data in (("bank", bank), ("reference_bank", reference_bank)):
+            self.register_buffer(name, torch.empty(0) if data is None else data.detach().float().clone())
+        for name, data in (("bank_sq_norms", self.bank), ("reference_sq_norms", self.reference_bank)):
+            self.register_buffer(name, bank_sq_norms(data) if data.numel() else torch.empty(0))
         self.register_buffer("image_ids", torch.empty(0) if image_ids is None else image_ids.detach().clone())
+
+    @property
+    def odds(self) -> bool:
+        """Whether the correction's beta is Theorem 1's odds (the graph then holds the reference bank too)."""
+        return self.guidance is not None and self.guidance.beta_mode == "odds"
 
     @property
     def input_names(self) -> list[str]:
@@ -107,11 +121,18 @@ class FlowDenoiserStep(nn.Module):
     @property
     def constant_names(self) -> list[str]:
         """Inputs that the exporter turns into initializers (after the runtime inputs)."""
-        return [BANK_INITIALIZER, BANK_NORMS_INITIALIZER] if self.guidance is not None else []
+        names = [BANK_INITIALIZER, BANK_NORMS_INITIALIZER] if self.guidance is not None else []
+        return names + ([REFERENCE_BANK_INITIALIZER, REFERENCE_NORMS_INITIALIZER] if self.odds else [])
 
     def constants(self) -> list[Tensor]:
         """The values of ``constant_names``, in order."""
-        return [self.bank, self.bank_sq_norms] if self.guidance is not None else []
+        values = {
+            BANK_INITIALIZER: self.bank,
+            BANK_NORMS_INITIALIZER: self.bank_sq_norms,
+            REFERENCE_BANK_INITIALIZER: self.reference_bank,
+            REFERENCE_NORMS_INITIALIZER: self.reference_sq_norms,
+        }
+        return [values[k] for k in self.constant_names]
 
     @property
     def output_names(self) -> list[str]:
@@ -155,12 +176,23 @@ class FlowDenoiserStep(nn.Module):
         # Given as a constant when exported; in eager calls computed from the bank in the module's own dtype (a
         # float64 reference run then has exact norms, not float32 ones cast up).
         norms = consts.get(BANK_NORMS_INITIALIZER)
+        reference = consts.get(REFERENCE_BANK_INITIALIZER, self.reference_bank) if self.odds else None
+        reference_norms = consts.get(REFERENCE_NORMS_INITIALIZER)
         u = self._velocity(x)
         path = flow_path(x["sigma"])
         record: list[Tensor] = []
         if self.guidance is not None:
             u, rec = path_correction(
-                u, x["sample"], path, "flow", x["timestep"], bank, self.guidance, bank_sq_norms=norms
+                u,
+                x["sample"],
+                path,
+                "flow",
+                x["timestep"],
+                bank,
+                self.guidance,
+                reference,
+                bank_sq_norms=norms,
+                reference_sq_norms=reference_norms,
             )
             record = [rec.applied, rec.log_mass]
         return (u, x0_from_prediction(x["sample"], u, path, "flow"), *record)

@@ -201,7 +201,7 @@ def build_denoiser(
 
 
 def build_flow_denoiser(source: ExportSource, fp16: bool = False) -> FlowDenoiserStep:
-    """The ``FlowDenoiserStep`` of an SD3 / Flux ``source`` (the bank packed as Flux's scheduler steps it)."""
+    """The ``FlowDenoiserStep`` of an SD3 / Flux ``source`` (the banks packed as Flux's scheduler steps them)."""
     from safe_denoiser.diffusers.scheduler import sample_space_bank
 
     family = source.family
@@ -210,22 +210,19 @@ def build_flow_denoiser(source: ExportSource, fp16: bool = False) -> FlowDenoise
         raise ValueError(f"model.sld: SLD is not supported on {family} pipelines (flow matching)")
     if source.guidance is not None and source.guidance.mode != "theorem":
         raise ValueError("model.safe_denoiser: flow matching supports the theorem preset only (not 'reference')")
-    if source.guidance is not None and source.guidance.beta_mode == "odds":
-        raise ValueError(
-            f"model.safe_denoiser.beta_mode: the odds preset is not exported for {family} pipelines (flow matching);"
-            " use beta_mode 'constant' or 'mass'"
-        )
     if source.safree is not None:
         raise ValueError(f"model.safree: SAFREE's export covers SD-1.x text encoders, not {family}")
     transformer = source.pipe.transformer
     if fp16:
         transformer = copy.deepcopy(transformer).half()
     bank = None if source.bank is None else sample_space_bank(source.pipe, source.bank.data)
+    ref = source.reference_bank
+    reference = None if ref is None else sample_space_bank(source.pipe, ref.data, "reference bank")  # as attach packs
     image_ids = None
     if family == "flux":
         _, h, w = source.sample_shape  # unpacked latent shape; the pipeline's ids index 2x2 patches
         image_ids = source.pipe._prepare_latent_image_ids(1, h // 2, w // 2, torch.device("cpu"), torch.float32)
-    return FlowDenoiserStep(transformer.eval(), family, source.guidance, bank, image_ids).eval()
+    return FlowDenoiserStep(transformer.eval(), family, source.guidance, bank, image_ids, reference).eval()
 
 
 def step_sample_shape(source: ExportSource) -> tuple[int, ...]:

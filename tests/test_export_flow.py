@@ -1,4 +1,5 @@
-"""Flow-matching export (SD3, Flux): step graph vs PyTorch, the numpy schedule vs diffusers, whole loops vs ``attach``.
+"""Flow-matching export (SD3, Flux): step graph vs PyTorch, the numpy schedule vs diffusers, whole loops vs ``attach``
+(theorem preset, and the odds preset with a reference bank).
 
 Tolerances as in ``test_export`` (``step_bounds``): each graph output within twice the float32 error bound of the
 float64 step; a whole flow-Euler loop through onnxruntime within twice the relative change that rounding-sized
@@ -15,13 +16,20 @@ import pytest
 import torch
 from torch import Tensor
 
-from safe_denoiser import NegativeBank, attach, detach
+from safe_denoiser import NegativeBank, SafeGuidance, attach, detach
 from safe_denoiser.diffusers.families import FLUX_SCHEDULER_CONFIG, tiny_pipeline
 from safe_denoiser.diffusers.pipelines import make_scheduler
 from safe_denoiser.diffusers.scheduler import sample_space_bank
 from safe_denoiser.export.exporter import ExportSource, export_bundle, load_source
 from safe_denoiser.export.flow_sampler import calculate_shift, flow_euler_step, flow_schedule
-from safe_denoiser.export.manifest import BANK_INITIALIZER, Manifest, read_initializer
+from safe_denoiser.export.manifest import (
+    BANK_INITIALIZER,
+    REFERENCE_BANK_INITIALIZER,
+    REFERENCE_NORMS_INITIALIZER,
+    Manifest,
+    array_sha256,
+    read_initializer,
+)
 from safe_denoiser.export.runtime import Bundle
 
 from step_bounds import check_graph_parity, perturbed
@@ -52,6 +60,18 @@ def _run(pipe: Any, noise: Tensor, **kw: Any) -> np.ndarray:
     return out.numpy()
 
 
+def _unguided_bank(pipe: Any, prompts: list[str], seeds: list[int], path: Path) -> Path:
+    """A bank file of the pipeline's own unguided outputs (unpacked latents, as banks are)."""
+    flux = "Flux" in type(pipe).__name__
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    kw: dict[str, Any] = {"max_sequence_length": TEXT} if flux else {}
+    lat = pipe(prompts, num_inference_steps=STEPS, height=HW, width=HW, generator=gens, output_type="latent", **kw)
+    lat = lat.images
+    if flux:
+        lat = pipe._unpack_latents(lat, HW, HW, pipe.vae_scale_factor)
+    return NegativeBank.from_tensor(lat).save(path)
+
+
 @pytest.fixture(scope="module", params=["sd3", "flux"])
 def flow(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
@@ -59,21 +79,7 @@ def flow(
     """A bundle of the tiny pipeline with a bank of its own unguided outputs (unpacked latents, as banks are)."""
     family = request.param
     work = tmp_path_factory.mktemp(f"flow-{family}")
-    pipe = tiny_pipeline(family)
-    gens = [torch.Generator().manual_seed(s) for s in (0, 1, 2)]
-    kw: dict[str, Any] = {"max_sequence_length": TEXT} if family == "flux" else {}
-    lat = pipe(
-        ["a photo of a cat"] * 3,
-        num_inference_steps=STEPS,
-        height=HW,
-        width=HW,
-        generator=gens,
-        output_type="latent",
-        **kw,
-    ).images
-    if family == "flux":
-        lat = pipe._unpack_latents(lat, HW, HW, pipe.vae_scale_factor)
-    bank = NegativeBank.from_tensor(lat).save(work / "bank.safetensors")
+    bank = _unguided_bank(tiny_pipeline(family), ["a photo of a cat"] * 3, [0, 1, 2], work / "bank.safetensors")
     args = {
         "model": f"tiny-{family}",
         "scheduler": "flow_euler",
@@ -142,12 +148,64 @@ def test_flow_schedule_is_the_schedulers_bit_for_bit(case: str, steps: int) -> N
     assert np.array_equal(flow_euler_step(u, x, got[0], got[1]), want)
 
 
+@pytest.fixture(scope="module")
+def flow_odds(
+    flow: tuple[ExportSource, Manifest, Path], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[ExportSource, Manifest, Path]:
+    """The odds preset on the same pipeline and bank, with a reference bank of outputs for other prompts."""
+    source = flow[0]
+    work = tmp_path_factory.mktemp(f"flow-odds-{source.family}")
+    prompts = ["a red car", "a dog", "a house", "a tree"]
+    reference = _unguided_bank(source.pipe, prompts, [3, 4, 5, 6], work / "reference.safetensors")
+    odds = {"preset": "odds", "eta": 1.0, "window": [0, 1000]}
+    odds_source = load_source({**source.model_args, "reference_bank": str(reference), "safe_denoiser": odds})
+    assert odds_source.guidance == SafeGuidance.odds(window=(0, 1000))
+    out = work / "bundle"
+    return odds_source, export_bundle(odds_source, out), out
+
+
+def test_flow_odds_graph_parity_and_manifest(flow_odds: tuple[ExportSource, Manifest, Path]) -> None:
+    """The reference bank and its norms are initializers (Flux: packed as ``attach`` packs it); the manifest's
+    ``reference_bank`` records the array the graph holds."""
+    source, manifest, out = flow_odds
+    check_graph_parity(source, manifest)
+    spec = manifest.graphs["denoiser"]
+    assert spec.output_names == ["noise_pred", "x0_hat", "correction_applied", "kernel_log_mass"]
+    assert set(spec.constants) >= {BANK_INITIALIZER, REFERENCE_BANK_INITIALIZER, REFERENCE_NORMS_INITIALIZER}
+    ref = source.reference_bank
+    assert ref is not None
+    want = sample_space_bank(source.pipe, ref.data, "reference bank").numpy()
+    in_graph = read_initializer(out / spec.file, REFERENCE_BANK_INITIALIZER)
+    assert np.array_equal(in_graph, want)
+    norms = read_initializer(out / spec.file, REFERENCE_NORMS_INITIALIZER)
+    want_norms = (torch.from_numpy(want).double() ** 2).flatten(1).sum(1).numpy()
+    np.testing.assert_allclose(norms, want_norms, rtol=1e-6)  # float32 sums of float32 squares: ~1e-7 relative
+    info = manifest.reference_bank
+    assert info is not None and info.initializer == REFERENCE_BANK_INITIALIZER and info.reference_kind == "safe"
+    assert (info.count, info.sample_shape, info.dtype) == (4, manifest.sample_shape, "float32")
+    assert info.sha256 == array_sha256(want)
+    if source.family == "flux":
+        assert in_graph.shape == (4, (HW // 4) ** 2, 64) and info.metadata["packed_from_sha256"] == ref.sha256()
+    else:
+        assert info.sha256 == ref.sha256()
+    assert Manifest.load(out) == manifest
+    Bundle(out)  # loads: the hashes of both banks inside the graph check out
+
+
 def test_flow_loop_parity(flow: tuple[ExportSource, Manifest, Path]) -> None:
-    source, manifest, out = flow
+    _check_loop_parity(*flow)
+
+
+def test_flow_odds_loop_parity(flow_odds: tuple[ExportSource, Manifest, Path]) -> None:
+    _check_loop_parity(*flow_odds)
+
+
+def _check_loop_parity(source: ExportSource, manifest: Manifest, out: Path) -> None:
+    """Bundle.sample_flow vs the PyTorch pipeline with ``attach`` (same noise), as the module docstring says."""
     pipe, b = source.pipe, len(PROMPTS)
     noise = torch.randn((b, *manifest.sample_shape), generator=torch.Generator().manual_seed(11))
     assert source.bank is not None and source.guidance is not None
-    handle = attach(pipe, source.bank, source.guidance, record=True)
+    handle = attach(pipe, source.bank, source.guidance, record=True, reference=source.reference_bank)
     try:
         want = _run(pipe, noise)
         applied_pt = np.stack([r.record.applied.numpy() for r in handle.records])
@@ -165,7 +223,8 @@ def test_flow_loop_parity(flow: tuple[ExportSource, Manifest, Path]) -> None:
     got = Bundle(out).sample_flow(pe.numpy(), pooled.numpy(), noise=noise.numpy(), steps=STEPS, **negatives)
     r = rel_err(moved, want)
     err = rel_err(got.sample, want)
-    print(f"{source.family}: onnxruntime vs PyTorch loop rel err {err:.3g}, rounding-sized perturbation {r:.3g}")
+    preset = source.guidance.beta_mode
+    print(f"{source.family} ({preset}): onnxruntime vs PyTorch loop rel err {err:.3g}, rounding-sized change {r:.3g}")
     assert 0 < r < 1e-3 and err <= 2 * r
     assert got.applied is not None and np.array_equal(got.applied, applied_pt) and applied_pt.any()
     assert rel_err(_run(pipe, noise), want) > 10 * r  # unguided: the correction moved the samples beyond rounding
