@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from safe_denoiser.export.manifest import SchedulerInfo
+from safe_denoiser.export.manifest import Manifest, SchedulerInfo
 from safe_denoiser.export.noise import gaussian_noise, philox4x32_10
 from safe_denoiser.export.png import png_bytes
 from safe_denoiser.export.runtime import Bundle, ddim_timesteps
@@ -494,7 +494,8 @@ def test_bad_bundles_and_arguments(cpp: Path, bundles: Path, tmp_path: Path) -> 
     expect_failure(cpp, out, "bundle", "not readable JSON", *gen(b))
     b = copy_bundle(bundles, tmp_path / "tok", "tiny_sld")
     (b / "tokenizer" / "tokenizer.json").write_text("{ nope")
-    expect_failure(cpp, out, "bundle", "tokenizer.json is not JSON", *gen(b, "--prompt", "a cat"))
+    # (past the file hashes, which refuse the edited file first: the tokenizer's own parse error)
+    expect_failure(cpp, out, "bundle", "tokenizer.json is not JSON", *gen(b, "--prompt", "a cat", "--no-verify-files"))
 
     demo = bundles / "demo_theorem"
     expect_failure(cpp, out, "input", "class must lie in 0..12 (10 = no class), got 13", *gen(demo, "--class", "13"))
@@ -560,6 +561,55 @@ def test_odds_bundle_checks(cpp: Path, bundles: Path, tmp_path: Path) -> None:
     b = copy_bundle(bundles, tmp_path / "dtype", "demo_odds_fp16")
     edit_manifest(b, **{"bank.dtype": "float32"})
     expect_failure(cpp, out, "bundle", "is float16, the manifest says float32", *gen, "--bundle", str(b))
+
+
+def flip_byte(path: Path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_every_listed_file_is_hashed(cpp: Path, bundles: Path, tmp_path: Path) -> None:
+    """manifest ``files``: a flipped byte or a missing file is refused naming it, as Python's Manifest.load does;
+    ``--no-verify-files`` skips the hashing."""
+    out = tmp_path / "x.png"
+    for name in ("demo_theorem", "tiny_sld"):
+        info = json.loads(run(cpp, "info", "--bundle", str(bundles / name)).stdout)
+        listed = json.loads((bundles / name / "manifest.json").read_text())["files"]
+        assert info["files_verified"] and info["files"] == len(listed) >= 1, info
+    cases = [
+        ("demo_theorem", "denoiser.onnx", "flip", ("--class", "3")),
+        ("tiny_sld", "tokenizer/tokenizer.json", "flip", ("--prompt", "a cat")),
+        ("tiny_sld", "tokenizer/tokenizer_config.json", "flip", ("--prompt", "a cat")),
+        ("tiny_sld", "text_encoder.onnx", "flip", ("--prompt", "a cat")),
+        ("tiny_sld", "tokenizer/tokenizer_config.json", "remove", ("--prompt", "a cat")),
+    ]
+    for i, (name, file, how, cond) in enumerate(cases):
+        b = copy_bundle(bundles, tmp_path / f"case{i}", name)
+        if how == "flip":
+            flip_byte(b / file, (b / file).stat().st_size // 2)
+            needle = f"file '{file}' does not match the manifest"
+        else:
+            (b / file).unlink()
+            needle = f"file '{file}' listed in the manifest is missing"
+        args = ("generate", "--bundle", str(b), "--seed", "1", "--steps", "2", "--out", str(out), *cond)
+        expect_failure(cpp, out, "bundle", needle, *args)
+        with pytest.raises(ValueError, match=f"'{file}'"):  # the Python runtime refuses the same file
+            Manifest.load(b)
+    # The opt-out: a recorded hash that no longer matches is refused, skipped with --no-verify-files (same image).
+    b = copy_bundle(bundles, tmp_path / "optout")
+    data = json.loads((b / "manifest.json").read_text())
+    data["files"]["denoiser.onnx"] = "a" * 64
+    (b / "manifest.json").write_text(json.dumps(data))
+    opts = ("generate", "--seed", "5", "--steps", "3", "--class", "2")
+    expect_failure(
+        cpp, out, "bundle", "file 'denoiser.onnx' does not match", *opts, "--bundle", str(b), "--out", str(out)
+    )
+    run(cpp, *opts, "--bundle", str(b), "--out", str(out), "--no-verify-files")
+    run(cpp, *opts, "--bundle", str(bundles / "demo_theorem"), "--out", str(tmp_path / "intact.png"))
+    assert out.read_bytes() == (tmp_path / "intact.png").read_bytes()
+    info = json.loads(run(cpp, "info", "--bundle", str(b), "--no-verify-files").stdout)
+    assert info["files_verified"] is False
 
 
 def test_cuda_append_path_fails_cleanly(cpp: Path, bundles: Path, tmp_path: Path) -> None:

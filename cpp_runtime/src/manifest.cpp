@@ -5,6 +5,7 @@
 
 #include "onnx_initializer.hpp"
 #include "safe_denoiser_cpp/files.hpp"
+#include "safe_denoiser_cpp/integrity.hpp"
 #include "safe_denoiser_cpp/runtime.hpp"
 
 namespace sdcpp {
@@ -100,6 +101,26 @@ void check_bank_constant(const std::string& onnx, const BankInfo& info, const st
 
 bool safe_relative(const std::string& file) {
   return !file.empty() && file[0] != '/' && file.find("..") == std::string::npos;
+}
+
+bool is_sha256_hex(const std::string& s) {
+  return s.size() == 64 && s.find_first_not_of("0123456789abcdef") == std::string::npos;
+}
+
+// manifest "files": relative path -> sha256 (absent in bundles exported before it existed: nothing to check).
+std::map<std::string, std::string> file_hashes(const json& data) {
+  std::map<std::string, std::string> out;
+  if (!data.contains("files") || data.at("files").is_null()) return out;
+  const auto& files = data.at("files");
+  if (!files.is_object()) bad("files must be an object {relative path: sha256}");
+  for (const auto& [name, digest] : files.items()) {
+    if (!safe_relative(name)) bad("files names an unsafe path '" + name + "'");
+    if (!digest.is_string() || !is_sha256_hex(digest.get<std::string>())) {
+      bad("files['" + name + "'] must be a sha256 (64 lower-case hex digits), got " + digest.dump());
+    }
+    out[name] = digest.get<std::string>();
+  }
+  return out;
 }
 }  // namespace
 
@@ -204,6 +225,7 @@ Manifest Manifest::parse(const std::string& text) {
       m.num_class_labels = n.get<int64_t>();
     }
     for (const auto& [name, g] : require(data, "graphs", "the manifest").items()) m.graphs[name] = graph(g, name);
+    m.files = file_hashes(data);
   } catch (const json::exception& e) {
     bad(std::string("invalid content: ") + e.what());
   }
@@ -211,7 +233,7 @@ Manifest Manifest::parse(const std::string& text) {
   return m;
 }
 
-Manifest Manifest::load(const std::string& bundle_dir, bool check_bank) {
+Manifest Manifest::load(const std::string& bundle_dir, bool check_bank, bool check_files) {
   if (!is_dir(bundle_dir)) throw Error(ErrorKind::bundle, "bundle '" + bundle_dir + "' is not a folder");
   const std::string path = bundle_dir + "/manifest.json";
   if (!is_file(path)) throw Error(ErrorKind::bundle, "bundle '" + bundle_dir + "' has no manifest.json");
@@ -236,6 +258,8 @@ Manifest Manifest::load(const std::string& bundle_dir, bool check_bank) {
   if (m.tokenizer && (!safe_relative(*m.tokenizer) || !is_dir(bundle_dir + "/" + *m.tokenizer))) {
     throw Error(ErrorKind::bundle, "bundle '" + bundle_dir + "': tokenizer folder '" + *m.tokenizer + "' is missing");
   }
+  // Before the bank check: a damaged denoiser.onnx is reported as a damaged file, not as what parsing it gives.
+  if (check_files) verify_files(bundle_dir, m.files);
   if (m.guidance_mode.has_value() != m.bank.has_value()) bad("guidance and bank must both be set or both be null");
   // The odds preset's beta (Theorem 1) needs the reference bank inside the graph; this runtime only feeds the graph.
   const bool odds = m.guidance_mode.has_value() && m.beta_mode == "odds";

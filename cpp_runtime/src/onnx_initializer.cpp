@@ -1,7 +1,5 @@
 #include "onnx_initializer.hpp"
 
-#include <openssl/evp.h>
-
 #include <cstdio>
 #include <fstream>
 #include <memory>
@@ -235,21 +233,6 @@ Initializer read_float_initializer(const std::string& onnx_path, const std::stri
   }
   if (!saw_graph) r.fail("no graph");
   throw Error(ErrorKind::bundle, "'" + onnx_path + "' has no initializer named '" + name + "'");
-}
-
-std::string sha256_hex(const std::string& bytes) {
-  unsigned char digest[EVP_MAX_MD_SIZE];
-  unsigned int len = 0;
-  if (EVP_Digest(bytes.data(), bytes.size(), digest, &len, EVP_sha256(), nullptr) != 1) {
-    throw Error(ErrorKind::runtime, "sha256 failed");
-  }
-  static const char* hex = "0123456789abcdef";
-  std::string out;
-  for (unsigned int i = 0; i < len; ++i) {
-    out += hex[digest[i] >> 4];
-    out += hex[digest[i] & 15];
-  }
-  return out;
 }
 
 }  // namespace sdcpp

@@ -18,6 +18,5 @@ struct Initializer {
 // Error(bundle) naming the file when it is not ONNX, has no such initializer, the tensor is not float32 or
 // float16, or its bytes do not fill its shape.
 Initializer read_float_initializer(const std::string& onnx_path, const std::string& name);
-std::string sha256_hex(const std::string& bytes);
 
 }  // namespace sdcpp

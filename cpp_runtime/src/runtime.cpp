@@ -315,7 +315,7 @@ std::unique_ptr<Runtime> Runtime::open(const std::string& bundle_dir, const Runt
   auto impl = std::make_unique<Impl>();
   impl->dir = bundle_dir;
   impl->opt = options;
-  impl->m = Manifest::load(bundle_dir, options.check_bank);
+  impl->m = Manifest::load(bundle_dir, options.check_bank, options.check_files);
   const Manifest& m = impl->m;
   Ort::SessionOptions so;
   so.SetLogSeverityLevel(3);

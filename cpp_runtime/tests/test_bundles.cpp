@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "safe_denoiser_cpp/files.hpp"
+#include "safe_denoiser_cpp/integrity.hpp"
 #include "safe_denoiser_cpp/noise.hpp"
 #include "safe_denoiser_cpp/runtime.hpp"
 
@@ -173,6 +174,65 @@ TEST(BadInput, BrokenBundlesAreRefused) {
   fs::remove(dir + "/tokenizer/tokenizer.json");
   EXPECT_EQ(open_error(dir, {}, &why), ErrorKind::bundle);
   EXPECT_NE(why.find("tokenizer.json"), std::string::npos);
+}
+
+void flip_byte(const std::string& path, size_t at) {
+  std::string bytes = read_file(path);
+  ASSERT_LT(at, bytes.size());
+  bytes[at] = static_cast<char>(bytes[at] ^ 0x01);
+  atomic_write(path, bytes);
+}
+
+std::string load_error(const std::string& dir, bool check_files = true) {
+  try {
+    Manifest::load(dir, true, check_files);
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::bundle) << e.what();
+    return e.what();
+  }
+  return "accepted";
+}
+
+TEST(BadInput, EveryListedFileIsHashed) {
+  // Intact bundles load; their files' hashes (recorded by Python's hashlib at export) equal the C++ ones.
+  for (const char* name : {"demo_theorem", "tiny_sld"}) {
+    const Manifest m = Manifest::load(bundle(name));
+    EXPECT_GE(m.files.size(), std::string(name) == "tiny_sld" ? 5u : 1u) << name;
+    for (const auto& [file, digest] : m.files) EXPECT_EQ(file_sha256(bundle(name) + "/" + file), digest) << file;
+  }
+  // One flipped byte in the denoiser's weights (the middle of the file), or in a tokenizer file.
+  auto dir = copy_bundle("demo_theorem");
+  flip_byte(dir + "/denoiser.onnx", fs::file_size(dir + "/denoiser.onnx") / 2);
+  EXPECT_NE(load_error(dir).find("file 'denoiser.onnx' does not match the manifest"), std::string::npos)
+      << load_error(dir);
+  for (const char* file : {"tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json", "vae_decoder.onnx"}) {
+    dir = copy_bundle("tiny_sld");
+    flip_byte(dir + "/" + file, 10);
+    EXPECT_NE(load_error(dir).find("file '" + std::string(file) + "' does not match the manifest"), std::string::npos)
+        << load_error(dir);
+  }
+  dir = copy_bundle("tiny_sld");
+  fs::remove(dir + "/tokenizer/tokenizer_config.json");
+  EXPECT_NE(load_error(dir).find("file 'tokenizer/tokenizer_config.json' listed in the manifest is missing"),
+            std::string::npos)
+      << load_error(dir);
+  // The opt-out: a recorded hash that no longer matches is refused, and accepted with check_files off.
+  dir = copy_bundle("demo_theorem");
+  edit_manifest(dir, [](nlohmann::json& d) { d["files"]["denoiser.onnx"] = std::string(64, 'a'); });
+  std::string why;
+  EXPECT_EQ(open_error(dir, {}, &why), ErrorKind::bundle);
+  EXPECT_NE(why.find("'denoiser.onnx' does not match"), std::string::npos) << why;
+  RuntimeOptions skip;
+  skip.check_files = false;
+  EXPECT_EQ(open_error(dir, skip, &why), static_cast<ErrorKind>(0)) << why;
+  // A malformed list is refused whether or not the files are hashed.
+  dir = copy_bundle("demo_theorem");
+  edit_manifest(dir, [](nlohmann::json& d) { d["files"]["../manifest.json"] = std::string(64, 'a'); });
+  EXPECT_NE(load_error(dir, false).find("unsafe path '../manifest.json'"), std::string::npos) << load_error(dir, false);
+  dir = copy_bundle("demo_theorem");
+  edit_manifest(dir, [](nlohmann::json& d) { d["files"]["denoiser.onnx"] = "ABC"; });
+  EXPECT_NE(load_error(dir, false).find("files['denoiser.onnx'] must be a sha256"), std::string::npos)
+      << load_error(dir, false);
 }
 
 TEST(BadInput, ProvidersAbsentFromTheLibraryAreClearErrors) {

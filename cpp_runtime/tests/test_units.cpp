@@ -1,5 +1,6 @@
 // Unit tests that need no bundle: Philox known answers, noise statistics, timesteps, the DDIM update against a
-// float64 recomputation, PNG structure and round trip, .npy I/O, atomic writes, manifest and provider errors.
+// float64 recomputation, PNG structure and round trip, .npy I/O, atomic writes, SHA-256 against FIPS 180-4's
+// examples and the bundle file check, manifest and provider errors.
 #include <gtest/gtest.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -11,6 +12,7 @@
 
 #include "safe_denoiser_cpp/files.hpp"
 #include "safe_denoiser_cpp/image.hpp"
+#include "safe_denoiser_cpp/integrity.hpp"
 #include "safe_denoiser_cpp/noise.hpp"
 #include "safe_denoiser_cpp/runtime.hpp"
 #include "safe_denoiser_cpp/scheduler.hpp"
@@ -228,6 +230,72 @@ TEST(Files, AtomicWriteLeavesNothingOnFailure) {
   EXPECT_EQ(read_file(dir + "/x.txt"), "two");
   std::system(("ls " + dir + " | grep -c tmp > " + dir + "/count || true").c_str());
   EXPECT_EQ(read_file(dir + "/count"), "0\n");
+}
+
+// FIPS 180-4's SHA-256 examples (NIST CSRC "Examples with Intermediate Values"), plus the empty message.
+TEST(Sha256, Fips180_4ExamplesForStringsAndFiles) {
+  const std::string dir = temp_dir();
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"", "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"},
+      {"abc", "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"},
+      {"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq",
+       "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1"},
+      {"abcdefghbcdefghicdefghijdefghijkefghijklfghijklmghijklmnhijklmnoijklmnopjklmnopqklmnopqrlmnopqrsmnopqrstnopqrstu",
+       "cf5b16a778af8380036ce59e7b0492370b249b11e8f07a51afac45037afee9d1"},
+      {std::string(1000000, 'a'), "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0"},
+  };
+  for (const auto& [message, digest] : cases) {
+    EXPECT_EQ(sha256_hex(message), digest) << message.size() << " bytes";
+    atomic_write(dir + "/m.bin", message);
+    EXPECT_EQ(file_sha256(dir + "/m.bin"), digest) << message.size() << " bytes";
+  }
+}
+
+TEST(Sha256, FileHashCrossesChunkBoundaries) {
+  // 3 MiB + 13 bytes: the 1 MiB chunked file hash equals the one-shot hash of the same bytes.
+  const std::string dir = temp_dir();
+  std::string bytes((3u << 20) + 13, '\0');
+  uint32_t x = 12345;
+  for (auto& c : bytes) c = static_cast<char>((x = x * 1664525u + 1013904223u) >> 24);
+  atomic_write(dir + "/big.bin", bytes);
+  EXPECT_EQ(file_sha256(dir + "/big.bin"), sha256_hex(bytes));
+  try {
+    file_sha256(dir + "/absent.bin");
+    FAIL() << "hashed a missing file";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::io);
+    EXPECT_NE(std::string(e.what()).find("absent.bin"), std::string::npos);
+  }
+}
+
+TEST(Integrity, VerifyFilesNamesTheMissingOrAlteredFile) {
+  const std::string dir = temp_dir();
+  ASSERT_EQ(::mkdir((dir + "/sub").c_str(), 0700), 0);
+  atomic_write(dir + "/a.onnx", std::string("abc"));
+  atomic_write(dir + "/sub/b.json", std::string(""));
+  const std::map<std::string, std::string> expected = {
+      {"a.onnx", "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"},
+      {"sub/b.json", "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"}};
+  EXPECT_NO_THROW(verify_files(dir, expected));
+  EXPECT_NO_THROW(verify_files(dir, {}));
+  const auto message = [&]() {
+    try {
+      verify_files(dir, expected);
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::bundle);
+      return std::string(e.what());
+    }
+    return std::string("accepted");
+  };
+  atomic_write(dir + "/sub/b.json", std::string(" "));
+  EXPECT_NE(message().find("file 'sub/b.json' does not match the manifest (sha256 36a9e7f1c95b82ff..., recorded "
+                           "e3b0c44298fc1c14...)"),
+            std::string::npos)
+      << message();
+  ::unlink((dir + "/sub/b.json").c_str());
+  EXPECT_NE(message().find("file 'sub/b.json' listed in the manifest is missing"), std::string::npos) << message();
+  atomic_write(dir + "/a.onnx", std::string("abd"));  // the first file in path order is named first
+  EXPECT_NE(message().find("file 'a.onnx' does not match"), std::string::npos) << message();
 }
 
 TEST(Manifest, RejectsWrongFormatVersionAndBadJson) {

@@ -101,13 +101,15 @@ struct Manifest {
   std::optional<int64_t> null_class;        // the "no class" label
   std::optional<int64_t> num_class_labels;  // class-embedding rows; absent in older bundles (0..null_class only)
   std::map<std::string, GraphSpec> graphs;
+  std::map<std::string, std::string> files;  // relative path -> sha256 of every graph, data and tokenizer file
 
   bool reference() const { return guidance_mode && *guidance_mode == "reference"; }
   int64_t sample_size() const;  // C * H * W
   int64_t null_label() const { return null_class.value_or(0); }
   int64_t class_label_max() const { return num_class_labels ? *num_class_labels - 1 : null_label(); }
-  // Parse and validate as Manifest.load does: format and version, keys, files present, bank hash (check_bank).
-  static Manifest load(const std::string& bundle_dir, bool check_bank = true);
+  // Parse and validate as Manifest.load does: format and version, keys, files present, bank hash (check_bank),
+  // every file listed in `files` against its sha256 (check_files; false skips reading them, for huge bundles).
+  static Manifest load(const std::string& bundle_dir, bool check_bank = true, bool check_files = true);
   static Manifest parse(const std::string& json_text);  // format, version and content only
 };
 
@@ -118,6 +120,7 @@ struct RuntimeOptions {
   int device_id = 0;             // cuda / tensorrt
   bool trt_fp16 = false;         // tensorrt: fp16 kernels
   bool check_bank = true;
+  bool check_files = true;  // hash every file the manifest lists (false: skip, for a bundle known to be intact)
 };
 
 // One image to generate. Class-conditional bundles take class_label; text bundles take prompt.
