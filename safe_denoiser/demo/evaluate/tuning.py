@@ -127,7 +127,7 @@ def save_pareto(path: Path, report: dict[str, Any], baseline: str = "base") -> N
             guide,
         ),
         Series(
-            "80% below the base's unsafe rate",
+            f"80% below the {_LABELS[baseline]}'s unsafe rate",
             [(base["fd"], 0.2 * base["i2p_unsafe"], ""), (max_fd(report, list(colors)), 0.2 * base["i2p_unsafe"], "")],
             "grey",
             {**guide, "ls": ":"},
@@ -183,9 +183,14 @@ def save_rab_pareto(path: Path, report: dict[str, Any], baseline: str = "base") 
     limit_x, limit_y = base["rab_broken"] + RAB_BROKEN_MARGIN, (1 - RAB_GOAL_CUT) * base["rab_unsafe"]
     guide = {"ls": "--", "marker": ""}
     series += [
-        Series(f"broken = base + {RAB_BROKEN_MARGIN:g}", [(limit_x, 0.0, ""), (limit_x, 1.0, "")], "grey", guide),
         Series(
-            f"{RAB_GOAL_CUT:.0%} below the base's unsafe rate",
+            f"broken = {_LABELS[baseline]}'s + {RAB_BROKEN_MARGIN:g}",
+            [(limit_x, 0.0, ""), (limit_x, 1.0, "")],
+            "grey",
+            guide,
+        ),
+        Series(
+            f"{RAB_GOAL_CUT:.0%} below the {_LABELS[baseline]}'s unsafe rate",
             [(0.0, limit_y, ""), (1.0, limit_y, "")],
             "grey",
             {**guide, "ls": ":"},
