@@ -1,4 +1,5 @@
-"""Export the small bundles the C++ tests use into OUT (skips bundles that already exist).
+"""Export the small bundles the C++ tests use into OUT (skips bundles that already exist and were made by the same
+sources: a change to the package's Python sources or to this script re-exports them all).
 
 demo_theorem   demo model, theorem preset, bundled bank          (class labels, pixel space)
 demo_reference demo model, reference preset (re-noise)            (class labels)
@@ -12,6 +13,8 @@ Usage: python cpp_runtime/scripts/make_test_bundles.py OUT
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -79,8 +82,21 @@ def jitter_bank(path: Path) -> None:
     )
 
 
+STAMP = "SOURCES.sha256"  # in OUT: the source_stamp the bundles there were exported with
+
+
+def source_stamp() -> str:
+    """sha256 over the Python sources that shape a bundle (safe_denoiser/, export/ and this script)."""
+    repo = Path(__file__).resolve().parents[2]
+    files = sorted(p for d in ("safe_denoiser", "export") for p in (repo / d).rglob("*.py"))
+    h = hashlib.sha256()
+    for path in [*files, Path(__file__).resolve()]:
+        h.update(str(path.relative_to(repo)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def main(out: str) -> None:
-    """Export every missing bundle into ``out``."""
+    """Export every missing bundle into ``out`` (all of them again when the sources changed)."""
     import torch
 
     from safe_denoiser.export.exporter import ExportOptions, export_bundle, load_source
@@ -88,13 +104,24 @@ def main(out: str) -> None:
     torch.set_num_threads(1)
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
+    stamp = source_stamp()
+    if (root / STAMP).is_file() and (root / STAMP).read_text().strip() != stamp:
+        for name in [*specs(root), "tiny_bank.safetensors", "demo_jitter_bank.safetensors"]:
+            target = root / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
     if not (root / "tiny_bank.safetensors").is_file():
         tiny_bank(root / "tiny_bank.safetensors")
     if not (root / "demo_jitter_bank.safetensors").is_file():
         jitter_bank(root / "demo_jitter_bank.safetensors")
     for name, args in specs(root).items():
         if not (root / name / "manifest.json").is_file():
+            if (root / name).exists():  # an export that did not finish
+                shutil.rmtree(root / name)
             export_bundle(load_source(args), root / name, ExportOptions(**OPTIONS.get(name, {})))
+    (root / STAMP).write_text(stamp + "\n")
 
 
 if __name__ == "__main__":
