@@ -200,3 +200,29 @@ def test_sparse_second_matmul_keeps_the_result(seed: int, monkeypatch: pytest.Mo
     monkeypatch.setattr(kernel, "SPARSE_ROWS_FRACTION", 10**9)  # never sparse
     dense = forward_kernel_estimate(x_t, bank, 0.9, chunk_size=chunk)
     check(dense.mean, dense.log_mass, ref, "dense")
+
+
+def test_sparse_chunks_grow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a sparse chunk the automatic chunks grow (fewer per-chunk operations); the result stays within the
+    float64 bounds, which hold for any chunking no finer than the automatic one."""
+    import safe_denoiser.core.kernel as kernel
+
+    g = torch.Generator().manual_seed(11)
+    bank = torch.randn(300, *SD, generator=g)
+    x_t = near_bank(bank[[250]], 1, 0.5, seed=12)
+    calls: list[int] = []
+    real = torch.addmm
+
+    def counting(*args: object, **kwargs: object) -> Tensor:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch, "addmm", counting)
+    est = forward_kernel_estimate(x_t, bank, 0.5, bank_sq_norms=bank_sq_norms(bank))
+    grown = len(calls)
+    calls.clear()
+    monkeypatch.setattr(kernel, "SPARSE_GROWTH", 1)
+    forward_kernel_estimate(x_t, bank, 0.5, bank_sq_norms=bank_sq_norms(bank))
+    fixed = len(calls)
+    assert auto_chunks(x_t, bank) >= 4 and grown < fixed, (grown, fixed)
+    check(est.mean, est.log_mass, forward_reference(x_t, bank, 0.5, chunks=auto_chunks(x_t, bank)), "grown chunks")

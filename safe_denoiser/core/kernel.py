@@ -37,6 +37,7 @@ MAX_TRACED_CHUNKS = 16  # automatic chunks in a traced (ONNX) graph, where the l
 # CPU, untraced: when at most 1/SPARSE_ROWS_FRACTION of a chunk's rows carry a non-zero weight (the usual case in
 # high dimension, where the softmax is nearly one-hot), the second matmul gathers just those rows.
 SPARSE_ROWS_FRACTION = 4
+SPARSE_GROWTH = 4  # after a sparse chunk the next automatic chunk is this many times larger
 
 
 class KernelEstimate(NamedTuple):
@@ -186,20 +187,28 @@ def kernel_estimate(
     # nearly one-hot; on a CPU, outside a trace, testing for that on the host is cheap and skips the second matmul or
     # restricts it to the rows that carry weight. Elsewhere the graph stays static.
     skip_underflow = xf.device.type == "cpu" and not tracing
-    for start in range(0, n, step):
-        y = y_all[start : start + step]
+    # Sparse chunks need no cache reuse (the second matmul touches a few rows), so after one, the chunks grow: fewer
+    # per-chunk operations. Only where no widening buffer sized to ``step`` is in use.
+    grow = skip_underflow and buffer is None and chunk_size is None
+    start = 0
+    while start < n:
+        end = min(start + step, n)
+        y = y_all[start:end]
         if buffer is not None:
             y = buffer[: y.shape[0]].copy_(y)  # into cache: the only read of these rows from memory
         if squared:
-            logits = torch.addmm(bias[:, start : start + y.shape[0]], x_scaled, y.T)
+            logits = torch.addmm(bias[:, start:end], x_scaled, y.T)
         else:
-            logits = log_kernel(xf, y, s, v, False, bank_sq_norms=norms[start : start + y.shape[0]])[0]
+            logits = log_kernel(xf, y, s, v, False, bank_sq_norms=norms[start:end])[0]
+        start = end
         new_max = torch.maximum(run_max, logits.amax(dim=1, keepdim=True))
         w = logits.sub_(new_max).exp_()
         rows: Tensor | None = None
         if skip_underflow:
             carries = w.ne(0).any(dim=0)  # bank rows with a non-zero weight for some sample
             count = int(carries.sum())
+            if count * SPARSE_ROWS_FRACTION <= y.shape[0] and grow:
+                step = min(step * SPARSE_GROWTH, n)
             if count == 0:
                 continue  # every weight underflowed to 0: then the max did not move and the update adds exact zeros
             if count * SPARSE_ROWS_FRACTION <= y.shape[0]:
