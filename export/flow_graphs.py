@@ -42,10 +42,10 @@ from torch import Tensor, nn
 
 from safe_denoiser.core.config import SafeGuidance
 from safe_denoiser.core.correction import cfg_combine
-from safe_denoiser.core.kernel import bank_sq_norms
 from safe_denoiser.core.paths import flow_path, x0_from_prediction
 from safe_denoiser.core.step import path_correction
 
+from .graphs import bank_constants, register_banks
 from .manifest import BANK_INITIALIZER, BANK_NORMS_INITIALIZER, REFERENCE_BANK_INITIALIZER, REFERENCE_NORMS_INITIALIZER
 
 __all__ = ["FlowDenoiserStep", "FlowFamily", "flow_family", "register_rms_norm", "traceable_rotary"]
@@ -99,10 +99,7 @@ class FlowDenoiserStep(nn.Module):
         self.transformer = transformer
         self.family = family
         self.guidance = guidance
-        for name, data in (("bank", bank), ("reference_bank", reference_bank)):
-            self.register_buffer(name, torch.empty(0) if data is None else data.detach().float().clone())
-        for name, data in (("bank_sq_norms", self.bank), ("reference_sq_norms", self.reference_bank)):
-            self.register_buffer(name, bank_sq_norms(data) if data.numel() else torch.empty(0))
+        register_banks(self, bank, reference_bank)
         self.register_buffer("image_ids", torch.empty(0) if image_ids is None else image_ids.detach().clone())
 
     @property
@@ -126,12 +123,7 @@ class FlowDenoiserStep(nn.Module):
 
     def constants(self) -> list[Tensor]:
         """The values of ``constant_names``, in order."""
-        values = {
-            BANK_INITIALIZER: self.bank,
-            BANK_NORMS_INITIALIZER: self.bank_sq_norms,
-            REFERENCE_BANK_INITIALIZER: self.reference_bank,
-            REFERENCE_NORMS_INITIALIZER: self.reference_sq_norms,
-        }
+        values = bank_constants(self)
         return [values[k] for k in self.constant_names]
 
     @property

@@ -66,7 +66,15 @@ from .manifest import (
     BankDtype,
 )
 
-__all__ = ["Conditioning", "DenoiserStep", "TextEncoderGraph", "VaeDecoderGraph", "stored_bank"]
+__all__ = [
+    "Conditioning",
+    "DenoiserStep",
+    "TextEncoderGraph",
+    "VaeDecoderGraph",
+    "bank_constants",
+    "register_banks",
+    "stored_bank",
+]
 
 Conditioning = Literal["class_labels", "text"]
 THRESHOLD_INITIALIZER = "reference_threshold"
@@ -78,6 +86,29 @@ def stored_bank(data: Tensor, bank_dtype: BankDtype = "float32") -> Tensor:
     if bank_dtype not in BANK_DTYPES:
         raise ValueError(f"bank_dtype must be one of {BANK_DTYPES}, got {bank_dtype!r}")
     return data.detach().float().to(getattr(torch, bank_dtype)).clone()
+
+
+def register_banks(
+    module: nn.Module, bank: Tensor | None, reference_bank: Tensor | None, bank_dtype: BankDtype = "float32"
+) -> None:
+    """The banks as buffers ``bank`` / ``reference_bank`` (stored as ``bank_dtype``; empty when None) and their
+    float32 squared norms ``bank_sq_norms`` / ``reference_sq_norms``, those of the stored values."""
+    for name, data in (("bank", bank), ("reference_bank", reference_bank)):
+        module.register_buffer(name, torch.empty(0) if data is None else stored_bank(data, bank_dtype))
+    for name, stored in (("bank_sq_norms", "bank"), ("reference_sq_norms", "reference_bank")):
+        values: Tensor = getattr(module, stored)
+        module.register_buffer(name, bank_sq_norms(values.float()) if values.numel() else torch.empty(0))
+
+
+def bank_constants(module: nn.Module) -> dict[str, Tensor]:
+    """The banks' initializer names -> the module's buffers (``register_banks``)."""
+    names = {
+        BANK_INITIALIZER: "bank",
+        BANK_NORMS_INITIALIZER: "bank_sq_norms",
+        REFERENCE_BANK_INITIALIZER: "reference_bank",
+        REFERENCE_NORMS_INITIALIZER: "reference_sq_norms",
+    }
+    return {k: getattr(module, v) for k, v in names.items()}
 
 
 def _widen(bank: Tensor, like: Tensor) -> Tensor:
@@ -137,10 +168,7 @@ class DenoiserStep(nn.Module):
         self.sld = sld
         # Float32 (or float16-stored) constants: the correction accumulates in float32 even when the UNet runs in
         # float16; the norms are float32 and those of the stored (possibly rounded) values.
-        for name, data in (("bank", bank), ("reference_bank", reference_bank)):
-            self.register_buffer(name, torch.empty(0) if data is None else stored_bank(data, bank_dtype))
-        for name, data in (("bank_sq_norms", self.bank), ("reference_sq_norms", self.reference_bank)):
-            self.register_buffer(name, bank_sq_norms(data.float()) if data.numel() else torch.empty(0))
+        register_banks(self, bank, reference_bank, bank_dtype)
         self.register_buffer("threshold", torch.tensor(float(threshold if threshold is not None else 0.0)))
         emb = torch.empty(0) if safety_embedding is None else safety_embedding.detach().float().clone()
         self.register_buffer("safety_embedding", emb)
@@ -187,10 +215,7 @@ class DenoiserStep(nn.Module):
     def constants(self) -> list[Tensor]:
         """The values of ``constant_names``, in order."""
         values = {
-            BANK_INITIALIZER: self.bank,
-            BANK_NORMS_INITIALIZER: self.bank_sq_norms,
-            REFERENCE_BANK_INITIALIZER: self.reference_bank,
-            REFERENCE_NORMS_INITIALIZER: self.reference_sq_norms,
+            **bank_constants(self),
             THRESHOLD_INITIALIZER: self.threshold,
             SAFETY_INITIALIZER: self.safety_embedding,
         }
