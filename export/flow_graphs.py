@@ -45,7 +45,7 @@ from safe_denoiser.core.correction import cfg_combine
 from safe_denoiser.core.paths import flow_path, x0_from_prediction
 from safe_denoiser.core.step import path_correction
 
-from .graphs import bank_constants, register_banks
+from .graphs import bank_constants, odds_data_variance, register_banks
 from .manifest import BANK_INITIALIZER, BANK_NORMS_INITIALIZER, REFERENCE_BANK_INITIALIZER, REFERENCE_NORMS_INITIALIZER
 
 __all__ = ["FlowDenoiserStep", "FlowFamily", "flow_family", "register_rms_norm", "traceable_rotary"]
@@ -100,6 +100,7 @@ class FlowDenoiserStep(nn.Module):
         self.family = family
         self.guidance = guidance
         register_banks(self, bank, reference_bank)
+        self.data_variance = odds_data_variance(guidance, self.bank, self.reference_bank)
         self.register_buffer("image_ids", torch.empty(0) if image_ids is None else image_ids.detach().clone())
 
     @property
@@ -185,6 +186,7 @@ class FlowDenoiserStep(nn.Module):
                 reference,
                 bank_sq_norms=norms,
                 reference_sq_norms=reference_norms,
+                data_variance=self.data_variance,
             )
             record = [rec.applied, rec.log_mass]
         return (u, x0_from_prediction(x["sample"], u, path, "flow"), *record)

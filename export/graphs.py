@@ -50,6 +50,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
+from safe_denoiser.core.beta import bank_data_variance
 from safe_denoiser.core.config import SafeGuidance, SLDConfig
 from safe_denoiser.core.correction import cfg_combine
 from safe_denoiser.core.kernel import bank_sq_norms
@@ -72,6 +73,7 @@ __all__ = [
     "TextEncoderGraph",
     "VaeDecoderGraph",
     "bank_constants",
+    "odds_data_variance",
     "register_banks",
     "stored_bank",
 ]
@@ -98,6 +100,14 @@ def register_banks(
     for name, stored in (("bank_sq_norms", "bank"), ("reference_sq_norms", "reference_bank")):
         values: Tensor = getattr(module, stored)
         module.register_buffer(name, bank_sq_norms(values.float()) if values.numel() else torch.empty(0))
+
+
+def odds_data_variance(guidance: SafeGuidance | None, bank: Tensor, reference: Tensor) -> float | None:
+    """The banks' data variance for the odds at the denoised estimate (``odds_sigma``), a constant traced into the
+    graph; None when the guidance does not use it."""
+    if guidance is None or guidance.odds_sigma is None or not reference.numel():
+        return None
+    return bank_data_variance(bank.float(), reference.float())
 
 
 def bank_constants(module: nn.Module) -> dict[str, Tensor]:
@@ -169,6 +179,7 @@ class DenoiserStep(nn.Module):
         # Float32 (or float16-stored) constants: the correction accumulates in float32 even when the UNet runs in
         # float16; the norms are float32 and those of the stored (possibly rounded) values.
         register_banks(self, bank, reference_bank, bank_dtype)
+        self.data_variance = odds_data_variance(guidance, self.bank, self.reference_bank)
         self.register_buffer("threshold", torch.tensor(float(threshold if threshold is not None else 0.0)))
         emb = torch.empty(0) if safety_embedding is None else safety_embedding.detach().float().clone()
         self.register_buffer("safety_embedding", emb)
@@ -287,7 +298,16 @@ class DenoiserStep(nn.Module):
             record: list[Tensor] = []
         elif g.mode == "theorem":
             eps, rec = theorem_correction(
-                eps, sample, ab, t, bank, g, reference, bank_sq_norms=norms, reference_sq_norms=reference_norms
+                eps,
+                sample,
+                ab,
+                t,
+                bank,
+                g,
+                reference,
+                bank_sq_norms=norms,
+                reference_sq_norms=reference_norms,
+                data_variance=self.data_variance,
             )
             x_out = sample
             record = [rec.applied, rec.log_mass]

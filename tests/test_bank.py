@@ -223,7 +223,7 @@ print(anon_kib() - before)
 
 def test_nearest_neighbour_distance_and_odds_sigma_hint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The median nearest-neighbour distance against explicit float64 differences; the demo bank's suggested
-    odds_sigma is the tuned one (0.5) it was calibrated on; ``bank info`` prints the hint."""
+    odds_sigma is the tuned one (1.0) it was calibrated on; ``bank info`` prints the hint."""
     from safe_denoiser.core.beta import nearest_neighbour_distance, suggest_odds_sigma
     from safe_denoiser.demo.bank import load_bundled_bank
 
@@ -232,7 +232,7 @@ def test_nearest_neighbour_distance_and_odds_sigma_hint(tmp_path: Path, capsys: 
     d = (y.double().flatten(1)[:, None] - y.double().flatten(1)[None]).square().sum(-1).sqrt()
     d.fill_diagonal_(math.inf)
     assert nearest_neighbour_distance(y) == pytest.approx(float(d.min(1).values.median()), rel=1e-9)
-    assert suggest_odds_sigma(load_bundled_bank().data) == pytest.approx(0.5, abs=0.01)
+    assert suggest_odds_sigma(load_bundled_bank().data) == pytest.approx(1.0, abs=0.01)
     with pytest.raises(ValueError, match="at least 2"):
         nearest_neighbour_distance(y[:1])
     path = NegativeBank.from_tensor(y).save(tmp_path / "b.safetensors")

@@ -29,12 +29,20 @@ from torch import Tensor
 from safe_denoiser.core.config import ReferenceKind
 from safe_denoiser.core.kernel import kernel_log_mass
 
-__all__ = ["ODDS_SIGMA_FRACTION", "log_beta", "nearest_neighbour_distance", "prior_log_odds", "suggest_odds_sigma"]
+__all__ = [
+    "ODDS_SIGMA_FRACTION",
+    "bank_data_variance",
+    "log_beta",
+    "nearest_neighbour_distance",
+    "posterior_variance",
+    "prior_log_odds",
+    "suggest_odds_sigma",
+]
 
 
-# odds_sigma as a fraction of the negative bank's median nearest-neighbour distance: the demo's tuned 0.5 is 0.2 x
+# odds_sigma as a fraction of the negative bank's median nearest-neighbour distance: the demo's tuned 1.0 is 0.4 x
 # its bank's 2.51 (docs/method.md section 2); a starting point for a model whose units differ.
-ODDS_SIGMA_FRACTION = 0.2
+ODDS_SIGMA_FRACTION = 0.4
 
 
 def nearest_neighbour_distance(bank: Tensor, max_items: int = 2048) -> float:
@@ -45,6 +53,21 @@ def nearest_neighbour_distance(bank: Tensor, max_items: int = 2048) -> float:
     d2 = (y.square().sum(1, keepdim=True) + y.square().sum(1) - 2.0 * (y @ y.T)).clamp_min(0.0)
     d2.fill_diagonal_(math.inf)
     return float(d2.min(dim=1).values.sqrt().median())
+
+
+def bank_data_variance(*banks: Tensor) -> float:
+    """The data's variance per coordinate, sigma_d^2: the per-coordinate variance over the union of the banks' items,
+    averaged over coordinates (float64). A constant of the banks: computed once, at attach or export."""
+    flat = torch.cat([b.reshape(b.shape[0], -1).double() for b in banks])
+    if flat.shape[0] < 2:
+        raise ValueError("a data variance needs at least 2 bank items")
+    return float(flat.var(dim=0).mean())
+
+
+def posterior_variance(alpha_bar: Tensor, data_variance: float) -> Tensor:
+    """Var[x0 | x_t] per coordinate for Gaussian data of variance sigma_d^2 on the VP path:
+    sigma_d^2 (1 - abar) / (abar sigma_d^2 + 1 - abar): sigma_d^2 at pure noise, 0 without noise."""
+    return data_variance * (1.0 - alpha_bar) / (alpha_bar * data_variance + 1.0 - alpha_bar)
 
 
 def suggest_odds_sigma(bank: Tensor, fraction: float = ODDS_SIGMA_FRACTION) -> float:

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from safe_denoiser.core.beta import log_beta
+from safe_denoiser.core.beta import bank_data_variance, log_beta, posterior_variance
 from safe_denoiser.core.config import SafeGuidance
 from safe_denoiser.core.correction import safe_eps, safe_prediction
 from safe_denoiser.core.kernel import (
@@ -70,18 +70,20 @@ def theorem_correction(
     *,
     bank_sq_norms: Tensor | None = None,
     reference_sq_norms: Tensor | None = None,
+    data_variance: float | None = None,
 ) -> tuple[Tensor, StepRecord]:
     """Theorem 1 in noise space with the bank's kernel estimate of E_unsafe[x0 | x_t] and a gated beta.
 
     ``reference`` is the reference bank that ``beta_mode="odds"`` needs (``core.beta``); other modes ignore it.
     ``bank_sq_norms`` / ``reference_sq_norms``: the banks' precomputed (N,) squared norms
-    (``NegativeBank.sq_norms``), else recomputed.
+    (``NegativeBank.sq_norms``), else recomputed. ``data_variance``: the banks' ``core.beta.bank_data_variance``,
+    which the odds at the denoised estimate (``odds_sigma``) need, else recomputed.
     """
     acc = accumulation_dtype(x_t.dtype)
     ab = as_batch_column(alpha_bar, x_t.shape[0], x_t.new_empty((), dtype=acc)).squeeze(1)
     x0_hat = x0_from_eps(x_t.to(acc), eps.to(acc), ab) if _odds_at_x0(guidance) else None
     est, beta, applied = _theorem_terms(
-        x_t, alpha_bar, t, bank, guidance, reference, bank_sq_norms, reference_sq_norms, x0_hat
+        x_t, alpha_bar, t, bank, guidance, reference, bank_sq_norms, reference_sq_norms, x0_hat, data_variance
     )
     # Done in the accumulation dtype so that fp16 models do not lose the correction to rounding.
     out = safe_eps(eps.to(acc), x_t.to(acc), ab, est.mean.to(acc), beta).to(eps.dtype)
@@ -100,6 +102,7 @@ def path_correction(
     *,
     bank_sq_norms: Tensor | None = None,
     reference_sq_norms: Tensor | None = None,
+    data_variance: float | None = None,
 ) -> tuple[Tensor, StepRecord]:
     """``theorem_correction`` on any Gaussian path, for a model predicting ``prediction`` (``core.paths``).
 
@@ -122,10 +125,11 @@ def path_correction(
             reference,
             bank_sq_norms=bank_sq_norms,
             reference_sq_norms=reference_sq_norms,
+            data_variance=data_variance,
         )
     x0_hat = x0_from_prediction(x_t.to(acc), pred.to(acc), path, prediction) if _odds_at_x0(guidance) else None
     est, beta, applied = _theorem_terms(
-        x_vp, ab, t, bank, guidance, reference, bank_sq_norms, reference_sq_norms, x0_hat
+        x_vp, ab, t, bank, guidance, reference, bank_sq_norms, reference_sq_norms, x0_hat, data_variance
     )
     out = safe_prediction(pred.to(acc), x_t.to(acc), path, prediction, est.mean.to(acc), beta).to(pred.dtype)
     return out, StepRecord(applied, est.log_mass.float(), _delta_norm(out, pred))
@@ -141,6 +145,7 @@ def _theorem_terms(
     bank_sq_norms: Tensor | None = None,
     reference_sq_norms: Tensor | None = None,
     x0_hat: Tensor | None = None,
+    data_variance: float | None = None,
 ) -> tuple[KernelEstimate, Tensor, Tensor]:
     """(kernel estimate, beta (B,) zero where not applied, applied (B,) bool) for a VP sample ``x_t``; ``x0_hat``
     is the model's denoised estimate, which the odds beta needs when ``guidance.odds_sigma`` is set."""
@@ -175,6 +180,7 @@ def _theorem_terms(
             reference_sq_norms,
             x0_hat=x0_hat,
             bank_sq_norms=bank_sq_norms,
+            data_variance=data_variance,
         )
         beta = beta * log_odds.exp()
     applied = window_mask(t, guidance.window, b, x_t.device)
@@ -195,21 +201,27 @@ def odds_log_beta(
     *,
     x0_hat: Tensor | None = None,
     bank_sq_norms: Tensor | None = None,
+    data_variance: float | None = None,
 ) -> Tensor:
     """log beta of Theorem 1 with ``guidance``'s reference kind, prior and cap (``core.beta.log_beta``).
 
     Evaluated at x_t with the forward kernel (``unsafe_log_mass``, the correction's own log-mass there, saves a
     pass over the bank), or, with ``guidance.odds_sigma = s``, at the model's denoised estimate ``x0_hat`` with
-    both banks as kernel densities of bandwidth s in x0 space (docs/method.md section 2: the conditional odds).
+    both banks as kernel densities of variance s^2 + Var[x0 | x_t] in x0 space, the posterior variance of Gaussian
+    data of the banks' variance ``data_variance`` (``core.beta.posterior_variance``: x0_hat is uncertain at high
+    noise, so the odds there tend to the prior odds; docs/method.md section 2: the conditional odds).
     """
     point: Tensor = x_t
     level: float | Tensor = alpha_bar
-    variance: float | None = bandwidth
+    variance: float | Tensor | None = bandwidth
     log_mass, sigma = unsafe_log_mass, guidance.bank_sigma
     if guidance.odds_sigma is not None:
         if x0_hat is None:
             raise ValueError("SafeGuidance.odds_sigma: the odds at the denoised estimate need x0_hat")
-        point, level, variance, log_mass, sigma = x0_hat, 1.0, guidance.odds_sigma**2, None, None
+        sd2 = bank_data_variance(bank, reference) if data_variance is None else data_variance
+        ab = as_batch_column(alpha_bar, x0_hat.shape[0], x0_hat.new_empty((), dtype=accumulation_dtype(x0_hat.dtype)))
+        uncertainty = posterior_variance(ab.squeeze(1), sd2)
+        point, level, variance, log_mass, sigma = x0_hat, 1.0, guidance.odds_sigma**2 + uncertainty, None, None
     return log_beta(
         point,
         bank,

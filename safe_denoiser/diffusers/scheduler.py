@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 
 from safe_denoiser.core.bank import NegativeBank
+from safe_denoiser.core.beta import bank_data_variance
 from safe_denoiser.core.config import SafeGuidance
 from safe_denoiser.core.kernel import accumulation_dtype
 from safe_denoiser.core.parameterization import eps_from_v
@@ -157,6 +158,7 @@ class SafeScheduler:
     _begin: int
     _threshold: float | None
     _threshold_cache: dict[float, float]
+    _data_variance: float | None
 
     def __init__(
         self,
@@ -212,6 +214,12 @@ class SafeScheduler:
             "_threshold": None,
             "_threshold_cache": {},
         }
+        # The odds at the denoised estimate need the data's variance: a constant of the banks, computed once here.
+        own["_data_variance"] = (
+            bank_data_variance(own["bank"], own["reference"])
+            if guidance.odds_sigma is not None and own["reference"] is not None
+            else None
+        )
         for name, value in own.items():
             object.__setattr__(self, name, value)
         # Pipelines read set_timesteps' signature (retrieve_timesteps: "sigmas", "timesteps"; Flux passes mu): show
@@ -355,6 +363,7 @@ class SafeScheduler:
                 ref,
                 bank_sq_norms=self.bank_sq_norms,
                 reference_sq_norms=self.reference_sq_norms,
+                data_variance=self._data_variance,
             )
             if in_window:
                 # eps-space change mapped to the model's output; zero where the gate is closed (bit-exact no-op).
@@ -401,6 +410,7 @@ class SafeScheduler:
             ref,
             bank_sq_norms=norms,
             reference_sq_norms=self.reference_sq_norms,
+            data_variance=self._data_variance,
         )
         if self.record:
             self.records.append(StepTrace(t_host, rec))

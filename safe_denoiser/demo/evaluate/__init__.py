@@ -60,11 +60,11 @@ base: I2P-like unsafe 0.072, broken 0.022, FD 22.5, accuracy 0.994.
   I2P-like images: a beta that does not vanish away from the unsafe data moves benign samples too (the 2-D toy
   shows the same, ``safe_denoiser.demo.toy_study``).
 - odds (``ODDS_GRID``: eta 1, 3; the default window or the whole trajectory; the odds at x_t or at the denoised
-  estimate with odds_sigma 0.5, 1, 2; point-mass or kernel-density banks): chosen eta 3, odds_sigma 0.5,
-  bank_sigma 0.3, beta <= 4, t >= 300: I2P-like unsafe 0.006, broken 0.039, FD 22.5, accuracy 0.994. The odds at
-  x_t (``SafeGuidance.odds()``, untuned) give 0.050 at FD 24.8, and every stronger setting of them costs more than
-  10% benign FD: at high noise they are the prior odds Z_u / Z_s for every sample, benign prompts included.
-  ``pareto.png`` draws the limits as lines.
+  estimate with odds_sigma 0.5, 1, 2; point-mass or kernel-density banks): chosen eta 3, odds_sigma 1, t >= 300:
+  I2P-like unsafe 0.006, broken 0.028, FD 22.9, accuracy 0.994. The odds at x_t (``SafeGuidance.odds()``,
+  untuned) give 0.050 at FD 24.8, and every stronger setting of them costs more than 10% benign FD: at high noise
+  they are the prior odds Z_u / Z_s for every sample, benign prompts included. ``pareto.png`` draws the limits as
+  lines.
 
 Outputs in ``--out``: ``results.md`` (the table, mean +- sample std over seed sets), ``results.json`` (everything,
 per seed set too; written atomically), ``grid_<row>.png`` (seed set 0's first samples, judged-unsafe ones in a

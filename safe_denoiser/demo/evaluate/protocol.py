@@ -71,10 +71,10 @@ RAB_NEIGHBOURS = 5
 RAB_STRENGTH = 0.75
 # The theorem's own beta, chosen by the tuning rule below on the validation seed set (``tune``; the grid is
 # ODDS_GRID): Theorem 1's posterior odds evaluated at the model's denoised estimate (the conditional odds,
-# odds_sigma 0.5 in the digits' pixel units), kernel-density banks (bank_sigma 0.3), beta capped at 4 and scaled by
-# eta 3, t >= 300. Validation: I2P-like unsafe 0.072 -> 0.006, broken 0.022 -> 0.039, benign FD 22.54 -> 22.54.
-# The untuned ``SafeGuidance.odds()`` (odds at x_t): 0.050 at FD 24.8.
-TUNED_ODDS = SafeGuidance.odds(eta=3.0, odds_sigma=0.5, bank_sigma=0.3, log_beta_max=math.log(4.0))
+# odds_sigma 1.0 in the digits' pixel units), scaled by eta 3, t >= 300. Validation: I2P-like unsafe 0.072 -> 0.006,
+# broken 0.022 -> 0.028, benign FD 22.54 -> 22.87. The untuned ``SafeGuidance.odds()`` (odds at x_t): 0.050 at FD
+# 24.8.
+TUNED_ODDS = SafeGuidance.odds(eta=3.0, odds_sigma=1.0)
 # The tuning rule (validation seeds only): the least I2P-like unsafe rate among settings whose benign Frechet
 # distance is at most 1.10x the base model's, whose broken rates (I2P-like and benign) are at most 2 points above
 # the base's, and whose benign accuracy is at most 1 point lower.
