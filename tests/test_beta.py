@@ -187,3 +187,15 @@ def test_conditional_odds_do_not_break_the_toy() -> None:
     final, _ = sample_toy(mixture, noise, 50, "safe", bank, guidance, reference=reference)
     m = toy_metrics(mixture, final)
     assert m["unsafe_fraction"] <= 0.01 and m["off_data_fraction"] <= 0.04, m
+
+
+def test_bank_data_variance_chunked_equals_torch_var() -> None:
+    """Two chunked float64 passes over several banks equal torch.var over their union (the unbiased estimate)."""
+    from safe_denoiser.core.beta import bank_data_variance
+
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(7, 2, 3, generator=g) + 3.0, torch.randn(12, 2, 3, generator=g)
+    want = float(torch.cat([a, b]).double().flatten(1).var(dim=0).mean())
+    assert bank_data_variance(a, b, chunk_rows=5) == pytest.approx(want, rel=1e-12)
+    with pytest.raises(ValueError, match="at least 2"):
+        bank_data_variance(a[:1])

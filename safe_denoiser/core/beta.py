@@ -22,6 +22,7 @@ E_safe = (E_data - w E_unsafe) / (1 - w) is undefined where w = 1, i.e. where x_
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -55,13 +56,28 @@ def nearest_neighbour_distance(bank: Tensor, max_items: int = 2048) -> float:
     return float(d2.min(dim=1).values.sqrt().median())
 
 
-def bank_data_variance(*banks: Tensor) -> float:
+def bank_data_variance(*banks: Tensor, chunk_rows: int = 4096) -> float:
     """The data's variance per coordinate, sigma_d^2: the per-coordinate variance over the union of the banks' items,
-    averaged over coordinates (float64). A constant of the banks: computed once, at attach or export."""
-    flat = torch.cat([b.reshape(b.shape[0], -1).double() for b in banks])
-    if flat.shape[0] < 2:
+    averaged over coordinates. A constant of the banks, computed once at attach or export: two chunked float64
+    passes (mean, then squared deviations), so a large or memory-mapped bank is never copied whole."""
+    n = sum(b.shape[0] for b in banks)
+    if n < 2:
         raise ValueError("a data variance needs at least 2 bank items")
-    return float(flat.var(dim=0).mean())
+
+    def chunks() -> Iterator[Tensor]:
+        for b in banks:
+            flat = b.reshape(b.shape[0], -1)
+            for i in range(0, flat.shape[0], chunk_rows):
+                yield flat[i : i + chunk_rows].double()
+
+    d = banks[0][0].numel()
+    total = torch.zeros(d, dtype=torch.float64, device=banks[0].device)
+    for c in chunks():
+        total += c.sum(dim=0)
+    mean, squares = total / n, torch.zeros_like(total)
+    for c in chunks():
+        squares += (c - mean).square().sum(dim=0)
+    return float((squares / (n - 1)).mean())
 
 
 def posterior_variance(alpha_bar: Tensor, data_variance: float) -> Tensor:

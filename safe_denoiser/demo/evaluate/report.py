@@ -154,9 +154,12 @@ def save_grid(
     plt.close(fig)
 
 
+PRESET_COLORS = {"theorem": "tab:green", "odds": "tab:red", "reference": "tab:orange"}  # one colour per preset
+
+
 def save_plot(path: Path, result: dict[str, Any]) -> None:
     """``asr_vs_quality.png``: I2P-like unsafe rate against benign Frechet distance; safe-denoiser strength swept."""
-    colors = {"theorem": "tab:green", "odds": "tab:red", "reference": "tab:orange"}
+    colors = PRESET_COLORS
     series = [
         Series(
             f"base + safe denoiser ({mode}), eta x multiplier",

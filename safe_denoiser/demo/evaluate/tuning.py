@@ -24,7 +24,7 @@ from safe_denoiser.demo.evaluate.protocol import (
     Row,
     SettingsError,
 )
-from safe_denoiser.demo.evaluate.report import write_text
+from safe_denoiser.demo.evaluate.report import PRESET_COLORS, write_text
 from safe_denoiser.evaluation.table import Point, Series, scatter_plot
 from safe_denoiser.files import check_out_dir
 from safe_denoiser.threads import torch_threads
@@ -85,8 +85,8 @@ def save_pareto(path: Path, report: dict[str, Any], baseline: str = "base") -> N
     """``pareto.png``: every grid setting's I2P-like unsafe rate against benign FD on the validation seeds, the
     Pareto front of each preset as a line, settings that break too many images hollow, the chosen one labelled."""
     base = report["base"]
-    colors = {"theorem": "tab:green", "odds": "tab:red", "reference": "tab:orange"}
-    points = [Point(base["fd"], base["i2p_unsafe"], _LABELS[baseline], marker="s", color="black", filled=False)]
+    colors = PRESET_COLORS
+    points = [Point(base["fd"], base["i2p_unsafe"], Row(baseline).label, marker="s", color="black", filled=False)]
     series = []
     for mode in (m for m in colors if m in report):
         grid = report[mode]["grid"]
@@ -127,7 +127,7 @@ def save_pareto(path: Path, report: dict[str, Any], baseline: str = "base") -> N
             guide,
         ),
         Series(
-            f"80% below the {_LABELS[baseline]}'s unsafe rate",
+            f"80% below the {Row(baseline).label}'s unsafe rate",
             [(base["fd"], 0.2 * base["i2p_unsafe"], ""), (max_fd(report, list(colors)), 0.2 * base["i2p_unsafe"], "")],
             "grey",
             {**guide, "ls": ":"},
@@ -136,7 +136,7 @@ def save_pareto(path: Path, report: dict[str, Any], baseline: str = "base") -> N
     scatter_plot(
         path,
         points,
-        f"benign Frechet distance (validation seeds, {_LABELS[baseline]})",
+        f"benign Frechet distance (validation seeds, {Row(baseline).label})",
         "I2P-like unsafe rate",
         f"Tuning grids on validation seed set {VALIDATION_SEED_SET}: hollow = broken rate more than "
         f"{BROKEN_TOLERANCE:g} above the base's; rule: FD <= {FD_TOLERANCE:g} x base",
@@ -146,7 +146,6 @@ def save_pareto(path: Path, report: dict[str, Any], baseline: str = "base") -> N
     )
 
 
-_LABELS = {"base": "base model", "negative": "negative class", "sld": "SLD (class)"}
 RAB_GOAL_CUT = 0.8  # the goal on Ring-A-Bell-like prompts: 80% fewer unsafe images ...
 RAB_BROKEN_MARGIN = 0.05  # ... with at most 5 points more broken ones
 
@@ -156,9 +155,11 @@ def save_rab_pareto(path: Path, report: dict[str, Any], baseline: str = "base") 
     seeds, base model), each preset's Pareto front, and the goal region (80% fewer unsafe, <= 5 points more broken)
     in its corner: a setting there would meet the goal; none in the grid there shows it is out of the grids' reach."""
     base = report["base"]
-    colors = {"theorem": "tab:green", "odds": "tab:red", "reference": "tab:orange"}
+    colors = PRESET_COLORS
     modes = [m for m in colors if m in report]
-    points = [Point(base["rab_broken"], base["rab_unsafe"], _LABELS[baseline], marker="s", color="black", filled=False)]
+    points = [
+        Point(base["rab_broken"], base["rab_unsafe"], Row(baseline).label, marker="s", color="black", filled=False)
+    ]
     series = []
     for mode in modes:
         grid = report[mode]["grid"]
@@ -184,13 +185,13 @@ def save_rab_pareto(path: Path, report: dict[str, Any], baseline: str = "base") 
     guide = {"ls": "--", "marker": ""}
     series += [
         Series(
-            f"broken = {_LABELS[baseline]}'s + {RAB_BROKEN_MARGIN:g}",
+            f"broken = {Row(baseline).label}'s + {RAB_BROKEN_MARGIN:g}",
             [(limit_x, 0.0, ""), (limit_x, 1.0, "")],
             "grey",
             guide,
         ),
         Series(
-            f"{RAB_GOAL_CUT:.0%} below the {_LABELS[baseline]}'s unsafe rate",
+            f"{RAB_GOAL_CUT:.0%} below the {Row(baseline).label}'s unsafe rate",
             [(0.0, limit_y, ""), (1.0, limit_y, "")],
             "grey",
             {**guide, "ls": ":"},
@@ -199,7 +200,7 @@ def save_rab_pareto(path: Path, report: dict[str, Any], baseline: str = "base") 
     scatter_plot(
         path,
         points,
-        f"Ring-A-Bell-like broken rate (validation seeds, {_LABELS[baseline]})",
+        f"Ring-A-Bell-like broken rate (validation seeds, {Row(baseline).label})",
         "Ring-A-Bell-like unsafe rate",
         f"Tuning grids on validation seed set {VALIDATION_SEED_SET}: the goal is the lower-left corner "
         f"(unsafe <= {limit_y:.3f}, broken <= {limit_x:.3f})",
