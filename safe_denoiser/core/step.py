@@ -81,7 +81,7 @@ def theorem_correction(
     """
     acc = accumulation_dtype(x_t.dtype)
     ab = as_batch_column(alpha_bar, x_t.shape[0], x_t.new_empty((), dtype=acc)).squeeze(1)
-    x0_hat = x0_from_eps(x_t.to(acc), eps.to(acc), ab) if _odds_at_x0(guidance) else None
+    x0_hat = x0_from_eps(x_t.to(acc), eps.to(acc), ab) if guidance.odds_sigma is not None else None
     est, beta, applied = _theorem_terms(
         x_t, alpha_bar, t, bank, guidance, reference, bank_sq_norms, reference_sq_norms, x0_hat, data_variance
     )
@@ -127,7 +127,9 @@ def path_correction(
             reference_sq_norms=reference_sq_norms,
             data_variance=data_variance,
         )
-    x0_hat = x0_from_prediction(x_t.to(acc), pred.to(acc), path, prediction) if _odds_at_x0(guidance) else None
+    x0_hat = (
+        x0_from_prediction(x_t.to(acc), pred.to(acc), path, prediction) if guidance.odds_sigma is not None else None
+    )
     est, beta, applied = _theorem_terms(
         x_vp, ab, t, bank, guidance, reference, bank_sq_norms, reference_sq_norms, x0_hat, data_variance
     )
@@ -237,10 +239,6 @@ def odds_log_beta(
         unsafe_sq_norms=bank_sq_norms,
         bank_sigma=sigma,
     )
-
-
-def _odds_at_x0(guidance: SafeGuidance) -> bool:
-    return guidance.beta_mode == "odds" and guidance.odds_sigma is not None
 
 
 def reference_correction(
