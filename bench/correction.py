@@ -8,10 +8,15 @@ One correction step on a batch of Stable-Diffusion-sized latents (D = 4x64x64 = 
   chunks chosen automatically, the bank's squared norms precomputed once as ``NegativeBank`` holds them, no (B, N, D)
   tensor) followed by ``safe_denoiser.core.correction.safe_eps``; also with the bank stored in float16 (**ours-f16**,
   float32 arithmetic) and, where ``--chunk-size`` is given, with that fixed chunk.
+* **ours-odds**: the whole correction of the conditional-odds preset (``core.step.theorem_correction`` with
+  ``SafeGuidance.odds(odds_sigma=1.0)``, window open): E_unsafe at x_t and the odds' kernel at the denoised
+  estimate in one stacked pass over the negative bank, then one pass over a reference bank of the same size
+  (norms and the banks' data variance precomputed, as ``attach`` holds them). It must read two banks, so its
+  roofline is the sum of the two banks' GEMVs (and reads).
 * **roofline**: in the same worker, interleaved with the method's calls, one plain read of the same float32 bank:
   ``x @ bank.T`` (a GEMV, the least any estimate must do) and ``bank.sum()`` (a pure streaming read). Each method's
-  time is reported as a multiple of the GEMV measured in the same round (median over rounds), and as effective GB/s
-  (bank bytes as stored / time).
+  time is reported as a multiple of the GEMV measured in the same round (median over rounds), as a multiple of the
+  streaming read, and as effective GB/s (bank bytes as stored / time).
 * **baseline**: what the authors' research code does (docs/method.md section 3), written here: the query is
   ``.repeat``-ed into a (B, N, D) tensor, the scaled bank is subtracted by broadcasting (a second (B, N, D)
   tensor), the squared distance is summed from a third (the square), the kernel is a plain ``exp(-d / (2h))``
@@ -20,7 +25,10 @@ One correction step on a batch of Stable-Diffusion-sized latents (D = 4x64x64 = 
 
 Inputs: a bank of N latents whose 4-channel vectors are L2-normalised per spatial position (as the reference
 code stores them); for N > 4096 the bank tiles a 4096-item random pool (the cost does not depend on the values).
-x_t = sqrt(abar) x^(n) + sqrt(1 - abar) z for random bank items n, eps ~ N(0, I).
+x_t = sqrt(abar) x^(n) + sqrt(1 - abar) z for random bank items n (``--queries near``, the default: the
+weights are nearly one-hot, as at SD size from moderate noise on), or x_t ~ N(0, I) (``--queries noise``, with a
+small ``--alpha-bar`` such as 0.005: the first, highest-noise steps, where every bank item carries weight and the
+second matmul cannot skip rows); eps ~ N(0, I).
 
 How
 ---
@@ -46,7 +54,8 @@ How
   baseline are compared with a float64 reference (direct differences, softmax in float64) for several abar.
 
 Output: a table on stdout and JSON at ``--out`` (default bench/results/correction.json, written atomically).
-Run: ``.venv/bin/python bench/correction.py [--quick] [--repeats K] [--out PATH]``.
+Run: ``.venv/bin/python bench/correction.py [--quick] [--repeats K] [--alpha-bar A] [--queries near|noise]
+[--out PATH]``.
 """
 
 from __future__ import annotations
@@ -70,8 +79,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from safe_denoiser.core.beta import bank_data_variance
+from safe_denoiser.core.config import SafeGuidance
 from safe_denoiser.core.correction import safe_eps
 from safe_denoiser.core.kernel import bank_sq_norms, unsafe_posterior_mean
+from safe_denoiser.core.step import theorem_correction
 from safe_denoiser.files import atomic_write_json as write_json
 
 LATENT_SHAPE: tuple[int, int, int] = (4, 64, 64)
@@ -83,6 +95,7 @@ FLOAT_BYTES = 4
 GIB = 1024**3
 MIB = 1024**2
 RESULT_TAG = "@@BENCH_RESULT "
+METHODS = ("ours", "ours-f16", "ours-odds", "baseline")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "correction.json"
 
 Call = Callable[[], tuple[Tensor, Tensor | None]]
@@ -105,12 +118,13 @@ def make_bank(n: int, shape: tuple[int, ...], seed: int) -> Tensor:
     return bank
 
 
-def make_inputs(bank: Tensor, batch: int, alpha_bar: float, seed: int) -> tuple[Tensor, Tensor]:
-    """x_t = sqrt(abar) x^(n) + sqrt(1 - abar) z for random bank items n, and a random eps prediction."""
+def make_inputs(bank: Tensor, batch: int, alpha_bar: float, seed: int, queries: str = "near") -> tuple[Tensor, Tensor]:
+    """x_t = sqrt(abar) x^(n) + sqrt(1 - abar) z for random bank items n (``near``) or x_t = z (``noise``), and a
+    random eps prediction."""
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, bank.shape[0], (batch,), generator=gen)
     z = torch.randn((batch, *bank.shape[1:]), generator=gen)
-    x_t = math.sqrt(alpha_bar) * bank[idx] + math.sqrt(1.0 - alpha_bar) * z
+    x_t = z if queries == "noise" else math.sqrt(alpha_bar) * bank[idx] + math.sqrt(1.0 - alpha_bar) * z
     eps = torch.randn((batch, *bank.shape[1:]), generator=gen)
     return x_t, eps
 
@@ -131,23 +145,47 @@ def baseline_posterior_mean(x_t: Tensor, bank: Tensor, alpha_bar: float) -> tupl
     return mean.reshape(x_t.shape), k_sum.squeeze(1)
 
 
-def ours_call(bank: Tensor, x_t: Tensor, eps: Tensor, chunk: int | None) -> Call:
+def ours_call(bank: Tensor, x_t: Tensor, eps: Tensor, chunk: int | None, alpha_bar: float) -> Call:
     """unsafe_posterior_mean (norms precomputed, as NegativeBank holds them) + safe_eps, returning (eps_safe, None)."""
     norms = bank_sq_norms(bank)
 
     def call() -> tuple[Tensor, Tensor | None]:
-        x0_unsafe = unsafe_posterior_mean(x_t, bank, ALPHA_BAR, chunk_size=chunk, bank_sq_norms=norms)
-        return safe_eps(eps, x_t, ALPHA_BAR, x0_unsafe, BETA), None
+        x0_unsafe = unsafe_posterior_mean(x_t, bank, alpha_bar, chunk_size=chunk, bank_sq_norms=norms)
+        return safe_eps(eps, x_t, alpha_bar, x0_unsafe, BETA), None
 
     return call
 
 
-def baseline_call(bank: Tensor, x_t: Tensor, eps: Tensor) -> Call:
+def odds_call(bank: Tensor, reference: Tensor, x_t: Tensor, eps: Tensor, chunk: int | None, alpha_bar: float) -> Call:
+    """theorem_correction with the conditional odds (norms and data variance precomputed, as ``attach`` does)."""
+    guidance = SafeGuidance.odds(eta=BETA, odds_sigma=1.0, window=(0.0, 1000.0), chunk_size=chunk)
+    norms, ref_norms = bank_sq_norms(bank), bank_sq_norms(reference)
+    variance = bank_data_variance(bank, reference)
+
+    def call() -> tuple[Tensor, Tensor | None]:
+        out, _ = theorem_correction(
+            eps,
+            x_t,
+            alpha_bar,
+            500.0,
+            bank,
+            guidance,
+            reference,
+            bank_sq_norms=norms,
+            reference_sq_norms=ref_norms,
+            data_variance=variance,
+        )
+        return out, None
+
+    return call
+
+
+def baseline_call(bank: Tensor, x_t: Tensor, eps: Tensor, alpha_bar: float) -> Call:
     """baseline_posterior_mean + safe_eps, as a closure returning (eps_safe, kernel sums)."""
 
     def call() -> tuple[Tensor, Tensor | None]:
-        x0_unsafe, k_sum = baseline_posterior_mean(x_t, bank, ALPHA_BAR)
-        return safe_eps(eps, x_t, ALPHA_BAR, x0_unsafe, BETA), k_sum
+        x0_unsafe, k_sum = baseline_posterior_mean(x_t, bank, alpha_bar)
+        return safe_eps(eps, x_t, alpha_bar, x0_unsafe, BETA), k_sum
 
     return call
 
@@ -157,6 +195,8 @@ def estimate_extra_bytes(method: str, b: int, n: int, d: int, chunk: int | None)
     if method == "baseline":
         return (3 * b * n * d + n * d) * FLOAT_BYTES
     rows = n if chunk is None else min(chunk, n)
+    if method == "ours-odds":  # two query rows per sample; the reference bank is counted as resident, not extra
+        b = 2 * b
     return (4 * b * rows + 4 * b * d) * FLOAT_BYTES  # logits/weights per chunk, accumulators; no (N, D) temporary
 
 
@@ -214,13 +254,15 @@ def measured_call(fn: Call) -> tuple[tuple[Tensor, Tensor | None], float, float,
 class WorkerSpec:
     """One benchmark row, run in its own subprocess."""
 
-    method: str  # "ours", "ours-f16" or "baseline"
+    method: str  # "ours", "ours-f16", "ours-odds" or "baseline"
     b: int
     n: int
     chunk: int | None
     threads: int
     repeats: int
     max_row_seconds: float
+    alpha_bar: float = 0.5
+    queries: str = "near"
     seed: int = 0
 
 
@@ -228,24 +270,42 @@ def run_worker(spec: WorkerSpec) -> dict[str, Any]:
     """Set up, warm up, then time and measure ``spec``'s call; returns a JSON-able record."""
     torch.set_num_threads(spec.threads)
     bank = make_bank(spec.n, LATENT_SHAPE, seed=spec.seed)
-    x_t, eps = make_inputs(bank, spec.b, ALPHA_BAR, seed=spec.seed + 1)
+    x_t, eps = make_inputs(bank, spec.b, spec.alpha_bar, seed=spec.seed + 1, queries=spec.queries)
     stored = bank.half() if spec.method == "ours-f16" else bank
+    # the conditional odds also read a reference bank (another draw of the same size); others read one bank
+    reference = make_bank(spec.n, LATENT_SHAPE, seed=spec.seed + 2) if spec.method == "ours-odds" else None
+    ab = spec.alpha_bar
 
-    def build(bk: Tensor, xt: Tensor, ep: Tensor, chunk: int | None) -> Call:
+    def build(bk: Tensor, xt: Tensor, ep: Tensor, chunk: int | None, ref: Tensor | None) -> Call:
         if spec.method == "baseline":
-            return baseline_call(bk, xt, ep)
-        return ours_call(bk.half() if spec.method == "ours-f16" else bk, xt, ep, chunk)
+            return baseline_call(bk, xt, ep, ab)
+        if ref is not None:
+            return odds_call(bk, ref, xt, ep, chunk, ab)
+        return ours_call(bk.half() if spec.method == "ours-f16" else bk, xt, ep, chunk, ab)
 
-    fn = build(bank, x_t, eps, spec.chunk)
+    fn = build(bank, x_t, eps, spec.chunk, reference)
     if spec.method == "ours-f16":
         del bank  # only the float16 copy stays resident (the roofline below reads a float32 bank of the same size)
         bank = torch.empty(stored.shape)
         bank.copy_(stored)
     gemv_x = x_t.reshape(spec.b, -1)
-    flat = bank.reshape(spec.n, -1)
-    roof_gemv: Call = lambda: (gemv_x @ flat.T, None)  # noqa: E731
-    roof_read: Call = lambda: (flat.sum(), None)  # noqa: E731
-    tiny = build(bank[:16].clone(), x_t[:1].clone(), eps[:1].clone(), None if spec.chunk is None else 8)
+    flats = [bank.reshape(spec.n, -1)] + ([] if reference is None else [reference.reshape(spec.n, -1)])
+
+    def roof_gemv() -> tuple[Tensor, Tensor | None]:  # one GEMV over every bank the method reads
+        out = [gemv_x @ f.T for f in flats]
+        return out[0], None
+
+    def roof_read() -> tuple[Tensor, Tensor | None]:  # one streaming read of every bank the method reads
+        out = [f.sum() for f in flats]
+        return out[0], None
+
+    tiny = build(
+        bank[:16].clone(),
+        x_t[:1].clone(),
+        eps[:1].clone(),
+        None if spec.chunk is None else 8,
+        None if reference is None else reference[:16].clone(),
+    )
     for _ in range(2):
         measured_call(tiny)
     setup_rss = _status_kib("VmRSS")
@@ -279,12 +339,14 @@ def run_worker(spec: WorkerSpec) -> dict[str, Any]:
         "memory_method": mem_method,
         "setup_rss_mib": None if setup_rss is None else setup_rss / 1024.0,
         "bank_mib": stored_bytes / MIB,
+        "banks_read": len(flats),
         "roofline_gemv_ms_median": statistics.median(gemv_ms),
         "roofline_read_ms_median": statistics.median(read_ms),
-        "roofline_gemv_gbs": bank.numel() * 4 / 1e6 / min(gemv_ms),
+        "roofline_gemv_gbs": len(flats) * bank.numel() * 4 / 1e6 / min(gemv_ms),
         "x_roofline": statistics.median(t / r for t, r in zip(times, gemv_ms, strict=True)),
         "x_roofline_min": min(times) / min(gemv_ms),
-        "effective_gbs": stored_bytes / 1e6 / min(times),
+        "x_read": statistics.median(t / r for t, r in zip(times, read_ms, strict=True)),
+        "effective_gbs": len(flats) * stored_bytes / 1e6 / min(times),
         "output_finite": bool(torch.isfinite(out).all()),
         "output_has_nan": bool(torch.isnan(out).any()),
     }
@@ -402,8 +464,8 @@ def _baseline_output(rec: dict[str, Any] | None) -> str:
     return f"{state}, k-sum underflow {rec['kernel_sum_underflow']}/{rec['b']}"
 
 
-def _multiple(rec: dict[str, Any] | None) -> str:
-    return "-" if rec is None or "x_roofline" not in rec else f"{rec['x_roofline']:.2f}x"
+def _multiple(rec: dict[str, Any] | None, key: str = "x_roofline") -> str:
+    return "-" if rec is None or key not in rec else f"{rec[key]:.2f}x"
 
 
 def _gbs(rec: dict[str, Any] | None) -> str:
@@ -412,22 +474,24 @@ def _gbs(rec: dict[str, Any] | None) -> str:
 
 def perf_table(rows: list[dict[str, Any]]) -> str:
     header = (
-        "| B | N | GEMV ms (roofline) | GEMV GB/s | ours ms | ours / GEMV | ours GB/s | ours-f16 ms | f16 / GEMV(f32) "
-        "| f16 GB/s | ours peak MiB | baseline ms | baseline / ours | baseline output |"
+        "| B | N | GEMV ms (roofline) | GEMV GB/s | ours ms | ours / GEMV | ours / read | ours GB/s | ours-f16 ms "
+        "| f16 / GEMV(f32) | odds ms | odds / 2 GEMVs | ours peak MiB | baseline ms | baseline / ours "
+        "| baseline output |"
     )
-    lines = [header, "|" + "---|" * 14]
+    lines = [header, "|" + "---|" * 16]
     for row in rows:
-        ours, half, base = row["ours"], row["ours-f16"], row["baseline"]
+        ours, half, odds, base = row["ours"], row["ours-f16"], row.get("ours-odds"), row["baseline"]
         o_ms_s, o_mib_s, o_ms, _ = _cell_result(ours)
         h_ms_s, _, _, _ = _cell_result(half)
+        d_ms_s, _, _, _ = _cell_result(odds)
         b_ms_s, _, b_ms, _ = _cell_result(base)
         roof = ours if ours is not None and "roofline_gemv_ms_median" in ours else None
         g_ms = "-" if roof is None else _fmt(roof["roofline_gemv_ms_median"], 2)
         g_bw = "-" if roof is None else _fmt(roof["roofline_gemv_gbs"])
         lines.append(
-            f"| {row['b']} | {row['n']} | {g_ms} | {g_bw} | {o_ms_s} | {_multiple(ours)} | {_gbs(ours)} | {h_ms_s} | "
-            f"{_multiple(half)} | {_gbs(half)} | {o_mib_s} | {b_ms_s} | {_ratio(b_ms, o_ms)} | "
-            f"{_baseline_output(base)} |"
+            f"| {row['b']} | {row['n']} | {g_ms} | {g_bw} | {o_ms_s} | {_multiple(ours)} | "
+            f"{_multiple(ours, 'x_read')} | {_gbs(ours)} | {h_ms_s} | {_multiple(half)} | {d_ms_s} | "
+            f"{_multiple(odds)} | {o_mib_s} | {b_ms_s} | {_ratio(b_ms, o_ms)} | {_baseline_output(base)} |"
         )
     return "\n".join(lines)
 
@@ -494,6 +558,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch.set_num_threads value")
     p.add_argument("--chunk-size", type=int, default=None, help="fixed bank chunk for ours (default: automatic)")
+    p.add_argument("--alpha-bar", type=float, default=ALPHA_BAR, help="noise level abar in (0, 1) (default 0.5)")
+    p.add_argument(
+        "--queries",
+        choices=("near", "noise"),
+        default="near",
+        help="x_t near a bank item (nearly one-hot weights) or pure noise (with a small --alpha-bar: dense weights)",
+    )
+    p.add_argument("--methods", type=str, default=",".join(METHODS), help="comma-separated subset")
     p.add_argument("--mem-cap-gib", type=float, default=6.0, help="skip rows whose extra working set exceeds this")
     p.add_argument("--max-row-seconds", type=float, default=20.0, help="cut repeats of slow rows to fit this")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before a row's subprocess is killed")
@@ -508,6 +580,12 @@ def main(argv: list[str] | None = None) -> int:
         print(RESULT_TAG + json.dumps(record), flush=True)
         return 0
 
+    if not 0.0 < args.alpha_bar < 1.0:
+        raise SystemExit(f"--alpha-bar must lie in (0, 1), got {args.alpha_bar}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown or not methods:
+        raise SystemExit(f"--methods: expected a comma-separated subset of {','.join(METHODS)}, got {unknown}")
     wall0 = time.perf_counter()
     repeats = args.repeats if args.repeats is not None else (3 if args.quick else 5)
     batches = (1, 2) if args.quick else (1, 2, 8)
@@ -518,7 +596,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"torch {info['torch_version']}, threads {args.threads} (torch.set_num_threads), "
         f"cpu_count {info['cpu_count']}, "
-        f"D = {'x'.join(map(str, LATENT_SHAPE))} = {d}, float32, abar {ALPHA_BAR}, beta {BETA}, repeats {repeats}"
+        f"D = {'x'.join(map(str, LATENT_SHAPE))} = {d}, float32, abar {args.alpha_bar}, queries {args.queries}, "
+        f"beta {BETA}, repeats {repeats}"
     )
 
     correctness = correctness_checks(args.threads)
@@ -526,8 +605,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def run_or_skip(method: str, b: int, n: int, chunk: int | None) -> dict[str, Any]:
         need = estimate_extra_bytes(method, b, n, d, chunk)
-        spec = WorkerSpec(method, b, n, chunk, args.threads, repeats, args.max_row_seconds)
-        resident = n * d * FLOAT_BYTES * (1.5 if method == "ours-f16" else 1.0)
+        spec = WorkerSpec(
+            method, b, n, chunk, args.threads, repeats, args.max_row_seconds, args.alpha_bar, args.queries
+        )
+        resident = n * d * FLOAT_BYTES * {"ours-f16": 1.5, "ours-odds": 2.0}.get(method, 1.0)
         if need > cap:
             rec: dict[str, Any] = {**asdict(spec), "skipped": f"skipped (would need {need / GIB:.1f} GiB)"}
         elif resident + need > 0.7 * available_bytes():
@@ -545,8 +626,9 @@ def main(argv: list[str] | None = None) -> int:
     for n in banks:
         for b in batches:
             row: dict[str, Any] = {"b": b, "n": n, "chunk": args.chunk_size}
-            for method in ("ours", "ours-f16", "baseline"):
-                row[method] = run_or_skip(method, b, n, None if method == "baseline" else args.chunk_size)
+            for method in METHODS:
+                chunk = None if method == "baseline" else args.chunk_size
+                row[method] = run_or_skip(method, b, n, chunk) if method in methods else None
             rows.append(row)
 
     wall = time.perf_counter() - wall0
@@ -563,7 +645,9 @@ def main(argv: list[str] | None = None) -> int:
             "latent_shape": list(LATENT_SHAPE),
             "d": d,
             "dtype": "float32",
-            "alpha_bar": ALPHA_BAR,
+            "alpha_bar": args.alpha_bar,
+            "queries": args.queries,
+            "methods": methods,
             "beta": BETA,
             "baseline_eps": BASELINE_EPS,
             "repeats": repeats,

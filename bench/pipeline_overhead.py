@@ -12,8 +12,9 @@ rounds) in one run:
 Ratios use each variant's fastest round (other processes only ever add time), in wall time and in this
 process's CPU time (which does not count time spent descheduled by other jobs on a shared machine).
 
-The correction alone (``SafeScheduler.correct``, no UNet) is also timed over many repeats, for both presets,
-because on a shared CPU its milliseconds are below the UNet's run-to-run noise.
+The correction alone (``SafeScheduler.correct``, no UNet) is also timed over many repeats, for the theorem, the
+conditional-odds (``odds_sigma``, with a reference bank of the same size) and the reference presets, because on a
+shared CPU its milliseconds are below the UNet's run-to-run noise.
 
 Usage: python bench/pipeline_overhead.py [--rounds 3] [--threads N] [--out bench/results/pipeline_overhead.json]
 """
@@ -74,10 +75,10 @@ def main() -> None:
     x = torch.randn(1, *LATENT)
     banks = {n: l2_normalize_positions(torch.randn(n, *LATENT)) for n in (515, 3000, 10_000)}  # 10k: correction only
 
-    def scheduler(bank: Tensor | None, guidance: SafeGuidance | None = None) -> Any:
+    def scheduler(bank: Tensor | None, guidance: SafeGuidance | None = None, reference: Tensor | None = None) -> Any:
         s = make_scheduler("ddim")
         if bank is not None:
-            s = SafeScheduler(s, bank, guidance or SafeGuidance.theorem(eta=0.5))
+            s = SafeScheduler(s, bank, guidance or SafeGuidance.theorem(eta=0.5), reference=reference)
         s.set_timesteps(50)
         return s
 
@@ -111,11 +112,13 @@ def main() -> None:
     eps = torch.randn(1, *LATENT)
     correction_ms: dict[str, float] = {}
     for n, b in banks.items():
+        reference = l2_normalize_positions(torch.randn(n, *LATENT))
         for preset, g in (
             ("theorem", SafeGuidance.theorem(eta=0.5)),
+            ("odds (odds_sigma 1)", SafeGuidance.odds(eta=3.0, odds_sigma=1.0)),
             ("reference", SafeGuidance.reference(threshold=0.0)),
         ):
-            s = scheduler(b, g)
+            s = scheduler(b, g, reference if g.beta_mode == "odds" else None)
             with torch.inference_mode():
                 s.correct(eps, t, x)
                 reps = [timed(lambda s=s: s.correct(eps, t, x)) for _ in range(10)]

@@ -133,6 +133,40 @@ def test_odds_at_the_denoised_estimate(seed: int) -> None:
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+def test_conditional_odds_read_each_bank_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """E_unsafe at x_t and the odds' kernel at x0_hat are one stacked pass over the negative bank; the reference
+    bank is read once too; the result equals the two queries made separately (float64, to rounding)."""
+    import safe_denoiser.core.kernel as kernel
+    import safe_denoiser.core.step as step
+
+    g = torch.Generator().manual_seed(3)
+    unsafe, safe = (torch.randn(n, 2, 3, 3, generator=g, dtype=torch.float64) for n in (9, 23))
+    x, eps = (torch.randn(3, 2, 3, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    ab = 0.35
+    guidance = SafeGuidance.odds(odds_sigma=0.6, log_beta_max=50.0, bank_sigma=0.2)
+    reads: list[int] = []
+    real = kernel.kernel_estimate
+
+    def counting(x_: torch.Tensor, bank: torch.Tensor, *args: object, **kwargs: object) -> object:
+        reads.append(bank.data_ptr())
+        return real(x_, bank, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kernel, "kernel_estimate", counting)
+    monkeypatch.setattr(step, "kernel_estimate", counting)
+    got, _ = theorem_correction(eps, x, ab, 500.0, unsafe, guidance, safe)
+    assert sorted(reads) == sorted([unsafe.data_ptr(), safe.data_ptr()]), reads
+    monkeypatch.undo()
+
+    # the same two queries, separately: E_unsafe of the kernel-density bank at x_t, the odds at x0_hat
+    x0_hat = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
+    union = torch.cat([unsafe, safe]).flatten(1)
+    sd2 = float(union.var(dim=0).mean())
+    beta = _x0_odds(x0_hat, unsafe, safe, 0.36 + sd2 * (1 - ab) / (ab * sd2 + 1 - ab)).clamp(max=50.0).exp()
+    mean = forward_kernel_estimate(x, unsafe, ab, bank_sigma=0.2).mean
+    want = safe_eps(eps, x, torch.full((3,), ab, dtype=torch.float64), mean, beta)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_odds_at_the_denoised_estimate_on_any_path() -> None:
     """The same beta from a flow model's velocity as from eps on the VP form of the same sample (one x0_hat)."""
     from safe_denoiser.core.paths import flow_path, prediction_from_x0

@@ -21,7 +21,9 @@ __all__ = [
     "as_batch_column",
     "auto_chunk_size",
     "bank_sq_norms",
+    "forward_kernel",
     "forward_kernel_estimate",
+    "kde_posterior_mean",
     "kernel_estimate",
     "kernel_log_mass",
     "log_kernel",
@@ -37,7 +39,7 @@ MAX_TRACED_CHUNKS = 16  # automatic chunks in a traced (ONNX) graph, where the l
 # CPU, untraced: when at most 1/SPARSE_ROWS_FRACTION of a chunk's rows carry a non-zero weight (the usual case in
 # high dimension, where the softmax is nearly one-hot), the second matmul gathers just those rows.
 SPARSE_ROWS_FRACTION = 4
-SPARSE_GROWTH = 4  # after a sparse chunk the next automatic chunk is this many times larger
+SPARSE_GROWTH = 64  # after a sparse chunk the next automatic chunk is this many times larger (bench/correction.py)
 
 
 class KernelEstimate(NamedTuple):
@@ -182,14 +184,17 @@ def kernel_estimate(
         offset = torch.zeros((b, 1), device=xf.device, dtype=acc_dtype)
     run_max = torch.full((b, 1), -math.inf, device=xf.device, dtype=acc_dtype)
     run_sum = torch.zeros((b, 1), device=xf.device, dtype=acc_dtype)
-    acc = torch.zeros_like(xf)
+    acc = torch.zeros_like(xf)  # run_sum and acc are replaced by the first chunk's values (nothing to rescale)
     # In high dimension most chunks' weights underflow to exactly 0 once the running max is found, and the rest are
     # nearly one-hot; on a CPU, outside a trace, testing for that on the host is cheap and skips the second matmul or
     # restricts it to the rows that carry weight. Elsewhere the graph stays static.
     skip_underflow = xf.device.type == "cpu" and not tracing
-    # Sparse chunks need no cache reuse (the second matmul touches a few rows), so after one, the chunks grow: fewer
-    # per-chunk operations. Only where no widening buffer sized to ``step`` is in use.
+    # Sparse chunks need no cache reuse (the second matmul touches a few rows), so after one, the chunks grow
+    # SPARSE_GROWTH-fold: a bank of up to 64 cache-sized chunks then takes two chunks in all, and each chunk's ~15
+    # small operations (tens of microseconds together) stop adding up. Only where no widening buffer sized to
+    # ``step`` is in use.
     grow = skip_underflow and buffer is None and chunk_size is None
+    first = True
     start = 0
     while start < n:
         end = min(start + step, n)
@@ -201,24 +206,28 @@ def kernel_estimate(
         else:
             logits = log_kernel(xf, y, s, v, False, bank_sq_norms=norms[start:end])[0]
         start = end
-        new_max = torch.maximum(run_max, logits.amax(dim=1, keepdim=True))
+        new_max = logits.amax(dim=1, keepdim=True)
+        if not first:
+            new_max = torch.maximum(run_max, new_max)
         w = logits.sub_(new_max).exp_()
         rows: Tensor | None = None
         if skip_underflow:
-            carries = w.ne(0).any(dim=0)  # bank rows with a non-zero weight for some sample
-            count = int(carries.sum())
-            if count * SPARSE_ROWS_FRACTION <= y.shape[0] and grow:
+            rows = w.amax(dim=0).nonzero().squeeze(1)  # bank rows with a non-zero weight for some sample
+            sparse = rows.shape[0] * SPARSE_ROWS_FRACTION <= y.shape[0]
+            if sparse and grow:
                 step = min(step * SPARSE_GROWTH, n)
-            if count == 0:
+            if rows.shape[0] == 0:
                 continue  # every weight underflowed to 0: then the max did not move and the update adds exact zeros
-            if count * SPARSE_ROWS_FRACTION <= y.shape[0]:
-                rows = carries.nonzero().squeeze(1)
-        rescale = (run_max - new_max).exp_()  # exp(-inf) = 0 on the first chunk
-        run_sum = run_sum.mul_(rescale).add_(w.sum(dim=1, keepdim=True))
-        if rows is None:
-            acc = torch.addmm(acc.mul_(rescale), w, y)
-        else:  # the second matmul over the few rows that carry weight: the rest would add exact zeros
-            acc = torch.addmm(acc.mul_(rescale), w[:, rows], y[rows])
+            if not sparse:
+                rows = None
+        # The second matmul, over just the rows that carry weight when they are few: the rest would add exact zeros.
+        part = w @ y if rows is None else w[:, rows] @ y[rows]
+        if first:  # nothing to rescale yet
+            run_sum, acc, first = w.sum(dim=1, keepdim=True), part, False
+        else:
+            rescale = (run_max - new_max).exp_()
+            run_sum = run_sum.mul_(rescale).add_(w.sum(dim=1, keepdim=True))
+            acc = acc.mul_(rescale).add_(part)
         run_max = new_max
     mean = (acc / run_sum).reshape(x.shape).to(x.dtype)
     log_mass = (offset + run_max + run_sum.log()).squeeze(1) - math.log(n)
@@ -249,6 +258,17 @@ def forward_kernel_estimate(
     E[x0 | x_t] = m + (sqrt(abar) s^2 / h) (x_t - sqrt(abar) m). As the noise vanishes h -> s^2 (the kernel's
     temperature never falls below s^2, so the choice between bank items stays soft) and E[x0 | x_t] -> x_t.
     """
+    scale, variance = forward_kernel(alpha_bar, x_t, bandwidth, bank_sigma)
+    est = kernel_estimate(x_t, bank, scale, variance, True, chunk_size, bank_sq_norms=bank_sq_norms)
+    if bank_sigma is None:
+        return est
+    return KernelEstimate(kde_posterior_mean(x_t, est.mean, scale, variance, bank_sigma), est.log_mass)
+
+
+def forward_kernel(
+    alpha_bar: float | Tensor, x_t: Tensor, bandwidth: float | Tensor | None = None, bank_sigma: float | None = None
+) -> tuple[Tensor, Tensor]:
+    """(scale sqrt(abar), variance h), each (B, 1) in the accumulation dtype: ``forward_kernel_estimate``'s kernel."""
     if bank_sigma is not None and bandwidth is not None:
         raise ValueError("give bandwidth (a fixed kernel variance) or bank_sigma (a kernel density bank), not both")
     acc = x_t.new_empty((), dtype=accumulation_dtype(x_t.dtype))
@@ -258,15 +278,19 @@ def forward_kernel_estimate(
     else:
         variance = (1.0 - ab) if bandwidth is None else as_batch_column(bandwidth, x_t.shape[0], acc)
     # abar == 1 (no noise) would divide by zero; 1e-12 keeps -d^2/(2h) finite in float32.
-    variance = variance.clamp_min(1e-12)
-    est = kernel_estimate(x_t, bank, ab.sqrt(), variance, True, chunk_size, bank_sq_norms=bank_sq_norms)
-    if bank_sigma is None:
-        return est
+    return ab.sqrt(), variance.clamp_min(1e-12)
+
+
+def kde_posterior_mean(x_t: Tensor, bank_mean: Tensor, scale: Tensor, variance: Tensor, bank_sigma: float) -> Tensor:
+    """A kernel density bank's E[x0 | x_t] from its weighted mean m: m + (sqrt(abar) s^2 / h) (x_t - sqrt(abar) m).
+
+    ``scale`` and ``variance`` are ``forward_kernel``'s (B, 1) columns; returned in ``bank_mean``'s dtype.
+    """
     b = x_t.shape[0]
-    gain = (ab.sqrt() * bank_sigma**2 / variance).reshape((b,) + (1,) * (x_t.dim() - 1))  # (B, 1, ...)
-    m = est.mean.to(acc.dtype)
-    mean = m + gain * (x_t.to(acc.dtype) - ab.sqrt().reshape(gain.shape) * m)
-    return KernelEstimate(mean.to(est.mean.dtype), est.log_mass)
+    shape = (b,) + (1,) * (x_t.dim() - 1)
+    gain = (scale * bank_sigma**2 / variance).reshape(shape)  # (B, 1, ...)
+    m = bank_mean.to(scale.dtype)
+    return (m + gain * (x_t.to(scale.dtype) - scale.reshape(shape) * m)).to(bank_mean.dtype)
 
 
 def unsafe_posterior_mean(

@@ -19,7 +19,9 @@ from safe_denoiser.core.kernel import (
     KernelEstimate,
     accumulation_dtype,
     as_batch_column,
+    forward_kernel,
     forward_kernel_estimate,
+    kde_posterior_mean,
     kernel_estimate,
 )
 from safe_denoiser.core.parameterization import broadcast_to_sample, x0_from_eps
@@ -154,23 +156,49 @@ def _theorem_terms(
     b = x_t.shape[0]
     acc = accumulation_dtype(x_t.dtype)
     bandwidth = None if guidance.kernel_sigma is None else guidance.kernel_sigma**2
-    # mean and mass in one pass over the bank
-    est = forward_kernel_estimate(
-        x_t,
-        bank,
-        alpha_bar,
-        bandwidth,
-        guidance.chunk_size,
-        bank_sq_norms=bank_sq_norms,
-        bank_sigma=guidance.bank_sigma,
-    )
+    odds = guidance.beta_mode == "odds"
+    if odds and reference is None:
+        raise ValueError("SafeGuidance.beta_mode='odds' needs a reference bank (safe or unlabelled data)")
+    unsafe_log_mass: Tensor | None = None  # the negative bank's log-mass where the odds are evaluated
+    odds_variance: Tensor | None = None
+    if odds and guidance.odds_sigma is not None:
+        if x0_hat is None:
+            raise ValueError("SafeGuidance.odds_sigma: the odds at the denoised estimate need x0_hat")
+        # E_unsafe at x_t and the odds' kernel at x0_hat are two queries of the same bank, stacked into one
+        # kernel_estimate (each row its own scale and variance): one pass over the negative bank per step.
+        assert reference is not None
+        scale, variance = forward_kernel(alpha_bar, x_t, bandwidth, guidance.bank_sigma)
+        odds_variance = _odds_variance(x0_hat, alpha_bar, guidance, bank, reference, data_variance)
+        both = kernel_estimate(
+            torch.cat([x_t.to(acc), x0_hat.to(acc)]),
+            bank,
+            torch.cat([scale, torch.ones_like(scale)]),
+            torch.cat([variance, odds_variance.unsqueeze(1)]),
+            True,
+            guidance.chunk_size,
+            bank_sq_norms=bank_sq_norms,
+        )
+        mean = both.mean[:b]
+        if guidance.bank_sigma is not None:
+            mean = kde_posterior_mean(x_t, mean, scale, variance, guidance.bank_sigma)
+        est, unsafe_log_mass = KernelEstimate(mean, both.log_mass[:b]), both.log_mass[b:]
+    else:
+        # mean and mass in one pass over the bank; the odds at x_t reuse this mass
+        est = forward_kernel_estimate(
+            x_t,
+            bank,
+            alpha_bar,
+            bandwidth,
+            guidance.chunk_size,
+            bank_sq_norms=bank_sq_norms,
+            bank_sigma=guidance.bank_sigma,
+        )
+        unsafe_log_mass = est.log_mass
     beta = torch.full((b,), guidance.eta, device=x_t.device, dtype=acc)
     if guidance.beta_mode == "mass":
         beta = beta * est.log_mass.exp()
-    elif guidance.beta_mode == "odds":
-        if reference is None:
-            raise ValueError("SafeGuidance.beta_mode='odds' needs a reference bank (safe or unlabelled data)")
-        # the negative bank's log-mass comes from the estimate above: one pass over each bank per step
+    elif odds:
+        assert reference is not None
         log_odds = odds_log_beta(
             x_t,
             bank,
@@ -178,11 +206,12 @@ def _theorem_terms(
             alpha_bar,
             guidance,
             bandwidth,
-            est.log_mass,
+            unsafe_log_mass,
             reference_sq_norms,
             x0_hat=x0_hat,
             bank_sq_norms=bank_sq_norms,
             data_variance=data_variance,
+            odds_variance=odds_variance,
         )
         beta = beta * log_odds.exp()
     applied = window_mask(t, guidance.window, b, x_t.device)
@@ -204,26 +233,29 @@ def odds_log_beta(
     x0_hat: Tensor | None = None,
     bank_sq_norms: Tensor | None = None,
     data_variance: float | None = None,
+    odds_variance: Tensor | None = None,
 ) -> Tensor:
     """log beta of Theorem 1 with ``guidance``'s reference kind, prior and cap (``core.beta.log_beta``).
 
-    Evaluated at x_t with the forward kernel (``unsafe_log_mass``, the correction's own log-mass there, saves a
-    pass over the bank), or, with ``guidance.odds_sigma = s``, at the model's denoised estimate ``x0_hat`` with
-    both banks as kernel densities of variance s^2 + Var[x0 | x_t] in x0 space, the posterior variance of Gaussian
-    data of the banks' variance ``data_variance`` (``core.beta.posterior_variance``: x0_hat is uncertain at high
-    noise, so the odds there tend to the prior odds; docs/method.md section 2: the conditional odds).
+    Evaluated at x_t with the forward kernel, or, with ``guidance.odds_sigma = s``, at the model's denoised estimate
+    ``x0_hat`` with both banks as kernel densities of variance s^2 + Var[x0 | x_t] in x0 space, the posterior
+    variance of Gaussian data of the banks' variance ``data_variance`` (``core.beta.posterior_variance``: x0_hat is
+    uncertain at high noise, so the odds there tend to the prior odds; docs/method.md section 2: the conditional
+    odds). ``unsafe_log_mass``: the negative bank's log-mass at that point when the caller has it (the correction's
+    own pass over the bank gives it), so that the bank is not read again; ``odds_variance``: that kernel's (B,)
+    variance at x0_hat when the caller has it.
     """
     point: Tensor = x_t
     level: float | Tensor = alpha_bar
     variance: float | Tensor | None = bandwidth
-    log_mass, sigma = unsafe_log_mass, guidance.bank_sigma
+    sigma = guidance.bank_sigma
     if guidance.odds_sigma is not None:
         if x0_hat is None:
             raise ValueError("SafeGuidance.odds_sigma: the odds at the denoised estimate need x0_hat")
-        sd2 = bank_data_variance(bank, reference) if data_variance is None else data_variance
-        ab = as_batch_column(alpha_bar, x0_hat.shape[0], x0_hat.new_empty((), dtype=accumulation_dtype(x0_hat.dtype)))
-        uncertainty = posterior_variance(ab.squeeze(1), sd2)
-        point, level, variance, log_mass, sigma = x0_hat, 1.0, guidance.odds_sigma**2 + uncertainty, None, None
+        point, level, sigma = x0_hat, 1.0, None
+        if odds_variance is None:
+            odds_variance = _odds_variance(x0_hat, alpha_bar, guidance, bank, reference, data_variance)
+        variance = odds_variance
     return log_beta(
         point,
         bank,
@@ -234,11 +266,26 @@ def odds_log_beta(
         bandwidth=variance,
         log_beta_max=guidance.log_beta_max,
         chunk_size=guidance.chunk_size,
-        unsafe_log_mass=log_mass,
+        unsafe_log_mass=unsafe_log_mass,
         reference_sq_norms=reference_sq_norms,
         unsafe_sq_norms=bank_sq_norms,
         bank_sigma=sigma,
     )
+
+
+def _odds_variance(
+    x0_hat: Tensor,
+    alpha_bar: float | Tensor,
+    guidance: SafeGuidance,
+    bank: Tensor,
+    reference: Tensor,
+    data_variance: float | None,
+) -> Tensor:
+    """(B,) kernel variance of the odds at the denoised estimate: odds_sigma^2 + Var[x0 | x_t]."""
+    assert guidance.odds_sigma is not None
+    sd2 = bank_data_variance(bank, reference) if data_variance is None else data_variance
+    ab = as_batch_column(alpha_bar, x0_hat.shape[0], x0_hat.new_empty((), dtype=accumulation_dtype(x0_hat.dtype)))
+    return guidance.odds_sigma**2 + posterior_variance(ab.squeeze(1), sd2)
 
 
 def reference_correction(
