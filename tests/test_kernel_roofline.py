@@ -226,3 +226,30 @@ def test_sparse_chunks_grow(monkeypatch: pytest.MonkeyPatch) -> None:
     fixed = len(calls)
     assert auto_chunks(x_t, bank) >= 4 and grown < fixed, (grown, fixed)
     check(est.mean, est.log_mass, forward_reference(x_t, bank, 0.5, chunks=auto_chunks(x_t, bank)), "grown chunks")
+
+
+def test_grown_chunks_do_not_compound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Grown chunks are SPARSE_GROWTH cache-sized chunks at most, however many sparse chunks come before (the
+    (B, chunk) logits and the gather stay bounded on a bank of any size); the result stays within the float64
+    bounds."""
+    import safe_denoiser.core.kernel as kernel
+
+    monkeypatch.setattr(kernel, "SPARSE_GROWTH", 2)
+    g = torch.Generator().manual_seed(5)
+    bank = torch.randn(4000, 2048, generator=g)
+    x_t = near_bank(bank[[3]], 1, 0.5, seed=6)  # the nearest item in the first chunk: every later chunk is sparse
+    base = kernel.auto_chunk_size(1, 4000, 2048)
+    sizes: list[int] = []
+    real = torch.addmm
+
+    def recording(bias: Tensor, a: Tensor, b: Tensor, *args: object, **kwargs: object) -> Tensor:
+        if b.shape[0] == 2048:  # the first matmul, x @ chunk.T: one per chunk
+            sizes.append(b.shape[1])
+        return real(bias, a, b, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch, "addmm", recording)
+    est = forward_kernel_estimate(x_t, bank, 0.5, bank_sq_norms=bank_sq_norms(bank))
+    monkeypatch.undo()
+    assert sizes[0] == base and max(sizes) == 2 * base and sum(sizes) == 4000, (base, sizes)
+    ref = forward_reference(x_t, bank, 0.5, chunks=math.ceil(4000 / base))
+    check(est.mean, est.log_mass, ref, "bounded growth")

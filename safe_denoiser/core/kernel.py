@@ -189,11 +189,12 @@ def kernel_estimate(
     # nearly one-hot; on a CPU, outside a trace, testing for that on the host is cheap and skips the second matmul or
     # restricts it to the rows that carry weight. Elsewhere the graph stays static.
     skip_underflow = xf.device.type == "cpu" and not tracing
-    # Sparse chunks need no cache reuse (the second matmul touches a few rows), so after one, the chunks grow
-    # SPARSE_GROWTH-fold: a bank of up to 64 cache-sized chunks then takes two chunks in all, and each chunk's ~15
-    # small operations (tens of microseconds together) stop adding up. Only where no widening buffer sized to
-    # ``step`` is in use.
+    # Sparse chunks need no cache reuse (the second matmul touches a few rows), so after one, the next chunk is
+    # SPARSE_GROWTH cache-sized chunks: a bank of up to that many takes two chunks in all, and each chunk's ~15
+    # small operations (tens of microseconds together) stop adding up. The growth does not compound, so the (B,
+    # chunk) logits stay small. Only where no widening buffer sized to ``step`` is in use.
     grow = skip_underflow and buffer is None and chunk_size is None
+    base = step
     first = True
     start = 0
     while start < n:
@@ -213,9 +214,10 @@ def kernel_estimate(
         rows: Tensor | None = None
         if skip_underflow:
             rows = w.amax(dim=0).nonzero().squeeze(1)  # bank rows with a non-zero weight for some sample
-            sparse = rows.shape[0] * SPARSE_ROWS_FRACTION <= y.shape[0]
-            if sparse and grow:
-                step = min(step * SPARSE_GROWTH, n)
+            # the gather copies at most one cache-sized chunk, so a grown chunk never costs more than that in memory
+            sparse = rows.shape[0] * SPARSE_ROWS_FRACTION <= y.shape[0] and rows.shape[0] <= base
+            if grow:  # grown while sparse, back to the cache-sized chunk when not (the cache reuse is needed again)
+                step = min(base * SPARSE_GROWTH, n) if sparse else base
             if rows.shape[0] == 0:
                 continue  # every weight underflowed to 0: then the max did not move and the update adds exact zeros
             if not sparse:
