@@ -57,6 +57,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from safe_denoiser.core.beta import bank_data_variance
 from safe_denoiser.core.config import BetaMode, SafeGuidance
 from safe_denoiser.core.paths import flow_path, prediction_from_x0
 from safe_denoiser.core.step import StepRecord, path_correction, theorem_correction
@@ -193,6 +194,14 @@ def sample_toy(
         raise FieldError("path", "'vp' or 'flow'", path)
     schedule = ddim_schedule(steps) if path == "vp" else flow_schedule(steps)
     part = "safe" if denoiser == "exact" else "data"
+    # the conditional odds need the banks' data variance: once per run, as attach and export compute it
+    # (without a reference bank theorem_correction says what is missing)
+    odds_at_x0 = guidance is not None and guidance.odds_sigma is not None
+    variance = (
+        bank_data_variance(bank, reference)
+        if denoiser == "safe" and odds_at_x0 and bank is not None and reference is not None
+        else None
+    )
     x = noise
     traj = [x]
     for i, (t, level, level_next) in enumerate(schedule):
@@ -204,9 +213,13 @@ def sample_toy(
         if denoiser == "safe":
             assert bank is not None and guidance is not None
             if path == "vp":
-                eps, record = theorem_correction(eps, x, level, float(t), bank, guidance, reference)
+                eps, record = theorem_correction(
+                    eps, x, level, float(t), bank, guidance, reference, data_variance=variance
+                )
             else:
-                eps, record = path_correction(eps, x, fp, "flow", float(t), bank, guidance, reference)
+                eps, record = path_correction(
+                    eps, x, fp, "flow", float(t), bank, guidance, reference, data_variance=variance
+                )
             if records is not None:
                 records.append(record)
         x = ddim_step(x, eps, level, level_next) if path == "vp" else x + (level_next - level) * eps
