@@ -17,6 +17,10 @@ One correction step on a batch of Stable-Diffusion-sized latents (D = 4x64x64 = 
   ``x @ bank.T`` (a GEMV, the least any estimate must do) and ``bank.sum()`` (a pure streaming read). Each method's
   time is reported as a multiple of the GEMV measured in the same round (median over rounds), as a multiple of the
   streaming read, and as effective GB/s (bank bytes as stored / time).
+* **sdpa**: the same estimate through PyTorch's own fused attention kernel,
+  ``torch.nn.functional.scaled_dot_product_attention`` (on CPU a flash-attention loop in C++ over key blocks with an
+  online softmax): the query x_t scaled by sqrt(abar) / h, keys and values the bank, the bank's norms as an additive
+  float mask, then ``safe_eps``. A library reference for "one fused pass": it does no row skipping.
 * **baseline**: what the authors' research code does (docs/method.md section 3), written here: the query is
   ``.repeat``-ed into a (B, N, D) tensor, the scaled bank is subtracted by broadcasting (a second (B, N, D)
   tensor), the squared distance is summed from a third (the square), the kernel is a plain ``exp(-d / (2h))``
@@ -77,6 +81,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from safe_denoiser.core.beta import bank_data_variance
@@ -95,7 +100,7 @@ FLOAT_BYTES = 4
 GIB = 1024**3
 MIB = 1024**2
 RESULT_TAG = "@@BENCH_RESULT "
-METHODS = ("ours", "ours-f16", "ours-odds", "baseline")
+METHODS = ("ours", "ours-f16", "ours-odds", "sdpa", "baseline")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "correction.json"
 
 Call = Callable[[], tuple[Tensor, Tensor | None]]
@@ -180,6 +185,21 @@ def odds_call(bank: Tensor, reference: Tensor, x_t: Tensor, eps: Tensor, chunk: 
     return call
 
 
+def sdpa_call(bank: Tensor, x_t: Tensor, eps: Tensor, alpha_bar: float) -> Call:
+    """E_unsafe by ``scaled_dot_product_attention`` (logits = <x s / h, y> - s^2 ||y||^2 / 2h) + safe_eps."""
+    b, n = x_t.shape[0], bank.shape[0]
+    scale, h = math.sqrt(alpha_bar), 1.0 - alpha_bar
+    keys = bank.reshape(1, 1, n, -1)
+    mask = (-0.5 * scale * scale / h * bank_sq_norms(bank)).expand(b, n).reshape(1, 1, b, n)
+
+    def call() -> tuple[Tensor, Tensor | None]:
+        query = (x_t.reshape(1, 1, b, -1) * (scale / h)).contiguous()
+        mean = F.scaled_dot_product_attention(query, keys, keys, attn_mask=mask, scale=1.0)
+        return safe_eps(eps, x_t, alpha_bar, mean.reshape(x_t.shape), BETA), None
+
+    return call
+
+
 def baseline_call(bank: Tensor, x_t: Tensor, eps: Tensor, alpha_bar: float) -> Call:
     """baseline_posterior_mean + safe_eps, as a closure returning (eps_safe, kernel sums)."""
 
@@ -254,7 +274,7 @@ def measured_call(fn: Call) -> tuple[tuple[Tensor, Tensor | None], float, float,
 class WorkerSpec:
     """One benchmark row, run in its own subprocess."""
 
-    method: str  # "ours", "ours-f16", "ours-odds" or "baseline"
+    method: str  # one of METHODS
     b: int
     n: int
     chunk: int | None
@@ -279,6 +299,8 @@ def run_worker(spec: WorkerSpec) -> dict[str, Any]:
     def build(bk: Tensor, xt: Tensor, ep: Tensor, chunk: int | None, ref: Tensor | None) -> Call:
         if spec.method == "baseline":
             return baseline_call(bk, xt, ep, ab)
+        if spec.method == "sdpa":
+            return sdpa_call(bk, xt, ep, ab)
         if ref is not None:
             return odds_call(bk, ref, xt, ep, chunk, ab)
         return ours_call(bk.half() if spec.method == "ours-f16" else bk, xt, ep, chunk, ab)
@@ -475,12 +497,13 @@ def _gbs(rec: dict[str, Any] | None) -> str:
 def perf_table(rows: list[dict[str, Any]]) -> str:
     header = (
         "| B | N | GEMV ms (roofline) | GEMV GB/s | ours ms | ours / GEMV | ours / read | ours GB/s | ours-f16 ms "
-        "| f16 / GEMV(f32) | odds ms | odds / 2 GEMVs | ours peak MiB | baseline ms | baseline / ours "
+        "| f16 / GEMV(f32) | odds ms | odds / 2 GEMVs | sdpa / GEMV | ours peak MiB | baseline ms | baseline / ours "
         "| baseline output |"
     )
-    lines = [header, "|" + "---|" * 16]
+    lines = [header, "|" + "---|" * 17]
     for row in rows:
         ours, half, odds, base = row["ours"], row["ours-f16"], row.get("ours-odds"), row["baseline"]
+        sdpa = row.get("sdpa")
         o_ms_s, o_mib_s, o_ms, _ = _cell_result(ours)
         h_ms_s, _, _, _ = _cell_result(half)
         d_ms_s, _, _, _ = _cell_result(odds)
@@ -491,7 +514,8 @@ def perf_table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {row['b']} | {row['n']} | {g_ms} | {g_bw} | {o_ms_s} | {_multiple(ours)} | "
             f"{_multiple(ours, 'x_read')} | {_gbs(ours)} | {h_ms_s} | {_multiple(half)} | {d_ms_s} | "
-            f"{_multiple(odds)} | {o_mib_s} | {b_ms_s} | {_ratio(b_ms, o_ms)} | {_baseline_output(base)} |"
+            f"{_multiple(odds)} | {_multiple(sdpa)} | {o_mib_s} | {b_ms_s} | {_ratio(b_ms, o_ms)} | "
+            f"{_baseline_output(base)} |"
         )
     return "\n".join(lines)
 
