@@ -38,6 +38,7 @@ from .integrity import bundle_files, hash_files
 from .manifest import (
     BANK_INITIALIZER,
     BANK_NORMS_INITIALIZER,
+    PACKED_FROM,
     REFERENCE_BANK_INITIALIZER,
     REFERENCE_NORMS_INITIALIZER,
     ROUNDED_FROM,
@@ -329,14 +330,15 @@ def _graph_bank_info(source: ExportSource, bank: NegativeBank, bank_dtype: BankD
         return _vp_bank_info(bank, bank_dtype, initializer)
     from safe_denoiser.diffusers.scheduler import sample_space_bank
 
-    packed = sample_space_bank(source.pipe, bank.data).float().numpy()
-    metadata = {**bank.metadata, "packed_from_sha256": bank.sha256(), "layout": "flux packed 2x2 patches"}
+    packed = stored_bank(sample_space_bank(source.pipe, bank.data), bank_dtype).numpy()
+    metadata = {**bank.metadata, PACKED_FROM: bank.sha256(), "layout": "flux packed 2x2 patches"}
     return BankInfo(
         count=len(bank),
         sample_shape=tuple(packed.shape[1:]),
         sha256=array_sha256(packed),
         initializer=initializer,
         metadata=metadata,
+        dtype=bank_dtype,
     )
 
 

@@ -45,8 +45,14 @@ from safe_denoiser.core.correction import cfg_combine
 from safe_denoiser.core.paths import flow_path, x0_from_prediction
 from safe_denoiser.core.step import path_correction
 
-from .graphs import bank_constants, odds_data_variance, register_banks
-from .manifest import BANK_INITIALIZER, BANK_NORMS_INITIALIZER, REFERENCE_BANK_INITIALIZER, REFERENCE_NORMS_INITIALIZER
+from .graphs import bank_constants, odds_data_variance, register_banks, widen_bank
+from .manifest import (
+    BANK_INITIALIZER,
+    BANK_NORMS_INITIALIZER,
+    REFERENCE_BANK_INITIALIZER,
+    REFERENCE_NORMS_INITIALIZER,
+    BankDtype,
+)
 
 __all__ = ["FlowDenoiserStep", "FlowFamily", "flow_family", "register_rms_norm", "traceable_rotary"]
 
@@ -70,6 +76,7 @@ class FlowDenoiserStep(nn.Module):
         bank: the negative bank in the space the scheduler steps (Flux: packed, (N, h w / 4, 4 C)).
         image_ids: Flux's image position ids (h w / 4, 3) (required for "flux"); its text ids are zeros.
         reference_bank: the odds preset's reference bank, in the bank's space (required with ``beta_mode="odds"``).
+        bank_dtype: how both banks are stored, "float32" or "float16" (cast to the sample's dtype in the graph).
     """
 
     bank: Tensor
@@ -86,6 +93,7 @@ class FlowDenoiserStep(nn.Module):
         bank: Tensor | None = None,
         image_ids: Tensor | None = None,
         reference_bank: Tensor | None = None,
+        bank_dtype: BankDtype = "float32",
     ) -> None:
         super().__init__()
         if family not in ("sd3", "flux"):
@@ -99,7 +107,7 @@ class FlowDenoiserStep(nn.Module):
         self.transformer = transformer
         self.family = family
         self.guidance = guidance
-        register_banks(self, bank, reference_bank)
+        register_banks(self, bank, reference_bank, bank_dtype)
         self.data_variance = odds_data_variance(guidance, self.bank, self.reference_bank)
         self.register_buffer("image_ids", torch.empty(0) if image_ids is None else image_ids.detach().clone())
 
@@ -165,11 +173,13 @@ class FlowDenoiserStep(nn.Module):
             raise ValueError(f"FlowDenoiserStep expects inputs {names} (+ constants {self.constant_names})")
         x = dict(zip(names, inputs, strict=False))
         consts = dict(zip(self.constant_names, inputs[len(names) :], strict=True)) if len(inputs) > len(names) else {}
-        bank = consts.get(BANK_INITIALIZER, self.bank)
+        bank = widen_bank(consts.get(BANK_INITIALIZER, self.bank), x["sample"])
         # Given as a constant when exported; in eager calls computed from the bank in the module's own dtype (a
         # float64 reference run then has exact norms, not float32 ones cast up).
         norms = consts.get(BANK_NORMS_INITIALIZER)
-        reference = consts.get(REFERENCE_BANK_INITIALIZER, self.reference_bank) if self.odds else None
+        reference = None
+        if self.odds:
+            reference = widen_bank(consts.get(REFERENCE_BANK_INITIALIZER, self.reference_bank), x["sample"])
         reference_norms = consts.get(REFERENCE_NORMS_INITIALIZER)
         u = self._velocity(x)
         path = flow_path(x["sigma"])

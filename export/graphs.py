@@ -76,6 +76,7 @@ __all__ = [
     "odds_data_variance",
     "register_banks",
     "stored_bank",
+    "widen_bank",
 ]
 
 Conditioning = Literal["class_labels", "text"]
@@ -121,7 +122,7 @@ def bank_constants(module: nn.Module) -> dict[str, Tensor]:
     return {k: getattr(module, v) for k, v in names.items()}
 
 
-def _widen(bank: Tensor, like: Tensor) -> Tensor:
+def widen_bank(bank: Tensor, like: Tensor) -> Tensor:
     """A float16-stored bank in ``like``'s dtype (a Cast inside the graph); other banks as they are."""
     return bank.to(like.dtype) if bank.dtype == torch.float16 else bank
 
@@ -259,11 +260,13 @@ class DenoiserStep(nn.Module):
         x: dict[str, Tensor] = dict(zip(names, inputs, strict=False))
         consts = dict(zip(self.constant_names, inputs[len(names) :], strict=True)) if len(inputs) > len(names) else {}
         sample = x["sample"]
-        bank = _widen(consts.get(BANK_INITIALIZER, self.bank), sample)
+        bank = widen_bank(consts.get(BANK_INITIALIZER, self.bank), sample)
         # Given as a constant when exported; in eager calls computed from the bank in the module's own dtype (a
         # float64 reference run then has exact norms, not float32 ones cast up).
         norms = consts.get(BANK_NORMS_INITIALIZER)
-        reference = _widen(consts.get(REFERENCE_BANK_INITIALIZER, self.reference_bank), sample) if self.odds else None
+        reference = None
+        if self.odds:
+            reference = widen_bank(consts.get(REFERENCE_BANK_INITIALIZER, self.reference_bank), sample)
         reference_norms = consts.get(REFERENCE_NORMS_INITIALIZER)
         threshold = consts.get(THRESHOLD_INITIALIZER, self.threshold)
         safety = consts.get(SAFETY_INITIALIZER, self.safety_embedding)

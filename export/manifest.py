@@ -63,6 +63,7 @@ REFERENCE_NORMS_INITIALIZER = "reference_bank_sq_norms"
 BankDtype = Literal["float32", "float16"]
 BANK_DTYPES: tuple[BankDtype, ...] = ("float32", "float16")  # how the graph stores a bank (float16: cast inside)
 ROUNDED_FROM = "rounded_from_sha256"  # BankInfo.metadata key: the float32 bank file's hash of a float16-stored bank
+PACKED_FROM = "packed_from_sha256"  # BankInfo.metadata key: the bank file's hash of a bank packed for Flux
 
 
 class ManifestError(ValueError):
@@ -496,7 +497,9 @@ class Manifest:
         if self.bank is None:
             raise ManifestError("manifest: this bundle has no negative bank (the correction is off)")
         digest = NegativeBank.load(bank_path).sha256()
-        if digest != self.bank.metadata.get(ROUNDED_FROM, self.bank.sha256):
+        # the file's own hash: recorded before packing (Flux) or rounding (float16), else the graph's array's
+        meta = self.bank.metadata
+        if digest != meta.get(PACKED_FROM, meta.get(ROUNDED_FROM, self.bank.sha256)):
             raise ManifestError(
                 f"bank hash mismatch: {str(bank_path)!r} hashes to {digest[:16]}..., the bundle's bank to"
                 f" {self.bank.sha256[:16]}..."

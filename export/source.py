@@ -172,9 +172,7 @@ def build_denoiser(
     if bank_dtype not in BANK_DTYPES:
         raise ValueError(f"bank_dtype must be one of {BANK_DTYPES}, got {bank_dtype!r}")
     if source.family is not None:
-        if bank_dtype != "float32":
-            raise ValueError(f"bank_dtype: {source.family} bundles store their bank in float32 (float16 is VP only)")
-        return build_flow_denoiser(source, fp16)
+        return build_flow_denoiser(source, fp16, bank_dtype)
     if prediction_type(source.pipe) != "epsilon":
         raise ValueError(
             f"export supports epsilon-prediction models; this scheduler has prediction_type"
@@ -200,8 +198,11 @@ def build_denoiser(
     ).eval()
 
 
-def build_flow_denoiser(source: ExportSource, fp16: bool = False) -> FlowDenoiserStep:
-    """The ``FlowDenoiserStep`` of an SD3 / Flux ``source`` (the banks packed as Flux's scheduler steps them)."""
+def build_flow_denoiser(
+    source: ExportSource, fp16: bool = False, bank_dtype: BankDtype = "float32"
+) -> FlowDenoiserStep:
+    """The ``FlowDenoiserStep`` of an SD3 / Flux ``source`` (the banks packed as Flux's scheduler steps them, then
+    stored as ``bank_dtype``)."""
     from safe_denoiser.diffusers.scheduler import sample_space_bank
 
     family = source.family
@@ -222,7 +223,8 @@ def build_flow_denoiser(source: ExportSource, fp16: bool = False) -> FlowDenoise
     if family == "flux":
         _, h, w = source.sample_shape  # unpacked latent shape; the pipeline's ids index 2x2 patches
         image_ids = source.pipe._prepare_latent_image_ids(1, h // 2, w // 2, torch.device("cpu"), torch.float32)
-    return FlowDenoiserStep(transformer.eval(), family, source.guidance, bank, image_ids, reference).eval()
+    step = FlowDenoiserStep(transformer.eval(), family, source.guidance, bank, image_ids, reference, bank_dtype)
+    return step.eval()
 
 
 def step_sample_shape(source: ExportSource) -> tuple[int, ...]:

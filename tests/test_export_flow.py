@@ -20,7 +20,14 @@ from safe_denoiser import NegativeBank, SafeGuidance, attach, detach
 from safe_denoiser.diffusers.families import FLUX_SCHEDULER_CONFIG, tiny_pipeline
 from safe_denoiser.diffusers.pipelines import make_scheduler
 from safe_denoiser.diffusers.scheduler import sample_space_bank
-from safe_denoiser.export.exporter import ExportSource, export_bundle, load_source
+from safe_denoiser.export.exporter import (
+    ExportOptions,
+    ExportSource,
+    build_denoiser,
+    denoiser_inputs,
+    export_bundle,
+    load_source,
+)
 from safe_denoiser.export.flow_sampler import calculate_shift, flow_euler_step, flow_schedule
 from safe_denoiser.export.manifest import (
     BANK_INITIALIZER,
@@ -30,9 +37,9 @@ from safe_denoiser.export.manifest import (
     array_sha256,
     read_initializer,
 )
-from safe_denoiser.export.runtime import Bundle
+from safe_denoiser.export.runtime import Bundle, make_session
 
-from step_bounds import check_graph_parity, perturbed
+from step_bounds import check_graph_parity, perturbed, step_reference, within
 
 HW, STEPS, W_SD3, W_FLUX, TEXT = 16, 4, 5.0, 3.5, 16
 PROMPTS = ["a photo of a cat", "a red car"]
@@ -190,6 +197,39 @@ def test_flow_odds_graph_parity_and_manifest(flow_odds: tuple[ExportSource, Mani
         assert info.sha256 == ref.sha256()
     assert Manifest.load(out) == manifest
     Bundle(out)  # loads: the hashes of both banks inside the graph check out
+
+
+def test_flow_float16_bank(flow: tuple[ExportSource, Manifest, Path], tmp_path: Path) -> None:
+    """A float16-stored bank in an SD3 / Flux graph (Flux: packed, then rounded): the initializer is float16, the
+    manifest records its hash and the bank file it came from, and the graph matches PyTorch with the same rounded
+    bank within the float32 bounds of the float64 step (``step_bounds``), as a float32 bank does."""
+    source, manifest32, _ = flow
+    assert source.bank is not None
+    bank_file = source.bank.save(tmp_path / "bank.safetensors")
+    manifest32.check_bank_file(bank_file)  # the float32 bundle names the same file (Flux: its hash before packing)
+    out = tmp_path / "b16"
+    manifest = export_bundle(source, out, ExportOptions(bank_dtype="float16"))
+    graph = out / manifest.graphs["denoiser"].file
+    stored = read_initializer(graph, BANK_INITIALIZER)
+    want = sample_space_bank(source.pipe, source.bank.data).numpy().astype(np.float16)  # round to nearest
+    assert stored.dtype == np.float16 and np.array_equal(stored, want)
+    assert manifest.bank is not None and manifest.bank.dtype == "float16"
+    assert manifest.bank.sha256 == array_sha256(want)
+    manifest.check_bank_file(bank_file)
+    Bundle(out)  # loads: the float16 bank's hash inside the graph checks out
+    step = build_denoiser(source, bank_dtype="float16")
+    assert step.bank.dtype == torch.float16
+    session = make_session(graph)
+    for seed in range(3):
+        inputs = denoiser_inputs(source, step, 2, seed=seed)
+        refs, bounds = step_reference(step, inputs)
+        feeds = {n: v.numpy() for n, v in zip(step.input_names, inputs, strict=True)}
+        got = dict(zip(step.output_names, session.run(step.output_names, feeds), strict=True))
+        for name in step.output_names:
+            if name in bounds:
+                assert within(got[name], refs[name], bounds[name], 2.0), (seed, name)
+            else:
+                np.testing.assert_array_equal(got[name], refs[name])
 
 
 def test_flow_loop_parity(flow: tuple[ExportSource, Manifest, Path]) -> None:
