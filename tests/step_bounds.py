@@ -130,6 +130,31 @@ def within(got: np.ndarray, want: np.ndarray, bound: np.ndarray | float, factor:
     return bool(np.all(np.abs(np.asarray(got, dtype=np.float64) - want) <= factor * np.asarray(bound)))
 
 
+def check_step_graph(source: ExportSource, step: nn.Module, graph: Any, seeds: Sequence[int], batch: int = 3) -> float:
+    """A denoiser graph (``graph``: its path) and the eager ``step`` on ``denoiser_inputs`` of each seed: each float
+    output within twice the float32 bound of the float64 step, booleans equal to it. Returns the largest |graph -
+    eager| over the float outputs."""
+    from safe_denoiser.export.runtime import make_session
+
+    session = make_session(graph)
+    worst = 0.0
+    for seed in seeds:
+        inputs = denoiser_inputs(source, step, batch, seed=seed)
+        refs, bounds = step_reference(step, inputs)
+        feeds = {n: v.numpy() for n, v in zip(step.input_names, inputs, strict=True)}
+        got = dict(zip(step.output_names, session.run(step.output_names, feeds), strict=True))
+        with torch.no_grad():
+            eager = dict(zip(step.output_names, (o.numpy() for o in step(*inputs)), strict=True))
+        for name in step.output_names:
+            if name in bounds:
+                assert within(got[name], refs[name], bounds[name], 2.0), (seed, name)
+                assert within(eager[name], refs[name], bounds[name], 2.0), (seed, name)
+                worst = max(worst, float(np.abs(got[name] - eager[name]).max()))
+            else:
+                np.testing.assert_array_equal(got[name], refs[name])
+    return worst
+
+
 def check_graph_parity(source: ExportSource, manifest: Manifest, batch: int = ExportOptions.batch) -> None:
     """Export-time check (onnxruntime vs PyTorch float32 on the exporter's check inputs): within twice the float32
     error bound (``step_reference``; text encoder and VAE: ``network_bound``) per output; booleans identical."""

@@ -27,7 +27,6 @@ from safe_denoiser.export.exporter import (
     ExportOptions,
     ExportSource,
     build_denoiser,
-    denoiser_inputs,
     export_bundle,
     load_source,
 )
@@ -41,9 +40,9 @@ from safe_denoiser.export.manifest import (
     ManifestError,
     read_initializer,
 )
-from safe_denoiser.export.runtime import Bundle, make_session
+from safe_denoiser.export.runtime import Bundle
 
-from step_bounds import U16, U32, check_graph_parity, perturbed, step_reference, within
+from step_bounds import U16, U32, check_graph_parity, check_step_graph, perturbed
 
 STEPS = 10
 ODDS = {"preset": "odds", "eta": 1.0}
@@ -265,22 +264,7 @@ def test_fp16_bank_graph_parity(fp16_pair: tuple[ExportSource, Path, Path]) -> N
     source, _, b16 = fp16_pair
     step = build_denoiser(source, bank_dtype="float16")
     assert step.bank.dtype == torch.float16
-    session = make_session(b16 / "denoiser.onnx")
-    worst = 0.0
-    for seed in range(4):
-        inputs = denoiser_inputs(source, step, 3, seed=seed)
-        refs, bounds = step_reference(step, inputs)
-        feeds = {n: v.numpy() for n, v in zip(step.input_names, inputs, strict=True)}
-        got = dict(zip(step.output_names, session.run(step.output_names, feeds), strict=True))
-        with torch.no_grad():
-            eager = dict(zip(step.output_names, (o.numpy() for o in step(*inputs)), strict=True))
-        for name in step.output_names:
-            if name in bounds:
-                assert within(got[name], refs[name], bounds[name], 2.0), (seed, name)
-                assert within(eager[name], refs[name], bounds[name], 2.0), (seed, name)
-                worst = max(worst, float(np.abs(got[name] - eager[name]).max()))
-            else:
-                np.testing.assert_array_equal(got[name], refs[name])
+    worst = check_step_graph(source, step, b16 / "denoiser.onnx", range(4))
     print(f"fp16-bank graph vs PyTorch (same rounded bank): max abs diff {worst:.2e}")
 
 
