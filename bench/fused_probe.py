@@ -38,7 +38,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, print_table, write_json
-from correction import LATENT_SHAPE, make_bank, make_inputs
+from correction_methods import LATENT_SHAPE, make_bank, make_inputs
 
 from safe_denoiser.core.kernel import bank_sq_norms, unsafe_posterior_mean
 
