@@ -45,7 +45,7 @@ from safe_denoiser.core.correction import cfg_combine
 from safe_denoiser.core.paths import flow_path, x0_from_prediction
 from safe_denoiser.core.step import path_correction
 
-from .graphs import bank_constants, odds_data_variance, register_banks, widen_bank
+from .graphs import bank_constants, graph_banks, odds_data_variance, register_banks
 from .manifest import (
     BANK_INITIALIZER,
     BANK_NORMS_INITIALIZER,
@@ -173,14 +173,7 @@ class FlowDenoiserStep(nn.Module):
             raise ValueError(f"FlowDenoiserStep expects inputs {names} (+ constants {self.constant_names})")
         x = dict(zip(names, inputs, strict=False))
         consts = dict(zip(self.constant_names, inputs[len(names) :], strict=True)) if len(inputs) > len(names) else {}
-        bank = widen_bank(consts.get(BANK_INITIALIZER, self.bank), x["sample"])
-        # Given as a constant when exported; in eager calls computed from the bank in the module's own dtype (a
-        # float64 reference run then has exact norms, not float32 ones cast up).
-        norms = consts.get(BANK_NORMS_INITIALIZER)
-        reference = None
-        if self.odds:
-            reference = widen_bank(consts.get(REFERENCE_BANK_INITIALIZER, self.reference_bank), x["sample"])
-        reference_norms = consts.get(REFERENCE_NORMS_INITIALIZER)
+        bank, norms, reference, reference_norms = graph_banks(self, consts, x["sample"], self.odds)
         u = self._velocity(x)
         path = flow_path(x["sigma"])
         record: list[Tensor] = []

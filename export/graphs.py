@@ -73,10 +73,10 @@ __all__ = [
     "TextEncoderGraph",
     "VaeDecoderGraph",
     "bank_constants",
+    "graph_banks",
     "odds_data_variance",
     "register_banks",
     "stored_bank",
-    "widen_bank",
 ]
 
 Conditioning = Literal["class_labels", "text"]
@@ -122,9 +122,24 @@ def bank_constants(module: nn.Module) -> dict[str, Tensor]:
     return {k: getattr(module, v) for k, v in names.items()}
 
 
-def widen_bank(bank: Tensor, like: Tensor) -> Tensor:
+def _widen(bank: Tensor, like: Tensor) -> Tensor:
     """A float16-stored bank in ``like``'s dtype (a Cast inside the graph); other banks as they are."""
     return bank.to(like.dtype) if bank.dtype == torch.float16 else bank
+
+
+def graph_banks(
+    module: nn.Module, consts: dict[str, Tensor], sample: Tensor, odds: bool
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """(bank, its norms, reference bank or None, its norms) as one step reads them (``register_banks``).
+
+    The constants fed to an exported graph, else the module's buffers; a float16-stored bank widened to the
+    sample's dtype. Norms exist only as constants: eager calls compute them from the bank in the module's own dtype
+    (a float64 reference run then has exact norms, not float32 ones cast up).
+    """
+    banks = {**bank_constants(module), **consts}  # what the graph is fed wins over the module's buffers
+    bank = _widen(banks[BANK_INITIALIZER], sample)
+    reference = _widen(banks[REFERENCE_BANK_INITIALIZER], sample) if odds else None
+    return bank, consts.get(BANK_NORMS_INITIALIZER), reference, consts.get(REFERENCE_NORMS_INITIALIZER)
 
 
 class DenoiserStep(nn.Module):
@@ -260,14 +275,7 @@ class DenoiserStep(nn.Module):
         x: dict[str, Tensor] = dict(zip(names, inputs, strict=False))
         consts = dict(zip(self.constant_names, inputs[len(names) :], strict=True)) if len(inputs) > len(names) else {}
         sample = x["sample"]
-        bank = widen_bank(consts.get(BANK_INITIALIZER, self.bank), sample)
-        # Given as a constant when exported; in eager calls computed from the bank in the module's own dtype (a
-        # float64 reference run then has exact norms, not float32 ones cast up).
-        norms = consts.get(BANK_NORMS_INITIALIZER)
-        reference = None
-        if self.odds:
-            reference = widen_bank(consts.get(REFERENCE_BANK_INITIALIZER, self.reference_bank), sample)
-        reference_norms = consts.get(REFERENCE_NORMS_INITIALIZER)
+        bank, norms, reference, reference_norms = graph_banks(self, consts, sample, self.odds)
         threshold = consts.get(THRESHOLD_INITIALIZER, self.threshold)
         safety = consts.get(SAFETY_INITIALIZER, self.safety_embedding)
 

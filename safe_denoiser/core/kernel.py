@@ -260,7 +260,7 @@ def forward_kernel_estimate(
     E[x0 | x_t] = m + (sqrt(abar) s^2 / h) (x_t - sqrt(abar) m). As the noise vanishes h -> s^2 (the kernel's
     temperature never falls below s^2, so the choice between bank items stays soft) and E[x0 | x_t] -> x_t.
     """
-    scale, variance = forward_kernel(alpha_bar, x_t, bandwidth, bank_sigma)
+    scale, variance = forward_kernel(x_t, alpha_bar, bandwidth, bank_sigma)
     est = kernel_estimate(x_t, bank, scale, variance, True, chunk_size, bank_sq_norms=bank_sq_norms)
     if bank_sigma is None:
         return est
@@ -268,7 +268,7 @@ def forward_kernel_estimate(
 
 
 def forward_kernel(
-    alpha_bar: float | Tensor, x_t: Tensor, bandwidth: float | Tensor | None = None, bank_sigma: float | None = None
+    x_t: Tensor, alpha_bar: float | Tensor, bandwidth: float | Tensor | None = None, bank_sigma: float | None = None
 ) -> tuple[Tensor, Tensor]:
     """(scale sqrt(abar), variance h), each (B, 1) in the accumulation dtype: ``forward_kernel_estimate``'s kernel."""
     if bank_sigma is not None and bandwidth is not None:

@@ -167,7 +167,7 @@ def _theorem_terms(
         # E_unsafe at x_t and the odds' kernel at x0_hat are two queries of the same bank, stacked into one
         # kernel_estimate (each row its own scale and variance): one pass over the negative bank per step.
         assert reference is not None
-        scale, variance = forward_kernel(alpha_bar, x_t, bandwidth, guidance.bank_sigma)
+        scale, variance = forward_kernel(x_t, alpha_bar, bandwidth, guidance.bank_sigma)
         odds_variance = _odds_variance(x0_hat, alpha_bar, guidance, bank, reference, data_variance)
         both = kernel_estimate(
             torch.cat([x_t.to(acc), x0_hat.to(acc)]),
