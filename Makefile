@@ -7,7 +7,8 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: demo test lint typecheck unit bench clean cpp cpp-deps cpp-test
 
-$(BIN)/.installed: pyproject.toml
+# The C source of the compiled kernel is built by the install (an optional extension): rebuild when it changes.
+$(BIN)/.installed: pyproject.toml safe_denoiser/core/csrc/fused_kernel.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"

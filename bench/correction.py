@@ -4,10 +4,14 @@ What is measured
 ----------------
 One correction step on a batch of Stable-Diffusion-sized latents (D = 4x64x64 = 16384, float32, CPU):
 
-* **ours**: ``safe_denoiser.core.kernel.unsafe_posterior_mean`` (log space, online logsumexp over cache-sized bank
-  chunks chosen automatically, the bank's squared norms precomputed once as ``NegativeBank`` holds them, no (B, N, D)
-  tensor) followed by ``safe_denoiser.core.correction.safe_eps``; also with the bank stored in float16 (**ours-f16**,
-  float32 arithmetic) and, where ``--chunk-size`` is given, with that fixed chunk.
+* **ours**: ``safe_denoiser.core.kernel.unsafe_posterior_mean`` (log space, online logsumexp, the bank's squared
+  norms precomputed once as ``NegativeBank`` holds them, no (B, N, D) tensor) followed by
+  ``safe_denoiser.core.correction.safe_eps``. By default this runs the compiled one-pass kernel
+  (``core.fused``: each bank row read once for the dot products and the weighted sums, rows split over the
+  threads); also with the bank stored in float16 (**ours-f16**, float32 arithmetic). **ours-torch** is the same
+  call with the compiled kernel switched off (``SAFE_DENOISER_FUSED_KERNEL=0``): the PyTorch loop of two matmuls
+  per cache-sized chunk, as it runs where the extension is not built; ``--chunk-size`` fixes its chunk (a fixed
+  chunk always takes the PyTorch loop).
 * **ours-odds**: the whole correction of the conditional-odds preset (``core.step.theorem_correction`` with
   ``SafeGuidance.odds(odds_sigma=1.0)``, window open): E_unsafe at x_t and the odds' kernel at the denoised
   estimate in one stacked pass over the negative bank, then one pass over a reference bank of the same size
@@ -82,6 +86,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from safe_denoiser.core import fused
 from safe_denoiser.core.correction import safe_eps
 from safe_denoiser.core.kernel import unsafe_posterior_mean
 from safe_denoiser.files import atomic_write_json as write_json
@@ -108,7 +113,7 @@ from correction_methods import (
 GIB = 1024**3
 MIB = 1024**2
 RESULT_TAG = "@@BENCH_RESULT "
-METHODS = ("ours", "ours-f16", "ours-odds", "sdpa", "baseline")
+METHODS = ("ours", "ours-torch", "ours-f16", "ours-odds", "sdpa", "baseline")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "correction.json"
 
 
@@ -263,6 +268,7 @@ def run_worker(spec: WorkerSpec) -> dict[str, Any]:
         "effective_gbs": len(flats) * stored_bytes / 1e6 / min(times),
         "output_finite": bool(torch.isfinite(out).all()),
         "output_has_nan": bool(torch.isnan(out).any()),
+        "fused_kernel": fused.unavailable_reason() or "on",
     }
     if k_sum is not None:
         record["kernel_sum_underflow"] = int((k_sum == 0).sum())
@@ -275,6 +281,10 @@ def launch(spec: WorkerSpec, timeout_s: float) -> dict[str, Any]:
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(spec.threads)
+    if spec.method == "ours-torch":
+        env[fused.ENV_SWITCH] = "0"
+    else:
+        env.pop(fused.ENV_SWITCH, None)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(asdict(spec))]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, check=False)
@@ -388,14 +398,14 @@ def _gbs(rec: dict[str, Any] | None) -> str:
 
 def perf_table(rows: list[dict[str, Any]]) -> str:
     header = (
-        "| B | N | GEMV ms (roofline) | GEMV GB/s | ours ms | ours / GEMV | ours / read | ours GB/s | ours-f16 ms "
-        "| f16 / GEMV(f32) | odds ms | odds / 2 GEMVs | sdpa / GEMV | ours peak MiB | baseline ms | baseline / ours "
-        "| baseline output |"
+        "| B | N | GEMV ms (roofline) | GEMV GB/s | ours ms | ours / GEMV | ours / read | ours GB/s "
+        "| torch loop / GEMV | ours-f16 ms | f16 / GEMV(f32) | odds ms | odds / 2 GEMVs | sdpa / GEMV | ours peak MiB "
+        "| baseline ms | baseline / ours | baseline output |"
     )
-    lines = [header, "|" + "---|" * 17]
+    lines = [header, "|" + "---|" * 18]
     for row in rows:
         ours, half, odds, base = row["ours"], row["ours-f16"], row.get("ours-odds"), row["baseline"]
-        sdpa = row.get("sdpa")
+        sdpa, loop = row.get("sdpa"), row.get("ours-torch")
         o_ms_s, o_mib_s, o_ms, _ = _cell_result(ours)
         h_ms_s, _, _, _ = _cell_result(half)
         d_ms_s, _, _, _ = _cell_result(odds)
@@ -405,7 +415,8 @@ def perf_table(rows: list[dict[str, Any]]) -> str:
         g_bw = "-" if roof is None else _fmt(roof["roofline_gemv_gbs"])
         lines.append(
             f"| {row['b']} | {row['n']} | {g_ms} | {g_bw} | {o_ms_s} | {_multiple(ours)} | "
-            f"{_multiple(ours, 'x_read')} | {_gbs(ours)} | {h_ms_s} | {_multiple(half)} | {d_ms_s} | "
+            f"{_multiple(ours, 'x_read')} | {_gbs(ours)} | {_multiple(loop)} | {h_ms_s} | {_multiple(half)} | "
+            f"{d_ms_s} | "
             f"{_multiple(odds)} | {_multiple(sdpa)} | {o_mib_s} | {b_ms_s} | {_ratio(b_ms, o_ms)} | "
             f"{_baseline_output(base)} |"
         )

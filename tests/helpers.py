@@ -151,6 +151,15 @@ def kernel_reference(
     return KernelReference(mean.reshape(x.shape), log_mass, mean_bound.reshape(x.shape), log_mass_bound)
 
 
+def fused_chunks(n: int) -> int:
+    """``kernel_reference``'s ``chunks`` for the compiled kernel (core.fused, the default CPU path): a term is
+    rescaled once per row where the running max moves and once per merge of the thread partials (fewer than
+    n / MIN_ROWS_PER_THREAD + 1)."""
+    from safe_denoiser.core.fused import MIN_ROWS_PER_THREAD
+
+    return n + n // MIN_ROWS_PER_THREAD + 1
+
+
 def forward_reference(
     x_t: Tensor,
     bank: Tensor,

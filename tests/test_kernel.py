@@ -11,10 +11,11 @@ import torch
 
 from safe_denoiser import kernel_estimate, kernel_log_mass, unsafe_posterior_mean
 
-from helpers import KernelReference, assert_within, forward_reference, kernel_reference, unit_roundoff
+from helpers import KernelReference, assert_within, forward_reference, fused_chunks, kernel_reference, unit_roundoff
 
 # Every comparison is against the exact float64 value with the float32 rounding-error bound of helpers.py
 # (``kernel_reference``): it scales with the inputs, the bank size, the chunk count and the kernel's bandwidth.
+# The default CPU path is the compiled kernel, whose per-row rescales ``fused_chunks`` counts.
 
 
 def check(est_mean: torch.Tensor, est_log_mass: torch.Tensor | None, ref: KernelReference, what: str) -> None:
@@ -27,7 +28,7 @@ def check(est_mean: torch.Tensor, est_log_mass: torch.Tensor | None, ref: Kernel
 def test_matches_float64_brute_force() -> None:
     x, bank = torch.randn(4, 3, 6, 6), torch.randn(37, 3, 6, 6)
     ab = torch.tensor([0.02, 0.3, 0.8, 0.97])
-    ref = forward_reference(x, bank, ab)
+    ref = forward_reference(x, bank, ab, chunks=fused_chunks(37))
     est = kernel_estimate(x, bank, ab.sqrt().reshape(-1, 1), (1 - ab).reshape(-1, 1))
     check(est.mean, est.log_mass, ref, "kernel_estimate")
     check(unsafe_posterior_mean(x, bank, ab), kernel_log_mass(x, bank, ab), ref, "forward kernel")
@@ -35,7 +36,9 @@ def test_matches_float64_brute_force() -> None:
 
 def test_bandwidth_override() -> None:
     x, bank = torch.randn(2, 8), torch.randn(10, 8)
-    ref = forward_reference(x, bank, torch.tensor([0.5, 0.5]), bandwidth=torch.tensor([3.0, 3.0]))
+    ref = forward_reference(
+        x, bank, torch.tensor([0.5, 0.5]), bandwidth=torch.tensor([3.0, 3.0]), chunks=fused_chunks(10)
+    )
     check(unsafe_posterior_mean(x, bank, 0.5, bandwidth=3.0), kernel_log_mass(x, bank, 0.5, bandwidth=3.0), ref, "h")
 
 
@@ -44,7 +47,7 @@ def test_chunked_equals_unchunked(chunk: int) -> None:
     x, bank = torch.randn(3, 4, 4, 4), torch.randn(100, 4, 4, 4)
     full = kernel_estimate(x, bank, 0.7, 0.51)
     part = kernel_estimate(x, bank, 0.7, 0.51, chunk_size=chunk)
-    ref_full = kernel_reference(x, bank, 0.7, 0.51)
+    ref_full = kernel_reference(x, bank, 0.7, 0.51, chunks=fused_chunks(100))
     ref_part = kernel_reference(x, bank, 0.7, 0.51, chunks=math.ceil(100 / chunk))
     check(full.mean, full.log_mass, ref_full, "unchunked")
     check(part.mean, part.log_mass, ref_part, f"chunk {chunk}")
@@ -57,7 +60,7 @@ def test_batch_equals_items_one_at_a_time() -> None:
     x, bank = torch.randn(5, 4, 8, 8), torch.randn(30, 4, 8, 8)
     ab = torch.tensor([0.1, 0.2, 0.5, 0.9, 0.99])
     batched = unsafe_posterior_mean(x, bank, ab)
-    ref = forward_reference(x, bank, ab)
+    ref = forward_reference(x, bank, ab, chunks=fused_chunks(30))
     check(batched, None, ref, "batched")
     for i in range(5):
         single = unsafe_posterior_mean(x[i : i + 1], bank, float(ab[i]))
@@ -84,7 +87,7 @@ def test_float32_at_sd_latent_size_is_finite_and_matches_float64(alpha_bar: floa
 
 def test_half_precision_accumulates_in_float32() -> None:
     x, bank = torch.randn(2, 4, 16, 16).half(), torch.randn(50, 4, 16, 16).half()
-    ref = forward_reference(x.float(), bank.float(), 0.4)  # the half inputs are exact in float32
+    ref = forward_reference(x.float(), bank.float(), 0.4, chunks=fused_chunks(50))  # half inputs: exact in f32
     out = unsafe_posterior_mean(x, bank, 0.4)
     assert out.dtype == torch.float16
     assert torch.isfinite(out).all()

@@ -1,5 +1,8 @@
-"""The one-pass kernel: precomputed bank norms, automatic cache-sized chunks, skipped underflowed chunks and
-half-precision banks, each against the float64 reference bounds of helpers.py."""
+"""The PyTorch one-pass loop: precomputed bank norms, automatic cache-sized chunks, skipped underflowed chunks and
+half-precision banks, each against the float64 reference bounds of helpers.py.
+
+The loop runs wherever the compiled kernel does not (no extension built, accelerators, traces, explicit chunks), so
+this module switches the compiled kernel off; tests/test_fused.py tests that kernel."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from safe_denoiser.core import fused
 from safe_denoiser.core.kernel import (
     CPU_CHUNK_BYTES,
     DEVICE_CHUNK_BYTES,
@@ -30,6 +34,12 @@ from helpers import (
 )
 
 SD = (4, 64, 64)  # Stable Diffusion latents: D = 16384
+
+
+@pytest.fixture(autouse=True)
+def pytorch_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test here exercises the PyTorch loop, not the compiled kernel."""
+    monkeypatch.setenv(fused.ENV_SWITCH, "0")
 
 
 def auto_chunks(x: Tensor, bank: Tensor) -> int:

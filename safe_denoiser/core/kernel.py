@@ -5,6 +5,10 @@ over cache-sized bank chunks, so each call reads the bank from memory once, extr
 (B, N, D) tensor is ever built. The bank's squared norms are a constant of the bank (``bank_sq_norms``, held by
 ``NegativeBank``); a float16 / bfloat16 bank is read in half precision and accumulated in float32. No host
 synchronisation: safe inside traced or compiled graphs. Differentiation is not supported (in-place updates).
+
+On a CPU, outside a trace, float32 queries over a contiguous bank go to the compiled one-pass kernel
+(``core.fused``: each row used for the dot products and the weighted sums while it is in L1/L2, the same online
+softmax a row at a time); everywhere else, and with an explicit ``chunk_size``, the PyTorch loop below runs.
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from safe_denoiser.core.fused import BANK_DTYPES, fused_kernel_sums
+from safe_denoiser.core.fused import enabled as fused_enabled
 
 __all__ = [
     "KernelEstimate",
@@ -169,19 +176,24 @@ def kernel_estimate(
     norms = bank_sq_norms.to(device=xf.device, dtype=acc_dtype)
 
     tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
+    if squared:
+        # logits = (s / v) <x, y> - s^2 ||y||^2 / (2 v): one addmm per chunk; ||x||^2 / (2 v) is the common offset.
+        coef = s / v
+        x_scaled = xf * coef
+        bias_coef = -0.5 * coef * s  # (B, 1)
+        offset = -torch.linalg.vector_norm(xf, dim=1, keepdim=True).square() / (2.0 * v)
+        if chunk_size is None and not tracing and _fused_applies(xf, y_all):
+            acc, run_max, run_sum = fused_kernel_sums(x_scaled, y_all, bias_coef.reshape(b), norms.contiguous())
+            return _estimate(acc, run_max.unsqueeze(1), run_sum.unsqueeze(1), offset, x, n)
+        bias = bias_coef * norms.unsqueeze(0)  # (B, N)
+    else:
+        offset = torch.zeros((b, 1), device=xf.device, dtype=acc_dtype)
+
     step = min(n, chunk_size or auto_chunk_size(b, n, xf.shape[1], xf.device))
     if tracing and chunk_size is None:  # a traced loop is unrolled: keep the graph small
         step = max(step, math.ceil(n / MAX_TRACED_CHUNKS))
     widen = y_all.dtype != acc_dtype or y_all.device != xf.device
     buffer = torch.empty((step, xf.shape[1]), device=xf.device, dtype=acc_dtype) if widen else None
-    if squared:
-        # logits = (s / v) <x, y> - s^2 ||y||^2 / (2 v): one addmm per chunk; ||x||^2 / (2 v) is the common offset.
-        coef = s / v
-        x_scaled = xf * coef
-        bias = (-0.5 * coef * s) * norms.unsqueeze(0)  # (B, N)
-        offset = -torch.linalg.vector_norm(xf, dim=1, keepdim=True).square() / (2.0 * v)
-    else:
-        offset = torch.zeros((b, 1), device=xf.device, dtype=acc_dtype)
     run_max = torch.full((b, 1), -math.inf, device=xf.device, dtype=acc_dtype)
     run_sum = torch.zeros((b, 1), device=xf.device, dtype=acc_dtype)
     acc = torch.zeros_like(xf)  # run_sum and acc are replaced by the first chunk's values (nothing to rescale)
@@ -231,6 +243,24 @@ def kernel_estimate(
             run_sum = run_sum.mul_(rescale).add_(w.sum(dim=1, keepdim=True))
             acc = acc.mul_(rescale).add_(part)
         run_max = new_max
+    return _estimate(acc, run_max, run_sum, offset, x, n)
+
+
+def _fused_applies(xf: Tensor, y_all: Tensor) -> bool:
+    """Whether the compiled one-pass kernel (``core.fused``) can take these float32 queries and this bank."""
+    return (
+        xf.dtype == torch.float32
+        and xf.device.type == "cpu"
+        and y_all.device.type == "cpu"
+        and y_all.dtype in BANK_DTYPES
+        and y_all.is_contiguous()
+        and not xf.requires_grad
+        and fused_enabled()
+    )
+
+
+def _estimate(acc: Tensor, run_max: Tensor, run_sum: Tensor, offset: Tensor, x: Tensor, n: int) -> KernelEstimate:
+    """The kernel mean and log mean kernel value from the online-softmax sums ((B, D), (B, 1), (B, 1))."""
     mean = (acc / run_sum).reshape(x.shape).to(x.dtype)
     log_mass = (offset + run_max + run_sum.log()).squeeze(1) - math.log(n)
     return KernelEstimate(mean, log_mass)
