@@ -49,6 +49,7 @@ def test_extension_is_built() -> None:
 def test_matches_float64_over_seeds(threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """kernel_estimate's default path is the compiled kernel and stays within the float32 bound of float64."""
     calls = count_fused_calls(monkeypatch)
+    monkeypatch.setattr(fused, "MIN_BYTES_PER_THREAD", 1)  # split even these small banks over the threads
     torch.set_num_threads(threads)
     try:
         for seed in range(30):
@@ -146,3 +147,25 @@ def test_bad_input_names_the_field() -> None:
         fused.fused_kernel_sums(torch.randn(8, 2).T, bank, c, norms)
     with pytest.raises(ValueError, match=r"x must be \(B, D\)"):
         fused.fused_kernel_sums(x, torch.randn(5, 9), c, norms)
+
+
+@pytest.mark.parametrize("portable", [True, False])
+def test_float16_widening_is_exact_for_every_value(portable: bool) -> None:
+    """All 65,536 float16 bit patterns (normals, subnormals, zeros, infinities, NaNs) widen to the same float32 bits
+    as PyTorch's conversion, with the portable converter and with the one the CPU dispatches to (F16C here)."""
+    halves = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16).contiguous()
+    out = torch.empty(halves.shape, dtype=torch.float32)
+    assert fused._fused_kernel is not None
+    fused._fused_kernel.widen_float16(halves.data_ptr(), out.data_ptr(), halves.numel(), int(portable))
+    assert torch.equal(out.view(torch.int32), halves.float().view(torch.int32))
+
+
+def test_threads_only_for_large_banks() -> None:
+    """One thread below MIN_BYTES_PER_THREAD (a second one would wait for PyTorch's spinning OpenMP workers), then one
+    per MIN_BYTES_PER_THREAD up to the thread limit."""
+    per = fused.MIN_BYTES_PER_THREAD
+    assert fused.worker_count(515 * 16384 * 4, threads=2) == 1  # SD latents, N = 515: 33 MiB
+    assert fused.worker_count(per - 1, threads=8) == 1
+    assert fused.worker_count(2 * per, threads=8) == 2
+    assert fused.worker_count(100 * per, threads=8) == 8
+    assert fused.worker_count(100 * per, threads=1) == 1

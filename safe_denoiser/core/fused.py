@@ -22,11 +22,16 @@ except ImportError as exc:  # pragma: no cover - depends on how the package was 
     _fused_kernel = None
     _IMPORT_ERROR = str(exc)
 
-__all__ = ["BANK_DTYPES", "enabled", "fused_kernel_sums", "unavailable_reason"]
+__all__ = ["BANK_DTYPES", "enabled", "fused_kernel_sums", "unavailable_reason", "worker_count"]
 
 ENV_SWITCH = "SAFE_DENOISER_FUSED_KERNEL"
 BANK_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 MIN_ROWS_PER_THREAD = 16  # a thread costs ~tens of microseconds to start: below this it does not pay
+# A second thread pays only on large banks: right after an OpenMP region (the UNet's last operation in a sampler
+# step) PyTorch's OpenMP workers keep spinning on the other cores for a few milliseconds, and a thread started then
+# waits for them (bench: 2 threads lose up to 3.5 ms at N = 3,000 at SD size and win from N = 10,000 on). One thread
+# already reads at 18-30 GB/s; more are for banks of hundreds of MiB on machines with many memory channels.
+MIN_BYTES_PER_THREAD = 256 * 1024**2
 
 
 def unavailable_reason() -> str | None:
@@ -46,6 +51,13 @@ def enabled() -> bool:
     return unavailable_reason() is None
 
 
+def worker_count(bank_bytes: int, threads: int | None = None) -> int:
+    """Threads for one call over a bank of ``bank_bytes``: one per ``MIN_BYTES_PER_THREAD``, at least one, at most
+    ``threads`` (default ``torch.get_num_threads()``)."""
+    limit = torch.get_num_threads() if threads is None else threads
+    return max(1, min(limit, bank_bytes // MIN_BYTES_PER_THREAD))
+
+
 def fused_kernel_sums(
     x: Tensor, bank: Tensor, bias_coef: Tensor, norms: Tensor, threads: int | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -55,7 +67,7 @@ def fused_kernel_sums(
     exp(logit_bn - run_max_b) and acc_b = sum_n exp(logit_bn - run_max_b) y_n, so the softmax mean is acc / run_sum
     and the logsumexp is run_max + log(run_sum). ``x`` (B, D), ``bias_coef`` (B,) and ``norms`` (N,) are float32 on
     the CPU; ``bank`` is (N, D), float32, float16 or bfloat16, contiguous. ``threads`` defaults to
-    ``torch.get_num_threads()`` (rows are split in contiguous ranges, at least ``MIN_ROWS_PER_THREAD`` each).
+    ``worker_count``'s choice (rows are split in contiguous ranges, at least ``MIN_ROWS_PER_THREAD`` each).
     """
     reason = unavailable_reason()
     if reason is not None:
@@ -73,7 +85,8 @@ def fused_kernel_sums(
     for name, t in (("x", x), ("bank", bank), ("bias_coef", bias_coef), ("norms", norms)):
         if t.device.type != "cpu" or not t.is_contiguous():
             raise ValueError(f"{name} must be a contiguous CPU tensor (device {t.device})")
-    workers = torch.get_num_threads() if threads is None else int(threads)
+    bank_bytes = bank.numel() * bank.element_size()
+    workers = worker_count(bank_bytes) if threads is None else int(threads)
     workers = max(1, min(workers, n // MIN_ROWS_PER_THREAD))
     acc = torch.empty((b, d), dtype=torch.float32)
     run_max = torch.empty((b,), dtype=torch.float32)
