@@ -715,7 +715,9 @@ class Server:
 
 @pytest.fixture
 def server(cpp: Path, bundles: Path) -> Iterator[Server]:
-    s = Server(cpp, bundles / "demo_theorem", "--queue", "2", "--max-batch", "2", "--max-body", "2048")
+    # queue 3: the three concurrent clients below all fit even when they arrive before the worker takes any (with 2,
+    # the third got a 503 now and then); test_server_full_queue_disconnects_and_sigterm covers a full queue
+    s = Server(cpp, bundles / "demo_theorem", "--queue", "3", "--max-batch", "2", "--max-body", "2048")
     yield s
     s.stop()
 
