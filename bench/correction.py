@@ -45,14 +45,17 @@ How
 * Set-up (bank, inputs) is excluded. The worker then runs the same function twice on tiny inputs, so the code
   pages and the OpenMP pool are resident before anything is measured.
 * Time: ``time.perf_counter`` around each call; one warm-up call (reported as ``first_call_ms``), then
-  ``--repeats`` timed calls (fewer when the warm-up shows they would exceed ``--max-row-seconds``); the table
-  shows the median.
-* Peak memory: on Linux the process's peak-RSS counter (VmHWM) is reset by writing ``5`` to
-  ``/proc/self/clear_refs`` just before each call; the peak is VmHWM after the call minus VmRSS before it, i.e. the
-  largest extra resident memory the call needed (temporaries, output) on top of the bank and inputs. The table
-  shows the maximum over all calls (the warm-up included). Tensors of 32 MiB and more are mmap-ed and returned
-  to the OS on free by glibc, so big temporaries cannot hide in a cache. Without clear_refs the fallback is the
-  ``ru_maxrss`` increase over the post-set-up value (a lower bound if set-up peaked higher); the JSON says which.
+  ``--repeats`` timed rounds (fewer when the warm-up shows they would exceed ``--max-row-seconds``), each timing the
+  GEMV, the streaming read and the method back to back, with Python's garbage collector off and nothing else
+  between calls (warm, in one process, as in a sampler's loop); the table shows the median.
+* Peak memory, measured on the warm-up call and ``MEMORY_PROBES`` further calls apart from the timed ones (the
+  probes' ``gc.collect`` and /proc reads would cool the caches of a timed call): on Linux the process's peak-RSS
+  counter (VmHWM) is reset by writing ``5`` to ``/proc/self/clear_refs`` just before each call; the peak is VmHWM
+  after the call minus VmRSS before it, i.e. the largest extra resident memory the call needed (temporaries,
+  output) on top of the bank and inputs. The table shows the maximum over those calls. Tensors of 32 MiB and
+  more are mmap-ed and returned to the OS on free by glibc, so big temporaries cannot hide in a cache. Without
+  clear_refs the fallback is the ``ru_maxrss`` increase over the post-set-up value (a lower bound if set-up peaked
+  higher); the JSON says which.
 * Rows whose estimated extra working set exceeds ``--mem-cap-gib`` are not run; they are printed as
   ``skipped (would need X GiB)`` and recorded as such. The baseline estimate is three (B, N, D) float32 tensors
   plus one (N, D) (the scaled bank); ours needs (B, N) logits and (B, D) accumulators only.
@@ -113,6 +116,7 @@ from correction_methods import (
 GIB = 1024**3
 MIB = 1024**2
 RESULT_TAG = "@@BENCH_RESULT "
+MEMORY_PROBES = 3  # calls measured for peak memory, apart from the timed ones
 METHODS = ("ours", "ours-torch", "ours-f16", "ours-odds", "sdpa", "baseline")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "correction.json"
 
@@ -162,6 +166,14 @@ def measured_call(fn: Call) -> tuple[tuple[Tensor, Tensor | None], float, float,
         peak_kib = _maxrss_kib() - maxrss_before
         method = "ru_maxrss increase over post-setup value (lower bound)"
     return result, seconds, max(peak_kib, 0) / 1024.0, method
+
+
+def timed_call(fn: Call) -> float:
+    """Seconds of one call of ``fn``, nothing else around it (the warm state of a sampler's loop)."""
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
 
 
 # ------------------------------------------------------------------------------------------------- workers
@@ -238,12 +250,17 @@ def run_worker(spec: WorkerSpec) -> dict[str, Any]:
     gemv_ms: list[float] = []
     read_ms: list[float] = []
     measured_call(roof_gemv), measured_call(roof_read)
-    for _ in range(repeats):  # roofline and method side by side in every round: the machine's load hits both
-        gemv_ms.append(measured_call(roof_gemv)[1] * 1e3)
-        read_ms.append(measured_call(roof_read)[1] * 1e3)
-        _, seconds, peak, _ = measured_call(fn)
-        times.append(seconds * 1e3)
-        peaks.append(peak)
+    for _ in range(min(repeats, MEMORY_PROBES)):  # memory apart: its probes (gc, /proc) would cool the caches
+        peaks.append(measured_call(fn)[2])
+    gc.collect()
+    gc.disable()  # as timeit does: no collection lands inside a timed call
+    try:
+        for _ in range(repeats):  # warm, roofline and method side by side in every round: the load hits both
+            gemv_ms.append(timed_call(roof_gemv) * 1e3)
+            read_ms.append(timed_call(roof_read) * 1e3)
+            times.append(timed_call(fn) * 1e3)
+    finally:
+        gc.enable()
     stored_bytes = stored.numel() * stored.element_size()
     record: dict[str, Any] = {
         **asdict(spec),
