@@ -77,7 +77,6 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -95,6 +94,7 @@ from safe_denoiser.core.kernel import unsafe_posterior_mean
 from safe_denoiser.files import atomic_write_json as write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import measured_call, status_kib, timed_call
 from correction_methods import (
     ALPHA_BAR,
     BASELINE_EPS,
@@ -119,61 +119,6 @@ RESULT_TAG = "@@BENCH_RESULT "
 MEMORY_PROBES = 3  # calls measured for peak memory, apart from the timed ones
 METHODS = ("ours", "ours-torch", "ours-f16", "ours-odds", "sdpa", "baseline")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "correction.json"
-
-
-# ------------------------------------------------------------------------------------------ memory counters
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
-            fh.write("5")
-    except OSError:
-        return False
-    return True
-
-
-def _maxrss_kib() -> int:
-    value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return value // 1024 if sys.platform == "darwin" else value
-
-
-def measured_call(fn: Call) -> tuple[tuple[Tensor, Tensor | None], float, float, str]:
-    """Run ``fn`` once: (its result, seconds, peak extra MiB, how the peak was measured)."""
-    gc.collect()
-    rss_before = _status_kib("VmRSS")
-    use_hwm = rss_before is not None and _reset_peak_rss() and _status_kib("VmHWM") is not None
-    maxrss_before = _maxrss_kib()
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        result = fn()
-    seconds = time.perf_counter() - t0
-    if use_hwm and rss_before is not None:
-        peak_kib = (_status_kib("VmHWM") or 0) - rss_before
-        method = "VmHWM (reset via /proc/self/clear_refs) minus VmRSS before the call"
-    else:
-        peak_kib = _maxrss_kib() - maxrss_before
-        method = "ru_maxrss increase over post-setup value (lower bound)"
-    return result, seconds, max(peak_kib, 0) / 1024.0, method
-
-
-def timed_call(fn: Call) -> float:
-    """Seconds of one call of ``fn``, nothing else around it (the warm state of a sampler's loop)."""
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
 
 
 # ------------------------------------------------------------------------------------------------- workers
@@ -239,7 +184,7 @@ def run_worker(spec: WorkerSpec) -> dict[str, Any]:
     )
     for _ in range(2):
         measured_call(tiny)
-    setup_rss = _status_kib("VmRSS")
+    setup_rss = status_kib("VmRSS")
 
     (out, k_sum), first_s, first_peak, mem_method = measured_call(fn)
     repeats = spec.repeats
