@@ -7,8 +7,8 @@ over cache-sized bank chunks, so each call reads the bank from memory once, extr
 synchronisation: safe inside traced or compiled graphs. Differentiation is not supported (in-place updates).
 
 On a CPU, outside a trace, float32 queries over a contiguous bank go to the compiled one-pass kernel
-(``core.fused``: each row used for the dot products and the weighted sums while it is in L1/L2, the same online
-softmax a row at a time); everywhere else, and with an explicit ``chunk_size``, the PyTorch loop below runs.
+(``core.fused``: each block of four rows used for the dot products and the weighted sums while it is in L2, the
+same online softmax); everywhere else, and with an explicit ``chunk_size``, the PyTorch loop below runs.
 """
 
 from __future__ import annotations
