@@ -141,17 +141,17 @@ SD_CLONES void widen_bfloat16(float *restrict out, const uint16_t *restrict in, 
    banks; the unused slots repeat the first row (their logits are set to -inf, so they add exact zeros). */
 static void block_rows(const Task *t, long n, long k, const float **rows) {
     for (long r = 0; r < BLOCK_ROWS; ++r) {
-        const long i = n + (r < k ? r : 0);
+        const long offset = (n + r) * t->D;
         if (r >= k) {
             rows[r] = rows[0];
         } else if (t->dtype == BANK_FLOAT32) {
-            rows[r] = (const float *)t->bank + i * t->D;
+            rows[r] = (const float *)t->bank + offset;
         } else {
             float *out = t->row + r * t->D;
             if (t->dtype == BANK_FLOAT16)
-                widen_float16(out, (const uint16_t *)t->bank + i * t->D, t->D);
+                widen_float16(out, (const uint16_t *)t->bank + offset, t->D);
             else
-                widen_bfloat16(out, (const uint16_t *)t->bank + i * t->D, t->D);
+                widen_bfloat16(out, (const uint16_t *)t->bank + offset, t->D);
             rows[r] = out;
         }
     }
