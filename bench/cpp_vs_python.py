@@ -46,8 +46,8 @@ BINARY = ROOT / "cpp_runtime" / "build" / "release" / "safe-denoiser-cpp"
 PY_RUNNER = """
 import json, sys, time
 t0 = time.perf_counter()
-from safe_denoiser.export.runtime import Bundle
-from safe_denoiser.export.png import png_bytes
+from safe_denoiser.runtime.bundle import Bundle
+from safe_denoiser.runtime.png import png_bytes
 bundle_dir, reqs = sys.argv[1], json.loads(sys.argv[2])
 batch, steps, threads = (int(v) for v in sys.argv[3:6])
 b = Bundle(bundle_dir, threads=threads)
@@ -122,7 +122,7 @@ def torch_rate(name: str, source: Any, reqs: list[dict[str, Any]], batch: int, s
     import torch
 
     from safe_denoiser import attach, detach
-    from safe_denoiser.export.png import png_bytes
+    from safe_denoiser.runtime.png import png_bytes
 
     pipe = source.pipe
     attach(pipe, source.bank, source.guidance)

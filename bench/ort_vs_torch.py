@@ -42,7 +42,7 @@ from _common import machine_info, print_table, write_json
 
 from safe_denoiser import NegativeBank, attach, detach
 from safe_denoiser.export.exporter import ExportOptions, build_denoiser, denoiser_inputs, export_bundle, load_source
-from safe_denoiser.export.runtime import Bundle
+from safe_denoiser.runtime.bundle import Bundle
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int, warmup: bool = True) -> tuple[float, float, Any]:

@@ -7,10 +7,11 @@ Layers, each a subpackage (a lower layer never imports a higher one):
 - ``safe_denoiser.diffusers``: the scheduler wrapper (``attach``), the SLD UNet wrapper, pipeline builders, VAE.
 - ``safe_denoiser.lightning``: ``trainer.predict`` generation (module, prompt sets, writer, CLI).
 - ``safe_denoiser.demo``: the bundled digits model, its judge and evaluation, the 2-D toy, Gaussian mixtures.
-- ``safe_denoiser.export``: ONNX / TensorRT bundles and a numpy + onnxruntime runtime.
+- ``safe_denoiser.export``: builds ONNX / TensorRT bundles (torch).
+- ``safe_denoiser.runtime``: runs a bundle with numpy + onnxruntime (no torch).
 
 The names below are importable from the top level; each loads its own layer on first use (PEP 562), so
-``import safe_denoiser`` itself loads nothing heavy and ``safe_denoiser.export.runtime`` runs without torch.
+``import safe_denoiser`` itself loads nothing heavy and ``safe_denoiser.runtime.bundle`` runs without torch.
 """
 
 from __future__ import annotations
@@ -46,10 +47,10 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
         ["StepRecord", "reference_correction", "reference_threshold", "theorem_correction"], "safe_denoiser.core.step"
     ),
-    **dict.fromkeys(["SafeScheduler", "StepTrace", "attach", "detach"], "safe_denoiser.diffusers.scheduler"),
-    **dict.fromkeys(["SLDUNet", "attach_sld", "detach_sld"], "safe_denoiser.diffusers.sld"),
+    **dict.fromkeys(["SafeScheduler", "StepTrace", "attach", "detach"], "safe_denoiser.diffusers.safe_scheduler"),
+    **dict.fromkeys(["SLDUNet", "attach_sld", "detach_sld"], "safe_denoiser.diffusers.sld_unet"),
     "SafreeConfig": "safe_denoiser.core.safree",
-    **dict.fromkeys(["Safree", "attach_safree", "detach_safree"], "safe_denoiser.diffusers.safree"),
+    **dict.fromkeys(["Safree", "attach_safree", "detach_safree"], "safe_denoiser.diffusers.safree_pipeline"),
     "GaussianMixture": "safe_denoiser.demo.mixture",
 }
 
@@ -128,6 +129,6 @@ if TYPE_CHECKING:  # static type checkers see the eager imports
     from safe_denoiser.core.sld import SLDConfig, sld_guidance
     from safe_denoiser.core.step import StepRecord, reference_correction, reference_threshold, theorem_correction
     from safe_denoiser.demo.mixture import GaussianMixture
-    from safe_denoiser.diffusers.safree import Safree, attach_safree, detach_safree
-    from safe_denoiser.diffusers.scheduler import SafeScheduler, StepTrace, attach, detach
-    from safe_denoiser.diffusers.sld import SLDUNet, attach_sld, detach_sld
+    from safe_denoiser.diffusers.safe_scheduler import SafeScheduler, StepTrace, attach, detach
+    from safe_denoiser.diffusers.safree_pipeline import Safree, attach_safree, detach_safree
+    from safe_denoiser.diffusers.sld_unet import SLDUNet, attach_sld, detach_sld

@@ -9,13 +9,13 @@ from collections.abc import Sequence
 
 # module path of each sub-command; each module defines ``add_parser(subparsers)`` setting ``func``.
 COMMANDS = (
-    "safe_denoiser.diffusers.bank_cli",
+    "safe_denoiser.diffusers.bank_command",
     "safe_denoiser.demo.toy",
-    "safe_denoiser.lightning.cli",
-    "safe_denoiser.demo.evaluate.cli",
+    "safe_denoiser.lightning.predict_command",
+    "safe_denoiser.demo.evaluate.evaluate_command",
     "safe_denoiser.demo.memorisation",
-    "safe_denoiser.export.cli",
-    "safe_denoiser.evaluation.cli",
+    "safe_denoiser.export.export_command",
+    "safe_denoiser.evaluation.report_command",
 )
 
 

@@ -39,7 +39,7 @@ def build_pipeline(
 
     ``model``: "demo" (``DigitsPipeline``, the bundled digits model), "sd" (a local folder ``model_dir``,
     optionally with ``unet_weights``), "sd14-random" or "tiny-sd" (random weights from ``seed``). ``scheduler``:
-    a short name of ``safe_denoiser.diffusers.schedulers.SCHEDULERS`` (the demo: ``DEMO_SCHEDULERS``).
+    a short name of ``safe_denoiser.diffusers.scheduler_registry.SCHEDULERS`` (the demo: ``DEMO_SCHEDULERS``).
     """
     if model == "demo":
         from safe_denoiser.demo.pipeline import DigitsPipeline

@@ -40,8 +40,8 @@ def pipe() -> Any:
 def fresh(pipe: Any) -> Iterator[Any]:
     """The shared pipeline with a fresh DDIM scheduler; a safe denoiser or SLD a test attached is removed after."""
     from safe_denoiser.diffusers.pipelines import make_scheduler
-    from safe_denoiser.diffusers.scheduler import SafeScheduler, detach
-    from safe_denoiser.diffusers.sld import SLDUNet, detach_sld
+    from safe_denoiser.diffusers.safe_scheduler import SafeScheduler, detach
+    from safe_denoiser.diffusers.sld_unet import SLDUNet, detach_sld
 
     pipe.scheduler = make_scheduler("ddim")
     yield pipe

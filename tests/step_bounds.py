@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from safe_denoiser.export.exporter import ExportOptions, ExportSource, build_denoiser, denoiser_inputs
-from safe_denoiser.export.manifest import Manifest
+from safe_denoiser.runtime.manifest import Manifest
 
 U32 = 2.0**-24  # unit roundoff of float32
 U16 = 2.0**-11  # unit roundoff of float16
@@ -134,7 +134,7 @@ def check_step_graph(source: ExportSource, step: nn.Module, graph: Any, seeds: S
     """A denoiser graph (``graph``: its path) and the eager ``step`` on ``denoiser_inputs`` of each seed: each float
     output within twice the float32 bound of the float64 step, booleans equal to it. Returns the largest |graph -
     eager| over the float outputs."""
-    from safe_denoiser.export.runtime import make_session
+    from safe_denoiser.runtime.bundle import make_session
 
     session = make_session(graph)
     worst = 0.0

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from safe_denoiser.export.arguments import check_array, check_int, check_labels, check_scales, check_seeds
-from safe_denoiser.export.integrity import BundleFileError, bundle_files, file_sha256, hash_files, verify_files
+from safe_denoiser.runtime.arguments import check_array, check_int, check_labels, check_scales, check_seeds
+from safe_denoiser.runtime.integrity import BundleFileError, bundle_files, file_sha256, hash_files, verify_files
 
 
 # ---- file hashes ---------------------------------------------------------------------------------------------------
@@ -112,15 +112,15 @@ def _copy(bundle: Path, tmp_path: Path) -> Path:
 
 
 def test_every_file_is_hashed_in_the_manifest(bundle: Path) -> None:
-    from safe_denoiser.export.manifest import Manifest
+    from safe_denoiser.runtime.manifest import Manifest
 
     manifest = Manifest.load(bundle)
     assert manifest.files == {"denoiser.onnx": file_sha256(bundle / "denoiser.onnx")}
 
 
 def test_flipped_weight_bytes_are_refused_naming_the_file(bundle: Path, tmp_path: Path) -> None:
-    from safe_denoiser.export.manifest import ManifestError
-    from safe_denoiser.export.runtime import Bundle
+    from safe_denoiser.runtime.bundle import Bundle
+    from safe_denoiser.runtime.manifest import ManifestError
 
     root = _copy(bundle, tmp_path)
     data = bytearray((root / "denoiser.onnx").read_bytes())
@@ -133,8 +133,8 @@ def test_flipped_weight_bytes_are_refused_naming_the_file(bundle: Path, tmp_path
 
 
 def test_a_truncated_graph_names_the_file(bundle: Path, tmp_path: Path) -> None:
-    from safe_denoiser.export.manifest import ManifestError
-    from safe_denoiser.export.runtime import Bundle
+    from safe_denoiser.runtime.bundle import Bundle
+    from safe_denoiser.runtime.manifest import ManifestError
 
     root = _copy(bundle, tmp_path)
     path = root / "denoiser.onnx"
@@ -167,14 +167,14 @@ def test_a_truncated_graph_names_the_file(bundle: Path, tmp_path: Path) -> None:
     ],
 )
 def test_runtime_arguments_are_checked_before_onnxruntime(bundle: Path, kwargs: dict[str, Any], message: str) -> None:
-    from safe_denoiser.export.runtime import Bundle
+    from safe_denoiser.runtime.bundle import Bundle
 
     with pytest.raises(ValueError, match=message):
         Bundle(bundle, check_files=False).sample(**kwargs)
 
 
 def test_runtime_stops_on_non_finite_samples(bundle: Path) -> None:
-    from safe_denoiser.export.runtime import Bundle
+    from safe_denoiser.runtime.bundle import Bundle
 
     b = Bundle(bundle, check_files=False)
     assert np.isfinite(b.sample([1, 7], steps=2).sample).all()
@@ -215,7 +215,7 @@ def test_export_cli_odds_preset_and_float16_banks(tmp_path: Path) -> None:
     import yaml
 
     from safe_denoiser import cli
-    from safe_denoiser.export.manifest import Manifest
+    from safe_denoiser.runtime.manifest import Manifest
 
     cfg = tmp_path / "odds.yaml"
     section = {"model": "demo", "bank": "bundled", "reference_bank": "bundled", "safe_denoiser": {"preset": "odds"}}

@@ -30,10 +30,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from safe_denoiser.export.manifest import Manifest, SchedulerInfo
-from safe_denoiser.export.noise import gaussian_noise, philox4x32_10
-from safe_denoiser.export.png import png_bytes
-from safe_denoiser.export.runtime import Bundle, ddim_timesteps
+from safe_denoiser.runtime.bundle import Bundle, ddim_timesteps
+from safe_denoiser.runtime.manifest import Manifest, SchedulerInfo
+from safe_denoiser.runtime.noise import gaussian_noise, philox4x32_10
+from safe_denoiser.runtime.png import png_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 BINARY = ROOT / "cpp_runtime" / "build" / "release" / "safe-denoiser-cpp"

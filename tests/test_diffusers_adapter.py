@@ -13,7 +13,7 @@ from torch import Tensor
 
 from safe_denoiser import SafeGuidance, attach, detach, reference_correction, theorem_correction
 from safe_denoiser.diffusers.pipelines import make_scheduler
-from safe_denoiser.diffusers.scheduler import SafeScheduler
+from safe_denoiser.diffusers.safe_scheduler import SafeScheduler
 
 from helpers import HW, assert_close_to_rounding, generators, kernel_reference, latent_bank, sample_latents
 

@@ -12,6 +12,7 @@ import torch
 
 from safe_denoiser import cli
 from safe_denoiser.core.sld import SLDConfig, sld_guidance
+from safe_denoiser.demo.class_sld import ClassSLDUNet, attach_class_sld, detach_class_sld
 from safe_denoiser.demo.evaluate import (
     ROWS,
     UNSAFE_CLASSES,
@@ -28,7 +29,6 @@ from safe_denoiser.demo.evaluate import (
     toxic_rate,
     unsafe_probability,
 )
-from safe_denoiser.demo.sld import ClassSLDUNet, attach_class_sld, detach_class_sld
 
 
 # ---- metrics -----------------------------------------------------------------------------------------------------

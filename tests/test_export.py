@@ -34,14 +34,6 @@ from safe_denoiser.export.exporter import (
     export_bundle,
     load_source,
 )
-from safe_denoiser.export.manifest import (
-    BANK_INITIALIZER,
-    BANK_NORMS_INITIALIZER,
-    Manifest,
-    ManifestError,
-    read_initializer,
-)
-from safe_denoiser.export.runtime import Bundle, ProviderUnavailableError, ddim_timesteps, resolve_providers, run_bundle
 from safe_denoiser.export.tensorrt import (
     EngineProfile,
     TensorRTUnavailableError,
@@ -49,6 +41,14 @@ from safe_denoiser.export.tensorrt import (
     polygraphy_compare,
     profile_shapes,
     require_tensorrt,
+)
+from safe_denoiser.runtime.bundle import Bundle, ProviderUnavailableError, ddim_timesteps, resolve_providers, run_bundle
+from safe_denoiser.runtime.manifest import (
+    BANK_INITIALIZER,
+    BANK_NORMS_INITIALIZER,
+    Manifest,
+    ManifestError,
+    read_initializer,
 )
 
 from step_bounds import U16, U32, check_graph_parity, network_bound, perturbed, step_inputs, step_reference, within

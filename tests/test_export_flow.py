@@ -19,10 +19,11 @@ from torch import Tensor
 from safe_denoiser import NegativeBank, SafeGuidance, attach, detach
 from safe_denoiser.diffusers.families import FLUX_SCHEDULER_CONFIG, tiny_pipeline
 from safe_denoiser.diffusers.pipelines import make_scheduler
-from safe_denoiser.diffusers.scheduler import sample_space_bank
+from safe_denoiser.diffusers.safe_scheduler import sample_space_bank
 from safe_denoiser.export.exporter import ExportOptions, ExportSource, build_denoiser, export_bundle, load_source
-from safe_denoiser.export.flow_sampler import calculate_shift, flow_euler_step, flow_schedule
-from safe_denoiser.export.manifest import (
+from safe_denoiser.runtime.bundle import Bundle
+from safe_denoiser.runtime.flow_sampler import calculate_shift, flow_euler_step, flow_schedule
+from safe_denoiser.runtime.manifest import (
     BANK_INITIALIZER,
     REFERENCE_BANK_INITIALIZER,
     REFERENCE_NORMS_INITIALIZER,
@@ -30,7 +31,6 @@ from safe_denoiser.export.manifest import (
     array_sha256,
     read_initializer,
 )
-from safe_denoiser.export.runtime import Bundle
 
 from step_bounds import check_graph_parity, check_step_graph, perturbed
 

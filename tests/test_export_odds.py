@@ -30,7 +30,8 @@ from safe_denoiser.export.exporter import (
     export_bundle,
     load_source,
 )
-from safe_denoiser.export.manifest import (
+from safe_denoiser.runtime.bundle import Bundle
+from safe_denoiser.runtime.manifest import (
     BANK_INITIALIZER,
     BANK_NORMS_INITIALIZER,
     REFERENCE_BANK_INITIALIZER,
@@ -40,7 +41,6 @@ from safe_denoiser.export.manifest import (
     ManifestError,
     read_initializer,
 )
-from safe_denoiser.export.runtime import Bundle
 
 from step_bounds import U16, U32, check_graph_parity, check_step_graph, perturbed
 

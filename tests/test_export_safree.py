@@ -19,11 +19,11 @@ import torch
 from safe_denoiser import NegativeBank, attach, detach
 from safe_denoiser.core.safree import SafreeConfig, orthogonal_projector
 from safe_denoiser.diffusers.pipelines import tiny_sd_pipeline
-from safe_denoiser.diffusers.safree import attach_safree, concept_projector, detach_safree
+from safe_denoiser.diffusers.safree_pipeline import attach_safree, concept_projector, detach_safree
 from safe_denoiser.export.exporter import ExportSource, export_bundle, load_source
-from safe_denoiser.export.manifest import Manifest
-from safe_denoiser.export.runtime import Bundle
-from safe_denoiser.export.safree_text import orthonormal_basis, safree_prompt
+from safe_denoiser.runtime.bundle import Bundle
+from safe_denoiser.runtime.manifest import Manifest
+from safe_denoiser.runtime.safree_text import orthonormal_basis, safree_prompt
 
 from step_bounds import network_bound, perturbed
 

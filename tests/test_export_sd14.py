@@ -21,8 +21,8 @@ import torch
 
 from safe_denoiser import NegativeBank, attach, detach
 from safe_denoiser.export.exporter import ExportOptions, build_denoiser, denoiser_inputs, export_bundle, load_source
-from safe_denoiser.export.manifest import BANK_INITIALIZER, read_initializer
-from safe_denoiser.export.runtime import Bundle
+from safe_denoiser.runtime.bundle import Bundle
+from safe_denoiser.runtime.manifest import BANK_INITIALIZER, read_initializer
 
 from step_bounds import network_bound, perturbed, step_reference, within
 

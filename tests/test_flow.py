@@ -265,7 +265,7 @@ def test_flux_bank_is_packed_like_the_sample(pipes: dict[str, Any]) -> None:
     """An unpacked (16, h, w) bank is packed with Flux's own layout: the result equals attaching it pre-packed."""
     from diffusers import FluxPipeline
 
-    from safe_denoiser.diffusers.scheduler import sample_space_bank
+    from safe_denoiser.diffusers.safe_scheduler import sample_space_bank
 
     pipe = _pipe(pipes, "flux")
     bank = _bank(pipe)
@@ -286,7 +286,7 @@ def test_flux_bank_is_packed_like_the_sample(pipes: dict[str, Any]) -> None:
 def test_flow_single_step_is_the_theorem_in_x0_space(pipes: dict[str, Any]) -> None:
     """x0_safe = x0 + eta (x0 - E_unsafe), E_unsafe under N(x; (1 - sigma) x_n, sigma^2), then the Euler step."""
     from safe_denoiser.diffusers.pipelines import make_scheduler
-    from safe_denoiser.diffusers.scheduler import SafeScheduler
+    from safe_denoiser.diffusers.safe_scheduler import SafeScheduler
 
     plain, inner = make_scheduler("flow_euler"), make_scheduler("flow_euler")
     bank, eta = _bank(pipes["sd3"]), 0.7

@@ -18,8 +18,8 @@ from safe_denoiser.diffusers.pipelines import (
     tiny_clip_tokenizer,
     tiny_sd_pipeline,
 )
-from safe_denoiser.diffusers.scheduler import SUPPORTED_SCHEDULERS
-from safe_denoiser.diffusers.schedulers import DEMO_SCHEDULERS, SCHEDULERS, scheduler_class
+from safe_denoiser.diffusers.safe_scheduler import SUPPORTED_SCHEDULERS
+from safe_denoiser.diffusers.scheduler_registry import DEMO_SCHEDULERS, SCHEDULERS, scheduler_class
 
 HW = 16
 

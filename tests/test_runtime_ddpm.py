@@ -1,4 +1,4 @@
-"""The numpy DDPM sampler (``export/ddpm_sampler.py``, ``Bundle.sample(sampler="ddpm")``) against diffusers.
+"""The numpy DDPM sampler (``safe_denoiser/runtime/ddpm_sampler.py``, ``Bundle.sample(sampler="ddpm")``) vs diffusers.
 
 Step: diffusers' ``DDPMScheduler.step`` run in float64 (its alphas_cumprod promoted) is the reference; the numpy
 float32 step and diffusers' own float32 step both lie within a bound derived from float32 rounding (``step_bound``),
@@ -21,11 +21,11 @@ from diffusers import DDPMScheduler
 from diffusers.schedulers import scheduling_ddpm
 
 from safe_denoiser import attach, detach
-from safe_denoiser.export.ddpm_sampler import ddpm_step
 from safe_denoiser.export.exporter import _scheduler_info, export_bundle, load_source
-from safe_denoiser.export.manifest import SchedulerInfo
-from safe_denoiser.export.noise import INITIAL_STREAM, ddpm_stream, gaussian_noise
-from safe_denoiser.export.runtime import Bundle, ddim_timesteps
+from safe_denoiser.runtime.bundle import Bundle, ddim_timesteps
+from safe_denoiser.runtime.ddpm_sampler import ddpm_step
+from safe_denoiser.runtime.manifest import SchedulerInfo
+from safe_denoiser.runtime.noise import INITIAL_STREAM, ddpm_stream, gaussian_noise
 
 from step_bounds import U32, perturbed
 

@@ -1,4 +1,4 @@
-"""``safe_denoiser.export.runtime`` runs without torch: a subprocess that blocks torch samples an exported bundle."""
+"""``safe_denoiser.runtime.bundle`` runs without torch: a subprocess that blocks torch samples an exported bundle."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from safe_denoiser.export.exporter import ExportOptions, export_bundle, load_source
-from safe_denoiser.export.runtime import Bundle
+from safe_denoiser.runtime.bundle import Bundle
 
 _NO_TORCH = """
 import sys
 import numpy as np
 sys.modules["torch"] = None  # from here on, any import of torch raises ImportError
-from safe_denoiser.export.runtime import Bundle
+from safe_denoiser.runtime.bundle import Bundle
 bundle, noise, out = sys.argv[1:]
 np.save(out, Bundle(bundle, threads=1).sample([7, 1], noise=np.load(noise), steps=4).sample)
 heavy = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "diffusers", "transformers", "lightning"})

@@ -26,8 +26,8 @@ from safe_denoiser.core.safree import (
     svf_last_step,
 )
 from safe_denoiser.diffusers.pipelines import make_scheduler
-from safe_denoiser.diffusers.safree import attach_safree, detach_safree, encode_pooled, innermost_unet
-from safe_denoiser.diffusers.schedulers import SCHEDULERS
+from safe_denoiser.diffusers.safree_pipeline import attach_safree, detach_safree, encode_pooled, innermost_unet
+from safe_denoiser.diffusers.scheduler_registry import SCHEDULERS
 
 HW, STEPS, W = 16, 5, 7.5
 PROMPTS, SEEDS = ["a photo of a nude woman", "a red car"], [0, 1]

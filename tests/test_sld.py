@@ -12,7 +12,7 @@ from safe_denoiser import SafeGuidance, SLDConfig, attach, attach_sld, detach, d
 from safe_denoiser.core.sld import append_safety_branch, sld_noise_pred
 from safe_denoiser.core.step import theorem_correction
 from safe_denoiser.diffusers.pipelines import make_scheduler
-from safe_denoiser.diffusers.sld import SLDUNet, encode_concept
+from safe_denoiser.diffusers.sld_unet import SLDUNet, encode_concept
 
 from helpers import generators
 from step_bounds import perturbed
@@ -255,7 +255,7 @@ def digits() -> Any:
 
 def test_class_sld_uses_the_pipelines_cfg_flag(digits: Any) -> None:
     """Two identical images at guidance scale 1 (one branch, batch 2 with equal halves) are not a CFG call."""
-    from safe_denoiser.demo.sld import ClassSLDUNet, attach_class_sld, detach_class_sld
+    from safe_denoiser.demo.class_sld import ClassSLDUNet, attach_class_sld, detach_class_sld
 
     noise = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(4)).expand(2, 1, 8, 8).clone()
     kw: dict[str, Any] = {"num_inference_steps": 3, "output_type": "latent", "latents": noise}

@@ -1,6 +1,6 @@
 """SAFREE (Yoon et al., ICLR 2025): training-free filtering of a prompt's toxic tokens and of UNet skip features.
 
-Pure tensor math; ``safe_denoiser.diffusers.safree`` applies it to a pipeline. Notation: D the text-embedding
+Pure tensor math; ``safe_denoiser.diffusers.safree_pipeline`` applies it to a pipeline. Notation: D the text-embedding
 width, e_j in R^D the text encoder's hidden state of prompt token j (positions 0..L-1, BOS at 0, the n real tokens at
 1..n, EOS and padding after), p_{\\i} in R^D the pooled embedding of the prompt with token i masked (replaced by
 ``mask_token_id``), c_1..c_K the pooled embeddings of the concept phrases.

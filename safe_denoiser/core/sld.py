@@ -9,7 +9,7 @@ The math is one pure function, ``sld_guidance`` (equation numbers of the SLD pap
     eps     = eps_u + s_g [(eps_p - eps_u) - gamma]    once step >= warm-up          (Eq. 3)
 
 ``append_safety_branch`` builds SLD's one UNet batch [uncond; cond; safety] from a CFG batch. Both
-``safe_denoiser.diffusers.sld.SLDUNet`` (text pipelines and the class-conditional demo) and the exported step graph
+``safe_denoiser.diffusers.sld_unet.SLDUNet`` (text pipelines and the class-conditional demo) and the exported step graph
 use it: one UNet call of batch 3B, then [eps_u, eps_p - gamma], so a pipeline's own CFG combination equals SLD's
 guided prediction. The settings, ``SLDConfig``, live in ``safe_denoiser.core.config`` (no torch).
 """

@@ -241,7 +241,7 @@ def sample(
 ) -> Tensor:
     """``settings.samples`` images (B, 1, 8, 8) in [-1, 1]; image i from seed ``seed_set + offset + i``, with the
     safe denoiser (``guidance``, ``bank``, ``reference``) attached for the block when ``guidance`` is given."""
-    from safe_denoiser.diffusers.scheduler import attach, detach
+    from safe_denoiser.diffusers.safe_scheduler import attach, detach
 
     s = settings
     labels = kind_labels(kind, s.samples)

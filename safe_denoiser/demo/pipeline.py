@@ -27,7 +27,7 @@ from torch import Tensor
 
 from safe_denoiser.core.correction import cfg_combine
 from safe_denoiser.demo.digits import NULL_CLASS, bundled_path
-from safe_denoiser.diffusers.schedulers import DEMO_SCHEDULERS, scheduler_class
+from safe_denoiser.diffusers.scheduler_registry import DEMO_SCHEDULERS, scheduler_class
 
 __all__ = ["NULL_CLASS", "DigitsPipeline", "bundled_path"]
 

@@ -32,7 +32,7 @@ from safe_denoiser.diffusers.pipelines import (
     make_scheduler,
     tiny_clip_tokenizer,
 )
-from safe_denoiser.diffusers.schedulers import scheduler_spec
+from safe_denoiser.diffusers.scheduler_registry import scheduler_spec
 
 __all__ = [
     "FAMILIES",
@@ -86,7 +86,7 @@ FLUX_SCHEDULER_CONFIG: dict[str, Any] = {
 
 def family_schedulers(family: str) -> tuple[str, ...]:
     """The scheduler short names a family samples with: flow matching for SD3/Flux, the VP/sigma ones otherwise."""
-    from safe_denoiser.diffusers.schedulers import SCHEDULERS
+    from safe_denoiser.diffusers.scheduler_registry import SCHEDULERS
 
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}: expected one of {sorted(FAMILIES)}")

@@ -7,7 +7,7 @@
   parameters without allocating them).
 * ``load_sd_pipeline``: a real pipeline from a local folder (safetensors only, never remote code), optionally with
   other UNet weights (ESD, RECE, ...) from a safetensors state dict.
-* ``make_scheduler``: a scheduler by its short name in ``safe_denoiser.diffusers.schedulers.SCHEDULERS``.
+* ``make_scheduler``: a scheduler by its short name in ``safe_denoiser.diffusers.scheduler_registry.SCHEDULERS``.
 
 No builder downloads anything: every component comes from a config, and the CLIP tokenizer is built from a
 byte-level vocabulary written to a temporary folder (no merges, so words split into characters; ids stay below
@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from safe_denoiser.diffusers.schedulers import scheduler_class, scheduler_spec
+from safe_denoiser.diffusers.scheduler_registry import scheduler_class, scheduler_spec
 
 __all__ = [
     "SD3_SCHEDULER_CONFIG",

@@ -112,7 +112,7 @@ class SafeDiffusionModule(L.LightningModule):
 
     def on_predict_start(self) -> None:
         """Attach the bank and SLD after Lightning has placed the networks (so the bank takes their device/dtype)."""
-        from safe_denoiser.diffusers.scheduler import attach
+        from safe_denoiser.diffusers.safe_scheduler import attach
 
         cfg = self.model_config
         if self.guidance is not None:  # before any image: a window the schedule never enters is a mistake
@@ -120,11 +120,11 @@ class SafeDiffusionModule(L.LightningModule):
         sld = cfg.sld_config
         if sld is not None:
             from safe_denoiser.core.config import DEFAULT_SAFETY_CONCEPT
-            from safe_denoiser.diffusers.sld import attach_sld
+            from safe_denoiser.diffusers.sld_unet import attach_sld
 
             attach_sld(self.pipe, sld, cfg.sld_concept or DEFAULT_SAFETY_CONCEPT)
         if self.safree is not None:
-            from safe_denoiser.diffusers.safree import attach_safree
+            from safe_denoiser.diffusers.safree_pipeline import attach_safree
 
             attach_safree(self.pipe, self.safree)
         if self.guidance is not None:

@@ -32,7 +32,7 @@ the negative-class and SLD baselines exact analogues of one negative prompt / on
 are supported: image i gets unsafe[i % k] as its negative / safety class).
 
 Rows: the base model (CFG 2), the unsafe class as the negative condition (``negative_class_labels``), class-
-conditional SLD (``safe_denoiser.demo.sld``, MEDIUM preset with the warm-up scaled to the step count), each
+conditional SLD (``safe_denoiser.demo.class_sld``, MEDIUM preset with the warm-up scaled to the step count), each
 without and with the safe denoiser (``odds``: the theorem's own beta as the conditional odds; ``reference``: the
 authors' form; each tuned once on a validation seed set by one rule and then fixed), and unconditional samples
 without and with it. The defence is applied to benign prompts too: that is how its quality cost shows. Sampler:
@@ -72,7 +72,7 @@ red frame) and ``asr_vs_quality.png`` (ASR against Frechet distance as the safe 
 """
 
 from safe_denoiser.demo.bank import build_bank, bundled_bank_path, load_bundled_bank, write_bundled_bank
-from safe_denoiser.demo.evaluate.cli import add_parser, settings_from_args
+from safe_denoiser.demo.evaluate.evaluate_command import add_parser, settings_from_args
 from safe_denoiser.demo.evaluate.experiment import run_evaluation
 from safe_denoiser.demo.evaluate.generation import Context, generate, run_row, score
 from safe_denoiser.demo.evaluate.metrics import (

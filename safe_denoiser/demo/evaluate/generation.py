@@ -96,8 +96,8 @@ def _defended(
     ctx: Context, baseline: str, guidance: SafeGuidance | None, safety: int | Sequence[int]
 ) -> Iterator[None]:
     """Attach class SLD (safety class(es) ``safety``) and/or the safe denoiser for a block; always detached."""
-    from safe_denoiser.demo.sld import attach_class_sld, detach_class_sld
-    from safe_denoiser.diffusers.scheduler import attach, detach
+    from safe_denoiser.demo.class_sld import attach_class_sld, detach_class_sld
+    from safe_denoiser.diffusers.safe_scheduler import attach, detach
 
     sld = baseline == "sld"
     if sld:

@@ -44,15 +44,15 @@ from safe_denoiser.core.config import SafeGuidance
 from safe_denoiser.core.correction import cfg_combine
 from safe_denoiser.core.paths import flow_path, x0_from_prediction
 from safe_denoiser.core.step import path_correction
-
-from .graphs import bank_constants, graph_banks, odds_data_variance, register_banks
-from .manifest import (
+from safe_denoiser.runtime.manifest import (
     BANK_INITIALIZER,
     BANK_NORMS_INITIALIZER,
     REFERENCE_BANK_INITIALIZER,
     REFERENCE_NORMS_INITIALIZER,
     BankDtype,
 )
+
+from .graphs import bank_constants, graph_banks, odds_data_variance, register_banks
 
 __all__ = ["FlowDenoiserStep", "FlowFamily", "flow_family", "register_rms_norm", "traceable_rotary"]
 

@@ -31,11 +31,8 @@ from torch import Tensor
 from safe_denoiser.core.bank import NegativeBank
 from safe_denoiser.demo.digits import NULL_CLASS
 from safe_denoiser.files import staging_dir
-
-from .flow_graphs import FlowDenoiserStep, register_rms_norm, traceable_rotary
-from .graphs import TextEncoderGraph, VaeDecoderGraph, stored_bank
-from .integrity import bundle_files, hash_files
-from .manifest import (
+from safe_denoiser.runtime.integrity import bundle_files, hash_files
+from safe_denoiser.runtime.manifest import (
     BANK_INITIALIZER,
     BANK_NORMS_INITIALIZER,
     PACKED_FROM,
@@ -49,8 +46,11 @@ from .manifest import (
     SchedulerInfo,
     array_sha256,
 )
+from safe_denoiser.runtime.safree_text import orthonormal_basis
+
+from .flow_graphs import FlowDenoiserStep, register_rms_norm, traceable_rotary
+from .graphs import TextEncoderGraph, VaeDecoderGraph, stored_bank
 from .onnx_graph import SUPPORTED_OPSETS, ExportOptions, export_graph
-from .safree_text import orthonormal_basis
 from .source import (
     ExportSource,
     build_denoiser,
@@ -328,7 +328,7 @@ def _graph_bank_info(source: ExportSource, bank: NegativeBank, bank_dtype: BankD
     """``bank`` as initializer ``initializer`` holds it: packed for Flux (the packed array's hash), else as stored."""
     if source.family != "flux":
         return _vp_bank_info(bank, bank_dtype, initializer)
-    from safe_denoiser.diffusers.scheduler import sample_space_bank
+    from safe_denoiser.diffusers.safe_scheduler import sample_space_bank
 
     packed = stored_bank(sample_space_bank(source.pipe, bank.data), bank_dtype).numpy()
     metadata = {**bank.metadata, PACKED_FROM: bank.sha256(), "layout": "flux packed 2x2 patches"}
@@ -386,7 +386,7 @@ def _flow_scheduler_info(pipe: Any) -> SchedulerInfo:
 
 def _flow_settings(source: ExportSource) -> dict[str, Any]:
     """What ``flow_sampler.flow_schedule`` needs, resolved from the scheduler and pipeline at export."""
-    from .flow_sampler import calculate_shift
+    from safe_denoiser.runtime.flow_sampler import calculate_shift
 
     cfg = source.pipe.scheduler.config
     refused = [k for k in _FLOW_REFUSED if cfg.get(k)] + (["shift_terminal"] if cfg.get("shift_terminal") else [])
@@ -430,7 +430,7 @@ def _safree_section(source: ExportSource) -> dict[str, Any] | None:
             "model.safree.re_attention: the latent re-attention is not exported (it needs the UNet's skip features"
             " inside the graph); set re_attention: false to export SAFREE's text side"
         )
-    from safe_denoiser.diffusers.safree import encode_pooled
+    from safe_denoiser.diffusers.safree_pipeline import encode_pooled
 
     tok, te = source.pipe.tokenizer, source.pipe.text_encoder
     ids = tok(list(cfg.concepts), padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids

@@ -21,12 +21,12 @@ from safe_denoiser.core.bank import NegativeBank
 from safe_denoiser.core.config import DEFAULT_SAFETY_CONCEPT, SafeGuidance, SLDConfig
 from safe_denoiser.core.safree import SafreeConfig
 from safe_denoiser.core.step import THRESHOLD_SEED, reference_threshold
-from safe_denoiser.diffusers.sld import encode_concept
+from safe_denoiser.diffusers.sld_unet import encode_concept
 from safe_denoiser.factory import ModelConfig
+from safe_denoiser.runtime.manifest import BANK_DTYPES, BankDtype
 
 from .flow_graphs import FlowDenoiserStep, FlowFamily, flow_family
 from .graphs import DenoiserStep
-from .manifest import BANK_DTYPES, BankDtype
 
 FLUX_TEXT_LENGTH = 16  # T5 tokens of the example inputs (the graph's text length is dynamic)
 
@@ -203,7 +203,7 @@ def build_flow_denoiser(
 ) -> FlowDenoiserStep:
     """The ``FlowDenoiserStep`` of an SD3 / Flux ``source`` (the banks packed as Flux's scheduler steps them, then
     stored as ``bank_dtype``)."""
-    from safe_denoiser.diffusers.scheduler import sample_space_bank
+    from safe_denoiser.diffusers.safe_scheduler import sample_space_bank
 
     family = source.family
     assert family is not None

@@ -23,8 +23,7 @@ from typing import Any
 import numpy as np
 
 from safe_denoiser.files import atomic_write, atomic_write_json
-
-from .manifest import GraphSpec, Manifest
+from safe_denoiser.runtime.manifest import GraphSpec, Manifest
 
 __all__ = [
     "INSTALL_HINT",

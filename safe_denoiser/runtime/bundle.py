@@ -2,7 +2,7 @@
 
 ::
 
-    from safe_denoiser.export.runtime import Bundle
+    from safe_denoiser.runtime.bundle import Bundle
     bundle = Bundle("bundles/digits")                       # validates manifest.json and the bank's hash
     images = bundle.sample([3, 1, 4, 1], steps=25, seed=0)   # class labels (demo) or prompts / embeddings
     pixels = Bundle.to_uint8(bundle.decode(images.sample))  # (B, H, W, C) uint8
@@ -296,7 +296,7 @@ class Bundle:
             conditioning: class labels (demo model; None entries = no class), or prompts (list of str) or prompt
                 embeddings (B, L, D) for text models.
             noise: initial noise (B, *sample_shape) float32; if None, the portable Philox noise of ``seed``
-                (``safe_denoiser.export.noise``, the same bits as ``safe-denoiser-cpp``).
+                (``safe_denoiser.runtime.noise``, the same bits as ``safe-denoiser-cpp``).
             steps, guidance_scale: default to the manifest's (the config's) values.
             negative: negative class labels / prompts / embeddings (default: null class / empty prompt).
             step_noise: reference preset only: per step, the re-noise noise (None entries: zeros); default: drawn

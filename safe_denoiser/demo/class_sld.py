@@ -1,6 +1,6 @@
 """Class-conditional SLD for ``DigitsPipeline``: the safety concept is a digit class instead of a text prompt.
 
-The wrapper is ``safe_denoiser.diffusers.sld.SLDUNet`` with ``conditioning="class_labels"`` (see its docstring):
+The wrapper is ``safe_denoiser.diffusers.sld_unet.SLDUNet`` with ``conditioning="class_labels"`` (see its docstring):
 for a CFG call it appends a third branch conditioned on the unsafe ("safety concept") class, runs one UNet call of
 batch 3B and returns [eps_u, eps_c - gamma]. ``DigitsPipeline.do_classifier_free_guidance`` says which calls are
 CFG calls (guidance scale 0 or 1 runs one branch, which passes through untouched). The safety classes are fixed
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from safe_denoiser.core.config import SLDConfig
 from safe_denoiser.demo.digits import NUM_CLASSES
-from safe_denoiser.diffusers.sld import SLDUNet, install_sld_unet
+from safe_denoiser.diffusers.sld_unet import SLDUNet, install_sld_unet
 
 __all__ = ["ClassSLDUNet", "attach_class_sld", "detach_class_sld"]
 

@@ -63,7 +63,7 @@ from safe_denoiser.core.step import (
     reference_threshold,
     theorem_correction,
 )
-from safe_denoiser.diffusers.schedulers import SUPPORTED_SCHEDULERS, Kind
+from safe_denoiser.diffusers.scheduler_registry import SUPPORTED_SCHEDULERS, Kind
 
 __all__ = ["SUPPORTED_SCHEDULERS", "SafeScheduler", "StepTrace", "attach", "detach", "sample_space_bank"]
 

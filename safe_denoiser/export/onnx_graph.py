@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .manifest import BANK_DTYPES, BankDtype, GraphSpec, TensorSpec
+from safe_denoiser.runtime.manifest import BANK_DTYPES, BankDtype, GraphSpec, TensorSpec
 
 __all__ = ["SUPPORTED_OPSETS", "ExportOptions", "export_graph"]
 
@@ -199,7 +199,7 @@ def _verify(
     path: Path, module: nn.Module, inputs: Sequence[Tensor], input_names: list[str], output_names: list[str]
 ) -> tuple[dict[str, float], dict[str, float]]:
     """(max |onnxruntime - PyTorch|, max |PyTorch|) per output (booleans: the number of disagreeing entries)."""
-    from .runtime import make_session
+    from safe_denoiser.runtime.bundle import make_session
 
     session = make_session(path)
     feeds = {n: v.numpy() for n, v in zip(input_names, inputs, strict=True)}

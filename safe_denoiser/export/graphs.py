@@ -57,8 +57,7 @@ from safe_denoiser.core.kernel import bank_sq_norms
 from safe_denoiser.core.parameterization import x0_from_eps
 from safe_denoiser.core.sld import append_safety_branch, sld_guidance
 from safe_denoiser.core.step import reference_correction, theorem_correction
-
-from .manifest import (
+from safe_denoiser.runtime.manifest import (
     BANK_DTYPES,
     BANK_INITIALIZER,
     BANK_NORMS_INITIALIZER,
