@@ -160,6 +160,19 @@ def fused_chunks(n: int) -> int:
     return n + n // MIN_ROWS_PER_THREAD + 1
 
 
+def kernel_case(seed: int, b: int, n: int, d: int, magnitude: float = 1.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(x, bank, scale, variance) for ``kernel_estimate``: a (b, d) batch of queries noised from perturbed bank
+    items, per-sample abar from high noise to nearly clean (scale sqrt(abar), variance 1 - abar, both (b, 1)), bank
+    rows of varied norm; every value times ``magnitude``."""
+    g = torch.Generator().manual_seed(seed)
+    bank = torch.randn(n, d, generator=g) * (0.5 + torch.rand(n, 1, generator=g))
+    ab = torch.rand(b, generator=g) * 0.98 + 0.01
+    pick = torch.randint(0, n, (b,), generator=g)
+    x0 = bank[pick] + 0.3 * torch.randn(b, d, generator=g)
+    x_t = ab.sqrt()[:, None] * x0 + (1 - ab).sqrt()[:, None] * torch.randn(b, d, generator=g)
+    return magnitude * x_t, magnitude * bank, ab.sqrt()[:, None], (1 - ab)[:, None]
+
+
 def forward_reference(
     x_t: Tensor,
     bank: Tensor,

@@ -13,7 +13,7 @@ from safe_denoiser import kernel_estimate
 from safe_denoiser.core import fused
 from safe_denoiser.core import kernel as kernel_module
 
-from helpers import assert_within, fused_chunks, kernel_reference
+from helpers import assert_within, fused_chunks, kernel_case, kernel_reference
 
 
 def count_fused_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -27,17 +27,6 @@ def count_fused_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(kernel_module, "fused_kernel_sums", counted)
     return calls
-
-
-def random_case(seed: int, b: int, n: int, d: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Queries near bank items or pure noise, with per-sample abar from high noise to nearly clean."""
-    g = torch.Generator().manual_seed(seed)
-    bank = torch.randn(n, d, generator=g) * (0.5 + torch.rand(n, 1, generator=g))
-    ab = torch.rand(b, generator=g) * 0.98 + 0.01
-    pick = torch.randint(0, n, (b,), generator=g)
-    x0 = bank[pick] + 0.3 * torch.randn(b, d, generator=g)
-    x_t = ab.sqrt()[:, None] * x0 + (1 - ab).sqrt()[:, None] * torch.randn(b, d, generator=g)
-    return x_t, bank, ab.sqrt()[:, None], (1 - ab)[:, None]
 
 
 def test_extension_is_built() -> None:
@@ -54,7 +43,7 @@ def test_matches_float64_over_seeds(threads: int, monkeypatch: pytest.MonkeyPatc
     try:
         for seed in range(30):
             b, n, d = (1, 2, 5)[seed % 3], (1, 17, 40, 130)[seed % 4], (3, 64, 256, 1000)[seed % 4]
-            x, bank, s, v = random_case(seed, b, n, d)
+            x, bank, s, v = kernel_case(seed, b, n, d)
             est = kernel_estimate(x, bank, s, v)
             ref = kernel_reference(x, bank, s, v, chunks=fused_chunks(n))
             assert_within(est.mean, ref.mean, ref.mean_bound, f"seed {seed} mean")
@@ -107,7 +96,7 @@ def test_half_precision_banks(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatc
     """Half banks are widened exactly to float32 a row at a time: the float32 bound of the widened bank holds."""
     calls = count_fused_calls(monkeypatch)
     for seed in range(10):
-        x, bank32, s, v = random_case(100 + seed, 3, 70, 300)
+        x, bank32, s, v = kernel_case(100 + seed, 3, 70, 300)
         bank = bank32.to(dtype)
         est = kernel_estimate(x, bank, s, v)
         ref = kernel_reference(x, bank.float(), s, v, chunks=fused_chunks(70))  # the half values are exact in f32
@@ -119,7 +108,7 @@ def test_half_precision_banks(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatc
 def test_switch_and_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
     """SAFE_DENOISER_FUSED_KERNEL=0, float64, explicit chunks: the PyTorch loop runs, within the same bounds."""
     calls = count_fused_calls(monkeypatch)
-    x, bank, s, v = random_case(3, 2, 50, 128)
+    x, bank, s, v = kernel_case(3, 2, 50, 128)
     ref = kernel_reference(x, bank, s, v, chunks=fused_chunks(50))
     kernel_estimate(x, bank, s, v)
     assert len(calls) == 1

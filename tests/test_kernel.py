@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from safe_denoiser import kernel_estimate, kernel_log_mass, unsafe_posterior_mean
+from safe_denoiser.core.kernel import bank_sq_norms, forward_kernel_estimate
+from safe_denoiser.core.paths import path_kernel_estimate, vp_path
 
 from helpers import KernelReference, assert_within, forward_reference, fused_chunks, kernel_reference, unit_roundoff
 
@@ -135,3 +137,13 @@ def test_bad_input() -> None:
         unsafe_posterior_mean(torch.randn(2, 8), torch.randn(3, 8), 0.5, chunk_size=0)
     with pytest.raises(ValueError, match=r"\(2,\) tensor"):
         unsafe_posterior_mean(torch.randn(2, 8), torch.randn(3, 8), torch.tensor([0.1, 0.2, 0.3]))
+
+
+def test_path_kernel_estimate_passes_norms_and_kde_bank() -> None:
+    """On the VP path, path_kernel_estimate is forward_kernel_estimate bit for bit, bank norms and KDE bank included."""
+    x, bank, ab = torch.randn(3, 4, 8, 8), torch.randn(20, 4, 8, 8), torch.tensor([0.1, 0.5, 0.9])
+    norms = bank_sq_norms(bank)
+    for bank_sigma in (None, 0.3):
+        got = path_kernel_estimate(x, bank, vp_path(ab), bank_sq_norms=norms, bank_sigma=bank_sigma)
+        want = forward_kernel_estimate(x, bank, ab, bank_sq_norms=norms, bank_sigma=bank_sigma)
+        assert torch.equal(got.mean, want.mean) and torch.equal(got.log_mass, want.log_mass), bank_sigma

@@ -22,7 +22,7 @@ except ImportError as exc:  # pragma: no cover - depends on how the package was 
     _fused_kernel = None
     _IMPORT_ERROR = str(exc)
 
-__all__ = ["BANK_DTYPES", "enabled", "fused_kernel_sums", "unavailable_reason", "worker_count"]
+__all__ = ["BANK_DTYPES", "accepts", "enabled", "fused_kernel_sums", "unavailable_reason", "worker_count"]
 
 ENV_SWITCH = "SAFE_DENOISER_FUSED_KERNEL"
 BANK_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -49,6 +49,20 @@ def unavailable_reason() -> str | None:
 def enabled() -> bool:
     """Whether ``kernel_estimate`` uses the compiled kernel where its inputs allow."""
     return unavailable_reason() is None
+
+
+def accepts(x: Tensor, bank: Tensor) -> bool:
+    """Whether ``fused_kernel_sums`` takes these (B, D) queries and (N, D) bank (and is enabled here): float32
+    queries without autograd and a contiguous float32 / float16 / bfloat16 bank, both on the CPU."""
+    return (
+        x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and bank.device.type == "cpu"
+        and bank.dtype in BANK_DTYPES
+        and bank.is_contiguous()
+        and not x.requires_grad
+        and enabled()
+    )
 
 
 def worker_count(bank_bytes: int, threads: int | None = None) -> int:

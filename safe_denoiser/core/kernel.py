@@ -6,9 +6,17 @@ over cache-sized bank chunks, so each call reads the bank from memory once, extr
 ``NegativeBank``); a float16 / bfloat16 bank is read in half precision and accumulated in float32. No host
 synchronisation: safe inside traced or compiled graphs. Differentiation is not supported (in-place updates).
 
-On a CPU, outside a trace, float32 queries over a contiguous bank go to the compiled one-pass kernel
-(``core.fused``: each block of four rows used for the dot products and the weighted sums while it is in L2, the
-same online softmax); everywhere else, and with an explicit ``chunk_size``, the PyTorch loop below runs.
+``kernel_estimate`` is the one entry point. It picks one of three strategies for the online-softmax sums, which
+share one update (``_chunk_weights``, ``_add_chunk``) and are each tested against float64
+(tests/test_kernel_strategies.py):
+
+* ``_compiled_kernel_sums``: on a CPU, outside a trace, float32 queries over a contiguous bank with automatic
+  chunks and the squared kernel go to the compiled one-pass kernel (``core.fused``: each block of four rows used
+  for the dot products and the weighted sums while it is in L2);
+* ``_sparse_chunk_sums``: any other CPU call outside a trace runs a PyTorch chunk loop that checks on the host
+  for underflowed and nearly one-hot chunks (skipped, or their second matmul gathered) and grows the chunks then;
+* ``_static_chunk_sums``: traced graphs (ONNX export, torch.compile) and accelerators run fixed chunks with every
+  update taken: no host synchronisation, so the graph is static.
 """
 
 from __future__ import annotations
@@ -19,8 +27,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from safe_denoiser.core.fused import BANK_DTYPES, fused_kernel_sums
-from safe_denoiser.core.fused import enabled as fused_enabled
+from safe_denoiser.core import fused
+from safe_denoiser.core.fused import fused_kernel_sums
 
 __all__ = [
     "KernelEstimate",
@@ -163,106 +171,178 @@ def kernel_estimate(
     more read of the bank. A float16 / bfloat16 bank is widened chunk by chunk into a cache-resident float32
     buffer, so memory traffic is halved and all arithmetic is float32 (float64 for float64 inputs); the mean is
     returned in ``x``'s dtype.
+
+    The sums come from one of three strategies (module docstring): the compiled one-pass kernel (CPU, untraced,
+    float32, squared kernel, automatic chunks), the host-checked chunk loop (any other CPU call outside a trace)
+    or the static chunk loop (traces and accelerators).
     """
     _check_inputs(x, bank, chunk_size, bank_sq_norms)
     n, b = bank.shape[0], x.shape[0]
-    acc_dtype = accumulation_dtype(x.dtype)
-    xf = x.reshape(b, -1).to(acc_dtype)
+    xf = x.reshape(b, -1).to(accumulation_dtype(x.dtype))
     y_all = bank.reshape(n, -1)
+    query = _kernel_query(xf, y_all, scale, variance, squared, chunk_size, bank_sq_norms)
+    tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
+    if squared and chunk_size is None and not tracing and fused.accepts(xf, y_all):
+        sums = _compiled_kernel_sums(query, y_all)
+    else:
+        step = min(n, chunk_size or auto_chunk_size(b, n, xf.shape[1], xf.device))
+        if tracing and chunk_size is None:  # a traced loop is unrolled: keep the graph small
+            step = max(step, math.ceil(n / MAX_TRACED_CHUNKS))
+        chunks = _ChunkedBank(query, y_all, n, step)
+        if xf.device.type == "cpu" and not tracing:
+            sums = _sparse_chunk_sums(chunks, grow=chunk_size is None)
+        else:
+            sums = _static_chunk_sums(chunks)
+    return _estimate(sums, query.offset, x, n)
+
+
+class _KernelQuery(NamedTuple):
+    """The queries' side of the logits, prepared once per call in the accumulation dtype.
+
+    Squared kernel: logit_bn = <x_scaled_b, y_n> + bias_coef_b ||y_n||^2 and log k = logit + offset, the offset
+    -||x_b||^2 / (2 v_b) being the same for every n. Unsquared: the logits of ``log_kernel``, offset 0.
+    """
+
+    x: Tensor  # (B, D)
+    scale: Tensor  # (B, 1)
+    variance: Tensor  # (B, 1)
+    norms: Tensor  # (N,) the bank's squared norms
+    x_scaled: Tensor  # (B, D): x s / v (squared kernel), x (unsquared)
+    bias_coef: Tensor | None  # (B, 1): -s^2 / (2 v) for the squared kernel, None for the unsquared one
+    offset: Tensor  # (B, 1)
+
+
+def _kernel_query(
+    xf: Tensor,
+    bank: Tensor,
+    scale: float | Tensor,
+    variance: float | Tensor,
+    squared: bool,
+    chunk_size: int | None,
+    bank_sq_norms: Tensor | None,
+) -> _KernelQuery:
+    """``kernel_estimate``'s query terms for (B, D) queries and an (N, D) bank; the bank's norms when not given."""
+    b, acc_dtype = xf.shape[0], xf.dtype
     s = as_batch_column(scale, b, xf)
     v = as_batch_column(variance, b, xf)
     if bank_sq_norms is None:
-        bank_sq_norms = _bank_sq_norms(y_all.to(xf.device) if y_all.device != xf.device else y_all, chunk_size)
+        bank_sq_norms = _bank_sq_norms(bank.to(xf.device) if bank.device != xf.device else bank, chunk_size)
     norms = bank_sq_norms.to(device=xf.device, dtype=acc_dtype)
+    if not squared:
+        return _KernelQuery(xf, s, v, norms, xf, None, torch.zeros((b, 1), device=xf.device, dtype=acc_dtype))
+    # logits = (s / v) <x, y> - s^2 ||y||^2 / (2 v): one addmm per chunk; ||x||^2 / (2 v) is the common offset.
+    coef = s / v
+    x_scaled = xf * coef
+    bias_coef = -0.5 * coef * s
+    offset = -torch.linalg.vector_norm(xf, dim=1, keepdim=True).square() / (2.0 * v)
+    return _KernelQuery(xf, s, v, norms, x_scaled, bias_coef, offset)
 
-    tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
-    if squared:
-        # logits = (s / v) <x, y> - s^2 ||y||^2 / (2 v): one addmm per chunk; ||x||^2 / (2 v) is the common offset.
-        coef = s / v
-        x_scaled = xf * coef
-        bias_coef = -0.5 * coef * s  # (B, 1)
-        offset = -torch.linalg.vector_norm(xf, dim=1, keepdim=True).square() / (2.0 * v)
-        if chunk_size is None and not tracing and _fused_applies(xf, y_all):
-            acc, run_max, run_sum = fused_kernel_sums(x_scaled, y_all, bias_coef.reshape(b), norms.contiguous())
-            return _estimate(acc, run_max.unsqueeze(1), run_sum.unsqueeze(1), offset, x, n)
-        bias = bias_coef * norms.unsqueeze(0)  # (B, N)
-    else:
-        offset = torch.zeros((b, 1), device=xf.device, dtype=acc_dtype)
 
-    step = min(n, chunk_size or auto_chunk_size(b, n, xf.shape[1], xf.device))
-    if tracing and chunk_size is None:  # a traced loop is unrolled: keep the graph small
-        step = max(step, math.ceil(n / MAX_TRACED_CHUNKS))
-    widen = y_all.dtype != acc_dtype or y_all.device != xf.device
-    buffer = torch.empty((step, xf.shape[1]), device=xf.device, dtype=acc_dtype) if widen else None
-    run_max = torch.full((b, 1), -math.inf, device=xf.device, dtype=acc_dtype)
-    run_sum = torch.zeros((b, 1), device=xf.device, dtype=acc_dtype)
-    acc = torch.zeros_like(xf)  # run_sum and acc are replaced by the first chunk's values (nothing to rescale)
-    # In high dimension most chunks' weights underflow to exactly 0 once the running max is found, and the rest are
-    # nearly one-hot; on a CPU, outside a trace, testing for that on the host is cheap and skips the second matmul or
-    # restricts it to the rows that carry weight. Elsewhere the graph stays static.
-    skip_underflow = xf.device.type == "cpu" and not tracing
-    # Sparse chunks need no cache reuse (the second matmul touches a few rows), so after one, the next chunk is
-    # SPARSE_GROWTH cache-sized chunks: a bank of up to that many takes two chunks in all, and each chunk's ~15
-    # small operations (tens of microseconds together) stop adding up. The growth does not compound, so the (B,
-    # chunk) logits stay small. Only where no widening buffer sized to ``step`` is in use.
-    grow = skip_underflow and buffer is None and chunk_size is None
-    base = step
-    first = True
-    start = 0
+class _SoftmaxSums(NamedTuple):
+    """Online-softmax state over the rows seen so far: m = max logit, s = sum exp(l - m), acc = sum exp(l - m) y."""
+
+    acc: Tensor  # (B, D)
+    run_max: Tensor  # (B, 1)
+    run_sum: Tensor  # (B, 1)
+
+
+def _chunk_weights(logits: Tensor, sums: _SoftmaxSums | None) -> tuple[Tensor, Tensor]:
+    """(exp(logits - m_new), m_new) with m_new the running max including this chunk; overwrites ``logits``."""
+    new_max = logits.amax(dim=1, keepdim=True)
+    if sums is not None:
+        new_max = torch.maximum(sums.run_max, new_max)
+    return logits.sub_(new_max).exp_(), new_max
+
+
+def _add_chunk(sums: _SoftmaxSums | None, w: Tensor, new_max: Tensor, part: Tensor) -> _SoftmaxSums:
+    """The online-softmax (flash-attention) update: the sums so far rescaled by exp(m_old - m_new), plus this
+    chunk's weights ``w`` (B, chunk) and weighted rows ``part`` (B, D); updates ``sums`` in place."""
+    if sums is None:  # the first chunk: nothing to rescale
+        return _SoftmaxSums(part, new_max, w.sum(dim=1, keepdim=True))
+    rescale = (sums.run_max - new_max).exp_()
+    run_sum = sums.run_sum.mul_(rescale).add_(w.sum(dim=1, keepdim=True))
+    return _SoftmaxSums(sums.acc.mul_(rescale).add_(part), new_max, run_sum)
+
+
+class _ChunkedBank:
+    """An (N, D) bank as the chunk loops read it, ``step`` rows at a time: rows in the accumulation dtype (through
+    one cache-resident buffer of ``step`` rows when the bank is in half precision or on another device) and their
+    logits. ``n`` is the bank's row count as the caller read it (in a trace, the graph's own size value)."""
+
+    def __init__(self, query: _KernelQuery, bank: Tensor, n: int, step: int) -> None:
+        self.query, self.bank, self.n, self.step = query, bank, n, step
+        # the squared kernel's -s^2 ||y||^2 / (2 v) term, (B, N): one product per call, sliced per chunk
+        self.bias = None if query.bias_coef is None else query.bias_coef * query.norms.unsqueeze(0)
+        x = query.x
+        widen = bank.dtype != x.dtype or bank.device != x.device
+        self.buffer = torch.empty((step, x.shape[1]), device=x.device, dtype=x.dtype) if widen else None
+
+    def read(self, start: int, end: int) -> tuple[Tensor, Tensor]:
+        """(rows ``start:end`` (chunk, D), their logits (B, chunk)); the logits are a fresh tensor."""
+        q, y = self.query, self.bank[start:end]
+        if self.buffer is not None:
+            y = self.buffer[: y.shape[0]].copy_(y)  # into cache: the only read of these rows from memory
+        if self.bias is None:
+            return y, log_kernel(q.x, y, q.scale, q.variance, False, bank_sq_norms=q.norms[start:end])[0]
+        return y, torch.addmm(self.bias[:, start:end], q.x_scaled, y.T)
+
+
+def _compiled_kernel_sums(query: _KernelQuery, bank: Tensor) -> _SoftmaxSums:
+    """Online softmax in one compiled pass (``core.fused``): each row read once for both matmuls, squared kernel."""
+    if query.bias_coef is None:
+        raise ValueError("the compiled kernel computes the squared-distance kernel only (squared=True)")
+    coef = query.bias_coef.reshape(-1)
+    acc, run_max, run_sum = fused_kernel_sums(query.x_scaled, bank, coef, query.norms.contiguous())
+    return _SoftmaxSums(acc, run_max.unsqueeze(1), run_sum.unsqueeze(1))
+
+
+def _static_chunk_sums(chunks: _ChunkedBank) -> _SoftmaxSums:
+    """Online softmax over fixed chunks, each one updated: no host check, so a traced graph is static."""
+    n, step = chunks.n, chunks.step
+    sums: _SoftmaxSums | None = None
+    for start in range(0, n, step):
+        y, logits = chunks.read(start, min(start + step, n))
+        w, new_max = _chunk_weights(logits, sums)
+        sums = _add_chunk(sums, w, new_max, w @ y)
+    assert sums is not None  # the bank is not empty (checked)
+    return sums
+
+
+def _sparse_chunk_sums(chunks: _ChunkedBank, grow: bool) -> _SoftmaxSums:
+    """Online softmax over chunks with host checks: underflowed chunks skipped, sparse ones gathered, grown.
+
+    In high dimension most chunks' weights underflow to exactly 0 once the running max is found, and the rest are
+    nearly one-hot; on a CPU testing that on the host is cheap, and skips the second matmul or restricts it to the
+    rows that carry weight. Sparse chunks need no cache reuse (the second matmul touches a few rows), so with
+    ``grow`` (automatic chunks) the chunk after a sparse one is SPARSE_GROWTH chunks: a bank of up to that
+    many chunks takes two in all, and the per-chunk small operations stop adding up. The growth does not compound
+    (the (B, chunk) logits stay small) and needs the rows unbuffered (a widening buffer holds one chunk).
+    """
+    grow = grow and chunks.buffer is None
+    n, base, step, start = chunks.n, chunks.step, chunks.step, 0
+    sums: _SoftmaxSums | None = None
     while start < n:
         end = min(start + step, n)
-        y = y_all[start:end]
-        if buffer is not None:
-            y = buffer[: y.shape[0]].copy_(y)  # into cache: the only read of these rows from memory
-        if squared:
-            logits = torch.addmm(bias[:, start:end], x_scaled, y.T)
-        else:
-            logits = log_kernel(xf, y, s, v, False, bank_sq_norms=norms[start:end])[0]
+        y, logits = chunks.read(start, end)
         start = end
-        new_max = logits.amax(dim=1, keepdim=True)
-        if not first:
-            new_max = torch.maximum(run_max, new_max)
-        w = logits.sub_(new_max).exp_()
-        rows: Tensor | None = None
-        if skip_underflow:
-            rows = w.amax(dim=0).nonzero().squeeze(1)  # bank rows with a non-zero weight for some sample
-            # the gather copies at most one cache-sized chunk, so a grown chunk never costs more than that in memory
-            sparse = rows.shape[0] * SPARSE_ROWS_FRACTION <= y.shape[0] and rows.shape[0] <= base
-            if grow:  # grown while sparse, back to the cache-sized chunk when not (the cache reuse is needed again)
-                step = min(base * SPARSE_GROWTH, n) if sparse else base
-            if rows.shape[0] == 0:
-                continue  # every weight underflowed to 0: then the max did not move and the update adds exact zeros
-            if not sparse:
-                rows = None
-        # The second matmul, over just the rows that carry weight when they are few: the rest would add exact zeros.
-        part = w @ y if rows is None else w[:, rows] @ y[rows]
-        if first:  # nothing to rescale yet
-            run_sum, acc, first = w.sum(dim=1, keepdim=True), part, False
-        else:
-            rescale = (run_max - new_max).exp_()
-            run_sum = run_sum.mul_(rescale).add_(w.sum(dim=1, keepdim=True))
-            acc = acc.mul_(rescale).add_(part)
-        run_max = new_max
-    return _estimate(acc, run_max, run_sum, offset, x, n)
+        w, new_max = _chunk_weights(logits, sums)
+        rows = w.amax(dim=0).nonzero().squeeze(1)  # bank rows with a non-zero weight for some sample
+        # the gather copies at most one cache-sized chunk, so a grown chunk never costs more than that in memory
+        sparse = rows.shape[0] * SPARSE_ROWS_FRACTION <= y.shape[0] and rows.shape[0] <= base
+        if grow:  # grown while sparse, back to the cache-sized chunk when not (the cache reuse is needed again)
+            step = min(base * SPARSE_GROWTH, n) if sparse else base
+        if rows.shape[0] == 0:
+            continue  # every weight underflowed to 0: then the max did not move and the update adds exact zeros
+        # the second matmul over just the rows that carry weight when they are few: the rest would add exact zeros
+        sums = _add_chunk(sums, w, new_max, w[:, rows] @ y[rows] if sparse else w @ y)
+    assert sums is not None  # the first chunk's largest logit has weight exp(0) = 1, so it is never skipped
+    return sums
 
 
-def _fused_applies(xf: Tensor, y_all: Tensor) -> bool:
-    """Whether the compiled one-pass kernel (``core.fused``) can take these float32 queries and this bank."""
-    return (
-        xf.dtype == torch.float32
-        and xf.device.type == "cpu"
-        and y_all.device.type == "cpu"
-        and y_all.dtype in BANK_DTYPES
-        and y_all.is_contiguous()
-        and not xf.requires_grad
-        and fused_enabled()
-    )
-
-
-def _estimate(acc: Tensor, run_max: Tensor, run_sum: Tensor, offset: Tensor, x: Tensor, n: int) -> KernelEstimate:
-    """The kernel mean and log mean kernel value from the online-softmax sums ((B, D), (B, 1), (B, 1))."""
-    mean = (acc / run_sum).reshape(x.shape).to(x.dtype)
-    log_mass = (offset + run_max + run_sum.log()).squeeze(1) - math.log(n)
+def _estimate(sums: _SoftmaxSums, offset: Tensor, x: Tensor, n: int) -> KernelEstimate:
+    """The kernel mean in ``x``'s shape and dtype and the log mean kernel value, from the online-softmax sums."""
+    mean = (sums.acc / sums.run_sum).reshape(x.shape).to(x.dtype)
+    log_mass = (offset + sums.run_max + sums.run_sum.log()).squeeze(1) - math.log(n)
     return KernelEstimate(mean, log_mass)
 
 

@@ -150,12 +150,18 @@ def path_kernel_estimate(
     path: GaussianPath,
     bandwidth: float | Tensor | None = None,
     chunk_size: int | None = None,
+    *,
+    bank_sq_norms: Tensor | None = None,
+    bank_sigma: float | None = None,
 ) -> KernelEstimate:
     """The forward-kernel estimate N(x_t; a x^(n), s^2 I) of E_unsafe[x0 | x_t] and its log-mass, on any path.
 
     Evaluated on the equivalent VP sample (module docstring): for ``kind="vp"`` it is ``forward_kernel_estimate``
-    itself, bit for bit. ``bandwidth`` replaces the VP variance 1 - abar.
+    itself, bit for bit. ``bandwidth`` replaces the VP variance 1 - abar; ``bank_sq_norms`` and ``bank_sigma`` as in
+    ``forward_kernel_estimate`` (E[x0 | x_t] is the same given x_t or its rescaled VP sample).
     """
     c, ab = path.to_vp()
     x = x_t if isinstance(c, float) and c == 1.0 else x_t * broadcast_to_sample(c, x_t)
-    return forward_kernel_estimate(x, bank, ab, bandwidth, chunk_size)
+    return forward_kernel_estimate(
+        x, bank, ab, bandwidth, chunk_size, bank_sq_norms=bank_sq_norms, bank_sigma=bank_sigma
+    )
