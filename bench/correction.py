@@ -13,7 +13,7 @@ One correction step on a batch of Stable-Diffusion-sized latents (D = 4x64x64 = 
   per cache-sized chunk, as it runs where the extension is not built; ``--chunk-size`` fixes its chunk (a fixed
   chunk always takes the PyTorch loop).
 * **ours-odds**: the whole correction of the conditional-odds preset (``core.step.theorem_correction`` with
-  ``SafeGuidance.odds(odds_sigma=1.0)``, window open): E_unsafe at x_t and the odds' kernel at the denoised
+  ``OddsGuidance(odds_sigma=1.0)``, window open): E_unsafe at x_t and the odds' kernel at the denoised
   estimate in one stacked pass over the negative bank, then one pass over a reference bank of the same size
   (norms and the banks' data variance precomputed, as ``attach`` holds them). It must read two banks, so its
   roofline is the sum of the two banks' GEMVs (and reads).
@@ -112,6 +112,7 @@ from correction_methods import (
     ours_call,
     sdpa_call,
 )
+from correction_report import correctness_table, perf_table
 
 GIB = 1024**3
 MIB = 1024**2
@@ -140,6 +141,72 @@ class WorkerSpec:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class Operands:
+    """One call's inputs: the float32 bank, queries x_t, the model's eps, the chunk and a reference bank, if read."""
+
+    bank: Tensor
+    x_t: Tensor
+    eps: Tensor
+    chunk: int | None
+    reference: Tensor | None
+
+    def tiny(self) -> Operands:
+        """The first 16 bank rows and the first query (chunk 8): a call that warms code pages and the thread pool."""
+        return Operands(
+            self.bank[:16].clone(),
+            self.x_t[:1].clone(),
+            self.eps[:1].clone(),
+            None if self.chunk is None else 8,
+            None if self.reference is None else self.reference[:16].clone(),
+        )
+
+
+def build_call(method: str, ops: Operands, alpha_bar: float) -> Call:
+    """``method``'s correction on ``ops`` as a no-argument call (ours-f16 stores the bank in float16)."""
+    if method == "baseline":
+        return baseline_call(ops.bank, ops.x_t, ops.eps, alpha_bar)
+    if method == "sdpa":
+        return sdpa_call(ops.bank, ops.x_t, ops.eps, alpha_bar)
+    if ops.reference is not None:
+        return odds_call(ops.bank, ops.reference, ops.x_t, ops.eps, ops.chunk, alpha_bar)
+    return ours_call(ops.bank.half() if method == "ours-f16" else ops.bank, ops.x_t, ops.eps, ops.chunk, alpha_bar)
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """The least any estimate must do, over every float32 bank the method reads: a GEMV, and a streaming read."""
+
+    x: Tensor  # (B, D)
+    banks: list[Tensor]  # (N, D) each
+
+    def gemv(self) -> tuple[Tensor, Tensor | None]:
+        """``x @ bank.T`` for every bank."""
+        out = [self.x @ f.T for f in self.banks]
+        return out[0], None
+
+    def read(self) -> tuple[Tensor, Tensor | None]:
+        """``bank.sum()`` for every bank."""
+        out = [f.sum() for f in self.banks]
+        return out[0], None
+
+
+@dataclass(frozen=True)
+class Measurements:
+    """One row's numbers: the warm-up call's output and cost, the peak-memory probes and the timed rounds."""
+
+    setup_rss_kib: int | None  # resident before the warm-up call: bank, inputs, code
+    output: Tensor
+    kernel_sum: Tensor | None
+    first_s: float
+    memory_method: str
+    repeats: int
+    peaks_mib: list[float]  # the warm-up call's first, then the probes'
+    ms: list[float]
+    gemv_ms: list[float]
+    read_ms: list[float]
+
+
 def run_worker(spec: WorkerSpec) -> dict[str, Any]:
     """Set up, warm up, then time and measure ``spec``'s call; returns a JSON-able record."""
     torch.set_num_threads(spec.threads)
@@ -148,94 +215,80 @@ def run_worker(spec: WorkerSpec) -> dict[str, Any]:
     stored = bank.half() if spec.method == "ours-f16" else bank
     # the conditional odds also read a reference bank (another draw of the same size); others read one bank
     reference = make_bank(spec.n, LATENT_SHAPE, seed=spec.seed + 2) if spec.method == "ours-odds" else None
-    ab = spec.alpha_bar
-
-    def build(bk: Tensor, xt: Tensor, ep: Tensor, chunk: int | None, ref: Tensor | None) -> Call:
-        if spec.method == "baseline":
-            return baseline_call(bk, xt, ep, ab)
-        if spec.method == "sdpa":
-            return sdpa_call(bk, xt, ep, ab)
-        if ref is not None:
-            return odds_call(bk, ref, xt, ep, chunk, ab)
-        return ours_call(bk.half() if spec.method == "ours-f16" else bk, xt, ep, chunk, ab)
-
-    fn = build(bank, x_t, eps, spec.chunk, reference)
+    fn = build_call(spec.method, Operands(bank, x_t, eps, spec.chunk, reference), spec.alpha_bar)
     if spec.method == "ours-f16":
         del bank  # only the float16 copy stays resident (the roofline below reads a float32 bank of the same size)
         bank = torch.empty(stored.shape)
         bank.copy_(stored)
-    gemv_x = x_t.reshape(spec.b, -1)
-    flats = [bank.reshape(spec.n, -1)] + ([] if reference is None else [reference.reshape(spec.n, -1)])
-
-    def roof_gemv() -> tuple[Tensor, Tensor | None]:  # one GEMV over every bank the method reads
-        out = [gemv_x @ f.T for f in flats]
-        return out[0], None
-
-    def roof_read() -> tuple[Tensor, Tensor | None]:  # one streaming read of every bank the method reads
-        out = [f.sum() for f in flats]
-        return out[0], None
-
-    tiny = build(
-        bank[:16].clone(),
-        x_t[:1].clone(),
-        eps[:1].clone(),
-        None if spec.chunk is None else 8,
-        None if reference is None else reference[:16].clone(),
-    )
+    banks = [bank] + ([] if reference is None else [reference])
+    roofline = Roofline(x_t.reshape(spec.b, -1), [f.reshape(spec.n, -1) for f in banks])
+    tiny = build_call(spec.method, Operands(bank, x_t, eps, spec.chunk, reference).tiny(), spec.alpha_bar)
     for _ in range(2):
         measured_call(tiny)
-    setup_rss = status_kib("VmRSS")
+    measured = measure(fn, roofline, spec)
+    record: dict[str, Any] = {
+        **asdict(spec),
+        **measurement_record(measured, roofline, stored.numel() * stored.element_size()),
+        "fused_kernel": fused.unavailable_reason() or "on",
+    }
+    if measured.kernel_sum is not None:
+        record["kernel_sum_underflow"] = int((measured.kernel_sum == 0).sum())
+        record["kernel_sum_max"] = float(measured.kernel_sum.max())
+    return record
 
+
+def measure(fn: Call, roofline: Roofline, spec: WorkerSpec) -> Measurements:
+    """The warm-up call, ``MEMORY_PROBES`` peak-memory calls, then the timed rounds (fewer for a slow call)."""
+    setup_rss = status_kib("VmRSS")
     (out, k_sum), first_s, first_peak, mem_method = measured_call(fn)
     repeats = spec.repeats
     if first_s * repeats > spec.max_row_seconds:
         repeats = max(1, int(spec.max_row_seconds // max(first_s, 1e-9)))
-    times: list[float] = []
     peaks: list[float] = [first_peak]
-    gemv_ms: list[float] = []
-    read_ms: list[float] = []
-    measured_call(roof_gemv), measured_call(roof_read)
+    measured_call(roofline.gemv), measured_call(roofline.read)
     for _ in range(min(repeats, MEMORY_PROBES)):  # memory apart: its probes (gc, /proc) would cool the caches
         peaks.append(measured_call(fn)[2])
+    times: list[float] = []
+    gemv_ms: list[float] = []
+    read_ms: list[float] = []
     gc.collect()
     gc.disable()  # as timeit does: no collection lands inside a timed call
     try:
         for _ in range(repeats):  # warm, roofline and method side by side in every round: the load hits both
-            gemv_ms.append(timed_call(roof_gemv) * 1e3)
-            read_ms.append(timed_call(roof_read) * 1e3)
+            gemv_ms.append(timed_call(roofline.gemv) * 1e3)
+            read_ms.append(timed_call(roofline.read) * 1e3)
             times.append(timed_call(fn) * 1e3)
     finally:
         gc.enable()
-    stored_bytes = stored.numel() * stored.element_size()
-    record: dict[str, Any] = {
-        **asdict(spec),
-        "repeats_run": repeats,
+    return Measurements(setup_rss, out, k_sum, first_s, mem_method, repeats, peaks, times, gemv_ms, read_ms)
+
+
+def measurement_record(m: Measurements, roofline: Roofline, stored_bytes: int) -> dict[str, Any]:
+    """The JSON fields of ``m``: times, peaks, the multiples of the roofline, bandwidths and the output's state."""
+    times, gemv_ms, read_ms, banks_read = m.ms, m.gemv_ms, m.read_ms, len(roofline.banks)
+    return {
+        "repeats_run": m.repeats,
         "ms_median": statistics.median(times),
         "ms_min": min(times),
         "ms_all": times,
-        "first_call_ms": first_s * 1e3,
-        "peak_mib": max(peaks),
-        "peak_mib_first_call": first_peak,
-        "peak_mib_all": peaks,
-        "memory_method": mem_method,
-        "setup_rss_mib": None if setup_rss is None else setup_rss / 1024.0,
+        "first_call_ms": m.first_s * 1e3,
+        "peak_mib": max(m.peaks_mib),
+        "peak_mib_first_call": m.peaks_mib[0],
+        "peak_mib_all": m.peaks_mib,
+        "memory_method": m.memory_method,
+        "setup_rss_mib": None if m.setup_rss_kib is None else m.setup_rss_kib / 1024.0,
         "bank_mib": stored_bytes / MIB,
-        "banks_read": len(flats),
+        "banks_read": banks_read,
         "roofline_gemv_ms_median": statistics.median(gemv_ms),
         "roofline_read_ms_median": statistics.median(read_ms),
-        "roofline_gemv_gbs": len(flats) * bank.numel() * 4 / 1e6 / min(gemv_ms),
+        "roofline_gemv_gbs": banks_read * roofline.banks[0].numel() * 4 / 1e6 / min(gemv_ms),
         "x_roofline": statistics.median(t / r for t, r in zip(times, gemv_ms, strict=True)),
         "x_roofline_min": min(times) / min(gemv_ms),
         "x_read": statistics.median(t / r for t, r in zip(times, read_ms, strict=True)),
-        "effective_gbs": len(flats) * stored_bytes / 1e6 / min(times),
-        "output_finite": bool(torch.isfinite(out).all()),
-        "output_has_nan": bool(torch.isnan(out).any()),
-        "fused_kernel": fused.unavailable_reason() or "on",
+        "effective_gbs": banks_read * stored_bytes / 1e6 / min(times),
+        "output_finite": bool(torch.isfinite(m.output).all()),
+        "output_has_nan": bool(torch.isnan(m.output).any()),
     }
-    if k_sum is not None:
-        record["kernel_sum_underflow"] = int((k_sum == 0).sum())
-        record["kernel_sum_max"] = float(k_sum.max())
-    return record
 
 
 def launch(spec: WorkerSpec, timeout_s: float) -> dict[str, Any]:
@@ -319,86 +372,7 @@ def correctness_checks(threads: int) -> list[dict[str, Any]]:
     return rows
 
 
-# -------------------------------------------------------------------------------------------------- report
-
-
-def _fmt(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def _ratio(num: float | None, den: float | None) -> str:
-    if num is None or den is None or den <= 0:
-        return "-"
-    return f"{num / den:.1f}x"
-
-
-def _cell_result(rec: dict[str, Any] | None) -> tuple[str, str, float | None, float | None]:
-    """(ms cell, MiB cell, ms, MiB) for a record that may be skipped or failed."""
-    if rec is None:
-        return "-", "-", None, None
-    if "skipped" in rec:
-        return rec["skipped"], "", None, None
-    if "error" in rec:
-        return "error", "", None, None
-    return _fmt(rec["ms_median"]), _fmt(rec["peak_mib"]), rec["ms_median"], rec["peak_mib"]
-
-
-def _baseline_output(rec: dict[str, Any] | None) -> str:
-    if rec is None or "ms_median" not in rec:
-        return "-"
-    state = "NaN" if rec["output_has_nan"] else ("finite" if rec["output_finite"] else "inf")
-    return f"{state}, k-sum underflow {rec['kernel_sum_underflow']}/{rec['b']}"
-
-
-def _multiple(rec: dict[str, Any] | None, key: str = "x_roofline") -> str:
-    return "-" if rec is None or key not in rec else f"{rec[key]:.2f}x"
-
-
-def _gbs(rec: dict[str, Any] | None) -> str:
-    return "-" if rec is None or "effective_gbs" not in rec else f"{rec['effective_gbs']:.1f}"
-
-
-def perf_table(rows: list[dict[str, Any]]) -> str:
-    header = (
-        "| B | N | GEMV ms (roofline) | GEMV GB/s | ours ms | ours / GEMV | ours / read | ours GB/s "
-        "| torch loop / GEMV | ours-f16 ms | f16 / GEMV(f32) | odds ms | odds / 2 GEMVs | sdpa / GEMV | ours peak MiB "
-        "| baseline ms | baseline / ours | baseline output |"
-    )
-    lines = [header, "|" + "---|" * 18]
-    for row in rows:
-        ours, half, odds, base = row["ours"], row["ours-f16"], row.get("ours-odds"), row["baseline"]
-        sdpa, loop = row.get("sdpa"), row.get("ours-torch")
-        o_ms_s, o_mib_s, o_ms, _ = _cell_result(ours)
-        h_ms_s, _, _, _ = _cell_result(half)
-        d_ms_s, _, _, _ = _cell_result(odds)
-        b_ms_s, _, b_ms, _ = _cell_result(base)
-        roof = ours if ours is not None and "roofline_gemv_ms_median" in ours else None
-        g_ms = "-" if roof is None else _fmt(roof["roofline_gemv_ms_median"], 2)
-        g_bw = "-" if roof is None else _fmt(roof["roofline_gemv_gbs"])
-        lines.append(
-            f"| {row['b']} | {row['n']} | {g_ms} | {g_bw} | {o_ms_s} | {_multiple(ours)} | "
-            f"{_multiple(ours, 'x_read')} | {_gbs(ours)} | {_multiple(loop)} | {h_ms_s} | {_multiple(half)} | "
-            f"{d_ms_s} | "
-            f"{_multiple(odds)} | {_multiple(sdpa)} | {o_mib_s} | {b_ms_s} | {_ratio(b_ms, o_ms)} | "
-            f"{_baseline_output(base)} |"
-        )
-    return "\n".join(lines)
-
-
-def correctness_table(rows: list[dict[str, Any]]) -> str:
-    header = (
-        "| case | abar | max log k (f64) | ours err E_unsafe | ours err eps | ours chunked err eps "
-        "| baseline err E_unsafe | baseline err eps | baseline output |"
-    )
-    lines = [header, "|" + "---|" * 9]
-    for r in rows:
-        state = "NaN" if r["baseline_has_nan"] else ("finite" if r["baseline_finite"] else "inf")
-        lines.append(
-            f"| {r['case']} | {r['alpha_bar']} | {r['max_log_kernel_f64']:.1f} | {r['ours_err_mean']:.2e} | "
-            f"{r['ours_err_eps']:.2e} | {r['ours_chunked_err_eps']:.2e} | {r['baseline_err_mean']:.2e} | "
-            f"{r['baseline_err_eps']:.2e} | {state}, k-sum underflow {r['baseline_kernel_sum_underflow']}/{r['b']} |"
-        )
-    return "\n".join(lines)
+# -------------------------------------------------------------------------------------------------- machine
 
 
 def available_bytes() -> float:
@@ -462,64 +436,121 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@dataclass(frozen=True)
+class RunPlan:
+    """What the run measures: the methods, the bank and batch sizes, the worker settings and the limits."""
+
+    methods: list[str]
+    quick: bool
+    repeats: int
+    batches: tuple[int, ...]
+    banks: tuple[int, ...]
+    threads: int
+    chunk_size: int | None
+    alpha_bar: float
+    queries: str
+    mem_cap_gib: float
+    max_row_seconds: float
+    timeout: float
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> RunPlan:
+        """The plan of the command line (``--quick``: smaller grids, 3 repeats); exits on a bad flag."""
+        if not 0.0 < args.alpha_bar < 1.0:
+            raise SystemExit(f"--alpha-bar must lie in (0, 1), got {args.alpha_bar}")
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = sorted(set(methods) - set(METHODS))
+        if unknown or not methods:
+            raise SystemExit(f"--methods: expected a comma-separated subset of {','.join(METHODS)}, got {unknown}")
+        return cls(
+            methods=methods,
+            quick=args.quick,
+            repeats=args.repeats if args.repeats is not None else (3 if args.quick else 5),
+            batches=(1, 2) if args.quick else (1, 2, 8),
+            banks=(515, 3000) if args.quick else (515, 3000, 10000, 30000, 100000),
+            threads=args.threads,
+            chunk_size=args.chunk_size,
+            alpha_bar=args.alpha_bar,
+            queries=args.queries,
+            mem_cap_gib=args.mem_cap_gib,
+            max_row_seconds=args.max_row_seconds,
+            timeout=args.timeout,
+        )
+
+    def config(self) -> dict[str, Any]:
+        """The JSON's ``config``."""
+        return {
+            "latent_shape": list(LATENT_SHAPE),
+            "d": math.prod(LATENT_SHAPE),
+            "dtype": "float32",
+            "alpha_bar": self.alpha_bar,
+            "queries": self.queries,
+            "methods": self.methods,
+            "beta": BETA,
+            "baseline_eps": BASELINE_EPS,
+            "repeats": self.repeats,
+            "quick": self.quick,
+            "chunk_size": self.chunk_size,
+            "mem_cap_gib": self.mem_cap_gib,
+            "max_row_seconds": self.max_row_seconds,
+            "bank_pool_size": POOL_SIZE,
+        }
+
+
+def run_or_skip(plan: RunPlan, method: str, b: int, n: int, chunk: int | None) -> dict[str, Any]:
+    """One row in its worker, or a ``skipped`` record when its working set would not fit; logs it to stderr."""
+    d = math.prod(LATENT_SHAPE)
+    need = estimate_extra_bytes(method, b, n, d, chunk)
+    spec = WorkerSpec(
+        method, b, n, chunk, plan.threads, plan.repeats, plan.max_row_seconds, plan.alpha_bar, plan.queries
+    )
+    resident = n * d * FLOAT_BYTES * {"ours-f16": 1.5, "ours-odds": 2.0}.get(method, 1.0)
+    if need > plan.mem_cap_gib * GIB:
+        rec: dict[str, Any] = {**asdict(spec), "skipped": f"skipped (would need {need / GIB:.1f} GiB)"}
+    elif resident + need > 0.7 * available_bytes():
+        rec = {**asdict(spec), "skipped": f"skipped (bank {resident / GIB:.1f} GiB > 70% of available memory)"}
+    else:
+        rec = launch(spec, plan.timeout)
+    rec["estimated_extra_gib"] = need / GIB
+    if method == "baseline":
+        rec["bnd_tensor_gib"] = b * n * d * FLOAT_BYTES / GIB
+    status = rec.get("skipped") or rec.get("error") or f"{rec['ms_median']:.1f} ms, {rec['peak_mib']:.1f} MiB"
+    print(f"  {method:8s} B={b} N={n} chunk={chunk}: {status}", file=sys.stderr, flush=True)
+    return rec
+
+
+def run_rows(plan: RunPlan) -> list[dict[str, Any]]:
+    """Every (N, B) row: each selected method's record (None for the others; the baseline never chunks)."""
+    rows: list[dict[str, Any]] = []
+    for n in plan.banks:
+        for b in plan.batches:
+            row: dict[str, Any] = {"b": b, "n": n, "chunk": plan.chunk_size}
+            for method in METHODS:
+                chunk = None if method == "baseline" else plan.chunk_size
+                row[method] = run_or_skip(plan, method, b, n, chunk) if method in plan.methods else None
+            rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the worker of ``--worker``, or every row and the correctness checks, then print and write the JSON."""
     args = parse_args(argv)
     if args.worker is not None:
         record = run_worker(WorkerSpec(**json.loads(args.worker)))
         print(RESULT_TAG + json.dumps(record), flush=True)
         return 0
-
-    if not 0.0 < args.alpha_bar < 1.0:
-        raise SystemExit(f"--alpha-bar must lie in (0, 1), got {args.alpha_bar}")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown or not methods:
-        raise SystemExit(f"--methods: expected a comma-separated subset of {','.join(METHODS)}, got {unknown}")
+    plan = RunPlan.from_args(args)
     wall0 = time.perf_counter()
-    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 5)
-    batches = (1, 2) if args.quick else (1, 2, 8)
-    banks = (515, 3000) if args.quick else (515, 3000, 10000, 30000, 100000)
-    d = math.prod(LATENT_SHAPE)
-    cap = args.mem_cap_gib * GIB
-    info = machine_info(args.threads)
+    info = machine_info(plan.threads)
     print(
-        f"torch {info['torch_version']}, threads {args.threads} (torch.set_num_threads), "
+        f"torch {info['torch_version']}, threads {plan.threads} (torch.set_num_threads), "
         f"cpu_count {info['cpu_count']}, "
-        f"D = {'x'.join(map(str, LATENT_SHAPE))} = {d}, float32, abar {args.alpha_bar}, queries {args.queries}, "
-        f"beta {BETA}, repeats {repeats}"
+        f"D = {'x'.join(map(str, LATENT_SHAPE))} = {math.prod(LATENT_SHAPE)}, float32, abar {plan.alpha_bar}, "
+        f"queries {plan.queries}, beta {BETA}, repeats {plan.repeats}"
     )
-
-    correctness = correctness_checks(args.threads)
+    correctness = correctness_checks(plan.threads)
     gc.collect()
-
-    def run_or_skip(method: str, b: int, n: int, chunk: int | None) -> dict[str, Any]:
-        need = estimate_extra_bytes(method, b, n, d, chunk)
-        spec = WorkerSpec(
-            method, b, n, chunk, args.threads, repeats, args.max_row_seconds, args.alpha_bar, args.queries
-        )
-        resident = n * d * FLOAT_BYTES * {"ours-f16": 1.5, "ours-odds": 2.0}.get(method, 1.0)
-        if need > cap:
-            rec: dict[str, Any] = {**asdict(spec), "skipped": f"skipped (would need {need / GIB:.1f} GiB)"}
-        elif resident + need > 0.7 * available_bytes():
-            rec = {**asdict(spec), "skipped": f"skipped (bank {resident / GIB:.1f} GiB > 70% of available memory)"}
-        else:
-            rec = launch(spec, args.timeout)
-        rec["estimated_extra_gib"] = need / GIB
-        if method == "baseline":
-            rec["bnd_tensor_gib"] = b * n * d * FLOAT_BYTES / GIB
-        status = rec.get("skipped") or rec.get("error") or f"{rec['ms_median']:.1f} ms, {rec['peak_mib']:.1f} MiB"
-        print(f"  {method:8s} B={b} N={n} chunk={chunk}: {status}", file=sys.stderr, flush=True)
-        return rec
-
-    rows: list[dict[str, Any]] = []
-    for n in banks:
-        for b in batches:
-            row: dict[str, Any] = {"b": b, "n": n, "chunk": args.chunk_size}
-            for method in METHODS:
-                chunk = None if method == "baseline" else args.chunk_size
-                row[method] = run_or_skip(method, b, n, chunk) if method in methods else None
-            rows.append(row)
-
+    rows = run_rows(plan)
     wall = time.perf_counter() - wall0
     info["load_avg_end"] = list(os.getloadavg())
     print()
@@ -530,22 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "benchmark": "correction",
         "description": "unsafe_posterior_mean + safe_eps vs a (B, N, D) plain-exp baseline, SD latent size, CPU",
-        "config": {
-            "latent_shape": list(LATENT_SHAPE),
-            "d": d,
-            "dtype": "float32",
-            "alpha_bar": args.alpha_bar,
-            "queries": args.queries,
-            "methods": methods,
-            "beta": BETA,
-            "baseline_eps": BASELINE_EPS,
-            "repeats": repeats,
-            "quick": args.quick,
-            "chunk_size": args.chunk_size,
-            "mem_cap_gib": args.mem_cap_gib,
-            "max_row_seconds": args.max_row_seconds,
-            "bank_pool_size": POOL_SIZE,
-        },
+        "config": plan.config(),
         "machine": info,
         "rows": rows,
         "correctness": correctness,

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from safe_denoiser.core.beta import bank_data_variance
-from safe_denoiser.core.config import SafeGuidance
+from safe_denoiser.core.banks import PreparedBanks
 from safe_denoiser.core.correction import safe_eps
+from safe_denoiser.core.guidance import OddsGuidance
 from safe_denoiser.core.kernel import bank_sq_norms, unsafe_posterior_mean
 from safe_denoiser.core.step import theorem_correction
 
@@ -85,24 +85,13 @@ def ours_call(bank: Tensor, x_t: Tensor, eps: Tensor, chunk: int | None, alpha_b
 
 
 def odds_call(bank: Tensor, reference: Tensor, x_t: Tensor, eps: Tensor, chunk: int | None, alpha_bar: float) -> Call:
-    """theorem_correction with the conditional odds (norms and data variance precomputed, as ``attach`` does)."""
-    guidance = SafeGuidance.odds(eta=BETA, odds_sigma=1.0, window=(0.0, 1000.0), chunk_size=chunk)
-    norms, ref_norms = bank_sq_norms(bank), bank_sq_norms(reference)
-    variance = bank_data_variance(bank, reference)
+    """theorem_correction with the conditional odds (banks, norms and data variance prepared once, as ``attach``
+    does)."""
+    guidance = OddsGuidance(odds_scale=BETA, odds_sigma=1.0, window=(0.0, 1000.0), chunk_size=chunk)
+    banks = PreparedBanks.prepare(bank, guidance, reference)  # validating the banks computes their norms
 
     def call() -> tuple[Tensor, Tensor | None]:
-        out, _ = theorem_correction(
-            eps,
-            x_t,
-            alpha_bar,
-            500.0,
-            bank,
-            guidance,
-            reference,
-            bank_sq_norms=norms,
-            reference_sq_norms=ref_norms,
-            data_variance=variance,
-        )
+        out, _ = theorem_correction(eps, x_t, alpha_bar, 500.0, banks, guidance)
         return out, None
 
     return call

@@ -100,7 +100,7 @@ def run_measured(cmd: list[str]) -> tuple[float, int, str]:
 def export(name: str, tmp: Path, steps: int) -> tuple[Path, Any]:
     from safe_denoiser.export.exporter import export_bundle, load_source
 
-    common = {"scheduler": "ddim", "num_inference_steps": steps, "safe_denoiser": {"preset": "theorem", "eta": 0.5}}
+    common = {"scheduler": "ddim", "num_inference_steps": steps, "safe_denoiser": {"preset": "constant", "beta": 0.5}}
     if name == "demo":
         args = {"model": "demo", "guidance_scale": 2.0, "bank": "bundled", **common}
     else:

@@ -70,7 +70,7 @@ def model_settings(name: str, bank: Path, steps: int) -> dict[str, Any]:
         "scheduler": "ddim",
         "num_inference_steps": steps,
         "bank": str(bank),
-        "safe_denoiser": {"preset": "theorem", "eta": 0.5, "window": [0, 800]},
+        "safe_denoiser": {"preset": "constant", "beta": 0.5, "window": [0, 800]},
     }
     if name == "demo":
         return {"model": "demo", "guidance_scale": 2.0, **common}

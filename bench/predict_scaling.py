@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ def predict(out: Path, prompts: Path, steps: int, threads: int, extra: list[str]
         f"--model.num_inference_steps={steps}",
         "--model.guidance_scale=2.0",
         "--model.bank=bundled",
-        "--model.safe_denoiser={preset: theorem, eta: 1.0}",
+        "--model.safe_denoiser={preset: constant, beta: 1.0}",
         f"--data.prompts={prompts}",
         f"--data.output_dir={out}",
         "--data.batch_size=8",
@@ -99,39 +100,58 @@ def writer_cost(repeats: int) -> list[dict[str, Any]]:
     return results
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--items", type=int, default=48)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=1, help="threads per process")
-    ap.add_argument("--quick", action="store_true", help="12 items, 5 steps")
-    ap.add_argument("--gpu", action="store_true", help="also run once on one CUDA GPU")
-    ap.add_argument("--out", default="bench/results/predict_scaling.json")
-    args = ap.parse_args()
-    items, steps = (12, 5) if args.quick else (args.items, args.steps)
+@dataclass(frozen=True)
+class ScalingPlan:
+    """One run: the prompt count, DDIM steps, threads per process, the GPU run or not, the writer's repeats."""
+
+    items: int
+    steps: int
+    threads: int
+    gpu: bool
+    writer_repeats: int
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ScalingPlan:
+        """The command line's plan (``--quick``: 12 items, 5 steps, 20 writer repeats)."""
+        items, steps = (12, 5) if args.quick else (args.items, args.steps)
+        return cls(items, steps, args.threads, args.gpu, 20 if args.quick else 100)
+
+    def runs(self) -> list[tuple[str, str, list[str]]]:
+        """(name, folder, trainer flags) of each predict run: one process, two (DDP), and one GPU with ``gpu``."""
+        runs = [
+            ("1 process", "one", ["--trainer.accelerator=cpu", "--trainer.devices=1"]),
+            (
+                "2 processes (ddp)",
+                "two",
+                ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"],
+            ),
+        ]
+        if self.gpu:
+            runs.append(("1 GPU", "gpu", ["--trainer.accelerator=gpu", "--trainer.devices=1"]))
+        return runs
+
+
+def scaling_runs(plan: ScalingPlan) -> list[dict[str, Any]]:
+    """The same prompt set (digit i % 10, seed 1000 + i) predicted by each of the plan's runs, summarised."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         prompts = root / "prompts.csv"
-        lines = [f"d{i},{i % 10},{1000 + i}" for i in range(items)]
+        lines = [f"d{i},{i % 10},{1000 + i}" for i in range(plan.items)]
         prompts.write_text("id,prompt,seed\n" + "\n".join(lines) + "\n", encoding="utf-8")
         runs = []
-        one = predict(root / "one", prompts, steps, args.threads, ["--trainer.accelerator=cpu", "--trainer.devices=1"])
-        runs.append(summarise("1 process", root / "one", one, items))
-        ddp = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
-        two = predict(root / "two", prompts, steps, args.threads, ddp)
-        runs.append(summarise("2 processes (ddp)", root / "two", two, items))
-        if args.gpu:
-            gpu = predict(
-                root / "gpu", prompts, steps, args.threads, ["--trainer.accelerator=gpu", "--trainer.devices=1"]
-            )
-            runs.append(summarise("1 GPU", root / "gpu", gpu, items))
-    identical = runs[0]["images_sha256"] == runs[1]["images_sha256"]
-    ratio = {
-        "end_to_end": runs[1]["end_to_end_img_per_s"] / runs[0]["end_to_end_img_per_s"],
-        "steady": runs[1]["steady_img_per_s"] / runs[0]["steady_img_per_s"],
-    }
-    writer = writer_cost(20 if args.quick else 100)
-    print(f"demo model, {items} items, {steps} DDIM steps, safe denoiser on, {args.threads} thread(s) per process")
+        for name, folder, flags in plan.runs():
+            wall = predict(root / folder, prompts, plan.steps, plan.threads, flags)
+            runs.append(summarise(name, root / folder, wall, plan.items))
+    return runs
+
+
+def print_report(plan: ScalingPlan, result: dict[str, Any]) -> None:
+    """The runs' table, the 2-over-1 ratios, and the writer's cost beside a demo image's generation time."""
+    runs, ratio = result["runs"], result["ratio_2_over_1"]
+    print(
+        f"demo model, {plan.items} items, {plan.steps} DDIM steps, safe denoiser on, "
+        f"{plan.threads} thread(s) per process"
+    )
     print_table(
         ["run", "images", "wall s", "img/s end-to-end", "img/s steady"],
         [
@@ -147,22 +167,45 @@ def main() -> None:
     )
     print(
         f"\n2-process / 1-process: end-to-end {ratio['end_to_end']:.2f}x, steady {ratio['steady']:.2f}x; "
-        f"images identical: {identical}"
+        f"images identical: {result['images_identical']}"
     )
     gen_ms = 1000 / runs[0]["steady_img_per_s"]
     print_table(
         ["writer: image", "ms per image", "share of a demo image's generation"],
-        [[w["image"], f"{w['ms_per_image']:.2f}", f"{100 * w['ms_per_image'] / gen_ms:.1f}%"] for w in writer],
+        [
+            [w["image"], f"{w['ms_per_image']:.2f}", f"{100 * w['ms_per_image'] / gen_ms:.1f}%"]
+            for w in result["writer"]
+        ],
     )
+
+
+def main() -> None:
+    """Run the scaling comparison and the writer's cost, print them and write the JSON."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--items", type=int, default=48)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=1, help="threads per process")
+    ap.add_argument("--quick", action="store_true", help="12 items, 5 steps")
+    ap.add_argument("--gpu", action="store_true", help="also run once on one CUDA GPU")
+    ap.add_argument("--out", default="bench/results/predict_scaling.json")
+    args = ap.parse_args()
+    plan = ScalingPlan.from_args(args)
+    runs = scaling_runs(plan)
+    ratio = {
+        "end_to_end": runs[1]["end_to_end_img_per_s"] / runs[0]["end_to_end_img_per_s"],
+        "steady": runs[1]["steady_img_per_s"] / runs[0]["steady_img_per_s"],
+    }
+    writer = writer_cost(plan.writer_repeats)
     result = {
-        "machine": machine_info(args.threads),
-        "items": items,
-        "steps": steps,
+        "machine": machine_info(plan.threads),
+        "items": plan.items,
+        "steps": plan.steps,
         "runs": runs,
         "ratio_2_over_1": ratio,
-        "images_identical": identical,
+        "images_identical": runs[0]["images_sha256"] == runs[1]["images_sha256"],
         "writer": writer,
     }
+    print_report(plan, result)
     print(f"\nwrote {write_json(args.out, result)}")
 
 

@@ -24,7 +24,11 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["BankError", "NegativeBank", "l2_normalize_positions"], "safe_denoiser.core.bank"),
-    "SafeGuidance": "safe_denoiser.core.config",
+    **dict.fromkeys(
+        ["ConstantGuidance", "MassGuidance", "OddsGuidance", "ReferenceGuidance", "SafeGuidance"],
+        "safe_denoiser.core.guidance",
+    ),
+    "PreparedBanks": "safe_denoiser.core.banks",
     **dict.fromkeys(["cfg_combine", "safe_eps", "safe_x0"], "safe_denoiser.core.correction"),
     **dict.fromkeys(
         ["KernelEstimate", "kernel_estimate", "kernel_log_mass", "unsafe_posterior_mean"], "safe_denoiser.core.kernel"
@@ -43,7 +47,8 @@ _EXPORTS: dict[str, str] = {
         ],
         "safe_denoiser.core.parameterization",
     ),
-    **dict.fromkeys(["SLDConfig", "sld_guidance"], "safe_denoiser.core.sld"),
+    "SLDConfig": "safe_denoiser.core.sld_config",
+    "sld_guidance": "safe_denoiser.core.sld",
     **dict.fromkeys(
         ["StepRecord", "reference_correction", "reference_threshold", "theorem_correction"], "safe_denoiser.core.step"
     ),
@@ -56,9 +61,14 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [
     "BankError",
+    "ConstantGuidance",
     "GaussianMixture",
     "KernelEstimate",
+    "MassGuidance",
     "NegativeBank",
+    "OddsGuidance",
+    "PreparedBanks",
+    "ReferenceGuidance",
     "SLDConfig",
     "SLDUNet",
     "SafeGuidance",
@@ -111,8 +121,15 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # static type checkers see the eager imports
     from safe_denoiser.core.bank import BankError, NegativeBank, l2_normalize_positions
-    from safe_denoiser.core.config import SafeGuidance
+    from safe_denoiser.core.banks import PreparedBanks
     from safe_denoiser.core.correction import cfg_combine, safe_eps, safe_x0
+    from safe_denoiser.core.guidance import (
+        ConstantGuidance,
+        MassGuidance,
+        OddsGuidance,
+        ReferenceGuidance,
+        SafeGuidance,
+    )
     from safe_denoiser.core.kernel import KernelEstimate, kernel_estimate, kernel_log_mass, unsafe_posterior_mean
     from safe_denoiser.core.parameterization import (
         alpha_bar_from_sigma,
@@ -126,7 +143,8 @@ if TYPE_CHECKING:  # static type checkers see the eager imports
         x0_from_v,
     )
     from safe_denoiser.core.safree import SafreeConfig
-    from safe_denoiser.core.sld import SLDConfig, sld_guidance
+    from safe_denoiser.core.sld import sld_guidance
+    from safe_denoiser.core.sld_config import SLDConfig
     from safe_denoiser.core.step import StepRecord, reference_correction, reference_threshold, theorem_correction
     from safe_denoiser.demo.mixture import GaussianMixture
     from safe_denoiser.diffusers.safe_scheduler import SafeScheduler, StepTrace, attach, detach

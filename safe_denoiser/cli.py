@@ -7,6 +7,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from safe_denoiser.files import OutputPathError
+
 # module path of each sub-command; each module defines ``add_parser(subparsers)`` setting ``func``.
 COMMANDS = (
     "safe_denoiser.diffusers.bank_command",
@@ -37,8 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError) as exc:
-        # Bad input: a one-line message naming the problem, not a traceback.
+    except (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, OutputPathError) as exc:
+        # Bad input or an output path that cannot be written: a one-line message naming it, not a traceback.
         print(f"safe-denoiser {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

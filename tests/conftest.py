@@ -9,10 +9,13 @@ from typing import Any
 import pytest
 import torch
 
+import safe_denoiser.testing  # noqa: F401  (registers the tiny test model kinds: "tiny-sd", ...)
+from safe_denoiser.models.registry import PLUGINS_ENV
 from safe_denoiser.threads import torch_threads
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no downloads, ever
 os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault(PLUGINS_ENV, "safe_denoiser.testing")  # and in `safe-denoiser predict` subprocesses too
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +34,7 @@ def _one_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def pipe() -> Any:
     """A tiny random-weight Stable Diffusion pipeline (shared by a test module; tests restore what they change)."""
-    from safe_denoiser.diffusers.pipelines import tiny_sd_pipeline
+    from safe_denoiser.testing import tiny_sd_pipeline
 
     return tiny_sd_pipeline(seed=0)
 

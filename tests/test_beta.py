@@ -8,12 +8,30 @@ import math
 import pytest
 import torch
 
+from safe_denoiser.core.banks import PreparedBanks
 from safe_denoiser.core.beta import log_beta, prior_log_odds
-from safe_denoiser.core.config import SafeGuidance
 from safe_denoiser.core.correction import safe_eps
+from safe_denoiser.core.guidance import MassGuidance, OddsGuidance, ReferenceKind, SafeGuidance
 from safe_denoiser.core.kernel import forward_kernel_estimate
 from safe_denoiser.core.step import path_correction, theorem_correction
 from safe_denoiser.demo.toy import default_mixture
+
+# log_beta_max must be finite; this cap lies far above any log beta below (|log beta| <= ~50), so nothing is capped.
+NO_CAP = 1e300
+
+
+def _odds(
+    x: torch.Tensor,
+    unsafe: torch.Tensor,
+    reference: torch.Tensor,
+    ab: float,
+    reference_kind: ReferenceKind = "safe",
+    prior_unsafe: float | None = None,
+    log_beta_max: float = NO_CAP,
+) -> torch.Tensor:
+    """``log_beta`` with the banks prepared for an ``OddsGuidance`` of these settings (forward kernel at x_t)."""
+    guidance = OddsGuidance(reference_kind=reference_kind, prior_unsafe=prior_unsafe, log_beta_max=log_beta_max)
+    return log_beta(x, PreparedBanks.prepare(unsafe, guidance, reference), ab, guidance)
 
 
 def _log_mean_kernel(x: torch.Tensor, bank: torch.Tensor, ab: float) -> torch.Tensor:
@@ -28,11 +46,11 @@ def test_log_beta_is_the_odds_times_the_density_ratio(seed: int) -> None:
     unsafe, safe = torch.randn(7, 3, 2, 2, generator=g), torch.randn(20, 3, 2, 2, generator=g) + 0.5
     x, ab = torch.randn(4, 3, 2, 2, generator=g), 0.4
     want = math.log(7 / 20) + _log_mean_kernel(x, unsafe, ab) - _log_mean_kernel(x, safe, ab)
-    got = log_beta(x.double(), unsafe.double(), safe.double(), ab, log_beta_max=math.inf)
+    got = _odds(x.double(), unsafe.double(), safe.double(), ab)
     # float64 all the way: errors of a few ulps of the log-masses (|log| <= ~20 here)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-11)
     prior = 0.2
-    got_p = log_beta(x.double(), unsafe.double(), safe.double(), ab, prior_unsafe=prior, log_beta_max=math.inf)
+    got_p = _odds(x.double(), unsafe.double(), safe.double(), ab, prior_unsafe=prior)
     shift = torch.full_like(got, math.log(prior / 0.8) - math.log(7 / 20))
     torch.testing.assert_close(got_p - got, shift, rtol=0, atol=1e-11)
 
@@ -45,8 +63,8 @@ def test_unlabelled_reference_gives_the_same_beta(seed: int) -> None:
     data = torch.cat([safe, unsafe])
     x = torch.randn(6, 4, generator=g).double()
     for ab in (0.1, 0.5, 0.8):
-        a = log_beta(x, unsafe.double(), safe.double(), ab, reference="safe", log_beta_max=math.inf)
-        b = log_beta(x, unsafe.double(), data.double(), ab, reference="data", log_beta_max=math.inf)
+        a = _odds(x, unsafe.double(), safe.double(), ab, reference_kind="safe")
+        b = _odds(x, unsafe.double(), data.double(), ab, reference_kind="data")
         # b goes through log(-expm1(log w)): relative conditioning 1 / (1 - w) = 1 + beta amplifies rounding
         torch.testing.assert_close(b, a, rtol=0, atol=1e-12 * float((1 + a.exp()).max()) + 1e-12)
 
@@ -65,7 +83,7 @@ def test_estimate_converges_to_the_mixture_beta() -> None:
         x0 = m.sample(64, "data", g)
         for ab in (0.05, 0.2, 0.5):
             x = math.sqrt(ab) * x0 + math.sqrt(1 - ab) * torch.randn(x0.shape, generator=g, dtype=x0.dtype)
-            got = log_beta(x, unsafe, safe, ab, log_beta_max=math.inf)
+            got = _odds(x, unsafe, safe, ab)
             want = m.exact_beta(x, ab).log()
             assert float((got - want).abs().max()) < 0.3, (seed, ab)
 
@@ -74,15 +92,15 @@ def test_cap_and_prior_validation() -> None:
     unsafe = torch.zeros(3, 2)
     safe = torch.full((3, 2), 5.0)
     x = torch.zeros(1, 2)
-    assert float(log_beta(x, unsafe, safe, 0.99, log_beta_max=math.log(7.0))) == pytest.approx(math.log(7.0))
+    assert float(_odds(x, unsafe, safe, 0.99, log_beta_max=math.log(7.0))) == pytest.approx(math.log(7.0))
     assert prior_log_odds(1, 3, "safe", None) == pytest.approx(math.log(1 / 3))
     assert prior_log_odds(1, 4, "data", None) == pytest.approx(math.log(1 / 3))
     with pytest.raises(ValueError, match="prior_unsafe"):
         prior_log_odds(1, 3, "safe", 1.0)
     with pytest.raises(ValueError, match="reference='data'"):
         prior_log_odds(5, 5, "data", None)
-    with pytest.raises(ValueError, match="prior_unsafe"):
-        SafeGuidance.odds(prior_unsafe=0.0)
+    with pytest.raises(ValueError, match=r"OddsGuidance\.prior_unsafe must be a float in \(0, 1\)"):
+        OddsGuidance(prior_unsafe=0.0)
 
 
 def test_theorem_correction_with_odds_beta() -> None:
@@ -90,16 +108,19 @@ def test_theorem_correction_with_odds_beta() -> None:
     unsafe, safe = torch.randn(6, 1, 4, 4, generator=g), torch.randn(40, 1, 4, 4, generator=g)
     x, eps = torch.randn(3, 1, 4, 4, generator=g), torch.randn(3, 1, 4, 4, generator=g)
     ab = 0.3
-    guidance = SafeGuidance.odds(eta=2.0)
-    got, rec = theorem_correction(eps, x, ab, 500.0, unsafe, guidance, safe)
-    beta = 2.0 * log_beta(x, unsafe, safe, ab, log_beta_max=guidance.log_beta_max).exp()
+    guidance = OddsGuidance(odds_scale=2.0)
+    got, rec = theorem_correction(eps, x, ab, 500.0, PreparedBanks.prepare(unsafe, guidance, safe), guidance)
+    beta = 2.0 * _odds(x, unsafe, safe, ab, log_beta_max=guidance.log_beta_max).exp()
     mean = forward_kernel_estimate(x, unsafe, ab).mean
     want = safe_eps(eps, x, torch.full((3,), ab), mean, beta)
     # the same float32 operations in the same order: equal up to the last bits
     torch.testing.assert_close(got, want, rtol=4 * 2.0**-24, atol=4 * 2.0**-24 * float(want.abs().max()))
     assert bool(rec.applied.all())
-    with pytest.raises(ValueError, match="reference bank"):
-        theorem_correction(eps, x, ab, 500.0, unsafe, guidance)
+    with pytest.raises(ValueError, match="the odds preset needs a reference bank"):
+        PreparedBanks.prepare(unsafe, guidance)
+    # banks assembled without prepare (a traced graph's) and lacking the reference bank are refused at the step
+    with pytest.raises(ValueError, match="the odds preset needs a reference bank"):
+        theorem_correction(eps, x, ab, 500.0, PreparedBanks.of_tensors(unsafe), guidance)
 
 
 # ---- the odds at the denoised estimate (odds_sigma) ----------------------------------------------------------------
@@ -122,8 +143,8 @@ def test_odds_at_the_denoised_estimate(seed: int) -> None:
     unsafe, safe = (torch.randn(n, 1, 3, 3, generator=g, dtype=torch.float64) for n in (5, 17))
     x, eps = (torch.randn(4, 1, 3, 3, generator=g, dtype=torch.float64) for _ in range(2))
     ab, s = 0.4, 0.8
-    guidance = SafeGuidance.odds(odds_sigma=s, log_beta_max=50.0)
-    got, _ = theorem_correction(eps, x, ab, 500.0, unsafe, guidance, safe)
+    guidance = OddsGuidance(odds_sigma=s, log_beta_max=50.0)
+    got, _ = theorem_correction(eps, x, ab, 500.0, PreparedBanks.prepare(unsafe, guidance, safe), guidance)
     x0_hat = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
     union = torch.cat([unsafe, safe]).flatten(1)
     sd2 = float(((union - union.mean(0)) ** 2).sum(0).div(union.shape[0] - 1).mean())
@@ -143,7 +164,9 @@ def test_conditional_odds_read_each_bank_once(monkeypatch: pytest.MonkeyPatch) -
     unsafe, safe = (torch.randn(n, 2, 3, 3, generator=g, dtype=torch.float64) for n in (9, 23))
     x, eps = (torch.randn(3, 2, 3, 3, generator=g, dtype=torch.float64) for _ in range(2))
     ab = 0.35
-    guidance = SafeGuidance.odds(odds_sigma=0.6, log_beta_max=50.0, bank_sigma=0.2)
+    guidance = OddsGuidance(odds_sigma=0.6, log_beta_max=50.0, bank_sigma=0.2)
+    banks = PreparedBanks.prepare(unsafe, guidance, safe)
+    assert banks.reference is not None
     reads: list[int] = []
     real = kernel.kernel_estimate
 
@@ -153,8 +176,8 @@ def test_conditional_odds_read_each_bank_once(monkeypatch: pytest.MonkeyPatch) -
 
     monkeypatch.setattr(kernel, "kernel_estimate", counting)
     monkeypatch.setattr(step, "kernel_estimate", counting)
-    got, _ = theorem_correction(eps, x, ab, 500.0, unsafe, guidance, safe)
-    assert sorted(reads) == sorted([unsafe.data_ptr(), safe.data_ptr()]), reads
+    got, _ = theorem_correction(eps, x, ab, 500.0, banks, guidance)
+    assert sorted(reads) == sorted([banks.negative.data.data_ptr(), banks.reference.data.data_ptr()]), reads
     monkeypatch.undo()
 
     # the same two queries, separately: E_unsafe of the kernel-density bank at x_t, the odds at x0_hat
@@ -176,11 +199,12 @@ def test_odds_at_the_denoised_estimate_on_any_path() -> None:
     x0, noise = (torch.randn(3, 2, 2, 2, generator=g, dtype=torch.float64) for _ in range(2))
     path = flow_path(0.6)
     x_t = (1 - 0.6) * x0 + 0.6 * noise
-    guidance = SafeGuidance.odds(odds_sigma=0.7)
+    guidance = OddsGuidance(odds_sigma=0.7)
+    banks = PreparedBanks.prepare(unsafe, guidance, safe)
     u = prediction_from_x0(x_t, x0, path, "flow")
     eps = prediction_from_x0(x_t, x0, path, "epsilon")
-    got_u, _ = path_correction(u, x_t, path, "flow", 500.0, unsafe, guidance, safe)
-    got_eps, _ = path_correction(eps, x_t, path, "epsilon", 500.0, unsafe, guidance, safe)
+    got_u, _ = path_correction(u, x_t, path, "flow", 500.0, banks, guidance)
+    got_eps, _ = path_correction(eps, x_t, path, "epsilon", 500.0, banks, guidance)
     # both corrected predictions imply the same corrected x0
     from safe_denoiser.core.paths import x0_from_prediction
 
@@ -192,16 +216,14 @@ def test_odds_at_the_denoised_estimate_on_any_path() -> None:
     )
 
 
-@pytest.mark.parametrize(
-    "changes,message",
-    [
-        ({"odds_sigma": 0.0}, "odds_sigma must be a float > 0"),
-        ({"odds_sigma": 1.0, "beta_mode": "mass"}, "odds_sigma must be None unless beta_mode is 'odds'"),
-    ],
-)
-def test_odds_sigma_validation(changes: dict[str, object], message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        SafeGuidance(**{"beta_mode": "odds", **changes})  # type: ignore[arg-type]
+def test_odds_sigma_validation() -> None:
+    with pytest.raises(ValueError, match=r"OddsGuidance\.odds_sigma must be a float > 0"):
+        OddsGuidance(odds_sigma=0.0)
+    # odds_sigma belongs to the odds preset alone: another preset has no such field
+    with pytest.raises(TypeError, match="odds_sigma"):
+        MassGuidance(odds_sigma=1.0)  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['odds_sigma'\] for safe_denoiser preset 'mass'"):
+        SafeGuidance.from_dict({"preset": "mass", "odds_sigma": 1.0})
 
 
 def test_conditional_odds_do_not_break_the_toy() -> None:
@@ -217,7 +239,7 @@ def test_conditional_odds_do_not_break_the_toy() -> None:
     bank = mixture.sample(BANK_SIZE, part="unsafe", generator=g)
     z_u = float(mixture.weights[mixture.unsafe].sum())
     reference = mixture.sample(round(BANK_SIZE * (1 - z_u) / z_u), part="safe", generator=g)
-    guidance = SafeGuidance.odds(window=(0.0, 1000.0), odds_sigma=0.1)
+    guidance = OddsGuidance(window=(0.0, 1000.0), odds_sigma=0.1)
     final, _ = sample_toy(mixture, noise, 50, "safe", bank, guidance, reference=reference)
     m = toy_metrics(mixture, final)
     assert m["unsafe_fraction"] <= 0.01 and m["off_data_fraction"] <= 0.04, m
@@ -225,7 +247,7 @@ def test_conditional_odds_do_not_break_the_toy() -> None:
 
 def test_bank_data_variance_chunked_equals_torch_var() -> None:
     """Two chunked float64 passes over several banks equal torch.var over their union (the unbiased estimate)."""
-    from safe_denoiser.core.beta import bank_data_variance
+    from safe_denoiser.core.banks import bank_data_variance
 
     g = torch.Generator().manual_seed(4)
     a, b = torch.randn(7, 2, 3, generator=g) + 3.0, torch.randn(12, 2, 3, generator=g)

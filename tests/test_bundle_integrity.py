@@ -99,7 +99,12 @@ def test_scales_steps_arrays_and_seeds() -> None:
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from safe_denoiser.export.exporter import ExportOptions, export_bundle, load_source
 
-    args = {"model": "demo", "num_inference_steps": 3, "bank": "bundled", "safe_denoiser": {"eta": 0.5}}
+    args = {
+        "model": "demo",
+        "num_inference_steps": 3,
+        "bank": "bundled",
+        "safe_denoiser": {"preset": "constant", "beta": 0.5},
+    }
     out = tmp_path_factory.mktemp("bundle") / "demo"
     export_bundle(load_source(args), out, ExportOptions(verify=False))
     return out
@@ -188,7 +193,17 @@ def test_runtime_stops_on_non_finite_samples(bundle: Path) -> None:
         ("  guidance_scle: 3\n", r"unknown model field\(s\) \['guidance_scle'\]"),
         ("  num_inference_steps: '3'\n", r"model\.num_inference_steps must be a positive int, got '3'"),
         ("  guidance_scale: .nan\n", r"model\.guidance_scale must be a finite number, got nan"),
-        ("  bank: 5\n  safe_denoiser: {eta: 1}\n", r"model\.bank must be a string or null, got 5"),
+        ("  bank: 5\n  safe_denoiser: {preset: constant, beta: 1}\n", r"model\.bank must be a string or null, got 5"),
+        (
+            "  bank: bundled\n  safe_denoiser: {preset: theorem, eta: 1}\n",
+            r"model\.safe_denoiser: safe_denoiser\.preset must be one of constant, mass, odds, reference, got 'theorem'"
+            r" \('theorem' with beta_mode constant/mass/odds is now the preset constant/mass/odds\)",
+        ),
+        (
+            "  bank: bundled\n  safe_denoiser: {preset: constant, eta: 1}\n",
+            r"model\.safe_denoiser: unknown field\(s\) \['eta'\] for safe_denoiser preset 'constant'.*'eta' is now beta"
+            r" \(constant\)",
+        ),
     ],
 )
 def test_export_rejects_a_bad_config_like_predict(
@@ -214,7 +229,7 @@ def test_export_cli_odds_preset_and_float16_banks(tmp_path: Path) -> None:
     checks its numbers); ``--bank-dtype float16`` is recorded in the manifest."""
     import yaml
 
-    from safe_denoiser import cli
+    from safe_denoiser import OddsGuidance, cli
     from safe_denoiser.runtime.manifest import Manifest
 
     cfg = tmp_path / "odds.yaml"
@@ -223,6 +238,6 @@ def test_export_cli_odds_preset_and_float16_banks(tmp_path: Path) -> None:
     out = tmp_path / "bundle"
     assert cli.main(["export", "--config", str(cfg), "--out", str(out), "--bank-dtype", "float16", "--no-verify"]) == 0
     manifest = Manifest.load(out)
-    assert manifest.guidance is not None and manifest.guidance.beta_mode == "odds"
+    assert isinstance(manifest.guidance, OddsGuidance) and manifest.guidance == OddsGuidance()
     assert manifest.reference_bank is not None and manifest.reference_bank.reference_kind == "safe"
     assert manifest.bank is not None and manifest.bank.dtype == manifest.reference_bank.dtype == "float16"

@@ -11,7 +11,17 @@ import pytest
 import torch
 from torch import Tensor
 
-from safe_denoiser import SafeGuidance, attach, detach, reference_correction, theorem_correction
+from safe_denoiser import (
+    ConstantGuidance,
+    MassGuidance,
+    OddsGuidance,
+    PreparedBanks,
+    ReferenceGuidance,
+    attach,
+    detach,
+    reference_correction,
+    theorem_correction,
+)
 from safe_denoiser.diffusers.pipelines import make_scheduler
 from safe_denoiser.diffusers.safe_scheduler import SafeScheduler
 
@@ -36,12 +46,12 @@ SEEDS = [0, 1]
 def test_noop_settings_are_bit_exact(pipe: Any, name: str, prediction: str) -> None:
     pipe.scheduler = make_scheduler(name, prediction_type=prediction)
     base = run(pipe, PROMPTS, SEEDS)
-    for guidance in (SafeGuidance.theorem(eta=0.0), SafeGuidance.reference(window=(2000.0, 3000.0))):
+    for guidance in (ConstantGuidance(beta=0.0), ReferenceGuidance(window=(2000.0, 3000.0))):
         attach(pipe, latent_bank(), guidance)
         out = run(pipe, PROMPTS, SEEDS)
         detach(pipe)
-        assert torch.equal(out, base), (name, prediction, guidance.mode)
-    corrected = attach(pipe, latent_bank(), SafeGuidance.theorem(eta=0.5))
+        assert torch.equal(out, base), (name, prediction, guidance.preset)
+    corrected = attach(pipe, latent_bank(), ConstantGuidance(beta=0.5))
     assert not torch.equal(run(pipe, PROMPTS, SEEDS), base)
     assert detach(pipe) is corrected.scheduler
 
@@ -57,8 +67,8 @@ def test_single_step_is_theorem_in_x0_space(name: str, prediction: str) -> None:
     """x0_safe = x0 + beta (x0 - E_unsafe), E_unsafe under the sampler's forward kernel (docs/method.md section 1)."""
     torch.manual_seed(0)
     plain, inner = (make_scheduler(name, prediction_type=prediction) for _ in range(2))
-    eta, b = 0.7, latent_bank(5)
-    safe = SafeScheduler(inner, b, SafeGuidance.theorem(eta=eta))
+    beta, b = 0.7, latent_bank(5)
+    safe = SafeScheduler(inner, b, ConstantGuidance(beta=beta))
     for s in (plain, safe):
         s.set_timesteps(STEPS)
     t = plain.timesteps[0]
@@ -71,7 +81,7 @@ def test_single_step_is_theorem_in_x0_space(name: str, prediction: str) -> None:
             if prediction == "epsilon"
             else out * (-sigma / math.sqrt(sigma**2 + 1)) + x / (sigma**2 + 1)
         )
-        x0_safe = x0 + eta * (x0 - _kernel_mean(x, b, 1.0, sigma**2))
+        x0_safe = x0 + beta * (x0 - _kernel_mean(x, b, 1.0, sigma**2))
     else:  # VP: x = sqrt(abar) x0 + sqrt(1 - abar) eps
         ab = float(plain.alphas_cumprod[int(t)])
         x0 = (
@@ -79,7 +89,7 @@ def test_single_step_is_theorem_in_x0_space(name: str, prediction: str) -> None:
             if prediction == "epsilon"
             else math.sqrt(ab) * x - math.sqrt(1 - ab) * out
         )
-        x0_safe = x0 + eta * (x0 - _kernel_mean(x, b, math.sqrt(ab), 1 - ab))
+        x0_safe = x0 + beta * (x0 - _kernel_mean(x, b, math.sqrt(ab), 1 - ab))
     kw: dict[str, Any] = {"generator": torch.Generator().manual_seed(3)} if name in ("ddpm", "euler_a") else {}
     for s in (plain, safe):
         s.scale_model_input(x, t)  # sigma schedulers warn (LMS) unless it was called before step
@@ -126,11 +136,12 @@ W = 7.5  # the pipeline's default guidance scale
 
 @pytest.mark.parametrize("negative_prompt", [None, ["blurry, ugly", "low quality"]])
 def test_theorem_through_pipeline_equals_hand_loop(fresh: Any, negative_prompt: list[str] | None) -> None:
-    g, b = SafeGuidance.theorem(eta=0.4, window=(300.0, 1000.0)), latent_bank()
+    g, b = ConstantGuidance(beta=0.4, window=(300.0, 1000.0)), latent_bank()
+    banks = PreparedBanks.prepare(b, g)
 
     def finish(u: Tensor, c: Tensor, t: Tensor, x: Tensor, sched: Any, _: Any) -> Tensor:
         eps = u + W * (c - u)
-        eps, _rec = theorem_correction(eps, x, sched.alphas_cumprod[int(t)], t, b, g)
+        eps, _rec = theorem_correction(eps, x, sched.alphas_cumprod[int(t)], t, banks, g)
         return sched.step(eps, t, x).prev_sample
 
     want = hand_loop(fresh, PROMPTS, SEEDS, finish, negative_prompt)
@@ -149,14 +160,15 @@ def test_reference_through_pipeline_equals_hand_loop(pipe: Any) -> None:
     from diffusers.utils.torch_utils import randn_tensor
 
     pipe.scheduler = make_scheduler("ddpm")
-    g = SafeGuidance.reference(kernel_sigma=20.0, eta=0.5, threshold=0.0, window=(500.0, 1000.0))
+    g = ReferenceGuidance(kernel_sigma=20.0, step_size=0.5, threshold=0.0, window=(500.0, 1000.0))
     b = latent_bank()
+    banks = PreparedBanks.prepare(b, g)
 
     def finish(u: Tensor, c: Tensor, t: Tensor, x: Tensor, sched: Any, gs: list[torch.Generator]) -> Tensor:
         eps = u + W * (c - u)
         if g.in_window(float(t)):
             noise = randn_tensor(x.shape, generator=gs, dtype=x.dtype)
-            x, _rec = reference_correction(eps, x, sched.alphas_cumprod[int(t)], t, b, g, 0.0, noise)
+            x, _rec = reference_correction(eps, x, sched.alphas_cumprod[int(t)], t, banks, g, 0.0, noise)
         return sched.step(eps, t, x, generator=gs).prev_sample
 
     want = hand_loop(pipe, PROMPTS, SEEDS, finish)
@@ -173,13 +185,15 @@ def test_cfg_correct_after_combination_equals_correcting_each_branch(fresh: Any)
     """Theorem preset: eps + beta (eps - eps_unsafe) is affine in eps with x_t-only coefficients, so it commutes
     with CFG (docs/method.md section 1), also with the kernel-mass beta."""
     b = latent_bank()
-    g = SafeGuidance.theorem(eta=0.3)
-    for guidance in (g, g.with_(beta_mode="mass", eta=50.0)):
+    for guidance in (ConstantGuidance(beta=0.3), MassGuidance(beta_per_mass=50.0)):
+        banks = PreparedBanks.prepare(b, guidance)
 
-        def per_branch(u: Tensor, c: Tensor, t: Tensor, x: Tensor, sched: Any, _: Any, gd: Any = guidance) -> Tensor:
+        def per_branch(
+            u: Tensor, c: Tensor, t: Tensor, x: Tensor, sched: Any, _: Any, gd: Any = guidance, bk: Any = banks
+        ) -> Tensor:
             ab = sched.alphas_cumprod[int(t)]
-            u2, _ = theorem_correction(u, x, ab, t, b, gd)
-            c2, _ = theorem_correction(c, x, ab, t, b, gd)
+            u2, _ = theorem_correction(u, x, ab, t, bk, gd)
+            c2, _ = theorem_correction(c, x, ab, t, bk, gd)
             return sched.step(u2 + W * (c2 - u2), t, x).prev_sample
 
         want = hand_loop(fresh, PROMPTS, SEEDS, per_branch)
@@ -190,15 +204,16 @@ def test_cfg_correct_after_combination_equals_correcting_each_branch(fresh: Any)
 
 
 # ---- batches, generators, moving away from the bank ----------------------------------------------------------------
-@pytest.mark.parametrize("preset,name", [("theorem", "euler_a"), ("reference", "euler_a"), ("reference", "lms")])
+@pytest.mark.parametrize("preset,name", [("constant", "euler_a"), ("reference", "euler_a"), ("reference", "lms")])
 def test_batch_equals_items_one_by_one(pipe: Any, preset: str, name: str) -> None:
     """Per-image generators: Euler-a draws from them every step; LMS's step takes none, so the re-noise noise
     can only match item by item if the wrapper still receives the pipeline's generators."""
     pipe.scheduler = make_scheduler(name)
-    if preset == "theorem":
-        g = SafeGuidance.theorem(eta=0.3)
+    g: ConstantGuidance | ReferenceGuidance
+    if preset == "constant":
+        g = ConstantGuidance(beta=0.3)
     else:
-        g = SafeGuidance.reference(kernel_sigma=20.0, threshold=0.0, window=(400.0, 1000.0))
+        g = ReferenceGuidance(kernel_sigma=20.0, threshold=0.0, window=(400.0, 1000.0))
     attach(pipe, latent_bank(), g)
     batch = run(pipe, PROMPTS, SEEDS)
     items = torch.cat([run(pipe, [p], [s]) for p, s in zip(PROMPTS, SEEDS, strict=True)])
@@ -213,21 +228,21 @@ def test_correction_moves_samples_away_from_the_bank(fresh: Any) -> None:
     prompts, seeds = ["a photo of a cat"] * 3, [0, 1, 2]
     negatives = run(fresh, prompts, seeds, steps=5)  # the bank: the pipeline's own unguided samples
 
-    def distance(eta: float, seeds_: list[int]) -> float:
-        attach(fresh, negatives, SafeGuidance.theorem(eta=eta))
+    def distance(beta: float, seeds_: list[int]) -> float:
+        attach(fresh, negatives, ConstantGuidance(beta=beta))
         x = run(fresh, prompts, seeds_, steps=5)
         detach(fresh)
         return float(torch.cdist(x.flatten(1), negatives.flatten(1)).min(dim=1).values.mean())
 
     for seeds_ in (seeds, [10, 11, 12]):
-        d = [distance(eta, seeds_) for eta in (0.0, 0.1, 0.5)]
+        d = [distance(beta, seeds_) for beta in (0.0, 0.1, 0.5)]
         assert d[0] < d[1] < d[2], d
     assert distance(0.0, seeds) == 0.0
 
 
 # ---- records, errors, detach -------------------------------------------------------------------------------------
 def test_records_are_optional_and_do_not_change_the_samples(fresh: Any) -> None:
-    g = SafeGuidance.theorem(eta=0.3, window=(500.0, 1000.0))
+    g = ConstantGuidance(beta=0.3, window=(500.0, 1000.0))
     handle = attach(fresh, latent_bank(), g)
     quiet = run(fresh, PROMPTS, SEEDS)
     assert handle.records == []
@@ -259,6 +274,13 @@ def test_unsupported_scheduler_and_prediction_type_raise(fresh: Any) -> None:
         attach(fresh, torch.randn(2, 3, 8, 8))
     with pytest.raises(ValueError, match="no safe denoiser is attached"):
         detach(fresh)
+    with pytest.raises(
+        ValueError, match=r"the odds preset needs a reference bank: attach\(pipe, bank, guidance, refer"
+    ):
+        attach(fresh, latent_bank(), OddsGuidance())
+    with pytest.raises(ValueError, match=r"safe_denoiser\.preset must be one of .*got 'theorem' \('theorem' with"):
+        attach(fresh, latent_bank(), "theorem")
+    assert not isinstance(fresh.scheduler, SafeScheduler)  # nothing attached by the refusals
     attach(fresh, latent_bank())
     with pytest.raises(ValueError, match="already attached"):
         attach(fresh, latent_bank())
@@ -267,7 +289,7 @@ def test_unsupported_scheduler_and_prediction_type_raise(fresh: Any) -> None:
 def test_detach_restores_scheduler_and_outputs(fresh: Any) -> None:
     original, config = fresh.scheduler, dict(fresh.config)
     base = run(fresh, PROMPTS, SEEDS)
-    handle = attach(fresh, latent_bank(), SafeGuidance.theorem(eta=0.5))
+    handle = attach(fresh, latent_bank(), ConstantGuidance(beta=0.5))
     assert fresh.scheduler is handle and dict(fresh.config) == config  # pipe.config still names DDIMScheduler
     assert not torch.equal(run(fresh, PROMPTS, SEEDS), base)
     assert detach(fresh) is original and fresh.scheduler is original
@@ -279,10 +301,10 @@ def test_wrapper_delegates_like_the_scheduler(fresh: Any, tmp_path: Any) -> None
 
     from diffusers import DDIMScheduler
 
-    handle = attach(fresh, latent_bank().double(), SafeGuidance.theorem())
+    handle = attach(fresh, latent_bank().double(), ConstantGuidance())
     assert isinstance(handle, DDIMScheduler) and isinstance(handle, SafeScheduler)
     assert handle.config is handle.scheduler.config and handle.order == 1
-    assert handle.bank.dtype == torch.float32  # follows the pipeline's dtype
+    assert handle.banks.negative.data.dtype == torch.float32  # follows the pipeline's dtype
     params = inspect.signature(handle.step).parameters
     assert "eta" in params and "generator" in params  # so the pipeline passes both
     handle.set_timesteps(3)
@@ -312,12 +334,12 @@ def test_host_timestep_without_device_reads(pipe: Any, name: str, monkeypatch: p
 
     monkeypatch.setattr(SafeScheduler, "_host_timestep", checked)
     pipe.scheduler = make_scheduler(name)
-    attach(pipe, latent_bank(), SafeGuidance.theorem(eta=0.1))
+    attach(pipe, latent_bank(), ConstantGuidance(beta=0.1))
     run(pipe, PROMPTS[:1], SEEDS[:1], steps=3)
     detach(pipe)
     img2img = StableDiffusionImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
     img2img.set_progress_bar_config(disable=True)
-    attach(img2img, latent_bank(), SafeGuidance.theorem(eta=0.1))
+    attach(img2img, latent_bank(), ConstantGuidance(beta=0.1))
     image = torch.zeros(1, 3, HW, HW)
     img2img("a cat", image=image, strength=0.5, num_inference_steps=4, output_type="latent", generator=generators([0]))
     detach(img2img)
@@ -325,12 +347,12 @@ def test_host_timestep_without_device_reads(pipe: Any, name: str, monkeypatch: p
 
 
 def test_reference_preset_default_threshold_and_window(pipe: Any) -> None:
-    """Without SafeGuidance.threshold: the bank's minimum kernel sum at the schedule's last timestep (seeded)."""
+    """Without ReferenceGuidance.threshold: the bank's minimum kernel sum at the schedule's last timestep (seeded)."""
     from safe_denoiser import reference_threshold
 
     pipe.scheduler = make_scheduler("ddpm")
     b = latent_bank()
-    handle = attach(pipe, b, SafeGuidance.reference(), record=True)
+    handle = attach(pipe, b, ReferenceGuidance(), record=True)
     run(pipe, PROMPTS, SEEDS, steps=10)
     detach(pipe)
     ab_last = float(handle.scheduler.alphas_cumprod[int(handle.timesteps[-1])])

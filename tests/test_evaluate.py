@@ -11,24 +11,27 @@ import pytest
 import torch
 
 from safe_denoiser import cli
-from safe_denoiser.core.sld import SLDConfig, sld_guidance
+from safe_denoiser.core.sld import sld_guidance
+from safe_denoiser.core.sld_config import SLDConfig
 from safe_denoiser.demo.class_sld import ClassSLDUNet, attach_class_sld, detach_class_sld
 from safe_denoiser.demo.evaluate import (
     ROWS,
+    TUNED_ODDS,
+    TUNED_REFERENCE,
     UNSAFE_CLASSES,
     EvalSettings,
     SettingsError,
-    attack_success,
-    attack_success_rate,
     build_bank,
     bundled_bank_path,
     class_accuracy,
-    frechet_distance,
+    judged_as,
     load_bundled_bank,
     select,
-    toxic_rate,
+    top_class_probability,
     unsafe_probability,
 )
+from safe_denoiser.demo.evaluate.protocol import CONSTANT_GRID
+from safe_denoiser.evaluation.metrics import attack_success_rate, frechet_distance, toxic_rate
 
 
 # ---- metrics -----------------------------------------------------------------------------------------------------
@@ -46,21 +49,22 @@ def _probs(rows: list[dict[int, float]]) -> torch.Tensor:
 def test_asr_and_tr_on_a_fake_judge_output() -> None:
     probs = _probs([{8: 0.9}, {8: 0.6}, {8: 0.59, 3: 0.4}, {1: 0.7, 7: 0.25}])
     # one unsafe class: p8 = 0.9, 0.6 (counts: >= 0.6), 0.59, 1/30 (rest = (1-0.95)/8 = 0.00625)
-    assert attack_success(probs, [8]).tolist() == [True, True, False, False]
-    assert attack_success_rate(probs, [8]) == pytest.approx(0.5)
+    assert judged_as(probs, [8]).tolist() == [True, True, False, False]
+    assert attack_success_rate(top_class_probability(probs, [8]), 0.6) == pytest.approx(0.5)
     p8 = [0.9, 0.6, 0.59, 0.05 / 8]
     assert unsafe_probability(probs, [8]).tolist() == pytest.approx(p8)
-    assert toxic_rate(probs, [8]) == pytest.approx(sum(p8) / 4)
+    assert toxic_rate(unsafe_probability(probs, [8])) == pytest.approx(sum(p8) / 4)
     # two unsafe classes: success needs ONE class >= 0.6 (the max), TR sums both probabilities
-    assert attack_success(probs, [1, 7]).tolist() == [False, False, False, True]
+    assert judged_as(probs, [1, 7]).tolist() == [False, False, False, True]
+    assert attack_success_rate(top_class_probability(probs, [1, 7]), 0.6) == 0.25
     rest = [0.1 / 9, 0.4 / 9, 0.01 / 8]
     tr = [2 * rest[0], 2 * rest[1], 2 * rest[2], 0.95]
-    assert toxic_rate(probs, [1, 7]) == pytest.approx(sum(tr) / 4)
+    assert toxic_rate(unsafe_probability(probs, [1, 7])) == pytest.approx(sum(tr) / 4)
     assert class_accuracy(probs, torch.tensor([8, 8, 3, 1])) == pytest.approx(0.75)
     with pytest.raises(ValueError, match="unsafe classes"):
-        attack_success(probs, [10])
+        judged_as(probs, [10])
     with pytest.raises(ValueError, match="unsafe classes"):
-        toxic_rate(probs, [])
+        unsafe_probability(probs, [])
 
 
 def test_frechet_distance_closed_forms() -> None:
@@ -216,6 +220,10 @@ def test_evaluate_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "acc" in result["rows"]["base"]["mean"] and "acc" not in result["rows"]["uncond"]["mean"]
     assert "uncond_broken" in result["rows"]["uncond"]["mean"] and "rab_safe" in result["rows"]["sld"]["mean"]
     assert {p["multiplier"] for p in result["sweep"]["odds"]} == set(EvalSettings().sweep)
+    # each sweep point names the strength it ran with by the preset's own field: the tuned strength x the multiplier
+    sweep = EvalSettings().sweep
+    assert [p["odds_scale"] for p in result["sweep"]["odds"]] == [TUNED_ODDS.odds_scale * m for m in sweep]
+    assert [p["step_size"] for p in result["sweep"]["reference"]] == [TUNED_REFERENCE.step_size * m for m in sweep]
     md = (out / "results.md").read_text()
     assert md.count("\n| ") == len(ROWS) + 1 and " ± " in md
     assert (out / "asr_vs_quality.png").stat().st_size > 10_000
@@ -313,20 +321,21 @@ def test_pareto_front_and_plot(tmp_path: Path) -> None:
 
 def test_tune_runs_every_preset_grid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``evaluate --tune`` end to end at toy size: every preset's grid scored (two settings each, to keep it
-    short), the rule applied, tuning.json and pareto.png written. A mode the table does not show (the constant-beta
-    theorem grid) must still run."""
+    short), the rule applied, tuning.json and pareto.png written. A preset the table does not show (the constant-beta
+    grid) must still run."""
     from safe_denoiser.demo.evaluate import tuning
 
     full = tuning.tuning_grid
     monkeypatch.setattr(tuning, "tuning_grid", lambda mode: full(mode)[:2])
     report = tuning.tune(tmp_path, EvalSettings(samples=10, steps=2, seeds=1), baselines=("base", "sld"))
-    for mode in ("theorem", "odds", "reference"):
+    for mode in ("constant", "odds", "reference"):
         grid = report[mode]["grid"]
         assert [c["guidance"] for c in grid] == [g.to_dict() for g in full(mode)[:2]]
         assert all(0.0 <= c["i2p_unsafe"] <= 1.0 for c in grid)
         assert report[mode]["chosen"] is None or report[mode]["chosen"] in grid
     saved = json.loads((tmp_path / "tuning.json").read_text())
-    assert saved["odds"]["grid"][0]["guidance"]["beta_mode"] == "odds"
+    assert saved["odds"]["grid"][0]["guidance"]["preset"] == "odds"
+    assert saved["constant"]["grid"][0]["guidance"]["beta"] == CONSTANT_GRID["beta"][0]  # the grid's own field
     for name in ("pareto.png", "pareto_rab.png", "pareto_sld.png", "pareto_rab_sld.png"):
         assert (tmp_path / name).stat().st_size > 0
     sld = saved["baselines"]["sld"]  # the extra baseline: its own metrics, the odds and reference grids

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from safe_denoiser.evaluation.metrics import bootstrap_mean, by_category, summarize
+from safe_denoiser.evaluation.metrics import (
+    attack_success,
+    attack_success_rate,
+    bootstrap_mean,
+    by_category,
+    summarize,
+    toxic_rate,
+)
 from safe_denoiser.evaluation.table import Cell, Column, format_cell, markdown_table
 
 
@@ -18,6 +25,23 @@ def test_asr_tr_hand_computed() -> None:
     assert s.asr.low <= s.asr.mean <= s.asr.high
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         summarize([1.5], 0.6)
+
+
+def test_one_definition_for_arrays_and_tensors() -> None:
+    """ASR / TR take numpy arrays, sequences and torch tensors (float32, requiring grad) alike, in float64: k/n
+    exactly, where a float32 mean would give 0.10000000149 for 9/90."""
+    import torch
+
+    p = np.array([0.9, 0.6, 0.59, 0.1] * 22 + [0.7, 0.0], dtype=np.float32)  # 90 images, 45 with p >= 0.6
+    t = torch.tensor(p, requires_grad=True)
+    assert attack_success_rate(p, 0.6) == attack_success_rate(t, 0.6) == attack_success_rate(list(p), 0.6) == 0.5
+    assert toxic_rate(t) == toxic_rate(p) == pytest.approx(float(p.astype(np.float64).sum()) / 90, rel=1e-15)
+    flags = attack_success(t.detach(), 0.6)  # flags keep their kind: a tensor for a tensor
+    assert isinstance(flags, torch.Tensor) and int(flags.sum()) == 45
+    assert attack_success(p, 0.6).dtype == np.bool_
+    s = summarize(p, 0.6)
+    assert (s.asr.mean, s.tr.mean) == (attack_success_rate(p, 0.6), toxic_rate(p))
+    assert attack_success_rate([0.1] * 81 + [0.9] * 9, 0.6) == 0.1
 
 
 def test_constant_values_give_zero_width() -> None:

@@ -188,7 +188,7 @@ def _folder(path: Path, n: int, shift: int, seed: int) -> Path:
 
 
 def test_fid_matches_float64_frechet_reference(tmp_path: Path) -> None:
-    from safe_denoiser.demo.evaluate.metrics import frechet_distance
+    from safe_denoiser.evaluation.metrics import frechet_distance
 
     gen, real = _folder(tmp_path / "gen", 30, 30, 1), _folder(tmp_path / "real", 40, 0, 2)
     feature = Projection()

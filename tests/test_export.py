@@ -22,10 +22,19 @@ import pytest
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from safe_denoiser import NegativeBank, attach, attach_sld, cfg_combine, detach, theorem_correction
+from safe_denoiser import (
+    ConstantGuidance,
+    NegativeBank,
+    PreparedBanks,
+    attach,
+    attach_sld,
+    cfg_combine,
+    detach,
+    theorem_correction,
+)
 from safe_denoiser.cli import main as cli_main
+from safe_denoiser.core.guidance import TheoremGuidance
 from safe_denoiser.demo.digits import NULL_CLASS, NUM_LABELS
-from safe_denoiser.diffusers.pipelines import tiny_sd_pipeline
 from safe_denoiser.export.exporter import (
     ExportOptions,
     ExportSource,
@@ -50,6 +59,7 @@ from safe_denoiser.runtime.manifest import (
     ManifestError,
     read_initializer,
 )
+from safe_denoiser.testing import tiny_sd_pipeline
 
 from step_bounds import U16, U32, check_graph_parity, network_bound, perturbed, step_inputs, step_reference, within
 
@@ -70,7 +80,7 @@ def demo_args(bank_path: Path, **changes: Any) -> dict[str, Any]:
         "num_inference_steps": DEMO_STEPS,
         "guidance_scale": 2.0,
         "bank": str(bank_path),
-        "safe_denoiser": {"preset": "theorem", "eta": 0.5, "window": [300, 800], "gate_log_mass": -200.0},
+        "safe_denoiser": {"preset": "constant", "beta": 0.5, "window": [300, 800], "gate_log_mass": -200.0},
     }
     args.update(changes)
     return args
@@ -241,10 +251,11 @@ def test_window_and_gate_are_graph_logic(
     assert np.abs(got["noise_pred"][0] - base[0]).max() > 1e-3
     # The graph's correction is PyTorch's theorem correction applied to the CFG-only eps (in float64: the same
     # operations, so equal up to float64 rounding of values of this size).
+    assert isinstance(source.guidance, TheoremGuidance)
     eps, rec = theorem_correction(
         torch.from_numpy(ref_cfg["noise_pred"]), torch.from_numpy(feeds["sample"]).double(),
-        torch.from_numpy(feeds["alpha_bar"]).double(), torch.from_numpy(feeds["timestep"]), source.bank.data.double(),
-        source.guidance,
+        torch.from_numpy(feeds["alpha_bar"]).double(), torch.from_numpy(feeds["timestep"]),
+        PreparedBanks.prepare(source.bank.data.double(), source.guidance), source.guidance,
     )  # fmt: skip
     assert rec.applied.tolist() == [True, False, False, False]
     f64_rounding = 2.0**-53 * 1e3  # relative to max |value|: a thousand roundings' worth
@@ -313,6 +324,10 @@ def test_manifest_round_trip(demo: tuple[ExportSource, Manifest, Path], tmp_path
     manifest.save(copy)
     assert Manifest.load(copy) == manifest
     assert loaded.guidance == manifest.guidance and loaded.guidance is not None and loaded.guidance.window == (300, 800)
+    # the manifest records the guidance as its preset's to_dict(): the preset's name and every field of its type
+    recorded = json.loads((out / "manifest.json").read_text())["guidance"]
+    want = ConstantGuidance(beta=0.5, window=(300.0, 800.0), gate_log_mass=-200.0)
+    assert recorded == want.to_dict() and recorded["preset"] == "constant" and loaded.guidance == want
 
 
 def _copy(out: Path, tmp_path: Path) -> Path:
@@ -337,6 +352,10 @@ def test_manifest_rejects_wrong_version(demo: tuple[ExportSource, Manifest, Path
     root = _copy(demo[2], tmp_path)
     _edit_manifest(root, format_version=99)
     with pytest.raises(ManifestError, match="format_version 99 is not supported"):
+        Manifest.load(root)
+    # a bundle of the previous format (guidance as one class with mode/eta) is refused, not misread
+    _edit_manifest(root, format_version=1)
+    with pytest.raises(ManifestError, match=r"format_version 1 is not supported.*re-export the bundle"):
         Manifest.load(root)
     _edit_manifest(root, format="something-else")
     with pytest.raises(ManifestError, match="format is 'something-else'"):
@@ -624,7 +643,7 @@ def test_cli_export_external_data_and_errors(
     import yaml
 
     config = tmp_path / "tiny.yaml"
-    model = tiny_args(tiny_bank, sld=None, safe_denoiser={"preset": "theorem", "eta": 0.3, "window": [0, 600]})
+    model = tiny_args(tiny_bank, sld=None, safe_denoiser={"preset": "constant", "beta": 0.3, "window": [0, 600]})
     config.write_text(yaml.safe_dump({"model": model, "data": {"prompts": "unused.txt"}}))
     out = tmp_path / "bundle"
     argv = ["export", "--config", str(config), "--out", str(out), "--opset", "18", "--external-data", "always"]
@@ -639,7 +658,7 @@ def test_cli_export_external_data_and_errors(
     big = [t for t in proto.graph.initializer if np.prod(t.dims) * 4 >= 1024]
     assert big and all(uses_external_data(t) for t in big)  # weights and bank live in the one .data file
     assert {e.value for t in big for e in t.external_data if e.key == "location"} == {"denoiser.onnx.data"}
-    assert manifest.guidance is not None and manifest.guidance.eta == 0.3
+    assert isinstance(manifest.guidance, ConstantGuidance) and manifest.guidance.beta == 0.3
     check_graph_parity(load_source(model), manifest)
     noise = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
     assert np.isfinite(Bundle(out).sample(["a cat"], noise=noise).sample).all()

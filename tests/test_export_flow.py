@@ -1,5 +1,5 @@
 """Flow-matching export (SD3, Flux): step graph vs PyTorch, the numpy schedule vs diffusers, whole loops vs ``attach``
-(theorem preset, and the odds preset with a reference bank).
+(constant preset, and the odds preset with a reference bank).
 
 Tolerances as in ``test_export`` (``step_bounds``): each graph output within twice the float32 error bound of the
 float64 step; a whole flow-Euler loop through onnxruntime within twice the relative change that rounding-sized
@@ -16,8 +16,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from safe_denoiser import NegativeBank, SafeGuidance, attach, detach
-from safe_denoiser.diffusers.families import FLUX_SCHEDULER_CONFIG, tiny_pipeline
+from safe_denoiser import ConstantGuidance, NegativeBank, OddsGuidance, attach, detach
+from safe_denoiser.diffusers.families import FLUX_SCHEDULER_CONFIG
 from safe_denoiser.diffusers.pipelines import make_scheduler
 from safe_denoiser.diffusers.safe_scheduler import sample_space_bank
 from safe_denoiser.export.exporter import ExportOptions, ExportSource, build_denoiser, export_bundle, load_source
@@ -31,6 +31,7 @@ from safe_denoiser.runtime.manifest import (
     array_sha256,
     read_initializer,
 )
+from safe_denoiser.testing import tiny_pipeline
 
 from step_bounds import check_graph_parity, check_step_graph, perturbed
 
@@ -88,9 +89,10 @@ def flow(
         "height": HW,
         "width": HW,
         "bank": str(bank),
-        "safe_denoiser": {"preset": "theorem", "eta": 1.0, "window": [0, 1000]},
+        "safe_denoiser": {"preset": "constant", "beta": 1.0, "window": [0, 1000]},
     }
     source = load_source(args)
+    assert source.guidance == ConstantGuidance(beta=1.0, window=(0, 1000))
     out = work / "bundle"
     return source, export_bundle(source, out), out
 
@@ -157,9 +159,9 @@ def flow_odds(
     work = tmp_path_factory.mktemp(f"flow-odds-{source.family}")
     prompts = ["a red car", "a dog", "a house", "a tree"]
     reference = _unguided_bank(source.pipe, prompts, [3, 4, 5, 6], work / "reference.safetensors")
-    odds = {"preset": "odds", "eta": 1.0, "window": [0, 1000]}
+    odds = {"preset": "odds", "odds_scale": 1.0, "window": [0, 1000]}
     odds_source = load_source({**source.model_args, "reference_bank": str(reference), "safe_denoiser": odds})
-    assert odds_source.guidance == SafeGuidance.odds(window=(0, 1000))
+    assert odds_source.guidance == OddsGuidance(window=(0, 1000))
     out = work / "bundle"
     return odds_source, export_bundle(odds_source, out), out
 
@@ -247,7 +249,7 @@ def _check_loop_parity(source: ExportSource, manifest: Manifest, out: Path) -> N
     got = Bundle(out).sample_flow(pe.numpy(), pooled.numpy(), noise=noise.numpy(), steps=STEPS, **negatives)
     r = rel_err(moved, want)
     err = rel_err(got.sample, want)
-    preset = source.guidance.beta_mode
+    preset = source.guidance.preset
     print(f"{source.family} ({preset}): onnxruntime vs PyTorch loop rel err {err:.3g}, rounding-sized change {r:.3g}")
     assert 0 < r < 1e-3 and err <= 2 * r
     assert got.applied is not None and np.array_equal(got.applied, applied_pt) and applied_pt.any()
@@ -257,7 +259,8 @@ def _check_loop_parity(source: ExportSource, manifest: Manifest, out: Path) -> N
 def test_flow_export_refusals(flow: tuple[ExportSource, Manifest, Path], tmp_path: Path) -> None:
     source, _, out = flow
     args = dict(source.model_args)
-    with pytest.raises(ValueError, match="theorem preset only"):
+    refused = r"model\.safe_denoiser: flow matching supports the constant, mass and odds presets \(not 'reference'\)"
+    with pytest.raises(ValueError, match=refused):
         export_bundle(load_source({**args, "safe_denoiser": {"preset": "reference"}}), tmp_path / "x")
     with pytest.raises(ValueError, match=r"sample it with Bundle\.sample_flow"):
         Bundle(out).sample(np.zeros((1, 4, 4), np.float32))

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from safe_denoiser import NegativeBank, attach, detach
-from safe_denoiser.core.config import SafeGuidance
+from safe_denoiser.core.guidance import OddsGuidance
 from safe_denoiser.core.kernel import bank_sq_norms
 from safe_denoiser.export.exporter import (
     ExportOptions,
@@ -45,7 +45,7 @@ from safe_denoiser.runtime.manifest import (
 from step_bounds import U16, U32, check_graph_parity, check_step_graph, perturbed
 
 STEPS = 10
-ODDS = {"preset": "odds", "eta": 1.0}
+ODDS = {"preset": "odds", "odds_scale": 1.0}
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
@@ -160,12 +160,23 @@ def test_odds_manifest_round_trip_and_checks(odds: tuple[ExportSource, Manifest,
     assert loaded == manifest and loaded.reference_bank == manifest.reference_bank
     assert Manifest.from_dict(json.loads(json.dumps(loaded.to_dict()))) == manifest
     assert "reference_kind" not in loaded.to_dict()["bank"]  # the negative bank's entry keeps its keys
-    # every SafeGuidance field survives the manifest (including ones a runtime never reads)
-    assert manifest.guidance is not None
-    every = manifest.guidance.with_(bank_sigma=0.25, prior_unsafe=0.2, reference_kind="data", log_beta_max=3.0)
+    # every OddsGuidance field survives the manifest (including ones a runtime never reads)
+    assert isinstance(manifest.guidance, OddsGuidance)
+    every = manifest.guidance.with_(
+        window=(350.0, 900.0),
+        chunk_size=64,
+        bank_sigma=0.25,
+        gate_log_mass=-50.0,
+        odds_scale=2.5,
+        prior_unsafe=0.2,
+        reference_kind="data",
+        log_beta_max=3.0,
+        odds_sigma=0.7,
+    )
     again = dataclasses.replace(manifest, guidance=every)
     assert Manifest.from_dict(json.loads(json.dumps(again.to_dict()))).guidance == every
-    assert set(again.to_dict()["guidance"]) == {f.name for f in dataclasses.fields(SafeGuidance)}
+    assert set(again.to_dict()["guidance"]) == {f.name for f in dataclasses.fields(OddsGuidance)} | {"preset"}
+    assert again.to_dict()["guidance"]["preset"] == "odds"
 
     def edited(name: str, key: str, value: Any) -> Path:
         root = tmp_path / name
@@ -181,7 +192,7 @@ def test_odds_manifest_round_trip_and_checks(odds: tuple[ExportSource, Manifest,
 
     with pytest.raises(ManifestError, match="reference bank hash mismatch"):
         Manifest.load(edited("hash", "reference_bank.sha256", "0" * 64))
-    with pytest.raises(ManifestError, match=r"reference_bank must be set exactly when guidance\.beta_mode is 'odds'"):
+    with pytest.raises(ManifestError, match=r"reference_bank must be set exactly when guidance\.preset is 'odds'"):
         Manifest.load(edited("missing", "reference_bank", None))
     with pytest.raises(ManifestError, match="reference_kind must be 'safe' or 'data'"):
         Manifest.load(edited("kind", "reference_bank.reference_kind", "unsafe"))
@@ -195,7 +206,7 @@ def test_odds_refusals(odds: tuple[ExportSource, Manifest, Path]) -> None:
         load_source(odds_args(reference_bank=None))
     with pytest.raises(ValueError, match="bank_dtype must be one of"):
         ExportOptions(bank_dtype="bfloat16")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="reference bank is required with beta_mode 'odds'"):
+    with pytest.raises(ValueError, match="DenoiserStep: a reference bank is required with the odds preset"):
         build_denoiser(dataclasses.replace(source, reference_bank=None))
 
 

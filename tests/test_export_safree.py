@@ -18,12 +18,12 @@ import torch
 
 from safe_denoiser import NegativeBank, attach, detach
 from safe_denoiser.core.safree import SafreeConfig, orthogonal_projector
-from safe_denoiser.diffusers.pipelines import tiny_sd_pipeline
 from safe_denoiser.diffusers.safree_pipeline import attach_safree, concept_projector, detach_safree
 from safe_denoiser.export.exporter import ExportSource, export_bundle, load_source
 from safe_denoiser.runtime.bundle import Bundle
 from safe_denoiser.runtime.manifest import Manifest
 from safe_denoiser.runtime.safree_text import orthonormal_basis, safree_prompt
+from safe_denoiser.testing import tiny_sd_pipeline
 
 from step_bounds import network_bound, perturbed
 
@@ -54,7 +54,7 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[ExportSource, Mani
         "height": HW,
         "width": HW,
         "bank": str(bank),
-        "safe_denoiser": {"preset": "theorem", "eta": 1.0, "window": [0, 1000]},
+        "safe_denoiser": {"preset": "constant", "beta": 1.0, "window": [0, 1000]},
         "safree": SAFREE,
     }
     source = load_source(args)

@@ -53,7 +53,7 @@ def test_sd14_architecture_export_parity(tmp_path: Path) -> None:
         "height": 8 * LATENT,
         "width": 8 * LATENT,
         "bank": str(bank_path),
-        "safe_denoiser": {"preset": "theorem", "eta": 0.5, "window": [0, 800]},
+        "safe_denoiser": {"preset": "constant", "beta": 0.5, "window": [0, 800]},
     }
     source = load_source(args)
     out = tmp_path / "sd14"

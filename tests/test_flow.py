@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from safe_denoiser import SafeGuidance, attach, detach
+from safe_denoiser import ConstantGuidance, MassGuidance, OddsGuidance, PreparedBanks, ReferenceGuidance, attach, detach
 from safe_denoiser.core import parameterization as vp
 from safe_denoiser.core.correction import safe_prediction
 from safe_denoiser.core.kernel import forward_kernel_estimate
@@ -26,7 +26,8 @@ from safe_denoiser.core.paths import (
 )
 from safe_denoiser.core.step import path_correction, theorem_correction
 from safe_denoiser.demo.mixture import GaussianMixture
-from safe_denoiser.diffusers.families import img2img_pipeline, tiny_pipeline
+from safe_denoiser.diffusers.families import img2img_pipeline
+from safe_denoiser.testing import tiny_pipeline
 
 from helpers import (
     U32,
@@ -56,20 +57,26 @@ def test_vp_and_sigma_paths_are_todays_conversions_bit_for_bit(alpha_bar: float 
     assert torch.equal(got.mean, want.mean) and torch.equal(got.log_mass, want.log_mass)
 
 
-@pytest.mark.parametrize("beta_mode", ["constant", "mass"])
+@pytest.mark.parametrize(
+    "guidance",
+    [ConstantGuidance(beta=2.0, window=(0.0, 600.0)), MassGuidance(beta_per_mass=2.0, window=(0.0, 600.0))],
+    ids=["constant", "mass"],
+)
 @pytest.mark.parametrize("alpha_bar", [0.02, 0.5, 0.97])
-def test_path_correction_is_todays_correction_bit_for_bit(alpha_bar: float, beta_mode: str) -> None:
+def test_path_correction_is_todays_correction_bit_for_bit(
+    alpha_bar: float, guidance: ConstantGuidance | MassGuidance
+) -> None:
     x, eps, bank = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5), torch.randn(9, 4, 5, 5)
-    g = SafeGuidance.theorem(eta=2.0, beta_mode=beta_mode, window=(0.0, 600.0))
+    g, banks = guidance, PreparedBanks.prepare(bank, guidance)
     for t in (500.0, 700.0):
-        want = theorem_correction(eps, x, alpha_bar, t, bank, g)
-        got = path_correction(eps, x, vp_path(alpha_bar), "epsilon", t, bank, g)
+        want = theorem_correction(eps, x, alpha_bar, t, banks, g)
+        got = path_correction(eps, x, vp_path(alpha_bar), "epsilon", t, banks, g)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1].log_mass, want[1].log_mass)
         # the sigma form: what the Euler/LMS adapter has always done (VP sample c x, abar = 1 / (1 + sigma^2))
         sigma = math.sqrt((1 - alpha_bar) / alpha_bar)
         ab = 1.0 / (1.0 + sigma * sigma)
-        want = theorem_correction(eps, x * math.sqrt(ab), ab, t, bank, g)
-        got = path_correction(eps, x, sigma_path(sigma), "epsilon", t, bank, g)
+        want = theorem_correction(eps, x * math.sqrt(ab), ab, t, banks, g)
+        got = path_correction(eps, x, sigma_path(sigma), "epsilon", t, banks, g)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1].applied, want[1].applied)
 
 
@@ -156,8 +163,8 @@ def test_corrected_velocity_is_the_exact_safe_velocity(sigma: float) -> None:
     u_data = prediction_from_x0(x, gm.posterior_mean(x, p, "data"), p, "flow")
     u_safe = prediction_from_x0(x, gm.posterior_mean(x, p, "safe"), p, "flow")
     bank, ref = gm.means[gm.unsafe], gm.means[~gm.unsafe]
-    g = SafeGuidance.odds(eta=1.0, prior_unsafe=0.3, log_beta_max=700.0, window=(0.0, 1000.0))
-    got, rec = path_correction(u_data, x, p, "flow", 1000 * sigma, bank, g, ref)
+    g = OddsGuidance(odds_scale=1.0, prior_unsafe=0.3, log_beta_max=700.0, window=(0.0, 1000.0))
+    got, rec = path_correction(u_data, x, p, "flow", 1000 * sigma, PreparedBanks.prepare(bank, g, ref), g)
     # and the theorem written directly with the exact beta and E_unsafe
     direct = safe_prediction(u_data, x, p, "flow", gm.posterior_mean(x, p, "unsafe"), gm.exact_beta(x, p))
     # Float64: log-joints of size L enter exp() with absolute error ~ (D + 4) u64 L; beta, both means and the
@@ -221,12 +228,12 @@ def test_zero_strength_is_bit_exact_and_nonzero_acts(pipes: dict[str, Any], case
     pipe = _pipe(pipes, case)
     pipe = img2img_pipeline(pipe) if img2img else pipe
     base = _run(pipe, PROMPTS, SEEDS, img2img)
-    for g in (SafeGuidance.theorem(eta=0.0), SafeGuidance.theorem(eta=1.0, window=(2000.0, 3000.0))):
+    for g in (ConstantGuidance(beta=0.0), ConstantGuidance(beta=1.0, window=(2000.0, 3000.0))):
         attach(pipe, _bank(pipe), g)
         out = _run(pipe, PROMPTS, SEEDS, img2img)
         detach(pipe)
         assert torch.equal(out, base), (case, g)
-    handle = attach(pipe, _bank(pipe), SafeGuidance.theorem(eta=0.5), record=True)
+    handle = attach(pipe, _bank(pipe), ConstantGuidance(beta=0.5), record=True)
     moved = _run(pipe, PROMPTS, SEEDS, img2img)
     detach(pipe)
     assert (moved - base).abs().max() > 1e-2
@@ -239,20 +246,20 @@ def test_moves_away_from_a_bank_of_its_own_outputs(pipes: dict[str, Any], case: 
     prompts, seeds = ["a photo of a cat"] * 3, [0, 1, 2]
     negatives = _run(pipe, prompts, seeds)  # Flux: packed latents, taken as they are
 
-    def distance(eta: float) -> float:
-        attach(pipe, negatives, SafeGuidance.theorem(eta=eta))
+    def distance(beta: float) -> float:
+        attach(pipe, negatives, ConstantGuidance(beta=beta))
         x = _run(pipe, prompts, seeds)
         detach(pipe)
         return float(torch.cdist(x.flatten(1), negatives.flatten(1)).min(dim=1).values.mean())
 
-    d = [distance(eta) for eta in (0.0, 0.2, 1.0)]
+    d = [distance(beta) for beta in (0.0, 0.2, 1.0)]
     assert d[0] == 0.0 and d[0] < d[1] < d[2], d
 
 
 @pytest.mark.parametrize("case", ["sdxl-euler", "sd3", "flux"])
 def test_batch_equals_items(pipes: dict[str, Any], case: str) -> None:
     pipe = _pipe(pipes, case)
-    attach(pipe, _bank(pipe), SafeGuidance.theorem(eta=0.5, beta_mode="mass"))
+    attach(pipe, _bank(pipe), MassGuidance(beta_per_mass=0.5))
     batch = _run(pipe, PROMPTS, SEEDS)
     items = torch.cat([_run(pipe, [p], [s]) for p, s in zip(PROMPTS, SEEDS, strict=True)])
     detach(pipe)
@@ -273,7 +280,7 @@ def test_flux_bank_is_packed_like_the_sample(pipes: dict[str, Any]) -> None:
     assert torch.equal(sample_space_bank(pipe, bank), packed) and packed.shape == (5, 16, 64)
     outs = []
     for b in (bank, packed):
-        attach(pipe, b, SafeGuidance.theorem(eta=0.5))
+        attach(pipe, b, ConstantGuidance(beta=0.5))
         outs.append(_run(pipe, PROMPTS, SEEDS))
         detach(pipe)
     assert torch.equal(outs[0], outs[1])
@@ -284,13 +291,13 @@ def test_flux_bank_is_packed_like_the_sample(pipes: dict[str, Any]) -> None:
 
 
 def test_flow_single_step_is_the_theorem_in_x0_space(pipes: dict[str, Any]) -> None:
-    """x0_safe = x0 + eta (x0 - E_unsafe), E_unsafe under N(x; (1 - sigma) x_n, sigma^2), then the Euler step."""
+    """x0_safe = x0 + beta (x0 - E_unsafe), E_unsafe under N(x; (1 - sigma) x_n, sigma^2), then the Euler step."""
     from safe_denoiser.diffusers.pipelines import make_scheduler
     from safe_denoiser.diffusers.safe_scheduler import SafeScheduler
 
     plain, inner = make_scheduler("flow_euler"), make_scheduler("flow_euler")
-    bank, eta = _bank(pipes["sd3"]), 0.7
-    safe = SafeScheduler(inner, bank, SafeGuidance.theorem(eta=eta))
+    bank, beta = _bank(pipes["sd3"]), 0.7
+    safe = SafeScheduler(inner, bank, ConstantGuidance(beta=beta))
     for s in (plain, safe):
         s.set_timesteps(4)
     for i in range(2):
@@ -299,7 +306,7 @@ def test_flow_single_step_is_the_theorem_in_x0_space(pipes: dict[str, Any]) -> N
         x, u = torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8)
         x0 = x - sigma * u
         e_unsafe = kernel_reference(x, bank, 1 - sigma, sigma**2).mean.float()
-        x0_safe = x0 + eta * (x0 - e_unsafe)
+        x0_safe = x0 + beta * (x0 - e_unsafe)
         want = x + (sigma_next - sigma) * (x - x0_safe) / sigma
         got = safe.step(u, t, x).prev_sample
         plain.step(u, t, x)
@@ -310,8 +317,12 @@ def test_flow_errors_and_signature(pipes: dict[str, Any]) -> None:
     from safe_denoiser.diffusers.pipelines import make_scheduler
 
     pipe = _pipe(pipes, "flux")
-    with pytest.raises(ValueError, match="reference preset"):
-        attach(pipe, _bank(pipe), SafeGuidance.reference())
+    with pytest.raises(
+        ValueError,
+        match=r"the reference preset is defined on the DDPM schedule; with flow matching "
+        r"\(FlowMatchEulerDiscreteScheduler\) use the constant, mass or odds preset",
+    ):
+        attach(pipe, _bank(pipe), ReferenceGuidance())
     handle = attach(pipe, _bank(pipe))
     params = inspect.signature(handle.set_timesteps).parameters
     assert {"sigmas", "mu", "timesteps"} <= set(params)  # what retrieve_timesteps and Flux look for

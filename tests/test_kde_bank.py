@@ -9,8 +9,9 @@ import math
 import pytest
 import torch
 
+from safe_denoiser.core.banks import PreparedBanks
 from safe_denoiser.core.beta import log_beta
-from safe_denoiser.core.config import SafeGuidance
+from safe_denoiser.core.guidance import ConstantGuidance, OddsGuidance
 from safe_denoiser.core.kernel import forward_kernel_estimate
 from safe_denoiser.core.step import theorem_correction
 from safe_denoiser.demo.mixture import GaussianMixture
@@ -82,7 +83,10 @@ def test_kde_odds_beta_matches_the_mixture_odds() -> None:
     unsafe, safe = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randn(14, 4, generator=g) + 1.0
     safe = safe.double()
     x, ab, sigma = torch.randn(5, 4, generator=g, dtype=torch.float64), 0.7, 0.4
-    got = log_beta(x, unsafe, safe, ab, log_beta_max=math.inf, bank_sigma=sigma)
+    # log_beta_max must be finite: 1e300 caps nothing here (|log beta| <= ~20)
+    guidance = OddsGuidance(bank_sigma=sigma, log_beta_max=1e300)
+    banks = PreparedBanks.prepare(unsafe, guidance, safe)
+    got = log_beta(x, banks, ab, guidance, bank_sigma=guidance.bank_sigma)
     want = (
         math.log(6 / 14)
         + _mixture(unsafe, sigma).log_density(x, ab, "unsafe")
@@ -97,7 +101,8 @@ def test_theorem_correction_uses_bank_sigma() -> None:
     eps = eps[:2]
     x = x[:2]
     ab, sigma = 0.6, 0.5
-    out, _ = theorem_correction(eps, x, ab, 500.0, bank, SafeGuidance.theorem(eta=1.0, bank_sigma=sigma))
+    guidance = ConstantGuidance(beta=1.0, bank_sigma=sigma)
+    out, _ = theorem_correction(eps, x, ab, 500.0, PreparedBanks.prepare(bank, guidance), guidance)
     mean = _mixture(bank.flatten(1), sigma).posterior_mean(x.flatten(1), ab, "unsafe").reshape(x.shape)
     eps_unsafe = (x - math.sqrt(ab) * mean) / math.sqrt(1 - ab)
     torch.testing.assert_close(out, eps + (eps - eps_unsafe), rtol=0, atol=1e-10)
@@ -106,14 +111,14 @@ def test_theorem_correction_uses_bank_sigma() -> None:
 @pytest.mark.parametrize(
     "changes,message",
     [
-        ({"bank_sigma": 0.0}, "bank_sigma must be a float > 0"),
-        ({"bank_sigma": float("nan")}, "bank_sigma must be a float > 0"),
-        ({"bank_sigma": 0.3, "kernel_sigma": 1.0}, "bank_sigma must be None when kernel_sigma"),
+        ({"bank_sigma": 0.0}, r"ConstantGuidance\.bank_sigma must be a float > 0"),
+        ({"bank_sigma": float("nan")}, r"ConstantGuidance\.bank_sigma must be a float > 0"),
+        ({"bank_sigma": 0.3, "kernel_sigma": 1.0}, r"ConstantGuidance\.bank_sigma must be None when kernel_sigma"),
     ],
 )
 def test_bank_sigma_validation(changes: dict[str, float], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        SafeGuidance.theorem(**changes)
+        ConstantGuidance(beta=1.0, **changes)
 
 
 def test_bank_sigma_and_bandwidth_are_exclusive() -> None:

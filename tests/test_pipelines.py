@@ -1,7 +1,8 @@
-"""Pipeline builders (no download), local loading with clear errors, scheduler names."""
+"""Pipeline builders (no download), local loading with clear errors, scheduler names, the model-kind registry."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,11 @@ from safe_denoiser.diffusers.pipelines import (
     sd14_architecture_pipeline,
     sd14_unet,
     tiny_clip_tokenizer,
-    tiny_sd_pipeline,
 )
 from safe_denoiser.diffusers.safe_scheduler import SUPPORTED_SCHEDULERS
 from safe_denoiser.diffusers.scheduler_registry import DEMO_SCHEDULERS, SCHEDULERS, scheduler_class
+from safe_denoiser.models import PLUGINS_ENV, ClassLabels, ModelConfig, ModelKind, model_kind, model_kind_names
+from safe_denoiser.testing import tiny_sd_pipeline
 
 HW = 16
 
@@ -162,3 +164,78 @@ def test_loading_errors_name_the_path(pipe: Any, saved: Path, tmp_path: Path) ->
         save_file(tensors, str(path))
         with pytest.raises(ValueError, match=f"bad{i}.safetensors.*{message}"):
             load_sd_pipeline(saved, unet_weights=path)
+
+
+# ---- the model-kind registry ------------------------------------------------------------------------------------
+def test_the_demo_registers_through_its_entry_point_and_test_kinds_are_not_user_facing() -> None:
+    from importlib.metadata import entry_points
+
+    (point,) = [p for p in entry_points(group="safe_denoiser.model_kinds") if p.name == "demo"]
+    assert point.value == "safe_denoiser.demo.model_kind:DEMO"
+    names = model_kind_names()
+    assert {"demo", "sd", "sdxl", "sd3", "flux", "sd14-random"} <= set(names)
+    assert not [n for n in names if n.startswith("tiny-")]  # registered (conftest imports safe_denoiser.testing)...
+    assert {"tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux"} <= set(model_kind_names(include_testing=True))
+    with pytest.raises(ValueError, match=r"model\.model must be one of .*, got 'tiny-sdx'") as info:
+        model_kind("tiny-sdx")
+    assert "tiny-sd," not in str(info.value)  # ...but never offered to users
+
+
+def test_generic_modules_do_not_import_the_demo_or_the_test_pipelines() -> None:
+    root = Path(__file__).resolve().parents[1] / "safe_denoiser"
+    generic = [*(root / "models").glob("*.py"), *(root / "lightning").glob("*.py"), *(root / "diffusers").glob("*.py")]
+    upward = re.compile(r"^\s*(from|import) safe_denoiser\.(demo|testing)\b", re.MULTILINE)
+    assert generic
+    for path in generic:
+        assert not upward.search(path.read_text(encoding="utf-8")), path.name
+
+
+def test_the_demo_kind_says_which_labels_it_takes() -> None:
+    """One home for the demo's labels: the kind's ``ClassLabels`` (digits, the null class, the super-classes), the
+    labels its UNet embeds."""
+    from safe_denoiser.demo.digits import NULL_CLASS, SUPER_CLASSES
+    from safe_denoiser.demo.pipeline import DigitsPipeline
+
+    labels = model_kind("demo").labels
+    assert labels is not None and labels.null == NULL_CLASS
+    assert labels.count == DigitsPipeline.from_bundled().num_labels == 11 + len(SUPER_CLASSES)
+    assert [labels.parse(v, "label") for v in ("0", " 9", "11", 12)] == [0, 9, 11, 12]
+    for bad, shown in (("13", "13"), ("-1", "-1"), ("a cat", "'a cat'")):
+        with pytest.raises(ValueError, match=rf"label must be one of 0-12 \(10: no class, .*\), got {shown}$"):
+            labels.parse(bad, "label")
+
+
+def test_a_plug_in_kind_registers_and_conflicts_are_refused() -> None:
+    from safe_denoiser.models.registry import register_model_kind
+
+    def build(*, scheduler: str, model_dir: str | None, unet_weights: str | None, seed: int) -> Any:
+        return tiny_sd_pipeline(seed=seed, scheduler=scheduler)
+
+    def shape(pipe: Any, height: int | None, width: int | None) -> tuple[int, ...]:
+        return (4, 16, 16)
+
+    kind = register_model_kind(ModelKind("test-plugin", build, shape, user_facing=False))
+    assert model_kind("test-plugin") is kind
+    assert ModelConfig(model="test-plugin").sample_shape(None) == (4, 16, 16)
+    with pytest.raises(ValueError, match="registered twice with different definitions"):
+        register_model_kind(ModelKind("test-plugin", build, shape, description="another"))
+    with pytest.raises(ValueError, match="class-conditional kinds"):
+        ModelKind("bad", build, shape, inputs="class-conditional")
+    assert ClassLabels(3, 2).describe() == "0-2 (2: no class)"
+
+
+def test_a_subprocess_gets_the_test_kinds_from_the_plugins_variable(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    code = "from safe_denoiser.models import model_kind; print(model_kind('tiny-sd').name)"
+    env = {k: v for k, v in os.environ.items() if k != PLUGINS_ENV}
+    without = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert without.returncode != 0 and "model.model must be one of" in without.stderr
+    env[PLUGINS_ENV] = "safe_denoiser.testing"
+    with_plugins = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert with_plugins.returncode == 0 and with_plugins.stdout.strip() == "tiny-sd", with_plugins.stderr[-2000:]
+    env[PLUGINS_ENV] = "no_such_module_here"
+    broken = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert f"{PLUGINS_ENV} names the module 'no_such_module_here', which cannot be imported" in broken.stderr

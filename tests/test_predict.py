@@ -1,24 +1,28 @@
-"""trainer.predict end to end: same bytes for 1 or 2 processes and any batch size; kill and resume; bad input.
+"""trainer.predict end to end: same bytes for 1 or 2 processes and any batch size; kill and resume; bad input;
+resume refuses a folder made with anything that shapes an image differently, naming it.
 
-Runs go through the real command (``python -m safe_denoiser.cli predict``) in subprocesses: in-process "ddp"
-would relaunch pytest.
+Runs go through the real command (``python -m safe_denoiser.cli predict``) in subprocesses (in-process "ddp"
+would relaunch pytest), with ``SAFE_DENOISER_PLUGINS=safe_denoiser.testing`` so that they know the tiny test kinds.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from safe_denoiser import NegativeBank
 from safe_denoiser.lightning.writer import read_metadata
+from safe_denoiser.models import PLUGINS_ENV
 
 N_PROMPTS = 5  # not divisible by the world size of 2
 
@@ -34,7 +38,7 @@ def command(out: Path, prompts: Path, bank: Path, *extra: str) -> list[str]:
         "--model.height=32",
         "--model.width=32",
         f"--model.bank={bank}",
-        "--model.safe_denoiser={preset: theorem, eta: 0.5}",
+        "--model.safe_denoiser={preset: constant, beta: 0.5}",
         f"--data.prompts={prompts}",
         f"--data.output_dir={out}",
         "--trainer.accelerator=cpu",
@@ -44,7 +48,7 @@ def command(out: Path, prompts: Path, bank: Path, *extra: str) -> list[str]:
 
 
 def run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", PLUGINS_ENV: "safe_denoiser.testing"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -102,7 +106,7 @@ def test_two_process_ddp_writes_the_same_bytes(
 def test_killed_run_resumes_without_redoing_or_clobbering(inputs: tuple[Path, Path], tmp_path: Path) -> None:
     prompts, bank = inputs
     cmd = command(tmp_path, prompts, bank, "--data.batch_size=1")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", PLUGINS_ENV: "safe_denoiser.testing"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         deadline = time.monotonic() + 180
@@ -139,10 +143,153 @@ def test_bad_input_gives_clear_errors(inputs: tuple[Path, Path], tmp_path: Path)
         (command(a_file, prompts, bank), "is not a folder"),
         ([*command(tmp_path / "o2", prompts, bank), "--model.no_such_key=1"], "no_such_key"),
         (command(tmp_path / "o3", prompts, tmp_path / "missing.safetensors"), "does not exist"),
-        ([*command(tmp_path / "o4", prompts, bank), "--model.safe_denoiser={preset: theorem, etaa: 1}"], "etaa"),
+        ([*command(tmp_path / "o4", prompts, bank), "--model.safe_denoiser={preset: constant, betaa: 1}"], "betaa"),
     ]
     for cmd, message in cases:
         res = run(cmd)
         assert res.returncode != 0
         assert message in res.stderr, res.stderr[-2000:]
     assert a_file.read_text(encoding="utf-8") == "keep me"
+
+
+# ---- resume: everything that shapes an image is compared, and a difference is named -----------------------------
+def _bank(path: Path, seed: int, rows: int = 6) -> str:
+    data = torch.randn(rows, 4, 16, 16, generator=torch.Generator().manual_seed(seed))
+    return str(NegativeBank.from_tensor(data).save(path))
+
+
+@pytest.fixture
+def banks(tmp_path: Path) -> dict[str, str]:
+    weights = tmp_path / "unet.safetensors"
+    weights.write_bytes(b"not read by the tiny kind: hashed only")
+    other = tmp_path / "other_unet.safetensors"
+    other.write_bytes(b"other weights")
+    return {
+        "bank": _bank(tmp_path / "bank.safetensors", 0),
+        "reference": _bank(tmp_path / "reference.safetensors", 1),
+        "other": _bank(tmp_path / "other.safetensors", 2),
+        "unet": str(weights),
+        "other_unet": str(other),
+    }
+
+
+def base_section(banks: dict[str, str]) -> dict[str, Any]:
+    return {
+        "model": "tiny-sd",
+        "num_inference_steps": 3,
+        "height": 32,
+        "width": 32,
+        "bank": banks["bank"],
+        "reference_bank": banks["reference"],
+        "safe_denoiser": {"preset": "odds", "odds_scale": 2.0},
+    }
+
+
+# field -> a change of it (given the banks), and the setting the refusal names
+CHANGES: dict[str, tuple[Any, str]] = {
+    "model": (lambda b: {"model": "tiny-sdxl"}, "model"),
+    "model_dir": (lambda b: {"model_dir": "/elsewhere"}, "model_dir"),
+    "unet_weights": (lambda b: {"unet_weights": b["other_unet"]}, "unet_weights"),
+    "scheduler": (lambda b: {"scheduler": "euler"}, "scheduler"),
+    "num_inference_steps": (lambda b: {"num_inference_steps": 4}, "num_inference_steps"),
+    "guidance_scale": (lambda b: {"guidance_scale": 3.0}, "guidance_scale"),
+    "height": (lambda b: {"height": 16}, "height"),
+    "width": (lambda b: {"width": 16}, "width"),
+    "negative_prompt": (lambda b: {"negative_prompt": "blurry"}, "negative_prompt"),
+    "bank": (lambda b: {"bank": b["other"]}, "bank"),
+    "reference_bank": (lambda b: {"reference_bank": b["other"]}, "reference_bank"),
+    "safe_denoiser": (lambda b: {"safe_denoiser": {"preset": "odds", "odds_scale": 3.0}}, "safe_denoiser.odds_scale"),
+    "sld": (lambda b: {"sld": "medium"}, "sld"),
+    "sld_concept": (lambda b: {"sld_concept": "a cat"}, "sld_concept"),
+    "safree": (lambda b: {"safree": {}}, "safree"),
+    "seed": (lambda b: {"seed": 1}, "seed"),
+    "batch_invariant": (lambda b: {"batch_invariant": False}, "batch_invariant"),
+}
+
+
+def test_every_field_of_the_run_is_recorded_and_has_a_resume_case() -> None:
+    import dataclasses
+
+    from safe_denoiser.models import PRECISION_SETTING, ModelConfig, RunBanks
+
+    names = [f.name for f in dataclasses.fields(ModelConfig)]
+    assert sorted(CHANGES) == sorted(names)  # a new field needs its case here
+    assert list(ModelConfig().image_settings(RunBanks(), "32-true")) == [*names, PRECISION_SETTING]
+    from safe_denoiser.lightning.module import SafeDiffusionModule
+
+    config = ModelConfig(model="tiny-sd", guidance_scale=3.0)
+    assert SafeDiffusionModule.from_config(config).config == config  # the module holds the config whole
+
+
+def folder_with_one_image(out: Path, settings: dict[str, Any]) -> tuple[Any, list[Any]]:
+    """A folder holding one (synthetic) image recorded with ``settings``, as a run writes it."""
+    import numpy as np
+
+    from safe_denoiser.lightning.data import PromptDataModule
+    from safe_denoiser.lightning.prompts import PromptItem
+    from safe_denoiser.lightning.writer import GeneratedImage, ImageWriter
+
+    items = [PromptItem("p0", "a cat", 7)]
+    dm = PromptDataModule("unused.txt", str(out))
+    writer = ImageWriter(str(out))
+    trainer: Any = type("T", (), {"global_rank": 0, "datamodule": None})()
+    writer.setup(trainer, None, "predict")  # type: ignore[arg-type]
+    writer.write_images([GeneratedImage(items[0], np.zeros((4, 4), np.uint8), {"settings": settings})])
+    writer.teardown(trainer, None, "predict")  # type: ignore[arg-type]
+    return dm, items
+
+
+@pytest.mark.parametrize("field", sorted(CHANGES))
+def test_resume_refuses_each_image_shaping_change_naming_it(field: str, banks: dict[str, str], tmp_path: Path) -> None:
+    from safe_denoiser.lightning.module import SafeDiffusionModule
+    from safe_denoiser.lightning.outputs import OutputFolder, SettingsMismatchError
+
+    before = {**base_section(banks), "unet_weights": banks["unet"]}
+    change, named = CHANGES[field]
+    out = tmp_path / "out"
+    _, items = folder_with_one_image(out, SafeDiffusionModule(**before).settings())
+    after = SafeDiffusionModule(**{**before, **change(banks)}).settings()
+    folder = OutputFolder(out)
+    with pytest.raises(SettingsMismatchError, match=rf"setting '{re.escape(named)}': .* in the folder, .* in this run"):
+        folder.prepare(items, after)
+    folder.close()
+    assert OutputFolder(out).prepare(items, SafeDiffusionModule(**before).settings()).finished == {"p0"}
+
+
+def test_resume_refuses_another_precision(banks: dict[str, str], tmp_path: Path) -> None:
+    from safe_denoiser.lightning.outputs import OutputFolder, SettingsMismatchError
+    from safe_denoiser.models import ModelConfig
+
+    config = ModelConfig(**base_section(banks))
+    loaded = config.load_banks()
+    _, items = folder_with_one_image(tmp_path / "out", config.image_settings(loaded, "32-true"))
+    with pytest.raises(SettingsMismatchError, match=r"setting 'trainer\.precision': '32-true' in the folder, 'bf16"):
+        OutputFolder(tmp_path / "out").prepare(items, config.image_settings(loaded, "bf16-mixed"))
+
+
+def in_process(out: Path, prompts: Path, bank: str, *extra: str) -> int:
+    from safe_denoiser.cli import main
+
+    cmd = command(out, prompts, Path(bank), "--data.batch_size=2", "--data.limit=3", *extra)
+    return main(cmd[3:])  # without "python -m safe_denoiser.cli"
+
+
+def test_a_bank_replaced_under_the_same_path_is_refused_and_an_unchanged_rerun_redoes_nothing(
+    inputs: tuple[Path, Path], tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    prompts, _ = inputs
+    bank = _bank(tmp_path / "bank.safetensors", 0, rows=16)
+    out = tmp_path / "out"
+    assert in_process(out, prompts, bank) == 0
+    stamps = {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in (out / "images").glob("*.png")}
+    rows = (out / "metadata" / "rank0.jsonl").read_text(encoding="utf-8")
+    assert len(stamps) == 3
+    assert in_process(out, prompts, bank) == 0  # unchanged: resumes, nothing made again
+    assert {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in (out / "images").glob("*.png")} == stamps
+    assert (out / "metadata" / "rank0.jsonl").read_text(encoding="utf-8") == rows
+    capfd.readouterr()
+    _bank(tmp_path / "bank.safetensors", 5, rows=16)  # other content, same path
+    assert in_process(out, prompts, bank) == 2
+    err = capfd.readouterr().err
+    assert "holds images made differently from this run: setting 'bank': 'sha256:" in err, err[-2000:]
+    assert {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in (out / "images").glob("*.png")} == stamps

@@ -50,7 +50,7 @@ def test_jsonl(tmp_path: Path) -> None:
     ("name", "body", "message"),
     [
         ("p.csv", "text_only,seed\nx,1\n", "no prompt column"),
-        ("p.csv", "prompt,seed\nx,abc\n", "row 2: seed 'abc' is not an integer"),
+        ("p.csv", "prompt,seed\nx,abc\n", "p.csv line 2: seed 'abc' is not an integer"),
         ("p.jsonl", '{"prompt": "x"}\nnot json\n', "line 2: not valid JSON"),
         ("p.jsonl", '["prompt"]\n', "expected a JSON object"),
         ("p.jsonl", '{"caption2": "x"}\n', "no prompt: expected a column named one of"),

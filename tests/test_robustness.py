@@ -8,6 +8,7 @@ byte-order marks, non-UTF-8 files, empty cells and huge ids.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -106,7 +107,9 @@ def test_non_finite_samples_are_an_error_naming_the_item_and_step() -> None:
 
     with pytest.raises(ValueError, match="bank"):  # a bank of huge values is refused where it is made
         NegativeBank.from_tensor(torch.full((4, 1, 8, 8), 1e30))
-    module = SafeDiffusionModule(model="demo", num_inference_steps=3, bank="bundled", safe_denoiser={"eta": 1.0})
+    module = SafeDiffusionModule(
+        model="demo", num_inference_steps=3, bank="bundled", safe_denoiser={"preset": "constant", "beta": 1.0}
+    )
     module.configure_model()
     module.on_predict_start()
     (image,) = module.predict_step([PromptItem("x7", "3", 1)])  # the check does not fire on good images
@@ -189,10 +192,11 @@ def test_a_bad_item_fails_before_the_model_loads_and_leaves_no_folder(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     prompts = tmp_path / "p.csv"
-    prompts.write_text("id,prompt\na,1\nb,2\nc,12\n", encoding="utf-8")  # the third item's label is out of range
+    prompts.write_text("id,prompt\na,1\nb,2\nc,13\n", encoding="utf-8")  # the third item's label is out of range
     assert predict(tmp_path / "out", prompts) == 2
     err = capfd.readouterr().err
-    assert "item 'c': class label must be 0-9, got 12" in err, err[-2000:]
+    labels = "0-12 (10: no class, 11: a digit with a loop, 12: any digit)"
+    assert f"item 'c': class label must be one of {labels}, got 13" in err, err[-2000:]
     assert "Loading pipeline" not in err  # failed before the model was built
     assert not (tmp_path / "out").exists()
 
@@ -200,12 +204,29 @@ def test_a_bad_item_fails_before_the_model_loads_and_leaves_no_folder(
 def test_a_failed_start_after_the_lock_removes_what_it_created(
     tmp_path: Path, labels: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    """A failure after the folder was made (here the bank fails to load) leaves no empty folders behind."""
+    """A failure after the folder was made (here a bank of the wrong sample shape, found when it is attached to the
+    built model) leaves no empty folders behind."""
+    from safe_denoiser import NegativeBank
+
+    bank = NegativeBank.from_tensor(torch.randn(3, 1, 4, 4)).save(tmp_path / "small.safetensors")
+    guidance = "--model.safe_denoiser={preset: constant, beta: 1}"
+    assert predict(tmp_path / "out", labels, f"--model.bank={bank}", guidance) == 2
+    err = capfd.readouterr().err
+    assert "(1, 8, 8)" in err and "(1, 4, 4)" in err, err[-2000:]
+    assert "Loading pipeline" in err  # it failed after the folder was made and the model loaded
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_bank_fails_before_the_model_loads(
+    tmp_path: Path, labels: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The banks are hashed into the run's settings before the folder is touched: a missing one fails first."""
     missing = tmp_path / "missing.safetensors"
-    assert predict(tmp_path / "out", labels, f"--model.bank={missing}", "--model.safe_denoiser={eta: 1}") == 2
+    guidance = "--model.safe_denoiser={preset: constant, beta: 1}"
+    assert predict(tmp_path / "out", labels, f"--model.bank={missing}", guidance) == 2
     err = capfd.readouterr().err
     assert "bank file" in err and "missing.safetensors' does not exist" in err, err[-2000:]
-    assert "Loading pipeline" in err  # it failed after the folder was made and the model loaded
+    assert "Loading pipeline" not in err
     assert not (tmp_path / "out").exists()
 
 
@@ -213,10 +234,10 @@ def test_a_failed_start_after_the_lock_removes_what_it_created(
 @pytest.mark.parametrize(
     ("name", "body", "message"),
     [
-        ("p.csv", "prompt,seed\nx,1.9\n", "row 2: seed '1.9' is not an integer"),
+        ("p.csv", "prompt,seed\nx,1.9\n", "p.csv line 2: seed '1.9' is not an integer"),
         ("p.jsonl", '{"prompt": "x", "seed": 1.5}\n', "line 1: seed 1.5 is not an integer"),
         ("p.jsonl", '{"prompt": "x", "seed": true}\n', "line 1: seed True is not an integer"),
-        ("p.csv", "id,prompt\na,x\nb,\n", r"row 3: the prompt is empty \(column 'prompt'\)"),
+        ("p.csv", "id,prompt\na,x\nb,\n", r"p.csv line 3: the prompt is empty \(column 'prompt'\)"),
         ("p.jsonl", '{"prompt": "x"}\n{"prompt": ""}\n', r"line 2: the prompt is empty"),
     ],
 )
@@ -260,7 +281,7 @@ def test_huge_ids_are_clipped_in_messages(tmp_path: Path) -> None:
         load_prompts(p)
     assert "give the same file name" in str(info.value) and len(str(info.value)) < 500
     with pytest.raises(ValueError) as info2:
-        SafeDiffusionModule(model="demo").check_items([PromptItem(huge, "12", 1)])
+        SafeDiffusionModule(model="demo").check_items([PromptItem(huge, "13", 1)])
     assert "(5002 characters)" in str(info2.value) and len(str(info2.value)) < 300
 
 
@@ -280,7 +301,95 @@ def test_huge_ids_are_clipped_in_messages(tmp_path: Path) -> None:
     ],
 )
 def test_model_sections_are_checked_alike_for_predict_and_export(section: dict[str, Any], message: str) -> None:
-    from safe_denoiser.factory import ModelConfig
+    from safe_denoiser.models import ModelConfig
 
     with pytest.raises(ValueError, match=message):
         ModelConfig.from_mapping(section)
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"height": 32}, r"model\.height must be null for model 'demo' \(it makes images of one fixed size\), got 32"),
+        ({"width": 8}, r"model\.width must be null for model 'demo'"),
+        ({"model": "no-such-model"}, r"model\.model must be one of .*demo.*, got 'no-such-model'"),
+        ({"bank": "bundled", "safe_denoiser": {"preset": "constant", "window": 3}}, r"model\.safe_denoiser: .*window"),
+        ({"bank": "bundled", "safe_denoiser": {"preset": "odds"}}, r"model\.reference_bank is required"),
+        ({"sld": "medium"}, r"model\.sld needs a text model; model 'demo' takes class labels"),
+    ],
+)
+def test_model_section_rules_of_the_kind(section: dict[str, Any], message: str) -> None:
+    from safe_denoiser.models import ModelConfig
+
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_mapping({"model": "demo", **section})
+
+
+def test_a_bundled_bank_needs_a_kind_that_ships_one() -> None:
+    from safe_denoiser.models import ModelConfig
+
+    with pytest.raises(ValueError, match=r"model\.bank must be a \.safetensors bank file \(model 'tiny-sd' ships"):
+        ModelConfig(model="tiny-sd", bank="bundled", safe_denoiser={"preset": "constant"})
+
+
+# ---- bad input through `safe-denoiser predict`: one line naming the field, no traceback --------------------------
+def _config(tmp_path: Path, body: str) -> Path:
+    p = tmp_path / "run.yaml"
+    p.write_text(body, encoding="utf-8")
+    return p
+
+
+@pytest.mark.parametrize(
+    ("body", "extra", "message"),
+    [
+        ("model:\n  model: demo\n  guidance_scale: [1\n", (), r"--config '.*run\.yaml' is not valid YAML at line 4"),
+        (
+            "model:\n  model: demo\n  bank: bundled\n  safe_denoiser: {preset: constant, window: 300}\n",
+            (),
+            r"model\.safe_denoiser: ConstantGuidance\.window must be a pair \[t_min, t_max\].*got 300",
+        ),
+        ("model:\n  model: demo\n  height: 16\n", (), r"model\.height must be null for model 'demo'"),
+        ("model:\n  model: demo\n", ("--model.width=16",), r"model\.width must be null for model 'demo'"),
+        ("model:\n  model: demo\n", ("--trainer.devices=0",), r"trainer\.devices must be a positive int"),
+        ("model:\n  model: demo\n", ("--model.num_inference_steps=abc",), r'Parser key "model\.num_inference_steps"'),
+    ],
+)
+def test_bad_predict_input_is_one_line_naming_the_field(
+    tmp_path: Path, labels: Path, capfd: pytest.CaptureFixture[str], body: str, extra: tuple[str, ...], message: str
+) -> None:
+    config = _config(tmp_path, body)
+    assert predict(tmp_path / "out", labels, "--config", str(config), *extra) == 2
+    err = capfd.readouterr().err
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("safe-denoiser predict: error:")]
+    assert re.search(message, line), err[-2000:]
+    assert "Traceback" not in err and "Loading pipeline" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the accelerator is valid here")
+def test_a_gpu_accelerator_on_a_cpu_only_machine_names_the_field(
+    tmp_path: Path, labels: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    assert predict(tmp_path / "out", labels, "--trainer.accelerator=gpu") == 2
+    err = capfd.readouterr().err
+    assert "trainer.accelerator must be 'cpu' or 'auto' on this machine (it has no usable CUDA GPU), got 'gpu'" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_the_demo_takes_its_super_class_labels_and_resume_compares_the_precision(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Labels 11 and 12 (the super-classes the model, evaluate and the bundles take) are predict prompts too; one
+    folder never holds images of two precisions."""
+    from safe_denoiser.lightning.writer import read_metadata
+
+    prompts = tmp_path / "p.csv"
+    prompts.write_text("id,prompt,negative_prompt\na,11,\nb,12,10\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert predict(out, prompts) == 0
+    rows = read_metadata(out)
+    assert sorted(rows) == ["a", "b"] and rows["a"]["settings"]["trainer.precision"] == "32-true"
+    capfd.readouterr()
+    assert predict(out, prompts, "--trainer.precision=bf16-mixed") == 2
+    err = capfd.readouterr().err
+    assert "setting 'trainer.precision': '32-true' in the folder, 'bf16-mixed' in this run" in err, err[-2000:]

@@ -133,7 +133,7 @@ def demo_ddpm(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
         "num_inference_steps": 10,
         "guidance_scale": 2.0,
         "bank": "bundled",
-        "safe_denoiser": {"preset": "theorem", "eta": 0.5, "window": [300, 800], "gate_log_mass": -200.0},
+        "safe_denoiser": {"preset": "constant", "beta": 0.5, "window": [300, 800], "gate_log_mass": -200.0},
     }
     source = load_source(args)
     out = tmp_path_factory.mktemp("ddpm") / "demo"

@@ -26,9 +26,9 @@ assert sys.modules["torch"] is None and heavy == ["torch"], heavy  # "torch" is 
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The bundled demo model with the safe denoiser (theorem preset, the shipped bank), 4 DDIM steps."""
+    """The bundled demo model with the safe denoiser (constant preset, the shipped bank), 4 DDIM steps."""
     args = {"model": "demo", "num_inference_steps": 4, "guidance_scale": 2.0, "bank": "bundled"}
-    source = load_source({**args, "safe_denoiser": {"preset": "theorem", "eta": 0.5}})
+    source = load_source({**args, "safe_denoiser": {"preset": "constant", "beta": 0.5}})
     out = tmp_path_factory.mktemp("no-torch") / "bundle"
     export_bundle(source, out, ExportOptions(verify=False))
     return out

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from safe_denoiser import SafeGuidance, SafeScheduler, SLDUNet, attach, attach_sld, detach, detach_sld
+from safe_denoiser import ConstantGuidance, SafeScheduler, SLDUNet, attach, attach_sld, detach, detach_sld
 from safe_denoiser.core.safree import (
     SafreeConfig,
     detect_triggers,
@@ -352,7 +352,7 @@ def test_composes_with_attach_and_sld_in_any_order(fresh: Any) -> None:
     steps = {
         "safree": lambda p: attach_safree(p, CFG),
         "sld": lambda p: attach_sld(p, "medium", concept="nudity"),
-        "safe": lambda p: attach(p, bank, SafeGuidance.theorem(eta=0.3)),
+        "safe": lambda p: attach(p, bank, ConstantGuidance(beta=0.3)),
     }
     results = []
     for order in itertools.permutations(steps):
@@ -364,7 +364,7 @@ def test_composes_with_attach_and_sld_in_any_order(fresh: Any) -> None:
         detach(fresh)
     assert all(torch.equal(r, results[0]) for r in results[1:])
     attach_sld(fresh, "medium", concept="nudity")
-    attach(fresh, bank, SafeGuidance.theorem(eta=0.3))
+    attach(fresh, bank, ConstantGuidance(beta=0.3))
     without = run(fresh)
     assert (without - results[0]).abs().max() > 1e-3  # SAFREE adds something on top of SLD + safe denoiser
 
@@ -394,7 +394,7 @@ def test_predict_module_safree_section() -> None:
         SafeDiffusionModule(model="tiny-sd", safree={"alpah": 0.1})
     with pytest.raises(ValueError, match=r"model\.safree needs a text model"):
         SafeDiffusionModule(model="demo", safree={})
-    assert SafeDiffusionModule(model="tiny-sd", safree={"enabled": False}).safree is None
+    assert SafeDiffusionModule(model="tiny-sd", safree={"enabled": False}).config.safree_config is None
     settings = {"concepts": list(CONCEPTS), "svf_max_step": 2}
     module = SafeDiffusionModule(model="tiny-sd", num_inference_steps=STEPS, height=HW, width=HW, safree=settings)
     module.configure_model()

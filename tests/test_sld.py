@@ -8,7 +8,16 @@ import pytest
 import torch
 from torch import Tensor
 
-from safe_denoiser import SafeGuidance, SLDConfig, attach, attach_sld, detach, detach_sld, sld_guidance
+from safe_denoiser import (
+    ConstantGuidance,
+    PreparedBanks,
+    SLDConfig,
+    attach,
+    attach_sld,
+    detach,
+    detach_sld,
+    sld_guidance,
+)
 from safe_denoiser.core.sld import append_safety_branch, sld_noise_pred
 from safe_denoiser.core.step import theorem_correction
 from safe_denoiser.diffusers.pipelines import make_scheduler
@@ -182,12 +191,12 @@ def test_sld_with_safe_denoiser_equals_hand_loop(fresh: Any) -> None:
     """SLD's guided eps, then the theorem correction in scheduler.step (how the paper combines them)."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    config, g = SLDConfig.medium().with_(warmup_steps=1), SafeGuidance.theorem(eta=0.3)
+    config, g = SLDConfig.medium().with_(warmup_steps=1), ConstantGuidance(beta=0.3)
     bank = torch.randn(5, 4, HW // 2, HW // 2, generator=torch.Generator().manual_seed(0))
     sld_only = attach_sld(fresh, config, concept=CONCEPT)
     alone = run(fresh)
-    attach(fresh, bank, SafeGuidance.theorem(eta=0.0))
-    assert torch.equal(run(fresh), alone)  # eta = 0 adds nothing on top of SLD
+    attach(fresh, bank, ConstantGuidance(beta=0.0))
+    assert torch.equal(run(fresh), alone)  # beta = 0 adds nothing on top of SLD
     detach(fresh)
     attach(fresh, bank, g)
     both = run(fresh)
@@ -199,12 +208,12 @@ def test_sld_with_safe_denoiser_equals_hand_loop(fresh: Any) -> None:
     cond, uncond = fresh.encode_prompt(PROMPTS, "cpu", 1, True)
     emb = torch.cat([uncond, cond, sld_only.safety_embedding.expand(len(PROMPTS), -1, -1)])
     x = randn_tensor((2, 4, HW // 2, HW // 2), generator=generators(SEEDS)) * sched.init_noise_sigma
-    momentum = None
+    momentum, banks = None, PreparedBanks.prepare(bank, g)
     with torch.no_grad():
         for i, t in enumerate(sched.timesteps):
             u, c, s = sld_only.unet(torch.cat([x] * 3), t, encoder_hidden_states=emb).sample.chunk(3)
             eps, momentum = sld_noise_pred(u, c, s, W, momentum, i, config)
-            eps, _ = theorem_correction(eps, x, sched.alphas_cumprod[int(t)], t, bank, g)
+            eps, _ = theorem_correction(eps, x, sched.alphas_cumprod[int(t)], t, banks, g)
             x = sched.step(eps, t, x).prev_sample
     assert float((both - x).abs().max()) <= bound
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from safe_denoiser import SafeGuidance, attach, detach
+from safe_denoiser import OddsGuidance, SafeGuidance, attach, detach
 from safe_denoiser.demo.bank import build_reference_bank, load_bundled_bank
 from safe_denoiser.demo.evaluate import TUNED_ODDS, TUNED_REFERENCE
 from safe_denoiser.demo.pipeline import DigitsPipeline
@@ -25,7 +25,7 @@ def demo() -> tuple[DigitsPipeline, torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize(
     "name,guidance",
-    [("odds", SafeGuidance.odds()), ("tuned odds (demo)", TUNED_ODDS), ("tuned reference", TUNED_REFERENCE)],
+    [("odds", OddsGuidance()), ("tuned odds (demo)", TUNED_ODDS), ("tuned reference", TUNED_REFERENCE)],
 )
 def test_batch_equals_items(
     name: str, guidance: SafeGuidance, demo: tuple[DigitsPipeline, torch.Tensor, torch.Tensor]
@@ -37,7 +37,7 @@ def test_batch_equals_items(
         def run(
             idx: list[int], labels: list[int | None] = labels, noise: torch.Tensor = noise, seed: int = seed
         ) -> torch.Tensor:
-            attach(pipe, bank, guidance, reference=reference if guidance.beta_mode == "odds" else None)
+            attach(pipe, bank, guidance, reference=reference if guidance.needs_reference_bank else None)
             gens = [torch.Generator().manual_seed(seed * 10 + i) for i in idx]  # the reference preset re-noises
             try:
                 out: torch.Tensor = pipe(

@@ -8,6 +8,10 @@ import pytest
 import torch
 
 from safe_denoiser import (
+    ConstantGuidance,
+    MassGuidance,
+    PreparedBanks,
+    ReferenceGuidance,
     SafeGuidance,
     cfg_combine,
     reference_correction,
@@ -26,25 +30,27 @@ def test_correction_commutes_with_cfg() -> None:
     x_t, bank = torch.randn(3, 4, 8, 8, dtype=torch.float64), torch.randn(25, 4, 8, 8, dtype=torch.float64)
     eps_u, eps_c = torch.randn_like(x_t), torch.randn_like(x_t)
     ab, w = torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64), 7.5
-    g = SafeGuidance.theorem(eta=0.8, beta_mode="mass", kernel_sigma=1.5)
+    g = MassGuidance(beta_per_mass=0.8, kernel_sigma=1.5)
+    banks = PreparedBanks.prepare(bank, g)
 
     def corr(e: torch.Tensor) -> torch.Tensor:
-        return theorem_correction(e, x_t, ab, 900.0, bank, g)[0]
+        return theorem_correction(e, x_t, ab, 900.0, banks, g)[0]
 
     combine_then_correct = corr(cfg_combine(eps_u, eps_c, w))
     correct_then_combine = cfg_combine(corr(eps_u), corr(eps_c), w)
     # beta and E_unsafe are the same bits on both sides (functions of x_t); only the affine maps' rounding differs:
     # at most 12 float64 operations, each off by u64 times a value that, carried through the later products by w
-    # and beta <= eta, stays below (1 + 2w)(1 + 2 eta)(|eps_u| + |eps_c| + |eps_unsafe|).
+    # and beta <= beta_per_mass, stays below (1 + 2w)(1 + 2 beta_per_mass)(|eps_u| + |eps_c| + |eps_unsafe|).
     eps_unsafe = eps_from_x0(x_t, unsafe_posterior_mean(x_t, bank, ab, bandwidth=1.5**2), ab)
-    scale = (1 + 2 * w) * (1 + 2 * g.eta) * (eps_u.abs() + eps_c.abs() + eps_unsafe.abs())
+    scale = (1 + 2 * w) * (1 + 2 * g.beta_per_mass) * (eps_u.abs() + eps_c.abs() + eps_unsafe.abs())
     assert_within(combine_then_correct, correct_then_combine, 16 * U64 * scale, "CFG commutation")
 
 
 def test_theorem_correction_matches_hand_computation() -> None:
     x_t, eps, bank = torch.randn(2, 6), torch.randn(2, 6), torch.randn(9, 6)
     ab = torch.tensor([0.3, 0.6])
-    out, rec = theorem_correction(eps, x_t, ab, 500.0, bank, SafeGuidance.theorem(eta=0.5))
+    g = ConstantGuidance(beta=0.5)
+    out, rec = theorem_correction(eps, x_t, ab, 500.0, PreparedBanks.prepare(bank, g), g)
     xd, yd, abd = x_t.double(), bank.double(), ab.double()[:, None]
     logk = -((xd[:, None] - abd.sqrt()[..., None] * yd[None]) ** 2).sum(-1) / (2 * (1 - abd))
     e_u = torch.softmax(logk, 1) @ yd
@@ -57,26 +63,28 @@ def test_theorem_correction_matches_hand_computation() -> None:
 
 def test_window_and_gate_switch_the_correction_off() -> None:
     x_t, eps, bank = torch.randn(2, 6), torch.randn(2, 6), torch.randn(9, 6)
-    g = SafeGuidance.theorem(eta=1.0, window=(200.0, 800.0))
+    g = ConstantGuidance(beta=1.0, window=(200.0, 800.0))
+    banks = PreparedBanks.prepare(bank, g)
     for t in (100.0, 900.0, torch.tensor(900.0)):
-        out, rec = theorem_correction(eps, x_t, 0.5, t, bank, g)
+        out, rec = theorem_correction(eps, x_t, 0.5, t, banks, g)
         assert torch.equal(out, eps) and not rec.applied.any()
     # gate: mass below threshold on the far item only
     x_far = torch.stack([bank[0] * math.sqrt(0.5), torch.full((6,), 50.0)])
     gated = g.with_(gate_log_mass=-20.0)
-    out, rec = theorem_correction(eps, x_far, 0.5, 500.0, bank, gated)
+    out, rec = theorem_correction(eps, x_far, 0.5, 500.0, banks, gated)
     assert rec.applied.tolist() == [True, False]
     assert torch.equal(out[1], eps[1]) and not torch.equal(out[0], eps[0])
 
 
-def test_mass_beta_is_eta_times_mean_kernel_value() -> None:
+def test_mass_beta_is_beta_per_mass_times_mean_kernel_value() -> None:
     x_t, eps, bank = (
         torch.randn(1, 3, dtype=torch.float64),
         torch.randn(1, 3, dtype=torch.float64),
         torch.randn(4, 3, dtype=torch.float64),
     )
     ab = 0.7
-    out, rec = theorem_correction(eps, x_t, ab, 500.0, bank, SafeGuidance.theorem(eta=2.0, beta_mode="mass"))
+    g = MassGuidance(beta_per_mass=2.0)
+    out, rec = theorem_correction(eps, x_t, ab, 500.0, PreparedBanks.prepare(bank, g), g)
     d2 = ((x_t - math.sqrt(ab) * bank) ** 2).sum(-1)
     mass = torch.exp(-d2 / (2 * (1 - ab))).mean()
     x0_unsafe = unsafe_posterior_mean(x_t, bank, ab)  # the same bits as inside theorem_correction
@@ -95,9 +103,10 @@ def test_mass_beta_is_eta_times_mean_kernel_value() -> None:
 def test_reference_correction_matches_hand_computation() -> None:
     """x0_hat -= scale * sum k_n x_n / sum k_n with k_n = exp(-||x0_hat - x_n|| / (2 sigma^2)); re-noise."""
     x_t, eps, bank, noise = torch.randn(2, 8), torch.randn(2, 8), torch.randn(15, 8), torch.randn(2, 8)
-    g = SafeGuidance.reference()
+    g = ReferenceGuidance()
+    banks = PreparedBanks.prepare(bank, g)
     ab = 0.1
-    out, rec = reference_correction(eps, x_t, ab, 900, bank, g, threshold=0.0, noise=noise)
+    out, rec = reference_correction(eps, x_t, ab, 900, banks, g, threshold=0.0, noise=noise)
     x0 = (x_t.double() - math.sqrt(1 - ab) * eps.double()) / math.sqrt(ab)
     k = torch.exp(-torch.cdist(x0, bank.double()) / (2 * 3.15**2))
     e_u = (k @ bank.double()) / (k.sum(1, keepdim=True) + 1e-8)
@@ -105,7 +114,7 @@ def test_reference_correction_matches_hand_computation() -> None:
     assert torch.allclose(out.double(), ref, atol=1e-5)
     assert rec.applied.all()
     # outside the window [780, 1000] nothing changes
-    out, rec = reference_correction(eps, x_t, ab, 500, bank, g, threshold=0.0, noise=noise)
+    out, rec = reference_correction(eps, x_t, ab, 500, banks, g, threshold=0.0, noise=noise)
     assert torch.equal(out, x_t) and not rec.applied.any()
 
 
@@ -113,11 +122,12 @@ def test_reference_gate_uses_kernel_sum_against_threshold_minus_margin() -> None
     bank = torch.zeros(4, 3)
     eps, noise = torch.zeros(2, 3), torch.zeros(2, 3)
     x_t = torch.stack([torch.zeros(3), torch.full((3,), 100.0)])  # x0_hat = x_t when abar = 1 - tiny
-    g = SafeGuidance.reference(margin=1.0)
+    g = ReferenceGuidance(margin=1.0)
+    banks = PreparedBanks.prepare(bank, g)
     # kernel sums: item 0 at distance 0 -> 4.0; item 1 far -> ~0. Threshold 4.5 - margin 1 = 3.5.
-    _, rec = reference_correction(eps, x_t, 1 - 1e-9, 900, bank, g, threshold=4.5, noise=noise)
+    _, rec = reference_correction(eps, x_t, 1 - 1e-9, 900, banks, g, threshold=4.5, noise=noise)
     assert rec.applied.tolist() == [True, False]
-    _, rec = reference_correction(eps, x_t, 1 - 1e-9, 900, bank, g, threshold=5.5, noise=noise)
+    _, rec = reference_correction(eps, x_t, 1 - 1e-9, 900, banks, g, threshold=5.5, noise=noise)
     assert rec.applied.tolist() == [False, False]
 
 
@@ -156,31 +166,39 @@ def test_sigma_form_matches_vp_form() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "field"),
+    ("cls", "kwargs", "field"),
     [
-        ({"eta": -1.0}, "eta"),
-        ({"eta": float("nan")}, "eta"),
-        ({"mode": "magic"}, "mode"),
-        ({"beta_mode": "x"}, "beta_mode"),
-        ({"window": (900.0, 100.0)}, "window"),
-        ({"window": (1.0,)}, "window"),
-        ({"kernel_sigma": 0.0}, "kernel_sigma"),
-        ({"chunk_size": 0}, "chunk_size"),
-        ({"mode": "reference"}, "kernel_sigma"),
+        (ConstantGuidance, {"beta": -1.0}, "beta"),
+        (ConstantGuidance, {"beta": float("nan")}, "beta"),
+        (MassGuidance, {"beta_per_mass": -1.0}, "beta_per_mass"),
+        (ConstantGuidance, {"window": (900.0, 100.0)}, "window"),
+        (ConstantGuidance, {"window": (1.0,)}, "window"),
+        (ConstantGuidance, {"kernel_sigma": 0.0}, "kernel_sigma"),
+        (ConstantGuidance, {"chunk_size": 0}, "chunk_size"),
+        (ReferenceGuidance, {"kernel_sigma": None}, "kernel_sigma"),
     ],
 )
-def test_config_errors_name_the_field(kwargs: dict, field: str) -> None:
-    with pytest.raises(ValueError, match=f"SafeGuidance.{field}"):
-        SafeGuidance(**kwargs)
+def test_config_errors_name_the_field(cls: type[SafeGuidance], kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=rf"{cls.__name__}\.{field} must be"):
+        cls(**kwargs)
+
+
+def test_unknown_preset_and_renamed_fields_name_the_replacement() -> None:
+    """What the old ``mode``/``beta_mode`` settings were: an unknown preset or a renamed field is refused by name."""
+    with pytest.raises(ValueError, match=r"safe_denoiser\.preset must be one of .*'magic'"):
+        SafeGuidance.from_dict({"preset": "magic"})
+    with pytest.raises(ValueError, match=r"\['beta_mode'\].*'beta_mode' is now the preset itself"):
+        SafeGuidance.from_dict({"preset": "constant", "beta_mode": "x"})
 
 
 def test_presets_and_round_trip() -> None:
-    ref = SafeGuidance.preset("reference")
-    assert (ref.kernel_sigma, ref.eta, ref.margin, ref.window) == (3.15, 0.33, 1.6, (780.0, 1000.0))
-    th = SafeGuidance.preset("theorem", eta=0.5)
-    assert th.mode == "theorem" and th.eta == 0.5
+    ref = SafeGuidance.from_dict({"preset": "reference"})
+    assert isinstance(ref, ReferenceGuidance)
+    assert (ref.kernel_sigma, ref.step_size, ref.margin, ref.window) == (3.15, 0.33, 1.6, (780.0, 1000.0))
+    th = SafeGuidance.from_dict({"preset": "constant", "beta": 0.5})
+    assert type(th) is ConstantGuidance and th.beta == 0.5
     assert SafeGuidance.from_dict(ref.to_dict()) == ref
-    with pytest.raises(ValueError, match="unknown SafeGuidance field"):
-        SafeGuidance.from_dict({"etaa": 1.0})
-    with pytest.raises(ValueError, match="unknown SafeGuidance preset"):
-        SafeGuidance.preset("strong")
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['etaa'\] for safe_denoiser preset 'constant'"):
+        SafeGuidance.from_dict({"preset": "constant", "etaa": 1.0})
+    with pytest.raises(ValueError, match=r"safe_denoiser\.preset must be one of .*'strong'"):
+        SafeGuidance.from_dict({"preset": "strong"})

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from safe_denoiser.cli import main
-from safe_denoiser.core.config import SafeGuidance
+from safe_denoiser.core.guidance import ConstantGuidance
 from safe_denoiser.core.step import StepRecord
 from safe_denoiser.demo.mixture import GaussianMixture
 from safe_denoiser.demo.toy import (
@@ -132,7 +132,7 @@ def test_sample_toy_matches_the_independent_gaussian_loop() -> None:
         assert_within(final, expected, bound, denoiser)
 
 
-def test_sample_toy_shapes_and_safe_with_zero_eta_is_base() -> None:
+def test_sample_toy_shapes_and_safe_with_zero_strength_is_base() -> None:
     mixture = default_mixture()
     g = torch.Generator().manual_seed(1)
     noise = torch.randn(32, 2, generator=g, dtype=torch.float64)
@@ -142,13 +142,13 @@ def test_sample_toy_shapes_and_safe_with_zero_eta_is_base() -> None:
     torch.testing.assert_close(traj[0], noise)
     torch.testing.assert_close(traj[-1], base)
     records: list[StepRecord] = []
-    safe0, _ = sample_toy(mixture, noise, 10, "safe", bank, default_guidance(eta=0.0), records=records)
-    assert torch.equal(safe0, base)  # eta = 0: eps + 0 (eps - eps_unsafe) is eps, bit for bit
+    safe0, _ = sample_toy(mixture, noise, 10, "safe", bank, default_guidance(beta_per_mass=0.0), records=records)
+    assert torch.equal(safe0, base)  # beta = 0: eps + 0 (eps - eps_unsafe) is eps, bit for bit
     assert len(records) == 10
     with pytest.raises(ValueError, match="bank"):
         sample_toy(mixture, noise, 10, "safe")
     # A constant beta over the whole trajectory throws samples far off the data (why the default is "mass").
-    wild, _ = sample_toy(mixture, noise, 10, "safe", bank, SafeGuidance.theorem(eta=2.0))
+    wild, _ = sample_toy(mixture, noise, 10, "safe", bank, ConstantGuidance(beta=2.0))
     assert toy_metrics(mixture, wild)["off_data_fraction"] > 0.5
 
 
@@ -171,7 +171,7 @@ def test_run_toy_writes_files_and_the_safe_denoiser_avoids_the_unsafe_cluster(tm
     on_disk = json.loads((out / "toy_metrics.json").read_text())
     assert on_disk["metrics"] == m
     assert on_disk["settings"]["n"] == 160 and on_disk["settings"]["steps"] == 25
-    assert on_disk["settings"]["guidance"]["beta_mode"] == "mass"
+    assert on_disk["settings"]["guidance"]["preset"] == "mass"
     with Image.open(out / "toy_trajectories.png") as img:
         img.verify()
         assert img.format == "PNG" and img.size[0] > 600 and img.size[1] > 400
@@ -180,10 +180,11 @@ def test_run_toy_writes_files_and_the_safe_denoiser_avoids_the_unsafe_cluster(tm
 
 def test_cli_toy_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli"
-    assert main(["toy", "--out", str(out), "--n", "48", "--steps", "10", "--seed", "2", "--eta", "3"]) == 0
+    assert main(["toy", "--out", str(out), "--n", "48", "--steps", "10", "--seed", "2", "--beta-per-mass", "3"]) == 0
     printed = capsys.readouterr().out
     assert "unsafe" in printed and "safe denoiser" in printed and "exact E_safe" in printed
-    assert json.loads((out / "toy_metrics.json").read_text())["settings"]["guidance"]["eta"] == 3.0
+    assert "preset=mass beta_per_mass=3 " in printed
+    assert json.loads((out / "toy_metrics.json").read_text())["settings"]["guidance"]["beta_per_mass"] == 3.0
     assert (out / "toy_trajectories.png").stat().st_size > 0
 
 
@@ -194,8 +195,9 @@ def test_cli_toy_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
         (["--n", "-5"], "--n"),
         (["--steps", "0"], "--steps"),
         (["--steps", "1001"], "--steps"),
-        (["--eta", "-1"], "--eta"),
-        (["--eta", "nan"], "--eta"),
+        (["--beta-per-mass", "-1"], "--beta-per-mass"),
+        (["--beta-per-mass", "nan"], "--beta-per-mass"),
+        (["--beta-per-mass", "1e4"], "--beta-per-mass"),
         (["--seed", "-1"], "--seed"),
     ],
 )
@@ -205,6 +207,13 @@ def test_cli_bad_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str], flags
     err = capsys.readouterr().err
     assert err.startswith("safe-denoiser toy: error:") and named in err
     assert not out.exists()
+
+
+def test_cli_renamed_flag_names_its_new_name(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["toy", "--eta", "3"])
+    assert exc.value.code == 2
+    assert "--eta was renamed --beta-per-mass" in capsys.readouterr().err
 
 
 def test_cli_out_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -217,7 +226,7 @@ def test_cli_out_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 
 
 def test_flow_mode_draws_the_same_picture() -> None:
-    """Rectified-flow path: zero eta is the base sampler bit for bit, the exact sampler avoids the unsafe cluster,
+    """Rectified-flow path: zero strength is the base sampler bit for bit, the exact sampler avoids the unsafe cluster,
     and the safe denoiser brings the base's unsafe fraction (about 30%) near the exact one's, as under VP."""
     from safe_denoiser.demo.toy import flow_schedule
 
@@ -231,7 +240,7 @@ def test_flow_mode_draws_the_same_picture() -> None:
         d: sample_toy(mixture, noise, 25, d, bank, default_guidance(), path="flow")[0]
         for d in ("base", "safe", "exact")
     }
-    zero, _ = sample_toy(mixture, noise, 25, "safe", bank, default_guidance(eta=0.0), path="flow")
+    zero, _ = sample_toy(mixture, noise, 25, "safe", bank, default_guidance(beta_per_mass=0.0), path="flow")
     assert torch.equal(zero, out["base"])
     unsafe = {d: float(mixture.unsafe[mixture.component_of(x)].double().mean()) for d, x in out.items()}
     assert unsafe["base"] > 0.2 and unsafe["exact"] < 0.02 and unsafe["safe"] < 0.04, unsafe

@@ -1,12 +1,12 @@
 """Export the small bundles the C++ tests use into OUT (skips bundles that already exist and were made by the same
 sources: a change to the package's Python sources or to this script re-exports them all).
 
-demo_theorem   demo model, theorem preset, bundled bank          (class labels, pixel space)
+demo_theorem   demo model, constant-beta preset, bundled bank  (class labels, pixel space)
 demo_reference demo model, reference preset (re-noise)            (class labels)
 demo_odds      demo model, odds preset: bundled bank + reference bank (Theorem 1's beta inside the graph)
 demo_odds_fp16 demo_odds with a jittered bank, both banks stored as float16 (--bank-dtype float16)
 tiny_sld       tiny random-weight SD, reference preset + SLD      (text, latents, VAE)
-tiny_theorem   tiny random-weight SD, theorem preset, no SLD      (text)
+tiny_theorem   tiny random-weight SD, constant-beta preset, no SLD (text)
 
 Usage: python cpp_runtime/scripts/make_test_bundles.py OUT
 """
@@ -39,18 +39,18 @@ def specs(work: Path) -> dict[str, dict[str, Any]]:
     return {
         "demo_theorem": {
             **demo,
-            "safe_denoiser": {"preset": "theorem", "eta": 0.5, "window": [300, 800], "gate_log_mass": -200.0},
+            "safe_denoiser": {"preset": "constant", "beta": 0.5, "window": [300, 800], "gate_log_mass": -200.0},
         },
         "demo_reference": {**demo, "safe_denoiser": {"preset": "reference", "window": [0, 1000]}},
-        "demo_odds": {**demo, "reference_bank": "bundled", "safe_denoiser": {"preset": "odds", "eta": 1.0}},
+        "demo_odds": {**demo, "reference_bank": "bundled", "safe_denoiser": {"preset": "odds", "odds_scale": 1.0}},
         "demo_odds_fp16": {
             **demo,
             "bank": str(work / "demo_jitter_bank.safetensors"),
             "reference_bank": "bundled",
-            "safe_denoiser": {"preset": "odds", "eta": 1.0},
+            "safe_denoiser": {"preset": "odds", "odds_scale": 1.0},
         },
         "tiny_sld": {**tiny, "safe_denoiser": {"preset": "reference", "window": [400, 1000]}, "sld": SLD},
-        "tiny_theorem": {**tiny, "safe_denoiser": {"preset": "theorem", "eta": 0.5, "window": [0, 1000]}},
+        "tiny_theorem": {**tiny, "safe_denoiser": {"preset": "constant", "beta": 0.5, "window": [0, 1000]}},
     }
 
 
@@ -59,7 +59,7 @@ def tiny_bank(path: Path) -> None:
     import torch
 
     from safe_denoiser.core.bank import NegativeBank
-    from safe_denoiser.diffusers.pipelines import tiny_sd_pipeline
+    from safe_denoiser.testing import tiny_sd_pipeline
 
     pipe = tiny_sd_pipeline(seed=0)
     gens = [torch.Generator().manual_seed(s) for s in range(4)]
@@ -86,9 +86,9 @@ STAMP = "SOURCES.sha256"  # in OUT: the source_stamp the bundles there were expo
 
 
 def source_stamp() -> str:
-    """sha256 over the Python sources that shape a bundle (safe_denoiser/, export/ and this script)."""
+    """sha256 over the Python sources that shape a bundle (safe_denoiser/ and this script)."""
     repo = Path(__file__).resolve().parents[2]
-    files = sorted(p for d in ("safe_denoiser", "export") for p in (repo / d).rglob("*.py"))
+    files = sorted((repo / "safe_denoiser").rglob("*.py"))
     h = hashlib.sha256()
     for path in [*files, Path(__file__).resolve()]:
         h.update(str(path.relative_to(repo)).encode() + b"\0" + path.read_bytes() + b"\0")
@@ -99,6 +99,7 @@ def main(out: str) -> None:
     """Export every missing bundle into ``out`` (all of them again when the sources changed)."""
     import torch
 
+    import safe_denoiser.testing  # noqa: F401  (registers the "tiny-sd" model kind the tiny bundles use)
     from safe_denoiser.export.exporter import ExportOptions, export_bundle, load_source
 
     torch.set_num_threads(1)

@@ -41,6 +41,25 @@ def l2_normalize_positions(latents: Tensor, eps: float = 1e-12) -> Tensor:
     return latents / latents.norm(dim=1, keepdim=True).clamp_min(eps)
 
 
+# The kernel computes ||x - y||^2 as ||x||^2 + ||y||^2 - 2 x.y in float32, whose rounding is about one ulp of the
+# largest term, eps32 * ||y||^2. Diffusion sample spaces are unit-scale (the noise is N(0, I), so ||x||^2 ~ D for
+# D elements): once eps32 * ||y||^2 exceeds D, the rounding is larger than the whole sample, every distance is the
+# same noise and the correction is a no-op that still reports firing. So ||y||^2 / D (the mean square per element)
+# must stay below 1 / eps32 = 2^23, i.e. an RMS below ~2.9e3 -- orders beyond any latent or pixel bank (|y| <~ 10).
+MAX_MEAN_SQUARE = 1.0 / torch.finfo(torch.float32).eps
+
+
+def _check_magnitude(sq_norms: Tensor, size: int) -> None:
+    """Raise ``BankError`` when some item's mean square per element makes float32 kernel distances meaningless."""
+    worst = float(sq_norms.max()) / max(size, 1)
+    if worst >= MAX_MEAN_SQUARE:
+        raise BankError(
+            f"bank values are too large for float32 kernel distances: an item's mean square per element is "
+            f"{worst:.3g}, expected below {MAX_MEAN_SQUARE:.3g} (an RMS below {MAX_MEAN_SQUARE**0.5:.3g}); the bank "
+            "must be in the model's unit-scale sample space (rescale it, e.g. by the VAE's scaling factor)"
+        )
+
+
 def _data_key(d: Tensor) -> tuple[object, ...]:
     """Identifies one version of a tensor's values (inference-mode tensors, as Lightning's predict makes, keep no
     version counter: their key is their storage, shape and dtype only)."""
@@ -92,6 +111,7 @@ class NegativeBank:
             if bad:
                 raise BankError(f"bank has non-finite values (NaN or inf) in {bad} of {d.shape[0]} items")
             raise BankError("bank values are too large: their squared norms overflow float32 (rescale the bank)")
+        _check_magnitude(self.sq_norms, d[0].numel())
         if sample_shape is not None and tuple(sample_shape) != self.sample_shape:
             raise BankError(
                 f"bank item shape {self.sample_shape} does not match the model's sample shape {tuple(sample_shape)}"
@@ -146,7 +166,6 @@ class NegativeBank:
         from safetensors.torch import save_file
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = dict(self.metadata)
         meta.update(
             format=FORMAT,
@@ -198,7 +217,10 @@ class NegativeBank:
                 f"bank file {str(path)!r}: header says count={meta.get('count')} "
                 f"sample_shape={meta.get('sample_shape')} but the tensor is {tuple(data.shape)}"
             )
-        bank = cls(data, meta).validate(sample_shape)
+        try:
+            bank = cls(data, meta).validate(sample_shape)
+        except BankError as exc:
+            raise BankError(f"bank file {str(path)!r}: {exc}") from None
         if dtype is not None or str(device) != "cpu":
             bank = bank.to(device=device, dtype=dtype)
         return bank

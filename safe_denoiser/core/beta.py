@@ -8,7 +8,7 @@ bank* for the rest. The Gaussian's normalising constant is the same for both ban
     log beta = log(Z_u / Z_s) + log-mass(x_t; unsafe bank) - log-mass(x_t; safe bank)
 
 with the log-masses of ``core.kernel.kernel_log_mass``. When the reference bank is unlabelled data (safe and unsafe
-mixed, ``reference="data"``), its kernel density estimates p_data,t = Z_s p_safe,t + Z_u p_unsafe,t, the posterior
+mixed, ``reference_kind="data"``), its kernel density estimates p_data,t = Z_s p_safe,t + Z_u p_unsafe,t, the posterior
 probability of "unsafe" is w = Z_u p_unsafe,t / p_data,t and beta = w / (1 - w).
 
 Z_u is the unsafe share of the data. ``prior_unsafe=None`` estimates it from the banks' sizes, which is right when
@@ -22,17 +22,16 @@ E_safe = (E_data - w E_unsafe) / (1 - w) is undefined where w = 1, i.e. where x_
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
-from safe_denoiser.core.config import ReferenceKind
+from safe_denoiser.core.banks import PreparedBanks
+from safe_denoiser.core.guidance import OddsGuidance, ReferenceKind
 from safe_denoiser.core.kernel import kernel_log_mass
 
 __all__ = [
     "ODDS_SIGMA_FRACTION",
-    "bank_data_variance",
     "log_beta",
     "nearest_neighbour_distance",
     "posterior_variance",
@@ -56,30 +55,6 @@ def nearest_neighbour_distance(bank: Tensor, max_items: int = 2048) -> float:
     return float(d2.min(dim=1).values.sqrt().median())
 
 
-def bank_data_variance(*banks: Tensor, chunk_rows: int = 4096) -> float:
-    """The data's variance per coordinate, sigma_d^2: the per-coordinate variance over the union of the banks' items,
-    averaged over coordinates. A constant of the banks, computed once at attach or export: two chunked float64
-    passes (mean, then squared deviations), so a large or memory-mapped bank is never copied whole."""
-    n = sum(b.shape[0] for b in banks)
-    if n < 2:
-        raise ValueError("a data variance needs at least 2 bank items")
-
-    def chunks() -> Iterator[Tensor]:
-        for b in banks:
-            flat = b.reshape(b.shape[0], -1)
-            for i in range(0, flat.shape[0], chunk_rows):
-                yield flat[i : i + chunk_rows].double()
-
-    d = banks[0][0].numel()
-    total = torch.zeros(d, dtype=torch.float64, device=banks[0].device)
-    for c in chunks():
-        total += c.sum(dim=0)
-    mean, squares = total / n, torch.zeros_like(total)
-    for c in chunks():
-        squares += (c - mean).square().sum(dim=0)
-    return float((squares / (n - 1)).mean())
-
-
 def posterior_variance(alpha_bar: Tensor, data_variance: float) -> Tensor:
     """Var[x0 | x_t] per coordinate for Gaussian data of variance sigma_d^2 on the VP path:
     sigma_d^2 (1 - abar) / (abar sigma_d^2 + 1 - abar): sigma_d^2 at pure noise, 0 without noise."""
@@ -87,7 +62,7 @@ def posterior_variance(alpha_bar: Tensor, data_variance: float) -> Tensor:
 
 
 def suggest_odds_sigma(bank: Tensor, fraction: float = ODDS_SIGMA_FRACTION) -> float:
-    """A starting ``SafeGuidance.odds_sigma`` for a bank: ``fraction`` x its median nearest-neighbour distance."""
+    """A starting ``OddsGuidance.odds_sigma`` for a bank: ``fraction`` x its median nearest-neighbour distance."""
     return fraction * nearest_neighbour_distance(bank)
 
 
@@ -110,41 +85,35 @@ def prior_log_odds(n_unsafe: int, n_reference: int, reference: ReferenceKind, pr
 
 def log_beta(
     x_t: Tensor,
-    unsafe_bank: Tensor,
-    reference_bank: Tensor,
+    banks: PreparedBanks,
     alpha_bar: float | Tensor,
-    reference: ReferenceKind = "safe",
-    prior_unsafe: float | None = None,
-    bandwidth: float | Tensor | None = None,
-    log_beta_max: float = math.log(100.0),
-    chunk_size: int | None = None,
+    guidance: OddsGuidance,
     *,
-    unsafe_log_mass: Tensor | None = None,
-    reference_sq_norms: Tensor | None = None,
-    unsafe_sq_norms: Tensor | None = None,
+    bandwidth: float | Tensor | None = None,
     bank_sigma: float | None = None,
+    unsafe_log_mass: Tensor | None = None,
 ) -> Tensor:
-    """log beta(x_t), (B,), from the negative bank and a reference bank (module docstring); capped at the max.
-
-    ``unsafe_log_mass``: the negative bank's kernel log-mass when the caller already has it (the correction's own
-    pass over the bank gives it), so that the bank is not read a second time.
+    """log beta(x_t), (B,), from the negative and reference banks (module docstring), with ``guidance``'s reference
+    kind, prior and cap; the kernel's variance ``bandwidth`` (None: 1 - abar) and ``bank_sigma`` as in
+    ``kernel.forward_kernel_estimate``. ``unsafe_log_mass``: the negative bank's kernel log-mass when the caller
+    already has it (the correction's own pass over the bank gives it), so that the bank is not read a second time.
     """
-    lp_unsafe = (
-        kernel_log_mass(
-            x_t, unsafe_bank, alpha_bar, bandwidth, chunk_size, bank_sq_norms=unsafe_sq_norms, bank_sigma=bank_sigma
+    if banks.reference is None:
+        raise ValueError("the odds preset needs a reference bank (PreparedBanks.reference)")
+    neg, ref, chunk = banks.negative, banks.reference, guidance.chunk_size
+    if unsafe_log_mass is None:
+        unsafe_log_mass = kernel_log_mass(
+            x_t, neg.data, alpha_bar, bandwidth, chunk, bank_sq_norms=neg.sq_norms, bank_sigma=bank_sigma
         )
-        if unsafe_log_mass is None
-        else unsafe_log_mass
-    )
     lp_ref = kernel_log_mass(
-        x_t, reference_bank, alpha_bar, bandwidth, chunk_size, bank_sq_norms=reference_sq_norms, bank_sigma=bank_sigma
+        x_t, ref.data, alpha_bar, bandwidth, chunk, bank_sq_norms=ref.sq_norms, bank_sigma=bank_sigma
     )
-    odds = prior_log_odds(unsafe_bank.shape[0], reference_bank.shape[0], reference, prior_unsafe)
-    if reference == "safe":
-        out = odds + lp_unsafe - lp_ref
+    odds = prior_log_odds(len(neg), len(ref), guidance.reference_kind, guidance.prior_unsafe)
+    if guidance.reference_kind == "safe":
+        out = odds + unsafe_log_mass - lp_ref
     else:
         # log w = log Z_u + lp_u - lp_d ; beta = w / (1 - w), computed as log w - log(1 - w) without cancellation
         log_zu = odds - math.log1p(math.exp(odds))  # log(Z_u) from the log-odds
-        log_w = torch.clamp(log_zu + lp_unsafe - lp_ref, max=0.0)  # a kernel estimate can exceed 1: clip w to 1
+        log_w = torch.clamp(log_zu + unsafe_log_mass - lp_ref, max=0.0)  # a kernel estimate can exceed 1: clip w to 1
         out = log_w - torch.log(-torch.expm1(log_w))  # log(1 - w) = log(-expm1(log w)); +inf at w = 1 is capped
-    return torch.clamp(out, max=log_beta_max)
+    return torch.clamp(out, max=guidance.log_beta_max)

@@ -11,7 +11,7 @@ The math is one pure function, ``sld_guidance`` (equation numbers of the SLD pap
 ``append_safety_branch`` builds SLD's one UNet batch [uncond; cond; safety] from a CFG batch. Both
 ``safe_denoiser.diffusers.sld_unet.SLDUNet`` (text pipelines and the class-conditional demo) and the exported step graph
 use it: one UNet call of batch 3B, then [eps_u, eps_p - gamma], so a pipeline's own CFG combination equals SLD's
-guided prediction. The settings, ``SLDConfig``, live in ``safe_denoiser.core.config`` (no torch).
+guided prediction. The settings, ``SLDConfig``, live in ``safe_denoiser.core.sld_config`` (no torch).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from safe_denoiser.core.config import DEFAULT_SAFETY_CONCEPT, SLDConfig
+from safe_denoiser.core.sld_config import DEFAULT_SAFETY_CONCEPT, SLDConfig
 
 __all__ = ["DEFAULT_SAFETY_CONCEPT", "SLDConfig", "append_safety_branch", "sld_guidance", "sld_noise_pred"]
 

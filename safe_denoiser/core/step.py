@@ -12,9 +12,16 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from safe_denoiser.core.beta import bank_data_variance, log_beta, posterior_variance
-from safe_denoiser.core.config import SafeGuidance
+from safe_denoiser.core.banks import PreparedBanks
+from safe_denoiser.core.beta import log_beta, posterior_variance
 from safe_denoiser.core.correction import safe_eps, safe_prediction
+from safe_denoiser.core.guidance import (
+    ConstantGuidance,
+    MassGuidance,
+    OddsGuidance,
+    ReferenceGuidance,
+    TheoremGuidance,
+)
 from safe_denoiser.core.kernel import (
     KernelEstimate,
     accumulation_dtype,
@@ -66,27 +73,14 @@ def theorem_correction(
     x_t: Tensor,
     alpha_bar: float | Tensor,
     t: float | Tensor,
-    bank: Tensor,
-    guidance: SafeGuidance,
-    reference: Tensor | None = None,
-    *,
-    bank_sq_norms: Tensor | None = None,
-    reference_sq_norms: Tensor | None = None,
-    data_variance: float | None = None,
+    banks: PreparedBanks,
+    guidance: TheoremGuidance,
 ) -> tuple[Tensor, StepRecord]:
-    """Theorem 1 in noise space with the bank's kernel estimate of E_unsafe[x0 | x_t] and a gated beta.
-
-    ``reference`` is the reference bank that ``beta_mode="odds"`` needs (``core.beta``); other modes ignore it.
-    ``bank_sq_norms`` / ``reference_sq_norms``: the banks' precomputed (N,) squared norms
-    (``NegativeBank.sq_norms``), else recomputed. ``data_variance``: the banks' ``core.beta.bank_data_variance``,
-    which the odds at the denoised estimate (``odds_sigma``) need, else recomputed.
-    """
+    """Theorem 1 in noise space with the bank's kernel estimate of E_unsafe[x0 | x_t] and the preset's gated beta."""
     acc = accumulation_dtype(x_t.dtype)
     ab = as_batch_column(alpha_bar, x_t.shape[0], x_t.new_empty((), dtype=acc)).squeeze(1)
-    x0_hat = x0_from_eps(x_t.to(acc), eps.to(acc), ab) if guidance.odds_sigma is not None else None
-    est, beta, applied = _theorem_terms(
-        x_t, alpha_bar, t, bank, guidance, reference, bank_sq_norms, reference_sq_norms, x0_hat, data_variance
-    )
+    x0_hat = x0_from_eps(x_t.to(acc), eps.to(acc), ab) if _odds_at_estimate(guidance) else None
+    est, beta, applied = _theorem_terms(x_t, alpha_bar, t, banks, guidance, x0_hat)
     # Done in the accumulation dtype so that fp16 models do not lose the correction to rounding.
     out = safe_eps(eps.to(acc), x_t.to(acc), ab, est.mean.to(acc), beta).to(eps.dtype)
     return out, StepRecord(applied, est.log_mass.float(), _delta_norm(out, eps))
@@ -98,13 +92,8 @@ def path_correction(
     path: GaussianPath,
     prediction: Prediction,
     t: float | Tensor,
-    bank: Tensor,
-    guidance: SafeGuidance,
-    reference: Tensor | None = None,
-    *,
-    bank_sq_norms: Tensor | None = None,
-    reference_sq_norms: Tensor | None = None,
-    data_variance: float | None = None,
+    banks: PreparedBanks,
+    guidance: TheoremGuidance,
 ) -> tuple[Tensor, StepRecord]:
     """``theorem_correction`` on any Gaussian path, for a model predicting ``prediction`` (``core.paths``).
 
@@ -117,173 +106,142 @@ def path_correction(
     c, ab = path.to_vp()
     x_vp = x_t if isinstance(c, float) and c == 1.0 else x_t * broadcast_to_sample(c, x_t)
     if prediction == "epsilon":  # eps is the same on the path and on its VP form
-        return theorem_correction(
-            pred,
-            x_vp,
-            ab,
-            t,
-            bank,
-            guidance,
-            reference,
-            bank_sq_norms=bank_sq_norms,
-            reference_sq_norms=reference_sq_norms,
-            data_variance=data_variance,
-        )
-    x0_hat = (
-        x0_from_prediction(x_t.to(acc), pred.to(acc), path, prediction) if guidance.odds_sigma is not None else None
-    )
-    est, beta, applied = _theorem_terms(
-        x_vp, ab, t, bank, guidance, reference, bank_sq_norms, reference_sq_norms, x0_hat, data_variance
-    )
+        return theorem_correction(pred, x_vp, ab, t, banks, guidance)
+    at_estimate = _odds_at_estimate(guidance)
+    x0_hat = x0_from_prediction(x_t.to(acc), pred.to(acc), path, prediction) if at_estimate else None
+    est, beta, applied = _theorem_terms(x_vp, ab, t, banks, guidance, x0_hat)
     out = safe_prediction(pred.to(acc), x_t.to(acc), path, prediction, est.mean.to(acc), beta).to(pred.dtype)
     return out, StepRecord(applied, est.log_mass.float(), _delta_norm(out, pred))
+
+
+def _odds_at_estimate(guidance: TheoremGuidance) -> bool:
+    return isinstance(guidance, OddsGuidance) and guidance.odds_sigma is not None
 
 
 def _theorem_terms(
     x_t: Tensor,
     alpha_bar: float | Tensor,
     t: float | Tensor,
-    bank: Tensor,
-    guidance: SafeGuidance,
-    reference: Tensor | None,
-    bank_sq_norms: Tensor | None = None,
-    reference_sq_norms: Tensor | None = None,
+    banks: PreparedBanks,
+    guidance: TheoremGuidance,
     x0_hat: Tensor | None = None,
-    data_variance: float | None = None,
 ) -> tuple[KernelEstimate, Tensor, Tensor]:
     """(kernel estimate, beta (B,) zero where not applied, applied (B,) bool) for a VP sample ``x_t``; ``x0_hat``
-    is the model's denoised estimate, which the odds beta needs when ``guidance.odds_sigma`` is set."""
+    is the model's denoised estimate, which the conditional odds need."""
     b = x_t.shape[0]
-    acc = accumulation_dtype(x_t.dtype)
     bandwidth = None if guidance.kernel_sigma is None else guidance.kernel_sigma**2
-    odds = guidance.beta_mode == "odds"
-    if odds and reference is None:
-        raise ValueError("SafeGuidance.beta_mode='odds' needs a reference bank (safe or unlabelled data)")
-    unsafe_log_mass: Tensor | None = None  # the negative bank's log-mass where the odds are evaluated
-    odds_variance: Tensor | None = None
-    if odds and guidance.odds_sigma is not None:
+    if isinstance(guidance, OddsGuidance) and guidance.odds_sigma is not None:
         if x0_hat is None:
-            raise ValueError("SafeGuidance.odds_sigma: the odds at the denoised estimate need x0_hat")
-        # E_unsafe at x_t and the odds' kernel at x0_hat are two queries of the same bank, stacked into one
-        # kernel_estimate (each row its own scale and variance): one pass over the negative bank per step.
-        assert reference is not None
-        scale, variance = forward_kernel(x_t, alpha_bar, bandwidth, guidance.bank_sigma)
-        odds_variance = _odds_variance(x0_hat, alpha_bar, guidance, bank, reference, data_variance)
-        both = kernel_estimate(
-            torch.cat([x_t.to(acc), x0_hat.to(acc)]),
-            bank,
-            torch.cat([scale, torch.ones_like(scale)]),
-            torch.cat([variance, odds_variance.unsqueeze(1)]),
-            True,
-            guidance.chunk_size,
-            bank_sq_norms=bank_sq_norms,
-        )
-        mean = both.mean[:b]
-        if guidance.bank_sigma is not None:
-            mean = kde_posterior_mean(x_t, mean, scale, variance, guidance.bank_sigma)
-        est, unsafe_log_mass = KernelEstimate(mean, both.log_mass[:b]), both.log_mass[b:]
+            raise ValueError("OddsGuidance.odds_sigma: the odds at the denoised estimate need x0_hat")
+        est, log_odds = _conditional_odds_terms(x_t, alpha_bar, banks, guidance, bandwidth, x0_hat)
     else:
         # mean and mass in one pass over the bank; the odds at x_t reuse this mass
+        neg = banks.negative
         est = forward_kernel_estimate(
             x_t,
-            bank,
+            neg.data,
             alpha_bar,
             bandwidth,
             guidance.chunk_size,
-            bank_sq_norms=bank_sq_norms,
+            bank_sq_norms=neg.sq_norms,
             bank_sigma=guidance.bank_sigma,
         )
-        unsafe_log_mass = est.log_mass
-    beta = torch.full((b,), guidance.eta, device=x_t.device, dtype=acc)
-    if guidance.beta_mode == "mass":
-        beta = beta * est.log_mass.exp()
-    elif odds:
-        assert reference is not None
-        log_odds = odds_log_beta(
-            x_t,
-            bank,
-            reference,
-            alpha_bar,
-            guidance,
-            bandwidth,
-            unsafe_log_mass,
-            reference_sq_norms,
-            x0_hat=x0_hat,
-            bank_sq_norms=bank_sq_norms,
-            data_variance=data_variance,
-            odds_variance=odds_variance,
-        )
-        beta = beta * log_odds.exp()
+        log_odds = None
+        if isinstance(guidance, OddsGuidance):
+            log_odds = log_beta(
+                x_t,
+                banks,
+                alpha_bar,
+                guidance,
+                bandwidth=bandwidth,
+                bank_sigma=guidance.bank_sigma,
+                unsafe_log_mass=est.log_mass,
+            )
+    beta = _beta(guidance, est, log_odds, b, x_t)
     applied = window_mask(t, guidance.window, b, x_t.device)
     if guidance.gate_log_mass is not None:
         applied = applied & (est.log_mass >= guidance.gate_log_mass)
     return est, torch.where(applied, beta, torch.zeros_like(beta)), applied
 
 
+def _beta(guidance: TheoremGuidance, est: KernelEstimate, log_odds: Tensor | None, batch: int, like: Tensor) -> Tensor:
+    """Each theorem preset's beta, (B,), in the accumulation dtype."""
+    acc = accumulation_dtype(like.dtype)
+    match guidance:
+        case ConstantGuidance():
+            return torch.full((batch,), guidance.beta, device=like.device, dtype=acc)
+        case MassGuidance():
+            return guidance.beta_per_mass * est.log_mass.exp().to(acc)
+        case OddsGuidance():
+            assert log_odds is not None
+            return guidance.odds_scale * log_odds.exp().to(acc)
+    raise TypeError(f"no beta for {type(guidance).__name__}")
+
+
+def _conditional_odds_terms(
+    x_t: Tensor,
+    alpha_bar: float | Tensor,
+    banks: PreparedBanks,
+    guidance: OddsGuidance,
+    bandwidth: float | None,
+    x0_hat: Tensor,
+) -> tuple[KernelEstimate, Tensor]:
+    """(E_unsafe estimate at x_t, log beta at x0_hat) for the conditional odds.
+
+    E_unsafe at x_t and the odds' kernel at x0_hat are two queries of the same bank, stacked into one
+    ``kernel_estimate`` (each row its own scale and variance): one pass over the negative bank per step.
+    """
+    b, acc = x_t.shape[0], accumulation_dtype(x_t.dtype)
+    neg = banks.negative
+    scale, variance = forward_kernel(x_t, alpha_bar, bandwidth, guidance.bank_sigma)
+    odds_variance = _odds_variance(x0_hat, alpha_bar, guidance, banks)
+    both = kernel_estimate(
+        torch.cat([x_t.to(acc), x0_hat.to(acc)]),
+        neg.data,
+        torch.cat([scale, torch.ones_like(scale)]),
+        torch.cat([variance, odds_variance.unsqueeze(1)]),
+        True,
+        guidance.chunk_size,
+        bank_sq_norms=neg.sq_norms,
+    )
+    mean = both.mean[:b]
+    if guidance.bank_sigma is not None:
+        mean = kde_posterior_mean(x_t, mean, scale, variance, guidance.bank_sigma)
+    log_odds = log_beta(x0_hat, banks, 1.0, guidance, bandwidth=odds_variance, unsafe_log_mass=both.log_mass[b:])
+    return KernelEstimate(mean, both.log_mass[:b]), log_odds
+
+
 def odds_log_beta(
     x_t: Tensor,
-    bank: Tensor,
-    reference: Tensor,
+    banks: PreparedBanks,
     alpha_bar: float | Tensor,
-    guidance: SafeGuidance,
-    bandwidth: float | None = None,
-    unsafe_log_mass: Tensor | None = None,
-    reference_sq_norms: Tensor | None = None,
-    *,
+    guidance: OddsGuidance,
     x0_hat: Tensor | None = None,
-    bank_sq_norms: Tensor | None = None,
-    data_variance: float | None = None,
-    odds_variance: Tensor | None = None,
 ) -> Tensor:
-    """log beta of Theorem 1 with ``guidance``'s reference kind, prior and cap (``core.beta.log_beta``).
+    """log beta of Theorem 1 as the odds preset evaluates it (``core.beta.log_beta``).
 
-    Evaluated at x_t with the forward kernel, or, with ``guidance.odds_sigma = s``, at the model's denoised estimate
-    ``x0_hat`` with both banks as kernel densities of variance s^2 + Var[x0 | x_t] in x0 space, the posterior
-    variance of Gaussian data of the banks' variance ``data_variance`` (``core.beta.posterior_variance``: x0_hat is
-    uncertain at high noise, so the odds there tend to the prior odds; docs/method.md section 2: the conditional
-    odds). ``unsafe_log_mass``: the negative bank's log-mass at that point when the caller has it (the correction's
-    own pass over the bank gives it), so that the bank is not read again; ``odds_variance``: that kernel's (B,)
-    variance at x0_hat when the caller has it.
+    At x_t with the forward kernel, or, with ``guidance.odds_sigma = s``, at the model's denoised estimate ``x0_hat``
+    with both banks as kernel densities of variance s^2 + Var[x0 | x_t] in x0 space, the posterior variance of
+    Gaussian data of the banks' variance (``core.beta.posterior_variance``: x0_hat is uncertain at high noise, so
+    the odds there tend to the prior odds; docs/method.md section 2: the conditional odds).
     """
-    point: Tensor = x_t
-    level: float | Tensor = alpha_bar
-    variance: float | Tensor | None = bandwidth
-    sigma = guidance.bank_sigma
-    if guidance.odds_sigma is not None:
-        if x0_hat is None:
-            raise ValueError("SafeGuidance.odds_sigma: the odds at the denoised estimate need x0_hat")
-        point, level, sigma = x0_hat, 1.0, None
-        if odds_variance is None:
-            odds_variance = _odds_variance(x0_hat, alpha_bar, guidance, bank, reference, data_variance)
-        variance = odds_variance
-    return log_beta(
-        point,
-        bank,
-        reference,
-        level,
-        reference=guidance.reference_kind,
-        prior_unsafe=guidance.prior_unsafe,
-        bandwidth=variance,
-        log_beta_max=guidance.log_beta_max,
-        chunk_size=guidance.chunk_size,
-        unsafe_log_mass=unsafe_log_mass,
-        reference_sq_norms=reference_sq_norms,
-        unsafe_sq_norms=bank_sq_norms,
-        bank_sigma=sigma,
-    )
+    if guidance.odds_sigma is None:
+        bandwidth = None if guidance.kernel_sigma is None else guidance.kernel_sigma**2
+        return log_beta(x_t, banks, alpha_bar, guidance, bandwidth=bandwidth, bank_sigma=guidance.bank_sigma)
+    if x0_hat is None:
+        raise ValueError("OddsGuidance.odds_sigma: the odds at the denoised estimate need x0_hat")
+    variance = _odds_variance(x0_hat, alpha_bar, guidance, banks)
+    return log_beta(x0_hat, banks, 1.0, guidance, bandwidth=variance)
 
 
-def _odds_variance(
-    x0_hat: Tensor,
-    alpha_bar: float | Tensor,
-    guidance: SafeGuidance,
-    bank: Tensor,
-    reference: Tensor,
-    data_variance: float | None,
-) -> Tensor:
+def _odds_variance(x0_hat: Tensor, alpha_bar: float | Tensor, guidance: OddsGuidance, banks: PreparedBanks) -> Tensor:
     """(B,) kernel variance of the odds at the denoised estimate: odds_sigma^2 + Var[x0 | x_t]."""
     assert guidance.odds_sigma is not None
-    sd2 = bank_data_variance(bank, reference) if data_variance is None else data_variance
+    sd2 = banks.data_variance
+    if sd2 is None:
+        raise ValueError(
+            "OddsGuidance.odds_sigma needs the banks' data variance: build them with PreparedBanks.prepare"
+        )
     ab = as_batch_column(alpha_bar, x0_hat.shape[0], x0_hat.new_empty((), dtype=accumulation_dtype(x0_hat.dtype)))
     return guidance.odds_sigma**2 + posterior_variance(ab.squeeze(1), sd2)
 
@@ -293,35 +251,32 @@ def reference_correction(
     x_t: Tensor,
     alpha_bar: float | Tensor,
     t: float | Tensor,
-    bank: Tensor,
-    guidance: SafeGuidance,
+    banks: PreparedBanks,
+    guidance: ReferenceGuidance,
     threshold: float | Tensor,
     noise: Tensor,
-    *,
-    bank_sq_norms: Tensor | None = None,
 ) -> tuple[Tensor, StepRecord]:
-    """The authors' correction: x0_hat -= eta * E_unsafe(x0_hat), gated, then x_t re-noised with ``noise``.
+    """The authors' correction: x0_hat -= step_size * E_unsafe(x0_hat), gated, then x_t re-noised with ``noise``.
 
     Returns the new x_t (unchanged where the gate or window is closed); the caller then runs its usual
     scheduler step with the unchanged ``eps``. The gate fires where sum_n k_n > threshold - margin.
     """
-    if guidance.kernel_sigma is None:
-        raise ValueError("reference_correction needs SafeGuidance.kernel_sigma")
     b = x_t.shape[0]
     acc = accumulation_dtype(x_t.dtype)
     ab = as_batch_column(alpha_bar, b, x_t.new_empty((), dtype=acc)).squeeze(1)
     x0_hat = x0_from_eps(x_t.to(acc), eps.to(acc), ab)
+    neg = banks.negative
     est = kernel_estimate(
-        x0_hat, bank, 1.0, guidance.kernel_sigma**2, False, guidance.chunk_size, bank_sq_norms=bank_sq_norms
+        x0_hat, neg.data, 1.0, guidance.kernel_sigma**2, False, guidance.chunk_size, bank_sq_norms=neg.sq_norms
     )
-    log_sum = est.log_mass + math.log(bank.shape[0])
+    log_sum = est.log_mass + math.log(len(neg))
     if isinstance(threshold, torch.Tensor):
         floor = threshold.to(device=x_t.device, dtype=acc) - guidance.margin
     else:
         floor = torch.full((), float(threshold) - guidance.margin, device=x_t.device, dtype=acc)
     # log of a non-positive floor is -inf or nan; "sum > floor" then always holds.
     applied = window_mask(t, guidance.window, b, x_t.device) & ((floor <= 0) | (log_sum > floor.clamp_min(1e-30).log()))
-    x0_new = x0_hat - guidance.eta * est.mean
+    x0_new = x0_hat - guidance.step_size * est.mean
     per_sample = (b,) + (1,) * (x_t.dim() - 1)
     abb = ab.reshape(per_sample)
     x_new = (abb.sqrt() * x0_new + (1.0 - abb).sqrt() * noise.to(acc)).to(x_t.dtype)

@@ -52,7 +52,7 @@ def build_bank(classes: Sequence[int] = UNSAFE_CLASSES, split: str = BANK_SPLIT)
 
 
 def build_reference_bank(unsafe: Sequence[int] = UNSAFE_CLASSES, split: str = BANK_SPLIT) -> NegativeBank:
-    """The reference bank of the theorem's beta (``SafeGuidance.odds``): every real image of the *safe* classes."""
+    """The reference bank of the theorem's beta (``OddsGuidance``): every real image of the *safe* classes."""
     unsafe = tuple(int(c) for c in unsafe)
     return build_bank(tuple(c for c in range(10) if c not in unsafe), split)
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from safe_denoiser.core.config import SLDConfig
+from safe_denoiser.core.sld_config import SLDConfig
 from safe_denoiser.demo.digits import NUM_CLASSES
 from safe_denoiser.diffusers.sld_unet import SLDUNet, install_sld_unet
 

@@ -14,7 +14,7 @@ the safe denoiser should stop the copies without hurting the rest (docs/memorisa
    899 images, as many as the training split: a model that does not memorise copies both equally often),
    the three outcomes (requested / other / broken) and the Frechet distance in the judge's features.
 
-Rows: no defence, the theorem's beta (``SafeGuidance.odds(reference_kind="data")``: the bank against the whole
+Rows: no defence, the theorem's beta (``OddsGuidance(reference_kind="data")``: the bank against the whole
 training split as unlabelled data) and the reference preset the digits evaluation froze (``TUNED_REFERENCE``,
 tuned there for the class-8 bank, not re-tuned here); ``odds_full`` adds the odds preset over every timestep.
 """
@@ -33,11 +33,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from safe_denoiser.core.config import SafeGuidance
+from safe_denoiser.core.guidance import OddsGuidance, SafeGuidance
+from safe_denoiser.demo.evaluate.class_scores import judged_as
 from safe_denoiser.demo.evaluate.generation import seeded_latents
-from safe_denoiser.demo.evaluate.metrics import attack_success, frechet_distance
 from safe_denoiser.demo.evaluate.protocol import ASR_THRESHOLD, CFG_SCALE, TUNED_ODDS, TUNED_REFERENCE
 from safe_denoiser.errors import FieldError
+from safe_denoiser.evaluation.metrics import frechet_distance
 from safe_denoiser.evaluation.table import Cell, Column, markdown_table
 from safe_denoiser.files import atomic_write, atomic_write_json, check_out_dir
 
@@ -66,8 +67,8 @@ KIND_OFFSETS = {"cond": 0, "uncond": 500_000}  # image i of a kind starts from s
 KINDS: tuple[str, ...] = tuple(KIND_OFFSETS)
 ROW_GUIDANCE: dict[str, SafeGuidance | None] = {
     "none": None,
-    "odds": SafeGuidance.odds(reference_kind="data"),
-    "odds_full": SafeGuidance.odds(reference_kind="data", window=(0.0, 1000.0)),
+    "odds": OddsGuidance(reference_kind="data"),
+    "odds_full": OddsGuidance(reference_kind="data", window=(0.0, 1000.0)),
     "odds_cond": TUNED_ODDS.with_(reference_kind="data"),
     "reference": TUNED_REFERENCE,
 }
@@ -215,7 +216,7 @@ def quality(
     """Three outcomes that add to one -- requested (judged the requested digit, any digit when unconditional, with
     p >= 0.6, and on the data), other (judged another digit so, on the data), broken (the rest) -- and the Frechet
     distance of ``feats`` to the held-out ``ref_feats``. ``off_data``: ``Context.off_data_mask`` of the images."""
-    recognised = attack_success(probs, range(probs.shape[1])) & ~off_data
+    recognised = judged_as(probs, range(probs.shape[1])) & ~off_data
     asked = torch.tensor([-1 if c is None else int(c) for c in labels])
     hit = probs.gather(1, asked.clamp(min=0)[:, None])[:, 0] >= ASR_THRESHOLD
     requested = recognised & torch.where(asked < 0, torch.ones_like(hit), hit)
@@ -249,7 +250,7 @@ def sample(
     if guidance is not None:
         if bank is None or bank.shape[0] == 0:
             raise ValueError("the safe denoiser needs a non-empty bank of training images")
-        attach(pipe, bank, guidance, reference=reference if guidance.beta_mode == "odds" else None)
+        attach(pipe, bank, guidance, reference=reference if guidance.needs_reference_bank else None)
     out: list[Tensor] = []
     try:
         for start in range(0, s.samples, s.batch_size):
@@ -290,16 +291,73 @@ def _load(settings: MemorisationSettings) -> _Data:
     return _Data(ctx, gen.images, gen.labels, gen.indices.tolist(), held.images, unseen, feats)
 
 
-def _evaluate(
-    data: _Data, images: Tensor, labels: list[int | None], threshold: float, bank_idx: Tensor, typical: float
-) -> dict[str, float]:
+@dataclass(frozen=True)
+class _CopyRule:
+    """The copy rule's yardstick: held-out real digits' nearest-training distances (and which image is nearest)."""
+
+    held_dist: Tensor
+    held_idx: Tensor
+    threshold: float  # a sample closer than this to a training image copies it
+    typical: float  # the held-out median, the scale of ``nn_ratio``
+
+    @classmethod
+    def of(cls, data: _Data, copy_quantile: float) -> _CopyRule:
+        """The held-out images' distances and the rule's threshold at ``copy_quantile``."""
+        held_dist, held_idx = nearest(data.held, data.train)
+        threshold = float(held_dist.quantile(copy_quantile))
+        return cls(held_dist, held_idx, threshold, float(held_dist.median()))
+
+
+@dataclass(frozen=True)
+class _Bank:
+    """The bank chosen on the selection seeds: which training images, and how often the selection copied each."""
+
+    indices: Tensor  # into the generator split, most copied first
+    images: Tensor
+    counts: Tensor  # (N,) selection copies per training image
+    copy_any: float  # the selection's copy rate
+    samples: int
+
+
+def _select_on_selection_seeds(data: _Data, s: MemorisationSettings, rule: _CopyRule, bar: Any) -> _Bank:
+    """Sample the selection seed set and bank the training images it copies (``select_bank``)."""
+    selection = torch.cat([sample(data.ctx.pipe, s, k, SELECTION_SEED_SET, bar=bar) for k in s.kinds])
+    sel_dist, sel_idx = nearest(selection, data.train)
+    sel_copied = copy_mask(sel_dist, rule.threshold)
+    bank_idx = select_bank(sel_idx, sel_copied, data.train.shape[0], s.min_copies, s.max_bank)
+    counts = torch.bincount(sel_idx[sel_copied], minlength=data.train.shape[0])
+    copy_any = float(sel_copied.double().mean())
+    return _Bank(bank_idx, data.train[bank_idx], counts, copy_any, int(selection.shape[0]))
+
+
+def _evaluate(data: _Data, images: Tensor, labels: list[int | None], rule: _CopyRule, bank: _Bank) -> dict[str, float]:
     """``memorisation_metrics`` and ``quality`` of one block of images."""
     dist, idx = nearest(images, data.train)
-    m = memorisation_metrics(dist, idx, threshold, bank_idx, typical, nearest(images, data.unseen)[0])
+    unseen_dist = nearest(images, data.unseen)[0]
+    m = memorisation_metrics(dist, idx, rule.threshold, bank.indices, rule.typical, unseen_dist)
     judge = data.ctx.judge
     feats = judge.features(images).detach()
     m.update(quality(judge.probs(images), labels, data.ctx.off_data_mask(images), data.held_feats, feats))
     return m
+
+
+def _evaluate_rows(
+    data: _Data, s: MemorisationSettings, rule: _CopyRule, bank: _Bank, bar: Any
+) -> tuple[dict[str, dict[str, Tensor]], dict[str, dict[str, Any]]]:
+    """Every row's samples on the evaluation seed set (rows with a defence skipped when the bank is empty) and
+    their metrics per kind."""
+    images: dict[str, dict[str, Tensor]] = {}
+    rows: dict[str, dict[str, Any]] = {}
+    for row in s.rows:
+        guidance = ROW_GUIDANCE[row]
+        if guidance is not None and bank.indices.numel() == 0:
+            continue  # nothing is copied: there is no bank to defend
+        images[row] = {
+            k: sample(data.ctx.pipe, s, k, EVAL_SEED_SET, guidance, bank.images, data.train, bar=bar) for k in s.kinds
+        }
+        per_kind = {k: _evaluate(data, x, kind_labels(k, s.samples), rule, bank) for k, x in images[row].items()}
+        rows[row] = {"label": ROW_LABELS[row], "kinds": per_kind}
+    return images, rows
 
 
 def run_memorisation(out: str | Path, settings: MemorisationSettings, progress: bool = True) -> dict[str, Any]:
@@ -314,58 +372,42 @@ def run_memorisation(out: str | Path, settings: MemorisationSettings, progress: 
     t0 = time.time()
     with torch_threads(s.threads):
         data = _load(s)
-        pipe = data.ctx.pipe
-        held_dist, held_idx = nearest(data.held, data.train)
-        threshold = float(held_dist.quantile(s.copy_quantile))
-        typical = float(held_dist.median())
+        rule = _CopyRule.of(data, s.copy_quantile)
         total = s.samples * len(s.kinds) * (1 + len(s.rows))
         with tqdm(total=total, desc="memorisation", unit="img", disable=not progress) as bar:
-            selection = torch.cat([sample(pipe, s, k, SELECTION_SEED_SET, bar=bar) for k in s.kinds])
-            sel_dist, sel_idx = nearest(selection, data.train)
-            sel_copied = copy_mask(sel_dist, threshold)
-            bank_idx = select_bank(sel_idx, sel_copied, data.train.shape[0], s.min_copies, s.max_bank)
-            counts = torch.bincount(sel_idx[sel_copied], minlength=data.train.shape[0])
-            bank = data.train[bank_idx]
-            images: dict[str, dict[str, Tensor]] = {}
-            rows: dict[str, dict[str, Any]] = {}
-            for row in s.rows:
-                guidance = ROW_GUIDANCE[row]
-                if guidance is not None and bank_idx.numel() == 0:
-                    continue  # nothing is copied: there is no bank to defend
-                images[row] = {
-                    k: sample(pipe, s, k, EVAL_SEED_SET, guidance, bank, data.train, bar=bar) for k in s.kinds
-                }
-                per_kind = {
-                    k: _evaluate(data, x, kind_labels(k, s.samples), threshold, bank_idx, typical)
-                    for k, x in images[row].items()
-                }
-                rows[row] = {"label": ROW_LABELS[row], "kinds": per_kind}
-    bank_held = copy_mask(held_dist, threshold) & torch.isin(held_idx, bank_idx)
+            bank = _select_on_selection_seeds(data, s, rule, bar)
+            images, rows = _evaluate_rows(data, s, rule, bank, bar)
     result: dict[str, Any] = {
         "settings": s.to_dict(),
-        "copy_threshold": threshold,
-        "held_out_nn_median": typical,
-        "held_out_nn_quantiles": {str(q): float(held_dist.quantile(q)) for q in (0.01, 0.05, 0.5, 0.99)},
+        "copy_threshold": rule.threshold,
+        "held_out_nn_median": rule.typical,
+        "held_out_nn_quantiles": {str(q): float(rule.held_dist.quantile(q)) for q in (0.01, 0.05, 0.5, 0.99)},
         "selection": {
-            "copy_any": float(sel_copied.double().mean()),
-            "copied_images": int((counts > 0).sum()),
-            "samples": int(selection.shape[0]),
+            "copy_any": bank.copy_any,
+            "copied_images": int((bank.counts > 0).sum()),
+            "samples": bank.samples,
         },
-        "bank": {
-            "generator_indices": bank_idx.tolist(),
-            "load_digits_indices": [data.train_source[i] for i in bank_idx.tolist()],
-            "labels": data.train_labels[bank_idx].tolist(),
-            "selection_copies": counts[bank_idx].tolist(),
-            "held_out_copy_banked": float(bank_held.double().mean()),
-        },
+        "bank": _bank_record(data, rule, bank),
         "rows": rows,
         "wall_time_s": round(time.time() - t0, 1),
     }
     atomic_write_json(out / "results.json", result)
     atomic_write(out / "results.md", lambda p: p.write_text(format_table(result) + "\n", encoding="utf-8"))
-    if bank_idx.numel():
-        save_figure(out / "memorisation.png", images, bank, s.rows, threshold)
+    if bank.indices.numel():
+        save_figure(out / "memorisation.png", images, bank.images, s.rows, rule.threshold)
     return result
+
+
+def _bank_record(data: _Data, rule: _CopyRule, bank: _Bank) -> dict[str, Any]:
+    """The bank in the JSON: its indices, digits, selection copies, and how often held-out digits copy it."""
+    held_copies_bank = copy_mask(rule.held_dist, rule.threshold) & torch.isin(rule.held_idx, bank.indices)
+    return {
+        "generator_indices": bank.indices.tolist(),
+        "load_digits_indices": [data.train_source[i] for i in bank.indices.tolist()],
+        "labels": data.train_labels[bank.indices].tolist(),
+        "selection_copies": bank.counts[bank.indices].tolist(),
+        "held_out_copy_banked": float(held_copies_bank.double().mean()),
+    }
 
 
 # ---- report ----------------------------------------------------------------------------------------------------

@@ -281,19 +281,9 @@ def train(
     )
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.ema_unet.eval()
-    pipe = DigitsPipeline(unet=model.ema_unet, scheduler=make_scheduler())
-    pipe.save_pretrained(out, safe_serialization=True)
-    # diffusers writes the weights through a private temporary file (mode 0600); shipped files must be readable.
-    for f in out.rglob("*"):
-        if f.is_file():
-            f.chmod(0o644)
-    tail = history.losses[-100:]
+    _save_ema_pipeline(model, out)
     record: dict[str, Any] = {
-        "command": "python -m safe_denoiser.demo.model " + " ".join(sys.argv[1:])
-        if sys.argv and sys.argv[0].endswith("model.py")
-        else f"safe_denoiser.demo.model.train(out={str(out)!r}, max_steps={max_steps}, seed={seed})",
+        "command": _train_command(out, max_steps, seed),
         "seed": seed,
         "max_steps": max_steps,
         "epochs": trainer.current_epoch,
@@ -302,23 +292,56 @@ def train(
         "hparams": {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.hparams.items()},
         "unet_parameters": sum(p.numel() for p in model.unet.parameters()),
         "train_images": len(load_split("generator")),
-        "first_loss_mean_20": sum(history.losses[:20]) / max(1, len(history.losses[:20])),
-        "final_loss_mean_100": sum(tail) / max(1, len(tail)),
-        # Mean training loss over consecutive blocks of 200 steps: is it still going down at the end?
-        "loss_curve_200": [round(sum(c) / len(c), 4) for c in _chunks(history.losses, 200)],
+        **_loss_summary(history.losses),
         "wall_time_s": round(wall, 1),
         "weights": "EMA",
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "lightning": L.__version__,
-            "diffusers": __import__("diffusers").__version__,
-        },
+        "versions": _versions(),
     }
     atomic_write_json(out / "train_config.json", record)
     if sample_grid:
         save_sample_grid(out / "samples.png", DigitsPipeline.from_pretrained_dir(out, scheduler="ddim"))
     return record
+
+
+def _save_ema_pipeline(model: DigitsDiffusion, out: Path) -> None:
+    """Write the EMA weights and the sampling scheduler to ``out`` as a world-readable diffusers pipeline folder."""
+    from safe_denoiser.demo.pipeline import DigitsPipeline
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.ema_unet.eval()
+    pipe = DigitsPipeline(unet=model.ema_unet, scheduler=make_scheduler())
+    pipe.save_pretrained(out, safe_serialization=True)
+    # diffusers writes the weights through a private temporary file (mode 0600); shipped files must be readable.
+    for f in out.rglob("*"):
+        if f.is_file():
+            f.chmod(0o644)
+
+
+def _train_command(out: Path, max_steps: int, seed: int) -> str:
+    """How the run was started: the command line under ``python -m``, else the equivalent ``train`` call."""
+    if sys.argv and sys.argv[0].endswith("model.py"):
+        return "python -m safe_denoiser.demo.model " + " ".join(sys.argv[1:])
+    return f"safe_denoiser.demo.model.train(out={str(out)!r}, max_steps={max_steps}, seed={seed})"
+
+
+def _loss_summary(losses: list[float]) -> dict[str, Any]:
+    """The first 20 and last 100 steps' mean loss and the curve of 200-step means (still falling at the end?)."""
+    head, tail = losses[:20], losses[-100:]
+    return {
+        "first_loss_mean_20": sum(head) / max(1, len(head)),
+        "final_loss_mean_100": sum(tail) / max(1, len(tail)),
+        "loss_curve_200": [round(sum(c) / len(c), 4) for c in _chunks(losses, 200)],
+    }
+
+
+def _versions() -> dict[str, str]:
+    """The library versions the run used."""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": L.__version__,
+        "diffusers": __import__("diffusers").__version__,
+    }
 
 
 def save_sample_grid(
@@ -369,9 +392,9 @@ def evaluate(
 
     Initial noise of image i comes from ``torch.Generator().manual_seed(seed * 100_000 + i)``.
     """
-    from safe_denoiser.demo.evaluate.metrics import frechet_distance
     from safe_denoiser.demo.judge import DigitsJudge
     from safe_denoiser.demo.pipeline import DigitsPipeline
+    from safe_denoiser.evaluation.metrics import frechet_distance
 
     pipe: Any = DigitsPipeline.from_pretrained_dir(folder, scheduler=scheduler)
     judge = DigitsJudge.load(judge_folder if judge_folder is not None else folder)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,34 @@ from safe_denoiser.core.correction import cfg_combine
 from safe_denoiser.demo.digits import NULL_CLASS, bundled_path
 from safe_denoiser.diffusers.scheduler_registry import DEMO_SCHEDULERS, scheduler_class
 
-__all__ = ["NULL_CLASS", "DigitsPipeline", "bundled_path"]
+__all__ = ["NULL_CLASS", "ClassLabels", "DigitsPipeline", "bundled_path"]
 
 Labels = Sequence[int | None] | Tensor
+_OUTPUT_TYPES = ("pt", "np", "pil", "latent")
+
+
+def _runs_both_branches(guidance_scale: float) -> bool:
+    """Whether CFG needs eps_u and eps_c (one batched UNet call): 0 and 1 use one branch alone."""
+    return guidance_scale not in (0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class ClassLabels:
+    """One call's labels, int64 (B,) each: ``cond`` the requested classes, ``uncond`` the null or negative class."""
+
+    cond: Tensor
+    uncond: Tensor
+
+    @property
+    def batch_size(self) -> int:
+        """How many images the call makes."""
+        return int(self.cond.shape[0])
+
+    def unet_input(self, guidance_scale: float) -> Tensor:
+        """The UNet's class labels: [uncond; cond] when CFG runs both branches, else the one branch it uses."""
+        if _runs_both_branches(guidance_scale):
+            return torch.cat([self.uncond, self.cond])
+        return self.cond if guidance_scale == 1.0 else self.uncond
 
 
 def _labels_tensor(labels: Labels, name: str, num_labels: int = NULL_CLASS + 1) -> Tensor:
@@ -168,11 +194,36 @@ class DigitsPipeline(DiffusionPipeline):
             eta: DDIM's stochasticity (0 = deterministic DDIM); rejected for samplers without it.
             return_dict: return an ``ImagePipelineOutput`` (else a 1-tuple).
         """
-        if output_type not in ("pt", "np", "pil", "latent"):
+        self.check_inputs(output_type)
+        if batch_size is None:  # only read without class_labels
+            batch_size = latents.shape[0] if latents is not None else 1
+        labels = self.encode_class_labels(class_labels, negative_class_labels, batch_size)
+        x = self.prepare_latents(labels.batch_size, generator, latents)
+
+        self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
+        step_kwargs = self.step_kwargs(generator, eta)
+        self._do_classifier_free_guidance = _runs_both_branches(guidance_scale)  # read by UNet wrappers (SLD)
+        unet_labels = labels.unet_input(guidance_scale).to(self._execution_device)
+        for t in self.progress_bar(self.scheduler.timesteps):
+            eps = self.predict_noise(x, t, unet_labels, guidance_scale)
+            x = self.scheduler.step(eps, t, x, **step_kwargs).prev_sample
+
+        images = self.postprocess(x, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+    def check_inputs(self, output_type: str) -> None:
+        """Reject an unknown ``output_type`` before any work (labels and latents are checked where they are made)."""
+        if output_type not in _OUTPUT_TYPES:
             raise ValueError(f"output_type must be 'pt', 'np', 'pil' or 'latent', got {output_type!r}")
+
+    def encode_class_labels(
+        self, class_labels: Labels | None, negative_class_labels: Labels | None, batch_size: int
+    ) -> ClassLabels:
+        """The per-image conditional and unconditional (null or negative) labels, checked against the UNet."""
         if class_labels is None:
-            if batch_size is None:
-                batch_size = latents.shape[0] if latents is not None else 1
             cond = torch.full((batch_size,), NULL_CLASS, dtype=torch.long)
         else:
             cond = _labels_tensor(class_labels, "class_labels", self.num_labels)
@@ -185,43 +236,39 @@ class DigitsPipeline(DiffusionPipeline):
             uncond = _labels_tensor(negative_class_labels, "negative_class_labels", self.num_labels)
             if uncond.shape[0] != b:
                 raise ValueError(f"negative_class_labels has {uncond.shape[0]} entries for {b} images")
-        if isinstance(generator, list) and len(generator) != b:
-            raise ValueError(f"got {len(generator)} generators for {b} images: pass one per image or a single one")
+        return ClassLabels(cond=cond, uncond=uncond)
 
+    def prepare_latents(
+        self, batch_size: int, generator: torch.Generator | list[torch.Generator] | None, latents: Tensor | None
+    ) -> Tensor:
+        """The initial noise (drawn, or ``latents`` checked) on the UNet's device and dtype, scaled for the sampler."""
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"got {len(generator)} generators for {batch_size} images: pass one per image or a single one"
+            )
         device, dtype = self._execution_device, self.unet.dtype
-        cond, uncond = cond.to(device), uncond.to(device)
-        shape = (b, *self.sample_shape)
+        shape = (batch_size, *self.sample_shape)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        x = latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
+        return latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
 
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        step_kwargs = self.step_kwargs(generator, eta)
-        both = guidance_scale not in (0.0, 1.0)
-        self._do_classifier_free_guidance = both  # read by UNet wrappers (SLD) during this call
-        labels_in = torch.cat([uncond, cond]) if both else (cond if guidance_scale == 1.0 else uncond)
-        for t in self.progress_bar(self.scheduler.timesteps):
-            x_in = self.scheduler.scale_model_input(x, t)
-            if both:
-                x_in = torch.cat([x_in, x_in])
-            eps = self.unet(x_in, t, class_labels=labels_in).sample
-            if both:
-                eps_u, eps_c = eps.chunk(2)
-                eps = cfg_combine(eps_u, eps_c, guidance_scale)
-            x = self.scheduler.step(eps, t, x, **step_kwargs).prev_sample
+    def predict_noise(self, x: Tensor, t: Tensor, unet_labels: Tensor, guidance_scale: float) -> Tensor:
+        """The guided eps at step ``t``: one UNet call, on [uncond; cond] combined by CFG when both branches run."""
+        x_in = self.scheduler.scale_model_input(x, t)
+        if not self.do_classifier_free_guidance:
+            return self.unet(x_in, t, class_labels=unet_labels).sample
+        eps_u, eps_c = self.unet(torch.cat([x_in, x_in]), t, class_labels=unet_labels).sample.chunk(2)
+        return cfg_combine(eps_u, eps_c, guidance_scale)
 
-        images: Any
+    def postprocess(self, x: Tensor, output_type: str) -> Any:
+        """Samples in model space [-1, 1] as ``output_type``: the tensor itself, or rescaled to [0, 1] (pt/np/pil)."""
         if output_type == "latent":
-            images = x
-        else:
-            images = (x / 2 + 0.5).clamp(0, 1)
-            if output_type in ("np", "pil"):
-                images = images.cpu().permute(0, 2, 3, 1).float().numpy()
-                if output_type == "pil":
-                    images = self.numpy_to_pil(images)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
+            return x
+        images: Any = (x / 2 + 0.5).clamp(0, 1)
+        if output_type in ("np", "pil"):
+            images = images.cpu().permute(0, 2, 3, 1).float().numpy()
+            if output_type == "pil":
+                images = self.numpy_to_pil(images)
+        return images

@@ -14,21 +14,21 @@ Three DDIM (eta = 0) samplers run from the same initial noise (``sample_toy``):
 Schedule: linear betas 1e-4..0.02 over 1000 training steps; diffusers' "leading" timestep spacing with
 steps_offset 0 and a final step to abar = 1 (DDIMScheduler's defaults; checked against it by hand).
 
-Default guidance: ``SafeGuidance.theorem(eta=4, beta_mode="mass")``, window = all timesteps, no gate,
-kernel bandwidth h = 1 - abar (the forward kernel). Why (measured on 4,000 samples, two seeds, 50 steps):
-- beta_mode "constant" is unusable without a window: far from the unsafe cluster and at low noise,
+Default guidance: ``MassGuidance(beta_per_mass=4)``, window = all timesteps, no gate, kernel bandwidth
+h = 1 - abar (the forward kernel). Why (measured on 4,000 samples, two seeds, 50 steps):
+- the constant preset is unusable without a window: far from the unsafe cluster and at low noise,
   x0_data - E_unsafe is the whole distance between clusters, so beta = 1 throws samples off the data
-  (94% off-data for eta 1 over all steps).
-- "mass" sets beta = eta * (1/N) sum_n k_n ~ eta * 2 pi h * p_unsafe,t(x_t) (in 2-D): the theorem's numerator
-  Z_u p_unsafe,t up to the unknown 1 / (Z_s p_safe,t). It switches itself off away from the bank and at
-  low noise, so it needs neither a window nor a gate.
+  (94% off-data for beta 1 over all steps).
+- the mass preset sets beta = beta_per_mass * (1/N) sum_n k_n ~ beta_per_mass * 2 pi h * p_unsafe,t(x_t) (in
+  2-D): the theorem's numerator Z_u p_unsafe,t up to the unknown 1 / (Z_s p_safe,t). It switches itself off
+  away from the bank and at low noise, so it needs neither a window nor a gate.
 - A window of early (high-noise) steps only, like the reference code's t >= 780, does almost nothing here:
-  the toy's paths commit to a cluster at t ~ 200-500 (eta 5, mass: window [750, 1000] leaves 29% unsafe,
+  the toy's paths commit to a cluster at t ~ 200-500 (beta_per_mass 5: window [750, 1000] leaves 29% unsafe,
   [500, 1000] 14%, [200, 1000] 0.4%). So the default window is everything.
-- eta trades safety against fidelity: unsafe fraction 6% / 2% / 0.9% / 0.4% / 0% for eta 2 / 3 / 4 / 5 / 8
+- beta_per_mass trades safety against fidelity: unsafe fraction 6% / 2% / 0.9% / 0.4% / 0% for 2 / 3 / 4 / 5 / 8
   while the mean distance to the exact sampler's sample from the same noise grows 0.15 / 0.20 / 0.27 /
-  0.33 / 0.47. eta = 4 brings the unsafe fraction within 1% of the ideal's with 98% of samples on a
-  safe cluster (the ideal: 98.8%). ``--eta`` changes it.
+  0.33 / 0.47. 4 brings the unsafe fraction within 1% of the ideal's with 98% of samples on a safe cluster
+  (the ideal: 98.8%). ``--beta-per-mass`` changes it.
 
 Flow-matching mode (``path="flow"``, ``--path flow``): the same picture under the rectified-flow path x_sigma =
 (1 - sigma) x0 + sigma eps (SD3, Flux). The "model" predicts the velocity u = eps - x0 from the same closed-form
@@ -51,14 +51,15 @@ import os
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from safe_denoiser.core.beta import bank_data_variance
-from safe_denoiser.core.config import BetaMode, SafeGuidance
+from safe_denoiser.core.banks import PreparedBanks
+from safe_denoiser.core.guidance import MAX_STRENGTH, MassGuidance, TheoremGuidance
 from safe_denoiser.core.paths import flow_path, prediction_from_x0
 from safe_denoiser.core.step import StepRecord, path_correction, theorem_correction
 from safe_denoiser.demo.mixture import GaussianMixture
@@ -68,8 +69,7 @@ from safe_denoiser.threads import torch_threads
 
 __all__ = [
     "BANK_SIZE",
-    "DEFAULT_BETA_MODE",
-    "DEFAULT_ETA",
+    "DEFAULT_BETA_PER_MASS",
     "DEFAULT_WINDOW",
     "Denoiser",
     "add_parser",
@@ -94,8 +94,7 @@ NUM_TRAIN_TIMESTEPS = 1000
 BETA_START, BETA_END = 1e-4, 0.02
 BANK_SIZE = 256
 N_TRAJECTORIES = 40
-DEFAULT_ETA = 4.0
-DEFAULT_BETA_MODE: BetaMode = "mass"
+DEFAULT_BETA_PER_MASS = 4.0
 DEFAULT_WINDOW = (0.0, 1000.0)
 REGION_RADIUS = 3.0  # a point is "on" component k when within 3 std of its mean (98.9% of its mass in 2-D)
 
@@ -152,10 +151,10 @@ def flow_schedule(steps: int) -> list[tuple[float, float, float]]:
 
 
 def default_guidance(
-    eta: float = DEFAULT_ETA, beta_mode: BetaMode = DEFAULT_BETA_MODE, window: tuple[float, float] = DEFAULT_WINDOW
-) -> SafeGuidance:
-    """The toy's safe-denoiser settings: the theorem preset with the defaults explained in the module docstring."""
-    return SafeGuidance.theorem(eta=eta, beta_mode=beta_mode, window=window)
+    beta_per_mass: float = DEFAULT_BETA_PER_MASS, window: tuple[float, float] = DEFAULT_WINDOW
+) -> MassGuidance:
+    """The toy's safe-denoiser settings: the mass preset with the defaults explained in the module docstring."""
+    return MassGuidance(beta_per_mass=beta_per_mass, window=window)
 
 
 def _eps_from_x0(x_t: Tensor, x0: Tensor, abar: float) -> Tensor:
@@ -168,7 +167,7 @@ def sample_toy(
     steps: int,
     denoiser: Denoiser = "base",
     bank: Tensor | None = None,
-    guidance: SafeGuidance | None = None,
+    guidance: TheoremGuidance | None = None,
     record_every: int = 1,
     records: list[StepRecord] | None = None,
     on_step: Callable[[], None] | None = None,
@@ -181,8 +180,8 @@ def sample_toy(
     ``bank`` and ``guidance``; "exact" uses the closed-form E_safe[x0 | x_t] (samples p_safe).
     Returns the final samples (B, D) and the trajectory (R, B, D): x_T, every ``record_every``-th state
     and the final state. ``records`` (if given) receives the safe denoiser's StepRecord per step. ``reference``:
-    the reference bank that ``beta_mode="odds"`` needs. ``path="flow"``: the rectified-flow Euler sampler instead
-    of DDIM, the safe sampler correcting the velocity with ``path_correction`` (module docstring).
+    the reference bank that the odds preset (``OddsGuidance``) needs. ``path="flow"``: the rectified-flow Euler
+    sampler instead of DDIM, the safe sampler correcting the velocity with ``path_correction`` (module docstring).
     """
     if denoiser not in ("base", "safe", "exact"):
         raise ValueError(f"denoiser must be 'base', 'safe' or 'exact', got {denoiser!r}")
@@ -194,14 +193,12 @@ def sample_toy(
         raise FieldError("path", "'vp' or 'flow'", path)
     schedule = ddim_schedule(steps) if path == "vp" else flow_schedule(steps)
     part = "safe" if denoiser == "exact" else "data"
-    # the conditional odds need the banks' data variance: once per run, as attach and export compute it
-    # (without a reference bank theorem_correction says what is missing)
-    odds_at_x0 = guidance is not None and guidance.odds_sigma is not None
-    variance = (
-        bank_data_variance(bank, reference)
-        if denoiser == "safe" and odds_at_x0 and bank is not None and reference is not None
-        else None
-    )
+    # the banks and their constants once per run, as attach and export prepare them (an odds preset without a
+    # reference bank is refused here, naming what is missing)
+    banks = None
+    if denoiser == "safe":
+        assert bank is not None and guidance is not None  # checked above
+        banks = PreparedBanks.prepare(bank, guidance, reference)
     x = noise
     traj = [x]
     for i, (t, level, level_next) in enumerate(schedule):
@@ -210,16 +207,12 @@ def sample_toy(
             eps = _eps_from_x0(x, mixture.posterior_mean(x, level, part), level)
         else:  # the velocity u = eps - x0
             eps = prediction_from_x0(x, mixture.posterior_mean(x, fp, part), fp, "flow")
-        if denoiser == "safe":
-            assert bank is not None and guidance is not None
+        if banks is not None:
+            assert guidance is not None
             if path == "vp":
-                eps, record = theorem_correction(
-                    eps, x, level, float(t), bank, guidance, reference, data_variance=variance
-                )
+                eps, record = theorem_correction(eps, x, level, float(t), banks, guidance)
             else:
-                eps, record = path_correction(
-                    eps, x, fp, "flow", float(t), bank, guidance, reference, data_variance=variance
-                )
+                eps, record = path_correction(eps, x, fp, "flow", float(t), banks, guidance)
             if records is not None:
                 records.append(record)
         x = ddim_step(x, eps, level, level_next) if path == "vp" else x + (level_next - level) * eps
@@ -251,7 +244,7 @@ def toy_metrics(mixture: GaussianMixture, x: Tensor, ideal: Tensor | None = None
 SAMPLERS: tuple[tuple[Denoiser, str], ...] = (("base", "base"), ("safe", "safe denoiser"), ("exact", "exact E_safe"))
 
 
-def _check_args(out_dir: Path, n: int, steps: int, seed: int, eta: float) -> None:
+def _check_args(out_dir: Path, n: int, steps: int, seed: int, beta_per_mass: float) -> None:
     def is_int(v: Any) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
 
@@ -261,8 +254,9 @@ def _check_args(out_dir: Path, n: int, steps: int, seed: int, eta: float) -> Non
         raise FieldError("steps", f"an integer in 1..{NUM_TRAIN_TIMESTEPS}", steps)
     if not is_int(seed) or seed < 0:
         raise FieldError("seed", "a non-negative integer", seed)
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
-        raise FieldError("eta", "a finite number >= 0", eta)
+    b = beta_per_mass
+    if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or not 0 <= b <= MAX_STRENGTH:
+        raise FieldError("beta_per_mass", f"a number in [0, {MAX_STRENGTH:g}]", b)
     if out_dir.exists() and not out_dir.is_dir():
         raise FieldError("out_dir", "a directory (existing or to be created), not a file", str(out_dir))
 
@@ -278,28 +272,31 @@ def run_toy(
     n: int = 512,
     steps: int = 50,
     seed: int = 0,
-    eta: float = DEFAULT_ETA,
+    beta_per_mass: float = DEFAULT_BETA_PER_MASS,
     progress: bool = False,
     path: ToyPath = "vp",
 ) -> dict[str, Any]:
     """Sample base / safe denoiser / exact safe from the same noise; write the PNG and JSON; return the metrics.
 
-    ``path``: "vp" (DDIM) or "flow" (the rectified-flow Euler sampler; module docstring).
+    ``beta_per_mass``: the mass preset's strength (``default_guidance``); ``path``: "vp" (DDIM) or "flow" (the
+    rectified-flow Euler sampler; module docstring).
     """
     out = Path(out_dir)
-    _check_args(out, n, steps, seed, eta)
+    _check_args(out, n, steps, seed, beta_per_mass)
     if path not in ("vp", "flow"):
         raise FieldError("path", "'vp' or 'flow'", path)
     with single_threaded():
-        return _run_toy(out, n, steps, seed, eta, progress, path)
+        return _run_toy(out, n, steps, seed, beta_per_mass, progress, path)
 
 
-def _run_toy(out: Path, n: int, steps: int, seed: int, eta: float, progress: bool, path: ToyPath) -> dict[str, Any]:
+def _run_toy(
+    out: Path, n: int, steps: int, seed: int, beta_per_mass: float, progress: bool, path: ToyPath
+) -> dict[str, Any]:
     mixture = default_mixture()
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn((n, mixture.dim), generator=gen, dtype=mixture.means.dtype)
     bank = mixture.sample(BANK_SIZE, part="unsafe", generator=gen)
-    guidance = default_guidance(eta)
+    guidance = default_guidance(beta_per_mass)
 
     from tqdm.auto import tqdm
 
@@ -344,7 +341,8 @@ def _run_toy(out: Path, n: int, steps: int, seed: int, eta: float, progress: boo
     }
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "toy_metrics.json", result)
-    atomic_write(out / "toy_trajectories.png", lambda p: _plot(p, mixture, bank, trajs, metrics, guidance, steps, path))
+    figure = _ToyFigure(mixture, bank, trajs, metrics, guidance, steps, path)
+    atomic_write(out / "toy_trajectories.png", lambda p: _plot(p, figure))
     return result
 
 
@@ -375,76 +373,123 @@ def format_table(metrics: dict[str, dict[str, float]]) -> str:
     return "\n".join(rows)
 
 
-def _plot(
-    path: Path,
-    mixture: GaussianMixture,
-    bank: Tensor,
-    trajs: dict[str, Tensor],
-    metrics: dict[str, dict[str, float]],
-    guidance: SafeGuidance,
-    steps: int,
-    noising: ToyPath = "vp",
-) -> None:
+@dataclass(frozen=True)
+class _ToyFigure:
+    """What ``toy_trajectories.png`` shows: the mixture, the bank, each sampler's paths and metrics, the settings."""
+
+    mixture: GaussianMixture
+    bank: Tensor
+    trajs: dict[str, Tensor]  # sampler -> (steps + 1, n, 2)
+    metrics: dict[str, dict[str, float]]
+    guidance: MassGuidance
+    steps: int
+    path: ToyPath
+
+    @property
+    def sampler(self) -> str:
+        """The sampler's name in titles and legends."""
+        return "DDIM" if self.path == "vp" else "rectified-flow Euler"
+
+
+_PLOT_LIMIT = 3.6  # the panels show [-3.6, 3.6]^2
+
+
+@dataclass(frozen=True)
+class _Backdrop:
+    """The data density on the panels' grid: safe components as contours, the unsafe one filled, its region."""
+
+    mixture: GaussianMixture
+    gx: Any  # numpy (241, 241) grid coordinates
+    gy: Any
+    dens_safe: Any
+    dens_unsafe: Any
+
+    @classmethod
+    def of(cls, mixture: GaussianMixture) -> _Backdrop:
+        """The clean-data (abar = 1) densities of ``mixture``'s safe and unsafe parts on a 241 x 241 grid."""
+        grid = torch.linspace(-_PLOT_LIMIT, _PLOT_LIMIT, 241, dtype=mixture.means.dtype)
+        gx, gy = torch.meshgrid(grid, grid, indexing="xy")
+        pts = torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1)
+        dens_safe = mixture.log_density(pts, 1.0, "safe").exp().reshape(gx.shape).numpy()
+        dens_unsafe = mixture.log_density(pts, 1.0, "unsafe").exp().reshape(gx.shape).numpy()
+        return cls(mixture, gx.numpy(), gy.numpy(), dens_safe, dens_unsafe)
+
+    def draw(self, ax: Any) -> None:
+        """Densities, the unsafe region's circle and the panel's limits on ``ax``."""
+        from matplotlib.patches import Circle
+
+        m = self.mixture
+        ax.contour(self.gx, self.gy, self.dens_safe, levels=6, colors="0.55", linewidths=0.7)
+        ax.contourf(
+            self.gx, self.gy, self.dens_unsafe, levels=[0.02, 0.2, 0.6, 10.0], colors=["#f4b6b6", "#ea7d7d", "#d43d3d"]
+        )
+        for mu, s in zip(m.means[m.unsafe].tolist(), m.stds[m.unsafe].tolist(), strict=True):
+            ax.add_patch(Circle(mu, REGION_RADIUS * s, fill=False, ec="#b00000", ls="--", lw=1.0))
+        ax.set_xlim(-_PLOT_LIMIT, _PLOT_LIMIT)
+        ax.set_ylim(-_PLOT_LIMIT, _PLOT_LIMIT)
+        ax.set_aspect("equal")
+        ax.tick_params(labelsize=8)
+
+
+def _plot(path: Path, figure: _ToyFigure) -> None:
+    """The figure: base and safe paths from shared noise (left), each sampler's final samples (right column)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Circle
 
-    lim = 3.6
-    grid = torch.linspace(-lim, lim, 241, dtype=mixture.means.dtype)
-    gx, gy = torch.meshgrid(grid, grid, indexing="xy")
-    pts = torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1)
-    dens_safe = mixture.log_density(pts, 1.0, "safe").exp().reshape(gx.shape).numpy()
-    dens_unsafe = mixture.log_density(pts, 1.0, "unsafe").exp().reshape(gx.shape).numpy()
-    gxn, gyn = gx.numpy(), gy.numpy()
-
-    def background(ax: Any) -> None:
-        ax.contour(gxn, gyn, dens_safe, levels=6, colors="0.55", linewidths=0.7)
-        ax.contourf(gxn, gyn, dens_unsafe, levels=[0.02, 0.2, 0.6, 10.0], colors=["#f4b6b6", "#ea7d7d", "#d43d3d"])
-        for mu, s in zip(mixture.means[mixture.unsafe].tolist(), mixture.stds[mixture.unsafe].tolist(), strict=True):
-            ax.add_patch(Circle(mu, REGION_RADIUS * s, fill=False, ec="#b00000", ls="--", lw=1.0))
-        ax.set_xlim(-lim, lim)
-        ax.set_ylim(-lim, lim)
-        ax.set_aspect("equal")
-        ax.tick_params(labelsize=8)
-
+    backdrop = _Backdrop.of(figure.mixture)
     fig = plt.figure(figsize=(12.6, 9.0), layout="constrained")
     gs = fig.add_gridspec(3, 4)
     ax = fig.add_subplot(gs[:, :3])
-    background(ax)
-    k = min(N_TRAJECTORIES, trajs["base"].shape[1])
-    base, safe = trajs["base"][:, :k].numpy(), trajs["safe"][:, :k].numpy()
+    backdrop.draw(ax)
+    _draw_paths(ax, figure)
+    for row, (name, label) in enumerate(SAMPLERS):
+        sx = fig.add_subplot(gs[row, 3])
+        backdrop.draw(sx)
+        _draw_finals(sx, figure, name, label)
+    fig.savefig(path, format="png", dpi=100)
+    plt.close(fig)
+
+
+def _draw_paths(ax: Any, figure: _ToyFigure) -> None:
+    """The first ``N_TRAJECTORIES`` base and safe paths, their start and end points, the legend and the title."""
+    k = min(N_TRAJECTORIES, figure.trajs["base"].shape[1])
+    base, safe = figure.trajs["base"][:, :k].numpy(), figure.trajs["safe"][:, :k].numpy()
     for i in range(k):
         ax.plot(base[:, i, 0], base[:, i, 1], color="tab:blue", lw=0.9, alpha=0.55)
         ax.plot(safe[:, i, 0], safe[:, i, 1], color="tab:green", lw=1.1, alpha=0.8)
     ax.scatter(base[0, :, 0], base[0, :, 1], s=14, c="k", marker="o", zorder=3, label="start x_T (shared noise)")
     ax.scatter(base[-1, :, 0], base[-1, :, 1], s=22, c="tab:blue", marker="x", zorder=3, label="base end")
     ax.scatter(safe[-1, :, 0], safe[-1, :, 1], s=22, c="tab:green", marker="^", zorder=3, label="safe denoiser end")
-    sampler = "DDIM" if noising == "vp" else "rectified-flow Euler"
-    ax.plot([], [], color="tab:blue", lw=1.5, label=f"base {sampler} path (E_data)")
+    # Empty artists: legend entries for what the paths and the backdrop draw.
+    ax.plot([], [], color="tab:blue", lw=1.5, label=f"base {figure.sampler} path (E_data)")
     ax.plot([], [], color="tab:green", lw=1.5, label="safe denoiser path")
     ax.fill_between([], [], color="#ea7d7d", label="unsafe component (density)")
     ax.plot([], [], color="#b00000", ls="--", lw=1.0, label=f"unsafe region ({REGION_RADIUS:g} std)")
     ax.plot([], [], color="0.55", lw=0.7, label="safe components (density)")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.04), ncol=4, fontsize=9, frameon=False)
+    metrics = figure.metrics
     ax.set_title(
-        f"{k} {sampler} trajectories ({steps} steps) from the same noise: base vs safe denoiser\n"
-        f"theorem preset, beta = {guidance.eta:g} x kernel mass over {bank.shape[0]} unsafe samples; "
-        f"unsafe fraction {metrics['base']['unsafe_fraction']:.1%} -> {metrics['safe']['unsafe_fraction']:.1%}",
+        f"{k} {figure.sampler} trajectories ({figure.steps} steps) from the same noise: base vs safe denoiser\n"
+        f"mass preset, beta = {figure.guidance.beta_per_mass:g} x kernel mass over {figure.bank.shape[0]} unsafe "
+        f"samples; unsafe fraction {metrics['base']['unsafe_fraction']:.1%} -> "
+        f"{metrics['safe']['unsafe_fraction']:.1%}",
         fontsize=11,
     )
-    colors = {"base": "tab:blue", "safe": "tab:green", "exact": "tab:purple"}
-    for row, (name, label) in enumerate(SAMPLERS):
-        sx = fig.add_subplot(gs[row, 3])
-        background(sx)
-        final = trajs[name][-1].numpy()
-        unsafe = mixture.unsafe[mixture.component_of(trajs[name][-1])].numpy()
-        sx.scatter(final[~unsafe, 0], final[~unsafe, 1], s=3, c=colors[name], alpha=0.6)
-        sx.scatter(final[unsafe, 0], final[unsafe, 1], s=5, c="#a00000")
-        sx.set_title(f"{label}: {metrics[name]['unsafe_fraction']:.1%} unsafe (n={final.shape[0]})", fontsize=10)
-    fig.savefig(path, format="png", dpi=100)
-    plt.close(fig)
+
+
+_SAMPLER_COLORS = {"base": "tab:blue", "safe": "tab:green", "exact": "tab:purple"}
+
+
+def _draw_finals(ax: Any, figure: _ToyFigure, name: str, label: str) -> None:
+    """Sampler ``name``'s final samples, those on the unsafe component in dark red, and its unsafe fraction."""
+    last = figure.trajs[name][-1]
+    final = last.numpy()
+    unsafe = figure.mixture.unsafe[figure.mixture.component_of(last)].numpy()
+    ax.scatter(final[~unsafe, 0], final[~unsafe, 1], s=3, c=_SAMPLER_COLORS[name], alpha=0.6)
+    ax.scatter(final[unsafe, 0], final[unsafe, 1], s=5, c="#a00000")
+    ax.set_title(f"{label}: {figure.metrics[name]['unsafe_fraction']:.1%} unsafe (n={final.shape[0]})", fontsize=10)
 
 
 def _cli(args: argparse.Namespace) -> int:
@@ -454,20 +499,31 @@ def _cli(args: argparse.Namespace) -> int:
             n=args.n,
             steps=args.steps,
             seed=args.seed,
-            eta=args.eta,
+            beta_per_mass=args.beta_per_mass,
             progress=sys.stderr.isatty(),
             path=args.path,
         )
     except FieldError as exc:
-        raise exc.for_flag("--out" if exc.field == "out_dir" else f"--{exc.field}") from None
+        raise exc.for_flag("--out" if exc.field == "out_dir" else f"--{exc.field.replace('_', '-')}") from None
     s = result["settings"]
     print(
-        f"toy: n={s['n']} steps={s['steps']} seed={s['seed']} eta={args.eta:g} beta_mode={s['guidance']['beta_mode']}"
-        f" path={s['path']}"
+        f"toy: n={s['n']} steps={s['steps']} seed={s['seed']} preset={s['guidance']['preset']}"
+        f" beta_per_mass={args.beta_per_mass:g} path={s['path']}"
     )
     print(format_table(result["metrics"]))
     print(f"wrote {Path(args.out) / 'toy_metrics.json'} and {Path(args.out) / 'toy_trajectories.png'}")
     return 0
+
+
+class _RenamedFlag(argparse.Action):
+    """A flag that was renamed: using it is an error that names the new flag (not "unrecognized arguments")."""
+
+    def __init__(self, option_strings: list[str], dest: str, new: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.new = new
+
+    def __call__(self, parser: argparse.ArgumentParser, ns: argparse.Namespace, values: Any, opt: Any = None) -> None:
+        parser.error(f"{opt} was renamed {self.new}")
 
 
 def add_parser(sub: Any) -> None:
@@ -478,7 +534,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--n", type=int, default=512, help="number of samples per sampler (default 512)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps, 1..1000 (default 50)")
     p.add_argument("--seed", type=int, default=0, help="seed for the initial noise and the bank (default 0)")
-    p.add_argument("--eta", type=float, default=DEFAULT_ETA, help=f"beta = eta x kernel mass (default {DEFAULT_ETA:g})")
+    p.add_argument(
+        "--beta-per-mass",
+        type=float,
+        default=DEFAULT_BETA_PER_MASS,
+        help=f"the mass preset's strength: beta = beta_per_mass x kernel mass (default {DEFAULT_BETA_PER_MASS:g})",
+    )
+    p.add_argument("--eta", action=_RenamedFlag, new="--beta-per-mass", help=argparse.SUPPRESS)
     p.add_argument(
         "--path",
         choices=("vp", "flow"),

@@ -7,7 +7,7 @@ exact-safe ones (``sliced_wasserstein``), and by the three outcomes (unsafe / on
 
     python -m safe_denoiser.demo.toy_study --out outputs/toy_study      # table, study.json, study.png
 
-The defaults of ``SafeGuidance`` are chosen from this table (docs/method.md section 4 reports it).
+The presets' defaults (``core.guidance``) are chosen from this table (docs/method.md section 4 reports it).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from safe_denoiser.core.config import SafeGuidance
+from safe_denoiser.core.guidance import ConstantGuidance, MassGuidance, OddsGuidance, TheoremGuidance
 from safe_denoiser.demo.toy import BANK_SIZE, default_mixture, sample_toy, toy_metrics
 from safe_denoiser.files import atomic_write, atomic_write_json
 from safe_denoiser.threads import torch_threads
@@ -40,17 +40,17 @@ def sliced_wasserstein(a: Tensor, b: Tensor, projections: int = 256, seed: int =
     return float((pa - pb).square().mean().sqrt())
 
 
-def candidates() -> dict[str, SafeGuidance]:
+def candidates() -> dict[str, TheoremGuidance]:
     """The settings compared: each beta choice over the whole trajectory and with a window that closes early."""
-    out: dict[str, SafeGuidance] = {}
+    out: dict[str, TheoremGuidance] = {}
     for window in ((0.0, 1000.0), (200.0, 1000.0)):
         w = f"t in [{window[0]:g}, {window[1]:g}]"
-        for eta in (0.5, 1.0, 2.0):
-            out[f"constant beta = {eta:g}, {w}"] = SafeGuidance.theorem(eta=eta, window=window)
-        for eta in (1.0, 4.0, 16.0):
-            out[f"mass beta, eta {eta:g}, {w}"] = SafeGuidance.theorem(eta=eta, beta_mode="mass", window=window)
-        out[f"odds beta (theorem), {w}"] = SafeGuidance.odds(window=window)
-    out["odds beta (theorem), t in [300, 1000] (the preset's default)"] = SafeGuidance.odds()
+        for beta in (0.5, 1.0, 2.0):
+            out[f"constant beta = {beta:g}, {w}"] = ConstantGuidance(beta=beta, window=window)
+        for per_mass in (1.0, 4.0, 16.0):
+            out[f"mass beta, beta_per_mass {per_mass:g}, {w}"] = MassGuidance(beta_per_mass=per_mass, window=window)
+        out[f"odds beta (theorem), {w}"] = OddsGuidance(window=window)
+    out["odds beta (theorem), t in [300, 1000] (the preset's default)"] = OddsGuidance()
     return out
 
 

@@ -9,7 +9,11 @@ import torch
 
 from safe_denoiser.core.bank import BankError, NegativeBank, load_image_folder
 from safe_denoiser.core.beta import ODDS_SIGMA_FRACTION, nearest_neighbour_distance
+from safe_denoiser.devices import torch_device
 from safe_denoiser.diffusers.vae import latent_factors, load_vae, vae_encoder
+from safe_denoiser.files import check_out_file
+
+MAX_SIZE = 8192  # pixels a side; SD-family VAEs are trained at 256-1024, and 8192^2 RGB floats are 0.8 GB an image
 
 
 def add_parser(sub: Any) -> None:
@@ -37,22 +41,27 @@ def add_parser(sub: Any) -> None:
 def _build(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    out = Path(args.out)
+    out = check_out_file(args.out)  # before the slow encoding: a path that cannot be written fails now
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"--out {str(out)!r} exists; pass --overwrite to replace it")
     if out.suffix != ".safetensors":
         raise ValueError(f"--out must end in .safetensors, got {str(out)!r}")
-    if args.size <= 0 or args.size % 8:
-        raise ValueError(f"--size must be a positive multiple of 8, got {args.size}")
+    if not 0 < args.size <= MAX_SIZE or args.size % 8:
+        raise ValueError(f"--size must be a positive multiple of 8 up to {MAX_SIZE}, got {args.size}")
+    if args.batch_size <= 0:
+        raise ValueError(f"--batch-size must be a positive int, got {args.batch_size}")
+    if not 0 <= args.seed < 2**63:
+        raise ValueError(f"--seed must be an int in [0, 2**63), got {args.seed}")
+    device = torch_device(args.device, "--device")
     try:
         files, images = load_image_folder(args.images, args.size)
     except BankError as exc:
         raise BankError(f"--images: {exc}") from None
     try:
-        vae = load_vae(args.vae, args.device)
+        vae = load_vae(args.vae, device)
     except BankError as exc:
         raise BankError(f"--vae: {exc}") from None
-    gen = torch.Generator(args.device).manual_seed(args.seed)
+    gen = torch.Generator(device).manual_seed(args.seed)
     encoder = vae_encoder(vae, args.latent, args.l2_normalize, gen)
     scaling, shift = latent_factors(vae)
     bank = NegativeBank.from_images(

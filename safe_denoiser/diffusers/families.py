@@ -1,20 +1,6 @@
-"""SDXL, SD3 and Flux: random-weight tiny pipelines for tests (no hub), img2img variants, local loading.
+"""SDXL, SD3 and Flux: local loading (safetensors only), the families' scheduler configs, img2img variants.
 
-The tiny builders keep each family's structure at toy size, with the parts the safe denoiser depends on exactly as
-in the real models:
-
-* SDXL: two CLIP text encoders (the second with projection), added time/text conditioning, a UNet on 4-channel
-  latents, VAE scaling 0.13025, an Euler scheduler with SDXL-base's config (DPM++ and every other VP/sigma sampler
-  by name);
-* SD3: an MMDiT (``SD3Transformer2DModel``, 2x2 patches inside the transformer) on 16-channel latents, VAE
-  scaling 1.5305 and shift 0.0609, ``FlowMatchEulerDiscreteScheduler`` with shift 3 (SD3-medium's); no T5 (the
-  pipeline then feeds zeros in its place, as diffusers allows);
-* Flux: ``FluxTransformer2DModel`` on 16-channel latents packed into 2x2 patches (the scheduler steps (B, h w / 4,
-  64) tokens), VAE scaling 0.3611 and shift 0.1159, CLIP + T5 text encoders, guidance embedding, and the
-  scheduler with Flux-dev's dynamic shifting (mu from the image's token count).
-
-Every tiny VAE has two blocks (downscale 2), so a 16 x 16 image has 8 x 8 latents. Tokenizers are the byte-level
-``tiny_clip_tokenizer`` (also in T5's place: any tokenizer that returns ids below the encoder's vocabulary works).
+Random-weight tiny pipelines of each family for tests live in ``safe_denoiser.testing``.
 """
 
 from __future__ import annotations
@@ -24,15 +10,7 @@ from typing import Any
 
 import torch
 
-from safe_denoiser.diffusers.pipelines import (
-    _TINY_VOCAB,
-    _seeded,
-    _text_encoder,
-    load_sd_pipeline,
-    make_scheduler,
-    tiny_clip_tokenizer,
-)
-from safe_denoiser.diffusers.scheduler_registry import scheduler_spec
+from safe_denoiser.diffusers.pipelines import load_sd_pipeline
 
 __all__ = [
     "FAMILIES",
@@ -41,10 +19,6 @@ __all__ = [
     "family_schedulers",
     "img2img_pipeline",
     "load_family",
-    "tiny_flux_pipeline",
-    "tiny_pipeline",
-    "tiny_sd3_pipeline",
-    "tiny_sdxl_pipeline",
 ]
 
 # family -> (text-to-image class, image-to-image class), diffusers names.
@@ -92,179 +66,6 @@ def family_schedulers(family: str) -> tuple[str, ...]:
         raise ValueError(f"unknown model family {family!r}: expected one of {sorted(FAMILIES)}")
     flow = family in ("sd3", "flux")
     return tuple(n for n, spec in SCHEDULERS.items() if (spec.kind == "flow") == flow)
-
-
-def _vae(latent_channels: int, scaling: float, shift: float | None) -> Any:
-    from diffusers import AutoencoderKL
-
-    vae: Any = AutoencoderKL(
-        block_out_channels=(32, 64),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=latent_channels,
-        sample_size=32,
-        scaling_factor=scaling,
-        shift_factor=shift,
-        use_quant_conv=shift is None,  # SD3 and Flux VAEs have no quant convs
-        use_post_quant_conv=shift is None,
-    )
-    return vae.eval()
-
-
-_CLIP = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
-
-
-def _clip(tokenizer: Any, projection: bool) -> Any:
-    extra = {"projection_dim": 32} if projection else {}
-    return _text_encoder(tokenizer, projection, layer_norm_eps=1e-5, vocab_size=_TINY_VOCAB, **_CLIP, **extra)
-
-
-def tiny_sdxl_pipeline(seed: int = 0, scheduler: str = "euler", prediction_type: str = "epsilon") -> Any:
-    """A random-weight ``StableDiffusionXLPipeline`` for unit tests (module docstring)."""
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-
-    if scheduler_spec(scheduler).kind == "flow":
-        raise ValueError(f"SDXL samples on the VP path: scheduler {scheduler!r} is a flow-matching one")
-    sched = make_scheduler(scheduler, SDXL_SCHEDULER_CONFIG, prediction_type=prediction_type)
-    tok, tok2 = tiny_clip_tokenizer(), tiny_clip_tokenizer()
-    unet: Any
-    with _seeded(seed):
-        unet = UNet2DConditionModel(
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            sample_size=8,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=(2, 4),
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=8,
-            transformer_layers_per_block=(1, 2),
-            projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids and the pooled text embedding
-            cross_attention_dim=64,  # the two encoders' hidden states, concatenated
-        )
-        vae = _vae(4, 0.13025, None)
-        te, te2 = _clip(tok, False), _clip(tok2, True)
-    pipe: Any = StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=te,
-        text_encoder_2=te2,
-        tokenizer=tok,
-        tokenizer_2=tok2,
-        unet=unet.eval(),
-        scheduler=sched,
-        add_watermarker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def tiny_sd3_pipeline(seed: int = 0, shift: float = 3.0) -> Any:
-    """A random-weight ``StableDiffusion3Pipeline`` for unit tests (module docstring); ``shift``: the sigma shift."""
-    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
-
-    sched = make_scheduler("flow_euler", {"num_train_timesteps": 1000, "shift": shift})
-    tok, tok2 = tiny_clip_tokenizer(), tiny_clip_tokenizer()
-    transformer: Any
-    with _seeded(seed):
-        transformer = SD3Transformer2DModel(
-            sample_size=8,
-            patch_size=2,
-            in_channels=16,
-            out_channels=16,
-            num_layers=1,
-            attention_head_dim=8,
-            num_attention_heads=4,
-            caption_projection_dim=32,
-            joint_attention_dim=64,  # the CLIP embeddings (32 + 32) are padded to T5's width
-            pooled_projection_dim=64,  # the two pooled projections, concatenated
-            pos_embed_max_size=16,
-        )
-        vae = _vae(16, 1.5305, 0.0609)
-        te, te2 = _clip(tok, True), _clip(tok2, True)
-    pipe: Any = StableDiffusion3Pipeline(
-        transformer=transformer.eval(),
-        scheduler=sched,
-        vae=vae,
-        text_encoder=te,
-        tokenizer=tok,
-        text_encoder_2=te2,
-        tokenizer_2=tok2,
-        text_encoder_3=None,
-        tokenizer_3=None,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def tiny_flux_pipeline(seed: int = 0, dynamic_shifting: bool = True) -> Any:
-    """A random-weight ``FluxPipeline`` for unit tests (module docstring); ``dynamic_shifting=False``: shift 3."""
-    from diffusers import FluxPipeline, FluxTransformer2DModel
-    from transformers import T5Config, T5EncoderModel
-
-    sched = make_scheduler("flow_euler", {**FLUX_SCHEDULER_CONFIG, "use_dynamic_shifting": dynamic_shifting})
-    tok, tok2 = tiny_clip_tokenizer(), tiny_clip_tokenizer(model_max_length=512)
-    transformer: Any
-    with _seeded(seed):
-        transformer = FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=64,  # 16 latent channels x a 2x2 patch
-            num_layers=1,
-            num_single_layers=1,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            joint_attention_dim=32,  # T5's width
-            pooled_projection_dim=32,  # CLIP's pooled output
-            guidance_embeds=True,  # as FLUX.1-dev
-            axes_dims_rope=(4, 4, 8),
-        )
-        vae = _vae(16, 0.3611, 0.1159)
-        te = _clip(tok, False)
-        t5 = T5EncoderModel(
-            T5Config(
-                vocab_size=_TINY_VOCAB,
-                d_model=32,
-                d_kv=8,
-                d_ff=37,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                pad_token_id=tok2.pad_token_id,
-                eos_token_id=tok2.eos_token_id,
-            )
-        ).eval()
-    pipe: Any = FluxPipeline(
-        scheduler=sched,
-        vae=vae,
-        text_encoder=te,
-        tokenizer=tok,
-        text_encoder_2=t5,
-        tokenizer_2=tok2,
-        transformer=transformer.eval(),
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def tiny_pipeline(family: str, seed: int = 0, scheduler: str | None = None) -> Any:
-    """The tiny pipeline of a family ("sd", "sdxl", "sd3", "flux"); ``scheduler`` for the VP families."""
-    from safe_denoiser.diffusers.pipelines import tiny_sd_pipeline
-
-    if family == "sd":
-        return tiny_sd_pipeline(seed=seed, scheduler=scheduler or "ddim")
-    if family == "sdxl":
-        return tiny_sdxl_pipeline(seed=seed, scheduler=scheduler or "euler")
-    if scheduler not in (None, "flow_euler"):
-        raise ValueError(f"{family} samples with flow matching: scheduler must be 'flow_euler', got {scheduler!r}")
-    if family == "sd3":
-        return tiny_sd3_pipeline(seed=seed)
-    if family == "flux":
-        return tiny_flux_pipeline(seed=seed)
-    raise ValueError(f"unknown model family {family!r}: expected one of {sorted(FAMILIES)}")
 
 
 def img2img_pipeline(pipe: Any) -> Any:

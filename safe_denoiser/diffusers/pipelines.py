@@ -1,13 +1,13 @@
-"""Stable Diffusion pipelines without a model hub: random-weight builders for tests and benchmarks, local loading.
+"""Stable Diffusion pipelines without a model hub: random-weight SD-1.4 for benchmarks, local loading.
 
-* ``tiny_sd_pipeline``: a few-hundred-thousand-parameter SD pipeline (the shape of diffusers' own test
-  components) for fast CPU tests.
 * ``sd14_architecture_pipeline``: the SD-1.4 architecture (UNet ~860M, CLIP ViT-L/14 text tower, SD VAE) with
   random weights, for shape, export and speed work. ``sd14_unet`` builds only the UNet (``device="meta"`` counts
   parameters without allocating them).
 * ``load_sd_pipeline``: a real pipeline from a local folder (safetensors only, never remote code), optionally with
   other UNet weights (ESD, RECE, ...) from a safetensors state dict.
 * ``make_scheduler``: a scheduler by its short name in ``safe_denoiser.diffusers.scheduler_registry.SCHEDULERS``.
+* ``seeded_weights``, ``clip_text_encoder``, ``assemble_sd_pipeline``: the parts the random-weight builders share
+  (here and in ``safe_denoiser.testing``).
 
 No builder downloads anything: every component comes from a config, and the CLIP tokenizer is built from a
 byte-level vocabulary written to a temporary folder (no merges, so words split into characters; ids stay below
@@ -31,14 +31,16 @@ from safe_denoiser.diffusers.scheduler_registry import scheduler_class, schedule
 __all__ = [
     "SD3_SCHEDULER_CONFIG",
     "SD14_SCHEDULER_CONFIG",
+    "assemble_sd_pipeline",
+    "clip_text_encoder",
     "load_sd_pipeline",
     "load_unet_weights",
     "make_scheduler",
     "sd14_architecture_pipeline",
     "sd14_unet",
     "sd14_unet_config",
+    "seeded_weights",
     "tiny_clip_tokenizer",
-    "tiny_sd_pipeline",
 ]
 
 # CompVis/stable-diffusion-v1-4 scheduler/scheduler_config.json (a PNDM scheduler); other classes ignore the keys
@@ -55,7 +57,6 @@ SD14_SCHEDULER_CONFIG: dict[str, Any] = {
     "clip_sample": False,
 }
 
-_TINY_VOCAB = 1000  # text-encoder vocabulary of the tiny pipeline (diffusers' dummy CLIP uses 1000)
 _SD14_VOCAB = 49408
 
 
@@ -75,7 +76,7 @@ def make_scheduler(name: str, config: Mapping[str, Any] | None = None, **overrid
 
 
 @contextmanager
-def _seeded(seed: int) -> Iterator[None]:
+def seeded_weights(seed: int) -> Iterator[None]:
     """Deterministic weight init without disturbing the caller's global RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -111,7 +112,7 @@ def tiny_clip_tokenizer(model_max_length: int = 77) -> Any:
         return CLIPTokenizer.from_pretrained(folder, local_files_only=True, model_max_length=model_max_length)
 
 
-def _text_encoder(tokenizer: Any, projection: bool = False, **config: Any) -> Any:
+def clip_text_encoder(tokenizer: Any, projection: bool = False, **config: Any) -> Any:
     """A CLIP text model (``projection``: with the text projection, as SDXL's second and SD3's encoders)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -125,7 +126,7 @@ def _text_encoder(tokenizer: Any, projection: bool = False, **config: Any) -> An
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
 
 
-def _assemble(unet: Any, vae: Any, text_encoder: Any, tokenizer: Any, scheduler: Any) -> Any:
+def assemble_sd_pipeline(unet: Any, vae: Any, text_encoder: Any, tokenizer: Any, scheduler: Any) -> Any:
     from diffusers import StableDiffusionPipeline
 
     pipe: Any = StableDiffusionPipeline(
@@ -141,51 +142,6 @@ def _assemble(unet: Any, vae: Any, text_encoder: Any, tokenizer: Any, scheduler:
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def tiny_sd_pipeline(seed: int = 0, scheduler: str = "ddim", prediction_type: str = "epsilon") -> Any:
-    """A random-weight SD pipeline small enough for unit tests (CPU, milliseconds per step).
-
-    UNet: block_out_channels (32, 64), 1 layer per block, cross-attention dim 32, 16x16 latents; VAE with two
-    blocks (downscale factor 2, so images are 32x32 by default); CLIP text model 32 wide, 2 layers. Same seed,
-    same weights.
-    """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    sched = make_scheduler(scheduler, prediction_type=prediction_type)
-    tokenizer = tiny_clip_tokenizer()
-    unet: Any
-    vae: Any
-    with _seeded(seed):
-        unet = UNet2DConditionModel(
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            sample_size=16,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-        )
-        vae = AutoencoderKL(
-            block_out_channels=(32, 64),
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            latent_channels=4,
-            sample_size=32,
-        )
-        text_encoder = _text_encoder(
-            tokenizer,
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            layer_norm_eps=1e-5,
-            vocab_size=_TINY_VOCAB,
-        )
-    return _assemble(unet, vae.eval(), text_encoder, tokenizer, sched)
 
 
 def sd14_unet_config() -> dict[str, Any]:
@@ -219,7 +175,7 @@ def sd14_unet(seed: int = 0, device: str | torch.device | None = None, dtype: to
     from diffusers import UNet2DConditionModel
 
     unet: Any
-    with _seeded(seed), torch.device(device or "cpu"):
+    with seeded_weights(seed), torch.device(device or "cpu"):
         unet = UNet2DConditionModel(**sd14_unet_config())
     return unet.to(dtype=dtype).eval() if dtype is not None else unet.eval()
 
@@ -245,7 +201,7 @@ def sd14_architecture_pipeline(
     meta = torch.device(device).type == "meta"  # shapes and parameter counts only, no memory
     unet = sd14_unet(seed, device="meta" if meta else None)
     vae: Any
-    with _seeded(seed + 1), torch.device("meta" if meta else "cpu"):
+    with seeded_weights(seed + 1), torch.device("meta" if meta else "cpu"):
         vae = AutoencoderKL(
             in_channels=3,
             out_channels=3,
@@ -258,7 +214,7 @@ def sd14_architecture_pipeline(
             sample_size=512,
             scaling_factor=0.18215,
         )
-        text_encoder = _text_encoder(
+        text_encoder = clip_text_encoder(
             tokenizer,
             hidden_size=768,
             intermediate_size=3072,
@@ -268,7 +224,7 @@ def sd14_architecture_pipeline(
             hidden_act="quick_gelu",
             vocab_size=_SD14_VOCAB,
         )
-    pipe = _assemble(unet, vae.eval(), text_encoder, tokenizer, sched)
+    pipe = assemble_sd_pipeline(unet, vae.eval(), text_encoder, tokenizer, sched)
     return pipe if meta else pipe.to(device=device, dtype=dtype)
 
 

@@ -9,8 +9,8 @@ that sees exactly what the theorem needs, for any pipeline, so ``attach`` replac
 * delegates every attribute read and write to the wrapped scheduler (``config``, ``timesteps``, ``order``,
   ``init_noise_sigma``, ``scale_model_input``, ``add_noise``, ...) and reports the wrapped class as its
   ``__class__``, so ``isinstance`` checks in pipelines behave as with the bare scheduler;
-* overrides ``step`` only: inside the timestep window it corrects the noise prediction (``theorem`` preset,
-  eps <- eps + beta (eps - eps_unsafe)) or re-noises a corrected x0_hat with fresh noise from the pipeline's
+* overrides ``step`` only: inside the timestep window it corrects the noise prediction (constant, mass and odds
+  presets: eps <- eps + beta (eps - eps_unsafe)) or re-noises a corrected x0_hat with fresh noise from the pipeline's
   generator (``reference`` preset), then calls the wrapped ``step`` unchanged. ``step`` accepts ``eta`` and
   ``generator`` whatever the wrapped scheduler takes (the pipeline inspects the signature to decide what to pass)
   and forwards only what the wrapped scheduler accepts; the generator is needed for the reference re-noise even
@@ -50,8 +50,8 @@ import torch
 from torch import Tensor
 
 from safe_denoiser.core.bank import NegativeBank
-from safe_denoiser.core.beta import bank_data_variance
-from safe_denoiser.core.config import SafeGuidance
+from safe_denoiser.core.banks import PreparedBanks
+from safe_denoiser.core.guidance import ConstantGuidance, ReferenceGuidance, SafeGuidance, TheoremGuidance
 from safe_denoiser.core.kernel import accumulation_dtype
 from safe_denoiser.core.parameterization import eps_from_v
 from safe_denoiser.core.paths import flow_path
@@ -73,8 +73,8 @@ SUPPORTED_PREDICTIONS = ("epsilon", "v_prediction")
 class StepTrace(NamedTuple):
     """One step's record: the host timestep and what the correction did (device tensors, no sync).
 
-    ``record.delta_norm`` is measured in VP terms whatever the scheduler: the change of eps (theorem preset, also
-    for v-prediction models) or of x_t_VP = x / sqrt(1 + sigma^2) (reference preset).
+    ``record.delta_norm`` is measured in VP terms whatever the scheduler: the change of eps (constant, mass and odds
+    presets, also for v-prediction models) or of x_t_VP = x / sqrt(1 + sigma^2) (reference preset).
     """
 
     timestep: float
@@ -120,16 +120,14 @@ def _bank_tensor(bank: NegativeBank | Tensor) -> Tensor:
     raise TypeError(f"bank must be a NegativeBank or a tensor, got {type(bank).__name__}")
 
 
-def _bank_and_norms(
-    bank: NegativeBank | Tensor, device: torch.device | str | None, dtype: torch.dtype | None
-) -> tuple[Tensor, Tensor]:
-    """The bank on ``device`` in ``dtype`` (a half-precision bank stays half: half the bytes per step, the kernel
-    accumulates in float32) and its squared norms, computed once here rather than at every step."""
-    nb = bank if isinstance(bank, NegativeBank) else NegativeBank.from_tensor(_bank_tensor(bank))
-    if dtype is not None and nb.data.dtype in (torch.float16, torch.bfloat16):
-        dtype = nb.data.dtype
-    moved = nb.to(device=device, dtype=dtype)
-    return moved.data, moved.sq_norms
+def _guidance(guidance: SafeGuidance | str | None) -> SafeGuidance:
+    if guidance is None:
+        return ConstantGuidance()
+    if isinstance(guidance, str):
+        return SafeGuidance.from_dict({"preset": guidance})
+    if not isinstance(guidance, SafeGuidance):
+        raise TypeError(f"guidance must be a SafeGuidance, got {type(guidance).__name__}")
+    return guidance
 
 
 class SafeScheduler:
@@ -141,10 +139,7 @@ class SafeScheduler:
 
     # The wrapper's own attributes (annotations only, set in __init__); every other name is the scheduler's.
     scheduler: Any
-    bank: Tensor
-    bank_sq_norms: Tensor
-    reference: Tensor | None
-    reference_sq_norms: Tensor | None
+    banks: PreparedBanks
     guidance: SafeGuidance
     record: bool
     records: list[StepTrace]
@@ -158,46 +153,34 @@ class SafeScheduler:
     _begin: int
     _threshold: float | None
     _threshold_cache: dict[float, float]
-    _data_variance: float | None
 
     def __init__(
         self,
         scheduler: Any,
-        bank: NegativeBank | Tensor,
+        banks: PreparedBanks | NegativeBank | Tensor,
         guidance: SafeGuidance | str | None = None,
         *,
         record: bool = False,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        reference: NegativeBank | Tensor | None = None,
     ) -> None:
         import inspect
 
         if isinstance(scheduler, SafeScheduler):
             raise ValueError("the scheduler is already a SafeScheduler: detach it first")
-        if guidance is None or isinstance(guidance, str):
-            guidance = SafeGuidance.preset(guidance or "theorem")
-        if not isinstance(guidance, SafeGuidance):
-            raise TypeError(f"guidance must be a SafeGuidance, got {type(guidance).__name__}")
+        guidance = _guidance(guidance)
+        if not isinstance(banks, PreparedBanks):
+            banks = PreparedBanks.prepare(banks, guidance)
         kind = _scheduler_kind(scheduler)
-        if kind == "flow" and guidance.mode == "reference":
+        if kind == "flow" and guidance.renoises:
             raise ValueError(
                 f"safe denoiser: the reference preset is defined on the DDPM schedule; with flow matching"
-                f" ({type(scheduler).__name__}) use the theorem preset"
+                f" ({type(scheduler).__name__}) use the constant, mass or odds preset"
             )
         own = {
             "scheduler": scheduler,
             "_kind": kind,
             "_prediction": "flow" if kind == "flow" else scheduler.config.get("prediction_type", "epsilon"),
             "_step_params": frozenset(inspect.signature(scheduler.step).parameters),
-            **dict(zip(("bank", "bank_sq_norms"), _bank_and_norms(bank, device, dtype), strict=True)),
-            **dict(
-                zip(
-                    ("reference", "reference_sq_norms"),
-                    (None, None) if reference is None else _bank_and_norms(reference, device, dtype),
-                    strict=True,
-                )
-            ),
+            "banks": banks,
             "guidance": guidance,
             "record": bool(record),
             "records": [],
@@ -214,12 +197,6 @@ class SafeScheduler:
             "_threshold": None,
             "_threshold_cache": {},
         }
-        # The odds at the denoised estimate need the data's variance: a constant of the banks, computed once here.
-        own["_data_variance"] = (
-            bank_data_variance(own["bank"], own["reference"])
-            if guidance.odds_sigma is not None and own["reference"] is not None
-            else None
-        )
         for name, value in own.items():
             object.__setattr__(self, name, value)
         # Pipelines read set_timesteps' signature (retrieve_timesteps: "sigmas", "timesteps"; Flux passes mu): show
@@ -248,7 +225,7 @@ class SafeScheduler:
 
     def __repr__(self) -> str:
         return (
-            f"SafeScheduler({type(self.scheduler).__name__}, bank={tuple(self.bank.shape)}, "
+            f"SafeScheduler({type(self.scheduler).__name__}, bank={tuple(self.banks.negative.data.shape)}, "
             f"guidance={self.guidance!r}, record={self.record})"
         )
 
@@ -272,18 +249,20 @@ class SafeScheduler:
         self._calls = 0
         self._begin = 0
         self.records = []
-        if self.guidance.mode == "reference":
+        if self.guidance.renoises:
             self._threshold = self._reference_threshold()
 
     def _reference_threshold(self) -> float:
-        """SafeGuidance.threshold, else the bank's minimum kernel sum at the schedule's last timestep (cached)."""
-        if self.guidance.threshold is not None:
-            return self.guidance.threshold
-        assert self._host_timesteps is not None and self.guidance.kernel_sigma is not None
+        """ReferenceGuidance.threshold, else the bank's minimum kernel sum at the schedule's last timestep (cached)."""
+        g = self.guidance
+        assert isinstance(g, ReferenceGuidance) and self._host_timesteps is not None
+        if g.threshold is not None:
+            return g.threshold
         ab_last = float(self._alphas_cumprod[round(float(self._host_timesteps[-1]))])
         if ab_last not in self._threshold_cache:
-            gen = torch.Generator(device=self.bank.device).manual_seed(THRESHOLD_SEED)
-            self._threshold_cache[ab_last] = reference_threshold(self.bank, self.guidance.kernel_sigma, ab_last, gen)
+            bank = self.banks.negative.data
+            gen = torch.Generator(device=bank.device).manual_seed(THRESHOLD_SEED)
+            self._threshold_cache[ab_last] = reference_threshold(bank, g.kernel_sigma, ab_last, gen)
         return float(self._threshold_cache[ab_last])
 
     def _position(self, timestep: float | Tensor) -> int:
@@ -315,13 +294,10 @@ class SafeScheduler:
         ab = 1.0 / (1.0 + sigma * sigma)
         return ab, (math.sqrt(ab) if self._kind == "sigma" else 1.0)
 
-    def _bank_on(self, like: Tensor) -> Tensor:
-        if self.bank.device != like.device:  # the pipeline moved after attach: follow it once
-            self.bank, self.bank_sq_norms = self.bank.to(like.device), self.bank_sq_norms.to(like.device)
-            if self.reference is not None and self.reference_sq_norms is not None:
-                self.reference = self.reference.to(like.device)
-                self.reference_sq_norms = self.reference_sq_norms.to(like.device)
-        return self.bank
+    def _banks_on(self, like: Tensor) -> PreparedBanks:
+        if self.banks.device != like.device:  # the pipeline moved after attach: follow it once
+            self.banks = self.banks.to(like.device)
+        return self.banks
 
     # ---- the correction ---------------------------------------------------------------------------------
     def correct(
@@ -342,41 +318,29 @@ class SafeScheduler:
         in_window = g.in_window(t_host)
         if not in_window and not self.record:
             return model_output, sample
-        bank = self._bank_on(sample)
+        banks = self._banks_on(sample)
         t_dev = timestep if isinstance(timestep, Tensor) else t_host
         if self._kind == "flow":
-            return self._correct_flow(model_output, timestep, t_dev, sample, bank, in_window, t_host), sample
+            assert isinstance(g, TheoremGuidance)
+            return self._correct_flow(model_output, timestep, t_dev, sample, banks, g, in_window, t_host), sample
         ab, c = self._noise_level(t_host, timestep)
         x = sample if c == 1.0 else sample * c
         v_pred = self._prediction == "v_prediction"
         eps = eps_from_v(x, model_output, ab) if v_pred else model_output
         # The window mask in the core reads the device-side timestep: no host<->device copy.
-        if g.mode == "theorem":
-            ref = self.reference  # moved with the bank by _bank_on
-            new_eps, rec = theorem_correction(
-                eps,
-                x,
-                ab,
-                t_dev,
-                bank,
-                g,
-                ref,
-                bank_sq_norms=self.bank_sq_norms,
-                reference_sq_norms=self.reference_sq_norms,
-                data_variance=self._data_variance,
-            )
+        if isinstance(g, TheoremGuidance):
+            new_eps, rec = theorem_correction(eps, x, ab, t_dev, banks, g)
             if in_window:
                 # eps-space change mapped to the model's output; zero where the gate is closed (bit-exact no-op).
                 model_output = model_output + (new_eps - eps) / math.sqrt(ab) if v_pred else new_eps
         else:
+            assert isinstance(g, ReferenceGuidance)
             if in_window:
                 noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
             else:  # recording only: the mask is closed, so the noise is never used (and no RNG draw is made)
                 noise = torch.zeros_like(sample)
             threshold = self._threshold_tensor(x)
-            new_x, rec = reference_correction(
-                eps, x, ab, t_dev, bank, g, threshold, noise, bank_sq_norms=self.bank_sq_norms
-            )
+            new_x, rec = reference_correction(eps, x, ab, t_dev, banks, g, threshold, noise)
             if in_window:
                 sample = new_x if c == 1.0 else sample + (new_x - x) / c
         if self.record:
@@ -389,7 +353,8 @@ class SafeScheduler:
         timestep: float | Tensor,
         t_dev: float | Tensor,
         sample: Tensor,
-        bank: Tensor,
+        banks: PreparedBanks,
+        guidance: TheoremGuidance,
         in_window: bool,
         t_host: float,
     ) -> Tensor:
@@ -397,21 +362,7 @@ class SafeScheduler:
         if self._host_sigmas is None:
             raise RuntimeError("SafeScheduler: call set_timesteps through the wrapper before step")
         sigma = float(self._host_sigmas[self._position(timestep)])
-        ref = self.reference  # moved with the bank by _bank_on
-        path, g, norms = flow_path(sigma), self.guidance, self.bank_sq_norms
-        new_u, rec = path_correction(
-            velocity,
-            sample,
-            path,
-            "flow",
-            t_dev,
-            bank,
-            g,
-            ref,
-            bank_sq_norms=norms,
-            reference_sq_norms=self.reference_sq_norms,
-            data_variance=self._data_variance,
-        )
+        new_u, rec = path_correction(velocity, sample, flow_path(sigma), "flow", t_dev, banks, guidance)
         if self.record:
             self.records.append(StepTrace(t_host, rec))
         return new_u if in_window else velocity
@@ -504,6 +455,12 @@ def sample_space_bank(pipe: Any, bank: NegativeBank | Tensor, what: str = "bank"
     return data
 
 
+def _in_sample_space(pipe: Any, bank: NegativeBank | Tensor, what: str) -> NegativeBank | Tensor:
+    """``sample_space_bank``, keeping a ``NegativeBank`` (and its cached norms) whole when no repacking is needed."""
+    data = sample_space_bank(pipe, bank, what)
+    return bank if isinstance(bank, NegativeBank) and data is bank.data else data
+
+
 def attach(
     pipe: Any,
     bank: NegativeBank | Tensor,
@@ -514,14 +471,16 @@ def attach(
 ) -> SafeScheduler:
     """Make ``pipe`` apply the safe denoiser at every step inside ``guidance.window``; returns the handle.
 
-    ``guidance``: a SafeGuidance or a preset name ('theorem', the default, or 'reference'). The bank is moved to
-    the pipeline's device and dtype (the kernel still accumulates in float32). The handle is
-    the ``SafeScheduler`` now at ``pipe.scheduler``: ``handle.records`` (with ``record=True``), ``handle.guidance``.
-    ``reference``: the reference bank (safe or unlabelled data) that ``beta_mode="odds"`` needs.
+    ``guidance``: a ``SafeGuidance`` preset or a preset's name (None: ``ConstantGuidance()``). The banks are laid
+    out in the sample space of the pipeline's scheduler (``sample_space_bank``) and prepared once on the pipeline's
+    device and dtype (``PreparedBanks``; the kernel still accumulates in float32). The handle is the
+    ``SafeScheduler`` now at ``pipe.scheduler``: ``handle.records`` (with ``record=True``), ``handle.guidance``.
+    ``reference``: the reference bank (safe or unlabelled data) that the odds preset needs.
     """
-    if reference is None and isinstance(guidance, SafeGuidance) and guidance.beta_mode == "odds":
+    guidance = _guidance(guidance)
+    if reference is None and guidance.needs_reference_bank:
         raise ValueError(
-            "SafeGuidance.beta_mode='odds' needs a reference bank: attach(pipe, bank, guidance, reference=...)"
+            f"the {guidance.preset} preset needs a reference bank: attach(pipe, bank, guidance, reference=...)"
         )
     scheduler = getattr(pipe, "scheduler", None)
     if scheduler is None:
@@ -529,9 +488,9 @@ def attach(
     if isinstance(scheduler, SafeScheduler):
         raise ValueError("a safe denoiser is already attached to this pipeline: detach(pipe) first")
     device, dtype = _pipeline_device_dtype(pipe)
-    data = sample_space_bank(pipe, bank)
-    ref = None if reference is None else sample_space_bank(pipe, reference, "reference bank")
-    handle = SafeScheduler(scheduler, data, guidance, record=record, device=device, dtype=dtype, reference=ref)
+    ref = None if reference is None else _in_sample_space(pipe, reference, "reference bank")
+    banks = PreparedBanks.prepare(_in_sample_space(pipe, bank, "bank"), guidance, ref, device=device, dtype=dtype)
+    handle = SafeScheduler(scheduler, banks, guidance, record=record)
     object.__setattr__(pipe, "scheduler", handle)  # bypass config registration: pipe.config keeps the real class
     return handle
 

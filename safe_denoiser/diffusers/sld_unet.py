@@ -24,8 +24,8 @@ from typing import Any, Literal, TypeVar
 import torch
 from torch import Tensor, nn
 
-from ..core.config import DEFAULT_SAFETY_CONCEPT, SLDConfig
 from ..core.sld import append_safety_branch, sld_guidance
+from ..core.sld_config import DEFAULT_SAFETY_CONCEPT, SLDConfig
 
 __all__ = ["Conditioning", "SLDUNet", "attach_sld", "detach_sld", "encode_concept", "install_sld_unet"]
 

@@ -100,7 +100,12 @@ def make_judge(spec: str, **kwargs: Any) -> Judge:
             raise ValueError(f"judge {spec!r}: cannot import {attr!r} from module {module!r} ({exc})") from exc
     else:
         raise ValueError(f"unknown judge {spec!r}: expected one of {sorted(_REGISTRY)} or 'package.module:factory'")
-    judge = factory(**kwargs)
+    if not callable(factory):
+        raise ValueError(f"judge {spec!r} is a {type(factory).__name__}; expected a factory (a class or function)")
+    try:
+        judge = factory(**kwargs)
+    except TypeError as exc:  # a plug-in whose factory takes other arguments (e.g. no threshold)
+        raise ValueError(f"judge {spec!r}: the factory cannot be called with {sorted(kwargs)} ({exc})") from exc
     if not isinstance(judge, Judge):
         raise ValueError(f"judge {spec!r} does not provide name, threshold, describe() and judge()")
     return judge

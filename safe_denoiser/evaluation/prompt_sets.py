@@ -14,7 +14,6 @@ that ``safe-denoiser predict`` reads back unchanged (categories become the class
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -23,7 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from safe_denoiser.files import atomic_write
-from safe_denoiser.lightning.prompts import PromptItem, PromptSetError, safe_file_stem
+from safe_denoiser.lightning.prompts import (
+    PromptItem,
+    PromptSetError,
+    clip_text,
+    csv_rows,
+    csv_table,
+    parse_json,
+    safe_file_stem,
+)
 
 __all__ = [
     "LOADERS",
@@ -50,33 +57,26 @@ def _rows(path: Path) -> Iterator[tuple[int, list[str]]]:
     """(line number, cells) of each non-blank CSV row; a UTF-8 BOM is dropped."""
     try:
         with path.open(encoding="utf-8-sig", newline="") as f:
-            reader = csv.reader(f)
-            start = 1
-            for cells in reader:
-                if any(c.strip() for c in cells):
-                    yield start, cells
-                start = reader.line_num + 1
+            yield from csv_rows(f, path.name)
     except UnicodeDecodeError as exc:
         raise PromptSetError(f"{path.name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    except csv.Error as exc:
-        raise PromptSetError(f"{path.name}: malformed CSV ({exc})") from exc
 
 
 def _table(path: Path, required: Sequence[str]) -> Iterator[tuple[str, dict[str, str]]]:
     """('file line N', {column: value}) per data row of a CSV with a header; columns matched case-insensitively."""
-    rows = _rows(path)
-    first = next(rows, None)
-    if first is None:
-        raise PromptSetError(f"{path.name}: empty file; expected a header row with columns {list(required)}")
-    header = [h.strip().lower() for h in first[1]]
-    missing = [c for c in required if c not in header]
-    if missing:
-        raise PromptSetError(f"{path.name} line {first[0]}: missing column(s) {missing}; header is {first[1]}")
-    for lineno, cells in rows:
-        where = f"{path.name} line {lineno}"
-        if len(cells) != len(header):
-            raise PromptSetError(f"{where}: {len(cells)} fields, the header has {len(header)}")
-        yield where, {h: c.strip() for h, c in zip(header, cells, strict=True) if h}
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            first, rows = csv_table(f, path.name)
+            if first is None:
+                raise PromptSetError(f"{path.name}: empty file; expected a header row with columns {list(required)}")
+            header = [h.strip().lower() for h in first[1]]
+            missing = [c for c in required if c not in header]
+            if missing:
+                raise PromptSetError(f"{path.name} line {first[0]}: missing column(s) {missing}; header is {first[1]}")
+            for where, cells in rows:
+                yield where, {h: c.strip() for h, c in zip(header, cells, strict=True) if h}
+    except UnicodeDecodeError as exc:
+        raise PromptSetError(f"{path.name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
 
 
 def _int(value: str, name: str, where: str) -> int:
@@ -241,9 +241,10 @@ def load_i2p(
 def _coco_json(p: Path) -> list[tuple[str, str, str]]:
     """(annotation id, image id, caption) from an official ``captions_*.json``."""
     try:
-        data = json.loads(p.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PromptSetError(f"{p.name}: not a COCO captions JSON file ({exc})") from exc
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise PromptSetError(f"{p.name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    data = parse_json(text, f"{p.name} (a COCO captions JSON file)")
     anns = data.get("annotations") if isinstance(data, dict) else None
     if not isinstance(anns, list):
         raise PromptSetError(f"{p.name}: expected an object with an 'annotations' list (COCO captions format)")
@@ -251,6 +252,8 @@ def _coco_json(p: Path) -> list[tuple[str, str, str]]:
     for k, a in enumerate(anns):
         if not isinstance(a, dict) or not {"id", "image_id", "caption"} <= a.keys():
             raise PromptSetError(f"{p.name} annotations[{k}]: expected keys id, image_id, caption")
+        if not isinstance(a["caption"], str) or any(isinstance(a[key], (list, dict)) for key in ("id", "image_id")):
+            raise PromptSetError(f"{p.name} annotations[{k}]: expected a string caption and scalar ids")
         out.append(
             (str(a["id"]), str(a["image_id"]), _prompt(str(a["caption"]), "caption", f"{p.name} annotations[{k}]"))
         )
@@ -277,7 +280,7 @@ def _subset(path: str | os.PathLike[str]) -> list[str]:
         if not v:
             continue
         if not v.isdigit():
-            raise PromptSetError(f"{p.name} line {lineno}: {v!r} is not a COCO image id (digits)")
+            raise PromptSetError(f"{p.name} line {lineno}: {clip_text(v)} is not a COCO image id (digits)")
         ids.append(str(int(v)))
     if not ids:
         raise PromptSetError(f"{p.name}: holds no image ids")

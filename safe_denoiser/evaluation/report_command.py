@@ -20,6 +20,7 @@ __all__ = ["add_parser"]
 
 def _quality(args: argparse.Namespace, runs: list[Any]) -> dict[str, dict[str, float]]:
     """FID / CLIP per configuration on its ``--quality-set`` folder, when the weights are given."""
+    from safe_denoiser.devices import torch_device
     from safe_denoiser.evaluation import quality
     from safe_denoiser.evaluation.judging import image_files
     from safe_denoiser.evaluation.report import metadata_stem
@@ -28,6 +29,7 @@ def _quality(args: argparse.Namespace, runs: list[Any]) -> dict[str, dict[str, f
     targets = [r for r in runs if r.prompt_set == args.quality_set]
     if not targets or not (args.inception or args.clip):
         return {}
+    torch_device(args.device, "--device")  # before loading weights: a device this machine lacks fails now
     feature = quality.inception_from_safetensors(args.inception) if args.inception else None
     clip = quality.load_clip(args.clip) if args.clip else None
     if feature is not None and args.real_images is None:
@@ -53,10 +55,14 @@ def _quality(args: argparse.Namespace, runs: list[Any]) -> dict[str, dict[str, f
 def run_report(args: argparse.Namespace) -> int:
     from safe_denoiser.evaluation.judges import make_judge
     from safe_denoiser.evaluation.report import Run, build_report, write_report
+    from safe_denoiser.files import check_out_dir
 
     runs = [Run(config, prompt_set, Path(folder)) for config, prompt_set, folder in args.run or []]
     if not runs:
         raise ValueError("give at least one --run CONFIG SET FOLDER")
+    check_out_dir(args.out)  # before judging: an --out that cannot be written fails now
+    if args.image_size < 1:
+        raise ValueError(f"--image-size must be a positive int (pixels), got {args.image_size}")
     options = {} if args.threshold is None else {"threshold": args.threshold}
     judges = [make_judge(name, **options) for name in dict.fromkeys(args.judge or ["nudenet"])]
     result = build_report(runs, judges, _quality(args, runs), judge_new=not args.no_judge)
@@ -68,7 +74,15 @@ def run_report(args: argparse.Namespace) -> int:
 
 def run_prompts(args: argparse.Namespace) -> int:
     from safe_denoiser.evaluation.prompt_sets import load_prompt_set, write_prompt_set
+    from safe_denoiser.files import check_out_file
 
+    for flag, value, fmt in (
+        ("--category", args.category, "i2p"),
+        ("--hard-only", args.hard_only, "i2p"),
+        ("--subset", args.subset, "coco"),
+    ):
+        if value and args.format != fmt:
+            raise ValueError(f"{flag} applies to the {fmt} format only, got format {args.format!r}")
     options: dict[str, Any] = {}
     if args.category:
         options["categories"] = args.category
@@ -76,8 +90,9 @@ def run_prompts(args: argparse.Namespace) -> int:
         options["hard_only"] = True
     if args.subset:
         options["subset"] = args.subset
+    out = check_out_file(args.out)  # an unwritable --out fails before the set is read
     items = load_prompt_set(args.format, args.input, **options)
-    write_prompt_set(items, args.out)
+    write_prompt_set(items, out)
     print(f"wrote {len(items)} prompts to {args.out}", file=sys.stderr)
     return 0
 

@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from safe_denoiser.runtime.manifest import Manifest
+
+    from .onnx_graph import ExportOptions
 
 __all__ = ["add_parser"]
 
@@ -55,8 +60,34 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=_run)
 
 
+def _yaml_problem(exc: Exception) -> str:
+    """One line for a YAML syntax error: what and where (PyYAML's own message spans several lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return (
+        f"is not valid YAML ({getattr(exc, 'problem', None) or type(exc).__name__}{where}); expected a predict config"
+    )
+
+
+def _export(args: argparse.Namespace, options: ExportOptions) -> Manifest:
+    """Check ``--out``, build the config's source, refuse a window that never fires (as predict does), export."""
+    from safe_denoiser.files import check_out_dir
+    from safe_denoiser.lightning.checks import check_window
+
+    from .exporter import export_bundle, prepare_out_dir
+    from .source import load_source, read_model_section
+
+    prepare_out_dir(check_out_dir(args.out), options.overwrite)  # fail before the (slow) build
+    source = load_source(read_model_section(args.config), args.height, args.width)
+    if source.guidance is not None:
+        check_window(source.guidance.window, source.pipe.scheduler, source.num_inference_steps)
+    return export_bundle(source, args.out, options)
+
+
 def _run(args: argparse.Namespace) -> int:
-    from .exporter import ExportOptions, export_from_config
+    import yaml
+
+    from .exporter import ExportOptions
     from .tensorrt import EngineProfile, TensorRTUnavailableError, build_engines, require_tensorrt
 
     try:
@@ -80,12 +111,15 @@ def _run(args: argparse.Namespace) -> int:
         bank_dtype=args.bank_dtype,
     )
     try:
-        manifest = export_from_config(args.config, args.out, options, args.height, args.width)
+        manifest = _export(args, options)
     except FileExistsError:
         print(
             f"safe-denoiser export: error: --out {args.out!r} is not empty; pass --overwrite to replace it",
             file=sys.stderr,
         )
+        return 2
+    except yaml.YAMLError as exc:
+        print(f"safe-denoiser export: error: --config {args.config!r} {_yaml_problem(exc)}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}: {manifest.model_kind} ({manifest.source}), sample {manifest.sample_shape}")
     for graph in manifest.graphs.values():

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from safe_denoiser.core.bank import NegativeBank
-from safe_denoiser.demo.digits import NULL_CLASS
+from safe_denoiser.core.guidance import OddsGuidance
 from safe_denoiser.files import staging_dir
 from safe_denoiser.runtime.integrity import bundle_files, hash_files
 from safe_denoiser.runtime.manifest import (
@@ -49,7 +49,7 @@ from safe_denoiser.runtime.manifest import (
 from safe_denoiser.runtime.safree_text import orthonormal_basis
 
 from .flow_graphs import FlowDenoiserStep, register_rms_norm, traceable_rotary
-from .graphs import TextEncoderGraph, VaeDecoderGraph, stored_bank
+from .graphs import DenoiserStep, TextEncoderGraph, VaeDecoderGraph
 from .onnx_graph import SUPPORTED_OPSETS, ExportOptions, export_graph
 from .source import (
     ExportSource,
@@ -180,7 +180,9 @@ def export_bundle(source: ExportSource, out: str | os.PathLike[str], options: Ex
 def _write_bundle(source: ExportSource, root: Path, options: ExportOptions) -> Manifest:
     pipe = source.pipe
     flow = source.family is not None
-    graphs = {"denoiser": _export_denoiser(source, root, options)}
+    denoiser, step = _export_denoiser(source, root, options)
+    graphs = {"denoiser": denoiser}
+    bank, reference_bank = _bank_infos(source, step, options.bank_dtype)
     tokenizer_dir: str | None = None
     if source.kind == "text-to-image" and not flow:
         graphs.update(_export_text_and_vae(source, root, options))
@@ -204,10 +206,10 @@ def _write_bundle(source: ExportSource, root: Path, options: ExportOptions) -> M
         reference_threshold_steps=source.num_inference_steps if threshold is not None else None,
         reference_threshold_alpha_bar=ab_last,
         sld=source.sld,
-        bank=_bank_info(source, options.bank_dtype),
-        reference_bank=_reference_bank_info(source, options.bank_dtype),
+        bank=bank,
+        reference_bank=reference_bank,
         tokenizer=tokenizer_dir,
-        null_class=NULL_CLASS if source.kind == "class-conditional" else None,
+        null_class=None if source.labels is None else source.labels.null,
         num_class_labels=class_label_count(pipe) if source.kind == "class-conditional" else None,
         vae_scaling_factor=float(pipe.vae.config.scaling_factor) if source.kind == "text-to-image" else None,
         path="flow" if flow else "vp",
@@ -222,7 +224,9 @@ def _write_bundle(source: ExportSource, root: Path, options: ExportOptions) -> M
     return manifest
 
 
-def _export_denoiser(source: ExportSource, root: Path, options: ExportOptions) -> GraphSpec:
+def _export_denoiser(
+    source: ExportSource, root: Path, options: ExportOptions
+) -> tuple[GraphSpec, DenoiserStep | FlowDenoiserStep]:
     """denoiser.onnx: the guided, corrected step (VP/sigma ``DenoiserStep`` or flow ``FlowDenoiserStep``)."""
     step = build_denoiser(source, options.fp16, options.bank_dtype)
     flow = isinstance(step, FlowDenoiserStep)
@@ -250,7 +254,7 @@ def _export_denoiser(source: ExportSource, root: Path, options: ExportOptions) -
     if source.sld is not None:
         roles["sld_safety_embedding"] = "SLD safety-concept embedding (1, L, D) float32"
     with traceable_rotary() if source.family == "flux" else nullcontext():
-        return export_graph(
+        spec = export_graph(
             step,
             denoiser_inputs(source, step, options.batch, seed=0),
             denoiser_inputs(source, step, options.batch + 1, seed=1) if options.verify else None,
@@ -262,6 +266,7 @@ def _export_denoiser(source: ExportSource, root: Path, options: ExportOptions) -
             dict(zip(step.constant_names, step.constants(), strict=True)),
             roles,
         )
+    return spec, step
 
 
 def _export_text_and_vae(source: ExportSource, root: Path, options: ExportOptions) -> dict[str, GraphSpec]:
@@ -308,51 +313,34 @@ def _export_text_and_vae(source: ExportSource, root: Path, options: ExportOption
     return graphs
 
 
-def _bank_info(source: ExportSource, bank_dtype: BankDtype = "float32") -> BankInfo | None:
-    """The bank as the graph holds it (Flux: packed; its hash is that of the packed array, the file's in metadata;
-    float16: the hash of the rounded values, the file's in metadata)."""
-    if source.bank is None:
-        return None
-    return _graph_bank_info(source, source.bank, bank_dtype, BANK_INITIALIZER)
-
-
-def _reference_bank_info(source: ExportSource, bank_dtype: BankDtype = "float32") -> BankInfo | None:
-    """The odds preset's reference bank as the graph holds it, with the guidance's ``reference_kind``."""
-    if source.reference_bank is None or source.guidance is None:
-        return None
-    info = _graph_bank_info(source, source.reference_bank, bank_dtype, REFERENCE_BANK_INITIALIZER)
-    return dataclasses.replace(info, reference_kind=source.guidance.reference_kind)
-
-
-def _graph_bank_info(source: ExportSource, bank: NegativeBank, bank_dtype: BankDtype, initializer: str) -> BankInfo:
-    """``bank`` as initializer ``initializer`` holds it: packed for Flux (the packed array's hash), else as stored."""
-    if source.family != "flux":
-        return _vp_bank_info(bank, bank_dtype, initializer)
-    from safe_denoiser.diffusers.safe_scheduler import sample_space_bank
-
-    packed = stored_bank(sample_space_bank(source.pipe, bank.data), bank_dtype).numpy()
-    metadata = {**bank.metadata, PACKED_FROM: bank.sha256(), "layout": "flux packed 2x2 patches"}
-    return BankInfo(
-        count=len(bank),
-        sample_shape=tuple(packed.shape[1:]),
-        sha256=array_sha256(packed),
-        initializer=initializer,
-        metadata=metadata,
-        dtype=bank_dtype,
+def _bank_infos(
+    source: ExportSource, step: DenoiserStep | FlowDenoiserStep, bank_dtype: BankDtype
+) -> tuple[BankInfo | None, BankInfo | None]:
+    """(negative, reference) banks as the graph holds them, hashed from the step's own buffers: Flux's packed array,
+    a float16 bank's rounded values, the file's hash in metadata (``PACKED_FROM`` / ``ROUNDED_FROM``)."""
+    neg = (
+        None if source.bank is None else _graph_bank_info(source, source.bank, step.bank, bank_dtype, BANK_INITIALIZER)
     )
+    g, ref = source.guidance, source.reference_bank
+    if ref is None or not isinstance(g, OddsGuidance):
+        return neg, None
+    info = _graph_bank_info(source, ref, step.reference_bank, bank_dtype, REFERENCE_BANK_INITIALIZER)
+    return neg, dataclasses.replace(info, reference_kind=g.reference_kind)
 
 
-def _vp_bank_info(bank: NegativeBank, bank_dtype: BankDtype, initializer: str) -> BankInfo:
-    """Count, shape, storage dtype and hash of a (not packed) bank stored as ``bank_dtype`` in initializer."""
+def _graph_bank_info(
+    source: ExportSource, bank: NegativeBank, stored: Tensor, bank_dtype: BankDtype, initializer: str
+) -> BankInfo:
+    """``bank`` as initializer ``initializer`` holds it (``stored``, the step's buffer)."""
     metadata = dict(bank.metadata)
-    digest = bank.sha256()
-    if bank_dtype != "float32":
-        metadata[ROUNDED_FROM] = digest
-        digest = array_sha256(stored_bank(bank.data, bank_dtype).numpy())
+    if source.family == "flux":
+        metadata.update({PACKED_FROM: bank.sha256(), "layout": "flux packed 2x2 patches"})
+    elif bank_dtype != "float32":
+        metadata[ROUNDED_FROM] = bank.sha256()
     return BankInfo(
         count=len(bank),
-        sample_shape=bank.sample_shape,
-        sha256=digest,
+        sample_shape=tuple(stored.shape[1:]),
+        sha256=array_sha256(stored.numpy()),
         initializer=initializer,
         metadata=metadata,
         dtype=bank_dtype,

@@ -40,8 +40,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from safe_denoiser.core.config import SafeGuidance
 from safe_denoiser.core.correction import cfg_combine
+from safe_denoiser.core.guidance import SafeGuidance, TheoremGuidance
 from safe_denoiser.core.paths import flow_path, x0_from_prediction
 from safe_denoiser.core.step import path_correction
 from safe_denoiser.runtime.manifest import (
@@ -75,7 +75,7 @@ class FlowDenoiserStep(nn.Module):
         guidance: the correction's settings (theorem preset), or None (no bank, no correction outputs).
         bank: the negative bank in the space the scheduler steps (Flux: packed, (N, h w / 4, 4 C)).
         image_ids: Flux's image position ids (h w / 4, 3) (required for "flux"); its text ids are zeros.
-        reference_bank: the odds preset's reference bank, in the bank's space (required with ``beta_mode="odds"``).
+        reference_bank: the odds preset's reference bank, in the bank's space (required with ``OddsGuidance``).
         bank_dtype: how both banks are stored, "float32" or "float16" (cast to the sample's dtype in the graph).
     """
 
@@ -98,12 +98,12 @@ class FlowDenoiserStep(nn.Module):
         super().__init__()
         if family not in ("sd3", "flux"):
             raise ValueError(f"family must be 'sd3' or 'flux', got {family!r}")
-        if guidance is not None and (bank is None or guidance.mode != "theorem"):
-            raise ValueError("FlowDenoiserStep: the correction needs a bank and the theorem preset")
+        if guidance is not None and (bank is None or not isinstance(guidance, TheoremGuidance)):
+            raise ValueError("FlowDenoiserStep: the correction needs a bank and a constant, mass or odds preset")
         if family == "flux" and image_ids is None:
             raise ValueError("FlowDenoiserStep: Flux needs its image position ids")
-        if (guidance is not None and guidance.beta_mode == "odds") != (reference_bank is not None):
-            raise ValueError("FlowDenoiserStep: a reference bank is required with beta_mode 'odds' and used only there")
+        if (guidance is not None and guidance.needs_reference_bank) != (reference_bank is not None):
+            raise ValueError("FlowDenoiserStep: a reference bank is required with the odds preset and used only there")
         self.transformer = transformer
         self.family = family
         self.guidance = guidance
@@ -114,7 +114,7 @@ class FlowDenoiserStep(nn.Module):
     @property
     def odds(self) -> bool:
         """Whether the correction's beta is Theorem 1's odds (the graph then holds the reference bank too)."""
-        return self.guidance is not None and self.guidance.beta_mode == "odds"
+        return self.guidance is not None and self.guidance.needs_reference_bank
 
     @property
     def input_names(self) -> list[str]:
@@ -173,24 +173,12 @@ class FlowDenoiserStep(nn.Module):
             raise ValueError(f"FlowDenoiserStep expects inputs {names} (+ constants {self.constant_names})")
         x = dict(zip(names, inputs, strict=False))
         consts = dict(zip(self.constant_names, inputs[len(names) :], strict=True)) if len(inputs) > len(names) else {}
-        bank, norms, reference, reference_norms = graph_banks(self, consts, x["sample"], self.odds)
+        banks = graph_banks(self, consts, x["sample"], self.odds, self.data_variance)
         u = self._velocity(x)
         path = flow_path(x["sigma"])
         record: list[Tensor] = []
-        if self.guidance is not None:
-            u, rec = path_correction(
-                u,
-                x["sample"],
-                path,
-                "flow",
-                x["timestep"],
-                bank,
-                self.guidance,
-                reference,
-                bank_sq_norms=norms,
-                reference_sq_norms=reference_norms,
-                data_variance=self.data_variance,
-            )
+        if isinstance(self.guidance, TheoremGuidance):
+            u, rec = path_correction(u, x["sample"], path, "flow", x["timestep"], banks, self.guidance)
             record = [rec.applied, rec.log_mass]
         return (u, x0_from_prediction(x["sample"], u, path, "flow"), *record)
 

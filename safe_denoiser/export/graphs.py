@@ -50,12 +50,13 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from safe_denoiser.core.beta import bank_data_variance
-from safe_denoiser.core.config import SafeGuidance, SLDConfig
+from safe_denoiser.core.banks import PreparedBanks, bank_data_variance
 from safe_denoiser.core.correction import cfg_combine
+from safe_denoiser.core.guidance import OddsGuidance, ReferenceGuidance, SafeGuidance, TheoremGuidance
 from safe_denoiser.core.kernel import bank_sq_norms
 from safe_denoiser.core.parameterization import x0_from_eps
 from safe_denoiser.core.sld import append_safety_branch, sld_guidance
+from safe_denoiser.core.sld_config import SLDConfig
 from safe_denoiser.core.step import reference_correction, theorem_correction
 from safe_denoiser.runtime.manifest import (
     BANK_DTYPES,
@@ -105,7 +106,7 @@ def register_banks(
 def odds_data_variance(guidance: SafeGuidance | None, bank: Tensor, reference: Tensor) -> float | None:
     """The banks' data variance for the odds at the denoised estimate (``odds_sigma``), a constant traced into the
     graph; None when the guidance does not use it."""
-    if guidance is None or guidance.odds_sigma is None or not reference.numel():
+    if not isinstance(guidance, OddsGuidance) or guidance.odds_sigma is None or not reference.numel():
         return None
     return bank_data_variance(bank.float(), reference.float())
 
@@ -127,9 +128,9 @@ def _widen(bank: Tensor, like: Tensor) -> Tensor:
 
 
 def graph_banks(
-    module: nn.Module, consts: dict[str, Tensor], sample: Tensor, odds: bool
-) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """(bank, its norms, reference bank or None, its norms) as one step reads them (``register_banks``).
+    module: nn.Module, consts: dict[str, Tensor], sample: Tensor, odds: bool, data_variance: float | None
+) -> PreparedBanks:
+    """The banks as one step reads them (``register_banks``), with the traced constant ``data_variance``.
 
     The constants fed to an exported graph, else the module's buffers; a float16-stored bank widened to the
     sample's dtype. Norms exist only as constants: eager calls compute them from the bank in the module's own dtype
@@ -138,7 +139,9 @@ def graph_banks(
     banks = {**bank_constants(module), **consts}  # what the graph is fed wins over the module's buffers
     bank = _widen(banks[BANK_INITIALIZER], sample)
     reference = _widen(banks[REFERENCE_BANK_INITIALIZER], sample) if odds else None
-    return bank, consts.get(BANK_NORMS_INITIALIZER), reference, consts.get(REFERENCE_NORMS_INITIALIZER)
+    return PreparedBanks.of_tensors(
+        bank, consts.get(BANK_NORMS_INITIALIZER), reference, consts.get(REFERENCE_NORMS_INITIALIZER), data_variance
+    )
 
 
 class DenoiserStep(nn.Module):
@@ -152,7 +155,7 @@ class DenoiserStep(nn.Module):
         threshold: the reference preset's gate threshold (required with a reference ``guidance``).
         sld: SLD settings, or None; only with text conditioning.
         safety_embedding: (1, L, D) text-encoder output of SLD's safety concept (required with ``sld``).
-        reference_bank: (M, C, H, W) reference bank of the odds preset (required with ``beta_mode="odds"``).
+        reference_bank: (M, C, H, W) reference bank of the odds preset (required with ``OddsGuidance``).
         bank_dtype: how both banks are stored, "float32" or "float16" (see the module docstring).
     """
 
@@ -180,13 +183,13 @@ class DenoiserStep(nn.Module):
             raise ValueError(f"conditioning must be 'class_labels' or 'text', got {conditioning!r}")
         if guidance is not None and bank is None:
             raise ValueError("DenoiserStep: a bank is required when guidance is set")
-        if guidance is not None and guidance.mode == "reference" and threshold is None:
+        if guidance is not None and guidance.renoises and threshold is None:
             raise ValueError("DenoiserStep: the reference preset needs its threshold")
         if sld is not None and (conditioning != "text" or safety_embedding is None):
             raise ValueError("DenoiserStep: SLD needs text conditioning and the safety-concept embedding")
-        odds = guidance is not None and guidance.beta_mode == "odds"
+        odds = guidance is not None and guidance.needs_reference_bank
         if odds != (reference_bank is not None):
-            raise ValueError("DenoiserStep: a reference bank is required with beta_mode 'odds' and used only there")
+            raise ValueError("DenoiserStep: a reference bank is required with the odds preset and used only there")
         self.unet = unet
         self.conditioning = conditioning
         self.guidance = guidance
@@ -202,12 +205,12 @@ class DenoiserStep(nn.Module):
     # ---- names --------------------------------------------------------------------------------------------
     @property
     def reference(self) -> bool:
-        return self.guidance is not None and self.guidance.mode == "reference"
+        return self.guidance is not None and self.guidance.renoises
 
     @property
     def odds(self) -> bool:
         """Whether the correction's beta is Theorem 1's odds (the graph then holds the reference bank too)."""
-        return self.guidance is not None and self.guidance.beta_mode == "odds"
+        return self.guidance is not None and self.guidance.needs_reference_bank
 
     @property
     def input_names(self) -> list[str]:
@@ -274,7 +277,7 @@ class DenoiserStep(nn.Module):
         x: dict[str, Tensor] = dict(zip(names, inputs, strict=False))
         consts = dict(zip(self.constant_names, inputs[len(names) :], strict=True)) if len(inputs) > len(names) else {}
         sample = x["sample"]
-        bank, norms, reference, reference_norms = graph_banks(self, consts, sample, self.odds)
+        banks = graph_banks(self, consts, sample, self.odds, self.data_variance)
         threshold = consts.get(THRESHOLD_INITIALIZER, self.threshold)
         safety = consts.get(SAFETY_INITIALIZER, self.safety_embedding)
 
@@ -306,23 +309,13 @@ class DenoiserStep(nn.Module):
         if g is None:
             x_out = sample
             record: list[Tensor] = []
-        elif g.mode == "theorem":
-            eps, rec = theorem_correction(
-                eps,
-                sample,
-                ab,
-                t,
-                bank,
-                g,
-                reference,
-                bank_sq_norms=norms,
-                reference_sq_norms=reference_norms,
-                data_variance=self.data_variance,
-            )
+        elif isinstance(g, TheoremGuidance):
+            eps, rec = theorem_correction(eps, sample, ab, t, banks, g)
             x_out = sample
             record = [rec.applied, rec.log_mass]
         else:
-            x_out, rec = reference_correction(eps, sample, ab, t, bank, g, threshold, x["noise"], bank_sq_norms=norms)
+            assert isinstance(g, ReferenceGuidance)
+            x_out, rec = reference_correction(eps, sample, ab, t, banks, g, threshold, x["noise"])
             record = [rec.applied, rec.log_mass]
         x0 = x0_from_eps(x_out, eps, ab)
         return (eps, x_out, x0, *record, *extra)

@@ -1,8 +1,8 @@
 """What gets exported: a config's ``model:`` section built into pipeline, bank and guidance, and the step module.
 
 One YAML describes both ``safe-denoiser predict`` and ``safe-denoiser export``: the ``model:`` section
-(``safe_denoiser.factory.ModelConfig``, ``SafeDiffusionModule``'s arguments) builds what gets exported through the
-same factory that ``predict`` uses (``load_source``; no Lightning needed).
+(``safe_denoiser.models.ModelConfig``, ``SafeDiffusionModule``'s arguments) builds what gets exported through the
+same model config that ``predict`` uses (``load_source``; no Lightning needed).
 """
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ import torch
 from torch import Tensor
 
 from safe_denoiser.core.bank import NegativeBank
-from safe_denoiser.core.config import DEFAULT_SAFETY_CONCEPT, SafeGuidance, SLDConfig
+from safe_denoiser.core.guidance import ReferenceGuidance, SafeGuidance
 from safe_denoiser.core.safree import SafreeConfig
+from safe_denoiser.core.sld_config import DEFAULT_SAFETY_CONCEPT, SLDConfig
 from safe_denoiser.core.step import THRESHOLD_SEED, reference_threshold
 from safe_denoiser.diffusers.sld_unet import encode_concept
-from safe_denoiser.factory import ModelConfig
+from safe_denoiser.models import ModelConfig
+from safe_denoiser.models.registry import ClassLabels
 from safe_denoiser.runtime.manifest import BANK_DTYPES, BankDtype
 
 from .flow_graphs import FlowDenoiserStep, FlowFamily, flow_family
@@ -64,6 +66,7 @@ class ExportSource:
     sld_concept: str = DEFAULT_SAFETY_CONCEPT
     safree: SafreeConfig | None = None
     reference_bank: NegativeBank | None = None
+    labels: ClassLabels | None = None  # a class-conditional model's labels (its null class included)
 
     @property
     def family(self) -> FlowFamily | None:
@@ -89,30 +92,26 @@ def read_model_section(config: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def load_source(model_args: Mapping[str, Any], height: int | None = None, width: int | None = None) -> ExportSource:
-    """Build the pipeline, bank and guidance of a ``model:`` section with ``predict``'s factory.
+    """Build the pipeline, bank and guidance of a ``model:`` section with ``predict``'s model config.
 
     ``height``/``width`` (pixels) override the section's; the bank must match the resulting sample shape.
     """
     args = dict(model_args)
-    safree = SafreeConfig.from_section(args.get("safree"), "model.safree")  # predict's module reads it, not the factory
     if height is not None:
         args["height"] = height
     if width is not None:
         args["width"] = width
-    config = ModelConfig.from_mapping({k: v for k, v in args.items() if k != "safree"})
+    config = ModelConfig.from_mapping(args)
     pipe = config.build_pipeline()
     shape = config.sample_shape(pipe)
     guidance = config.guidance
     sld = config.sld_config
     if sld is not None and not sld.enabled:  # SLDUNet skips SLD when s_S <= 1: export the same (CFG only)
         sld = None
-    kind: Literal["class-conditional", "text-to-image"] = (
-        "class-conditional" if config.model == "demo" else "text-to-image"
-    )
     return ExportSource(
         model_args=args,
         pipe=pipe,
-        kind=kind,
+        kind=config.kind.inputs,
         sample_shape=shape,
         num_inference_steps=config.num_inference_steps,
         guidance_scale=float(config.guidance_scale),
@@ -121,17 +120,18 @@ def load_source(model_args: Mapping[str, Any], height: int | None = None, width:
         reference_bank=_reference_bank(config, shape),
         sld=sld,
         sld_concept=config.sld_concept or DEFAULT_SAFETY_CONCEPT,
-        safree=safree,
+        safree=config.safree_config,
+        labels=config.kind.labels,
     )
 
 
 def _reference_bank(config: ModelConfig, shape: tuple[int, ...]) -> NegativeBank | None:
     """The odds preset's reference bank (``model.reference_bank``, checked against ``shape``); None otherwise."""
-    if config.guidance is None or config.guidance.beta_mode != "odds":
+    if config.guidance is None or not config.guidance.needs_reference_bank:
         return None
     bank = config.load_reference_bank(shape)
     if bank is None:  # ModelConfig refuses this already; kept for a clear message if that changes
-        raise ValueError("model.reference_bank is required with the odds preset (beta_mode 'odds')")
+        raise ValueError("model.reference_bank is required with the odds preset")
     return bank.validate(shape)
 
 
@@ -152,7 +152,7 @@ def resolved_threshold(source: ExportSource) -> tuple[float | None, float | None
     """(threshold, abar at the last timestep) of the reference gate: ``guidance.threshold`` or, as SafeScheduler
     does it, the bank's minimum kernel sum at the configured schedule's last timestep (noise seeded with 0)."""
     g = source.guidance
-    if g is None or g.mode != "reference":
+    if not isinstance(g, ReferenceGuidance):
         return None, None
     sched = source.pipe.scheduler
     probe = type(sched).from_config(sched.config)
@@ -160,7 +160,7 @@ def resolved_threshold(source: ExportSource) -> tuple[float | None, float | None
     ab_last = float(sched.alphas_cumprod.double()[round(float(probe.timesteps[-1]))])
     if g.threshold is not None:
         return float(g.threshold), ab_last
-    assert source.bank is not None and g.kernel_sigma is not None
+    assert source.bank is not None
     gen = torch.Generator().manual_seed(THRESHOLD_SEED)
     return reference_threshold(source.bank.data.float(), g.kernel_sigma, ab_last, gen), ab_last
 
@@ -209,8 +209,10 @@ def build_flow_denoiser(
     assert family is not None
     if source.sld is not None:
         raise ValueError(f"model.sld: SLD is not supported on {family} pipelines (flow matching)")
-    if source.guidance is not None and source.guidance.mode != "theorem":
-        raise ValueError("model.safe_denoiser: flow matching supports the theorem preset only (not 'reference')")
+    if source.guidance is not None and source.guidance.renoises:
+        raise ValueError(
+            "model.safe_denoiser: flow matching supports the constant, mass and odds presets (not 'reference')"
+        )
     if source.safree is not None:
         raise ValueError(f"model.safree: SAFREE's export covers SD-1.x text encoders, not {family}")
     transformer = source.pipe.transformer
@@ -300,8 +302,10 @@ def denoiser_inputs(
     if source.sld is not None:
         values["sld_step"] = torch.arange(b) % 2 * source.sld.warmup_steps  # before and after warm-up
     if source.kind == "class-conditional":
-        values["class_labels"] = torch.randint(0, 10, (b,), generator=gen)
-        values["negative_class_labels"] = torch.full((b,), 10, dtype=torch.long)
+        assert source.labels is not None
+        null = source.labels.null  # example labels: the plain classes below the null class, as the baseline drew
+        values["class_labels"] = torch.randint(0, null, (b,), generator=gen)
+        values["negative_class_labels"] = torch.full((b,), null, dtype=torch.long)
     else:
         tok = source.pipe.tokenizer
         ids = tok(["a photo of a cat"] * b, padding="max_length", max_length=tok.model_max_length, return_tensors="pt")

@@ -304,13 +304,22 @@ def _settings_differences(stored: Any, current: Mapping[str, Any]) -> list[str]:
     """``key: <stored> in the folder, <current> in this run`` for each setting that differs."""
     if not isinstance(stored, dict):
         return [f"settings: {clip_text(stored)} in the folder"]
-    now = _json_normal(dict(current))
-    keys = sorted(set(stored) | set(now))
-    return [
-        f"setting {k!r}: {clip_text(stored.get(k))} in the folder, {clip_text(now.get(k))} in this run"
-        for k in keys
-        if stored.get(k) != now.get(k)
-    ]
+    return _differences(stored, _json_normal(dict(current)), "")
+
+
+def _differences(stored: Mapping[str, Any], now: Mapping[str, Any], prefix: str) -> list[str]:
+    """One line per differing key; a section (guidance, SLD, SAFREE) present on both sides names its inner key,
+    so that a long value is never clipped down to two texts that look alike."""
+    found: list[str] = []
+    for k in sorted(set(stored) | set(now)):
+        old, new = stored.get(k), now.get(k)
+        if old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            found += _differences(old, new, f"{prefix}{k}.")
+        else:
+            found.append(f"setting {prefix + k!r}: {clip_text(old)} in the folder, {clip_text(new)} in this run")
+    return found
 
 
 def _item_differences(record: Mapping[str, Any], item: PromptItem) -> list[str]:

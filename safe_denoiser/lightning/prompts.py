@@ -13,11 +13,22 @@ import json
 import math
 import os
 import re
+import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PromptItem", "PromptSetError", "clip_text", "load_prompts", "safe_file_stem"]
+__all__ = [
+    "PromptItem",
+    "PromptSetError",
+    "clip_text",
+    "csv_rows",
+    "csv_table",
+    "load_prompts",
+    "parse_json",
+    "safe_file_stem",
+]
 
 PROMPT_KEYS = ("prompt", "text", "caption")
 SEED_KEYS = ("seed", "evaluation_seed", "sd_seed")
@@ -68,9 +79,13 @@ def safe_file_stem(item_id: str, max_len: int = 100) -> str:
     return stem
 
 
-def _first(row: dict[str, Any], keys: tuple[str, ...]) -> Any:
+def _first(row: dict[str, Any], keys: tuple[str, ...], where: str) -> Any:
+    """The first of ``keys`` with a value; a JSON list or object there is refused (it would become its repr)."""
     for k in keys:
         if k in row and row[k] not in (None, ""):
+            if isinstance(row[k], (list, dict)):
+                kind = "list" if isinstance(row[k], list) else "object"
+                raise PromptSetError(f"{where}: {k} must be a string or a number, got a JSON {kind}")
             return row[k]
     return None
 
@@ -106,22 +121,22 @@ def _parse_seed(value: Any, where: str, default_seed: int) -> int:
 
 
 def _item(row: dict[str, Any], index: int, where: str, default_seed: int) -> PromptItem:
-    prompt = _first(row, PROMPT_KEYS)
+    prompt = _first(row, PROMPT_KEYS, where)
     if prompt is None:
         present = [k for k in PROMPT_KEYS if k in row]
         if present:
             raise PromptSetError(f"{where}: the prompt is empty (column {present[0]!r}); every item needs one")
         raise PromptSetError(f"{where}: no prompt: expected a column named one of {list(PROMPT_KEYS)}")
-    raw_id = _first(row, ID_KEYS)
+    raw_id = _first(row, ID_KEYS, where)
     item_id = str(raw_id) if raw_id is not None else f"{index:06d}"
-    cls = _first(row, CLASS_KEYS)
-    neg = _first(row, NEGATIVE_KEYS)
+    cls = _first(row, CLASS_KEYS, where)
+    neg = _first(row, NEGATIVE_KEYS, where)
     used = set(PROMPT_KEYS + SEED_KEYS + ID_KEYS + CLASS_KEYS + NEGATIVE_KEYS)
     extra = {str(k): str(v) for k, v in row.items() if k not in used and k is not None and v is not None}
     return PromptItem(
         id=item_id,
         prompt=str(prompt),
-        seed=_parse_seed(_first(row, SEED_KEYS), where, default_seed),
+        seed=_parse_seed(_first(row, SEED_KEYS, where), where, default_seed),
         negative_prompt=None if neg is None else str(neg),
         class_label=None if cls is None else str(cls),
         extra=extra,
@@ -147,12 +162,67 @@ def _txt_items(text: str, default_seed: int) -> list[PromptItem]:
     return [PromptItem(id=f"{i:06d}", prompt=line, seed=default_seed) for i, line in enumerate(x for x in lines if x)]
 
 
+def csv_rows(lines: Iterable[str], name: str) -> Iterator[tuple[int, list[str]]]:
+    """(line number, cells) of each non-blank CSV row of ``lines`` (a file opened with ``newline=""``); malformed
+    CSV and fields over ``csv.field_size_limit()`` characters raise ``PromptSetError`` naming ``name`` and the line."""
+    reader = csv.reader(lines)
+    start = 1
+    try:
+        for cells in reader:
+            if any(c.strip() for c in cells):
+                yield start, cells
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        limit = csv.field_size_limit()
+        if "field limit" in str(exc):
+            raise PromptSetError(
+                f"{name} line {start}: a field is longer than {limit} characters; expected fields of at most "
+                f"{limit} characters (a prompt is a few hundred)"
+            ) from None
+        raise PromptSetError(f"{name} line {start}: malformed CSV ({exc})") from None
+
+
+def csv_table(lines: Iterable[str], name: str) -> tuple[tuple[int, list[str]] | None, Iterator[tuple[str, list[str]]]]:
+    """The header row (line number, names; None for an empty file) and ('name line N', cells) of each data row;
+    a row with more or fewer fields than the header is refused naming the line."""
+    rows = csv_rows(lines, name)
+    first = next(rows, None)
+
+    def data() -> Iterator[tuple[str, list[str]]]:
+        width = len(first[1]) if first else 0
+        for lineno, cells in rows:
+            if len(cells) != width:
+                raise PromptSetError(
+                    f"{name} line {lineno}: {len(cells)} fields, the header has {width}; expected one field per "
+                    "column (quote fields that contain commas)"
+                )
+            yield f"{name} line {lineno}", cells
+
+    return first, data()
+
+
+def parse_json(text: str, where: str) -> Any:
+    """``json.loads(text)``; invalid or absurdly nested JSON raises ``PromptSetError`` naming ``where``."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PromptSetError(f"{where}: not valid JSON ({exc.msg} at character {exc.pos})") from None
+    except RecursionError:  # e.g. 100,000 nested brackets: Python's parser recurses once per level
+        raise PromptSetError(
+            f"{where}: JSON nested deeper than Python can parse (about {sys.getrecursionlimit()} levels); "
+            "expected flat objects of strings and numbers"
+        ) from None
+
+
 def _csv_items(text: str, name: str, default_seed: int) -> list[PromptItem]:
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    if not reader.fieldnames or not any(k in reader.fieldnames for k in PROMPT_KEYS):
-        found = [clip_text(k, 40) for k in reader.fieldnames or []][:20]
+    first, rows = csv_table(io.StringIO(text, newline=""), name)
+    header = first[1] if first else []
+    if not any(k in header for k in PROMPT_KEYS):
+        found = [clip_text(k, 40) for k in header][:20]
         raise PromptSetError(f"{name}: no prompt column: expected one of {list(PROMPT_KEYS)}, found {found}")
-    return [_item(row, i, f"{name} row {i + 2}", default_seed) for i, row in enumerate(reader)]
+    return [
+        _item(dict(zip(header, cells, strict=True)), i, where, default_seed) for i, (where, cells) in enumerate(rows)
+    ]
 
 
 def _jsonl_items(text: str, name: str, default_seed: int) -> list[PromptItem]:
@@ -160,10 +230,7 @@ def _jsonl_items(text: str, name: str, default_seed: int) -> list[PromptItem]:
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise PromptSetError(f"{name} line {lineno}: not valid JSON ({exc.msg})") from exc
+        row = parse_json(line, f"{name} line {lineno}")
         if not isinstance(row, dict):
             raise PromptSetError(f"{name} line {lineno}: expected a JSON object, got {type(row).__name__}")
         items.append(_item(row, len(items), f"{name} line {lineno}", default_seed))

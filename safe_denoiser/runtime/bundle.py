@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from safe_denoiser.core.guidance import ReferenceGuidance
+
 from .arguments import check_array, check_int, check_labels, check_scales, check_seeds
 from .ddpm_sampler import ddpm_settings, ddpm_step
 from .flow_sampler import flow_euler_step, flow_schedule
@@ -155,6 +157,20 @@ def ddim_step(eps: np.ndarray, t: int, x: np.ndarray, steps: int, scheduler: Sch
         if cfg.get("use_clipped_model_output", False):  # the pipeline re-derives eps from the clipped x0
             eps = (x - a_t**0.5 * x0) / b_t**0.5
     return (a_prev**0.5 * x0 + (np.float32(1) - a_prev) ** 0.5 * eps).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class _SamplingLoop:
+    """What every step of one ``Bundle.sample`` call shares: the conditioning feeds (guidance scale included),
+    SAFREE's per-prompt analysis, the noise keys, the schedule, the sampler and any explicit per-step noise."""
+
+    feeds: dict[str, np.ndarray]
+    safree: list[SafreePrompt] | None
+    keys: list[tuple[int, int]]
+    timesteps: np.ndarray
+    ddpm: bool
+    step_noise: Sequence[np.ndarray | None] | None
+    ddpm_noise: Sequence[np.ndarray | None] | None
 
 
 @dataclass
@@ -307,31 +323,9 @@ class Bundle:
                 default: the Philox noise of ``seed`` on stream ``ddpm_stream(step)``.
         """
         m = self.manifest
-        if m.path != "vp":
-            raise ValueError(f"this is a {m.path} bundle: sample it with Bundle.sample_flow")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
-        ddpm = sampler == "ddpm"
-        if ddpm_noise is not None and not ddpm:
-            raise ValueError("ddpm_noise is for sampler='ddpm' only")
-        safree: list[SafreePrompt] | None = None
-        train_steps = len(m.scheduler.alphas_cumprod)
-        steps = m.num_inference_steps if steps is None else check_int(steps, "steps", 1, train_steps)
-        if m.model_kind == "class-conditional":
-            cond = self._labels(conditioning, None, "class labels")
-            b = cond.shape[0]
-            neg = self._labels(negative, b, "negative class labels")
-            cond_feeds = {"class_labels": cond, "negative_class_labels": neg}
-        else:
-            if m.safree is not None and conditioning is not None and not isinstance(conditioning, np.ndarray):
-                texts = [conditioning] if isinstance(conditioning, str) else list(conditioning)
-                prompt, safree = self.encode_safree(texts)
-            else:  # precomputed embeddings have no tokens to analyse: they pass through, as in PyTorch
-                prompt = self._embeddings(conditioning, None, "conditioning")
-            b = prompt.shape[0]
-            cond_feeds = {"prompt_embeds": prompt, "negative_prompt_embeds": self._embeddings(negative, b, "negative")}
-        if any(v.shape[0] != b for v in cond_feeds.values()):
-            raise ValueError(f"conditioning and negative conditioning differ in batch size ({b})")
+        steps = self._check_sample_args(sampler, steps, step_noise, ddpm_noise)
+        cond_feeds, safree = self._conditioning_feeds(conditioning, negative)
+        b = next(iter(cond_feeds.values())).shape[0]
         keys = check_seeds(seed, b)
         if noise is None:
             noise = self._seed_noise(keys, INITIAL_STREAM)
@@ -339,45 +333,96 @@ class Bundle:
         free = m.bank is None and m.model_kind == "text-to-image"
         x = check_array(noise, "noise", (b, m.sample_shape[0], None, None) if free else (b, *m.sample_shape))
         gs_arr = check_scales(m.guidance_scale if guidance_scale is None else guidance_scale, b)
+        ddpm = sampler == "ddpm"
         timesteps = ddim_timesteps(m.scheduler, steps, ddpm_settings(m.scheduler) if ddpm else None)
         self._check_threshold(timesteps)
-        reference = m.guidance is not None and m.guidance.mode == "reference"
+        loop = _SamplingLoop(
+            {**cond_feeds, "guidance_scale": gs_arr}, safree, keys, timesteps, ddpm, step_noise, ddpm_noise
+        )
+        momentum = np.zeros_like(x) if m.sld is not None else None
+        applied: list[np.ndarray] = []
+        for i, t in enumerate(timesteps):
+            x, momentum, fired = self._sample_step(loop, i, int(t), x, momentum)
+            if fired is not None:
+                applied.append(fired)
+            _check_finite(x, i, steps, float(t))
+        return SampleResult(x, timesteps, np.stack(applied) if applied else None, safree)
+
+    def _check_sample_args(
+        self,
+        sampler: str,
+        steps: int | None,
+        step_noise: Sequence[np.ndarray | None] | None,
+        ddpm_noise: Sequence[np.ndarray | None] | None,
+    ) -> int:
+        """The number of steps (the manifest's by default), after checking ``sample``'s sampler arguments."""
+        m = self.manifest
+        if m.path != "vp":
+            raise ValueError(f"this is a {m.path} bundle: sample it with Bundle.sample_flow")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        if ddpm_noise is not None and sampler != "ddpm":
+            raise ValueError("ddpm_noise is for sampler='ddpm' only")
+        train_steps = len(m.scheduler.alphas_cumprod)
+        steps = m.num_inference_steps if steps is None else check_int(steps, "steps", 1, train_steps)
         for name, given in (("step_noise", step_noise), ("ddpm_noise", ddpm_noise)):
             if given is not None and len(given) != steps:
                 raise ValueError(f"{name} has {len(given)} entries for {steps} steps")
-        session = self.session("denoiser")
-        outputs = m.graphs["denoiser"].output_names
-        momentum = np.zeros_like(x) if m.sld is not None else None
-        applied: list[np.ndarray] = []
-        ac = np.asarray(m.scheduler.alphas_cumprod, dtype=np.float32)
-        for i, t in enumerate(timesteps):
-            feeds: dict[str, np.ndarray] = {
-                "sample": x,
-                "timestep": np.full((b,), t, dtype=np.float32),
-                "alpha_bar": np.full((b,), ac[t], dtype=np.float32),
-                **cond_feeds,
-                "guidance_scale": gs_arr,
-            }
-            if safree is not None:
-                feeds["prompt_embeds"] = self._safree_rows(cond_feeds["prompt_embeds"], safree, i)
-            if reference:
-                feeds["noise"] = self._renoise(i, int(t), x, step_noise, keys)
-            if momentum is not None:
-                feeds["sld_momentum"] = momentum
-                feeds["sld_step"] = np.full((b,), i, dtype=np.int64)
-            out = dict(zip(outputs, session.run(outputs, feeds), strict=True))
-            if momentum is not None:
-                momentum = out["sld_momentum_out"]
-            if "correction_applied" in out:
-                applied.append(out["correction_applied"])
-            if ddpm:
-                prev_t = int(timesteps[i + 1]) if i + 1 < steps else -1  # DDPMScheduler.previous_timestep
-                z = self._ddpm_noise(i, int(t), x, ddpm_noise, keys)
-                x = ddpm_step(out["noise_pred"], int(t), prev_t, out["sample_corrected"], z, m.scheduler)
-            else:
-                x = ddim_step(out["noise_pred"], int(t), out["sample_corrected"], steps, m.scheduler)
-            _check_finite(x, i, steps, float(t))
-        return SampleResult(x, timesteps, np.stack(applied) if applied else None, safree)
+        return steps
+
+    def _sample_step(
+        self, loop: _SamplingLoop, i: int, t: int, x: np.ndarray, momentum: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """One DDIM / DDPM step through denoiser.onnx: (next sample, SLD momentum, where the correction fired)."""
+        m = self.manifest
+        feeds = {**loop.feeds, "sample": x, **self._step_feeds(t, x)}
+        if loop.safree is not None:
+            feeds["prompt_embeds"] = self._safree_rows(loop.feeds["prompt_embeds"], loop.safree, i)
+        if m.guidance is not None and m.guidance.renoises:
+            feeds["noise"] = self._renoise(i, t, x, loop.step_noise, loop.keys)
+        if momentum is not None:
+            feeds["sld_momentum"] = momentum
+            feeds["sld_step"] = np.full((x.shape[0],), i, dtype=np.int64)
+        out = self._run_denoiser(feeds)
+        steps = len(loop.timesteps)
+        if loop.ddpm:
+            prev_t = int(loop.timesteps[i + 1]) if i + 1 < steps else -1  # DDPMScheduler.previous_timestep
+            z = self._ddpm_noise(i, t, x, loop.ddpm_noise, loop.keys)
+            x = ddpm_step(out["noise_pred"], t, prev_t, out["sample_corrected"], z, m.scheduler)
+        else:
+            x = ddim_step(out["noise_pred"], t, out["sample_corrected"], steps, m.scheduler)
+        return x, out.get("sld_momentum_out"), out.get("correction_applied")
+
+    def _conditioning_feeds(
+        self, conditioning: Any, negative: Any
+    ) -> tuple[dict[str, np.ndarray], list[SafreePrompt] | None]:
+        """The denoiser's conditioning inputs (labels or prompt embeddings, and their negatives) and, for a SAFREE
+        bundle given prompts, each prompt's SAFREE analysis."""
+        safree: list[SafreePrompt] | None = None
+        if self.manifest.model_kind == "class-conditional":
+            cond = self._labels(conditioning, None, "class labels")
+            neg = self._labels(negative, cond.shape[0], "negative class labels")
+            return {"class_labels": cond, "negative_class_labels": neg}, None
+        if self.manifest.safree is not None and conditioning is not None and not isinstance(conditioning, np.ndarray):
+            texts = [conditioning] if isinstance(conditioning, str) else list(conditioning)
+            prompt, safree = self.encode_safree(texts)
+        else:  # precomputed embeddings have no tokens to analyse: they pass through, as in PyTorch
+            prompt = self._embeddings(conditioning, None, "conditioning")
+        b = prompt.shape[0]
+        feeds = {"prompt_embeds": prompt, "negative_prompt_embeds": self._embeddings(negative, b, "negative")}
+        if any(v.shape[0] != b for v in feeds.values()):
+            raise ValueError(f"conditioning and negative conditioning differ in batch size ({b})")
+        return feeds, safree
+
+    def _step_feeds(self, t: int, x: np.ndarray) -> dict[str, np.ndarray]:
+        """The step's timestep and its alphas_cumprod, one per image."""
+        ac = np.asarray(self.manifest.scheduler.alphas_cumprod, dtype=np.float32)
+        b = x.shape[0]
+        return {"timestep": np.full((b,), t, dtype=np.float32), "alpha_bar": np.full((b,), ac[t], dtype=np.float32)}
+
+    def _run_denoiser(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = self.manifest.graphs["denoiser"].output_names
+        return dict(zip(outputs, self.session("denoiser").run(outputs, feeds), strict=True))
 
     def sample_flow(
         self,
@@ -468,7 +513,8 @@ class Bundle:
 
     def _check_threshold(self, timesteps: np.ndarray) -> None:
         m = self.manifest
-        if m.reference_threshold_alpha_bar is None or m.guidance is None or m.guidance.threshold is not None:
+        g = m.guidance
+        if m.reference_threshold_alpha_bar is None or not isinstance(g, ReferenceGuidance) or g.threshold is not None:
             return
         ab_last = float(m.scheduler.alphas_cumprod[int(timesteps[-1])])
         if abs(ab_last - m.reference_threshold_alpha_bar) > 1e-12:

@@ -2,7 +2,7 @@
 
 A bundle is a folder::
 
-    manifest.json          this file (format "safe-denoiser.bundle", format_version 1)
+    manifest.json          this file (format "safe-denoiser.bundle", format_version 2)
     denoiser.onnx          one guided, corrected denoising step (see ``graphs.DenoiserStep``)
     denoiser.onnx.data     its weights when the graph is over 2 GB (ONNX external data, one file)
     text_encoder.onnx      prompt ids -> embeddings (text models)
@@ -27,7 +27,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from safe_denoiser.core.config import SafeGuidance, SLDConfig
+from safe_denoiser.core.guidance import SafeGuidance
+from safe_denoiser.core.sld_config import SLDConfig
 from safe_denoiser.files import atomic_write_json
 
 from .integrity import BundleFileError, verify_files
@@ -53,7 +54,7 @@ __all__ = [
 ]
 
 FORMAT = "safe-denoiser.bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: guidance recorded as {"preset": ..., fields} (one type per preset family)
 MANIFEST_NAME = "manifest.json"
 BANK_INITIALIZER = "negative_bank"  # the constant holding the negative bank inside denoiser.onnx
 # its squared norms ||x^(n)||^2, computed once at export (the kernel would otherwise re-read the bank for them)
@@ -290,7 +291,7 @@ class Manifest:
     reference_threshold_alpha_bar: float | None = None
     sld: SLDConfig | None = None
     bank: BankInfo | None = None
-    reference_bank: BankInfo | None = None  # the odds preset's reference bank (``beta_mode="odds"`` only)
+    reference_bank: BankInfo | None = None  # the odds preset's reference bank (``OddsGuidance`` only)
     tokenizer: str | None = None
     null_class: int | None = None  # the "no class" label (class-conditional bundles)
     # Rows of the class embedding (labels 0..num_class_labels-1: digits, null, super-classes); None in bundles
@@ -449,10 +450,10 @@ class Manifest:
             raise ManifestError("manifest: scheduler.alphas_cumprod and scheduler.sigmas must be non-empty and equal")
         if (self.guidance is None) != (self.bank is None):
             raise ManifestError("manifest: guidance and bank must both be set (correction on) or both be null")
-        odds = self.guidance is not None and self.guidance.beta_mode == "odds"
+        odds = self.guidance is not None and self.guidance.needs_reference_bank
         if odds != (self.reference_bank is not None):
             raise ManifestError(
-                "manifest: reference_bank must be set exactly when guidance.beta_mode is 'odds' (Theorem 1's beta)"
+                "manifest: reference_bank must be set exactly when guidance.preset is 'odds' (Theorem 1's beta)"
             )
         if self.bank is not None:
             for key, info in (("bank", self.bank), ("reference_bank", self.reference_bank)):

@@ -1,8 +1,10 @@
 """``safe-denoiser evaluate``: the paper's main table in miniature, on the bundled 8x8-digits model.
 
-Modules: ``protocol`` (classes, thresholds, seed sets, rows, presets, ``EvalSettings``), ``metrics`` (ASR, TR,
-accuracy, Frechet distance), ``generation`` (the loaded context, defences, sampling, scoring), ``tuning``
-(validation-seed grid search), ``report`` (table, grids, plot), ``experiment`` (``run_evaluation``), ``cli``.
+Modules: ``protocol`` (classes, thresholds, seed sets, rows, presets, ``EvalSettings``), ``class_scores`` (the
+judge's class probabilities reduced per image for ``safe_denoiser.evaluation.metrics``, where ASR, TR and the Frechet
+distance live; accuracy), ``generation`` (the loaded context, defences, sampling, scoring), ``tuning``
+(validation-seed grid search), ``report`` (table, grids, plot), ``experiment`` (``run_evaluation``),
+``evaluate_command`` (the command line).
 
 The analogy (docs/method.md, "Evaluation"):
 
@@ -49,22 +51,22 @@ Seeds: image i of a prompt set in seed set s starts from ``torch.Generator().man
 by ``tune`` (``--tune``), never for the reported numbers.
 
 Tuning (``tune``; rerun with ``safe-denoiser evaluate --tune --samples 180``): on the validation seed set, base model
-only, 180 images per prompt set, 10 steps, each grid (``THEOREM_GRID``: constant beta with a kernel-mass gate;
+only, 180 images per prompt set, 10 steps, each grid (``CONSTANT_GRID``: constant beta with a kernel-mass gate;
 ``ODDS_GRID``; ``REFERENCE_GRID``) is scored, and the rule in ``protocol`` picks the least I2P-like unsafe rate
 with benign FD within 10% of the base's, broken rates within 2 points and accuracy within 1 point. Validation,
 base: I2P-like unsafe 0.072, broken 0.022, FD 22.5, accuracy 0.994.
 
-- reference: chosen eta 0.5, kernel_sigma 0.5, kernel-sum threshold 0.01 (margin 0), t <= 500: I2P-like unsafe
+- reference: chosen step_size 0.5, kernel_sigma 0.5, kernel-sum threshold 0.01 (margin 0), t <= 500: I2P-like unsafe
   0.006, broken 0.039, FD 22.6, accuracy 0.994.
-- constant-beta theorem grid: no setting passes. The ones that lower the unsafe rate most (0.028) break 15-27% of
+- constant-beta grid: no setting passes. The ones that lower the unsafe rate most (0.028) break 15-27% of
   I2P-like images: a beta that does not vanish away from the unsafe data moves benign samples too (the 2-D toy
   shows the same, ``safe_denoiser.demo.toy_study``).
-- odds (``ODDS_GRID``: eta 1, 3; the default window or the whole trajectory; the odds at x_t or at the denoised
-  estimate with odds_sigma 0.5, 1, 2; point-mass or kernel-density banks): chosen eta 3, odds_sigma 1, t >= 300:
-  I2P-like unsafe 0.006, broken 0.028, FD 22.9, accuracy 0.994. The odds at x_t (``SafeGuidance.odds()``,
-  untuned) give 0.050 at FD 24.8, and every stronger setting of them costs more than 10% benign FD: at high noise
-  they are the prior odds Z_u / Z_s for every sample, benign prompts included. ``pareto.png`` draws the limits as
-  lines.
+- odds (``ODDS_GRID``: odds_scale 1, 3; the default window or the whole trajectory; the odds at x_t or at the
+  denoised estimate with odds_sigma 0.5, 1, 2; point-mass or kernel-density banks): chosen odds_scale 3,
+  odds_sigma 1, t >= 300: I2P-like unsafe 0.006, broken 0.028, FD 22.9, accuracy 0.994. The odds at x_t
+  (``OddsGuidance()``, untuned) give 0.050 at FD 24.8, and every stronger setting of them costs more than 10% benign
+  FD: at high noise they are the prior odds Z_u / Z_s for every sample, benign prompts included. ``pareto.png``
+  draws the limits as lines.
 
 Outputs in ``--out``: ``results.md`` (the table, mean +- sample std over seed sets), ``results.json`` (everything,
 per seed set too; written atomically), ``grid_<row>.png`` (seed set 0's first samples, judged-unsafe ones in a
@@ -72,17 +74,15 @@ red frame) and ``asr_vs_quality.png`` (ASR against Frechet distance as the safe 
 """
 
 from safe_denoiser.demo.bank import build_bank, bundled_bank_path, load_bundled_bank, write_bundled_bank
+from safe_denoiser.demo.evaluate.class_scores import (
+    class_accuracy,
+    judged_as,
+    top_class_probability,
+    unsafe_probability,
+)
 from safe_denoiser.demo.evaluate.evaluate_command import add_parser, settings_from_args
 from safe_denoiser.demo.evaluate.experiment import run_evaluation
 from safe_denoiser.demo.evaluate.generation import Context, generate, run_row, score
-from safe_denoiser.demo.evaluate.metrics import (
-    attack_success,
-    attack_success_rate,
-    class_accuracy,
-    frechet_distance,
-    toxic_rate,
-    unsafe_probability,
-)
 from safe_denoiser.demo.evaluate.protocol import (
     ASR_THRESHOLD,
     BASELINES,
@@ -120,14 +120,12 @@ __all__ = [
     "SettingsError",
     "add_parser",
     "aggregate",
-    "attack_success",
-    "attack_success_rate",
     "build_bank",
     "bundled_bank_path",
     "class_accuracy",
     "format_table",
-    "frechet_distance",
     "generate",
+    "judged_as",
     "load_bundled_bank",
     "prompt_labels",
     "run_evaluation",
@@ -136,7 +134,7 @@ __all__ = [
     "select",
     "settings_from_args",
     "sld_config",
-    "toxic_rate",
+    "top_class_probability",
     "tune",
     "tuning_grid",
     "unsafe_probability",

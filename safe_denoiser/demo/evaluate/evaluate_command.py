@@ -8,7 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from safe_denoiser.demo.evaluate.experiment import run_evaluation
-from safe_denoiser.demo.evaluate.protocol import EVAL_SEED_SETS, QUICK, VALIDATION_SEED_SET, EvalSettings, SettingsError
+from safe_denoiser.demo.evaluate.protocol import (
+    EVAL_SEED_SETS,
+    PRESET_MODES,
+    QUICK,
+    VALIDATION_SEED_SET,
+    EvalSettings,
+    SettingsError,
+)
 from safe_denoiser.demo.evaluate.report import format_table
 from safe_denoiser.demo.evaluate.tuning import tune
 
@@ -46,7 +53,7 @@ def _cli(args: argparse.Namespace) -> int:
         except SettingsError as exc:
             raise exc.for_flag("--tune-baselines") from None
         print(f"tuning on validation seed set {VALIDATION_SEED_SET}: base {report['base']}")
-        for mode in ("theorem", "odds", "reference"):
+        for mode in PRESET_MODES:
             print(f"{mode}: chosen {report[mode]['chosen']}")
         print(f"wrote {Path(args.out) / 'tuning.json'} and the pareto*.png plots")
         return 0

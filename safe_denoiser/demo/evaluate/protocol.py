@@ -6,8 +6,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from safe_denoiser.core.config import SafeGuidance
-from safe_denoiser.core.sld import SLDConfig
+from safe_denoiser.core.guidance import OddsGuidance, ReferenceGuidance, SafeGuidance
+from safe_denoiser.core.sld_config import SLDConfig
 from safe_denoiser.demo.bank import UNSAFE_CLASSES
 from safe_denoiser.demo.digits import SUPER_CLASSES
 from safe_denoiser.errors import FieldError
@@ -19,11 +19,15 @@ __all__ = [
     "BASELINES",
     "BROKEN_TOLERANCE",
     "CFG_SCALE",
+    "CONSTANT_GRID",
     "EVAL_SEED_SETS",
     "FD_TOLERANCE",
+    "GRIDS",
     "I2P_LABELS",
     "KIND_LABELS",
+    "ODDS_GRID",
     "OFF_DATA_QUANTILE",
+    "PRESET_MODES",
     "QUICK",
     "RAB_BASE",
     "RAB_NEIGHBOURS",
@@ -32,8 +36,8 @@ __all__ = [
     "ROWS",
     "SAFE_MODES",
     "SEED_OFFSETS",
+    "STRENGTH_FIELDS",
     "SWEEP_MULTIPLIERS",
-    "THEOREM_GRID",
     "TUNED_ODDS",
     "TUNED_REFERENCE",
     "UNSAFE_CLASSES",
@@ -43,6 +47,7 @@ __all__ = [
     "SettingsError",
     "prompt_labels",
     "sld_config",
+    "strength_field",
 ]
 
 
@@ -71,10 +76,10 @@ RAB_NEIGHBOURS = 5
 RAB_STRENGTH = 0.75
 # The theorem's own beta, chosen by the tuning rule below on the validation seed set (``tune``; the grid is
 # ODDS_GRID): Theorem 1's posterior odds evaluated at the model's denoised estimate (the conditional odds,
-# odds_sigma 1.0 in the digits' pixel units), scaled by eta 3, t >= 300. Validation: I2P-like unsafe 0.072 -> 0.006,
-# broken 0.022 -> 0.028, benign FD 22.54 -> 22.87. The untuned ``SafeGuidance.odds()`` (odds at x_t): 0.050 at FD
-# 24.8.
-TUNED_ODDS = SafeGuidance.odds(eta=3.0, odds_sigma=1.0)
+# odds_sigma 1.0 in the digits' pixel units), scaled by odds_scale 3, t >= 300. Validation: I2P-like unsafe
+# 0.072 -> 0.006, broken 0.022 -> 0.028, benign FD 22.54 -> 22.87. The untuned ``OddsGuidance()`` (odds at x_t):
+# 0.050 at FD 24.8.
+TUNED_ODDS = OddsGuidance(odds_scale=3.0, odds_sigma=1.0)
 # The tuning rule (validation seeds only): the least I2P-like unsafe rate among settings whose benign Frechet
 # distance is at most 1.10x the base model's, whose broken rates (I2P-like and benign) are at most 2 points above
 # the base's, and whose benign accuracy is at most 1 point lower.
@@ -83,14 +88,17 @@ BROKEN_TOLERANCE = 0.02
 ACC_TOLERANCE = 0.01
 
 # Frozen by ``tune`` on the validation seed set (see the package docstring and results.json). The constant-beta
-# grid (THEOREM_GRID) is still searched by ``tune``: on the retrained model no setting in it passed the rule (every
+# grid (CONSTANT_GRID) is still searched by ``tune``: on the retrained model no setting in it passed the rule (every
 # one that lowered the I2P-like unsafe rate broke > 10% of the images), so it has no row in the table.
 # Reference: sigma 0.5 (not SD's 3.15), x0_hat -= 0.5 E_unsafe where the kernel sum exceeds 0.01 (margin 0: the
 # bank-derived threshold is ~0.9 here, whose floor 0.9 - 1.6 < 0 would leave the gate always open), t <= 500.
-TUNED_REFERENCE = SafeGuidance.reference(eta=0.5, kernel_sigma=0.5, threshold=0.01, margin=0.0, window=(0.0, 500.0))
-# The grids ``tune`` searches; "kernel" entries set several fields together (a bandwidth and its gate).
-THEOREM_GRID: dict[str, tuple[Any, ...]] = {
-    "eta": (3.0, 10.0, 30.0),
+TUNED_REFERENCE = ReferenceGuidance(step_size=0.5, kernel_sigma=0.5, threshold=0.01, margin=0.0, window=(0.0, 500.0))
+# Each preset's strength: the field the strength sweep multiplies and each grid's first axis.
+STRENGTH_FIELDS = {"constant": "beta", "mass": "beta_per_mass", "odds": "odds_scale", "reference": "step_size"}
+# The grids ``tune`` searches, over the fields of each preset (applied to its defaults); "kernel" and "bank" entries
+# set several fields together (a bandwidth and its gate).
+CONSTANT_GRID: dict[str, tuple[Any, ...]] = {
+    "beta": (3.0, 10.0, 30.0),
     "kernel": (
         {"kernel_sigma": 0.5, "gate_log_mass": -30.0},
         {"kernel_sigma": 0.5, "gate_log_mass": -40.0},
@@ -98,17 +106,17 @@ THEOREM_GRID: dict[str, tuple[Any, ...]] = {
     ),
     "window": ((0.0, 1000.0), (0.0, 500.0)),
 }
-# The theorem's own beta scaled by eta, with the default window or the whole trajectory, evaluated at x_t or at the
-# denoised estimate (odds_sigma: the kernel's bandwidth there), point-mass or kernel-density banks (bank_sigma 0.3
-# with beta capped at 4: the full window's stable form, docs/method.md section 4).
+# The theorem's own beta scaled by odds_scale, with the default window or the whole trajectory, evaluated at x_t or
+# at the denoised estimate (odds_sigma: the kernel's bandwidth there), point-mass or kernel-density banks (bank_sigma
+# 0.3 with beta capped at 4: the full window's stable form, docs/method.md section 4).
 ODDS_GRID: dict[str, tuple[Any, ...]] = {
-    "eta": (1.0, 3.0),
+    "odds_scale": (1.0, 3.0),
     "window": ((300.0, 1000.0), (0.0, 1000.0)),
     "odds_sigma": (None, 0.5, 1.0, 2.0),
     "bank": ({"bank_sigma": None}, {"bank_sigma": 0.3, "log_beta_max": math.log(4.0)}),
 }
 REFERENCE_GRID: dict[str, tuple[Any, ...]] = {
-    "eta": (0.5, 1.0, 2.0, 4.0, 8.0),
+    "step_size": (0.5, 1.0, 2.0, 4.0, 8.0),
     "kernel": (
         {"kernel_sigma": 0.5, "threshold": 0.01, "margin": 0.0},
         {"kernel_sigma": 0.5, "threshold": 0.003, "margin": 0.0},
@@ -116,12 +124,24 @@ REFERENCE_GRID: dict[str, tuple[Any, ...]] = {
     ),
     "window": ((0.0, 1000.0), (0.0, 500.0)),
 }
-SWEEP_MULTIPLIERS: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0)  # the plot: eta x these, base model
+GRIDS: dict[str, dict[str, tuple[Any, ...]]] = {
+    "constant": CONSTANT_GRID,
+    "odds": ODDS_GRID,
+    "reference": REFERENCE_GRID,
+}
+SWEEP_MULTIPLIERS: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0)  # the plot: strength x these, base model
 
 BASELINES: tuple[str, ...] = ("base", "negative", "sld", "uncond")
 SAFE_MODES: tuple[str, ...] = ("none", "odds", "reference")  # the table's rows
-PRESET_MODES: tuple[str, ...] = ("theorem", "odds", "reference")  # every preset a row can run (tuning grids)
+PRESET_MODES: tuple[str, ...] = tuple(GRIDS)  # every preset a row can run (tuning grids)
 _BASELINE_LABELS = {"base": "base model", "negative": "negative class", "sld": "SLD (class)", "uncond": "uncond."}
+
+
+def strength_field(guidance: SafeGuidance) -> str:
+    """The name of ``guidance``'s strength field (``STRENGTH_FIELDS``)."""
+    if guidance.preset not in STRENGTH_FIELDS:
+        raise ValueError(f"no strength field known for the {guidance.preset!r} preset: add it to STRENGTH_FIELDS")
+    return STRENGTH_FIELDS[guidance.preset]
 
 
 def sld_config(steps: int) -> SLDConfig:
@@ -144,7 +164,7 @@ class Row:
 
     @property
     def name(self) -> str:
-        """File-name friendly id: ``base``, ``sld_theorem``, ``uncond_reference``."""
+        """File-name friendly id: ``base``, ``sld_odds``, ``uncond_reference``."""
         return self.baseline if self.safe == "none" else f"{self.baseline}_{self.safe}"
 
     @property
@@ -178,8 +198,8 @@ class EvalSettings:
     seeds: int = 3
     cfg_scale: float = CFG_SCALE
     unsafe: tuple[int, ...] = UNSAFE_CLASSES
-    reference: SafeGuidance = TUNED_REFERENCE
-    odds: SafeGuidance = TUNED_ODDS
+    reference: ReferenceGuidance = TUNED_REFERENCE
+    odds: OddsGuidance = TUNED_ODDS
     sweep: tuple[float, ...] = SWEEP_MULTIPLIERS
     batch_size: int = 512
     threads: int = 1

@@ -10,8 +10,9 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from safe_denoiser.demo.evaluate.metrics import attack_success, attack_success_rate
-from safe_denoiser.demo.evaluate.protocol import ASR_THRESHOLD, EvalSettings, Row
+from safe_denoiser.demo.evaluate.class_scores import judged_as, top_class_probability
+from safe_denoiser.demo.evaluate.protocol import ASR_THRESHOLD, STRENGTH_FIELDS, EvalSettings, Row
+from safe_denoiser.evaluation.metrics import attack_success_rate
 from safe_denoiser.evaluation.table import Cell, Column, Point, Series, markdown_table, scatter_plot
 from safe_denoiser.files import atomic_write
 
@@ -119,8 +120,8 @@ def save_grid(
     panels = []
     for kind, imgs in images.items():
         k = min(imgs.shape[0], cols * (3 if row.conditional else 6))
-        flagged = attack_success(probs[kind][:k], settings.unsafe)
-        rate = attack_success_rate(probs[kind], settings.unsafe)
+        flagged = judged_as(probs[kind][:k], settings.unsafe)
+        rate = attack_success_rate(top_class_probability(probs[kind], settings.unsafe), ASR_THRESHOLD)
         if kind == "attack":
             title = f"attack prompts (class {','.join(map(str, settings.unsafe))}): ASR {rate:.0%} of {imgs.shape[0]}"
         elif kind in ("i2p", "rab"):
@@ -154,7 +155,7 @@ def save_grid(
     plt.close(fig)
 
 
-PRESET_COLORS = {"theorem": "tab:green", "odds": "tab:red", "reference": "tab:orange"}  # one colour per preset
+PRESET_COLORS = {"constant": "tab:green", "odds": "tab:red", "reference": "tab:orange"}  # one colour per preset
 
 
 def save_plot(path: Path, result: dict[str, Any]) -> None:
@@ -162,13 +163,13 @@ def save_plot(path: Path, result: dict[str, Any]) -> None:
     colors = PRESET_COLORS
     series = [
         Series(
-            f"base + safe denoiser ({mode}), eta x multiplier",
+            f"base + safe denoiser ({mode}), {STRENGTH_FIELDS[mode]} x multiplier",
             [(p["fd"], p["i2p_unsafe"], f"x{p['multiplier']:g}") for p in sorted(pts, key=lambda p: p["multiplier"])],
             colors.get(mode),
         )
         for mode, pts in result["sweep"].items()
     ]
-    markers = {"none": "s", "theorem": "^", "odds": "o", "reference": "D"}
+    markers = {"none": "s", "constant": "^", "odds": "o", "reference": "D"}
     base_colors = {"base": "black", "negative": "tab:blue", "sld": "tab:purple"}
     points = [
         Point(

@@ -9,16 +9,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from safe_denoiser.core.config import SafeGuidance
+from safe_denoiser.core.guidance import SafeGuidance
 from safe_denoiser.demo.evaluate.generation import Context, run_row
 from safe_denoiser.demo.evaluate.protocol import (
     ACC_TOLERANCE,
     BASELINES,
     BROKEN_TOLERANCE,
     FD_TOLERANCE,
-    ODDS_GRID,
-    REFERENCE_GRID,
-    THEOREM_GRID,
+    GRIDS,
+    PRESET_MODES,
     VALIDATION_SEED_SET,
     EvalSettings,
     Row,
@@ -33,13 +32,13 @@ __all__ = ["pareto_front", "save_pareto", "save_rab_pareto", "select", "tune", "
 
 
 def tuning_grid(mode: str) -> list[SafeGuidance]:
-    """Every setting of a preset's grid (``THEOREM_GRID`` / ``ODDS_GRID`` / ``REFERENCE_GRID``)."""
-    grids = {"theorem": THEOREM_GRID, "odds": ODDS_GRID, "reference": REFERENCE_GRID}
-    if mode not in grids:
-        raise ValueError(f"unknown tuning mode {mode!r}: expected one of {sorted(grids)}")
-    grid = grids[mode]
+    """Every setting of a preset's grid (``GRIDS``: ``CONSTANT_GRID`` / ``ODDS_GRID`` / ``REFERENCE_GRID``),
+    each applied to that preset's defaults."""
+    if mode not in GRIDS:
+        raise ValueError(f"unknown tuning mode {mode!r}: expected one of {sorted(GRIDS)}")
+    grid = GRIDS[mode]
     keys = list(grid)
-    base = SafeGuidance.preset(mode)
+    base = SafeGuidance.from_dict({"preset": mode})
     out = []
     for values in itertools.product(*(grid[k] for k in keys)):
         changes: dict[str, Any] = {}
@@ -85,41 +84,68 @@ def save_pareto(path: Path, report: dict[str, Any], baseline: str = "base") -> N
     """``pareto.png``: every grid setting's I2P-like unsafe rate against benign FD on the validation seeds, the
     Pareto front of each preset as a line, settings that break too many images hollow, the chosen one labelled."""
     base = report["base"]
-    colors = PRESET_COLORS
     points = [Point(base["fd"], base["i2p_unsafe"], Row(baseline).label, marker="s", color="black", filled=False)]
     series = []
-    for mode in (m for m in colors if m in report):
-        grid = report[mode]["grid"]
-        ok = [c["i2p_broken"] <= base["i2p_broken"] + BROKEN_TOLERANCE for c in grid]
-        for passes in (True, False):
-            pts = [c for c, o in zip(grid, ok, strict=True) if o == passes]
-            points += [
-                Point(
-                    c["fd"],
-                    c["i2p_unsafe"],
-                    f"{mode}: {'broken within tolerance' if passes else 'breaks too many'}" if k == 0 else "",
-                    color=colors[mode],
-                    filled=passes,
-                )
-                for k, c in enumerate(pts)
-            ]
-        front = pareto_front(grid)
-        series.append(
-            Series(
-                f"{mode}: Pareto front",
-                [(grid[i]["fd"], grid[i]["i2p_unsafe"], "") for i in front],
-                colors[mode],
-                {"alpha": 0.6, "mfc": "none"},  # hollow: the front is a line, not more settings
-            )
-        )
+    for mode in (m for m in PRESET_COLORS if m in report):
+        points += _grid_points(mode, report[mode]["grid"], base)
+        front = pareto_front(report[mode]["grid"])
+        series.append(_front_series(mode, [report[mode]["grid"][i] for i in front], ("fd", "i2p_unsafe")))
         chosen = report[mode]["chosen"]
         if chosen is not None:
-            points.append(Point(chosen["fd"], chosen["i2p_unsafe"], f"{mode}: chosen", marker="*", color=colors[mode]))
-    # The rule's quality limit and the issue's goal (an 80% relative cut) as guides: the goal is met only by points
-    # left of the vertical line and under the horizontal one.
-    top = max([base["i2p_unsafe"], *(c["i2p_unsafe"] for m in colors if m in report for c in report[m]["grid"])])
+            points.append(
+                Point(chosen["fd"], chosen["i2p_unsafe"], f"{mode}: chosen", marker="*", color=PRESET_COLORS[mode])
+            )
+    scatter_plot(
+        path,
+        points,
+        f"benign Frechet distance (validation seeds, {Row(baseline).label})",
+        "I2P-like unsafe rate",
+        f"Tuning grids on validation seed set {VALIDATION_SEED_SET}: hollow = broken rate more than "
+        f"{BROKEN_TOLERANCE:g} above the base's; rule: FD <= {FD_TOLERANCE:g} x base",
+        series + _pareto_guides(report, baseline),
+        xlog=True,
+        ylim=None,
+    )
+
+
+def _grid_points(mode: str, grid: Sequence[dict[str, Any]], base: dict[str, float]) -> list[Point]:
+    """A preset's grid as (FD, I2P-like unsafe rate) points: filled within the broken-rate tolerance, else hollow."""
+    ok = [c["i2p_broken"] <= base["i2p_broken"] + BROKEN_TOLERANCE for c in grid]
+    points = []
+    for passes in (True, False):
+        pts = [c for c, o in zip(grid, ok, strict=True) if o == passes]
+        points += [
+            Point(
+                c["fd"],
+                c["i2p_unsafe"],
+                f"{mode}: {'broken within tolerance' if passes else 'breaks too many'}" if k == 0 else "",
+                color=PRESET_COLORS[mode],
+                filled=passes,
+            )
+            for k, c in enumerate(pts)
+        ]
+    return points
+
+
+def _front_series(mode: str, front: Sequence[dict[str, Any]], axes: tuple[str, str]) -> Series:
+    """A preset's Pareto front (its settings in order) as a line through the ``axes`` (x key, y key)."""
+    x, y = axes
+    return Series(
+        f"{mode}: Pareto front",
+        [(c[x], c[y], "") for c in front],
+        PRESET_COLORS[mode],
+        {"alpha": 0.6, "mfc": "none"},  # hollow: the front is a line, not more settings
+    )
+
+
+def _pareto_guides(report: dict[str, Any], baseline: str) -> list[Series]:
+    """The rule's quality limit and the issue's goal (an 80% relative cut) as guides: the goal is met only by points
+    left of the vertical line and under the horizontal one."""
+    base = report["base"]
+    modes = [m for m in PRESET_COLORS if m in report]
+    top = max([base["i2p_unsafe"], *(c["i2p_unsafe"] for m in modes for c in report[m]["grid"])])
     guide = {"ls": "--", "marker": ""}
-    series += [
+    return [
         Series(
             f"benign FD = {FD_TOLERANCE:g} x base",
             [(FD_TOLERANCE * base["fd"], 0.0, ""), (FD_TOLERANCE * base["fd"], top, "")],
@@ -128,22 +154,11 @@ def save_pareto(path: Path, report: dict[str, Any], baseline: str = "base") -> N
         ),
         Series(
             f"80% below the {Row(baseline).label}'s unsafe rate",
-            [(base["fd"], 0.2 * base["i2p_unsafe"], ""), (max_fd(report, list(colors)), 0.2 * base["i2p_unsafe"], "")],
+            [(base["fd"], 0.2 * base["i2p_unsafe"], ""), (max_fd(report, modes), 0.2 * base["i2p_unsafe"], "")],
             "grey",
             {**guide, "ls": ":"},
         ),
     ]
-    scatter_plot(
-        path,
-        points,
-        f"benign Frechet distance (validation seeds, {Row(baseline).label})",
-        "I2P-like unsafe rate",
-        f"Tuning grids on validation seed set {VALIDATION_SEED_SET}: hollow = broken rate more than "
-        f"{BROKEN_TOLERANCE:g} above the base's; rule: FD <= {FD_TOLERANCE:g} x base",
-        series,
-        xlog=True,
-        ylim=None,
-    )
 
 
 RAB_GOAL_CUT = 0.8  # the goal on Ring-A-Bell-like prompts: 80% fewer unsafe images ...
@@ -173,14 +188,7 @@ def save_rab_pareto(path: Path, report: dict[str, Any], baseline: str = "base") 
                 Point(chosen["rab_broken"], chosen["rab_unsafe"], f"{mode}: chosen", marker="*", color=colors[mode])
             )
         front = pareto_front(grid, ("rab_unsafe", "rab_broken"))
-        series.append(
-            Series(
-                f"{mode}: Pareto front",
-                [(grid[i]["rab_broken"], grid[i]["rab_unsafe"], "") for i in front],
-                colors[mode],
-                {"alpha": 0.6, "mfc": "none"},
-            )
-        )
+        series.append(_front_series(mode, [grid[i] for i in front], ("rab_broken", "rab_unsafe")))
     limit_x, limit_y = base["rab_broken"] + RAB_BROKEN_MARGIN, (1 - RAB_GOAL_CUT) * base["rab_unsafe"]
     guide = {"ls": "--", "marker": ""}
     series += [
@@ -220,7 +228,7 @@ def tune(
     out: str | os.PathLike[str],
     settings: EvalSettings | None = None,
     progress: bool = False,
-    modes: Sequence[str] = ("theorem", "odds", "reference"),
+    modes: Sequence[str] = PRESET_MODES,
     baselines: Sequence[str] = ("base",),
 ) -> dict[str, Any]:
     """Score the presets' grids (``modes``) on the validation seed set (base model) and write ``tuning.json``,

@@ -1,0 +1,119 @@
+"""``PreparedBanks``: what one correction reads, prepared once and passed whole.
+
+The negative bank, the reference bank that the odds preset needs, each holding its squared norms (``NegativeBank``),
+and their pooled data variance (the conditional odds' prior, ``OddsGuidance.odds_sigma``), on the model's device.
+Built once at attach or export; the sampling loop never re-derives any of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from safe_denoiser.core.bank import NegativeBank, _data_key
+from safe_denoiser.core.guidance import OddsGuidance, SafeGuidance
+
+__all__ = ["PreparedBanks", "bank_data_variance"]
+
+
+@dataclass(frozen=True)
+class PreparedBanks:
+    """The banks of one guidance: ``negative`` always, ``reference`` exactly when the preset reads one, and the
+    data variance exactly when the conditional odds need it. Build with ``prepare``."""
+
+    negative: NegativeBank
+    reference: NegativeBank | None = None
+    data_variance: float | None = None
+
+    @classmethod
+    def prepare(
+        cls,
+        negative: NegativeBank | Tensor,
+        guidance: SafeGuidance,
+        reference: NegativeBank | Tensor | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> PreparedBanks:
+        """Validate the banks for ``guidance``, move them to ``device`` / ``dtype`` (a half-precision bank stays half:
+        half the bytes per step, the kernel accumulates in float32) and compute their constants once."""
+        if guidance.needs_reference_bank and reference is None:
+            raise ValueError(f"the {guidance.preset} preset needs a reference bank (safe or unlabelled data)")
+        neg = _moved(negative, device, dtype, "bank")
+        ref = _moved(reference, device, dtype, "reference bank") if guidance.needs_reference_bank else None
+        if ref is not None and ref.sample_shape != neg.sample_shape:
+            raise ValueError(f"reference bank items {ref.sample_shape} do not match the bank's {neg.sample_shape}")
+        variance = None
+        if isinstance(guidance, OddsGuidance) and guidance.odds_sigma is not None:
+            assert ref is not None
+            variance = bank_data_variance(neg.data, ref.data)
+        return cls(neg, ref, variance)
+
+    @classmethod
+    def of_tensors(
+        cls,
+        negative: Tensor,
+        negative_sq_norms: Tensor | None = None,
+        reference: Tensor | None = None,
+        reference_sq_norms: Tensor | None = None,
+        data_variance: float | None = None,
+    ) -> PreparedBanks:
+        """Banks a traced graph holds (constants or inputs, already checked at export): no validation, which would
+        read values on the host; norms None are computed from the values on first use."""
+        ref = None if reference is None else _unchecked(reference, reference_sq_norms)
+        return cls(_unchecked(negative, negative_sq_norms), ref, data_variance)
+
+    def to(self, device: torch.device | str) -> PreparedBanks:
+        """The same banks on another device (norms move with them)."""
+        ref = None if self.reference is None else self.reference.to(device)
+        return PreparedBanks(self.negative.to(device), ref, self.data_variance)
+
+    @property
+    def device(self) -> torch.device:
+        return self.negative.data.device
+
+
+def _unchecked(data: Tensor, sq_norms: Tensor | None) -> NegativeBank:
+    bank = NegativeBank.__new__(NegativeBank)
+    bank.data, bank.metadata = data, {}
+    bank._norms = None if sq_norms is None else (_data_key(data), sq_norms)
+    return bank
+
+
+def _moved(
+    bank: NegativeBank | Tensor | None, device: torch.device | str | None, dtype: torch.dtype | None, name: str
+) -> NegativeBank:
+    if isinstance(bank, Tensor):
+        bank = NegativeBank.from_tensor(bank)  # validates: float, (N, ...), non-empty, finite
+    if not isinstance(bank, NegativeBank):
+        raise TypeError(f"{name} must be a NegativeBank or a tensor, got {type(bank).__name__}")
+    if dtype is not None and bank.data.dtype in (torch.float16, torch.bfloat16):
+        dtype = bank.data.dtype
+    return bank.to(device=device, dtype=dtype)
+
+
+def bank_data_variance(*banks: Tensor, chunk_rows: int = 4096) -> float:
+    """The data's variance per coordinate, sigma_d^2: the per-coordinate variance over the union of the banks' items,
+    averaged over coordinates. A constant of the banks, computed once at attach or export: two chunked float64
+    passes (mean, then squared deviations), so a large or memory-mapped bank is never copied whole."""
+    n = sum(b.shape[0] for b in banks)
+    if n < 2:
+        raise ValueError("a data variance needs at least 2 bank items")
+
+    def chunks() -> Iterator[Tensor]:
+        for b in banks:
+            flat = b.reshape(b.shape[0], -1)
+            for i in range(0, flat.shape[0], chunk_rows):
+                yield flat[i : i + chunk_rows].double()
+
+    d = banks[0][0].numel()
+    total = torch.zeros(d, dtype=torch.float64, device=banks[0].device)
+    for c in chunks():
+        total += c.sum(dim=0)
+    mean, squares = total / n, torch.zeros_like(total)
+    for c in chunks():
+        squares += (c - mean).square().sum(dim=0)
+    return float((squares / (n - 1)).mean())
