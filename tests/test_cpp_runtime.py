@@ -2,8 +2,8 @@
 
 Parity: the same seed gives the same final samples within 1e-5 relative (both run the same ONNX graphs with the
 same ONNX Runtime library; the DDIM and DDPM updates are float32 in the same order of operations, so in practice
-they are bit-equal) and the same PNG bytes, on the demo bundle (theorem, reference, odds with float32 and float16
-banks) and the tiny text bundle (reference + SLD, theorem). Noise: the Philox generator gives the same bits in numpy
+they are bit-equal) and the same PNG bytes, on the demo bundle (constant, reference, odds with float32 and float16
+banks) and the tiny text bundle (reference + SLD, constant). Noise: the Philox generator gives the same bits in numpy
 and C++. Tokenizer: equal ids to the transformers tokenizer on a corpus of hard cases. Bad input: a non-zero exit
 code with a message, and no output file. Server: loopback only, bounded by --max-seconds so it always stops by itself.
 
@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 
 from safe_denoiser.runtime.bundle import Bundle, ddim_timesteps
-from safe_denoiser.runtime.manifest import Manifest, SchedulerInfo
+from safe_denoiser.runtime.manifest import FORMAT_VERSION, Manifest, SchedulerInfo
 from safe_denoiser.runtime.noise import gaussian_noise, philox4x32_10
 from safe_denoiser.runtime.png import png_bytes
 
@@ -475,8 +475,8 @@ def test_bad_bundles_and_arguments(cpp: Path, bundles: Path, tmp_path: Path) -> 
     (b / "denoiser.onnx").unlink()
     expect_failure(cpp, out, "bundle", "'denoiser.onnx' of graph 'denoiser' is missing", *gen(b))
     b = copy_bundle(bundles, tmp_path / "version")
-    edit_manifest(b, format_version=2)
-    expect_failure(cpp, out, "bundle", "format_version 2", *gen(b))
+    edit_manifest(b, format_version=FORMAT_VERSION + 1)
+    expect_failure(cpp, out, "bundle", f"format_version {FORMAT_VERSION + 1} is not supported", *gen(b))
     b = copy_bundle(bundles, tmp_path / "flow")
     edit_manifest(b, path="flow")
     expect_failure(cpp, out, "bundle", "flow-matching bundle", *gen(b))

@@ -10,7 +10,7 @@
 #include <random>
 #include <sstream>
 
-#include "safe_denoiser_cpp/runtime.hpp"
+#include "safe_denoiser_cpp/errors.hpp"
 
 namespace sdcpp {
 namespace {

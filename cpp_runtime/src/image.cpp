@@ -5,7 +5,7 @@
 #include <algorithm>
 #include <cmath>
 
-#include "safe_denoiser_cpp/runtime.hpp"
+#include "safe_denoiser_cpp/errors.hpp"
 
 namespace sdcpp {
 namespace {

@@ -10,7 +10,7 @@
 #include <memory>
 #include <vector>
 
-#include "safe_denoiser_cpp/runtime.hpp"
+#include "safe_denoiser_cpp/errors.hpp"
 
 namespace sdcpp {
 namespace {

@@ -1,12 +1,13 @@
-// manifest.json: parse and validate as safe_denoiser.export.manifest.Manifest.load does.
+// manifest.json: parse and validate as safe_denoiser.runtime.manifest.Manifest.load does.
 #include <sys/stat.h>
 
 #include <nlohmann/json.hpp>
 
 #include "onnx_initializer.hpp"
 #include "safe_denoiser_cpp/files.hpp"
+#include "safe_denoiser_cpp/errors.hpp"
 #include "safe_denoiser_cpp/integrity.hpp"
-#include "safe_denoiser_cpp/runtime.hpp"
+#include "safe_denoiser_cpp/manifest.hpp"
 
 namespace sdcpp {
 namespace {
@@ -122,6 +123,78 @@ std::map<std::string, std::string> file_hashes(const json& data) {
   }
   return out;
 }
+
+// The keys DDIM and DDPM share, each defaulting to diffusers' value when absent.
+void read_step_settings(const json& obj, StepSettings& s) {
+  s.timestep_spacing = obj.value("timestep_spacing", s.timestep_spacing);
+  s.steps_offset = obj.value("steps_offset", s.steps_offset);
+  s.clip_sample = obj.value("clip_sample", s.clip_sample);
+  s.clip_sample_range = obj.value("clip_sample_range", s.clip_sample_range);
+  s.thresholding = obj.value("thresholding", s.thresholding);
+}
+
+SchedulerInfo scheduler_info(const json& sched) {
+  SchedulerInfo info;
+  info.alphas_cumprod = require(sched, "alphas_cumprod", "scheduler").get<std::vector<double>>();
+  const auto sigmas = require(sched, "sigmas", "scheduler").get<std::vector<double>>();
+  info.final_alpha_cumprod = require(sched, "final_alpha_cumprod", "scheduler").get<double>();
+  const auto& ddim = require(sched, "ddim", "scheduler");
+  read_step_settings(ddim, info.ddim);
+  info.ddim.use_clipped_model_output = ddim.value("use_clipped_model_output", false);
+  if (sched.contains("ddpm") && !sched.at("ddpm").is_null() && !sched.at("ddpm").empty()) {
+    const auto& ddpm = sched.at("ddpm");
+    if (!ddpm.is_object()) bad("scheduler.ddpm must be an object");
+    DdpmSettings s;
+    read_step_settings(ddpm, s);
+    s.variance_type = ddpm.value("variance_type", s.variance_type);
+    info.ddpm = s;
+  }
+  if (info.alphas_cumprod.empty() || info.alphas_cumprod.size() != sigmas.size()) {
+    bad("scheduler.alphas_cumprod and scheduler.sigmas must be non-empty and equal");
+  }
+  return info;
+}
+
+GuidanceInfo guidance_info(const json& g) {
+  GuidanceInfo info;
+  const auto& preset = require(g, "preset", "guidance");
+  if (!preset.is_string()) bad("guidance.preset must be a string, got " + preset.dump());
+  info.preset = parse_guidance_preset(preset.get<std::string>());
+  const auto window = require(g, "window", "guidance").get<std::vector<double>>();
+  if (window.size() != 2) bad("guidance.window must be [lo, hi]");
+  info.window_lo = window[0];
+  info.window_hi = window[1];
+  info.threshold = optional_value<double>(g, "threshold");
+  return info;
+}
+
+// Refuse what this runtime does not implement rather than sample without it.
+void refuse_unsupported(const json& data) {
+  if (data.contains("path") && data.at("path") != "vp") {
+    bad("path " + data.at("path").dump() + " (a flow-matching bundle) is not supported by this runtime; "
+        "run it with the Python runtime (Bundle.sample_flow)");
+  }
+  if (data.contains("safree") && !data.at("safree").is_null()) {
+    bad("the bundle carries SAFREE's text side, which this runtime does not implement; "
+        "run it with the Python runtime (Bundle.sample)");
+  }
+}
+
+void check_format(const json& data) {
+  if (!data.is_object() || !data.contains("format") || data.at("format") != kFormat) {
+    bad(std::string("format is ") + (data.is_object() && data.contains("format") ? data.at("format").dump() : "missing") +
+        ", expected '" + kFormat + "'");
+  }
+  if (!data.contains("format_version") || data.at("format_version") != kFormatVersion) {
+    bad("bundle format_version " + (data.contains("format_version") ? data.at("format_version").dump() : "missing") +
+        " is not supported by this runtime (it reads format_version " + std::to_string(kFormatVersion) +
+        "); re-export the bundle with a matching safe-denoiser");
+  }
+}
+
+bool present(const json& data, const std::string& key) {
+  return data.contains(key) && !data.at(key).is_null();
+}
 }  // namespace
 
 const TensorSpec* GraphSpec::input(const std::string& name) const {
@@ -140,6 +213,25 @@ int64_t Manifest::sample_size() const {
   return n;
 }
 
+GuidancePreset parse_guidance_preset(const std::string& name, const std::string& field) {
+  for (const auto preset : {GuidancePreset::constant, GuidancePreset::mass, GuidancePreset::odds,
+                            GuidancePreset::reference}) {
+    if (name == guidance_preset_name(preset)) return preset;
+  }
+  throw Error(ErrorKind::bundle, "manifest: " + field + " must be 'constant', 'mass', 'odds' or 'reference', got '" +
+                                     name + "'");
+}
+
+const char* guidance_preset_name(GuidancePreset preset) {
+  switch (preset) {
+    case GuidancePreset::constant: return "constant";
+    case GuidancePreset::mass: return "mass";
+    case GuidancePreset::odds: return "odds";
+    case GuidancePreset::reference: return "reference";
+  }
+  return "constant";  // unreachable: every enumerator is named above
+}
+
 Manifest Manifest::parse(const std::string& text) {
   json data;
   try {
@@ -147,24 +239,8 @@ Manifest Manifest::parse(const std::string& text) {
   } catch (const json::exception& e) {
     bad(std::string("not readable JSON: ") + e.what());
   }
-  if (!data.is_object() || !data.contains("format") || data.at("format") != kFormat) {
-    bad(std::string("format is ") + (data.is_object() && data.contains("format") ? data.at("format").dump() : "missing") +
-        ", expected '" + kFormat + "'");
-  }
-  if (!data.contains("format_version") || data.at("format_version") != kFormatVersion) {
-    bad("bundle format_version " + (data.contains("format_version") ? data.at("format_version").dump() : "missing") +
-        " is not supported by this runtime (it reads format_version " + std::to_string(kFormatVersion) +
-        "); re-export the bundle with a matching safe-denoiser");
-  }
-  // Features this runtime does not implement: refuse them rather than sample without them.
-  if (data.contains("path") && data.at("path") != "vp") {
-    bad("path " + data.at("path").dump() + " (a flow-matching bundle) is not supported by this runtime; "
-        "run it with the Python runtime (Bundle.sample_flow)");
-  }
-  if (data.contains("safree") && !data.at("safree").is_null()) {
-    bad("the bundle carries SAFREE's text side, which this runtime does not implement; "
-        "run it with the Python runtime (Bundle.sample)");
-  }
+  check_format(data);
+  refuse_unsupported(data);
   Manifest m;
   try {
     m.model_kind = require(data, "model_kind", "the manifest").get<std::string>();
@@ -172,52 +248,18 @@ Manifest Manifest::parse(const std::string& text) {
     m.sample_shape = require(data, "sample_shape", "the manifest").get<std::vector<int64_t>>();
     m.num_inference_steps = require(data, "num_inference_steps", "the manifest").get<int>();
     m.guidance_scale = require(data, "guidance_scale", "the manifest").get<double>();
-    const auto& sched = require(data, "scheduler", "the manifest");
-    m.alphas_cumprod = require(sched, "alphas_cumprod", "scheduler").get<std::vector<double>>();
-    const auto sigmas = require(sched, "sigmas", "scheduler").get<std::vector<double>>();
-    m.final_alpha_cumprod = require(sched, "final_alpha_cumprod", "scheduler").get<double>();
-    const auto& ddim = require(sched, "ddim", "scheduler");
-    m.timestep_spacing = ddim.value("timestep_spacing", std::string("leading"));
-    m.steps_offset = ddim.value("steps_offset", int64_t{0});
-    m.clip_sample = ddim.value("clip_sample", false);
-    m.clip_sample_range = ddim.value("clip_sample_range", 1.0);
-    m.thresholding = ddim.value("thresholding", false);
-    m.use_clipped_model_output = ddim.value("use_clipped_model_output", false);
-    if (sched.contains("ddpm") && !sched.at("ddpm").is_null() && !sched.at("ddpm").empty()) {
-      const auto& ddpm = sched.at("ddpm");
-      if (!ddpm.is_object()) bad("scheduler.ddpm must be an object");
-      DdpmSettings s;
-      s.timestep_spacing = ddpm.value("timestep_spacing", s.timestep_spacing);
-      s.steps_offset = ddpm.value("steps_offset", s.steps_offset);
-      s.clip_sample = ddpm.value("clip_sample", s.clip_sample);
-      s.clip_sample_range = ddpm.value("clip_sample_range", s.clip_sample_range);
-      s.thresholding = ddpm.value("thresholding", s.thresholding);
-      s.variance_type = ddpm.value("variance_type", s.variance_type);
-      m.ddpm = s;
-    }
-    if (m.alphas_cumprod.empty() || m.alphas_cumprod.size() != sigmas.size()) {
-      bad("scheduler.alphas_cumprod and scheduler.sigmas must be non-empty and equal");
-    }
-    if (data.contains("guidance") && !data.at("guidance").is_null()) {
-      const auto& g = data.at("guidance");
-      m.guidance_mode = require(g, "mode", "guidance").get<std::string>();
-      const auto window = require(g, "window", "guidance").get<std::vector<double>>();
-      if (window.size() != 2) bad("guidance.window must be [lo, hi]");
-      m.window_lo = window[0];
-      m.window_hi = window[1];
-      m.guidance_threshold = optional_value<double>(g, "threshold");
-      m.beta_mode = g.value("beta_mode", std::string("constant"));
-    }
+    m.scheduler = scheduler_info(require(data, "scheduler", "the manifest"));
+    if (present(data, "guidance")) m.guidance = guidance_info(data.at("guidance"));
     m.reference_threshold_alpha_bar = optional_value<double>(data, "reference_threshold_alpha_bar");
     m.reference_threshold_steps = optional_value<int>(data, "reference_threshold_steps");
-    m.has_sld = data.contains("sld") && !data.at("sld").is_null();
-    if (data.contains("bank") && !data.at("bank").is_null()) m.bank = bank_info(data.at("bank"), "bank", "negative_bank");
-    if (data.contains("reference_bank") && !data.at("reference_bank").is_null()) {
+    m.has_sld = present(data, "sld");
+    if (present(data, "bank")) m.bank = bank_info(data.at("bank"), "bank", "negative_bank");
+    if (present(data, "reference_bank")) {
       m.reference_bank = bank_info(data.at("reference_bank"), "reference_bank", "reference_bank");
     }
     m.tokenizer = optional_value<std::string>(data, "tokenizer");
     m.null_class = optional_value<int64_t>(data, "null_class");
-    if (data.contains("num_class_labels") && !data.at("num_class_labels").is_null()) {
+    if (present(data, "num_class_labels")) {
       const auto& n = data.at("num_class_labels");
       if (!n.is_number_integer() || n.get<int64_t>() <= m.null_label()) {
         bad("num_class_labels must be an integer > null_class (" + std::to_string(m.null_label()) + "), got " + n.dump());
@@ -260,10 +302,11 @@ Manifest Manifest::load(const std::string& bundle_dir, bool check_bank, bool che
   }
   // Before the bank check: a damaged denoiser.onnx is reported as a damaged file, not as what parsing it gives.
   if (check_files) verify_files(bundle_dir, m.files);
-  if (m.guidance_mode.has_value() != m.bank.has_value()) bad("guidance and bank must both be set or both be null");
+  if (m.guidance.has_value() != m.bank.has_value()) bad("guidance and bank must both be set or both be null");
   // The odds preset's beta (Theorem 1) needs the reference bank inside the graph; this runtime only feeds the graph.
-  const bool odds = m.guidance_mode.has_value() && m.beta_mode == "odds";
-  if (odds != m.reference_bank.has_value()) bad("reference_bank must be set exactly when guidance.beta_mode is 'odds'");
+  if (m.has_preset(GuidancePreset::odds) != m.reference_bank.has_value()) {
+    bad("reference_bank must be set exactly when guidance.preset is 'odds'");
+  }
   if (m.bank) {
     for (const auto* info : {&*m.bank, m.reference_bank ? &*m.reference_bank : nullptr}) {
       if (info != nullptr && info->sample_shape != m.sample_shape) {

@@ -4,7 +4,7 @@
 #include <fstream>
 #include <memory>
 
-#include "safe_denoiser_cpp/runtime.hpp"
+#include "safe_denoiser_cpp/errors.hpp"
 
 namespace sdcpp {
 namespace {
@@ -94,84 +94,114 @@ std::string dir_of(const std::string& path) {
   return slash == std::string::npos ? "." : path.substr(0, slash);
 }
 
-Initializer parse_tensor(Reader& r, const std::string& path, uint64_t pos, uint64_t end, const std::string& name) {
-  Initializer out;
+// external_data entries (StringStringEntryProto) that say where an external tensor's bytes lie.
+struct ExternalData {
+  std::string location;
+  uint64_t offset = 0, length = 0;
+  bool has_length = false;
+};
+
+// The TensorProto fields the reader needs, as found in the file (payloads as spans, read afterwards).
+struct TensorFields {
+  std::vector<int64_t> dims;
   int data_type = 0, location = 0;
   Span raw, packed_floats;
   std::string loose_floats;
-  std::string ext_location;
-  uint64_t ext_offset = 0, ext_length = 0;
-  bool has_length = false;
+  ExternalData external;
+};
+
+// One StringStringEntryProto {key 1, value 2} in [pos, stop) into `external`.
+void read_external_entry(Reader& r, uint64_t pos, uint64_t stop, ExternalData& external) {
+  std::string key, value;
+  while (pos < stop) {
+    const uint64_t t = r.varint(pos, stop);
+    if ((t & 7) != 2) { r.skip(static_cast<int>(t & 7), pos, stop); continue; }
+    const uint64_t len = r.varint(pos, stop);
+    ((t >> 3) == 1 ? key : value) = r.read(pos, len);
+    pos += len;
+  }
+  if (key == "location") external.location = value;
+  if (key == "offset") external.offset = std::stoull(value);
+  if (key == "length") { external.length = std::stoull(value); external.has_length = true; }
+}
+
+// Length-delimited payload at pos: its span, with pos moved past it.
+Span delimited(Reader& r, uint64_t& pos, uint64_t end) {
+  Span span;
+  span.len = r.varint(pos, end);
+  span.pos = pos;
+  pos += span.len;
+  return span;
+}
+
+TensorFields read_tensor_fields(Reader& r, uint64_t pos, uint64_t end) {
+  TensorFields f;
   while (pos < end) {
     const uint64_t tag = r.varint(pos, end);
     const int field = static_cast<int>(tag >> 3), wire = static_cast<int>(tag & 7);
     if (field == 1 && wire == 0) {
-      out.dims.push_back(static_cast<int64_t>(r.varint(pos, end)));
+      f.dims.push_back(static_cast<int64_t>(r.varint(pos, end)));
     } else if (field == 1 && wire == 2) {
       const uint64_t n = r.varint(pos, end), stop = pos + n;
-      while (pos < stop) out.dims.push_back(static_cast<int64_t>(r.varint(pos, stop)));
+      while (pos < stop) f.dims.push_back(static_cast<int64_t>(r.varint(pos, stop)));
     } else if (field == 2 && wire == 0) {
-      data_type = static_cast<int>(r.varint(pos, end));
+      f.data_type = static_cast<int>(r.varint(pos, end));
     } else if (field == 4 && wire == 2) {
-      packed_floats.len = r.varint(pos, end);
-      packed_floats.pos = pos;
-      pos += packed_floats.len;
+      f.packed_floats = delimited(r, pos, end);
     } else if (field == 4 && wire == 5) {
-      loose_floats += r.read(pos, 4);
+      f.loose_floats += r.read(pos, 4);
       pos += 4;
     } else if (field == 9 && wire == 2) {
-      raw.len = r.varint(pos, end);
-      raw.pos = pos;
-      pos += raw.len;
-    } else if (field == 13 && wire == 2) {  // StringStringEntryProto {key 1, value 2}
-      const uint64_t n = r.varint(pos, end), stop = pos + n;
-      std::string key, value;
-      while (pos < stop) {
-        const uint64_t t = r.varint(pos, stop);
-        if ((t & 7) != 2) { r.skip(static_cast<int>(t & 7), pos, stop); continue; }
-        const uint64_t len = r.varint(pos, stop);
-        ((t >> 3) == 1 ? key : value) = r.read(pos, len);
-        pos += len;
-      }
-      if (key == "location") ext_location = value;
-      if (key == "offset") ext_offset = std::stoull(value);
-      if (key == "length") { ext_length = std::stoull(value); has_length = true; }
+      f.raw = delimited(r, pos, end);
+    } else if (field == 13 && wire == 2) {
+      const Span entry = delimited(r, pos, end);
+      read_external_entry(r, entry.pos, entry.pos + entry.len, f.external);
     } else if (field == 14 && wire == 0) {
-      location = static_cast<int>(r.varint(pos, end));
+      f.location = static_cast<int>(r.varint(pos, end));
     } else {
       r.skip(wire, pos, end);
     }
     if (pos > end) r.fail("tensor runs past its message");
   }
-  if (data_type != kFloat && data_type != kFloat16) {
-    throw Error(ErrorKind::bundle, "initializer '" + name + "' in '" + path + "' is not float32 or float16 (data_type " +
-                                       std::to_string(data_type) + ")");
-  }
-  if (data_type == kFloat16 && location != kExternal && raw.len == 0) {
-    throw Error(ErrorKind::bundle, "float16 initializer '" + name + "' in '" + path + "' has no raw_data");
-  }
-  if (location == kExternal) {
-    if (ext_location.empty() || ext_location.find("..") != std::string::npos || ext_location[0] == '/') {
+  return f;
+}
+
+// The tensor's stored bytes: from its external file, raw_data, packed float_data or loose float_data.
+std::string tensor_bytes(Reader& r, const std::string& path, const std::string& name, const TensorFields& f) {
+  if (f.location == kExternal) {
+    const std::string& where = f.external.location;
+    if (where.empty() || where.find("..") != std::string::npos || where[0] == '/') {
       throw Error(ErrorKind::bundle, "initializer '" + name + "' has an invalid external data location");
     }
-    Reader data(dir_of(path) + "/" + ext_location);
-    out.bytes = data.read(ext_offset, has_length ? ext_length : data.size() - ext_offset);
-  } else if (raw.len > 0) {
-    out.bytes = r.read(raw.pos, raw.len);
-  } else if (packed_floats.len > 0) {
-    out.bytes = r.read(packed_floats.pos, packed_floats.len);
-  } else {
-    out.bytes = loose_floats;
+    Reader data(dir_of(path) + "/" + where);
+    return data.read(f.external.offset, f.external.has_length ? f.external.length : data.size() - f.external.offset);
   }
+  if (f.raw.len > 0) return r.read(f.raw.pos, f.raw.len);
+  if (f.packed_floats.len > 0) return r.read(f.packed_floats.pos, f.packed_floats.len);
+  return f.loose_floats;
+}
+
+Initializer parse_tensor(Reader& r, const std::string& path, uint64_t pos, uint64_t end, const std::string& name) {
+  const TensorFields f = read_tensor_fields(r, pos, end);
+  if (f.data_type != kFloat && f.data_type != kFloat16) {
+    throw Error(ErrorKind::bundle, "initializer '" + name + "' in '" + path + "' is not float32 or float16 (data_type " +
+                                       std::to_string(f.data_type) + ")");
+  }
+  if (f.data_type == kFloat16 && f.location != kExternal && f.raw.len == 0) {
+    throw Error(ErrorKind::bundle, "float16 initializer '" + name + "' in '" + path + "' has no raw_data");
+  }
+  Initializer out;
+  out.dims = f.dims;
+  out.bytes = tensor_bytes(r, path, name, f);
   uint64_t count = 1;
   for (const auto d : out.dims) count *= static_cast<uint64_t>(d);
-  const uint64_t width = data_type == kFloat16 ? 2 : 4;
+  const uint64_t width = f.data_type == kFloat16 ? 2 : 4;
   if (out.bytes.size() != count * width) {
     throw Error(ErrorKind::bundle, "initializer '" + name + "' in '" + path + "' holds " +
                                        std::to_string(out.bytes.size()) + " bytes, its shape needs " +
                                        std::to_string(count * width));
   }
-  if (data_type == kFloat16) {
+  if (f.data_type == kFloat16) {
     out.bytes = widen_half(out.bytes);
     out.stored_dtype = "float16";
   }

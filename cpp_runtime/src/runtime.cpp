@@ -1,19 +1,16 @@
-// Runtime: sessions, execution providers, and the DDIM / DDPM loop around denoiser.onnx (export/runtime.py's Bundle).
-#define ORT_API_MANUAL_INIT
+// Runtime: sessions and the DDIM / DDPM loop around denoiser.onnx (safe_denoiser/runtime/bundle.py's Bundle).
 #include "safe_denoiser_cpp/runtime.hpp"
-
-#include <onnxruntime_cxx_api.h>
-#include <sys/stat.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <iostream>
-#include <mutex>
+#include <cstdlib>
+#include <functional>
 
 #include "safe_denoiser_cpp/noise.hpp"
 #include "safe_denoiser_cpp/scheduler.hpp"
 #include "safe_denoiser_cpp/tokenizer.hpp"
+#include "ort_session.hpp"
 
 namespace sdcpp {
 namespace {
@@ -21,85 +18,6 @@ using Clock = std::chrono::steady_clock;
 
 double ms_since(Clock::time_point start) {
   return std::chrono::duration<double, std::milli>(Clock::now() - start).count();
-}
-
-// Bind the C++ wrapper to the library's API table once; a library older than kOrtApiVersion is an error, not a crash.
-void init_ort() {
-  static std::once_flag once;
-  static std::string failure;
-  std::call_once(once, [] {
-    const OrtApi* api = OrtGetApiBase()->GetApi(kOrtApiVersion);
-    if (api == nullptr) {
-      failure = std::string("the ONNX Runtime library (") + OrtGetApiBase()->GetVersionString() +
-                ") does not serve C API version " + std::to_string(kOrtApiVersion) + " (needs ONNX Runtime >= 1.21)";
-      return;
-    }
-    Ort::InitApi(api);
-  });
-  if (!failure.empty()) throw Error(ErrorKind::runtime, failure);
-}
-
-Ort::Env& env() {
-  static Ort::Env instance(ORT_LOGGING_LEVEL_ERROR, "safe-denoiser-cpp");
-  return instance;
-}
-
-std::string join(const std::vector<std::string>& items) {
-  std::string out;
-  for (const auto& s : items) out += (out.empty() ? "" : ", ") + s;
-  return out;
-}
-
-const char* install_hint(const std::string& name) {
-  if (name == "CUDAExecutionProvider") {
-    return "build against an ONNX Runtime GPU release (onnxruntime-linux-x64-gpu, CUDA 12 + cuDNN 9 on the loader "
-           "path) with -DONNXRUNTIME_ROOT=";
-  }
-  return "build against an ONNX Runtime GPU release with TensorRT support (-DONNXRUNTIME_ROOT=) and put NVIDIA "
-         "TensorRT >= 10 (libnvinfer) on the loader path";
-}
-
-// Append the provider's options; Ort errors (a CPU-only library, a missing CUDA/TensorRT) become Error(provider).
-void add_provider(Ort::SessionOptions& so, const RuntimeOptions& opt, const std::string& bundle_dir,
-                  bool check_available) {
-  const std::string name = provider_name(opt.provider);
-  if (name == "CPUExecutionProvider") return;
-  const auto available = available_providers();
-  if (check_available && std::find(available.begin(), available.end(), name) == available.end()) {
-    throw Error(ErrorKind::provider, "execution provider '" + opt.provider + "' (" + name +
-                                         ") is not available in this ONNX Runtime " + ort_version() +
-                                         " (available: " + join(available) + "): " + install_hint(name));
-  }
-  const OrtApi& api = Ort::GetApi();
-  const std::string device = std::to_string(opt.device_id);
-  try {
-    if (name == "TensorrtExecutionProvider") {
-      const std::string cache = bundle_dir + "/tensorrt/ort_engine_cache";
-      ::mkdir((bundle_dir + "/tensorrt").c_str(), 0777);
-      ::mkdir(cache.c_str(), 0777);
-      OrtTensorRTProviderOptionsV2* trt = nullptr;
-      Ort::ThrowOnError(api.CreateTensorRTProviderOptions(&trt));
-      std::unique_ptr<OrtTensorRTProviderOptionsV2, decltype(api.ReleaseTensorRTProviderOptions)> guard(
-          trt, api.ReleaseTensorRTProviderOptions);
-      const char* keys[] = {"device_id", "trt_fp16_enable", "trt_engine_cache_enable", "trt_engine_cache_path",
-                            "trt_timing_cache_enable", "trt_timing_cache_path"};
-      const char* values[] = {device.c_str(), opt.trt_fp16 ? "1" : "0", "1", cache.c_str(), "1", cache.c_str()};
-      Ort::ThrowOnError(api.UpdateTensorRTProviderOptions(trt, keys, values, 6));
-      so.AppendExecutionProvider_TensorRT_V2(*trt);
-    }
-    // CUDA: the provider itself, or TensorRT's fallback for the nodes TensorRT does not take.
-    OrtCUDAProviderOptionsV2* cuda = nullptr;
-    Ort::ThrowOnError(api.CreateCUDAProviderOptions(&cuda));
-    std::unique_ptr<OrtCUDAProviderOptionsV2, decltype(api.ReleaseCUDAProviderOptions)> guard(
-        cuda, api.ReleaseCUDAProviderOptions);
-    const char* keys[] = {"device_id"};
-    const char* values[] = {device.c_str()};
-    Ort::ThrowOnError(api.UpdateCUDAProviderOptions(cuda, keys, values, 1));
-    so.AppendExecutionProvider_CUDA_V2(*cuda);
-  } catch (const Ort::Exception& e) {
-    throw Error(ErrorKind::provider, "execution provider '" + opt.provider + "' (" + name +
-                                         ") could not be set up: " + e.what() + "; " + install_hint(name));
-  }
 }
 
 std::string dtype_name(ONNXTensorElementDataType t) {
@@ -153,9 +71,11 @@ Ort::Value tensor(std::vector<T>& data, const std::vector<int64_t>& shape) {
 }
 }  // namespace
 
-// Buffers of one batch size, bound once to denoiser.onnx through an IoBinding.
+// Buffers of one batch size, bound once to denoiser.onnx through an IoBinding. A buffer is sized before its tensor is
+// made and never resized after: the binding points into its memory.
 struct Workspace {
   int64_t b = 0;
+  std::vector<int64_t> sample_shape, batch_shape;  // (B, C, H, W) and (B)
   std::vector<float> x, timestep, alpha_bar, guidance, noise, momentum[2], eps, xc, x0, log_mass, prompt, negative;
   std::vector<float> ddpm_noise;  // DDPM's variance noise, filled per step (not bound to the graph)
   std::vector<int64_t> labels, negative_labels, sld_step;
@@ -163,7 +83,82 @@ struct Workspace {
   std::vector<Ort::Value> values;
   Ort::Value momentum_value[2]{Ort::Value(nullptr), Ort::Value(nullptr)};
   std::unique_ptr<Ort::IoBinding> binding;
+
+  // Bind a tensor by name and keep its Ort::Value alive as long as the binding.
+  void bind_input(const char* name, Ort::Value v) {
+    binding->BindInput(name, v);
+    values.push_back(std::move(v));
+  }
+  void bind_output(const char* name, Ort::Value v) {
+    binding->BindOutput(name, v);
+    values.push_back(std::move(v));
+  }
 };
+
+namespace {
+// What every denoiser takes and gives: the sample and the per-image step values in; noise prediction, corrected
+// sample and x0 estimate out.
+void bind_state(Workspace& ws, size_t n) {
+  const auto b = static_cast<size_t>(ws.b);
+  ws.x.assign(n, 0.f);
+  ws.timestep.assign(b, 0.f);
+  ws.alpha_bar.assign(b, 0.f);
+  ws.guidance.assign(b, 0.f);
+  ws.eps.assign(n, 0.f);
+  ws.xc.assign(n, 0.f);
+  ws.x0.assign(n, 0.f);
+  ws.log_mass.assign(b, 0.f);  // read per step whether or not the graph gives them (zeros then)
+  ws.applied.assign(b, 0);
+  ws.bind_input("sample", tensor(ws.x, ws.sample_shape));
+  ws.bind_input("timestep", tensor(ws.timestep, ws.batch_shape));
+  ws.bind_input("alpha_bar", tensor(ws.alpha_bar, ws.batch_shape));
+  ws.bind_input("guidance_scale", tensor(ws.guidance, ws.batch_shape));
+  ws.bind_output("noise_pred", tensor(ws.eps, ws.sample_shape));
+  ws.bind_output("sample_corrected", tensor(ws.xc, ws.sample_shape));
+  ws.bind_output("x0_hat", tensor(ws.x0, ws.sample_shape));
+}
+
+// The condition: class labels (class-conditional) or prompt embeddings of (embed_len, embed_dim) per image.
+void bind_condition(Workspace& ws, const GraphSpec& g, int64_t embed_len, int64_t embed_dim) {
+  if (g.input("class_labels")) {
+    ws.labels.assign(static_cast<size_t>(ws.b), 0);
+    ws.negative_labels.assign(static_cast<size_t>(ws.b), 0);
+    ws.bind_input("class_labels", tensor(ws.labels, ws.batch_shape));
+    ws.bind_input("negative_class_labels", tensor(ws.negative_labels, ws.batch_shape));
+    return;
+  }
+  const std::vector<int64_t> eshape = {ws.b, embed_len, embed_dim};
+  ws.prompt.assign(static_cast<size_t>(ws.b * embed_len * embed_dim), 0.f);
+  ws.negative.assign(ws.prompt.size(), 0.f);
+  ws.bind_input("prompt_embeds", tensor(ws.prompt, eshape));
+  ws.bind_input("negative_prompt_embeds", tensor(ws.negative, eshape));
+}
+
+// The graph's optional tensors: the reference preset's re-noise, SLD's momentum (its two buffers swap per step, so
+// they are bound in step()), and the correction's per-image outputs.
+void bind_optional(Workspace& ws, const GraphSpec& g, size_t n) {
+  const auto b = static_cast<size_t>(ws.b);
+  if (g.input("noise")) {
+    ws.noise.assign(n, 0.f);
+    ws.bind_input("noise", tensor(ws.noise, ws.sample_shape));
+  }
+  if (g.input("sld_momentum")) {
+    ws.sld_step.assign(b, 0);
+    ws.bind_input("sld_step", tensor(ws.sld_step, ws.batch_shape));
+    for (int k = 0; k < 2; ++k) {
+      ws.momentum[k].assign(n, 0.f);
+      ws.momentum_value[k] = tensor(ws.momentum[k], ws.sample_shape);
+    }
+  }
+  if (g.output("correction_applied")) {
+    static const Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
+    ws.bind_output("correction_applied",
+                   Ort::Value::CreateTensor(cpu, ws.applied.data(), ws.applied.size(), ws.batch_shape.data(), 1,
+                                            ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL));
+    ws.bind_output("kernel_log_mass", tensor(ws.log_mass, ws.batch_shape));
+  }
+}
+}  // namespace
 
 struct Runtime::Impl {
   Manifest m;
@@ -177,76 +172,29 @@ struct Runtime::Impl {
 
   Workspace& workspace(int64_t b);
   std::vector<float> encode(const std::vector<std::string>& prompts);
+  // Class labels or prompt embeddings of a batch into its workspace.
+  void condition(const std::vector<Request>& requests, Workspace& ws);
+  // One sampler step at timesteps[s]: the denoiser (with re-noise and SLD momentum), then the DDIM / DDPM update.
+  void step(const std::vector<Request>& requests, const std::vector<int64_t>& timesteps, size_t s, int steps,
+            Sampler sampler, Workspace& ws, int& momentum_in, std::vector<Result>& results);
   void decode(const std::vector<float>& latents, int64_t b, std::vector<Result>& out);
 };
 
 Workspace& Runtime::Impl::workspace(int64_t b) {
   if (const auto it = workspaces.find(b); it != workspaces.end()) return *it->second;
   if (workspaces.size() >= 8) workspaces.clear();  // bounded: a server sees at most max-batch sizes
-  auto& slot = workspaces[b];
   auto ws = std::make_unique<Workspace>();
   ws->b = b;
-  const auto n = static_cast<size_t>(b * m.sample_size());
-  std::vector<int64_t> xshape = {b};
-  xshape.insert(xshape.end(), m.sample_shape.begin(), m.sample_shape.end());
-  const std::vector<int64_t> bshape = {b};
-  ws->x.assign(n, 0.f);
-  ws->timestep.assign(static_cast<size_t>(b), 0.f);
-  ws->alpha_bar.assign(static_cast<size_t>(b), 0.f);
-  ws->guidance.assign(static_cast<size_t>(b), 0.f);
-  ws->eps.assign(n, 0.f);
-  ws->xc.assign(n, 0.f);
-  ws->x0.assign(n, 0.f);
-  ws->log_mass.assign(static_cast<size_t>(b), 0.f);
-  ws->applied.assign(static_cast<size_t>(b), 0);
-  const GraphSpec& g = m.graphs.at("denoiser");
+  ws->batch_shape = {b};
+  ws->sample_shape = {b};
+  ws->sample_shape.insert(ws->sample_shape.end(), m.sample_shape.begin(), m.sample_shape.end());
   ws->binding = std::make_unique<Ort::IoBinding>(*denoiser);
-  auto bind_in = [&](const char* name, Ort::Value v) {
-    ws->binding->BindInput(name, v);
-    ws->values.push_back(std::move(v));
-  };
-  auto bind_out = [&](const char* name, Ort::Value v) {
-    ws->binding->BindOutput(name, v);
-    ws->values.push_back(std::move(v));
-  };
-  bind_in("sample", tensor(ws->x, xshape));
-  bind_in("timestep", tensor(ws->timestep, bshape));
-  bind_in("alpha_bar", tensor(ws->alpha_bar, bshape));
-  bind_in("guidance_scale", tensor(ws->guidance, bshape));
-  if (g.input("class_labels")) {
-    ws->labels.assign(static_cast<size_t>(b), 0);
-    ws->negative_labels.assign(static_cast<size_t>(b), 0);
-    bind_in("class_labels", tensor(ws->labels, bshape));
-    bind_in("negative_class_labels", tensor(ws->negative_labels, bshape));
-  } else {
-    const std::vector<int64_t> eshape = {b, embed_len, embed_dim};
-    ws->prompt.assign(static_cast<size_t>(b * embed_len * embed_dim), 0.f);
-    ws->negative.assign(ws->prompt.size(), 0.f);
-    bind_in("prompt_embeds", tensor(ws->prompt, eshape));
-    bind_in("negative_prompt_embeds", tensor(ws->negative, eshape));
-  }
-  if (g.input("noise")) {
-    ws->noise.assign(n, 0.f);
-    bind_in("noise", tensor(ws->noise, xshape));
-  }
-  if (g.input("sld_momentum")) {
-    ws->sld_step.assign(static_cast<size_t>(b), 0);
-    bind_in("sld_step", tensor(ws->sld_step, bshape));
-    for (int k = 0; k < 2; ++k) {
-      ws->momentum[k].assign(n, 0.f);
-      ws->momentum_value[k] = tensor(ws->momentum[k], xshape);
-    }
-  }
-  bind_out("noise_pred", tensor(ws->eps, xshape));
-  bind_out("sample_corrected", tensor(ws->xc, xshape));
-  bind_out("x0_hat", tensor(ws->x0, xshape));
-  if (g.output("correction_applied")) {
-    static const Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
-    bind_out("correction_applied",
-             Ort::Value::CreateTensor(cpu, ws->applied.data(), ws->applied.size(), bshape.data(), 1,
-                                      ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL));
-    bind_out("kernel_log_mass", tensor(ws->log_mass, bshape));
-  }
+  const GraphSpec& g = m.graphs.at("denoiser");
+  const auto n = static_cast<size_t>(b * m.sample_size());
+  bind_state(*ws, n);
+  bind_condition(*ws, g, embed_len, embed_dim);
+  bind_optional(*ws, g, n);
+  auto& slot = workspaces[b];  // stored only once fully bound
   slot = std::move(ws);
   return *slot;
 }
@@ -326,7 +274,7 @@ std::unique_ptr<Runtime> Runtime::open(const std::string& bundle_dir, const Runt
   auto session = [&](const std::string& graph) {
     const std::string path = bundle_dir + "/" + m.graphs.at(graph).file;
     try {
-      auto s = std::make_unique<Ort::Session>(env(), path.c_str(), so);
+      auto s = std::make_unique<Ort::Session>(ort_env(), path.c_str(), so);
       check_session(*s, m.graphs.at(graph), graph);
       return s;
     } catch (const Ort::Exception& e) {
@@ -389,35 +337,8 @@ std::vector<std::vector<int64_t>> Runtime::tokenize(const std::vector<std::strin
   return out;
 }
 
-Sampler parse_sampler(const std::string& name, const std::string& field) {
-  if (name == "ddim") return Sampler::ddim;
-  if (name == "ddpm") return Sampler::ddpm;
-  throw Error(ErrorKind::input, field + ": unknown sampler '" + name + "' (expected ddim or ddpm)");
-}
-
-const char* sampler_name(Sampler sampler) { return sampler == Sampler::ddpm ? "ddpm" : "ddim"; }
-
-std::vector<Result> Runtime::generate(const std::vector<Request>& requests, int steps, Sampler sampler) {
-  Impl& d = *impl_;
-  const Manifest& m = d.m;
-  if (requests.empty()) return {};
-  for (const auto& r : requests) validate(r);
-  steps = steps > 0 ? steps : m.num_inference_steps;
-  const bool ddpm = sampler == Sampler::ddpm;
-  const auto timesteps = ddpm ? ddpm_timesteps(m, steps) : ddim_timesteps(m, steps);
-  std::vector<std::string> warnings;
-  if (m.reference_threshold_alpha_bar && m.guidance_mode && !m.guidance_threshold &&
-      std::abs(m.alphas_cumprod[static_cast<size_t>(timesteps.back())] - *m.reference_threshold_alpha_bar) > 1e-12) {
-    // As export/runtime.py warns: the gate's threshold belongs to the export's schedule's last timestep.
-    warnings.push_back("the reference gate's threshold was computed at export for a " +
-                       std::to_string(m.reference_threshold_steps.value_or(0)) + "-step schedule; this " +
-                       std::to_string(steps) + "-step schedule ends elsewhere, so the gate differs slightly from PyTorch's");
-  }
+void Runtime::Impl::condition(const std::vector<Request>& requests, Workspace& ws) {
   const auto b = static_cast<int64_t>(requests.size());
-  const auto n = static_cast<size_t>(m.sample_size());
-  std::vector<Result> results(static_cast<size_t>(b));
-  Workspace& ws = d.workspace(b);
-  const auto t_encode = Clock::now();
   if (m.model_kind == "class-conditional") {
     for (int64_t i = 0; i < b; ++i) {
       ws.labels[i] = *requests[i].class_label;
@@ -430,10 +351,87 @@ std::vector<Result> Runtime::generate(const std::vector<Request>& requests, int 
       negatives.push_back(r.negative_prompt);
     }
     // Copy into the bound buffers (assigning a new vector would free the memory the binding points to).
-    const auto pos = d.encode(prompts), neg = d.encode(negatives);
+    const auto pos = encode(prompts), neg = encode(negatives);
     std::copy(pos.begin(), pos.end(), ws.prompt.begin());
     std::copy(neg.begin(), neg.end(), ws.negative.begin());
   }
+}
+
+void Runtime::Impl::step(const std::vector<Request>& requests, const std::vector<int64_t>& timesteps, size_t s,
+                         int steps, Sampler sampler, Workspace& ws, int& momentum_in, std::vector<Result>& results) {
+  const SchedulerInfo& sched = m.scheduler;
+  const auto b = static_cast<int64_t>(requests.size());
+  const auto n = static_cast<size_t>(m.sample_size());
+  const int64_t t = timesteps[s];
+  std::fill(ws.timestep.begin(), ws.timestep.end(), static_cast<float>(t));
+  std::fill(ws.alpha_bar.begin(), ws.alpha_bar.end(), static_cast<float>(sched.alphas_cumprod[static_cast<size_t>(t)]));
+  if (!ws.noise.empty()) {  // the reference preset's re-noise, inside its window
+    const auto time = static_cast<double>(t);
+    const bool inside = m.guidance->window_lo <= time && time <= m.guidance->window_hi;
+    for (int64_t i = 0; i < b; ++i) {
+      float* dst = ws.noise.data() + i * n;
+      if (inside) {
+        gaussian_noise(requests[i].seed, requests[i].item, static_cast<uint32_t>(s + 1), dst, n);
+      } else {
+        std::fill(dst, dst + n, 0.f);
+      }
+    }
+  }
+  if (!ws.sld_step.empty()) {
+    std::fill(ws.sld_step.begin(), ws.sld_step.end(), static_cast<int64_t>(s));
+    ws.binding->BindInput("sld_momentum", ws.momentum_value[momentum_in]);
+    ws.binding->BindOutput("sld_momentum_out", ws.momentum_value[1 - momentum_in]);
+  }
+  try {
+    denoiser->Run(Ort::RunOptions{nullptr}, *ws.binding);
+  } catch (const Ort::Exception& e) {
+    throw Error(ErrorKind::runtime, std::string("denoiser.onnx failed: ") + e.what());
+  }
+  if (!ws.sld_step.empty()) momentum_in = 1 - momentum_in;
+  if (!ws.applied.empty()) {
+    for (int64_t i = 0; i < b; ++i) {
+      if (ws.applied[i]) results[i].corrected_steps.push_back(t);
+      results[i].kernel_log_mass.push_back(ws.log_mass[i]);
+    }
+  }
+  if (sampler == Sampler::ddpm) {
+    const int64_t prev_t = s + 1 < timesteps.size() ? timesteps[s + 1] : -1;  // DDPMScheduler.previous_timestep
+    if (t > 0) {  // DDPMScheduler draws noise only there
+      ws.ddpm_noise.resize(ws.x.size());
+      for (int64_t i = 0; i < b; ++i) {
+        gaussian_noise(requests[i].seed, requests[i].item, ddpm_stream(static_cast<uint32_t>(s)),
+                       ws.ddpm_noise.data() + i * n, n);
+      }
+    }
+    ddpm_step(sched, ws.eps.data(), t, prev_t, ws.xc.data(), t > 0 ? ws.ddpm_noise.data() : nullptr, ws.x.data(),
+              ws.x.size());
+  } else {
+    ddim_step(sched, ws.eps.data(), t, ws.xc.data(), steps, ws.x.data(), ws.x.size());
+  }
+}
+
+std::vector<Result> Runtime::generate(const std::vector<Request>& requests, int steps, Sampler sampler) {
+  Impl& d = *impl_;
+  const Manifest& m = d.m;
+  if (requests.empty()) return {};
+  for (const auto& r : requests) validate(r);
+  steps = steps > 0 ? steps : m.num_inference_steps;
+  const SchedulerInfo& sched = m.scheduler;
+  const auto timesteps = sampler == Sampler::ddpm ? ddpm_timesteps(sched, steps) : ddim_timesteps(sched, steps);
+  std::vector<std::string> warnings;
+  if (m.reference_threshold_alpha_bar && m.guidance && !m.guidance->threshold &&
+      std::abs(sched.alphas_cumprod[static_cast<size_t>(timesteps.back())] - *m.reference_threshold_alpha_bar) > 1e-12) {
+    // As safe_denoiser/runtime/bundle.py warns: the gate's threshold belongs to the export's schedule's last timestep.
+    warnings.push_back("the reference gate's threshold was computed at export for a " +
+                       std::to_string(m.reference_threshold_steps.value_or(0)) + "-step schedule; this " +
+                       std::to_string(steps) + "-step schedule ends elsewhere, so the gate differs slightly from PyTorch's");
+  }
+  const auto b = static_cast<int64_t>(requests.size());
+  const auto n = static_cast<size_t>(m.sample_size());
+  std::vector<Result> results(static_cast<size_t>(b));
+  Workspace& ws = d.workspace(b);
+  const auto t_encode = Clock::now();
+  d.condition(requests, ws);
   const double encode_ms = ms_since(t_encode);
   const auto t_denoise = Clock::now();
   for (int64_t i = 0; i < b; ++i) {
@@ -445,55 +443,9 @@ std::vector<Result> Runtime::generate(const std::vector<Request>& requests, int 
     }
     ws.guidance[i] = static_cast<float>(r.guidance.value_or(m.guidance_scale));
   }
-  int cur = 0;
+  int momentum_in = 0;
   if (!ws.sld_step.empty()) std::fill(ws.momentum[0].begin(), ws.momentum[0].end(), 0.f);
-  for (size_t s = 0; s < timesteps.size(); ++s) {
-    const int64_t t = timesteps[s];
-    std::fill(ws.timestep.begin(), ws.timestep.end(), static_cast<float>(t));
-    std::fill(ws.alpha_bar.begin(), ws.alpha_bar.end(), static_cast<float>(m.alphas_cumprod[static_cast<size_t>(t)]));
-    if (!ws.noise.empty()) {
-      const bool inside = m.window_lo <= static_cast<double>(t) && static_cast<double>(t) <= m.window_hi;
-      for (int64_t i = 0; i < b; ++i) {
-        float* dst = ws.noise.data() + i * n;
-        if (inside) {
-          gaussian_noise(requests[i].seed, requests[i].item, static_cast<uint32_t>(s + 1), dst, n);
-        } else {
-          std::fill(dst, dst + n, 0.f);
-        }
-      }
-    }
-    if (!ws.sld_step.empty()) {
-      std::fill(ws.sld_step.begin(), ws.sld_step.end(), static_cast<int64_t>(s));
-      ws.binding->BindInput("sld_momentum", ws.momentum_value[cur]);
-      ws.binding->BindOutput("sld_momentum_out", ws.momentum_value[1 - cur]);
-    }
-    try {
-      d.denoiser->Run(Ort::RunOptions{nullptr}, *ws.binding);
-    } catch (const Ort::Exception& e) {
-      throw Error(ErrorKind::runtime, std::string("denoiser.onnx failed: ") + e.what());
-    }
-    if (!ws.sld_step.empty()) cur = 1 - cur;
-    if (!ws.applied.empty()) {
-      for (int64_t i = 0; i < b; ++i) {
-        if (ws.applied[i]) results[i].corrected_steps.push_back(t);
-        results[i].kernel_log_mass.push_back(ws.log_mass[i]);
-      }
-    }
-    if (ddpm) {
-      const int64_t prev_t = s + 1 < timesteps.size() ? timesteps[s + 1] : -1;  // DDPMScheduler.previous_timestep
-      if (t > 0) {  // DDPMScheduler draws noise only there
-        ws.ddpm_noise.resize(ws.x.size());
-        for (int64_t i = 0; i < b; ++i) {
-          gaussian_noise(requests[i].seed, requests[i].item, ddpm_stream(static_cast<uint32_t>(s)),
-                         ws.ddpm_noise.data() + i * n, n);
-        }
-      }
-      ddpm_step(m, ws.eps.data(), t, prev_t, ws.xc.data(), t > 0 ? ws.ddpm_noise.data() : nullptr, ws.x.data(),
-                ws.x.size());
-    } else {
-      ddim_step(m, ws.eps.data(), t, ws.xc.data(), steps, ws.x.data(), ws.x.size());
-    }
-  }
+  for (size_t s = 0; s < timesteps.size(); ++s) d.step(requests, timesteps, s, steps, sampler, ws, momentum_in, results);
   const double denoise_ms = ms_since(t_denoise);
   const auto t_decode = Clock::now();
   d.decode(ws.x, b, results);
@@ -506,21 +458,5 @@ std::vector<Result> Runtime::generate(const std::vector<Request>& requests, int 
   }
   return results;
 }
-
-std::vector<std::string> available_providers() {
-  init_ort();
-  return Ort::GetAvailableProviders();
-}
-
-std::string provider_name(const std::string& provider) {
-  std::string p = provider;
-  std::transform(p.begin(), p.end(), p.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
-  if (p == "cpu" || p == "cpuexecutionprovider") return "CPUExecutionProvider";
-  if (p == "cuda" || p == "cudaexecutionprovider") return "CUDAExecutionProvider";
-  if (p == "tensorrt" || p == "trt" || p == "tensorrtexecutionprovider") return "TensorrtExecutionProvider";
-  throw Error(ErrorKind::provider, "provider: unknown execution provider '" + provider + "' (expected cpu, cuda or tensorrt)");
-}
-
-std::string ort_version() { return OrtGetApiBase()->GetVersionString(); }
 
 }  // namespace sdcpp

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "safe_denoiser_cpp/errors.hpp"
+
 namespace sdcpp {
 namespace {
 // numpy's round-half-to-even of a float64, as np.round / np.rint.
@@ -49,11 +51,19 @@ std::vector<int64_t> ddim_timesteps(const std::string& spacing, int64_t train_st
   return ts;
 }
 
-std::vector<int64_t> ddim_timesteps(const Manifest& m, int steps) {
-  return ddim_timesteps(m.timestep_spacing, static_cast<int64_t>(m.alphas_cumprod.size()), m.steps_offset, steps);
+Sampler parse_sampler(const std::string& name, const std::string& field) {
+  if (name == "ddim") return Sampler::ddim;
+  if (name == "ddpm") return Sampler::ddpm;
+  throw Error(ErrorKind::input, field + ": unknown sampler '" + name + "' (expected ddim or ddpm)");
 }
 
-const DdpmSettings& ddpm_settings(const Manifest& m) {
+const char* sampler_name(Sampler sampler) { return sampler == Sampler::ddpm ? "ddpm" : "ddim"; }
+
+std::vector<int64_t> ddim_timesteps(const SchedulerInfo& m, int steps) {
+  return ddim_timesteps(m.ddim.timestep_spacing, m.num_train_timesteps(), m.ddim.steps_offset, steps);
+}
+
+const DdpmSettings& ddpm_settings(const SchedulerInfo& m) {
   if (!m.ddpm) {
     throw Error(ErrorKind::bundle, "this bundle records no DDPM settings (manifest scheduler.ddpm): it was exported "
                                    "before DDPM sampling existed; re-export it or sample with ddim");
@@ -66,16 +76,16 @@ const DdpmSettings& ddpm_settings(const Manifest& m) {
   return *m.ddpm;
 }
 
-std::vector<int64_t> ddpm_timesteps(const Manifest& m, int steps) {
+std::vector<int64_t> ddpm_timesteps(const SchedulerInfo& m, int steps) {
   const DdpmSettings& s = ddpm_settings(m);
-  return ddim_timesteps(s.timestep_spacing, static_cast<int64_t>(m.alphas_cumprod.size()), s.steps_offset, steps);
+  return ddim_timesteps(s.timestep_spacing, m.num_train_timesteps(), s.steps_offset, steps);
 }
 
-void ddpm_step(const Manifest& m, const float* eps, int64_t t, int64_t prev_t, const float* x, const float* noise,
-               float* out, size_t n) {
+void ddpm_step(const SchedulerInfo& m, const float* eps, int64_t t, int64_t prev_t, const float* x,
+               const float* noise, float* out, size_t n) {
   const DdpmSettings& s = ddpm_settings(m);
   if (t > 0 && noise == nullptr) throw Error(ErrorKind::runtime, "the DDPM step at timestep " + std::to_string(t) + " needs noise");
-  // DDPMScheduler.step's float32 operations in its order (export/ddpm_sampler.py; numpy's ** 0.5 is powf).
+  // DDPMScheduler.step's float32 operations in its order (safe_denoiser/runtime/ddpm_sampler.py; numpy's ** 0.5 is powf).
   const auto a_t = static_cast<float>(m.alphas_cumprod[static_cast<size_t>(t)]);
   const float a_prev = prev_t >= 0 ? static_cast<float>(m.alphas_cumprod[static_cast<size_t>(prev_t)]) : 1.0f;
   const float b_t = 1.0f - a_t, b_prev = 1.0f - a_prev;
@@ -95,9 +105,11 @@ void ddpm_step(const Manifest& m, const float* eps, int64_t t, int64_t prev_t, c
   }
 }
 
-void ddim_step(const Manifest& m, const float* eps, int64_t t, const float* x, int steps, float* out, size_t n) {
-  if (m.thresholding) throw Error(ErrorKind::bundle, "the bundle's scheduler uses dynamic thresholding (unsupported)");
-  const auto train = static_cast<int64_t>(m.alphas_cumprod.size());
+void ddim_step(const SchedulerInfo& m, const float* eps, int64_t t, const float* x, int steps, float* out,
+               size_t n) {
+  const DdimSettings& s = m.ddim;
+  if (s.thresholding) throw Error(ErrorKind::bundle, "the bundle's scheduler uses dynamic thresholding (unsupported)");
+  const int64_t train = m.num_train_timesteps();
   const int64_t prev = t - train / steps;
   const auto a_t = static_cast<float>(m.alphas_cumprod[static_cast<size_t>(t)]);
   const auto a_prev = static_cast<float>(prev >= 0 ? m.alphas_cumprod[static_cast<size_t>(prev)] : m.final_alpha_cumprod);
@@ -105,13 +117,13 @@ void ddim_step(const Manifest& m, const float* eps, int64_t t, const float* x, i
   // numpy evaluates float32 ** 0.5 with powf; keep the same calls for bit-equal results.
   const float sa = std::pow(a_t, 0.5f), sb = std::pow(b_t, 0.5f);
   const float sa_prev = std::pow(a_prev, 0.5f), sb_prev = std::pow(1.0f - a_prev, 0.5f);
-  const auto r = static_cast<float>(m.clip_sample_range);
+  const auto r = static_cast<float>(s.clip_sample_range);
   for (size_t i = 0; i < n; ++i) {
     float e = eps[i];
     float x0 = (x[i] - sb * e) / sa;
-    if (m.clip_sample) {
+    if (s.clip_sample) {
       x0 = std::min(std::max(x0, -r), r);
-      if (m.use_clipped_model_output) e = (x[i] - sa * x0) / sb;
+      if (s.use_clipped_model_output) e = (x[i] - sa * x0) / sb;
     }
     out[i] = sa_prev * x0 + sb_prev * e;
   }

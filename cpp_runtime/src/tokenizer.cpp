@@ -11,7 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "safe_denoiser_cpp/files.hpp"
-#include "safe_denoiser_cpp/runtime.hpp"
+#include "safe_denoiser_cpp/errors.hpp"
 
 namespace sdcpp {
 namespace {
@@ -149,6 +149,15 @@ std::vector<std::string> utf8_chars(const std::string& s) {
   }
   return out;
 }
+
+// A merge as tokenizers writes it: "a b" (older files) or ["a", "b"].
+std::pair<std::string, std::string> merge_pair(const json& merge, const std::string& dir) {
+  if (!merge.is_string()) return {merge.at(0).get<std::string>(), merge.at(1).get<std::string>()};
+  const std::string m = merge.get<std::string>();
+  const auto space = m.find(' ');
+  if (space == std::string::npos) bad(dir, "merge '" + m + "' is not 'a b'");
+  return {m.substr(0, space), m.substr(space + 1)};
+}
 }  // namespace
 
 ClipTokenizer ClipTokenizer::load(const std::string& dir) {
@@ -171,20 +180,7 @@ ClipTokenizer ClipTokenizer::load(const std::string& dir) {
     if (model.value("type", std::string()) != "BPE") bad(dir, "model type must be BPE");
     for (const auto& [token, id] : model.at("vocab").items()) t.vocab_[token] = id.get<int64_t>();
     int rank = 0;
-    for (const auto& merge : model.at("merges")) {
-      std::string a, b;
-      if (merge.is_string()) {
-        const std::string m = merge.get<std::string>();
-        const auto space = m.find(' ');
-        if (space == std::string::npos) bad(dir, "merge '" + m + "' is not 'a b'");
-        a = m.substr(0, space);
-        b = m.substr(space + 1);
-      } else {
-        a = merge.at(0).get<std::string>();
-        b = merge.at(1).get<std::string>();
-      }
-      t.ranks_[{a, b}] = rank++;
-    }
+    for (const auto& merge : model.at("merges")) t.ranks_[merge_pair(merge, dir)] = rank++;
     if (model.contains("end_of_word_suffix") && model.at("end_of_word_suffix").is_string()) {
       t.suffix_ = model.at("end_of_word_suffix").get<std::string>();
     }

@@ -148,9 +148,9 @@ TEST(BadInput, BrokenBundlesAreRefused) {
   EXPECT_NE(why.find("'denoiser.onnx' of graph 'denoiser' is missing"), std::string::npos);
 
   dir = copy_bundle("demo_theorem");
-  edit_manifest(dir, [](nlohmann::json& d) { d["format_version"] = 2; });
+  edit_manifest(dir, [](nlohmann::json& d) { d["format_version"] = kFormatVersion + 1; });
   EXPECT_EQ(open_error(dir, {}, &why), ErrorKind::bundle);
-  EXPECT_NE(why.find("format_version 2"), std::string::npos);
+  EXPECT_NE(why.find("format_version " + std::to_string(kFormatVersion + 1)), std::string::npos);
 
   dir = copy_bundle("demo_theorem");
   edit_manifest(dir, [](nlohmann::json& d) { d["bank"]["sha256"] = std::string(64, '0'); });
@@ -174,6 +174,28 @@ TEST(BadInput, BrokenBundlesAreRefused) {
   fs::remove(dir + "/tokenizer/tokenizer.json");
   EXPECT_EQ(open_error(dir, {}, &why), ErrorKind::bundle);
   EXPECT_NE(why.find("tokenizer.json"), std::string::npos);
+}
+
+TEST(Bundle, GuidancePresetsMatchTheGraphs) {
+  // odds carries the reference bank inside denoiser.onnx; reference takes the re-noise input.
+  const Manifest odds = Manifest::load(bundle("demo_odds"));
+  ASSERT_TRUE(odds.guidance.has_value());
+  EXPECT_EQ(odds.guidance->preset, GuidancePreset::odds);
+  EXPECT_TRUE(odds.reference_bank.has_value());
+  const Manifest reference = Manifest::load(bundle("demo_reference"));
+  EXPECT_TRUE(reference.reference());
+  EXPECT_NE(reference.graphs.at("denoiser").input("noise"), nullptr);
+  EXPECT_FALSE(reference.reference_bank.has_value());
+  // A preset that contradicts the bundle's banks is refused naming the field.
+  auto dir = copy_bundle("demo_reference");
+  edit_manifest(dir, [](nlohmann::json& d) { d["guidance"]["preset"] = "odds"; });
+  std::string why;
+  EXPECT_EQ(open_error(dir, {}, &why), ErrorKind::bundle);
+  EXPECT_NE(why.find("reference_bank must be set exactly when guidance.preset is 'odds'"), std::string::npos) << why;
+  dir = copy_bundle("demo_reference");
+  edit_manifest(dir, [](nlohmann::json& d) { d["guidance"]["preset"] = "theorem"; });
+  EXPECT_EQ(open_error(dir, {}, &why), ErrorKind::bundle);
+  EXPECT_NE(why.find("guidance.preset must be"), std::string::npos) << why;
 }
 
 void flip_byte(const std::string& path, size_t at) {

@@ -1,6 +1,6 @@
 // Unit tests that need no bundle: Philox known answers, noise statistics, timesteps, the DDIM update against a
 // float64 recomputation, PNG structure and round trip, .npy I/O, atomic writes, SHA-256 against FIPS 180-4's
-// examples and the bundle file check, manifest and provider errors.
+// examples and the bundle file check, the manifest (format version, guidance presets, errors naming the field), providers.
 #include <gtest/gtest.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -27,15 +27,15 @@ std::string temp_dir() {
   return dir;
 }
 
-Manifest schedule_manifest(bool clip, bool clipped_eps) {
-  Manifest m;
+SchedulerInfo linear_schedule(bool clip, bool clipped_eps) {
+  SchedulerInfo m;
   for (int t = 0; t < 1000; ++t) {  // the linear beta schedule's abar
     const double beta = 1e-4 + (0.02 - 1e-4) * t / 999.0;
     m.alphas_cumprod.push_back((t ? m.alphas_cumprod.back() : 1.0) * (1 - beta));
   }
   m.final_alpha_cumprod = 1.0;
-  m.clip_sample = clip;
-  m.use_clipped_model_output = clipped_eps;
+  m.ddim.clip_sample = clip;
+  m.ddim.use_clipped_model_output = clipped_eps;
   return m;
 }
 }  // namespace
@@ -94,7 +94,7 @@ TEST(Schedule, SpacingsMatchDiffusersFormulas) {
 TEST(Ddim, StepEqualsFloat64Recomputation) {
   // |float32 - float64| <= 8 ulp-scale bound: a handful of float32 roundings of values of size ~|x| + |eps|.
   for (const bool clip : {false, true}) {
-    const Manifest m = schedule_manifest(clip, clip);
+    const SchedulerInfo m = linear_schedule(clip, clip);
     const size_t n = 4096;
     std::vector<float> x(n), eps(n), out(n);
     gaussian_noise(1, 0, 0, x.data(), n);
@@ -122,7 +122,7 @@ TEST(Ddpm, StepEqualsFloat64Recomputation) {
   // tests/test_runtime_ddpm.py's first-order float32 rounding bound (u = 2^-24), doubled.
   const double u = std::ldexp(1.0, -24);
   for (const bool clip : {false, true}) {
-    Manifest m = schedule_manifest(false, false);
+    SchedulerInfo m = linear_schedule(false, false);
     m.ddpm = DdpmSettings{};
     m.ddpm->clip_sample = clip;
     const size_t n = 4096;
@@ -153,7 +153,7 @@ TEST(Ddpm, StepEqualsFloat64Recomputation) {
     }
   }
   // t = 0 draws no noise (a null pointer is fine); t > 0 without noise, or a bundle without DDPM settings, is an error.
-  Manifest m = schedule_manifest(false, false);
+  SchedulerInfo m = linear_schedule(false, false);
   std::vector<float> v(4, 0.5f), out(4);
   EXPECT_THROW(ddpm_step(m, v.data(), 10, 9, v.data(), v.data(), out.data(), 4), Error);
   m.ddpm = DdpmSettings{};
@@ -309,10 +309,85 @@ TEST(Manifest, RejectsWrongFormatVersionAndBadJson) {
   };
   EXPECT_EQ(kind_of("{").first, ErrorKind::bundle);
   EXPECT_NE(kind_of(R"({"format": "other"})").second.find("format"), std::string::npos);
-  EXPECT_NE(kind_of(R"({"format": "safe-denoiser.bundle", "format_version": 2})").second.find("format_version 2"),
+  // Exactly kFormatVersion (2: the guidance entry names its preset) is read; 1 (guidance.mode) and 3 are refused.
+  for (const int version : {1, 3}) {
+    const auto [kind, why] = kind_of(R"({"format": "safe-denoiser.bundle", "format_version": )" +
+                                     std::to_string(version) + "}");
+    EXPECT_EQ(kind, ErrorKind::bundle);
+    EXPECT_NE(why.find("format_version " + std::to_string(version) + " is not supported"), std::string::npos) << why;
+  }
+  EXPECT_NE(kind_of(R"({"format": "safe-denoiser.bundle", "format_version": 2})").second.find("model_kind"),
             std::string::npos);
-  EXPECT_NE(kind_of(R"({"format": "safe-denoiser.bundle", "format_version": 1})").second.find("model_kind"),
+}
+
+namespace {
+// The smallest manifest Manifest::parse accepts, with `guidance` as given (null: correction off).
+std::string manifest_with_guidance(const std::string& guidance) {
+  return R"({"format": "safe-denoiser.bundle", "format_version": 2, "model_kind": "class-conditional",
+    "source": "test", "sample_shape": [1, 2, 2], "num_inference_steps": 2, "guidance_scale": 1.0,
+    "scheduler": {"alphas_cumprod": [0.9, 0.5], "sigmas": [0.33, 1.0], "final_alpha_cumprod": 1.0,
+                  "ddim": {"timestep_spacing": "trailing", "clip_sample": true}},
+    "graphs": {}, "guidance": )" + guidance + "}";
+}
+
+std::string parse_error(const std::string& text) {
+  try {
+    Manifest::parse(text);
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::bundle) << e.what();
+    return e.what();
+  }
+  return "accepted";
+}
+}  // namespace
+
+TEST(Manifest, ReadsTheGuidancePreset) {
+  const Manifest off = Manifest::parse(manifest_with_guidance("null"));
+  EXPECT_FALSE(off.guidance.has_value());
+  EXPECT_FALSE(off.reference());
+  EXPECT_EQ(off.scheduler.ddim.timestep_spacing, "trailing");
+  EXPECT_TRUE(off.scheduler.ddim.clip_sample);
+  EXPECT_FALSE(off.scheduler.ddpm.has_value());
+  for (const auto preset : {GuidancePreset::constant, GuidancePreset::mass, GuidancePreset::odds,
+                            GuidancePreset::reference}) {
+    const std::string name = guidance_preset_name(preset);
+    EXPECT_EQ(parse_guidance_preset(name), preset);
+    // Fields the runtime does not use (the preset's strength) are left to the graph.
+    const Manifest m = Manifest::parse(manifest_with_guidance(R"({"preset": ")" + name +
+                                                              R"(", "window": [100, 900], "beta": 2.0})"));
+    ASSERT_TRUE(m.guidance.has_value()) << name;
+    EXPECT_EQ(m.guidance->preset, preset);
+    EXPECT_EQ(m.guidance->window_lo, 100.0);
+    EXPECT_EQ(m.guidance->window_hi, 900.0);
+    EXPECT_FALSE(m.guidance->threshold.has_value());
+    EXPECT_EQ(m.reference(), preset == GuidancePreset::reference) << name;
+    EXPECT_EQ(m.has_preset(GuidancePreset::odds), preset == GuidancePreset::odds) << name;
+  }
+  const Manifest ref = Manifest::parse(
+      manifest_with_guidance(R"({"preset": "reference", "window": [0, 1000], "threshold": 0.25})"));
+  EXPECT_EQ(ref.guidance->threshold, 0.25);
+}
+
+TEST(Manifest, RefusesABadGuidanceEntryNamingTheField) {
+  EXPECT_NE(parse_error(manifest_with_guidance(R"({"preset": "theorem", "window": [0, 1]})"))
+                .find("guidance.preset must be 'constant', 'mass', 'odds' or 'reference', got 'theorem'"),
             std::string::npos);
+  // The format before version 2: mode / beta_mode, no preset.
+  EXPECT_NE(parse_error(manifest_with_guidance(R"({"mode": "theorem", "beta_mode": "odds", "window": [0, 1]})"))
+                .find("guidance is missing the key 'preset'"),
+            std::string::npos);
+  EXPECT_NE(parse_error(manifest_with_guidance(R"({"preset": 3, "window": [0, 1]})"))
+                .find("guidance.preset must be a string, got 3"),
+            std::string::npos);
+  EXPECT_NE(parse_error(manifest_with_guidance(R"({"preset": "mass", "window": [0]})")).find("guidance.window"),
+            std::string::npos);
+  try {
+    parse_guidance_preset("Odds", "field");
+    FAIL() << "accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("field must be"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("got 'Odds'"), std::string::npos) << e.what();
+  }
 }
 
 TEST(Providers, NamesAndUnknown) {

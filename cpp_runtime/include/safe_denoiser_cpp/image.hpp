@@ -1,5 +1,5 @@
 // Images: [-1, 1] float (C, H, W) -> uint8 (H, W, C) as Bundle.to_uint8 rounds, and a deterministic PNG encoder
-// (filter 0 rows, one IDAT, zlib level 6) whose bytes equal safe_denoiser.export.png.png_bytes.
+// (filter 0 rows, one IDAT, zlib level 6) whose bytes equal safe_denoiser.runtime.png.png_bytes.
 #pragma once
 
 #include <cstdint>

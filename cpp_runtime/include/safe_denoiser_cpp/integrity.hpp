@@ -1,5 +1,5 @@
 // Bundle integrity: SHA-256 (OpenSSL's EVP API) of byte strings and files, and the manifest's `files` check
-// (relative path -> sha256 of every graph, data and tokenizer file), as safe_denoiser.export.integrity does.
+// (relative path -> sha256 of every graph, data and tokenizer file), as safe_denoiser.runtime.integrity does.
 #pragma once
 
 #include <map>

@@ -1,5 +1,5 @@
 // Portable counter-based Gaussian noise: Philox 4x32-10 + Box-Muller, keyed by (seed, item, stream).
-// export/noise.py computes the same bits in numpy, so Python and C++ draw the same noise for the same seed.
+// safe_denoiser/runtime/noise.py computes the same bits in numpy, so Python and C++ draw the same noise for the same seed.
 #pragma once
 
 #include <array>

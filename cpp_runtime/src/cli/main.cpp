@@ -5,9 +5,10 @@
 #include <CLI/CLI.hpp>
 #include <chrono>
 #include <fstream>
+#include <functional>
 #include <iomanip>
-#include <set>
 #include <iostream>
+#include <set>
 #include <sstream>
 
 #include "requests.hpp"
@@ -198,7 +199,7 @@ int run_info(const Common& c) {
   json info = {{"bundle", c.bundle},          {"model_kind", m.model_kind},
                {"source", m.source},          {"sample_shape", m.sample_shape},
                {"steps", m.num_inference_steps}, {"guidance_scale", m.guidance_scale},
-               {"correction", m.guidance_mode ? json(*m.guidance_mode) : json(nullptr)},
+               {"correction", cli::correction(m)},
                {"sld", m.has_sld},            {"bank_sha256", m.bank ? json(m.bank->sha256) : json(nullptr)},
                {"onnxruntime", ort_version()}, {"ort_api_version", kOrtApiVersion},
                {"providers", available_providers()}, {"load_ms", runtime->load_ms()},
@@ -206,13 +207,56 @@ int run_info(const Common& c) {
   std::cout << dump(info);
   return 0;
 }
-}  // namespace
 
-int main(int argc, char** argv) {
-  CLI::App app{"safe-denoiser-cpp: run a safe-denoiser bundle with ONNX Runtime (no Python)"};
-  app.require_subcommand(1);
+struct ServeArgs {
+  Common common;
+  cli::ServerOptions server;
+};
 
-  GenerateArgs g;
+int run_serve(const ServeArgs& a) {
+  auto runtime = Runtime::open(a.common.bundle, a.common.options());
+  return cli::serve(*runtime, a.common.provider, a.server);
+}
+
+struct ScheduleArgs {
+  std::string spacing = "leading";
+  int64_t train_steps = 1000, offset = 0;
+  int steps = 10;
+};
+
+int run_schedule(const ScheduleArgs& a) {
+  std::cout << json(ddim_timesteps(a.spacing, a.train_steps, a.offset, a.steps)).dump() << "\n";
+  return 0;
+}
+
+struct NoiseArgs {
+  uint64_t seed = 0;
+  uint32_t item = 0, stream = 0;
+  size_t count = 16;
+  std::string out;
+};
+
+int run_noise(const NoiseArgs& a) {
+  std::vector<float> v(a.count);
+  gaussian_noise(a.seed, a.item, a.stream, v.data(), v.size());
+  atomic_write(a.out, npy_bytes_f32({static_cast<int64_t>(a.count)}, v.data()));
+  return 0;
+}
+
+struct TokenizeArgs {
+  std::string texts, tokenizer_dir;
+};
+
+int run_tokenize(const TokenizeArgs& a) {
+  const auto tokenizer = ClipTokenizer::load(a.tokenizer_dir);
+  json ids = json::array();
+  for (const auto& text : json::parse(read_file(a.texts)).get<std::vector<std::string>>()) ids.push_back(tokenizer.encode(text));
+  std::cout << ids.dump() << "\n";
+  return 0;
+}
+
+// ---- the subcommands' options ----------------------------------------------------------------------------------
+CLI::App* add_generate(CLI::App& app, GenerateArgs& g) {
   auto* gen = app.add_subcommand("generate", "generate one image");
   add_common(gen, g.common);
   auto* cls = gen->add_option("--class", g.cls, "class label (class-conditional bundles)");
@@ -230,22 +274,28 @@ int main(int argc, char** argv) {
   gen->add_option("--record", g.record, "JSON record to write (default: OUT with .json)");
   gen->add_option("--noise", g.noise, "initial noise .npy, float32 (1, C, H, W)");
   gen->add_option("--sample-out", g.sample_out, "also write the final sample as .npy (float32)");
+  return gen;
+}
 
-  BatchArgs b;
+CLI::App* add_batch(CLI::App& app, BatchArgs& b) {
   auto* batch = app.add_subcommand("batch", "generate from JSONL requests (sessions load once)");
   add_common(batch, b.common);
   batch->add_option("--requests", b.requests, "JSONL file: one request object per line")->required();
   batch->add_option("--out-dir", b.out_dir, "folder for <id>.png and <id>.json")->required();
   batch->add_option("--max-batch", b.max_batch, "requests per ONNX Runtime call")->check(CLI::Range(1, 64));
+  return batch;
+}
 
-  Common info_args;
+CLI::App* add_info(CLI::App& app, Common& c) {
   auto* info = app.add_subcommand("info", "validate a bundle and print what the runtime sees");
-  add_common(info, info_args);
+  add_common(info, c);
+  return info;
+}
 
-  Common serve_common;
-  cli::ServerOptions so;
+CLI::App* add_serve(CLI::App& app, ServeArgs& a) {
+  cli::ServerOptions& so = a.server;
   auto* serve = app.add_subcommand("serve", "HTTP server: POST /generate, GET /health");
-  add_common(serve, serve_common);
+  add_common(serve, a.common);
   serve->add_option("--host", so.host, "address to bind (loopback by default)")->capture_default_str();
   serve->add_option("--port", so.port, "port (0: any free port, printed on start)")->capture_default_str();
   serve->add_option("--queue", so.queue, "queued requests before answering 503")->check(CLI::Range(1, 4096))->capture_default_str();
@@ -254,63 +304,39 @@ int main(int argc, char** argv) {
   serve->add_option("--max-body", so.max_body, "largest request body in bytes (413 above)")->capture_default_str();
   serve->add_option("--max-requests", so.max_requests, "stop after this many answered requests (0: never)");
   serve->add_option("--max-seconds", so.max_seconds, "stop after this many seconds (0: never)");
+  return serve;
+}
 
-  std::string spacing = "leading";
-  int64_t train = 1000, offset = 0;
-  int sched_steps = 10;
+CLI::App* add_schedule(CLI::App& app, ScheduleArgs& a) {
   auto* schedule = app.add_subcommand("schedule", "print DDIM timesteps as JSON");
-  schedule->add_option("--spacing", spacing)->required();
-  schedule->add_option("--train-steps", train);
-  schedule->add_option("--offset", offset);
-  schedule->add_option("--steps", sched_steps)->required();
+  schedule->add_option("--spacing", a.spacing)->required();
+  schedule->add_option("--train-steps", a.train_steps);
+  schedule->add_option("--offset", a.offset);
+  schedule->add_option("--steps", a.steps)->required();
+  return schedule;
+}
 
-  uint64_t nseed = 0;
-  uint32_t nitem = 0, nstream = 0;
-  size_t ncount = 16;
-  std::string nout;
+CLI::App* add_noise(CLI::App& app, NoiseArgs& a) {
   auto* noise = app.add_subcommand("noise", "write Philox Gaussian noise as .npy (parity tests)");
-  noise->add_option("--seed", nseed)->required();
-  noise->add_option("--item", nitem);
-  noise->add_option("--stream", nstream);
-  noise->add_option("--count", ncount)->required();
-  noise->add_option("--out", nout)->required();
+  noise->add_option("--seed", a.seed)->required();
+  noise->add_option("--item", a.item);
+  noise->add_option("--stream", a.stream);
+  noise->add_option("--count", a.count)->required();
+  noise->add_option("--out", a.out)->required();
+  return noise;
+}
 
-  std::string texts, tokenizer_dir;
+CLI::App* add_tokenize(CLI::App& app, TokenizeArgs& a) {
   auto* tokenize = app.add_subcommand("tokenize", "token ids of prompts (JSON list file) as JSON");
-  tokenize->add_option("--tokenizer", tokenizer_dir, "a bundle's tokenizer folder (tokenizer.json)")->required();
-  tokenize->add_option("--texts", texts, "JSON file: a list of strings")->required();
+  tokenize->add_option("--tokenizer", a.tokenizer_dir, "a bundle's tokenizer folder (tokenizer.json)")->required();
+  tokenize->add_option("--texts", a.texts, "JSON file: a list of strings")->required();
+  return tokenize;
+}
 
+// Run a subcommand; an error becomes a message on stderr and its kind's exit code.
+int run_reporting_errors(const std::function<int()>& command) {
   try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    const int code = app.exit(e);
-    return code == 0 ? 0 : static_cast<int>(ErrorKind::usage);
-  }
-  try {
-    if (*gen) return run_generate(g);
-    if (*batch) return run_batch(b);
-    if (*info) return run_info(info_args);
-    if (*serve) {
-      auto runtime = Runtime::open(serve_common.bundle, serve_common.options());
-      return cli::serve(*runtime, serve_common.provider, so);
-    }
-    if (*schedule) {
-      std::cout << json(ddim_timesteps(spacing, train, offset, sched_steps)).dump() << "\n";
-      return 0;
-    }
-    if (*noise) {
-      std::vector<float> v(ncount);
-      gaussian_noise(nseed, nitem, nstream, v.data(), v.size());
-      atomic_write(nout, npy_bytes_f32({static_cast<int64_t>(ncount)}, v.data()));
-      return 0;
-    }
-    if (*tokenize) {
-      const auto tokenizer = ClipTokenizer::load(tokenizer_dir);
-      json ids = json::array();
-      for (const auto& text : json::parse(read_file(texts)).get<std::vector<std::string>>()) ids.push_back(tokenizer.encode(text));
-      std::cout << ids.dump() << "\n";
-      return 0;
-    }
+    return command();
   } catch (const Error& e) {
     std::cerr << "safe-denoiser-cpp: error: " << e.what() << "\n";
     return static_cast<int>(e.kind());
@@ -320,6 +346,38 @@ int main(int argc, char** argv) {
   } catch (const std::exception& e) {
     std::cerr << "safe-denoiser-cpp: error: " << e.what() << "\n";
     return static_cast<int>(ErrorKind::runtime);
+  }
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"safe-denoiser-cpp: run a safe-denoiser bundle with ONNX Runtime (no Python)"};
+  app.require_subcommand(1);
+  GenerateArgs generate;
+  BatchArgs batch;
+  Common info;
+  ServeArgs serve;
+  ScheduleArgs schedule;
+  NoiseArgs noise;
+  TokenizeArgs tokenize;
+  // Each subcommand with what runs it, in the order --help lists them.
+  const std::vector<std::pair<CLI::App*, std::function<int()>>> commands = {
+      {add_generate(app, generate), [&] { return run_generate(generate); }},
+      {add_batch(app, batch), [&] { return run_batch(batch); }},
+      {add_info(app, info), [&] { return run_info(info); }},
+      {add_serve(app, serve), [&] { return run_serve(serve); }},
+      {add_schedule(app, schedule), [&] { return run_schedule(schedule); }},
+      {add_noise(app, noise), [&] { return run_noise(noise); }},
+      {add_tokenize(app, tokenize), [&] { return run_tokenize(tokenize); }},
+  };
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    const int code = app.exit(e);
+    return code == 0 ? 0 : static_cast<int>(ErrorKind::usage);
+  }
+  for (const auto& [subcommand, run] : commands) {
+    if (*subcommand) return run_reporting_errors(run);
   }
   return static_cast<int>(ErrorKind::usage);
 }

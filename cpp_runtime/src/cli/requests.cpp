@@ -67,7 +67,7 @@ ParsedRequest parse_request(const json& body, const Manifest& m) {
     r.seed = s.get<uint64_t>();
   }
   if (body.contains("item")) r.item = static_cast<uint32_t>(integer(body["item"], "item", 0, 0xffffffffLL));
-  const int64_t train = static_cast<int64_t>(m.alphas_cumprod.size());
+  const int64_t train = m.scheduler.num_train_timesteps();
   if (body.contains("steps")) out.steps = static_cast<int>(integer(body["steps"], "steps", 1, train));
   if (body.contains("sampler")) {
     if (!body["sampler"].is_string()) bad("sampler", "\"ddim\" or \"ddpm\"", body["sampler"]);
@@ -85,6 +85,10 @@ ParsedRequest parse_request(const json& body, const Manifest& m) {
     out.id = body["id"].get<std::string>();
   }
   return out;
+}
+
+json correction(const Manifest& m) {
+  return m.guidance ? json(guidance_preset_name(m.guidance->preset)) : json(nullptr);
 }
 
 std::vector<uint8_t> result_png(const Result& result) {
@@ -109,7 +113,7 @@ json make_record(const Runtime& runtime, const ParsedRequest& p, const Result& r
       {"steps", res.timesteps.size()},
       {"guidance_scale", r.guidance.value_or(m.guidance_scale)},
       {"timesteps", res.timesteps},
-      {"correction", m.guidance_mode ? json(*m.guidance_mode) : json(nullptr)},
+      {"correction", correction(m)},
       {"sld", m.has_sld},
       {"corrected_steps", res.corrected_steps},
       {"corrected_count", res.corrected_steps.size()},

@@ -1,8 +1,10 @@
 // JSON requests (batch lines, POST /generate bodies) -> Request, and the JSON record written with every image.
 #pragma once
 
+#include <cstdint>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <vector>
 
 #include "safe_denoiser_cpp/runtime.hpp"
 
@@ -19,6 +21,8 @@ struct ParsedRequest {
 ParsedRequest parse_request(const nlohmann::json& body, const Manifest& manifest);
 nlohmann::json make_record(const Runtime& runtime, const ParsedRequest& request, const Result& result,
                            const std::string& provider, double png_ms);
+// The record's and `info`'s "correction": the guidance preset's name, null when the bundle has no correction.
+nlohmann::json correction(const Manifest& manifest);
 // PNG bytes of a result's decoded image.
 std::vector<uint8_t> result_png(const Result& result);
 // "<stem>.png" under `dir` is safe: [A-Za-z0-9._-], 1..128 characters, no leading dot.

@@ -151,16 +151,14 @@ class Worker {
   bool stopping_ = false;
   std::thread thread_;
 };
-}  // namespace
 
-int serve(Runtime& runtime, const std::string& provider, const ServerOptions& o) {
-  if (o.port < 0 || o.port > 65535) throw Error(ErrorKind::usage, "--port must lie in 0..65535");
-  std::signal(SIGPIPE, SIG_IGN);
-  std::signal(SIGTERM, on_signal);
-  std::signal(SIGINT, on_signal);
+// What /health reports and the final line prints; handler threads count, the monitor reads.
+struct Counters {
   std::atomic<long> answered{0}, rejected{0}, timed_out{0};
-  httplib::Server server;
-  // Threads: every queued request holds one while it waits, plus a few to answer 503 / health quickly.
+};
+
+// Threads: every queued request holds one while it waits, plus a few to answer 503 / health quickly.
+void configure(httplib::Server& server, const ServerOptions& o) {
   const int threads = o.queue + o.max_batch + 4;
   server.new_task_queue = [threads] { return new httplib::ThreadPool(static_cast<size_t>(threads)); };
   server.set_payload_max_length(o.max_body);
@@ -168,68 +166,68 @@ int serve(Runtime& runtime, const std::string& provider, const ServerOptions& o)
   server.set_write_timeout(5, 0);
   server.set_keep_alive_max_count(8);
   server.set_keep_alive_timeout(2);
-  auto worker = std::make_unique<Worker>(runtime, provider, o);
+}
 
-  server.Get("/health", [&](const httplib::Request&, httplib::Response& res) {
-    const Manifest& m = runtime.manifest();
-    res.set_content(json{{"status", "ok"},
-                         {"source", m.source},
-                         {"model_kind", m.model_kind},
-                         {"queued", worker->queued()},
-                         {"answered", answered.load()},
-                         {"rejected", rejected.load()},
-                         {"timed_out", timed_out.load()}}
-                        .dump(),
+std::string health(const Runtime& runtime, Worker& worker, const Counters& counts) {
+  const Manifest& m = runtime.manifest();
+  return json{{"status", "ok"},
+              {"source", m.source},
+              {"model_kind", m.model_kind},
+              {"queued", worker.queued()},
+              {"answered", counts.answered.load()},
+              {"rejected", counts.rejected.load()},
+              {"timed_out", counts.timed_out.load()}}
+      .dump();
+}
+
+// POST /generate: parse and validate, queue (503 when full), wait up to the timeout (504), answer PNG or JSON.
+void answer_generate(const httplib::Request& req, httplib::Response& res, const Runtime& runtime, Worker& worker,
+                     const ServerOptions& o, Counters& counts) {
+  struct Count {
+    std::atomic<long>& n;
+    ~Count() { ++n; }
+  } count{counts.answered};
+  auto job = std::make_shared<Job>();
+  try {
+    job->request = parse_request(json::parse(req.body), runtime.manifest());
+    runtime.validate(job->request.request);
+  } catch (const json::exception& e) {
+    return send_error(res, 400, std::string("body: not a JSON object (") + e.what() + ")");
+  } catch (const Error& e) {
+    return send_error(res, http_status(e.kind()), e.what());
+  }
+  auto future = job->promise.get_future();
+  if (!worker.submit(job)) {
+    ++counts.rejected;
+    res.set_header("Retry-After", "1");
+    return send_error(res, 503, "queue full (" + std::to_string(o.queue) + " waiting): retry later");
+  }
+  if (future.wait_for(std::chrono::milliseconds(o.timeout_ms)) != std::future_status::ready) {
+    job->cancelled = true;  // the worker skips it if it has not started
+    ++counts.timed_out;
+    return send_error(res, 504, "request took longer than " + std::to_string(o.timeout_ms) + " ms");
+  }
+  Outcome out = future.get();
+  if (out.status != 200) return send_error(res, out.status, out.error);
+  if (req.has_param("format") && req.get_param_value("format") == "png") {
+    res.set_header("X-Safe-Denoiser-Record", out.record.dump(-1, ' ', true, json::error_handler_t::replace));
+    res.set_content(out.png, "image/png");
+  } else {
+    res.set_content(json{{"record", out.record}, {"png_base64", base64(out.png)}}.dump(-1, ' ', true, json::error_handler_t::replace),
                     "application/json");
-  });
+  }
+}
 
-  server.Post("/generate", [&](const httplib::Request& req, httplib::Response& res) {
-    struct Count {
-      std::atomic<long>& n;
-      ~Count() { ++n; }
-    } count{answered};
-    auto job = std::make_shared<Job>();
-    try {
-      job->request = parse_request(json::parse(req.body), runtime.manifest());
-      runtime.validate(job->request.request);
-    } catch (const json::exception& e) {
-      return send_error(res, 400, std::string("body: not a JSON object (") + e.what() + ")");
-    } catch (const Error& e) {
-      return send_error(res, http_status(e.kind()), e.what());
-    }
-    auto future = job->promise.get_future();
-    if (!worker->submit(job)) {
-      ++rejected;
-      res.set_header("Retry-After", "1");
-      return send_error(res, 503, "queue full (" + std::to_string(o.queue) + " waiting): retry later");
-    }
-    if (future.wait_for(std::chrono::milliseconds(o.timeout_ms)) != std::future_status::ready) {
-      job->cancelled = true;  // the worker skips it if it has not started
-      ++timed_out;
-      return send_error(res, 504, "request took longer than " + std::to_string(o.timeout_ms) + " ms");
-    }
-    Outcome out = future.get();
-    if (out.status != 200) return send_error(res, out.status, out.error);
-    if (req.has_param("format") && req.get_param_value("format") == "png") {
-      res.set_header("X-Safe-Denoiser-Record", out.record.dump(-1, ' ', true, json::error_handler_t::replace));
-      res.set_content(out.png, "image/png");
-    } else {
-      res.set_content(json{{"record", out.record}, {"png_base64", base64(out.png)}}.dump(-1, ' ', true, json::error_handler_t::replace),
-                      "application/json");
-    }
-  });
-
-  const int port = o.port == 0 ? server.bind_to_any_port(o.host.c_str()) : (server.bind_to_port(o.host.c_str(), o.port) ? o.port : -1);
-  if (port < 0) throw Error(ErrorKind::io, "cannot listen on " + o.host + ":" + std::to_string(o.port));
-  std::cout << "listening on http://" << o.host << ":" << port << std::endl;
-
+// Listen on the bound socket until a signal or a limit; true when listen() ended without a socket error.
+bool listen_until_stopped(httplib::Server& server, const ServerOptions& o, const Counters& counts) {
   std::atomic<bool> done{false};
   const auto start = Clock::now();
   std::thread monitor([&] {  // stops the server on a signal or a limit; listen() then returns
     while (!done) {
       const double age = std::chrono::duration<double>(Clock::now() - start).count();
       // Keep calling stop(): a stop() before listen() has started its loop would be lost.
-      if (g_stop_signal || (o.max_requests > 0 && answered >= o.max_requests) || (o.max_seconds > 0 && age >= o.max_seconds)) {
+      if (g_stop_signal || (o.max_requests > 0 && counts.answered >= o.max_requests) ||
+          (o.max_seconds > 0 && age >= o.max_seconds)) {
         server.stop();
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
@@ -238,9 +236,32 @@ int serve(Runtime& runtime, const std::string& provider, const ServerOptions& o)
   const bool ok = server.listen_after_bind();
   done = true;
   monitor.join();
+  return ok;
+}
+}  // namespace
+
+int serve(Runtime& runtime, const std::string& provider, const ServerOptions& o) {
+  if (o.port < 0 || o.port > 65535) throw Error(ErrorKind::usage, "--port must lie in 0..65535");
+  std::signal(SIGPIPE, SIG_IGN);
+  std::signal(SIGTERM, on_signal);
+  std::signal(SIGINT, on_signal);
+  Counters counts;
+  httplib::Server server;
+  configure(server, o);
+  auto worker = std::make_unique<Worker>(runtime, provider, o);
+  server.Get("/health", [&](const httplib::Request&, httplib::Response& res) {
+    res.set_content(health(runtime, *worker, counts), "application/json");
+  });
+  server.Post("/generate", [&](const httplib::Request& req, httplib::Response& res) {
+    answer_generate(req, res, runtime, *worker, o, counts);
+  });
+  const int port = o.port == 0 ? server.bind_to_any_port(o.host.c_str()) : (server.bind_to_port(o.host.c_str(), o.port) ? o.port : -1);
+  if (port < 0) throw Error(ErrorKind::io, "cannot listen on " + o.host + ":" + std::to_string(o.port));
+  std::cout << "listening on http://" << o.host << ":" << port << std::endl;
+  const bool ok = listen_until_stopped(server, o, counts);
   worker.reset();  // every handler has returned; the queue is drained
-  std::cout << "stopped: " << answered.load() << " answered, " << rejected.load() << " rejected (503), "
-            << timed_out.load() << " timed out" << std::endl;
+  std::cout << "stopped: " << counts.answered.load() << " answered, " << counts.rejected.load() << " rejected (503), "
+            << counts.timed_out.load() << " timed out" << std::endl;
   return ok || g_stop_signal || o.max_requests > 0 || o.max_seconds > 0 ? 0 : static_cast<int>(ErrorKind::io);
 }
 
