@@ -4,8 +4,8 @@ What is measured
 ----------------
 One correction step on a batch of Stable-Diffusion-sized latents (D = 4x64x64 = 16384, float32, CPU):
 
-* **ours**: ``safe_denoiser.core.kernel.unsafe_posterior_mean`` (log space, online logsumexp, the bank's squared
-  norms precomputed once as ``NegativeBank`` holds them, no (B, N, D) tensor) followed by
+* **ours**: the mean of ``safe_denoiser.core.kernel.path_kernel_estimate`` (log space, online logsumexp, the bank's
+  squared norms precomputed once as ``NegativeBank`` holds them, no (B, N, D) tensor) followed by
   ``safe_denoiser.core.correction.safe_eps``. By default this runs the compiled one-pass kernel
   (``core.fused``: each bank row read once for the dot products and the weighted sums, rows split over the
   threads); also with the bank stored in float16 (**ours-f16**, float32 arithmetic). **ours-torch** is the same
@@ -90,7 +90,8 @@ from torch import Tensor
 
 from safe_denoiser.core import fused
 from safe_denoiser.core.correction import safe_eps
-from safe_denoiser.core.kernel import unsafe_posterior_mean
+from safe_denoiser.core.kernel import path_kernel_estimate
+from safe_denoiser.core.paths import vp_path
 from safe_denoiser.files import atomic_write_json as write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -339,8 +340,8 @@ def correctness_checks(threads: int) -> list[dict[str, Any]]:
             x_t, eps = make_inputs(bank, b, ab, seed=7)
             ref_mean, ref_out, max_log_k = reference_f64(x_t, bank, eps, ab)
             with torch.inference_mode():
-                ours_mean = unsafe_posterior_mean(x_t, bank, ab)
-                ours_mean_c = unsafe_posterior_mean(x_t, bank, ab, chunk_size=chunk)
+                ours_mean = path_kernel_estimate(x_t, bank, vp_path(ab)).mean
+                ours_mean_c = path_kernel_estimate(x_t, bank, vp_path(ab), chunk_size=chunk).mean
                 base_mean, k_sum = baseline_posterior_mean(x_t, bank, ab)
                 ours_out = safe_eps(eps, x_t, ab, ours_mean, BETA)
                 ours_out_c = safe_eps(eps, x_t, ab, ours_mean_c, BETA)
@@ -560,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     print(correctness_table(correctness))
     payload = {
         "benchmark": "correction",
-        "description": "unsafe_posterior_mean + safe_eps vs a (B, N, D) plain-exp baseline, SD latent size, CPU",
+        "description": "path_kernel_estimate mean + safe_eps vs a (B, N, D) plain-exp baseline, SD latent size, CPU",
         "config": plan.config(),
         "machine": info,
         "rows": rows,

@@ -16,7 +16,8 @@ from torch import Tensor
 from safe_denoiser.core.banks import PreparedBanks
 from safe_denoiser.core.correction import safe_eps
 from safe_denoiser.core.guidance import OddsGuidance
-from safe_denoiser.core.kernel import bank_sq_norms, unsafe_posterior_mean
+from safe_denoiser.core.kernel import bank_sq_norms, path_kernel_estimate
+from safe_denoiser.core.paths import vp_path
 from safe_denoiser.core.step import theorem_correction
 
 LATENT_SHAPE: tuple[int, int, int] = (4, 64, 64)
@@ -74,11 +75,11 @@ def baseline_posterior_mean(x_t: Tensor, bank: Tensor, alpha_bar: float) -> tupl
 
 
 def ours_call(bank: Tensor, x_t: Tensor, eps: Tensor, chunk: int | None, alpha_bar: float) -> Call:
-    """unsafe_posterior_mean (norms precomputed, as NegativeBank holds them) + safe_eps, returning (eps_safe, None)."""
-    norms = bank_sq_norms(bank)
+    """path_kernel_estimate's mean (norms precomputed, as NegativeBank holds them) + safe_eps: (eps_safe, None)."""
+    norms, path = bank_sq_norms(bank), vp_path(alpha_bar)
 
     def call() -> tuple[Tensor, Tensor | None]:
-        x0_unsafe = unsafe_posterior_mean(x_t, bank, alpha_bar, chunk_size=chunk, bank_sq_norms=norms)
+        x0_unsafe = path_kernel_estimate(x_t, bank, path, chunk_size=chunk, bank_sq_norms=norms).mean
         return safe_eps(eps, x_t, alpha_bar, x0_unsafe, BETA), None
 
     return call

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from safe_denoiser.core.bank import FORMAT, TENSOR_KEY, NegativeBank
-from safe_denoiser.core.kernel import forward_kernel_estimate
+from safe_denoiser.core.kernel import path_kernel_estimate
+from safe_denoiser.core.paths import vp_path
 from safe_denoiser.files import atomic_write, atomic_write_json
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -75,7 +76,7 @@ def main() -> None:
         print(f"wrote {args.path} in {time.perf_counter() - t0:.1f} s")
     file_gb = args.path.stat().st_size / 1e9
     x = torch.randn(args.batch, args.dim)
-    forward_kernel_estimate(x, torch.randn(64, args.dim), 0.5)  # warm code paths and the allocator
+    path_kernel_estimate(x, torch.randn(64, args.dim), vp_path(0.5))  # warm code paths and the allocator
     anon0, file0 = status_mib("RssAnon"), status_mib("RssFile")
     t0 = time.perf_counter()
     bank = NegativeBank.load(args.path, mmap=True)  # maps, checks finiteness and computes the norms: one pass
@@ -84,7 +85,7 @@ def main() -> None:
     calls = []
     for _ in range(args.calls):
         t0 = time.perf_counter()
-        est = forward_kernel_estimate(x, bank.data, 0.5, bank_sq_norms=bank.sq_norms)
+        est = path_kernel_estimate(x, bank.data, vp_path(0.5), bank_sq_norms=bank.sq_norms)
         calls.append(time.perf_counter() - t0)
         assert bool(torch.isfinite(est.mean).all())
     result = {

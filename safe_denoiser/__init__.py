@@ -30,9 +30,8 @@ _EXPORTS: dict[str, str] = {
     ),
     "PreparedBanks": "safe_denoiser.core.banks",
     **dict.fromkeys(["cfg_combine", "safe_eps", "safe_x0"], "safe_denoiser.core.correction"),
-    **dict.fromkeys(
-        ["KernelEstimate", "kernel_estimate", "kernel_log_mass", "unsafe_posterior_mean"], "safe_denoiser.core.kernel"
-    ),
+    **dict.fromkeys(["KernelEstimate", "kernel_estimate", "path_kernel_estimate"], "safe_denoiser.core.kernel"),
+    **dict.fromkeys(["GaussianPath", "flow_path", "sigma_path", "vp_path"], "safe_denoiser.core.paths"),
     **dict.fromkeys(
         [
             "alpha_bar_from_sigma",
@@ -63,6 +62,7 @@ __all__ = [
     "BankError",
     "ConstantGuidance",
     "GaussianMixture",
+    "GaussianPath",
     "KernelEstimate",
     "MassGuidance",
     "NegativeBank",
@@ -88,18 +88,20 @@ __all__ = [
     "eps_from_v",
     "eps_from_x0",
     "eps_from_x0_sigma",
+    "flow_path",
     "kernel_estimate",
-    "kernel_log_mass",
     "l2_normalize_positions",
+    "path_kernel_estimate",
     "reference_correction",
     "reference_threshold",
     "safe_eps",
     "safe_x0",
     "sigma_from_alpha_bar",
+    "sigma_path",
     "sld_guidance",
     "theorem_correction",
-    "unsafe_posterior_mean",
     "v_from_eps",
+    "vp_path",
     "x0_from_eps",
     "x0_from_eps_sigma",
     "x0_from_v",
@@ -130,7 +132,7 @@ if TYPE_CHECKING:  # static type checkers see the eager imports
         ReferenceGuidance,
         SafeGuidance,
     )
-    from safe_denoiser.core.kernel import KernelEstimate, kernel_estimate, kernel_log_mass, unsafe_posterior_mean
+    from safe_denoiser.core.kernel import KernelEstimate, kernel_estimate, path_kernel_estimate
     from safe_denoiser.core.parameterization import (
         alpha_bar_from_sigma,
         eps_from_v,
@@ -142,6 +144,7 @@ if TYPE_CHECKING:  # static type checkers see the eager imports
         x0_from_eps_sigma,
         x0_from_v,
     )
+    from safe_denoiser.core.paths import GaussianPath, flow_path, sigma_path, vp_path
     from safe_denoiser.core.safree import SafreeConfig
     from safe_denoiser.core.sld import sld_guidance
     from safe_denoiser.core.sld_config import SLDConfig

@@ -201,17 +201,18 @@ NegativeBank.from_tensor(torch.randn({n}, {d})).save({str(path)!r})
     code = f"""
 import torch
 from safe_denoiser import NegativeBank
-from safe_denoiser.core.kernel import forward_kernel_estimate
+from safe_denoiser.core.kernel import path_kernel_estimate
+from safe_denoiser.core.paths import vp_path
 
 def anon_kib():
     with open("/proc/self/status") as fh:
         return next(int(line.split()[1]) for line in fh if line.startswith("RssAnon:"))
 
 x = torch.randn(2, {d})
-forward_kernel_estimate(x, torch.randn(64, {d}), 0.5)  # warm the allocator and code paths
+path_kernel_estimate(x, torch.randn(64, {d}), vp_path(0.5))  # warm the allocator and code paths
 before = anon_kib()
 bank = NegativeBank.load({str(path)!r}, mmap=True)
-est = forward_kernel_estimate(x, bank.data, 0.5, bank_sq_norms=bank.sq_norms)
+est = path_kernel_estimate(x, bank.data, vp_path(0.5), bank_sq_norms=bank.sq_norms)
 assert bool(torch.isfinite(est.mean).all())
 print(anon_kib() - before)
 """

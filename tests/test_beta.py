@@ -12,7 +12,8 @@ from safe_denoiser.core.banks import PreparedBanks
 from safe_denoiser.core.beta import log_beta, prior_log_odds
 from safe_denoiser.core.correction import safe_eps
 from safe_denoiser.core.guidance import MassGuidance, OddsGuidance, ReferenceKind, SafeGuidance
-from safe_denoiser.core.kernel import forward_kernel_estimate
+from safe_denoiser.core.kernel import path_kernel_estimate
+from safe_denoiser.core.paths import vp_path
 from safe_denoiser.core.step import path_correction, theorem_correction
 from safe_denoiser.demo.toy import default_mixture
 
@@ -111,7 +112,7 @@ def test_theorem_correction_with_odds_beta() -> None:
     guidance = OddsGuidance(odds_scale=2.0)
     got, rec = theorem_correction(eps, x, ab, 500.0, PreparedBanks.prepare(unsafe, guidance, safe), guidance)
     beta = 2.0 * _odds(x, unsafe, safe, ab, log_beta_max=guidance.log_beta_max).exp()
-    mean = forward_kernel_estimate(x, unsafe, ab).mean
+    mean = path_kernel_estimate(x, unsafe, vp_path(ab)).mean
     want = safe_eps(eps, x, torch.full((3,), ab), mean, beta)
     # the same float32 operations in the same order: equal up to the last bits
     torch.testing.assert_close(got, want, rtol=4 * 2.0**-24, atol=4 * 2.0**-24 * float(want.abs().max()))
@@ -149,7 +150,7 @@ def test_odds_at_the_denoised_estimate(seed: int) -> None:
     union = torch.cat([unsafe, safe]).flatten(1)
     sd2 = float(((union - union.mean(0)) ** 2).sum(0).div(union.shape[0] - 1).mean())
     beta = _x0_odds(x0_hat, unsafe, safe, s * s + sd2 * (1 - ab) / (ab * sd2 + 1 - ab)).clamp(max=50.0).exp()
-    mean = forward_kernel_estimate(x, unsafe, ab).mean
+    mean = path_kernel_estimate(x, unsafe, vp_path(ab)).mean
     want = safe_eps(eps, x, torch.full((4,), ab, dtype=torch.float64), mean, beta)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
@@ -185,7 +186,7 @@ def test_conditional_odds_read_each_bank_once(monkeypatch: pytest.MonkeyPatch) -
     union = torch.cat([unsafe, safe]).flatten(1)
     sd2 = float(union.var(dim=0).mean())
     beta = _x0_odds(x0_hat, unsafe, safe, 0.36 + sd2 * (1 - ab) / (ab * sd2 + 1 - ab)).clamp(max=50.0).exp()
-    mean = forward_kernel_estimate(x, unsafe, ab, bank_sigma=0.2).mean
+    mean = path_kernel_estimate(x, unsafe, vp_path(ab), bank_sigma=0.2).mean
     want = safe_eps(eps, x, torch.full((3,), ab, dtype=torch.float64), mean, beta)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 

@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 
 from safe_denoiser import ConstantGuidance, NegativeBank, OddsGuidance, attach, detach
+from safe_denoiser.diffusers.bank_layout import sample_space_bank
 from safe_denoiser.diffusers.families import FLUX_SCHEDULER_CONFIG
 from safe_denoiser.diffusers.pipelines import make_scheduler
-from safe_denoiser.diffusers.safe_scheduler import sample_space_bank
 from safe_denoiser.export.exporter import ExportOptions, ExportSource, build_denoiser, export_bundle, load_source
 from safe_denoiser.runtime.bundle import Bundle
 from safe_denoiser.runtime.flow_sampler import calculate_shift, flow_euler_step, flow_schedule

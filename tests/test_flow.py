@@ -13,12 +13,11 @@ from torch import Tensor
 from safe_denoiser import ConstantGuidance, MassGuidance, OddsGuidance, PreparedBanks, ReferenceGuidance, attach, detach
 from safe_denoiser.core import parameterization as vp
 from safe_denoiser.core.correction import safe_prediction
-from safe_denoiser.core.kernel import forward_kernel_estimate
+from safe_denoiser.core.kernel import forward_kernel, kernel_estimate, path_kernel_estimate
 from safe_denoiser.core.paths import (
     PREDICTIONS,
     convert_prediction,
     flow_path,
-    path_kernel_estimate,
     prediction_from_x0,
     sigma_path,
     vp_path,
@@ -53,7 +52,7 @@ def test_vp_and_sigma_paths_are_todays_conversions_bit_for_bit(alpha_bar: float 
     assert torch.equal(x0_from_prediction(x, eps, s, "epsilon"), vp.x0_from_eps_sigma(x, eps, sigma))
     assert torch.equal(prediction_from_x0(x, x0, s, "epsilon"), vp.eps_from_x0_sigma(x, x0, sigma))
     bank = torch.randn(9, 4, 5, 5)
-    got, want = path_kernel_estimate(x, bank, p), forward_kernel_estimate(x, bank, alpha_bar)
+    got, want = path_kernel_estimate(x, bank, p), kernel_estimate(x, bank, *forward_kernel(x, alpha_bar))
     assert torch.equal(got.mean, want.mean) and torch.equal(got.log_mass, want.log_mass)
 
 
@@ -272,7 +271,7 @@ def test_flux_bank_is_packed_like_the_sample(pipes: dict[str, Any]) -> None:
     """An unpacked (16, h, w) bank is packed with Flux's own layout: the result equals attaching it pre-packed."""
     from diffusers import FluxPipeline
 
-    from safe_denoiser.diffusers.safe_scheduler import sample_space_bank
+    from safe_denoiser.diffusers.bank_layout import sample_space_bank
 
     pipe = _pipe(pipes, "flux")
     bank = _bank(pipe)

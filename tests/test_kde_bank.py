@@ -12,7 +12,8 @@ import torch
 from safe_denoiser.core.banks import PreparedBanks
 from safe_denoiser.core.beta import log_beta
 from safe_denoiser.core.guidance import ConstantGuidance, OddsGuidance
-from safe_denoiser.core.kernel import forward_kernel_estimate
+from safe_denoiser.core.kernel import path_kernel_estimate
+from safe_denoiser.core.paths import vp_path
 from safe_denoiser.core.step import theorem_correction
 from safe_denoiser.demo.mixture import GaussianMixture
 
@@ -35,7 +36,7 @@ def test_kde_bank_is_the_mixture_posterior(seed: int, alpha_bar: float) -> None:
     g = torch.Generator().manual_seed(seed)
     sigma = float(torch.empty(1).uniform_(0.05, 1.0, generator=g))
     bank, x = torch.randn(9, 5, generator=g, dtype=torch.float64), torch.randn(6, 5, generator=g, dtype=torch.float64)
-    est = forward_kernel_estimate(x, bank, alpha_bar, bank_sigma=sigma)
+    est = path_kernel_estimate(x, bank, vp_path(alpha_bar), bank_sigma=sigma)
     mix = _mixture(bank, sigma)
     torch.testing.assert_close(est.mean, mix.posterior_mean(x, alpha_bar, "unsafe"), rtol=0, atol=1e-10)
     # the log-mass is the diffused density without its Gaussian normaliser (which cancels in every ratio)
@@ -50,8 +51,8 @@ def test_kde_bank_float32_within_rounding_of_float64(seed: int) -> None:
     bank, x = torch.randn(40, 64, generator=g), torch.randn(3, 64, generator=g)
     sigma = 0.3
     for ab in (0.1, 0.9, 0.999):
-        got = forward_kernel_estimate(x, bank, ab, bank_sigma=sigma).mean
-        want = forward_kernel_estimate(x.double(), bank.double(), ab, bank_sigma=sigma).mean
+        got = path_kernel_estimate(x, bank, vp_path(ab), bank_sigma=sigma).mean
+        want = path_kernel_estimate(x.double(), bank.double(), vp_path(ab), bank_sigma=sigma).mean
         # m's error from the kernel analysis (h as the float32 code rounds it), then m + g (x - a m): |1 - g a| <= 1
         # on m's error, a few roundings of g, of x - a m and of the sum (8 u of each magnitude, generously).
         ab32 = torch.full((1, 1), ab, dtype=torch.float32)
@@ -69,11 +70,11 @@ def test_kde_bank_correction_vanishes_with_the_noise() -> None:
     bank = torch.randn(30, 16, generator=g, dtype=torch.float64)
     x = torch.randn(4, 16, generator=g, dtype=torch.float64)
     gaps = [
-        float((forward_kernel_estimate(x, bank, ab, bank_sigma=0.3).mean - x / math.sqrt(ab)).norm())
+        float((path_kernel_estimate(x, bank, vp_path(ab), bank_sigma=0.3).mean - x / math.sqrt(ab)).norm())
         for ab in (0.9, 0.99, 0.999, 0.9999)
     ]
     assert all(b < a for a, b in itertools.pairwise(gaps)), gaps
-    point_mass = float((forward_kernel_estimate(x, bank, 0.9999).mean - x / math.sqrt(0.9999)).norm())
+    point_mass = float((path_kernel_estimate(x, bank, vp_path(0.9999)).mean - x / math.sqrt(0.9999)).norm())
     assert gaps[-1] < 0.01 * point_mass  # a point-mass bank keeps pulling to the nearest item instead
 
 
@@ -123,4 +124,4 @@ def test_bank_sigma_validation(changes: dict[str, float], message: str) -> None:
 
 def test_bank_sigma_and_bandwidth_are_exclusive() -> None:
     with pytest.raises(ValueError, match="not both"):
-        forward_kernel_estimate(torch.randn(2, 3), torch.randn(4, 3), 0.5, bandwidth=0.2, bank_sigma=0.3)
+        path_kernel_estimate(torch.randn(2, 3), torch.randn(4, 3), vp_path(0.5), bandwidth=0.2, bank_sigma=0.3)

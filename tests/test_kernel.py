@@ -9,9 +9,8 @@ import sys
 import pytest
 import torch
 
-from safe_denoiser import kernel_estimate, kernel_log_mass, unsafe_posterior_mean
-from safe_denoiser.core.kernel import bank_sq_norms, forward_kernel_estimate
-from safe_denoiser.core.paths import path_kernel_estimate, vp_path
+from safe_denoiser import kernel_estimate, path_kernel_estimate, vp_path
+from safe_denoiser.core.kernel import bank_sq_norms, forward_kernel, kde_posterior_mean
 
 from helpers import KernelReference, assert_within, forward_reference, fused_chunks, kernel_reference, unit_roundoff
 
@@ -33,7 +32,8 @@ def test_matches_float64_brute_force() -> None:
     ref = forward_reference(x, bank, ab, chunks=fused_chunks(37))
     est = kernel_estimate(x, bank, ab.sqrt().reshape(-1, 1), (1 - ab).reshape(-1, 1))
     check(est.mean, est.log_mass, ref, "kernel_estimate")
-    check(unsafe_posterior_mean(x, bank, ab), kernel_log_mass(x, bank, ab), ref, "forward kernel")
+    forward = path_kernel_estimate(x, bank, vp_path(ab))
+    check(forward.mean, forward.log_mass, ref, "forward kernel")
 
 
 def test_bandwidth_override() -> None:
@@ -41,7 +41,8 @@ def test_bandwidth_override() -> None:
     ref = forward_reference(
         x, bank, torch.tensor([0.5, 0.5]), bandwidth=torch.tensor([3.0, 3.0]), chunks=fused_chunks(10)
     )
-    check(unsafe_posterior_mean(x, bank, 0.5, bandwidth=3.0), kernel_log_mass(x, bank, 0.5, bandwidth=3.0), ref, "h")
+    est = path_kernel_estimate(x, bank, vp_path(0.5), bandwidth=3.0)
+    check(est.mean, est.log_mass, ref, "h")
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
@@ -61,11 +62,11 @@ def test_chunked_equals_unchunked(chunk: int) -> None:
 def test_batch_equals_items_one_at_a_time() -> None:
     x, bank = torch.randn(5, 4, 8, 8), torch.randn(30, 4, 8, 8)
     ab = torch.tensor([0.1, 0.2, 0.5, 0.9, 0.99])
-    batched = unsafe_posterior_mean(x, bank, ab)
+    batched = path_kernel_estimate(x, bank, vp_path(ab)).mean
     ref = forward_reference(x, bank, ab, chunks=fused_chunks(30))
     check(batched, None, ref, "batched")
     for i in range(5):
-        single = unsafe_posterior_mean(x[i : i + 1], bank, float(ab[i]))
+        single = path_kernel_estimate(x[i : i + 1], bank, vp_path(float(ab[i]))).mean
         assert_within(single, ref.mean[i : i + 1], ref.mean_bound[i : i + 1], f"item {i} alone")
         assert_within(batched[i : i + 1], single, 2 * ref.mean_bound[i : i + 1], f"item {i}: batch vs alone")
 
@@ -90,7 +91,7 @@ def test_float32_at_sd_latent_size_is_finite_and_matches_float64(alpha_bar: floa
 def test_half_precision_accumulates_in_float32() -> None:
     x, bank = torch.randn(2, 4, 16, 16).half(), torch.randn(50, 4, 16, 16).half()
     ref = forward_reference(x.float(), bank.float(), 0.4, chunks=fused_chunks(50))  # half inputs: exact in f32
-    out = unsafe_posterior_mean(x, bank, 0.4)
+    out = path_kernel_estimate(x, bank, vp_path(0.4)).mean
     assert out.dtype == torch.float16
     assert torch.isfinite(out).all()
     # float32 accumulation, then one rounding of the result to half: relative u16, but absolute (u16 times the
@@ -115,10 +116,10 @@ def test_memory_is_o_bn_plus_nd() -> None:
     """Peak memory stays far below the 4 GiB that a (B, N, D) difference tensor would need (B=8, N=8000)."""
     code = """
 import resource, torch
-from safe_denoiser import unsafe_posterior_mean
+from safe_denoiser import path_kernel_estimate, vp_path
 x, bank = torch.randn(8, 4, 64, 64), torch.randn(8_000, 4, 64, 64)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-out = unsafe_posterior_mean(x, bank, 0.5, chunk_size=1024)
+out = path_kernel_estimate(x, bank, vp_path(0.5), chunk_size=1024).mean
 assert out.shape == x.shape and bool(torch.isfinite(out).all())
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
 """
@@ -130,20 +131,26 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
 
 def test_bad_input() -> None:
     with pytest.raises(ValueError, match="does not match sample shape"):
-        unsafe_posterior_mean(torch.randn(2, 4, 8, 8), torch.randn(5, 4, 8, 9), 0.5)
+        path_kernel_estimate(torch.randn(2, 4, 8, 8), torch.randn(5, 4, 8, 9), vp_path(0.5))
     with pytest.raises(ValueError, match="empty"):
-        unsafe_posterior_mean(torch.randn(2, 8), torch.randn(0, 8), 0.5)
+        path_kernel_estimate(torch.randn(2, 8), torch.randn(0, 8), vp_path(0.5))
     with pytest.raises(ValueError, match="chunk_size"):
-        unsafe_posterior_mean(torch.randn(2, 8), torch.randn(3, 8), 0.5, chunk_size=0)
+        path_kernel_estimate(torch.randn(2, 8), torch.randn(3, 8), vp_path(0.5), chunk_size=0)
     with pytest.raises(ValueError, match=r"\(2,\) tensor"):
-        unsafe_posterior_mean(torch.randn(2, 8), torch.randn(3, 8), torch.tensor([0.1, 0.2, 0.3]))
+        path_kernel_estimate(torch.randn(2, 8), torch.randn(3, 8), vp_path(torch.tensor([0.1, 0.2, 0.3])))
 
 
 def test_path_kernel_estimate_passes_norms_and_kde_bank() -> None:
-    """On the VP path, path_kernel_estimate is forward_kernel_estimate bit for bit, bank norms and KDE bank included."""
+    """On the VP path, path_kernel_estimate is kernel_estimate with forward_kernel's scale and variance (plus
+    kde_posterior_mean for a KDE bank) bit for bit, and uses the bank norms it is given."""
     x, bank, ab = torch.randn(3, 4, 8, 8), torch.randn(20, 4, 8, 8), torch.tensor([0.1, 0.5, 0.9])
-    norms = bank_sq_norms(bank)
+    # norms scaled by 1.5 change every estimate: equal results mean these very norms were used, not recomputed ones
+    norms = 1.5 * bank_sq_norms(bank)
     for bank_sigma in (None, 0.3):
         got = path_kernel_estimate(x, bank, vp_path(ab), bank_sq_norms=norms, bank_sigma=bank_sigma)
-        want = forward_kernel_estimate(x, bank, ab, bank_sq_norms=norms, bank_sigma=bank_sigma)
-        assert torch.equal(got.mean, want.mean) and torch.equal(got.log_mass, want.log_mass), bank_sigma
+        scale, variance = forward_kernel(x, ab, bank_sigma=bank_sigma)
+        want = kernel_estimate(x, bank, scale, variance, bank_sq_norms=norms)
+        want_mean = want.mean if bank_sigma is None else kde_posterior_mean(x, want.mean, scale, variance, bank_sigma)
+        assert torch.equal(got.mean, want_mean) and torch.equal(got.log_mass, want.log_mass), bank_sigma
+        true_norms = path_kernel_estimate(x, bank, vp_path(ab), bank_sigma=bank_sigma)
+        assert not torch.equal(got.mean, true_norms.mean), bank_sigma

@@ -19,9 +19,10 @@ from safe_denoiser.core.kernel import (
     MIN_CHUNK_ROWS,
     auto_chunk_size,
     bank_sq_norms,
-    forward_kernel_estimate,
     kernel_estimate,
+    path_kernel_estimate,
 )
+from safe_denoiser.core.paths import vp_path
 
 from helpers import (
     KernelReference,
@@ -90,8 +91,8 @@ def test_precomputed_norms_and_auto_chunks_at_sd_size(alpha_bar: float) -> None:
     x_t = near_bank(bank, 2, alpha_bar, seed=12)
     assert auto_chunks(x_t, bank) >= 2
     ref = forward_reference(x_t, bank, alpha_bar, chunks=auto_chunks(x_t, bank))
-    with_norms = forward_kernel_estimate(x_t, bank, alpha_bar, bank_sq_norms=bank_sq_norms(bank))
-    without = forward_kernel_estimate(x_t, bank, alpha_bar)
+    with_norms = path_kernel_estimate(x_t, bank, vp_path(alpha_bar), bank_sq_norms=bank_sq_norms(bank))
+    without = path_kernel_estimate(x_t, bank, vp_path(alpha_bar))
     check(with_norms.mean, with_norms.log_mass, ref, f"abar {alpha_bar}")
     assert torch.equal(with_norms.mean, without.mean) and torch.equal(with_norms.log_mass, without.log_mass)
 
@@ -105,7 +106,7 @@ def test_skipped_underflow_chunks_keep_the_result(chunk: int) -> None:
     x_t = near_bank(bank[-1:], 1, 0.9, seed=6)
     x_t = torch.cat([x_t, near_bank(bank, 1, 0.9, seed=7)])
     ref = forward_reference(x_t, bank, 0.9, chunks=math.ceil(120 / chunk))
-    est = forward_kernel_estimate(x_t, bank, 0.9, chunk_size=chunk)
+    est = path_kernel_estimate(x_t, bank, vp_path(0.9), chunk_size=chunk)
     check(est.mean, est.log_mass, ref, f"chunk {chunk}")
     # the regime really skips: all but a handful of items have weights below float32's smallest subnormal
     logits = -forward_logits(x_t, bank, 0.9)
@@ -164,7 +165,7 @@ def test_half_bank_accumulates_in_float32(
     bank = torch.randn(96, *shape, generator=g)
     half = bank.to(dtype)
     x_t = near_bank(bank, 3, alpha_bar, seed=22) if sharp else torch.randn(3, *shape, generator=g)
-    est = forward_kernel_estimate(x_t, half, alpha_bar, chunk_size=20, bank_sq_norms=bank_sq_norms(half))
+    est = path_kernel_estimate(x_t, half, vp_path(alpha_bar), chunk_size=20, bank_sq_norms=bank_sq_norms(half))
     assert est.mean.dtype == torch.float32  # returned in the query's dtype
     if not sharp:  # the weights really are spread over many items
         assert float(torch.softmax(-forward_logits(x_t, bank, alpha_bar), 1).amax(1).min()) < 0.8
@@ -178,9 +179,9 @@ def test_half_bank_accumulates_in_float32(
 
 def test_bad_norms() -> None:
     with pytest.raises(ValueError, match=r"bank_sq_norms must be \(5,\)"):
-        forward_kernel_estimate(torch.randn(2, 8), torch.randn(5, 8), 0.5, bank_sq_norms=torch.ones(4))
+        path_kernel_estimate(torch.randn(2, 8), torch.randn(5, 8), vp_path(0.5), bank_sq_norms=torch.ones(4))
     with pytest.raises(ValueError, match="chunk_size"):
-        forward_kernel_estimate(torch.randn(2, 8), torch.randn(5, 8), 0.5, chunk_size=-3)
+        path_kernel_estimate(torch.randn(2, 8), torch.randn(5, 8), vp_path(0.5), chunk_size=-3)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -204,11 +205,11 @@ def test_sparse_second_matmul_keeps_the_result(seed: int, monkeypatch: pytest.Mo
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.Tensor, "nonzero", counting)
-    sparse = forward_kernel_estimate(x_t, bank, 0.9, chunk_size=chunk)
+    sparse = path_kernel_estimate(x_t, bank, vp_path(0.9), chunk_size=chunk)
     assert calls, "the sparse branch was not taken"
     check(sparse.mean, sparse.log_mass, ref, "sparse")
     monkeypatch.setattr(kernel, "SPARSE_ROWS_FRACTION", 10**9)  # never sparse
-    dense = forward_kernel_estimate(x_t, bank, 0.9, chunk_size=chunk)
+    dense = path_kernel_estimate(x_t, bank, vp_path(0.9), chunk_size=chunk)
     check(dense.mean, dense.log_mass, ref, "dense")
 
 
@@ -228,11 +229,11 @@ def test_sparse_chunks_grow(monkeypatch: pytest.MonkeyPatch) -> None:
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(torch, "addmm", counting)
-    est = forward_kernel_estimate(x_t, bank, 0.5, bank_sq_norms=bank_sq_norms(bank))
+    est = path_kernel_estimate(x_t, bank, vp_path(0.5), bank_sq_norms=bank_sq_norms(bank))
     grown = len(calls)
     calls.clear()
     monkeypatch.setattr(kernel, "SPARSE_GROWTH", 1)
-    forward_kernel_estimate(x_t, bank, 0.5, bank_sq_norms=bank_sq_norms(bank))
+    path_kernel_estimate(x_t, bank, vp_path(0.5), bank_sq_norms=bank_sq_norms(bank))
     fixed = len(calls)
     assert auto_chunks(x_t, bank) >= 4 and grown < fixed, (grown, fixed)
     check(est.mean, est.log_mass, forward_reference(x_t, bank, 0.5, chunks=auto_chunks(x_t, bank)), "grown chunks")
@@ -258,7 +259,7 @@ def test_grown_chunks_do_not_compound(monkeypatch: pytest.MonkeyPatch) -> None:
         return real(bias, a, b, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(torch, "addmm", recording)
-    est = forward_kernel_estimate(x_t, bank, 0.5, bank_sq_norms=bank_sq_norms(bank))
+    est = path_kernel_estimate(x_t, bank, vp_path(0.5), bank_sq_norms=bank_sq_norms(bank))
     monkeypatch.undo()
     assert sizes[0] == base and max(sizes) == 2 * base and sum(sizes) == 4000, (base, sizes)
     ref = forward_reference(x_t, bank, 0.5, chunks=math.ceil(4000 / base))

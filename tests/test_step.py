@@ -14,11 +14,12 @@ from safe_denoiser import (
     ReferenceGuidance,
     SafeGuidance,
     cfg_combine,
+    path_kernel_estimate,
     reference_correction,
     reference_threshold,
     safe_eps,
     theorem_correction,
-    unsafe_posterior_mean,
+    vp_path,
 )
 from safe_denoiser.core.parameterization import eps_from_v, eps_from_x0, v_from_eps, x0_from_eps, x0_from_v
 
@@ -41,7 +42,7 @@ def test_correction_commutes_with_cfg() -> None:
     # beta and E_unsafe are the same bits on both sides (functions of x_t); only the affine maps' rounding differs:
     # at most 12 float64 operations, each off by u64 times a value that, carried through the later products by w
     # and beta <= beta_per_mass, stays below (1 + 2w)(1 + 2 beta_per_mass)(|eps_u| + |eps_c| + |eps_unsafe|).
-    eps_unsafe = eps_from_x0(x_t, unsafe_posterior_mean(x_t, bank, ab, bandwidth=1.5**2), ab)
+    eps_unsafe = eps_from_x0(x_t, path_kernel_estimate(x_t, bank, vp_path(ab), bandwidth=1.5**2).mean, ab)
     scale = (1 + 2 * w) * (1 + 2 * g.beta_per_mass) * (eps_u.abs() + eps_c.abs() + eps_unsafe.abs())
     assert_within(combine_then_correct, correct_then_combine, 16 * U64 * scale, "CFG commutation")
 
@@ -87,7 +88,7 @@ def test_mass_beta_is_beta_per_mass_times_mean_kernel_value() -> None:
     out, rec = theorem_correction(eps, x_t, ab, 500.0, PreparedBanks.prepare(bank, g), g)
     d2 = ((x_t - math.sqrt(ab) * bank) ** 2).sum(-1)
     mass = torch.exp(-d2 / (2 * (1 - ab))).mean()
-    x0_unsafe = unsafe_posterior_mean(x_t, bank, ab)  # the same bits as inside theorem_correction
+    x0_unsafe = path_kernel_estimate(x_t, bank, vp_path(ab)).mean  # the same bits as inside theorem_correction
     ref = safe_eps(eps, x_t, ab, x0_unsafe, 2.0 * mass)
     # Both log-masses are float64 evaluations of the same sum (expanded vs direct differences), each within the
     # rounding bound of helpers.kernel_reference; beta = 2 mass inherits that relative error, the rest is the same

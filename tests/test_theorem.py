@@ -9,7 +9,15 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from safe_denoiser import GaussianMixture, eps_from_x0, safe_eps, safe_x0, unsafe_posterior_mean, x0_from_eps
+from safe_denoiser import (
+    GaussianMixture,
+    eps_from_x0,
+    path_kernel_estimate,
+    safe_eps,
+    safe_x0,
+    vp_path,
+    x0_from_eps,
+)
 
 from helpers import U64, assert_within, forward_reference
 
@@ -83,7 +91,7 @@ def test_bank_of_point_masses_is_exact(dim: int) -> None:
     bank = gm.means[gm.unsafe]  # the two point masses, equal weights 0.15 / 0.15
     for ab in (0.05, 0.5, 0.95):
         x_t = math.sqrt(ab) * gm.sample(32) + math.sqrt(1 - ab) * torch.randn(32, dim)
-        est = unsafe_posterior_mean(x_t, bank, ab)
+        est = path_kernel_estimate(x_t, bank, vp_path(ab)).mean
         # two float64 evaluations of one softmax (expanded and direct distances): the sum of their bounds
         bound = forward_reference(x_t, bank, ab).mean_bound + forward_reference(x_t, bank, ab, direct=True).mean_bound
         assert_within(est, gm.posterior_mean(x_t, ab, "unsafe"), bound, f"abar {ab}")
@@ -99,7 +107,9 @@ def test_bank_estimator_converges_to_exact_unsafe_mean() -> None:
     errors = []
     for n in (100, 1_000, 10_000, 100_000):
         bank = gm.sample(n, "unsafe", generator=g)
-        errors.append((unsafe_posterior_mean(x_t, bank, ab, chunk_size=8192) - exact).norm(dim=1).mean().item())
+        errors.append(
+            (path_kernel_estimate(x_t, bank, vp_path(ab), chunk_size=8192).mean - exact).norm(dim=1).mean().item()
+        )
     assert errors[-1] < 0.01
     assert errors[-1] < errors[0] / 10  # 1000x more points: about 30x smaller error expected
     assert all(b < a for a, b in itertools.pairwise(errors))
@@ -111,7 +121,7 @@ def test_x0_and_eps_space_corrections_agree(alpha_bar: float | torch.Tensor) -> 
     eps = torch.randn(3, 4, 5, 5)
     bank = torch.randn(20, 4, 5, 5)
     beta = torch.tensor([0.0, 0.5, 2.0])
-    x0_unsafe = unsafe_posterior_mean(x_t, bank, alpha_bar)
+    x0_unsafe = path_kernel_estimate(x_t, bank, vp_path(alpha_bar)).mean
     via_eps = x0_from_eps(x_t, safe_eps(eps, x_t, alpha_bar, x0_unsafe, beta), alpha_bar)
     via_x0 = safe_x0(x0_from_eps(x_t, eps, alpha_bar), x0_unsafe, beta)
     # About a dozen float64 operations per side, each off by u64 times a value below `scale` (the inputs, with

@@ -31,7 +31,7 @@ class PreparedBanks:
     @classmethod
     def prepare(
         cls,
-        negative: NegativeBank | Tensor,
+        negative: NegativeBank | Tensor | PreparedBanks,
         guidance: SafeGuidance,
         reference: NegativeBank | Tensor | None = None,
         *,
@@ -39,15 +39,26 @@ class PreparedBanks:
         dtype: torch.dtype | None = None,
     ) -> PreparedBanks:
         """Validate the banks for ``guidance``, move them to ``device`` / ``dtype`` (a half-precision bank stays half:
-        half the bytes per step, the kernel accumulates in float32) and compute their constants once."""
+        half the bytes per step, the kernel accumulates in float32) and compute their constants once.
+
+        ``negative`` may be banks prepared before (e.g. on the CPU, before the pipeline's layout and device were
+        known): their data variance is kept, not derived again (it does not depend on the layout, a permutation).
+        """
+        variance = None
+        if isinstance(negative, PreparedBanks):
+            if reference is not None:
+                raise ValueError("give the reference bank inside the PreparedBanks, not beside it")
+            prepared = negative
+            negative, reference, variance = prepared.negative, prepared.reference, prepared.data_variance
         if guidance.needs_reference_bank and reference is None:
             raise ValueError(f"the {guidance.preset} preset needs a reference bank (safe or unlabelled data)")
         neg = _moved(negative, device, dtype, "bank")
         ref = _moved(reference, device, dtype, "reference bank") if guidance.needs_reference_bank else None
         if ref is not None and ref.sample_shape != neg.sample_shape:
             raise ValueError(f"reference bank items {ref.sample_shape} do not match the bank's {neg.sample_shape}")
-        variance = None
-        if isinstance(guidance, OddsGuidance) and guidance.odds_sigma is not None:
+        if not (isinstance(guidance, OddsGuidance) and guidance.odds_sigma is not None):
+            variance = None
+        elif variance is None:
             assert ref is not None
             variance = bank_data_variance(neg.data, ref.data)
         return cls(neg, ref, variance)

@@ -7,9 +7,9 @@ bank* for the rest. The Gaussian's normalising constant is the same for both ban
 
     log beta = log(Z_u / Z_s) + log-mass(x_t; unsafe bank) - log-mass(x_t; safe bank)
 
-with the log-masses of ``core.kernel.kernel_log_mass``. When the reference bank is unlabelled data (safe and unsafe
-mixed, ``reference_kind="data"``), its kernel density estimates p_data,t = Z_s p_safe,t + Z_u p_unsafe,t, the posterior
-probability of "unsafe" is w = Z_u p_unsafe,t / p_data,t and beta = w / (1 - w).
+with the log-masses of ``core.kernel.path_kernel_estimate`` on the VP path. When the reference bank is unlabelled
+data (safe and unsafe mixed, ``reference_kind="data"``), its kernel density estimates p_data,t = Z_s p_safe,t +
+Z_u p_unsafe,t, the posterior probability of "unsafe" is w = Z_u p_unsafe,t / p_data,t and beta = w / (1 - w).
 
 Z_u is the unsafe share of the data. ``prior_unsafe=None`` estimates it from the banks' sizes, which is right when
 both banks are complete samples of one data set (a safe reference: N_u / (N_u + N_s); an unlabelled one: N_u / N_d).
@@ -28,7 +28,8 @@ from torch import Tensor
 
 from safe_denoiser.core.banks import PreparedBanks
 from safe_denoiser.core.guidance import OddsGuidance, ReferenceKind
-from safe_denoiser.core.kernel import kernel_log_mass
+from safe_denoiser.core.kernel import path_kernel_estimate
+from safe_denoiser.core.paths import vp_path
 
 __all__ = [
     "ODDS_SIGMA_FRACTION",
@@ -95,19 +96,19 @@ def log_beta(
 ) -> Tensor:
     """log beta(x_t), (B,), from the negative and reference banks (module docstring), with ``guidance``'s reference
     kind, prior and cap; the kernel's variance ``bandwidth`` (None: 1 - abar) and ``bank_sigma`` as in
-    ``kernel.forward_kernel_estimate``. ``unsafe_log_mass``: the negative bank's kernel log-mass when the caller
+    ``kernel.path_kernel_estimate``. ``unsafe_log_mass``: the negative bank's kernel log-mass when the caller
     already has it (the correction's own pass over the bank gives it), so that the bank is not read a second time.
     """
     if banks.reference is None:
         raise ValueError("the odds preset needs a reference bank (PreparedBanks.reference)")
-    neg, ref, chunk = banks.negative, banks.reference, guidance.chunk_size
+    neg, ref, chunk, path = banks.negative, banks.reference, guidance.chunk_size, vp_path(alpha_bar)
     if unsafe_log_mass is None:
-        unsafe_log_mass = kernel_log_mass(
-            x_t, neg.data, alpha_bar, bandwidth, chunk, bank_sq_norms=neg.sq_norms, bank_sigma=bank_sigma
-        )
-    lp_ref = kernel_log_mass(
-        x_t, ref.data, alpha_bar, bandwidth, chunk, bank_sq_norms=ref.sq_norms, bank_sigma=bank_sigma
-    )
+        unsafe_log_mass = path_kernel_estimate(
+            x_t, neg.data, path, bandwidth, chunk, bank_sq_norms=neg.sq_norms, bank_sigma=bank_sigma
+        ).log_mass
+    lp_ref = path_kernel_estimate(
+        x_t, ref.data, path, bandwidth, chunk, bank_sq_norms=ref.sq_norms, bank_sigma=bank_sigma
+    ).log_mass
     odds = prior_log_odds(len(neg), len(ref), guidance.reference_kind, guidance.prior_unsafe)
     if guidance.reference_kind == "safe":
         out = odds + unsafe_log_mass - lp_ref

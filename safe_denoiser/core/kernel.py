@@ -6,9 +6,14 @@ over cache-sized bank chunks, so each call reads the bank from memory once, extr
 ``NegativeBank``); a float16 / bfloat16 bank is read in half precision and accumulated in float32. No host
 synchronisation: safe inside traced or compiled graphs. Differentiation is not supported (in-place updates).
 
-``kernel_estimate`` is the one entry point. It picks one of three strategies for the online-softmax sums, which
-share one update (``_chunk_weights``, ``_add_chunk``) and are each tested against float64
-(tests/test_kernel_strategies.py):
+``kernel_estimate`` is the one entry point, for any kernel (a scale and a variance per query, squared distance or
+not). ``path_kernel_estimate`` is the theorem's forward kernel on a Gaussian path (``core.paths``), built on it from
+two pieces that ``core.step``'s stacked conditional-odds query also uses: ``forward_kernel`` (the scale and
+variance) and ``kde_posterior_mean`` (a kernel density bank's posterior mean); callers take its ``.mean`` (E_unsafe)
+or ``.log_mass``, on ``vp_path(alpha_bar)`` for a VP sample.
+
+``kernel_estimate`` picks one of three strategies for the online-softmax sums, which share one update
+(``_chunk_weights``, ``_add_chunk``) and are each tested against float64 (tests/test_kernel_strategies.py):
 
 * ``_compiled_kernel_sums``: on a CPU, outside a trace, float32 queries over a contiguous bank with automatic
   chunks and the squared kernel go to the compiled one-pass kernel (``core.fused``: each block of four rows used
@@ -29,6 +34,8 @@ from torch import Tensor
 
 from safe_denoiser.core import fused
 from safe_denoiser.core.fused import fused_kernel_sums
+from safe_denoiser.core.parameterization import broadcast_to_sample
+from safe_denoiser.core.paths import GaussianPath
 
 __all__ = [
     "KernelEstimate",
@@ -37,12 +44,10 @@ __all__ = [
     "auto_chunk_size",
     "bank_sq_norms",
     "forward_kernel",
-    "forward_kernel_estimate",
     "kde_posterior_mean",
     "kernel_estimate",
-    "kernel_log_mass",
     "log_kernel",
-    "unsafe_posterior_mean",
+    "path_kernel_estimate",
 ]
 
 
@@ -346,41 +351,11 @@ def _estimate(sums: _SoftmaxSums, offset: Tensor, x: Tensor, n: int) -> KernelEs
     return KernelEstimate(mean, log_mass)
 
 
-def forward_kernel_estimate(
-    x_t: Tensor,
-    bank: Tensor,
-    alpha_bar: float | Tensor,
-    bandwidth: float | Tensor | None = None,
-    chunk_size: int | None = None,
-    *,
-    bank_sq_norms: Tensor | None = None,
-    bank_sigma: float | None = None,
-) -> KernelEstimate:
-    """Both the unsafe posterior mean and the kernel log-mass under the forward kernel N(x_t; sqrt(abar) x^(n), h).
-
-    h is the forward process's variance 1 - abar (the exact posterior for a bank of point masses) unless
-    ``bandwidth`` overrides it. ``x_t`` is (B, ...), ``bank`` (N, ...), ``alpha_bar`` and ``bandwidth`` floats or (B,).
-    One pass over the bank: callers that need the mean and the mass (the gated, mass-scaled correction) call this.
-    ``chunk_size`` and ``bank_sq_norms`` as in ``kernel_estimate``.
-
-    ``bank_sigma = s`` makes the bank a kernel density estimate, each item the centre of N(x^(n), s^2 I) in x0
-    space, and returns that density's exact posterior mean and diffused mass (docs/method.md section 4): the
-    forward kernel's variance becomes h = 1 - abar + abar s^2 and, per item, E[x0 | x_t, n] = x^(n) +
-    (sqrt(abar) s^2 / h) (x_t - sqrt(abar) x^(n)), so with m the weighted bank mean
-    E[x0 | x_t] = m + (sqrt(abar) s^2 / h) (x_t - sqrt(abar) m). As the noise vanishes h -> s^2 (the kernel's
-    temperature never falls below s^2, so the choice between bank items stays soft) and E[x0 | x_t] -> x_t.
-    """
-    scale, variance = forward_kernel(x_t, alpha_bar, bandwidth, bank_sigma)
-    est = kernel_estimate(x_t, bank, scale, variance, True, chunk_size, bank_sq_norms=bank_sq_norms)
-    if bank_sigma is None:
-        return est
-    return KernelEstimate(kde_posterior_mean(x_t, est.mean, scale, variance, bank_sigma), est.log_mass)
-
-
 def forward_kernel(
     x_t: Tensor, alpha_bar: float | Tensor, bandwidth: float | Tensor | None = None, bank_sigma: float | None = None
 ) -> tuple[Tensor, Tensor]:
-    """(scale sqrt(abar), variance h), each (B, 1) in the accumulation dtype: ``forward_kernel_estimate``'s kernel."""
+    """(scale sqrt(abar), variance h), each (B, 1) in the accumulation dtype: the forward kernel on a VP sample
+    (``path_kernel_estimate``'s), h = 1 - abar unless ``bandwidth`` gives it or ``bank_sigma`` widens it."""
     if bank_sigma is not None and bandwidth is not None:
         raise ValueError("give bandwidth (a fixed kernel variance) or bank_sigma (a kernel density bank), not both")
     acc = x_t.new_empty((), dtype=accumulation_dtype(x_t.dtype))
@@ -405,40 +380,38 @@ def kde_posterior_mean(x_t: Tensor, bank_mean: Tensor, scale: Tensor, variance: 
     return (m + gain * (x_t.to(scale.dtype) - scale.reshape(shape) * m)).to(bank_mean.dtype)
 
 
-def unsafe_posterior_mean(
+def path_kernel_estimate(
     x_t: Tensor,
     bank: Tensor,
-    alpha_bar: float | Tensor,
+    path: GaussianPath,
     bandwidth: float | Tensor | None = None,
     chunk_size: int | None = None,
     *,
     bank_sq_norms: Tensor | None = None,
     bank_sigma: float | None = None,
-) -> Tensor:
-    """E_unsafe[x0 | x_t] ~ sum_n w_n x^(n), w = softmax_n(-||x_t - sqrt(abar) x^(n)||^2 / (2 h)).
+) -> KernelEstimate:
+    """E_unsafe[x0 | x_t] and the kernel log-mass under the forward kernel N(x_t; a x^(n), s^2 I) on a Gaussian path.
 
-    The mean of ``forward_kernel_estimate`` (same arguments): h = 1 - abar unless ``bandwidth`` overrides it.
+    Evaluated on the equivalent VP sample c x_t at abar (``GaussianPath.to_vp``; on ``vp_path(abar)`` x_t itself):
+    the kernel N(x_t; sqrt(abar) x^(n), h), h the forward process's variance 1 - abar (the exact posterior for a bank
+    of point masses) unless ``bandwidth`` overrides it. ``x_t`` is (B, ...), ``bank`` (N, ...), the path's level and
+    ``bandwidth`` floats or (B,). One pass over the bank gives both the mean (``.mean``) and the log-mass
+    (``.log_mass``: log (1/N) sum_n k_n, k the unnormalised Gaussian, 1 at distance 0, so the mass lies in (0, 1];
+    in high dimension it is tiny, which is why gates and thresholds work on its logarithm). ``chunk_size`` and
+    ``bank_sq_norms`` as in ``kernel_estimate``.
+
+    ``bank_sigma = s`` makes the bank a kernel density estimate, each item the centre of N(x^(n), s^2 I) in x0
+    space, and returns that density's exact posterior mean and diffused mass (docs/method.md section 4): the
+    forward kernel's variance becomes h = 1 - abar + abar s^2 and, per item, E[x0 | x_t, n] = x^(n) +
+    (sqrt(abar) s^2 / h) (x_t - sqrt(abar) x^(n)), so with m the weighted bank mean
+    E[x0 | x_t] = m + (sqrt(abar) s^2 / h) (x_t - sqrt(abar) m). As the noise vanishes h -> s^2 (the kernel's
+    temperature never falls below s^2, so the choice between bank items stays soft) and E[x0 | x_t] -> x_t.
+    E[x0 | x_t] is the same given x_t or its rescaled VP sample.
     """
-    return forward_kernel_estimate(
-        x_t, bank, alpha_bar, bandwidth, chunk_size, bank_sq_norms=bank_sq_norms, bank_sigma=bank_sigma
-    ).mean
-
-
-def kernel_log_mass(
-    x_t: Tensor,
-    bank: Tensor,
-    alpha_bar: float | Tensor,
-    bandwidth: float | Tensor | None = None,
-    chunk_size: int | None = None,
-    *,
-    bank_sq_norms: Tensor | None = None,
-    bank_sigma: float | None = None,
-) -> Tensor:
-    """log (1/N) sum_n exp(-||x_t - sqrt(abar) x^(n)||^2 / (2 h)), per sample: (B,).
-
-    The kernel is the unnormalised Gaussian (1 at distance 0), so the mass lies in (0, 1]; in high
-    dimension it is tiny, which is why gates and thresholds work on its logarithm.
-    """
-    return forward_kernel_estimate(
-        x_t, bank, alpha_bar, bandwidth, chunk_size, bank_sq_norms=bank_sq_norms, bank_sigma=bank_sigma
-    ).log_mass
+    c, alpha_bar = path.to_vp()
+    x = x_t if isinstance(c, float) and c == 1.0 else x_t * broadcast_to_sample(c, x_t)
+    scale, variance = forward_kernel(x, alpha_bar, bandwidth, bank_sigma)
+    est = kernel_estimate(x, bank, scale, variance, True, chunk_size, bank_sq_norms=bank_sq_norms)
+    if bank_sigma is None:
+        return est
+    return KernelEstimate(kde_posterior_mean(x, est.mean, scale, variance, bank_sigma), est.log_mass)

@@ -15,7 +15,7 @@ p_safe = p + beta (p - p_unsafe) in every one of them, with p_unsafe the predict
 Every path is a variance-preserving path after a rescaling: c x_t = (c a) x0 + (c s) eps with c = 1 / sqrt(a^2 +
 s^2) has (c a)^2 + (c s)^2 = 1, so abar = a^2 / (a^2 + s^2) and eps is unchanged (``GaussianPath.to_vp``). The kernel
 of the theorem's estimator is the same function in both coordinates (||c x - c a x_n||^2 / (c s)^2 =
-||x - a x_n||^2 / s^2), which is how one kernel (``core.kernel.forward_kernel_estimate``) serves every path; a fixed
+||x - a x_n||^2 / s^2), which is how one kernel (``core.kernel.path_kernel_estimate``) serves every path; a fixed
 bandwidth ``kernel_sigma`` is a variance in those VP coordinates.
 """
 
@@ -27,7 +27,6 @@ from typing import Literal
 
 from torch import Tensor
 
-from safe_denoiser.core.kernel import KernelEstimate, forward_kernel_estimate
 from safe_denoiser.core.parameterization import _sqrt, broadcast_to_sample
 
 __all__ = [
@@ -38,7 +37,6 @@ __all__ = [
     "Prediction",
     "convert_prediction",
     "flow_path",
-    "path_kernel_estimate",
     "prediction_from_x0",
     "sigma_path",
     "vp_path",
@@ -142,26 +140,3 @@ def convert_prediction(x_t: Tensor, pred: Tensor, path: GaussianPath, source: Pr
     if source == target:
         return pred
     return prediction_from_x0(x_t, x0_from_prediction(x_t, pred, path, source), path, target)
-
-
-def path_kernel_estimate(
-    x_t: Tensor,
-    bank: Tensor,
-    path: GaussianPath,
-    bandwidth: float | Tensor | None = None,
-    chunk_size: int | None = None,
-    *,
-    bank_sq_norms: Tensor | None = None,
-    bank_sigma: float | None = None,
-) -> KernelEstimate:
-    """The forward-kernel estimate N(x_t; a x^(n), s^2 I) of E_unsafe[x0 | x_t] and its log-mass, on any path.
-
-    Evaluated on the equivalent VP sample (module docstring): for ``kind="vp"`` it is ``forward_kernel_estimate``
-    itself, bit for bit. ``bandwidth`` replaces the VP variance 1 - abar; ``bank_sq_norms`` and ``bank_sigma`` as in
-    ``forward_kernel_estimate`` (E[x0 | x_t] is the same given x_t or its rescaled VP sample).
-    """
-    c, ab = path.to_vp()
-    x = x_t if isinstance(c, float) and c == 1.0 else x_t * broadcast_to_sample(c, x_t)
-    return forward_kernel_estimate(
-        x, bank, ab, bandwidth, chunk_size, bank_sq_norms=bank_sq_norms, bank_sigma=bank_sigma
-    )

@@ -27,12 +27,12 @@ from safe_denoiser.core.kernel import (
     accumulation_dtype,
     as_batch_column,
     forward_kernel,
-    forward_kernel_estimate,
     kde_posterior_mean,
     kernel_estimate,
+    path_kernel_estimate,
 )
 from safe_denoiser.core.parameterization import broadcast_to_sample, x0_from_eps
-from safe_denoiser.core.paths import GaussianPath, Prediction, x0_from_prediction
+from safe_denoiser.core.paths import GaussianPath, Prediction, vp_path, x0_from_prediction
 
 __all__ = [
     "THRESHOLD_SEED",
@@ -137,10 +137,10 @@ def _theorem_terms(
     else:
         # mean and mass in one pass over the bank; the odds at x_t reuse this mass
         neg = banks.negative
-        est = forward_kernel_estimate(
+        est = path_kernel_estimate(
             x_t,
             neg.data,
-            alpha_bar,
+            vp_path(alpha_bar),
             bandwidth,
             guidance.chunk_size,
             bank_sq_norms=neg.sq_norms,

@@ -63,9 +63,10 @@ from safe_denoiser.core.step import (
     reference_threshold,
     theorem_correction,
 )
+from safe_denoiser.diffusers.bank_layout import denoiser_network, in_sample_space
 from safe_denoiser.diffusers.scheduler_registry import SUPPORTED_SCHEDULERS, Kind
 
-__all__ = ["SUPPORTED_SCHEDULERS", "SafeScheduler", "StepTrace", "attach", "detach", "sample_space_bank"]
+__all__ = ["SUPPORTED_SCHEDULERS", "SafeScheduler", "StepTrace", "attach", "detach"]
 
 SUPPORTED_PREDICTIONS = ("epsilon", "v_prediction")
 
@@ -110,14 +111,6 @@ def _scheduler_kind(scheduler: Any) -> Kind:
             f"safe denoiser: {name} with a learned variance (model output of 2x channels) is not supported"
         )
     return SUPPORTED_SCHEDULERS[name]
-
-
-def _bank_tensor(bank: NegativeBank | Tensor) -> Tensor:
-    if isinstance(bank, NegativeBank):
-        return bank.data
-    if isinstance(bank, Tensor):
-        return NegativeBank.from_tensor(bank).data  # validates: float, (N, ...), non-empty, finite
-    raise TypeError(f"bank must be a NegativeBank or a tensor, got {type(bank).__name__}")
 
 
 def _guidance(guidance: SafeGuidance | str | None) -> SafeGuidance:
@@ -412,58 +405,16 @@ def _with_signature(method: Any, like: Any) -> Any:
     return call
 
 
-def _denoiser(pipe: Any) -> Any:
-    """The pipeline's denoising network: the UNet (SD-1.x/2.x, SDXL) or the transformer (SD3, Flux); or None."""
-    unet = getattr(pipe, "unet", None)
-    return unet if unet is not None else getattr(pipe, "transformer", None)
-
-
 def _pipeline_device_dtype(pipe: Any) -> tuple[torch.device, torch.dtype]:
-    net = _denoiser(pipe)
+    net = denoiser_network(pipe)
     if net is not None:
         return net.device, net.dtype
     return pipe.device, pipe.dtype
 
 
-def sample_space_bank(pipe: Any, bank: NegativeBank | Tensor, what: str = "bank") -> Tensor:
-    """The bank in the space of the sample that ``pipe``'s scheduler steps, checked against the denoiser's input.
-
-    Flux (a pipeline with ``_pack_latents``) steps packed latents (B, h w / 4, 4 C): a bank of unpacked latents
-    (N, C, h, w), the layout ``safe-denoiser bank build`` writes, is packed with the pipeline's own function; a bank
-    already packed (N, L, 4 C) is taken as it is. Other pipelines step (B, C, h, w) latents.
-    """
-    data = _bank_tensor(bank)
-    channels = getattr(getattr(_denoiser(pipe), "config", None), "in_channels", None)
-    pack = getattr(type(pipe), "_pack_latents", None)
-    if pack is not None and channels is not None:
-        if data.dim() == 4 and 4 * data.shape[1] == channels:
-            n, c, h, w = data.shape
-            if h % 2 or w % 2:
-                raise ValueError(f"{what} latents {tuple(data.shape[1:])}: height and width must be even (2x2 patches)")
-            return pack(data, n, c, h, w)
-        if data.dim() == 3 and data.shape[2] == channels:
-            return data
-        raise ValueError(
-            f"{what} items have shape {tuple(data.shape[1:])}; {type(pipe).__name__} steps packed latents: expected"
-            f" unpacked ({channels // 4}, h, w) latents (packed at attach) or packed (h w / 4, {channels})"
-        )
-    if channels is not None and data.shape[1] != channels:
-        raise ValueError(
-            f"{what} items have {data.shape[1]} channels (shape {tuple(data.shape[1:])}) but the"
-            f" pipeline's {type(_denoiser(pipe)).__name__} samples {channels}-channel latents"
-        )
-    return data
-
-
-def _in_sample_space(pipe: Any, bank: NegativeBank | Tensor, what: str) -> NegativeBank | Tensor:
-    """``sample_space_bank``, keeping a ``NegativeBank`` (and its cached norms) whole when no repacking is needed."""
-    data = sample_space_bank(pipe, bank, what)
-    return bank if isinstance(bank, NegativeBank) and data is bank.data else data
-
-
 def attach(
     pipe: Any,
-    bank: NegativeBank | Tensor,
+    bank: NegativeBank | Tensor | PreparedBanks,
     guidance: SafeGuidance | str | None = None,
     *,
     record: bool = False,
@@ -475,9 +426,17 @@ def attach(
     out in the sample space of the pipeline's scheduler (``sample_space_bank``) and prepared once on the pipeline's
     device and dtype (``PreparedBanks``; the kernel still accumulates in float32). The handle is the
     ``SafeScheduler`` now at ``pipe.scheduler``: ``handle.records`` (with ``record=True``), ``handle.guidance``.
-    ``reference``: the reference bank (safe or unlabelled data) that the odds preset needs.
+    ``reference``: the reference bank (safe or unlabelled data) that the odds preset needs; or pass ``bank`` as
+    ``PreparedBanks`` holding both (prepared before the pipeline was known: they are laid out and moved here, their
+    data variance kept).
     """
     guidance = _guidance(guidance)
+    variance = None
+    if isinstance(bank, PreparedBanks):
+        if reference is not None:
+            raise ValueError("attach: give the reference bank inside the PreparedBanks, not beside it")
+        prepared = bank
+        bank, reference, variance = prepared.negative, prepared.reference, prepared.data_variance
     if reference is None and guidance.needs_reference_bank:
         raise ValueError(
             f"the {guidance.preset} preset needs a reference bank: attach(pipe, bank, guidance, reference=...)"
@@ -488,11 +447,16 @@ def attach(
     if isinstance(scheduler, SafeScheduler):
         raise ValueError("a safe denoiser is already attached to this pipeline: detach(pipe) first")
     device, dtype = _pipeline_device_dtype(pipe)
-    ref = None if reference is None else _in_sample_space(pipe, reference, "reference bank")
-    banks = PreparedBanks.prepare(_in_sample_space(pipe, bank, "bank"), guidance, ref, device=device, dtype=dtype)
+    ref = None if reference is None else _whole(in_sample_space(pipe, reference, "reference bank"))
+    laid = PreparedBanks(_whole(in_sample_space(pipe, bank, "bank")), ref, variance)
+    banks = PreparedBanks.prepare(laid, guidance, device=device, dtype=dtype)
     handle = SafeScheduler(scheduler, banks, guidance, record=record)
     object.__setattr__(pipe, "scheduler", handle)  # bypass config registration: pipe.config keeps the real class
     return handle
+
+
+def _whole(bank: NegativeBank | Tensor) -> NegativeBank:
+    return bank if isinstance(bank, NegativeBank) else NegativeBank.from_tensor(bank)
 
 
 def detach(pipe: Any) -> Any:

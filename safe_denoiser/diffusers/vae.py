@@ -3,7 +3,7 @@
 The bank lives where the pipeline's scheduler steps: z = (latent - shift_factor) * scaling_factor, the inverse of
 what every pipeline does before decoding (SD-1.x/SDXL: no shift; SD3: 1.5305 and 0.0609; Flux: 0.3611 and 0.1159;
 the factors are read from the VAE's config). Flux steps these latents packed into 2x2 patches; the bank file holds
-them unpacked (C, h, w) and ``attach`` packs them (``safe_denoiser.diffusers.safe_scheduler.sample_space_bank``).
+them unpacked (C, h, w) and ``attach`` packs them (``safe_denoiser.diffusers.bank_layout.sample_space_bank``).
 """
 
 from __future__ import annotations

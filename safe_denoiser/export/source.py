@@ -203,7 +203,7 @@ def build_flow_denoiser(
 ) -> FlowDenoiserStep:
     """The ``FlowDenoiserStep`` of an SD3 / Flux ``source`` (the banks packed as Flux's scheduler steps them, then
     stored as ``bank_dtype``)."""
-    from safe_denoiser.diffusers.safe_scheduler import sample_space_bank
+    from safe_denoiser.diffusers.bank_layout import sample_space_bank
 
     family = source.family
     assert family is not None

@@ -15,10 +15,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from safe_denoiser.core.banks import PreparedBanks
 from safe_denoiser.lightning.checks import FiniteWatch, check_finite, check_window
 from safe_denoiser.lightning.prompts import PromptItem, clip_text
 from safe_denoiser.lightning.writer import GeneratedImage
-from safe_denoiser.models.config import ModelConfig, RunBanks, keyword_fields
+from safe_denoiser.models.config import ModelConfig, keyword_fields
 from safe_denoiser.models.registry import ClassLabels
 
 __all__ = ["SafeDiffusionModule"]
@@ -43,7 +44,7 @@ class SafeDiffusionModule(L.LightningModule):
         self.config = ModelConfig.from_mapping(fields)  # validates every field
         self.pipe: Any = None
         self.handle: Any = None
-        self._banks: RunBanks | None = None
+        self._banks: tuple[PreparedBanks | None] | None = None  # loaded once; (None,) when the guidance is off
         self._settings: dict[str, Any] | None = None
 
     @classmethod
@@ -59,11 +60,11 @@ class SafeDiffusionModule(L.LightningModule):
         # The pipeline's networks become children, so Lightning moves and casts them (devices, precision).
         self.networks = nn.ModuleDict({k: v for k, v in self.pipe.components.items() if isinstance(v, nn.Module)})
 
-    def banks(self) -> RunBanks:
+    def banks(self) -> PreparedBanks | None:
         """The banks this run reads, loaded once (hashed into the settings before the model loads)."""
         if self._banks is None:
-            self._banks = self.config.load_banks()
-        return self._banks
+            self._banks = (self.config.load_banks(),)
+        return self._banks[0]
 
     def on_predict_start(self) -> None:
         """Attach the bank, SLD and SAFREE after Lightning has placed the networks (so the bank takes their
@@ -86,9 +87,10 @@ class SafeDiffusionModule(L.LightningModule):
 
             attach_safree(self.pipe, safree)
         if guidance is not None:
-            banks = cfg.fit_banks(self.banks(), cfg.sample_shape(self.pipe))
-            assert banks.negative is not None  # ModelConfig requires a bank with the safe denoiser
-            self.handle = attach(self.pipe, banks.negative, guidance, record=True, reference=banks.reference)
+            loaded = self.banks()
+            assert loaded is not None  # ModelConfig requires a bank with the safe denoiser
+            banks = cfg.fit_banks(loaded, cfg.sample_shape(self.pipe))
+            self.handle = attach(self.pipe, banks, guidance, record=True)
 
     # ---- generation -----------------------------------------------------------------------------------
     def _generators(self, batch: list[PromptItem]) -> list[torch.Generator]:

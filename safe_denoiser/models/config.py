@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, get_type_hints
 
 from safe_denoiser.core.bank import NegativeBank
+from safe_denoiser.core.banks import PreparedBanks
 from safe_denoiser.core.guidance import SafeGuidance
 from safe_denoiser.core.safree import SafreeConfig
 from safe_denoiser.core.sld_config import SLDConfig
 from safe_denoiser.errors import FieldError
 from safe_denoiser.models.registry import ModelKind, model_kind
 
-__all__ = ["BUNDLED_BANK", "PRECISION_SETTING", "ModelConfig", "RunBanks", "build_pipeline", "guidance_from"]
+__all__ = ["BUNDLED_BANK", "PRECISION_SETTING", "ModelConfig", "build_pipeline", "guidance_from"]
 
 BUNDLED_BANK = "bundled"  # ``bank: bundled``: the bank the model kind ships (the demo's)
 PRECISION_SETTING = "trainer.precision"  # recorded beside the fields: the numeric precision shapes the pixels too
@@ -60,14 +61,6 @@ def file_sha256(path: str) -> str:
         while block := fh.read(1 << 24):
             digest.update(block)
     return digest.hexdigest()
-
-
-@dataclass(frozen=True)
-class RunBanks:
-    """The banks a run reads, loaded once (unchecked against a sample shape: the pipeline is not built yet)."""
-
-    negative: NegativeBank | None = None
-    reference: NegativeBank | None = None
 
 
 # ---- per-field checks and records ------------------------------------------------------------------------------
@@ -115,32 +108,32 @@ def _hash(bank: NegativeBank | None) -> str | None:
     return None if bank is None else f"sha256:{bank.sha256()}"
 
 
-def _record_bank(config: ModelConfig, banks: RunBanks) -> Any:
-    return _hash(banks.negative)
+def _record_bank(config: ModelConfig, banks: PreparedBanks | None) -> Any:
+    return None if banks is None else _hash(banks.negative)
 
 
-def _record_reference_bank(config: ModelConfig, banks: RunBanks) -> Any:
-    return _hash(banks.reference)
+def _record_reference_bank(config: ModelConfig, banks: PreparedBanks | None) -> Any:
+    return None if banks is None else _hash(banks.reference)
 
 
-def _record_unet_weights(config: ModelConfig, banks: RunBanks) -> Any:
+def _record_unet_weights(config: ModelConfig, banks: PreparedBanks | None) -> Any:
     return None if config.unet_weights is None else f"sha256:{file_sha256(config.unet_weights)}"
 
 
-def _record_guidance(config: ModelConfig, banks: RunBanks) -> Any:
+def _record_guidance(config: ModelConfig, banks: PreparedBanks | None) -> Any:
     return None if config.guidance is None else config.guidance.to_dict()
 
 
-def _record_sld(config: ModelConfig, banks: RunBanks) -> Any:
+def _record_sld(config: ModelConfig, banks: PreparedBanks | None) -> Any:
     return None if config.sld_config is None else config.sld_config.to_dict()
 
 
-def _record_safree(config: ModelConfig, banks: RunBanks) -> Any:
+def _record_safree(config: ModelConfig, banks: PreparedBanks | None) -> Any:
     return None if config.safree_config is None else config.safree_config.to_dict()
 
 
 Check = Callable[[Any], bool]
-Record = Callable[["ModelConfig", RunBanks], Any]
+Record = Callable[["ModelConfig", PreparedBanks | None], Any]
 
 
 def _spec(check: Check, expected: str, record: Record | None = None) -> dict[str, Any]:
@@ -305,27 +298,27 @@ class ModelConfig:
         """The reference bank of the odds preset (``bundled``: the model kind's); None when unset."""
         return None if self.reference_bank is None else self._load("reference_bank", sample_shape)
 
-    def load_banks(self) -> RunBanks:
-        """The banks this run's guidance reads (none when it is off; the reference bank only for a preset that
-        reads one): what shapes the images, so what ``image_settings`` hashes."""
+    def load_banks(self) -> PreparedBanks | None:
+        """The banks this run's guidance reads, prepared once on the CPU (None when the guidance is off; the
+        reference bank only for a preset that reads one): what shapes the images, so what ``image_settings``
+        hashes, and what ``attach`` lays out for the pipeline."""
         guidance = self.guidance
         if guidance is None:
-            return RunBanks()
+            return None
         reference = self.load_reference_bank() if guidance.needs_reference_bank else None
-        return RunBanks(self.load_bank(), reference)
+        return PreparedBanks.prepare(self.load_bank(), guidance, reference)
 
-    def fit_banks(self, banks: RunBanks, sample_shape: tuple[int, ...]) -> RunBanks:
+    def fit_banks(self, banks: PreparedBanks, sample_shape: tuple[int, ...]) -> PreparedBanks:
         """``banks`` checked against the model's sample shape; a mismatch is an error naming the field and file."""
-        fitted = []
         for name, bank in (("bank", banks.negative), ("reference_bank", banks.reference)):
             try:
-                fitted.append(None if bank is None else bank.validate(sample_shape))
+                None if bank is None else bank.validate(sample_shape)
             except ValueError as exc:
                 raise ValueError(f"model.{name} {getattr(self, name)!r}: {exc}") from None
-        return RunBanks(*fitted)
+        return banks
 
     # ---- the record ----------------------------------------------------------------------------------------------
-    def image_settings(self, banks: RunBanks, precision: str | None) -> dict[str, Any]:
+    def image_settings(self, banks: PreparedBanks | None, precision: str | None) -> dict[str, Any]:
         """Everything besides its item that shapes an image, one entry per field (banks and UNet weights by
         content hash, guidance/SLD/SAFREE parsed) plus the trainer's precision: recorded in every PNG and metadata
         row, compared on resume."""
