@@ -7,7 +7,7 @@ Built once at attach or export; the sampling loop never re-derives any of it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +76,12 @@ class PreparedBanks:
         read values on the host; norms None are computed from the values on first use."""
         ref = None if reference is None else _unchecked(reference, reference_sq_norms)
         return cls(_unchecked(negative, negative_sq_norms), ref, data_variance)
+
+    def relaid(self, layout: Callable[[NegativeBank, str], NegativeBank]) -> PreparedBanks:
+        """The same banks in another layout (``layout(bank, "bank" | "reference bank")``), data variance kept: it
+        is a mean over coordinates, which a layout only permutes."""
+        ref = None if self.reference is None else layout(self.reference, "reference bank")
+        return PreparedBanks(layout(self.negative, "bank"), ref, self.data_variance)
 
     def to(self, device: torch.device | str) -> PreparedBanks:
         """The same banks on another device (norms move with them)."""

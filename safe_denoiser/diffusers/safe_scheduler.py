@@ -431,13 +431,13 @@ def attach(
     data variance kept).
     """
     guidance = _guidance(guidance)
-    variance = None
     if isinstance(bank, PreparedBanks):
         if reference is not None:
             raise ValueError("attach: give the reference bank inside the PreparedBanks, not beside it")
-        prepared = bank
-        bank, reference, variance = prepared.negative, prepared.reference, prepared.data_variance
-    if reference is None and guidance.needs_reference_bank:
+        given = bank
+    else:
+        given = PreparedBanks(_whole(bank), None if reference is None else _whole(reference))
+    if given.reference is None and guidance.needs_reference_bank:
         raise ValueError(
             f"the {guidance.preset} preset needs a reference bank: attach(pipe, bank, guidance, reference=...)"
         )
@@ -447,8 +447,7 @@ def attach(
     if isinstance(scheduler, SafeScheduler):
         raise ValueError("a safe denoiser is already attached to this pipeline: detach(pipe) first")
     device, dtype = _pipeline_device_dtype(pipe)
-    ref = None if reference is None else _whole(in_sample_space(pipe, reference, "reference bank"))
-    laid = PreparedBanks(_whole(in_sample_space(pipe, bank, "bank")), ref, variance)
+    laid = given.relaid(lambda b, what: _whole(in_sample_space(pipe, b, what)))
     banks = PreparedBanks.prepare(laid, guidance, device=device, dtype=dtype)
     handle = SafeScheduler(scheduler, banks, guidance, record=record)
     object.__setattr__(pipe, "scheduler", handle)  # bypass config registration: pipe.config keeps the real class
