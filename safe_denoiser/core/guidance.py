@@ -177,7 +177,7 @@ class OddsGuidance(TheoremGuidance):
 
     The window closes at t = 300: below it the kernel is a hard nearest-item choice and beta a hard decision, so
     float32 rounding can flip which item wins and an image would differ alone and in a batch (measured on the demo
-    model: up to 0.58 with t >= 0, 5e-5 with t >= 300; docs/method.md section 4).
+    model: up to 0.58 with t >= 0, 5e-5 with t >= 300; docs/results.md, stability).
     """
 
     preset: ClassVar[str] = "odds"

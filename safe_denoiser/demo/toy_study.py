@@ -7,7 +7,7 @@ exact-safe ones (``sliced_wasserstein``), and by the three outcomes (unsafe / on
 
     python -m safe_denoiser.demo.toy_study --out outputs/toy_study      # table, study.json, study.png
 
-The presets' defaults (``core.guidance``) are chosen from this table (docs/method.md section 4 reports it).
+The presets' defaults (``core.guidance``) are chosen from this table (docs/method.md section 4, docs/results.md).
 """
 
 from __future__ import annotations

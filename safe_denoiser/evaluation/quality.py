@@ -2,7 +2,7 @@
 
 FID: ``FrechetInceptionDistance`` on the standard FID Inception (torch-fidelity's port of the 2015 TensorFlow
 graph), whose weights the user gives as a safetensors file (``--inception``; converting torch-fidelity's ``.pth``
-once is shown in the README). torch-fidelity itself reads weights with ``torch.load``; it is only ever handed a
+once is shown in docs/evaluation.md). torch-fidelity itself reads weights with ``torch.load``; it is only ever handed a
 file we wrote from those safetensors tensors, never the user's pickle. Any other ``torch.nn.Module`` mapping uint8
 images (B, 3, H, W) to features (B, F) can be passed instead. Images are centre-cropped to a square and resized to
 ``image_size`` (bicubic) before the extractor's own resize to 299.

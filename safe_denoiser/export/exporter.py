@@ -70,7 +70,6 @@ __all__ = [
     "build_denoiser",
     "denoiser_inputs",
     "export_bundle",
-    "export_from_config",
     "load_source",
     "prepare_out_dir",
     "read_model_section",
@@ -430,17 +429,3 @@ def _safree_section(source: ExportSource) -> dict[str, Any] | None:
         "eos_token_id": eos,
         "concept_basis": orthonormal_basis(pooled).tolist(),
     }
-
-
-def export_from_config(
-    config: str | os.PathLike[str],
-    out: str | os.PathLike[str],
-    options: ExportOptions | None = None,
-    height: int | None = None,
-    width: int | None = None,
-) -> Manifest:
-    """``safe-denoiser export``'s work: read the YAML's model section, build, export."""
-    options = options or ExportOptions()
-    prepare_out_dir(Path(out), options.overwrite)  # fail before the (slow) build
-    source = load_source(read_model_section(config), height, width)
-    return export_bundle(source, out, options)
