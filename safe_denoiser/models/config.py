@@ -16,6 +16,7 @@ import inspect
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, TypeVar, get_type_hints
 
 from safe_denoiser.core.bank import NegativeBank
@@ -252,17 +253,17 @@ class ModelConfig:
         """The model kind (``model``) from the registry."""
         return model_kind(self.model)
 
-    @property
+    @cached_property
     def guidance(self) -> SafeGuidance | None:
-        """The safe denoiser's settings (None: off)."""
+        """The safe denoiser's settings (None: off), parsed once."""
         return guidance_from(self.safe_denoiser)
 
-    @property
+    @cached_property
     def sld_config(self) -> SLDConfig | None:
         """SLD's settings (None: off)."""
         return _sld_from(self.sld)
 
-    @property
+    @cached_property
     def safree_config(self) -> SafreeConfig | None:
         """SAFREE's settings (None: off)."""
         return SafreeConfig.from_section(None if self.safree is None else dict(self.safree), "model.safree")
