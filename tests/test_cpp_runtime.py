@@ -12,6 +12,7 @@ The binary is built by ``make cpp`` (``make test`` builds it first); a missing b
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import math
@@ -21,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -36,14 +38,17 @@ from safe_denoiser.runtime.noise import gaussian_noise, philox4x32_10
 from safe_denoiser.runtime.png import png_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
-BINARY = ROOT / "cpp_runtime" / "build" / "release" / "safe-denoiser-cpp"
+# SAFE_DENOISER_CPP_BINARY: test another build of the program (e.g. a sanitizer build) instead of make cpp's.
+BINARY = Path(
+    os.environ.get("SAFE_DENOISER_CPP_BINARY", ROOT / "cpp_runtime" / "build" / "release" / "safe-denoiser-cpp")
+)
 PARITY_RTOL = 1e-5
-EXIT = {"usage": 2, "bundle": 3, "input": 4, "provider": 5, "io": 6}
+EXIT = {"usage": 2, "bundle": 3, "input": 4, "provider": 5, "io": 6, "runtime": 7}
 
 
 @pytest.fixture(scope="module")
 def cpp() -> Path:
-    if not BINARY.is_file():
+    if not BINARY.is_file() and "SAFE_DENOISER_CPP_BINARY" not in os.environ:
         subprocess.run(["make", "-C", str(ROOT), "cpp"], check=True, stdout=subprocess.DEVNULL)
     return BINARY
 
@@ -645,7 +650,7 @@ def test_bad_batch_requests_write_nothing(cpp: Path, bundles: Path, tmp_path: Pa
     out = tmp_path / "out"
     out.mkdir()
     bad = {
-        "not json": ('{"class": 1}\n{"class": 2,\n', "line 2: not JSON"),
+        "not json": ('{"class": 1}\n{"class": 2,\n', "line 2: request: not JSON"),
         "unknown field": ('{"class": 1, "colour": "red"}\n', "unknown field 'colour'"),
         "bad type": ('{"class": "one"}\n', "class: expected an integer"),
         "bad id": ('{"class": 1, "id": "../x"}\n', "id: expected a file stem"),
@@ -670,9 +675,173 @@ def test_bad_batch_requests_write_nothing(cpp: Path, bundles: Path, tmp_path: Pa
         assert not list(out.iterdir()), name
 
 
+# ---- issue 26: hostile input ends in an error, never a crash, a hang, a black image or a stray file -----------------
+def expect_nothing_written(folder: Path, proc: subprocess.CompletedProcess[str], code: str, needle: str) -> None:
+    assert proc.returncode == EXIT[code], (proc.returncode, proc.stderr)
+    assert needle in proc.stderr, (needle, proc.stderr)
+    assert "terminate called" not in proc.stderr and "AddressSanitizer" not in proc.stderr
+    assert not list(folder.iterdir()), sorted(p.name for p in folder.iterdir())
+
+
+def batch(cpp: Path, bundle: Path, requests: Path | str, out: Path) -> subprocess.CompletedProcess[str]:
+    args = ["batch", "--bundle", str(bundle), "--requests", str(requests), "--out-dir", str(out)]
+    return run(cpp, *args, check=False)
+
+
+def test_batch_input_is_bounded(cpp: Path, bundles: Path, tmp_path: Path) -> None:
+    """100,000-deep nesting (a SIGSEGV) and /dev/zero (2.1 GB, exit 0) end in errors naming the line."""
+    out = tmp_path / "out"
+    out.mkdir()
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"class": 1}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    proc = batch(cpp, bundles / "demo_theorem", deep, out)
+    expect_nothing_written(out, proc, "input", "line 2: request: JSON nested deeper than 64 levels")
+    long_line = tmp_path / "long.jsonl"
+    long_line.write_text('{"class": 1, "prompt": "' + "x" * (1 << 20) + '"}\n')
+    proc = batch(cpp, bundles / "demo_theorem", long_line, out)
+    expect_nothing_written(out, proc, "input", "line 1: longer than 1048576 bytes")
+    start = time.monotonic()
+    proc = batch(cpp, bundles / "demo_theorem", "/dev/zero", out)
+    expect_nothing_written(out, proc, "input", "/dev/zero line 1: longer than 1048576 bytes")
+    assert time.monotonic() - start < 60
+    proc = batch(cpp, bundles / "demo_theorem", tmp_path, out)
+    expect_nothing_written(out, proc, "io", "--requests: cannot read")
+    # JSON fields: numbers out of range and text that is not UTF-8 are refused, naming the field.
+    for line, needle in [
+        ('{"class": 1, "seed": -1}', "seed: expected an integer in 0..2^64-1"),
+        ('{"class": 1, "steps": 0}', "steps: expected an integer in 1..1000"),
+        ('{"class": 1, "steps": -5}', "steps: expected an integer in 1..1000"),
+        ('{"class": 1, "guidance": 1e30}', "guidance: expected a number in -1000..1000"),
+    ]:
+        (tmp_path / "r.jsonl").write_text(line + "\n")
+        expect_nothing_written(out, batch(cpp, bundles / "demo_theorem", tmp_path / "r.jsonl", out), "input", needle)
+    (tmp_path / "r.jsonl").write_bytes(b'{"prompt": "a \xff cat"}\n')
+    proc = batch(cpp, bundles / "tiny_sld", tmp_path / "r.jsonl", out)  # the message escapes the byte it quotes
+    expect_nothing_written(out, proc, "input", "line 1: request: not JSON")
+    assert "ill-formed UTF-8 byte" in proc.stderr and "\\xff" in proc.stderr, proc.stderr
+
+
+def crafted_onnx_bundle(bundles: Path, tmp_path: Path) -> Path:
+    """demo_theorem with a 25-byte denoiser.onnx whose initializer length (2^64 - 11) wraps back onto its own tag."""
+    graph = b"\x2a" + bytes.fromhex("f5ffffffffffffffff01") + b"\x42\x08negative"
+    crafted = b"\x08\x08\x3a" + bytes([len(graph)]) + graph
+    b = copy_bundle(bundles, tmp_path)
+    (b / "denoiser.onnx").write_bytes(crafted)
+    data = json.loads((b / "manifest.json").read_text())
+    data["files"]["denoiser.onnx"] = hashlib.sha256(crafted).hexdigest()
+    (b / "manifest.json").write_text(json.dumps(data))
+    return b
+
+
+def test_crafted_onnx_with_matching_hash_is_refused(cpp: Path, bundles: Path, tmp_path: Path) -> None:
+    """info, generate and serve spun forever on it, even with --no-verify-files; Python refuses it."""
+    b = crafted_onnx_bundle(bundles, tmp_path)
+    with pytest.raises(Exception):  # noqa: B017 - the Python runtime's refusal, whatever its type
+        Bundle(b, threads=1)
+    out = tmp_path / "x.png"
+    for args in (["info"], ["generate", "--class", "1", "--seed", "1", "--out", str(out)], ["serve", "--port", "0"]):
+        for verify in ([], ["--no-verify-files"]):
+            proc = subprocess.run(
+                [str(cpp), *args, "--bundle", str(b), *verify], capture_output=True, text=True, timeout=60
+            )
+            assert proc.returncode == EXIT["bundle"], (args, verify, proc.stderr)
+            assert "is not a readable ONNX file" in proc.stderr, proc.stderr
+            assert not out.exists()
+
+
+def test_non_finite_results_are_errors_not_images(cpp: Path, bundles: Path, tmp_path: Path) -> None:
+    """Guidance 1e30, NaN or overflowing noise, a schedule with alphas above 1: an error, never a black PNG."""
+    out = tmp_path / "out"
+    out.mkdir()
+    demo = bundles / "demo_theorem"
+
+    def gen(bundle: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+        return run(cpp, "generate", "--bundle", str(bundle), "--class", "1", "--seed", "1", "--out",
+                   str(out / "x.png"), *extra, check=False)  # fmt: skip
+
+    expect_nothing_written(out, gen(demo, "--guidance", "1e30"), "usage", "--guidance: expected a finite number")
+    expect_nothing_written(out, gen(demo, "--guidance", "nan"), "usage", "--guidance: expected a finite number")
+    noise = tmp_path / "noise.npy"
+    np.save(noise, np.full((1, 1, 8, 8), np.nan, np.float32))
+    expect_nothing_written(out, gen(demo, "--noise", str(noise)), "input", "noise: holds NaN or Inf")
+    np.save(noise, np.full((1, 1, 8, 8), 3e38, np.float32))
+    proc = gen(demo, "--noise", str(noise))
+    expect_nothing_written(out, proc, "runtime", "step 1 of 10 (timestep 999) made non-finite samples for image(s) [0]")
+    b = copy_bundle(bundles, tmp_path)
+    data = json.loads((b / "manifest.json").read_text())
+    data["scheduler"]["alphas_cumprod"][3] = 1.5
+    (b / "manifest.json").write_text(json.dumps(data))
+    proc = gen(b, "--no-verify-files")
+    expect_nothing_written(out, proc, "bundle", "scheduler.alphas_cumprod[3] must lie in (0, 1], got 1.5")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["generate", "--seed", "-1"],
+        ["generate", "--seed", "010"],
+        ["generate", "--seed", "18446744073709551616"],
+        ["generate", "--steps", "0"],
+        ["generate", "--steps", "-5"],
+        ["generate", "--steps", "-0"],
+        ["generate", "--threads", "-1"],
+        ["generate", "--item", "-1"],
+        ["serve", "--timeout-ms", "-1"],
+        ["serve", "--max-body", "0"],
+        ["serve", "--port", "65536"],
+        ["serve", "--max-seconds", "nan"],
+        ["serve", "--http-threads", "010"],
+        ["serve", "--max-connections", "-1"],
+        ["serve", "--read-timeout-ms", "1e4"],
+        ["batch", "--max-batch", "0"],
+    ],
+    ids=" ".join,
+)
+def test_bad_numbers_are_refused_naming_the_flag(cpp: Path, bundles: Path, tmp_path: Path, args: list[str]) -> None:
+    """They were reinterpreted: --seed -1 ran as 2^64-1, --steps 0 as the manifest's 50, --max-body 0 gave 413s."""
+    command, flag, value = args
+    extra = {
+        "generate": ["--class", "1", "--out", str(tmp_path / "x.png"), *(["--seed", "1"] if flag != "--seed" else [])],
+        "serve": ["--max-seconds", "1"] if flag != "--max-seconds" else [],
+        "batch": ["--requests", str(tmp_path / "r.jsonl"), "--out-dir", str(tmp_path)],
+    }[command]
+    proc = run(cpp, command, "--bundle", str(bundles / "demo_theorem"), flag, value, *extra, check=False)
+    assert proc.returncode == EXIT["usage"], proc.stderr
+    assert f"{flag}: expected a " in proc.stderr and f"got '{value}'" in proc.stderr, proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_invalid_utf8_prompts_and_bad_out_paths_write_nothing(cpp: Path, bundles: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    tiny = str(bundles / "tiny_sld")
+    for flag in ("--prompt", "--negative-prompt"):
+        prompt = [flag, b"a \xff cat"] + (["--prompt", "a cat"] if flag != "--prompt" else [])
+        cmd = [str(cpp), "generate", "--bundle", tiny, "--seed", "1", "--out", str(out / "x.png"), *prompt]
+        proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=300)
+        expect_nothing_written(out, proc, "input", f"{flag[2:].replace('-', '_')}: not valid UTF-8 text")
+    demo = ["generate", "--bundle", str(bundles / "demo_theorem"), "--class", "1", "--seed", "1"]
+    (out / "folder").mkdir()
+    proc = subprocess.run(
+        [str(cpp), *demo, "--out", str(out / "folder")], capture_output=True, text=True, timeout=300, cwd=out
+    )
+    assert proc.returncode == EXIT["io"] and "is a folder, expected a file path" in proc.stderr, proc.stderr
+    (out / "folder").rmdir()
+    expect_nothing_written(out, run(cpp, *demo, "--out", str(out / "folder"), "--record", str(out), check=False),
+                           "io", "--record: '" + str(out) + "' is a folder")  # fmt: skip
+    proc = subprocess.run([str(cpp), *demo, "--out", ""], capture_output=True, text=True, timeout=300, cwd=out)
+    expect_nothing_written(out, proc, "io", "--out: expected a file path, got ''")
+    proc = run(cpp, *demo, "--out", str(out / "x.json"), check=False)
+    expect_nothing_written(out, proc, "usage", "--record: '" + str(out / "x.json") + "' is also --out")
+    # The check comes first, the generation after: a failing generation writes neither file either.
+    proc = run(cpp, *demo, "--out", str(out / "x.png"), "--steps", "5000", check=False)
+    expect_nothing_written(out, proc, "input", "steps must lie in 1..1000")
+
+
 # ---- server ---------------------------------------------------------------------------------------------------------
 class Server:
-    """``safe-denoiser-cpp serve`` on 127.0.0.1 with a free port; always bounded by --max-seconds."""
+    """``safe-denoiser-cpp serve`` on 127.0.0.1 with a free port; always bounded by --max-seconds. Its stderr (a log
+    line per request) goes to a file: an unread pipe would fill and stall the server."""
 
     def __init__(self, cpp: Path, bundle: Path, *args: str) -> None:
         cmd = [
@@ -688,11 +857,19 @@ class Server:
             "120",
             *args,
         ]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        fd, path = tempfile.mkstemp(prefix="sdcpp-serve-", suffix=".log")
+        self.err_path = Path(path)
+        try:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=fd, text=True)
+        finally:
+            os.close(fd)  # the server holds its own copy
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
-        assert line.startswith("listening on http://127.0.0.1:"), line + self.proc.stderr.read()  # type: ignore[union-attr]
+        assert line.startswith("listening on http://127.0.0.1:"), line + self.log()
         self.port = int(line.rsplit(":", 1)[1])
+
+    def log(self) -> str:
+        return self.err_path.read_text(errors="replace")
 
     def request(self, method: str, path: str, body: bytes | None = None, timeout: float = 60) -> tuple[int, bytes]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
@@ -710,6 +887,7 @@ class Server:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         out, _ = self.proc.communicate(timeout=60)
+        self.err_path.unlink(missing_ok=True)
         return out
 
 
@@ -747,7 +925,7 @@ def test_server_answers_concurrent_clients(server: Server, bundles: Path) -> Non
 
 def test_server_validates_requests(server: Server) -> None:
     cases = [
-        (b"{not json", 400, "not a JSON object"),
+        (b"{not json", 400, "body: not JSON"),
         (json.dumps({"class": 42, "seed": 1}).encode(), 400, "class"),
         (json.dumps({"prompt": "a cat", "seed": 1}).encode(), 400, "prompt"),
         (json.dumps({"class": 1, "steps": 0}).encode(), 400, "steps"),
@@ -778,12 +956,14 @@ def test_server_full_queue_disconnects_and_sigterm(cpp: Path, bundles: Path) -> 
         threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
         for t in threads:
             t.start()
-        # Disconnects: half a body, then a whole request whose answer is never read.
+        # Disconnects: half a body, then a whole request whose answer is never read (a Host the server accepts, so
+        # that it reaches the worker rather than the 403 for other hosts).
+        head = b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n" % s.port
         with socket.create_connection(("127.0.0.1", s.port)) as sock:
-            sock.sendall(b'POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"class": 1')
+            sock.sendall(head + b'Content-Length: 100\r\n\r\n{"class": 1')
         with socket.create_connection(("127.0.0.1", s.port)) as sock:
             body = json.dumps({"class": 2, "seed": 1, "steps": 3}).encode()
-            sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            sock.sendall(head + b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         for t in threads:
             t.join()
         codes = sorted(code for code, _ in results)

@@ -15,11 +15,11 @@
 namespace sdcpp {
 namespace {
 std::string errno_text() { return std::strerror(errno); }
-
 }  // namespace
 
-void atomic_write(const std::string& path, const void* data, size_t size) {
-  // A temporary sibling renamed over the target: a reader sees the old file or the whole new one.
+namespace {
+// Write `data` to a new temporary sibling of `path`; returns its name. Nothing is left behind on failure.
+std::string write_temp(const std::string& path, const void* data, size_t size) {
   std::random_device rd;
   const std::string tmp = path + ".tmp-" + std::to_string(getpid()) + "-" + std::to_string(rd());
   const mode_t mask = umask(0);
@@ -39,10 +39,60 @@ void atomic_write(const std::string& path, const void* data, size_t size) {
   const std::string why = ok ? "" : errno_text();
   // No fsync: like safe_denoiser.files.atomic_write, the rename guarantees whole files to readers, not durability.
   ok = ::close(fd) == 0 && ok;
-  if (!ok || std::rename(tmp.c_str(), path.c_str()) != 0) {
+  if (!ok) {
     const std::string reason = why.empty() ? errno_text() : why;
     ::unlink(tmp.c_str());
     throw Error(ErrorKind::io, "cannot write '" + path + "': " + reason);
+  }
+  return tmp;
+}
+
+std::string parent_of(const std::string& path) {
+  const auto slash = path.find_last_of('/');
+  return slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
+}
+}  // namespace
+
+void atomic_write(const std::string& path, const void* data, size_t size) {
+  // A temporary sibling renamed over the target: a reader sees the old file or the whole new one.
+  const std::string tmp = write_temp(path, data, size);
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    const std::string reason = errno_text();
+    ::unlink(tmp.c_str());
+    throw Error(ErrorKind::io, "cannot write '" + path + "': " + reason);
+  }
+}
+
+void atomic_write_all(const std::vector<std::pair<std::string, std::string>>& files) {
+  // Every temporary first, then the renames: a failed write leaves none of the targets.
+  std::vector<std::string> temps;
+  size_t renamed = 0;
+  try {
+    for (const auto& [path, bytes] : files) temps.push_back(write_temp(path, bytes.data(), bytes.size()));
+    for (; renamed < files.size(); ++renamed) {
+      if (std::rename(temps[renamed].c_str(), files[renamed].first.c_str()) != 0) {
+        throw Error(ErrorKind::io, "cannot write '" + files[renamed].first + "': " + errno_text());
+      }
+    }
+  } catch (const Error&) {
+    for (size_t i = 0; i < temps.size(); ++i) ::unlink((i < renamed ? files[i].first : temps[i]).c_str());
+    throw;
+  }
+}
+
+void check_output_file(const std::string& path, const std::string& what) {
+  const auto slash = path.find_last_of('/');
+  const std::string base = slash == std::string::npos ? path : path.substr(slash + 1);
+  if (base.empty() || base == "." || base == "..") {
+    throw Error(ErrorKind::io, what + ": expected a file path, got '" + path + "'");
+  }
+  struct stat st {};
+  if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) {
+    throw Error(ErrorKind::io, what + ": '" + path + "' is a folder, expected a file path");
+  }
+  const std::string dir = parent_of(path);
+  if (::stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode) || ::access(dir.c_str(), W_OK) != 0) {
+    throw Error(ErrorKind::io, what + ": '" + dir + "' is not a writable folder");
   }
 }
 

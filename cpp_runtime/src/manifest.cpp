@@ -1,12 +1,15 @@
 // manifest.json: parse and validate as safe_denoiser.runtime.manifest.Manifest.load does.
 #include <sys/stat.h>
 
+#include <climits>
+#include <cmath>
 #include <nlohmann/json.hpp>
 
 #include "onnx_initializer.hpp"
 #include "safe_denoiser_cpp/files.hpp"
 #include "safe_denoiser_cpp/errors.hpp"
 #include "safe_denoiser_cpp/integrity.hpp"
+#include "safe_denoiser_cpp/json_limits.hpp"
 #include "safe_denoiser_cpp/manifest.hpp"
 
 namespace sdcpp {
@@ -36,12 +39,46 @@ std::string shape_text(const std::vector<int64_t>& shape) {
   return s + ")";
 }
 
+std::string shown(const json& v) {
+  const std::string s = v.dump();
+  return s.size() > 60 ? s.substr(0, 57) + "..." : s;
+}
+
+// An integer field (a float such as 1e30 is refused, not converted: see json_integer_in).
+int64_t integer(const json& v, const std::string& field, int64_t lo, int64_t hi) {
+  const auto i = json_integer_in(v, lo, hi);
+  if (!i) bad(field + " must be an integer in " + std::to_string(lo) + ".." + std::to_string(hi) + ", got " + shown(v));
+  return *i;
+}
+
+std::optional<int64_t> optional_integer(const json& data, const std::string& key, int64_t lo, int64_t hi) {
+  if (!data.contains(key) || data.at(key).is_null()) return std::nullopt;
+  return integer(data.at(key), key, lo, hi);
+}
+
+// (C, H, W): three integers >= 1 whose product, the element count of one sample that sizes every buffer and ORT
+// shape, fits int32 (so sample_size() and batch * sample_size() cannot overflow).
+std::vector<int64_t> read_sample_shape(const json& v, const std::string& field) {
+  if (!v.is_array() || v.size() != 3) bad(field + " must be (C, H, W): 3 integers, got " + shown(v));
+  std::vector<int64_t> shape;
+  int64_t elements = 1;
+  for (size_t i = 0; i < 3; ++i) {
+    shape.push_back(integer(v[i], field + "[" + std::to_string(i) + "]", 1, INT32_MAX));
+    elements *= shape.back();  // both factors <= INT32_MAX: no overflow
+    if (elements > INT32_MAX) bad(field + " " + shown(v) + " has more than 2^31-1 elements");
+  }
+  return shape;
+}
+
 std::vector<TensorSpec> tensors(const json& list, const std::string& where) {
   if (!list.is_array()) bad(where + " must be a list");
   std::vector<TensorSpec> out;
   for (const auto& t : list) {
     TensorSpec spec{require(t, "name", where).get<std::string>(), require(t, "dtype", where).get<std::string>(), {}};
-    for (const auto& d : require(t, "shape", where)) spec.shape.push_back(d.is_number_integer() ? d.get<int64_t>() : -1);
+    // A name ("batch") is a symbolic dimension: -1.
+    for (const auto& d : require(t, "shape", where)) {
+      spec.shape.push_back(d.is_number() ? integer(d, where + " '" + spec.name + "' shape", -1, INT32_MAX) : -1);
+    }
     out.push_back(std::move(spec));
   }
   return out;
@@ -65,8 +102,8 @@ std::optional<T> optional_value(const json& data, const std::string& key) {
 
 BankInfo bank_info(const json& b, const std::string& where, const std::string& initializer) {
   BankInfo bank;
-  bank.count = require(b, "count", where).get<int64_t>();
-  bank.sample_shape = require(b, "sample_shape", where).get<std::vector<int64_t>>();
+  bank.count = integer(require(b, "count", where), where + ".count", 1, INT32_MAX);
+  bank.sample_shape = read_sample_shape(require(b, "sample_shape", where), where + ".sample_shape");
   bank.sha256 = require(b, "sha256", where).get<std::string>();
   bank.initializer = b.value("initializer", initializer);
   bank.dtype = b.value("dtype", std::string("float32"));
@@ -125,9 +162,11 @@ std::map<std::string, std::string> file_hashes(const json& data) {
 }
 
 // The keys DDIM and DDPM share, each defaulting to diffusers' value when absent.
-void read_step_settings(const json& obj, StepSettings& s) {
+void read_step_settings(const json& obj, const std::string& where, StepSettings& s) {
   s.timestep_spacing = obj.value("timestep_spacing", s.timestep_spacing);
-  s.steps_offset = obj.value("steps_offset", s.steps_offset);
+  if (obj.contains("steps_offset")) {
+    s.steps_offset = integer(obj.at("steps_offset"), where + ".steps_offset", 0, INT32_MAX);
+  }
   s.clip_sample = obj.value("clip_sample", s.clip_sample);
   s.clip_sample_range = obj.value("clip_sample_range", s.clip_sample_range);
   s.thresholding = obj.value("thresholding", s.thresholding);
@@ -139,18 +178,29 @@ SchedulerInfo scheduler_info(const json& sched) {
   const auto sigmas = require(sched, "sigmas", "scheduler").get<std::vector<double>>();
   info.final_alpha_cumprod = require(sched, "final_alpha_cumprod", "scheduler").get<double>();
   const auto& ddim = require(sched, "ddim", "scheduler");
-  read_step_settings(ddim, info.ddim);
+  read_step_settings(ddim, "scheduler.ddim", info.ddim);
   info.ddim.use_clipped_model_output = ddim.value("use_clipped_model_output", false);
   if (sched.contains("ddpm") && !sched.at("ddpm").is_null() && !sched.at("ddpm").empty()) {
     const auto& ddpm = sched.at("ddpm");
     if (!ddpm.is_object()) bad("scheduler.ddpm must be an object");
     DdpmSettings s;
-    read_step_settings(ddpm, s);
+    read_step_settings(ddpm, "scheduler.ddpm", s);
     s.variance_type = ddpm.value("variance_type", s.variance_type);
     info.ddpm = s;
   }
   if (info.alphas_cumprod.empty() || info.alphas_cumprod.size() != sigmas.size()) {
     bad("scheduler.alphas_cumprod and scheduler.sigmas must be non-empty and equal");
+  }
+  // Products of alphas in (0, 1]: anything else (above 1, 0, NaN) makes sqrt(1 - a) or 1 / sqrt(a) NaN or infinite
+  // and every image black.
+  for (size_t t = 0; t < info.alphas_cumprod.size(); ++t) {
+    const double a = info.alphas_cumprod[t];
+    if (!(a > 0.0 && a <= 1.0)) {
+      bad("scheduler.alphas_cumprod[" + std::to_string(t) + "] must lie in (0, 1], got " + json(a).dump());
+    }
+  }
+  if (!(info.final_alpha_cumprod > 0.0 && info.final_alpha_cumprod <= 1.0)) {
+    bad("scheduler.final_alpha_cumprod must lie in (0, 1], got " + json(info.final_alpha_cumprod).dump());
   }
   return info;
 }
@@ -234,6 +284,7 @@ const char* guidance_preset_name(GuidancePreset preset) {
 
 Manifest Manifest::parse(const std::string& text) {
   json data;
+  if (json_nesting_exceeds(text, 64)) bad("JSON nested deeper than 64 levels");
   try {
     data = json::parse(text);
   } catch (const json::exception& e) {
@@ -245,33 +296,39 @@ Manifest Manifest::parse(const std::string& text) {
   try {
     m.model_kind = require(data, "model_kind", "the manifest").get<std::string>();
     m.source = require(data, "source", "the manifest").get<std::string>();
-    m.sample_shape = require(data, "sample_shape", "the manifest").get<std::vector<int64_t>>();
-    m.num_inference_steps = require(data, "num_inference_steps", "the manifest").get<int>();
+    m.sample_shape = read_sample_shape(require(data, "sample_shape", "the manifest"), "sample_shape");
+    const auto& steps = require(data, "num_inference_steps", "the manifest");
+    m.num_inference_steps = static_cast<int>(integer(steps, "num_inference_steps", 1, INT_MAX));
     m.guidance_scale = require(data, "guidance_scale", "the manifest").get<double>();
+    if (!(std::abs(m.guidance_scale) <= kMaxGuidance)) {
+      bad("guidance_scale must be a number in -1000..1000, got " + json(m.guidance_scale).dump());
+    }
     m.scheduler = scheduler_info(require(data, "scheduler", "the manifest"));
     if (present(data, "guidance")) m.guidance = guidance_info(data.at("guidance"));
     m.reference_threshold_alpha_bar = optional_value<double>(data, "reference_threshold_alpha_bar");
-    m.reference_threshold_steps = optional_value<int>(data, "reference_threshold_steps");
+    if (const auto n = optional_integer(data, "reference_threshold_steps", 0, INT_MAX)) {
+      m.reference_threshold_steps = static_cast<int>(*n);
+    }
     m.has_sld = present(data, "sld");
     if (present(data, "bank")) m.bank = bank_info(data.at("bank"), "bank", "negative_bank");
     if (present(data, "reference_bank")) {
       m.reference_bank = bank_info(data.at("reference_bank"), "reference_bank", "reference_bank");
     }
     m.tokenizer = optional_value<std::string>(data, "tokenizer");
-    m.null_class = optional_value<int64_t>(data, "null_class");
+    m.null_class = optional_integer(data, "null_class", 0, INT32_MAX - 1);
     if (present(data, "num_class_labels")) {
       const auto& n = data.at("num_class_labels");
-      if (!n.is_number_integer() || n.get<int64_t>() <= m.null_label()) {
-        bad("num_class_labels must be an integer > null_class (" + std::to_string(m.null_label()) + "), got " + n.dump());
+      m.num_class_labels = json_integer_in(n, m.null_label() + 1, INT32_MAX);
+      if (!m.num_class_labels) {
+        bad("num_class_labels must be an integer > null_class (" + std::to_string(m.null_label()) + "), got " +
+            shown(n));
       }
-      m.num_class_labels = n.get<int64_t>();
     }
     for (const auto& [name, g] : require(data, "graphs", "the manifest").items()) m.graphs[name] = graph(g, name);
     m.files = file_hashes(data);
   } catch (const json::exception& e) {
     bad(std::string("invalid content: ") + e.what());
   }
-  if (m.sample_shape.size() != 3) bad("sample_shape must be (C, H, W), got " + shape_text(m.sample_shape));
   return m;
 }
 

@@ -1,5 +1,6 @@
 #include "onnx_initializer.hpp"
 
+#include <cstdint>
 #include <cstdio>
 #include <fstream>
 #include <memory>
@@ -12,13 +13,17 @@ constexpr int kFloat = 1;          // TensorProto.DataType.FLOAT
 constexpr int kFloat16 = 10;       // TensorProto.DataType.FLOAT16 (a float16-stored bank, cast inside the graph)
 constexpr int kExternal = 1;       // TensorProto.DataLocation.EXTERNAL
 
-// Random-access reads of a file with bounds checks; every failure names the file.
+// Random-access reads of a file with bounds checks; every failure names the file. Every length and offset from
+// the file is checked against its enclosing end before it moves a position: a crafted length near 2^64 must not
+// wrap a position backwards (an endless loop) or past the end.
 class Reader {
  public:
   explicit Reader(const std::string& path) : path_(path), in_(path, std::ios::binary) {
     if (!in_) throw Error(ErrorKind::bundle, "cannot open '" + path + "'");
     in_.seekg(0, std::ios::end);
-    size_ = static_cast<uint64_t>(in_.tellg());
+    const std::streamoff size = in_.tellg();
+    if (size < 0) fail("cannot tell its size");
+    size_ = static_cast<uint64_t>(size);
   }
   uint64_t size() const { return size_; }
   std::string read(uint64_t offset, uint64_t n) {
@@ -34,21 +39,26 @@ class Reader {
     for (int shift = 0; shift < 64; shift += 7) {
       if (pos >= end) fail("truncated varint");
       const auto byte = static_cast<unsigned char>(read(pos++, 1)[0]);
+      if (shift == 63 && byte > 1) fail("varint overflows 64 bits");
       v |= static_cast<uint64_t>(byte & 0x7f) << shift;
       if (!(byte & 0x80)) return v;
     }
     fail("varint too long");
   }
-  // Skip a field's payload of the given wire type; returns (offset, length) of length-delimited payloads.
+  // pos + n, failing unless pos <= pos + n <= end (checked without computing a wrapped sum).
+  uint64_t advance(uint64_t pos, uint64_t n, uint64_t end) const {
+    if (pos > end || n > end - pos) fail("a length of " + std::to_string(n) + " runs past its message");
+    return pos + n;
+  }
+  // Skip a field's payload of the given wire type.
   void skip(int wire, uint64_t& pos, uint64_t end) {
     switch (wire) {
       case 0: varint(pos, end); break;
-      case 1: pos += 8; break;
-      case 2: { const uint64_t n = varint(pos, end); pos += n; break; }
-      case 5: pos += 4; break;
+      case 1: pos = advance(pos, 8, end); break;
+      case 2: { const uint64_t n = varint(pos, end); pos = advance(pos, n, end); break; }
+      case 5: pos = advance(pos, 4, end); break;
       default: fail("unsupported wire type " + std::to_string(wire));
     }
-    if (pos > end) fail("field runs past its message");
   }
   [[noreturn]] void fail(const std::string& why) const {
     throw Error(ErrorKind::bundle, "'" + path_ + "' is not a readable ONNX file: " + why);
@@ -110,6 +120,19 @@ struct TensorFields {
   ExternalData external;
 };
 
+// A decimal offset or length of external_data: digits only, within uint64 (std::stoull would take "-1" or " 7").
+uint64_t decimal(const Reader& r, const std::string& key, const std::string& text) {
+  uint64_t v = 0;
+  if (text.empty() || text.size() > 20) r.fail("external_data " + key + " is not a decimal number");
+  for (const char c : text) {
+    if (c < '0' || c > '9' || v > (UINT64_MAX - static_cast<uint64_t>(c - '0')) / 10) {
+      r.fail("external_data " + key + " is not a decimal number below 2^64");
+    }
+    v = v * 10 + static_cast<uint64_t>(c - '0');
+  }
+  return v;
+}
+
 // One StringStringEntryProto {key 1, value 2} in [pos, stop) into `external`.
 void read_external_entry(Reader& r, uint64_t pos, uint64_t stop, ExternalData& external) {
   std::string key, value;
@@ -117,12 +140,13 @@ void read_external_entry(Reader& r, uint64_t pos, uint64_t stop, ExternalData& e
     const uint64_t t = r.varint(pos, stop);
     if ((t & 7) != 2) { r.skip(static_cast<int>(t & 7), pos, stop); continue; }
     const uint64_t len = r.varint(pos, stop);
+    const uint64_t next = r.advance(pos, len, stop);
     ((t >> 3) == 1 ? key : value) = r.read(pos, len);
-    pos += len;
+    pos = next;
   }
   if (key == "location") external.location = value;
-  if (key == "offset") external.offset = std::stoull(value);
-  if (key == "length") { external.length = std::stoull(value); external.has_length = true; }
+  if (key == "offset") external.offset = decimal(r, key, value);
+  if (key == "length") { external.length = decimal(r, key, value); external.has_length = true; }
 }
 
 // Length-delimited payload at pos: its span, with pos moved past it.
@@ -130,7 +154,7 @@ Span delimited(Reader& r, uint64_t& pos, uint64_t end) {
   Span span;
   span.len = r.varint(pos, end);
   span.pos = pos;
-  pos += span.len;
+  pos = r.advance(pos, span.len, end);
   return span;
 }
 
@@ -142,15 +166,16 @@ TensorFields read_tensor_fields(Reader& r, uint64_t pos, uint64_t end) {
     if (field == 1 && wire == 0) {
       f.dims.push_back(static_cast<int64_t>(r.varint(pos, end)));
     } else if (field == 1 && wire == 2) {
-      const uint64_t n = r.varint(pos, end), stop = pos + n;
+      const uint64_t n = r.varint(pos, end), stop = r.advance(pos, n, end);
       while (pos < stop) f.dims.push_back(static_cast<int64_t>(r.varint(pos, stop)));
     } else if (field == 2 && wire == 0) {
       f.data_type = static_cast<int>(r.varint(pos, end));
     } else if (field == 4 && wire == 2) {
       f.packed_floats = delimited(r, pos, end);
     } else if (field == 4 && wire == 5) {
+      const uint64_t next = r.advance(pos, 4, end);
       f.loose_floats += r.read(pos, 4);
-      pos += 4;
+      pos = next;
     } else if (field == 9 && wire == 2) {
       f.raw = delimited(r, pos, end);
     } else if (field == 13 && wire == 2) {
@@ -161,7 +186,6 @@ TensorFields read_tensor_fields(Reader& r, uint64_t pos, uint64_t end) {
     } else {
       r.skip(wire, pos, end);
     }
-    if (pos > end) r.fail("tensor runs past its message");
   }
   return f;
 }
@@ -181,6 +205,19 @@ std::string tensor_bytes(Reader& r, const std::string& path, const std::string& 
   return f.loose_floats;
 }
 
+// The product of the dims, refusing negative dims and a byte size past 2^63 (the sum must not wrap to the size held).
+uint64_t element_count(const Reader& r, const std::string& name, const std::vector<int64_t>& dims, uint64_t width) {
+  uint64_t count = 1;
+  for (const auto d : dims) {
+    if (d < 0) r.fail("initializer '" + name + "' has a negative dimension " + std::to_string(d));
+    if (d != 0 && count > (static_cast<uint64_t>(INT64_MAX) / width) / static_cast<uint64_t>(d)) {
+      r.fail("initializer '" + name + "' has a shape too large to hold");
+    }
+    count *= static_cast<uint64_t>(d);
+  }
+  return count;
+}
+
 Initializer parse_tensor(Reader& r, const std::string& path, uint64_t pos, uint64_t end, const std::string& name) {
   const TensorFields f = read_tensor_fields(r, pos, end);
   if (f.data_type != kFloat && f.data_type != kFloat16) {
@@ -193,9 +230,8 @@ Initializer parse_tensor(Reader& r, const std::string& path, uint64_t pos, uint6
   Initializer out;
   out.dims = f.dims;
   out.bytes = tensor_bytes(r, path, name, f);
-  uint64_t count = 1;
-  for (const auto d : out.dims) count *= static_cast<uint64_t>(d);
   const uint64_t width = f.data_type == kFloat16 ? 2 : 4;
+  const uint64_t count = element_count(r, name, out.dims, width);
   if (out.bytes.size() != count * width) {
     throw Error(ErrorKind::bundle, "initializer '" + name + "' in '" + path + "' holds " +
                                        std::to_string(out.bytes.size()) + " bytes, its shape needs " +
@@ -215,7 +251,7 @@ bool find_in_graph(Reader& r, const std::string& path, uint64_t pos, uint64_t en
     const uint64_t tag = r.varint(pos, end);
     const int field = static_cast<int>(tag >> 3), wire = static_cast<int>(tag & 7);
     if (field == 5 && wire == 2) {
-      const uint64_t n = r.varint(pos, end), start = pos, stop = pos + n;
+      const uint64_t n = r.varint(pos, end), start = pos, stop = r.advance(pos, n, end);
       // Protobuf writers emit fields in number order: the name (8) comes before raw_data (9).
       uint64_t p = start;
       std::string tensor_name;
@@ -223,6 +259,7 @@ bool find_in_graph(Reader& r, const std::string& path, uint64_t pos, uint64_t en
         const uint64_t t = r.varint(p, stop);
         if ((t >> 3) == 8 && (t & 7) == 2) {
           const uint64_t len = r.varint(p, stop);
+          r.advance(p, len, stop);
           tensor_name = r.read(p, len);
           break;
         }
@@ -252,7 +289,7 @@ Initializer read_float_initializer(const std::string& onnx_path, const std::stri
     if (field == 0) r.fail("field number 0");
     if (field == 7 && wire == 2) {
       const uint64_t n = r.varint(pos, end);
-      if (n > end - pos) r.fail("graph runs past the end of the file");
+      r.advance(pos, n, end);
       saw_graph = true;
       Initializer out;
       if (find_in_graph(r, onnx_path, pos, pos + n, name, out)) return out;

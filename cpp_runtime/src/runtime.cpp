@@ -64,6 +64,23 @@ void check_session(Ort::Session& s, const GraphSpec& spec, const std::string& gr
            [&](size_t i) { return std::string(s.GetOutputNameAllocated(i, alloc).get()); }, "output");
 }
 
+// As safe_denoiser/runtime/bundle.py's _check_finite: a NaN or Inf sample is an error naming the step, never a
+// black image.
+void check_finite(const std::vector<float>& x, size_t per_image, size_t s, const std::vector<int64_t>& timesteps) {
+  std::string images;
+  for (size_t i = 0; i * per_image < x.size(); ++i) {
+    const auto first = x.begin() + static_cast<std::ptrdiff_t>(i * per_image);
+    if (!std::all_of(first, first + static_cast<std::ptrdiff_t>(per_image), [](float v) { return std::isfinite(v); })) {
+      images += (images.empty() ? "" : ", ") + std::to_string(i);
+    }
+  }
+  if (images.empty()) return;
+  throw Error(ErrorKind::runtime, "step " + std::to_string(s + 1) + " of " + std::to_string(timesteps.size()) +
+                                      " (timestep " + std::to_string(timesteps[s]) +
+                                      ") made non-finite samples for image(s) [" + images +
+                                      "]; check the guidance scale, the conditioning and the bank");
+}
+
 template <typename T>
 Ort::Value tensor(std::vector<T>& data, const std::vector<int64_t>& shape) {
   static const Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
@@ -327,7 +344,18 @@ void Runtime::validate(const Request& r) const {
     throw Error(ErrorKind::input, "noise: expected " + std::to_string(m.sample_size()) + " float32 values (shape (1, " +
                                       shape + ")), got " + std::to_string(r.noise.size()));
   }
-  if (r.guidance && !std::isfinite(*r.guidance)) throw Error(ErrorKind::input, "guidance: must be a finite number");
+  for (const auto& [field, text] : {std::pair{"prompt", r.prompt ? &*r.prompt : nullptr},
+                                    std::pair{"negative_prompt", &r.negative_prompt}}) {
+    if (text != nullptr && !valid_utf8(*text)) throw Error(ErrorKind::input, std::string(field) + ": not valid UTF-8 text");
+  }
+  if (const auto bad = std::find_if(r.noise.begin(), r.noise.end(), [](float v) { return !std::isfinite(v); });
+      bad != r.noise.end()) {
+    throw Error(ErrorKind::input, "noise: holds NaN or Inf (value " + std::to_string(bad - r.noise.begin()) +
+                                      "); expected finite float32 values");
+  }
+  if (r.guidance && !(std::abs(*r.guidance) <= kMaxGuidance)) {
+    throw Error(ErrorKind::input, "guidance: expected a finite number in -1000..1000, got " + std::to_string(*r.guidance));
+  }
 }
 
 std::vector<std::vector<int64_t>> Runtime::tokenize(const std::vector<std::string>& prompts) const {
@@ -415,6 +443,8 @@ std::vector<Result> Runtime::generate(const std::vector<Request>& requests, int 
   const Manifest& m = d.m;
   if (requests.empty()) return {};
   for (const auto& r : requests) validate(r);
+  if (steps < 0) throw Error(ErrorKind::input, "steps must lie in 1.." + std::to_string(m.scheduler.alphas_cumprod.size()) +
+                                                   " (0: the manifest's default), got " + std::to_string(steps));
   steps = steps > 0 ? steps : m.num_inference_steps;
   const SchedulerInfo& sched = m.scheduler;
   const auto timesteps = sampler == Sampler::ddpm ? ddpm_timesteps(sched, steps) : ddim_timesteps(sched, steps);
@@ -445,7 +475,10 @@ std::vector<Result> Runtime::generate(const std::vector<Request>& requests, int 
   }
   int momentum_in = 0;
   if (!ws.sld_step.empty()) std::fill(ws.momentum[0].begin(), ws.momentum[0].end(), 0.f);
-  for (size_t s = 0; s < timesteps.size(); ++s) d.step(requests, timesteps, s, steps, sampler, ws, momentum_in, results);
+  for (size_t s = 0; s < timesteps.size(); ++s) {
+    d.step(requests, timesteps, s, steps, sampler, ws, momentum_in, results);
+    check_finite(ws.x, n, s, timesteps);
+  }
   const double denoise_ms = ms_since(t_denoise);
   const auto t_decode = Clock::now();
   d.decode(ws.x, b, results);

@@ -6,12 +6,14 @@
 #include <unicode/uchar.h>
 #include <unicode/unistr.h>
 #include <unicode/ustring.h>
+#include <unicode/utf8.h>
 
 #include <climits>
 #include <nlohmann/json.hpp>
 
 #include "safe_denoiser_cpp/files.hpp"
 #include "safe_denoiser_cpp/errors.hpp"
+#include "safe_denoiser_cpp/json_limits.hpp"
 
 namespace sdcpp {
 namespace {
@@ -19,6 +21,24 @@ using nlohmann::json;
 
 [[noreturn]] void bad(const std::string& dir, const std::string& why) {
   throw Error(ErrorKind::bundle, "tokenizer '" + dir + "': " + why);
+}
+
+// tokenizer_config.json's model_max_length. Hugging Face writes 1e30 there for "no limit": anything but an integer
+// in 1..4095 means CLIP's 77.
+int config_max_length(const json& config) {
+  const auto n = config.contains("model_max_length") ? json_integer_in(config.at("model_max_length"), 1, 4095)
+                                                     : std::nullopt;
+  return static_cast<int>(n.value_or(77));
+}
+
+// A token id: a JSON integer in 0..2^31-1 (a float id such as 5e19 is refused, not converted: see json_integer_in).
+int64_t token_id(const json& v, const std::string& dir, const std::string& field) {
+  const auto id = json_integer_in(v, 0, INT32_MAX);
+  if (!id) {
+    const std::string got = v.dump();
+    bad(dir, "tokenizer.json " + field + " must be an integer id in 0..2147483647, got " + got.substr(0, 60));
+  }
+  return *id;
 }
 
 bool is_letter(UChar32 c) { return (U_GET_GC_MASK(c) & U_GC_L_MASK) != 0; }
@@ -160,17 +180,38 @@ std::pair<std::string, std::string> merge_pair(const json& merge, const std::str
 }
 }  // namespace
 
+bool valid_utf8(std::string_view text) {
+  const auto* s = reinterpret_cast<const uint8_t*>(text.data());
+  const auto length = static_cast<int64_t>(text.size());
+  for (int64_t i = 0; i < length;) {
+    if (length - i > INT32_MAX) return false;  // ICU indexes with int32_t: prompts are far shorter
+    UChar32 c = 0;
+    int32_t offset = 0;
+    U8_NEXT(s + i, offset, static_cast<int32_t>(length - i), c);  // c < 0: ill-formed, overlong or a surrogate
+    if (c < 0) return false;
+    i += offset;
+  }
+  return true;
+}
+
 ClipTokenizer ClipTokenizer::load(const std::string& dir) {
-  json tok, config;
+  std::string text;
   try {
-    tok = json::parse(read_file(dir + "/tokenizer.json"));
+    text = read_file(dir + "/tokenizer.json");
   } catch (const Error&) {
     bad(dir, "no tokenizer.json (the runtime reads the Hugging Face tokenizers format)");
+  }
+  if (json_nesting_exceeds(text, 64)) bad(dir, "tokenizer.json is nested deeper than 64 levels");
+  json tok, config;
+  try {
+    tok = json::parse(text);
   } catch (const json::exception& e) {
     bad(dir, std::string("tokenizer.json is not JSON: ") + e.what());
   }
   try {
-    config = json::parse(read_file(dir + "/tokenizer_config.json"));
+    text = read_file(dir + "/tokenizer_config.json");
+    config = json::object();
+    if (!json_nesting_exceeds(text, 64)) config = json::parse(text);  // optional: unreadable means absent
   } catch (const std::exception&) {
     config = json::object();
   }
@@ -178,7 +219,7 @@ ClipTokenizer ClipTokenizer::load(const std::string& dir) {
   try {
     const auto& model = tok.at("model");
     if (model.value("type", std::string()) != "BPE") bad(dir, "model type must be BPE");
-    for (const auto& [token, id] : model.at("vocab").items()) t.vocab_[token] = id.get<int64_t>();
+    for (const auto& [token, id] : model.at("vocab").items()) t.vocab_[token] = token_id(id, dir, "model.vocab values");
     int rank = 0;
     for (const auto& merge : model.at("merges")) t.ranks_[merge_pair(merge, dir)] = rank++;
     if (model.contains("end_of_word_suffix") && model.at("end_of_word_suffix").is_string()) {
@@ -189,13 +230,17 @@ ClipTokenizer ClipTokenizer::load(const std::string& dir) {
       if (it != t.vocab_.end()) t.unk_ = it->second;
     }
     for (const auto& added : tok.value("added_tokens", json::array())) {
-      if (added.value("special", false)) t.added_.emplace_back(added.at("content").get<std::string>(), added.at("id").get<int64_t>());
+      if (added.value("special", false)) {
+        const int64_t id = token_id(added.at("id"), dir, "added_tokens[].id");
+        t.added_.emplace_back(added.at("content").get<std::string>(), id);
+      }
     }
     const auto& post = tok.at("post_processor");
     if (post.value("type", std::string()) != "RobertaProcessing") bad(dir, "post_processor must be RobertaProcessing (CLIP)");
-    t.bos_ = post.at("cls").at(1).get<int64_t>();
-    t.eos_ = post.at("sep").at(1).get<int64_t>();
-    t.pad_ = tok.contains("padding") && tok.at("padding").is_object() ? tok.at("padding").value("pad_id", t.eos_) : t.eos_;
+    t.bos_ = token_id(post.at("cls").at(1), dir, "post_processor.cls[1]");
+    t.eos_ = token_id(post.at("sep").at(1), dir, "post_processor.sep[1]");
+    const json* padding = tok.contains("padding") && tok.at("padding").is_object() ? &tok.at("padding") : nullptr;
+    t.pad_ = padding && padding->contains("pad_id") ? token_id(padding->at("pad_id"), dir, "padding.pad_id") : t.eos_;
     const auto normalizers = tok.at("normalizer").dump();
     if (normalizers.find("NFC") == std::string::npos || normalizers.find("Lowercase") == std::string::npos) {
       bad(dir, "normalizer is not CLIP's (NFC, whitespace, lowercase): " + normalizers.substr(0, 200));
@@ -203,8 +248,7 @@ ClipTokenizer ClipTokenizer::load(const std::string& dir) {
   } catch (const json::exception& e) {
     bad(dir, std::string("unexpected tokenizer.json content: ") + e.what());
   }
-  const long long max_len = config.value("model_max_length", 77LL);
-  t.max_length_ = max_len > 0 && max_len < 4096 ? static_cast<int>(max_len) : 77;
+  t.max_length_ = config_max_length(config);
   return t;
 }
 
@@ -236,6 +280,7 @@ std::vector<std::string> ClipTokenizer::bpe(const std::string& word) const {
 }
 
 std::vector<int64_t> ClipTokenizer::encode(const std::string& text) const {
+  if (!valid_utf8(text)) throw Error(ErrorKind::input, "prompt: not valid UTF-8 text");
   std::vector<int64_t> ids;
   const auto& bytes = byte_chars();
   const auto encode_segment = [&](const std::string& segment) {

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 #include <sys/stat.h>
 
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
@@ -13,6 +14,7 @@
 #include "safe_denoiser_cpp/integrity.hpp"
 #include "safe_denoiser_cpp/noise.hpp"
 #include "safe_denoiser_cpp/runtime.hpp"
+#include "safe_denoiser_cpp/tokenizer.hpp"
 
 using namespace sdcpp;
 namespace fs = std::filesystem;
@@ -176,6 +178,38 @@ TEST(BadInput, BrokenBundlesAreRefused) {
   EXPECT_NE(why.find("tokenizer.json"), std::string::npos);
 }
 
+// Fuzz finding (fuzz/regressions/tokenizer_json/): a float id such as 5e19 was converted to int64 (undefined
+// behaviour), 2.5 silently truncated. Every id field must be an integer in range, named when it is not.
+TEST(Bundle, TokenizerIdsMustBeIntegers) {
+  const std::string dir = copy_bundle("tiny_theorem") + "/tokenizer";
+  const auto original = nlohmann::json::parse(read_file(dir + "/tokenizer.json"));
+  EXPECT_NO_THROW(ClipTokenizer::load(dir));
+  const auto error_with = [&](const std::function<void(nlohmann::json&)>& edit) {
+    auto data = original;
+    edit(data);
+    atomic_write(dir + "/tokenizer.json", data.dump());
+    try {
+      ClipTokenizer::load(dir);
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::bundle);
+      return std::string(e.what());
+    }
+    return std::string("accepted");
+  };
+  const std::string first = original["model"]["vocab"].begin().key();
+  for (const double id : {5e19, 2.5, -1.0}) {
+    EXPECT_NE(error_with([&](auto& d) { d["model"]["vocab"][first] = id; }).find("model.vocab values must be an integer id"),
+              std::string::npos) << id;
+  }
+  EXPECT_NE(error_with([](auto& d) { d["model"]["vocab"]["zz"] = -1; }).find("model.vocab values"), std::string::npos);
+  EXPECT_NE(error_with([](auto& d) { d["added_tokens"][0]["id"] = 1e30; }).find("added_tokens[].id"), std::string::npos);
+  EXPECT_NE(error_with([](auto& d) { d["post_processor"]["cls"][1] = 3e22; }).find("post_processor.cls[1]"),
+            std::string::npos);
+  EXPECT_NE(error_with([](auto& d) { d["post_processor"]["sep"][1] = "1"; }).find("post_processor.sep[1]"),
+            std::string::npos);
+  EXPECT_NE(error_with([](auto& d) { d["padding"] = {{"pad_id", 1.5}}; }).find("padding.pad_id"), std::string::npos);
+}
+
 TEST(Bundle, GuidancePresetsMatchTheGraphs) {
   // odds carries the reference bank inside denoiser.onnx; reference takes the re-noise input.
   const Manifest odds = Manifest::load(bundle("demo_odds"));
@@ -275,4 +309,80 @@ TEST(BadInput, ProvidersAbsentFromTheLibraryAreClearErrors) {
     EXPECT_NE(why.find("could not be set up"), std::string::npos) << why;
     unsetenv("SAFE_DENOISER_CPP_SKIP_PROVIDER_CHECK");
   }
+}
+
+// ---- issue 26 ------------------------------------------------------------------------------------------------------
+// A 27-byte denoiser.onnx whose length wraps the reader's position, its hash recorded in the manifest: open() must
+// refuse it (it spun forever, with or without the file check).
+TEST(BadInput, CraftedOnnxWithMatchingHashIsRefusedQuickly) {
+  // ModelProto {ir_version 8, graph 7 {initializer 5 of length 2^64 - 11, name "negative"}}: the 11 bytes of the
+  // initializer's tag and length, so that the old reader's position wrapped back onto that tag, again and again.
+  std::string graph = "\x2a\xf5";                                // field 5, wire 2; varint 2^64 - 11 (10 bytes)
+  graph += std::string(8, '\xff') + '\x01';
+  graph += "\x42\x08" "negative";                                // field 8: a name
+  const std::string crafted = std::string("\x08\x08\x3a") + static_cast<char>(graph.size()) + graph;
+  ASSERT_LE(crafted.size(), 32u);
+  const auto dir = copy_bundle("demo_theorem");
+  atomic_write(dir + "/denoiser.onnx", crafted);
+  edit_manifest(dir, [&](nlohmann::json& d) { d["files"]["denoiser.onnx"] = sha256_hex(crafted); });
+  for (const bool check_files : {true, false}) {
+    RuntimeOptions options;
+    options.check_files = check_files;
+    std::string why;
+    const auto start = std::chrono::steady_clock::now();
+    EXPECT_EQ(open_error(dir, options, &why), ErrorKind::bundle);
+    EXPECT_NE(why.find("is not a readable ONNX file"), std::string::npos) << why;
+    EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(10));
+  }
+}
+
+// The finite checks of safe_denoiser/runtime: NaN never becomes an image.
+TEST(BadInput, NonFiniteInputsAndSamplesAreErrors) {
+  auto rt = Runtime::open(bundle("demo_theorem"));
+  const auto error = [&](const std::vector<Request>& batch, int steps, ErrorKind kind) {
+    try {
+      rt->generate(batch, steps);
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), kind) << e.what();
+      return std::string(e.what());
+    }
+    return std::string("accepted");
+  };
+  Request nan = digit(1, 0);
+  nan.noise.assign(64, 0.f);
+  nan.noise[5] = NAN;
+  EXPECT_NE(error({nan}, 2, ErrorKind::input).find("noise: holds NaN or Inf (value 5)"), std::string::npos);
+  Request guided = digit(1, 0);
+  for (const double g : {1e30, -1001.0, static_cast<double>(NAN), static_cast<double>(INFINITY)}) {
+    guided.guidance = g;
+    EXPECT_NE(error({guided}, 2, ErrorKind::input).find("guidance: expected a finite number in -1000..1000"),
+              std::string::npos) << g;
+  }
+  EXPECT_NE(error({digit(1, 0)}, -1, ErrorKind::input).find("steps must lie in 1..1000"), std::string::npos);
+  // Finite but huge initial noise overflows inside the first step: the error names the step and the image.
+  Request huge = digit(1, 0);
+  huge.noise.assign(64, 3e38f);
+  EXPECT_NE(error({digit(2, 0), huge}, 2, ErrorKind::runtime)
+                .find("step 1 of 2 (timestep 999) made non-finite samples for image(s) [1]"),
+            std::string::npos);
+  // The bound itself is accepted.
+  guided.guidance = 1000.0;
+  EXPECT_EQ(rt->generate({guided}, 2).size(), 1u);
+}
+
+TEST(BadInput, InvalidUtf8PromptsAreRefused) {
+  auto rt = Runtime::open(bundle("tiny_sld"));
+  Request r;
+  r.prompt = "a \xff cat";
+  try {
+    rt->validate(r);
+    FAIL() << "an invalid UTF-8 prompt was accepted";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::input);
+    EXPECT_NE(std::string(e.what()).find("prompt: not valid UTF-8 text"), std::string::npos) << e.what();
+  }
+  r.prompt = "a cat";
+  r.negative_prompt = "\xed\xa0\x80";  // a UTF-16 surrogate encoded in UTF-8
+  EXPECT_THROW(rt->validate(r), Error);
+  EXPECT_THROW(rt->tokenize({"\xc0\xaf"}), Error);
 }

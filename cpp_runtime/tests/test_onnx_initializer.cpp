@@ -159,3 +159,83 @@ TEST(OnnxInitializer, RefusesWrongTypeShapeNameAndFile) {
   EXPECT_NE(message(truncated, "bank").find("is not a readable ONNX file"), std::string::npos);
   EXPECT_NE(message(dir + "/absent.onnx", "bank").find("cannot open"), std::string::npos);
 }
+
+// Issue 26: crafted lengths made the reader's position wrap around 2^64 and loop forever (a 27-byte file whose hash
+// the manifest lists). Every length is now checked against its enclosing message before it moves a position.
+namespace {
+std::string refusal(const std::string& dir, const std::string& name, const std::string& bytes) {
+  const std::string path = dir + "/" + name;
+  std::ofstream(path, std::ios::binary) << bytes;
+  try {
+    read_float_initializer(path, "bank");
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::bundle) << name;
+    return e.what();
+  }
+  return "no error";
+}
+// A graph (field 7) holding `graph`, its declared length exact.
+std::string with_graph(const std::string& graph) { return field_varint(1, 8) + field_bytes(7, graph); }
+constexpr uint64_t kMax = UINT64_MAX;
+}  // namespace
+
+TEST(OnnxInitializer, RefusesLengthsThatWrapOrRunPastTheirMessage) {
+  const std::string dir = temp_dir();
+  const std::string past = "runs past its message";
+  // An initializer whose length wraps the position backwards (the endless loop of the 27-byte file).
+  // kMax - 10: the position wraps back onto the initializer's own tag (11 bytes with its 10-byte length).
+  for (const uint64_t n : {kMax, kMax - 1, kMax - 10, kMax - 20, uint64_t{1} << 63}) {
+    const std::string wrap = with_graph(tag(5, 2) + varint(n) + field_bytes(8, "bank"));
+    EXPECT_LE(wrap.size(), 40u);
+    EXPECT_NE(refusal(dir, "wrap.onnx", wrap).find(past), std::string::npos) << n;
+    // The same lengths on the graph itself, on a skipped field, on raw_data and on an external_data entry.
+    EXPECT_NE(refusal(dir, "graph.onnx", field_varint(1, 8) + tag(7, 2) + varint(n)).find("past"), std::string::npos);
+    EXPECT_NE(refusal(dir, "skip.onnx", with_graph(tag(3, 2) + varint(n) + "x")).find(past), std::string::npos);
+    const std::string head = field_varint(1, 1) + field_varint(2, kFloat) + field_bytes(8, "bank");
+    EXPECT_NE(refusal(dir, "raw.onnx", with_graph(field_bytes(5, head + tag(9, 2) + varint(n)))).find(past),
+              std::string::npos);
+    EXPECT_NE(refusal(dir, "dims.onnx", with_graph(field_bytes(5, tag(1, 2) + varint(n) + head))).find(past),
+              std::string::npos);
+    EXPECT_NE(refusal(dir, "entry.onnx", with_graph(field_bytes(5, head + tag(13, 2) + varint(n)))).find(past),
+              std::string::npos);
+  }
+  // A length just one byte past the end of its enclosing message (not of the file).
+  const std::string inner = field_bytes(8, "bank");
+  const std::string one_past = field_varint(1, 8) + tag(7, 2) + varint(inner.size() + 2) + tag(5, 2) +
+                               varint(inner.size() + 1) + inner + "xx";
+  EXPECT_NE(refusal(dir, "one_past.onnx", one_past).find(past), std::string::npos);
+  // Fixed-width fields cut short by their message.
+  EXPECT_NE(refusal(dir, "fixed64.onnx", with_graph(tag(3, 1) + "1234")).find(past), std::string::npos);
+  EXPECT_NE(refusal(dir, "fixed32.onnx", with_graph(field_bytes(5, tag(4, 5) + "12"))).find(past), std::string::npos);
+}
+
+TEST(OnnxInitializer, RefusesOverlongVarintsHugeShapesAndBadExternalNumbers) {
+  const std::string dir = temp_dir();
+  // 10-byte varint whose last byte carries bits past 2^64; an 11-byte varint.
+  EXPECT_NE(refusal(dir, "v10.onnx", "\x08" + std::string(9, '\xff') + "\x02").find("overflows 64 bits"),
+            std::string::npos);
+  EXPECT_NE(refusal(dir, "v11.onnx", "\x08" + std::string(10, '\x80') + "\x01").find("not a readable ONNX file"),
+            std::string::npos);
+  const auto tensor = [](const std::string& dims) {
+    return with_graph(field_bytes(5, dims + field_varint(2, kFloat) + field_bytes(8, "bank") + field_bytes(9, "")));
+  };
+  // Dims whose product wraps to 0 bytes (2^62 * 4 floats * 4 bytes) must not match the empty raw_data.
+  EXPECT_NE(refusal(dir, "wrap_dims.onnx", tensor(field_varint(1, uint64_t{1} << 62) + field_varint(1, 4)))
+                .find("shape too large"),
+            std::string::npos);
+  EXPECT_NE(refusal(dir, "neg_dim.onnx", tensor(field_varint(1, static_cast<uint64_t>(-3)))).find("negative dimension"),
+            std::string::npos);
+  std::ofstream(dir + "/weights.bin", std::ios::binary) << float_bytes(kValues);
+  const std::string head = field_varint(1, 6) + field_varint(2, kFloat) + field_bytes(8, "bank");
+  for (const auto& [key, value] : std::vector<std::pair<std::string, std::string>>{
+           {"offset", "-1"}, {"offset", " 8"}, {"length", "18446744073709551616"}, {"length", "24x"}, {"offset", ""}}) {
+    const std::string ext = head + entry("location", "weights.bin") + entry(key, value) + field_varint(14, 1);
+    EXPECT_NE(refusal(dir, "ext.onnx", with_graph(field_bytes(5, ext))).find("is not a decimal number"),
+              std::string::npos) << key << "=" << value;
+  }
+  // An offset and length each inside the file whose sum is not.
+  const std::string sum = head + entry("location", "weights.bin") + entry("offset", "16") +
+                          entry("length", "18446744073709551600") + field_varint(14, 1);
+  EXPECT_NE(refusal(dir, "sum.onnx", with_graph(field_bytes(5, sum))).find("past the end of the file"),
+            std::string::npos);
+}

@@ -9,13 +9,17 @@
 #include <cmath>
 #include <cstdlib>
 #include <fstream>
+#include <functional>
 
 #include "safe_denoiser_cpp/files.hpp"
 #include "safe_denoiser_cpp/image.hpp"
 #include "safe_denoiser_cpp/integrity.hpp"
+#include "safe_denoiser_cpp/json_limits.hpp"
 #include "safe_denoiser_cpp/noise.hpp"
 #include "safe_denoiser_cpp/runtime.hpp"
 #include "safe_denoiser_cpp/scheduler.hpp"
+#include "safe_denoiser_cpp/tokenizer.hpp"
+#include "../src/cli/requests.hpp"
 
 using namespace sdcpp;
 
@@ -402,4 +406,179 @@ TEST(Providers, NamesAndUnknown) {
   }
   const auto available = available_providers();
   EXPECT_NE(std::find(available.begin(), available.end(), "CPUExecutionProvider"), available.end());
+}
+
+// ---- issue 26: bounded input, refused numbers, nothing written on failure ----------------------------------------
+namespace {
+std::string nested(size_t depth, const std::string& inner = "1") {
+  return std::string(depth, '[') + inner + std::string(depth, ']');
+}
+
+std::string input_error(const std::function<void()>& call) {
+  try {
+    call();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::input) << e.what();
+    return e.what();
+  }
+  return "accepted";
+}
+}  // namespace
+
+TEST(JsonLimits, NestingIsBoundedBeforeTheRecursiveParser) {
+  EXPECT_FALSE(json_nesting_exceeds(nested(64), 64));
+  EXPECT_TRUE(json_nesting_exceeds(nested(65), 64));
+  EXPECT_TRUE(json_nesting_exceeds("{\"a\": " + nested(64) + "}", 64));
+  // Brackets inside strings (escaped quotes included) do not nest; unbalanced text is left to the parser.
+  EXPECT_FALSE(json_nesting_exceeds("[\"" + std::string(1000, '[') + "\\\"[[\"]", 2));
+  EXPECT_FALSE(json_nesting_exceeds(std::string(1000, ']'), 2));
+  EXPECT_EQ(cli::parse_json_limited(nested(64)).dump(), nested(64));
+  // 100,000 levels (a SIGSEGV in the batch command before): an error naming the limit, not a crash.
+  EXPECT_NE(input_error([] { cli::parse_json_limited(nested(100000), "body"); })
+                .find("body: JSON nested deeper than 64 levels"),
+            std::string::npos);
+  EXPECT_NE(input_error([] { cli::parse_json_limited("{\"class\": ", "line 3"); }).find("line 3: not JSON ("),
+            std::string::npos);
+  // The manifest reader is bounded the same way.
+  try {
+    Manifest::parse("{\"format\": " + nested(100000) + "}");
+    FAIL() << "a deep manifest was accepted";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::bundle);
+    EXPECT_NE(std::string(e.what()).find("nested deeper than 64 levels"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Utf8, WellFormedOnly) {
+  EXPECT_TRUE(valid_utf8(""));
+  EXPECT_TRUE(valid_utf8("a cat \xc3\xa9 \xe6\x9d\xb1 \xf0\x9f\x90\xb1"));
+  EXPECT_TRUE(valid_utf8(std::string("nul\0inside", 11)));
+  for (const std::string bad : {"\xff", "\xc3", "a\x80" "b", "\xc0\xaf", "\xed\xa0\x80", "\xf4\x90\x80\x80",
+                                "\xe6\x9d"}) {
+    EXPECT_FALSE(valid_utf8(bad)) << bad.size();
+  }
+}
+
+TEST(Requests, NumbersAndTextAreValidatedNotReinterpreted) {
+  Manifest m = Manifest::parse(manifest_with_guidance("null"));
+  m.num_class_labels = 11;
+  const auto parse = [&](const std::string& text) { cli::parse_request(cli::parse_json_limited(text), m); };
+  EXPECT_NE(input_error([&] { parse(R"({"seed": -1})"); }).find("seed: expected an integer in 0..2^64-1"), std::string::npos);
+  EXPECT_NE(input_error([&] { parse(R"({"seed": 1.5})"); }).find("seed"), std::string::npos);
+  EXPECT_NE(input_error([&] { parse(R"({"seed": 18446744073709551616})"); }).find("seed"), std::string::npos);
+  for (const char* steps : {"0", "-5", "3", "2.0"}) {  // the schedule above has 2 training steps
+    EXPECT_NE(input_error([&] { parse(std::string(R"({"steps": )") + steps + "}"); }).find("steps: expected"),
+              std::string::npos) << steps;
+  }
+  for (const char* g : {"1e30", "-1001", "\"2\"", "1e400"}) {
+    const std::string why = input_error([&] { parse(std::string(R"({"guidance": )") + g + "}"); });
+    EXPECT_TRUE(why.find("guidance: expected a number in -1000..1000") != std::string::npos ||
+                why.find("not JSON") != std::string::npos) << g << ": " << why;
+  }
+  EXPECT_EQ(cli::parse_request(cli::parse_json_limited(R"({"seed": 18446744073709551615, "guidance": -1000})"), m)
+                .request.seed, UINT64_MAX);
+  // Invalid UTF-8 never reaches the tokenizer: JSON text refuses it, and so does the runtime's request check.
+  EXPECT_NE(input_error([&] { parse("{\"prompt\": \"a \xff cat\"}"); }).find("not JSON"), std::string::npos);
+}
+
+TEST(Manifest, RefusesSchedulesAndScalesThatMakeNaN) {
+  const std::string good = manifest_with_guidance("null");
+  const auto with = [&](const std::string& from, const std::string& to) {
+    std::string text = good;
+    text.replace(text.find(from), from.size(), to);
+    return parse_error(text);
+  };
+  EXPECT_EQ(parse_error(good), "accepted");
+  EXPECT_NE(with("[0.9, 0.5]", "[1.5, 0.5]").find("scheduler.alphas_cumprod[0] must lie in (0, 1], got 1.5"),
+            std::string::npos);
+  EXPECT_NE(with("[0.9, 0.5]", "[0.9, 0]").find("alphas_cumprod[1] must lie in (0, 1]"), std::string::npos);
+  EXPECT_NE(with("[0.9, 0.5]", "[0.9, -0.5]").find("alphas_cumprod[1]"), std::string::npos);
+  EXPECT_NE(with("\"final_alpha_cumprod\": 1.0", "\"final_alpha_cumprod\": 2.0").find("final_alpha_cumprod"),
+            std::string::npos);
+  EXPECT_NE(with("\"guidance_scale\": 1.0", "\"guidance_scale\": 1e30").find("guidance_scale must be a number in"),
+            std::string::npos);
+  EXPECT_NE(with("\"num_inference_steps\": 2", "\"num_inference_steps\": 0")
+                .find("num_inference_steps must be an integer in 1..2147483647, got 0"),
+            std::string::npos);
+}
+
+// Fuzz findings (fuzz/regressions/): get<int>() of 1e30 was undefined behaviour, sample_shape [0, 8, 8] was accepted
+// and [2^32, 2^32, 4] overflowed sample_size(); the A1111 batch_size 0 passed a lo > 0 bound stored unsigned.
+TEST(JsonLimits, IntegersAreExactLiteralsInRange) {
+  using nlohmann::json;
+  EXPECT_EQ(json_integer_in(json::parse("5"), 0, 10), 5);
+  EXPECT_EQ(json_integer_in(json::parse("-1"), -1, 10), -1);
+  EXPECT_EQ(json_integer_in(json(int64_t{7}), 1, 10), 7);  // built in C++: stored signed
+  EXPECT_FALSE(json_integer_in(json::parse("0"), 1, 10));  // stored unsigned: lo still applies
+  EXPECT_FALSE(json_integer_in(json(int64_t{-3}), 0, 10));
+  EXPECT_FALSE(json_integer_in(json::parse("-1"), 0, 10));
+  EXPECT_FALSE(json_integer_in(json::parse("11"), 0, 10));
+  EXPECT_FALSE(json_integer_in(json::parse("18446744073709551615"), -1, INT64_MAX));  // not read as -1
+  for (const char* v : {"2.0", "2.5", "1e30", "5e19", "-1e30", "\"3\"", "true", "null", "[1]"}) {
+    EXPECT_FALSE(json_integer_in(json::parse(v), INT64_MIN, INT64_MAX)) << v;
+  }
+}
+
+TEST(Manifest, IntegerFieldsAreExactAndBounded) {
+  const std::string good = manifest_with_guidance("null");
+  const auto with = [&](const std::string& from, const std::string& to) {
+    std::string text = good;
+    text.replace(text.find(from), from.size(), to);
+    return parse_error(text);
+  };
+  const auto refused = [](const std::string& why, const std::string& needle) {
+    EXPECT_NE(why.find(needle), std::string::npos) << why;
+  };
+  const std::string shape = "\"sample_shape\": [1, 2, 2]";
+  for (const char* dims : {"[0, 8, 8]", "[-1, 2, 2]", "[1.5, 2, 2]", "[4294967296, 4294967296, 4]"}) {
+    refused(with(shape, std::string("\"sample_shape\": ") + dims), "sample_shape[0] must be an integer in 1..2147483647");
+  }
+  refused(with(shape, "\"sample_shape\": [65536, 65536, 1]"), "sample_shape [65536,65536,1] has more than 2^31-1");
+  refused(with(shape, "\"sample_shape\": [1, 2]"), "sample_shape must be (C, H, W): 3 integers, got [1,2]");
+  for (const char* steps : {"1e30", "2.5", "-1"}) {
+    refused(with("\"num_inference_steps\": 2", std::string("\"num_inference_steps\": ") + steps),
+            "num_inference_steps must be an integer in 1..2147483647, got ");
+  }
+  refused(with("\"clip_sample\": true", "\"steps_offset\": 1e30"), "scheduler.ddim.steps_offset must be an integer");
+  const std::string graphs = "\"graphs\": {}";
+  refused(with(graphs, graphs + ", \"null_class\": 1e30"), "null_class must be an integer in 0..");
+  refused(with(graphs, graphs + ", \"null_class\": 10, \"num_class_labels\": 5e19"),
+          "num_class_labels must be an integer > null_class (10), got 5e+19");
+  refused(with(graphs, graphs + ", \"reference_threshold_steps\": 1.5"), "reference_threshold_steps must be an integer");
+  const std::string bank = ", \"bank\": {\"count\": 2, \"sample_shape\": [1, 2, 2], \"sha256\": \"x\"}";
+  EXPECT_EQ(with(graphs, graphs + bank), "accepted");
+  refused(with(graphs, graphs + std::string(bank).replace(bank.find("2,"), 1, "1e30")), "bank.count must be an integer");
+  refused(with(graphs, graphs + std::string(bank).replace(bank.find("2]"), 1, "2.5")),
+          "bank.sample_shape[2] must be an integer");
+  refused(with(graphs, R"("graphs": {"denoiser": {"file": "d.onnx", "outputs": [],
+                          "inputs": [{"name": "sample", "dtype": "float32", "shape": ["batch", 1e30]}]}})"),
+          "graph 'denoiser' inputs 'sample' shape must be an integer in -1..2147483647, got 1e+30");
+}
+
+TEST(Files, OutputPathsAreCheckedAndGroupsWrittenWhole) {
+  const std::string dir = temp_dir();
+  const auto io_error = [](const std::string& path) {
+    try {
+      check_output_file(path, "--out");
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::io);
+      return std::string(e.what());
+    }
+    return std::string("accepted");
+  };
+  EXPECT_NE(io_error("").find("--out: expected a file path, got ''"), std::string::npos);
+  EXPECT_NE(io_error(dir).find("is a folder"), std::string::npos);
+  EXPECT_NE(io_error(dir + "/").find("expected a file path"), std::string::npos);
+  EXPECT_NE(io_error(dir + "/..").find("expected a file path"), std::string::npos);
+  EXPECT_NE(io_error(dir + "/missing/x.png").find("is not a writable folder"), std::string::npos);
+  EXPECT_EQ(io_error(dir + "/x.png"), "accepted");
+  // A folder in the way of the second file: neither the first nor any temporary is left.
+  ::mkdir((dir + "/in_the_way").c_str(), 0700);
+  ::mkdir((dir + "/in_the_way/child").c_str(), 0700);  // a non-empty folder cannot be renamed over
+  EXPECT_THROW(atomic_write_all({{dir + "/a.json", "{}"}, {dir + "/in_the_way", "png"}}), Error);
+  EXPECT_THROW(atomic_write_all({{dir + "/a.json", "{}"}, {dir + "/missing/b.png", "png"}}), Error);
+  std::system(("ls " + dir + " > " + dir + "/../listing-" + std::to_string(getpid())).c_str());
+  EXPECT_EQ(read_file(dir + "/../listing-" + std::to_string(getpid())), "in_the_way\n");
+  atomic_write_all({{dir + "/a.json", "{}"}, {dir + "/b.png", "png"}});
+  EXPECT_EQ(read_file(dir + "/a.json") + read_file(dir + "/b.png"), "{}png");
 }

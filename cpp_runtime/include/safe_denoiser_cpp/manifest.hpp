@@ -12,6 +12,10 @@
 
 namespace sdcpp {
 
+// Largest |classifier-free guidance scale| (manifest, CLI, requests): past it the guided prediction is thousands of
+// standard deviations off and the sample saturates or overflows (safe_denoiser.core.guidance.MAX_STRENGTH's reason).
+constexpr double kMaxGuidance = 1e3;
+
 inline constexpr const char* kFormat = "safe-denoiser.bundle";
 inline constexpr int kFormatVersion = 2;  // manifest.json format_version this runtime reads
 

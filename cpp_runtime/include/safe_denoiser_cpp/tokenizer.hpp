@@ -8,10 +8,14 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
 namespace sdcpp {
+
+// Well-formed UTF-8 (no overlong forms, surrogates or code points past U+10FFFF), checked with ICU's U8_NEXT.
+bool valid_utf8(std::string_view text);
 
 class ClipTokenizer {
  public:

@@ -3,7 +3,12 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <chrono>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
 #include <fstream>
 #include <functional>
 #include <iomanip>
@@ -11,6 +16,7 @@
 #include <set>
 #include <sstream>
 
+#include "flags.hpp"
 #include "requests.hpp"
 #include "safe_denoiser_cpp/files.hpp"
 #include "safe_denoiser_cpp/image.hpp"
@@ -22,6 +28,8 @@
 namespace {
 using nlohmann::json;
 using namespace sdcpp;
+using cli::integer_in;
+using cli::number_in;
 
 std::string dump(const json& j) { return j.dump(2, ' ', false, json::error_handler_t::replace) + "\n"; }
 
@@ -68,9 +76,9 @@ struct Common {
 void add_common(CLI::App* app, Common& c) {
   app->add_option("--bundle", c.bundle, "bundle folder written by `safe-denoiser export`")->required();
   app->add_option("--provider", c.provider, "execution provider: cpu, cuda or tensorrt")->capture_default_str();
-  app->add_option("--threads", c.threads, "intra-op threads (0: ONNX Runtime's default)");
-  app->add_option("--inter-threads", c.inter_threads, "inter-op threads (0: default)");
-  app->add_option("--device", c.device, "GPU device id (cuda, tensorrt)");
+  app->add_option("--threads", c.threads, "intra-op threads (0: ONNX Runtime's default)")->check(integer_in(0, 1024));
+  app->add_option("--inter-threads", c.inter_threads, "inter-op threads (0: default)")->check(integer_in(0, 1024));
+  app->add_option("--device", c.device, "GPU device id (cuda, tensorrt)")->check(integer_in(0, 1023));
   app->add_flag("--trt-fp16", c.trt_fp16, "tensorrt: allow fp16 kernels");
   app->add_flag("--no-verify-files", c.no_verify_files,
                 "skip hashing every bundle file against the manifest's sha256 (a huge bundle known to be intact)");
@@ -88,11 +96,39 @@ struct GenerateArgs {
   std::optional<double> guidance;
 };
 
+// --noise: a float32 .npy of the sample's shape, with or without the batch axis.
+std::vector<float> read_noise(const std::string& path, const Manifest& m) {
+  NpyArray noise = read_npy_f32(path);
+  std::vector<int64_t> expect = m.sample_shape, expect1 = {1};
+  expect1.insert(expect1.end(), expect.begin(), expect.end());
+  if (noise.shape != expect && noise.shape != expect1) {
+    std::string got;
+    for (const auto d : noise.shape) got += (got.empty() ? "" : ", ") + std::to_string(d);
+    throw Error(ErrorKind::input, "noise: '" + path + "' has shape (" + got + "), expected (1, " +
+                                      std::to_string(expect[0]) + ", " + std::to_string(expect[1]) + ", " +
+                                      std::to_string(expect[2]) + ") float32");
+  }
+  return std::move(noise.data);
+}
+
+// The paths generate writes, checked before the (slow) generation; each distinct.
+std::vector<std::pair<std::string, std::string>> generate_outputs(const GenerateArgs& a) {
+  std::vector<std::pair<std::string, std::string>> outputs = {
+      {a.out, "--out"}, {a.record.empty() ? stem_of(a.out) + ".json" : a.record, "--record"}};
+  if (!a.sample_out.empty()) outputs.emplace_back(a.sample_out, "--sample-out");
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    check_output_file(outputs[i].first, outputs[i].second);
+    for (size_t j = 0; j < i; ++j) {
+      if (outputs[i].first == outputs[j].first) {
+        throw Error(ErrorKind::usage, outputs[i].second + ": '" + outputs[i].first + "' is also " + outputs[j].second);
+      }
+    }
+  }
+  return outputs;
+}
+
 int run_generate(const GenerateArgs& a) {
-  require_writable(a.out, "--out");
-  const std::string record_path = a.record.empty() ? stem_of(a.out) + ".json" : a.record;
-  require_writable(record_path, "--record");
-  if (!a.sample_out.empty()) require_writable(a.sample_out, "--sample-out");
+  const auto outputs = generate_outputs(a);
   auto runtime = Runtime::open(a.common.bundle, a.common.options());
   const Manifest& m = runtime->manifest();
   cli::ParsedRequest p;
@@ -105,32 +141,22 @@ int run_generate(const GenerateArgs& a) {
   p.request.guidance = a.guidance;
   p.steps = a.steps;
   p.sampler = parse_sampler(a.sampler, "--sampler");
-  if (!a.noise.empty()) {
-    NpyArray noise = read_npy_f32(a.noise);
-    std::vector<int64_t> expect = m.sample_shape, expect1 = {1};
-    expect1.insert(expect1.end(), expect.begin(), expect.end());
-    if (noise.shape != expect && noise.shape != expect1) {
-      std::string got;
-      for (const auto d : noise.shape) got += (got.empty() ? "" : ", ") + std::to_string(d);
-      throw Error(ErrorKind::input, "noise: '" + a.noise + "' has shape (" + got + "), expected (1, " +
-                                        std::to_string(expect[0]) + ", " + std::to_string(expect[1]) + ", " +
-                                        std::to_string(expect[2]) + ") float32");
-    }
-    p.request.noise = std::move(noise.data);
-  }
+  if (!a.noise.empty()) p.request.noise = read_noise(a.noise, m);
   runtime->validate(p.request);
   auto results = runtime->generate({p.request}, p.steps, p.sampler);
   const auto t_png = std::chrono::steady_clock::now();
   const auto png = cli::result_png(results[0]);
   const double png_ms = ms_since(t_png);
   const json record = cli::make_record(*runtime, p, results[0], a.common.provider, png_ms);
+  // All or nothing: the PNG, its record and the optional sample.
+  std::vector<std::pair<std::string, std::string>> files = {{outputs[0].first, std::string(png.begin(), png.end())},
+                                                            {outputs[1].first, dump(record)}};
   if (!a.sample_out.empty()) {
     std::vector<int64_t> shape = {1};
     shape.insert(shape.end(), m.sample_shape.begin(), m.sample_shape.end());
-    atomic_write(a.sample_out, npy_bytes_f32(shape, results[0].sample.data()));
+    files.emplace_back(a.sample_out, npy_bytes_f32(shape, results[0].sample.data()));
   }
-  atomic_write(record_path, dump(record));
-  atomic_write(a.out, png.data(), png.size());
+  atomic_write_all(files);
   std::cout << a.out << " (" << results[0].corrected_steps.size() << " corrected steps, "
             << results[0].timings.denoise_ms << " ms)\n";
   return 0;
@@ -142,20 +168,47 @@ struct BatchArgs {
   int max_batch = 4;
 };
 
-int run_batch(const BatchArgs& a) {
-  require_writable(a.out_dir + "/x", "--out-dir");
-  auto runtime = Runtime::open(a.common.bundle, a.common.options());
-  // Read and validate every line first: a malformed file writes nothing.
-  std::ifstream in(a.requests);
-  if (!in) throw Error(ErrorKind::io, "--requests: cannot read '" + a.requests + "'");
+// Longest request line and most requests in a batch file: a file with no newline (/dev/zero) or endless lines
+// must end in an error, not in memory exhaustion.
+constexpr size_t kMaxBatchLine = size_t{1} << 20;
+constexpr size_t kMaxBatchRequests = 100000;
+
+// The next line of `in` (without its '\n') into `line`; false at the end of the file. Error(input) naming the line
+// once it passes kMaxBatchLine bytes, before reading further.
+bool bounded_line(std::istream& in, std::string& line, const std::string& file, int number) {
+  line.clear();
+  std::streambuf* buffer = in.rdbuf();
+  for (;;) {
+    const int c = buffer->sbumpc();
+    if (c == std::char_traits<char>::eof()) return !line.empty();
+    if (c == '\n') return true;
+    if (line.size() >= kMaxBatchLine) {
+      throw Error(ErrorKind::input, file + " line " + std::to_string(number) + ": longer than " +
+                                        std::to_string(kMaxBatchLine) + " bytes (one JSON request per line)");
+    }
+    line.push_back(static_cast<char>(c));
+  }
+}
+
+// Read and validate every line first: a malformed file writes nothing.
+std::vector<cli::ParsedRequest> read_batch(const std::string& file, const Runtime& runtime) {
+  struct stat st {};
+  std::ifstream in(file, std::ios::binary);
+  if (!in || (::stat(file.c_str(), &st) == 0 && S_ISDIR(st.st_mode))) {
+    throw Error(ErrorKind::io, "--requests: cannot read '" + file + "' (expected a JSONL file)");
+  }
   std::vector<cli::ParsedRequest> parsed;
   std::string line;
   std::set<std::string> ids;
-  for (int number = 1; std::getline(in, line); ++number) {
+  for (int number = 1; bounded_line(in, line, file, number); ++number) {
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    if (parsed.size() == kMaxBatchRequests) {
+      throw Error(ErrorKind::input, file + ": more than " + std::to_string(kMaxBatchRequests) +
+                                        " requests (split the file)");
+    }
     try {
-      auto p = cli::parse_request(json::parse(line), runtime->manifest());
-      runtime->validate(p.request);
+      auto p = cli::parse_request(cli::parse_json_limited(line, "request"), runtime.manifest());
+      runtime.validate(p.request);
       if (p.id.empty()) {
         std::ostringstream id;
         id << "line" << std::setw(6) << std::setfill('0') << number;
@@ -163,12 +216,18 @@ int run_batch(const BatchArgs& a) {
       }
       if (!ids.insert(p.id).second) throw Error(ErrorKind::input, "id: '" + p.id + "' appears twice");
       parsed.push_back(std::move(p));
-    } catch (const json::exception& e) {
-      throw Error(ErrorKind::input, a.requests + " line " + std::to_string(number) + ": not JSON (" + e.what() + ")");
     } catch (const Error& e) {
-      throw Error(e.kind(), a.requests + " line " + std::to_string(number) + ": " + e.what());
+      throw Error(e.kind(), file + " line " + std::to_string(number) + ": " + e.what());
     }
   }
+  if (in.bad()) throw Error(ErrorKind::io, "--requests: read error in '" + file + "'");
+  return parsed;
+}
+
+int run_batch(const BatchArgs& a) {
+  require_writable(a.out_dir + "/x", "--out-dir");
+  auto runtime = Runtime::open(a.common.bundle, a.common.options());
+  const std::vector<cli::ParsedRequest> parsed = read_batch(a.requests, *runtime);
   size_t i = 0;
   while (i < parsed.size()) {  // consecutive requests with the same steps and sampler share a batch
     size_t j = i;
@@ -177,15 +236,21 @@ int run_batch(const BatchArgs& a) {
            parsed[j].sampler == parsed[i].sampler) {
       batch.push_back(parsed[j++].request);
     }
-    auto results = runtime->generate(batch, parsed[i].steps, parsed[i].sampler);
+    std::vector<Result> results;
+    try {
+      results = runtime->generate(batch, parsed[i].steps, parsed[i].sampler);
+    } catch (const Error& e) {
+      throw Error(e.kind(), "requests '" + parsed[i].id + "'..'" + parsed[j - 1].id + "' (" +
+                                std::to_string(i) + " images written before them): " + e.what());
+    }
     for (size_t k = 0; k < results.size(); ++k) {
       const auto t_png = std::chrono::steady_clock::now();
       const auto png = cli::result_png(results[k]);
       const auto& p = parsed[i + k];
       json rec = cli::make_record(*runtime, p, results[k], a.common.provider, ms_since(t_png));
       rec["batch_size"] = results.size();
-      atomic_write(a.out_dir + "/" + p.id + ".json", dump(rec));
-      atomic_write(a.out_dir + "/" + p.id + ".png", png.data(), png.size());
+      atomic_write_all({{a.out_dir + "/" + p.id + ".json", dump(rec)},
+                        {a.out_dir + "/" + p.id + ".png", std::string(png.begin(), png.end())}});
     }
     i = j;
   }
@@ -250,7 +315,11 @@ struct TokenizeArgs {
 int run_tokenize(const TokenizeArgs& a) {
   const auto tokenizer = ClipTokenizer::load(a.tokenizer_dir);
   json ids = json::array();
-  for (const auto& text : json::parse(read_file(a.texts)).get<std::vector<std::string>>()) ids.push_back(tokenizer.encode(text));
+  const json texts = cli::parse_json_limited(read_file(a.texts), "--texts");
+  if (!texts.is_array() || !std::all_of(texts.begin(), texts.end(), [](const json& t) { return t.is_string(); })) {
+    throw Error(ErrorKind::input, "--texts: expected a JSON list of strings");
+  }
+  for (const auto& text : texts) ids.push_back(tokenizer.encode(text.get<std::string>()));
   std::cout << ids.dump() << "\n";
   return 0;
 }
@@ -259,17 +328,21 @@ int run_tokenize(const TokenizeArgs& a) {
 CLI::App* add_generate(CLI::App& app, GenerateArgs& g) {
   auto* gen = app.add_subcommand("generate", "generate one image");
   add_common(gen, g.common);
-  auto* cls = gen->add_option("--class", g.cls, "class label (class-conditional bundles)");
+  auto* cls = gen->add_option("--class", g.cls, "class label (class-conditional bundles)")
+                  ->check(integer_in(INT64_MIN, INT64_MAX));
   auto* prompt = gen->add_option("--prompt", g.prompt, "prompt (text bundles)");
   cls->excludes(prompt);
-  gen->add_option("--negative-class", g.negative_class, "negative class (default: the null class)");
+  gen->add_option("--negative-class", g.negative_class, "negative class (default: the null class)")
+      ->check(integer_in(INT64_MIN, INT64_MAX));  // the range: Runtime::validate
   gen->add_option("--negative-prompt", g.negative_prompt, "negative prompt (default: empty)");
-  gen->add_option("--seed", g.seed, "noise seed")->required();
-  gen->add_option("--item", g.item, "noise stream under the seed (Python: position in the batch)");
-  gen->add_option("--steps", g.steps, "sampler steps (default: the manifest's)");
+  gen->add_option("--seed", g.seed, "noise seed")->required()->check(integer_in(0, UINT64_MAX));
+  gen->add_option("--item", g.item, "noise stream under the seed (Python: position in the batch)")
+      ->check(integer_in(0, UINT32_MAX));
+  gen->add_option("--steps", g.steps, "sampler steps (default: the manifest's)")->check(integer_in(1, 1000000));
   gen->add_option("--sampler", g.sampler, "ddim (deterministic) or ddpm (Philox variance noise of seed/item)")
       ->check(CLI::IsMember({"ddim", "ddpm"}));
-  gen->add_option("--guidance", g.guidance, "classifier-free guidance scale (default: the manifest's)");
+  gen->add_option("--guidance", g.guidance, "classifier-free guidance scale (default: the manifest's)")
+      ->check(number_in(-kMaxGuidance, kMaxGuidance));
   gen->add_option("--out", g.out, "PNG to write")->required();
   gen->add_option("--record", g.record, "JSON record to write (default: OUT with .json)");
   gen->add_option("--noise", g.noise, "initial noise .npy, float32 (1, C, H, W)");
@@ -282,7 +355,7 @@ CLI::App* add_batch(CLI::App& app, BatchArgs& b) {
   add_common(batch, b.common);
   batch->add_option("--requests", b.requests, "JSONL file: one request object per line")->required();
   batch->add_option("--out-dir", b.out_dir, "folder for <id>.png and <id>.json")->required();
-  batch->add_option("--max-batch", b.max_batch, "requests per ONNX Runtime call")->check(CLI::Range(1, 64));
+  batch->add_option("--max-batch", b.max_batch, "requests per ONNX Runtime call")->check(integer_in(1, 64));
   return batch;
 }
 
@@ -294,34 +367,43 @@ CLI::App* add_info(CLI::App& app, Common& c) {
 
 CLI::App* add_serve(CLI::App& app, ServeArgs& a) {
   cli::ServerOptions& so = a.server;
-  auto* serve = app.add_subcommand("serve", "HTTP server: POST /generate, GET /health");
+  auto* serve = app.add_subcommand("serve", "HTTP server: POST /generate, /v1/images/generations (OpenAI), "
+                                             "/sdapi/v1/txt2img (AUTOMATIC1111); GET /health, /metrics");
   add_common(serve, a.common);
   serve->add_option("--host", so.host, "address to bind (loopback by default)")->capture_default_str();
-  serve->add_option("--port", so.port, "port (0: any free port, printed on start)")->capture_default_str();
-  serve->add_option("--queue", so.queue, "queued requests before answering 503")->check(CLI::Range(1, 4096))->capture_default_str();
-  serve->add_option("--max-batch", so.max_batch, "requests per ONNX Runtime call")->check(CLI::Range(1, 64))->capture_default_str();
-  serve->add_option("--timeout-ms", so.timeout_ms, "per-request timeout (504 after it)")->capture_default_str();
-  serve->add_option("--max-body", so.max_body, "largest request body in bytes (413 above)")->capture_default_str();
-  serve->add_option("--max-requests", so.max_requests, "stop after this many answered requests (0: never)");
-  serve->add_option("--max-seconds", so.max_seconds, "stop after this many seconds (0: never)");
+  serve->add_option("--port", so.port, "port (0: any free port, printed on start)")
+      ->check(integer_in(0, 65535))->capture_default_str();
+  serve->add_option("--queue", so.queue, "queued requests before answering 503")
+      ->check(integer_in(1, 4096))->capture_default_str();
+  serve->add_option("--max-batch", so.max_batch, "requests per ONNX Runtime call")
+      ->check(integer_in(1, 64))->capture_default_str();
+  serve->add_option("--timeout-ms", so.timeout_ms, "per-request timeout (504 after it)")
+      ->check(integer_in(1, 86400000))->capture_default_str();
+  serve->add_option("--max-body", so.max_body, "largest request body in bytes (413 above)")
+      ->check(integer_in(1, 1 << 30))->capture_default_str();
+  serve->add_option("--max-requests", so.max_requests, "stop after this many answered requests (0: never)")
+      ->check(integer_in(0, INT32_MAX));
+  serve->add_option("--max-seconds", so.max_seconds, "stop after this many seconds (0: never)")
+      ->check(number_in(0, 1e9));
+  cli::add_serve_flags(*serve, so);  // keys, logs, connection limits (server.cpp)
   return serve;
 }
 
 CLI::App* add_schedule(CLI::App& app, ScheduleArgs& a) {
   auto* schedule = app.add_subcommand("schedule", "print DDIM timesteps as JSON");
   schedule->add_option("--spacing", a.spacing)->required();
-  schedule->add_option("--train-steps", a.train_steps);
-  schedule->add_option("--offset", a.offset);
-  schedule->add_option("--steps", a.steps)->required();
+  schedule->add_option("--train-steps", a.train_steps)->check(integer_in(1, 1000000));
+  schedule->add_option("--offset", a.offset)->check(integer_in(0, 1000000));
+  schedule->add_option("--steps", a.steps)->required()->check(integer_in(1, 1000000));
   return schedule;
 }
 
 CLI::App* add_noise(CLI::App& app, NoiseArgs& a) {
   auto* noise = app.add_subcommand("noise", "write Philox Gaussian noise as .npy (parity tests)");
-  noise->add_option("--seed", a.seed)->required();
-  noise->add_option("--item", a.item);
-  noise->add_option("--stream", a.stream);
-  noise->add_option("--count", a.count)->required();
+  noise->add_option("--seed", a.seed)->required()->check(integer_in(0, UINT64_MAX));
+  noise->add_option("--item", a.item)->check(integer_in(0, UINT32_MAX));
+  noise->add_option("--stream", a.stream)->check(integer_in(0, UINT32_MAX));
+  noise->add_option("--count", a.count)->required()->check(integer_in(0, 1 << 28));
   noise->add_option("--out", a.out)->required();
   return noise;
 }

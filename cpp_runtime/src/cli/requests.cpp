@@ -4,6 +4,7 @@
 #include <set>
 
 #include "safe_denoiser_cpp/image.hpp"
+#include "safe_denoiser_cpp/json_limits.hpp"
 
 namespace sdcpp::cli {
 namespace {
@@ -17,16 +18,37 @@ using nlohmann::json;
 
 int64_t integer(const json& v, const std::string& field, int64_t lo, int64_t hi) {
   if (!v.is_number_integer()) bad(field, "an integer", v);
-  // nlohmann stores non-negative literals as unsigned: compare in the matching type.
-  const bool out_of_range = v.is_number_unsigned()
-                                ? (v.get<uint64_t>() > static_cast<uint64_t>(hi) || (lo > 0 && v.get<uint64_t>() < static_cast<uint64_t>(lo)))
-                                : (v.get<int64_t>() < lo || v.get<int64_t>() > hi);
-  if (out_of_range) {
-    bad(field, "an integer in " + std::to_string(lo) + ".." + std::to_string(hi), v);
+  const auto i = json_integer_in(v, lo, hi);
+  if (!i) bad(field, "an integer in " + std::to_string(lo) + ".." + std::to_string(hi), v);
+  return *i;
+}
+// The parser's message quotes the bytes it last read: escape any that are not printable ASCII, so that an error
+// about invalid UTF-8 is itself valid UTF-8 (a terminal, a log line, a JSON error body).
+std::string escaped(const std::string& text) {
+  static const char* hex = "0123456789abcdef";
+  std::string out;
+  for (const char c : text) {
+    const auto b = static_cast<unsigned char>(c);
+    if (b >= 0x20 && b < 0x7f) {
+      out += c;
+    } else {
+      out += std::string("\\x") + hex[b >> 4] + hex[b & 15];
+    }
   }
-  return v.get<int64_t>();
+  return out;
 }
 }  // namespace
+
+json parse_json_limited(std::string_view text, const std::string& what, int max_depth) {
+  if (json_nesting_exceeds(text, max_depth)) {
+    throw Error(ErrorKind::input, what + ": JSON nested deeper than " + std::to_string(max_depth) + " levels");
+  }
+  try {
+    return json::parse(text);
+  } catch (const json::exception& e) {
+    throw Error(ErrorKind::input, what + ": not JSON (" + escaped(e.what()) + ")");
+  }
+}
 
 bool safe_stem(const std::string& stem) {
   if (stem.empty() || stem.size() > 128 || stem[0] == '.') return false;
@@ -75,7 +97,7 @@ ParsedRequest parse_request(const json& body, const Manifest& m) {
   }
   if (body.contains("guidance")) {
     const auto& g = body["guidance"];
-    if (!g.is_number() || !std::isfinite(g.get<double>())) bad("guidance", "a finite number", g);
+    if (!g.is_number() || !(std::abs(g.get<double>()) <= kMaxGuidance)) bad("guidance", "a number in -1000..1000", g);
     r.guidance = g.get<double>();
   }
   if (body.contains("id")) {

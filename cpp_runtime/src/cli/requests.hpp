@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "safe_denoiser_cpp/runtime.hpp"
@@ -16,6 +17,14 @@ struct ParsedRequest {
   Sampler sampler = Sampler::ddim;
   std::string id;  // batch mode: output file stem
 };
+
+// Deepest nesting of arrays and objects a request may have (requests are flat: 2 levels suffice).
+constexpr int kMaxJsonDepth = 64;
+// JSON text -> value for every request path (batch lines, server bodies). A linear pre-scan refuses nesting deeper
+// than max_depth before nlohmann's recursive parser sees it (100,000 levels overflowed the stack). Error(input):
+// "<what>: JSON nested deeper than <max_depth> levels" or "<what>: not JSON (<parser message>)".
+nlohmann::json parse_json_limited(std::string_view text, const std::string& what = "request",
+                                  int max_depth = kMaxJsonDepth);
 
 // Validate keys and types; Error(input) naming the field and the expected form.
 ParsedRequest parse_request(const nlohmann::json& body, const Manifest& manifest);
