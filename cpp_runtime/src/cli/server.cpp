@@ -1,25 +1,33 @@
 #include "server.hpp"
 
 #include <httplib.h>
+#include <unistd.h>
 
+#include <CLI/CLI.hpp>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <csignal>
+#include <cstdlib>
 #include <deque>
 #include <future>
 #include <iostream>
 #include <thread>
 
+#include "access.hpp"
+#include "api_compat.hpp"
+#include "flags.hpp"
+#include "http_guard.hpp"
+#include "metrics.hpp"
 #include "requests.hpp"
+#include "stop_signal.hpp"
 
 namespace sdcpp::cli {
 namespace {
 using nlohmann::json;
 using Clock = std::chrono::steady_clock;
 
-volatile std::sig_atomic_t g_stop_signal = 0;
-extern "C" void on_signal(int) { g_stop_signal = 1; }
+double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
 struct Outcome {
   int status = 500;
@@ -34,39 +42,21 @@ struct Job {
   std::atomic<bool> cancelled{false};
 };
 
-std::string base64(const std::string& data) {
-  static const char* table = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-  std::string out;
-  size_t i = 0;
-  for (; i + 2 < data.size(); i += 3) {
-    const uint32_t v = (static_cast<uint8_t>(data[i]) << 16) | (static_cast<uint8_t>(data[i + 1]) << 8) |
-                       static_cast<uint8_t>(data[i + 2]);
-    for (int s = 18; s >= 0; s -= 6) out += table[(v >> s) & 63];
-  }
-  if (i < data.size()) {
-    uint32_t v = static_cast<uint8_t>(data[i]) << 16;
-    if (i + 1 < data.size()) v |= static_cast<uint8_t>(data[i + 1]) << 8;
-    out += table[(v >> 18) & 63];
-    out += table[(v >> 12) & 63];
-    out += i + 1 < data.size() ? table[(v >> 6) & 63] : '=';
-    out += '=';
-  }
-  return out;
-}
-
 int http_status(ErrorKind kind) { return kind == ErrorKind::input ? 400 : 500; }
 
-void send_error(httplib::Response& res, int status, const std::string& message) {
-  res.status = status;
-  res.set_content(json{{"error", message}, {"status", status}}.dump(-1, ' ', true, json::error_handler_t::replace),
-                  "application/json");
+// Records and /health name the model, never a folder of this machine: a source that is a path shows its last part.
+std::string public_source(const std::string& source) {
+  const bool path = !source.empty() && (source[0] == '/' || source[0] == '.' || source[0] == '~' ||
+                                        source.find('\\') != std::string::npos);
+  return path ? source.substr(source.find_last_of("/\\") + 1) : source;
 }
 
-// One worker thread owns the runtime: it takes up to max_batch queued jobs with the same steps and sampler per call.
+// One worker thread owns the runtime (not thread-safe): it takes up to max_batch queued jobs with the same steps
+// and sampler per call.
 class Worker {
  public:
-  Worker(Runtime& runtime, std::string provider, const ServerOptions& o)
-      : runtime_(runtime), provider_(std::move(provider)), options_(o), thread_([this] { loop(); }) {}
+  Worker(Runtime& runtime, std::string provider, const ServerOptions& o, Metrics& metrics)
+      : runtime_(runtime), provider_(std::move(provider)), options_(o), metrics_(metrics), thread_([this] { loop(); }) {}
   ~Worker() {
     {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -75,12 +65,12 @@ class Worker {
     ready_.notify_all();
     thread_.join();
   }
-  // False when the queue is full.
-  bool submit(const std::shared_ptr<Job>& job) {
+  // All or none: false when the jobs do not all fit in the queue.
+  bool submit(const std::vector<std::shared_ptr<Job>>& jobs) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (static_cast<int>(queue_.size()) >= options_.queue) return false;
-      queue_.push_back(job);
+      if (stopping_ || queue_.size() + jobs.size() > static_cast<size_t>(options_.queue)) return false;
+      queue_.insert(queue_.end(), jobs.begin(), jobs.end());
     }
     ready_.notify_one();
     return true;
@@ -89,54 +79,75 @@ class Worker {
     std::lock_guard<std::mutex> lock(mutex_);
     return queue_.size();
   }
+  bool running() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return !stopping_;
+  }
 
  private:
+  std::vector<std::shared_ptr<Job>> take_batch() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    ready_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
+    std::vector<std::shared_ptr<Job>> batch;
+    if (queue_.empty()) return batch;
+    const int steps = queue_.front()->request.steps;
+    const Sampler sampler = queue_.front()->request.sampler;
+    for (auto it = queue_.begin(); it != queue_.end() && static_cast<int>(batch.size()) < options_.max_batch;) {
+      if ((*it)->cancelled) {
+        it = queue_.erase(it);
+      } else if ((*it)->request.steps == steps && (*it)->request.sampler == sampler) {
+        batch.push_back(*it);
+        it = queue_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    return batch;
+  }
+
   void loop() {
     for (;;) {
-      std::vector<std::shared_ptr<Job>> batch;
-      {
-        std::unique_lock<std::mutex> lock(mutex_);
-        ready_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
-        if (queue_.empty()) return;  // stopping and drained
-        const int steps = queue_.front()->request.steps;
-        const Sampler sampler = queue_.front()->request.sampler;
-        for (auto it = queue_.begin(); it != queue_.end() && static_cast<int>(batch.size()) < options_.max_batch;) {
-          if ((*it)->cancelled) {
-            it = queue_.erase(it);
-          } else if ((*it)->request.steps == steps && (*it)->request.sampler == sampler) {
-            batch.push_back(*it);
-            it = queue_.erase(it);
-          } else {
-            ++it;
-          }
-        }
+      const auto batch = take_batch();
+      if (!batch.empty()) {
+        run(batch);
+      } else if (!running()) {
+        return;  // stopping and drained
       }
-      if (!batch.empty()) run(batch);
     }
   }
 
   void run(const std::vector<std::shared_ptr<Job>>& batch) {
     std::vector<Request> requests;
     for (const auto& job : batch) requests.push_back(job->request.request);
+    const auto start = Clock::now();
     try {
       const auto results = runtime_.generate(requests, batch.front()->request.steps, batch.front()->request.sampler);
+      metrics_.batch(batch.size(), seconds_since(start));
+      uint64_t steps = 0, corrected = 0;
+      std::vector<Outcome> outcomes;
       for (size_t i = 0; i < batch.size(); ++i) {
-        const auto start = Clock::now();
+        const auto png_start = Clock::now();
         const auto png = result_png(results[i]);
-        const double png_ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
         Outcome out;
         out.status = 200;
         out.png.assign(png.begin(), png.end());
-        out.record = make_record(runtime_, batch[i]->request, results[i], provider_, png_ms);
+        out.record = make_record(runtime_, batch[i]->request, results[i], provider_, seconds_since(png_start) * 1e3);
         out.record["batch_size"] = batch.size();
-        batch[i]->promise.set_value(std::move(out));
+        out.record.erase("bundle");  // no filesystem paths in answers
+        out.record["source"] = public_source(runtime_.manifest().source);
+        steps += results[i].timesteps.size();
+        corrected += results[i].corrected_steps.size();
+        outcomes.push_back(std::move(out));
       }
+      metrics_.images(batch.size(), steps, corrected);  // before the answers: a client then sees them counted
+      for (size_t i = 0; i < batch.size(); ++i) batch[i]->promise.set_value(std::move(outcomes[i]));
     } catch (const std::exception& e) {
       const auto* err = dynamic_cast<const Error*>(&e);
+      log_line(LogLevel::error, {{"event", "generation_failed"}, {"images", batch.size()}, {"message", e.what()}});
       for (const auto& job : batch) {
         Outcome out;
         out.status = err ? http_status(err->kind()) : 500;
-        out.error = e.what();
+        out.error = out.status < 500 ? e.what() : "generation failed (the server log has the details)";
         job->promise.set_value(std::move(out));
       }
     }
@@ -145,6 +156,7 @@ class Worker {
   Runtime& runtime_;
   std::string provider_;
   ServerOptions options_;
+  Metrics& metrics_;
   std::mutex mutex_;
   std::condition_variable ready_;
   std::deque<std::shared_ptr<Job>> queue_;
@@ -152,63 +164,202 @@ class Worker {
   std::thread thread_;
 };
 
-// What /health reports and the final line prints; handler threads count, the monitor reads.
-struct Counters {
+// Everything the handlers share.
+struct State {
+  State(Runtime& r, const ServerOptions& options, std::string key)
+      : runtime(r), o(options), api_key(std::move(key)), loopback(is_loopback_host(options.host)) {}
+  Runtime& runtime;
+  const ServerOptions& o;
+  std::string api_key;
+  bool loopback;
+  int port = 0;
+  ImageSize size;
+  Metrics metrics;
+  StopSignal stop;
+  std::unique_ptr<Worker> worker;
+  GuardedServer* server = nullptr;
   std::atomic<long> answered{0}, rejected{0}, timed_out{0};
 };
 
-// Threads: every queued request holds one while it waits, plus a few to answer 503 / health quickly.
-void configure(httplib::Server& server, const ServerOptions& o) {
-  const int threads = o.queue + o.max_batch + 4;
-  server.new_task_queue = [threads] { return new httplib::ThreadPool(static_cast<size_t>(threads)); };
-  server.set_payload_max_length(o.max_body);
-  server.set_read_timeout(5, 0);
-  server.set_write_timeout(5, 0);
-  server.set_keep_alive_max_count(8);
-  server.set_keep_alive_timeout(2);
+struct Route {
+  const char* path;
+  const char* allow;
+};
+constexpr Route kRoutes[] = {{"/health", "GET, HEAD"},
+                             {"/metrics", "GET, HEAD"},
+                             {"/generate", "POST"},
+                             {"/v1/images/generations", "POST"},
+                             {"/sdapi/v1/txt2img", "POST"}};
+
+const Route* find_route(const std::string& path) {
+  for (const auto& r : kRoutes) {
+    if (path == r.path) return &r;
+  }
+  return nullptr;
 }
 
-std::string health(const Runtime& runtime, Worker& worker, const Counters& counts) {
-  const Manifest& m = runtime.manifest();
-  return json{{"status", "ok"},
-              {"source", m.source},
-              {"model_kind", m.model_kind},
-              {"queued", worker.queued()},
-              {"answered", counts.answered.load()},
-              {"rejected", counts.rejected.load()},
-              {"timed_out", counts.timed_out.load()}}
-      .dump();
+// The OpenAI routes answer errors in OpenAI's shape (its clients read error.message); the others {error, status}.
+void send_error(const std::string& path, httplib::Response& res, int status, const std::string& message) {
+  res.status = status;
+  json body;
+  if (path.rfind("/v1/", 0) == 0) {
+    const auto colon = message.find(':');
+    const std::string head = message.substr(0, colon == std::string::npos ? 0 : colon);
+    const bool param = !head.empty() && head.find_first_not_of("abcdefghijklmnopqrstuvwxyz_") == std::string::npos;
+    body = {{"error",
+             {{"message", message},
+              {"type", status < 500 ? "invalid_request_error" : "server_error"},
+              {"param", param ? json(head) : json(nullptr)},
+              {"code", nullptr}}}};
+  } else {
+    body = {{"error", message}, {"status", status}};
+  }
+  res.set_content(body.dump(-1, ' ', true, json::error_handler_t::replace), "application/json");
 }
 
-// POST /generate: parse and validate, queue (503 when full), wait up to the timeout (504), answer PNG or JSON.
-void answer_generate(const httplib::Request& req, httplib::Response& res, const Runtime& runtime, Worker& worker,
-                     const ServerOptions& o, Counters& counts) {
-  struct Count {
-    std::atomic<long>& n;
-    ~Count() { ++n; }
-  } count{counts.answered};
-  auto job = std::make_shared<Job>();
+std::string status_message(int status, const ServerOptions& o) {
+  switch (status) {
+    case 413: return "request body larger than --max-body (" + std::to_string(o.max_body) + " bytes)";
+    case 414: return "request target too long";
+    case 404: return "no such route";
+    default: return "bad request (malformed HTTP, or not received within --read-timeout-ms)";
+  }
+}
+
+using Verdict = httplib::Server::HandlerResponse;
+
+Verdict refuse(const httplib::Request& req, httplib::Response& res, int status, const std::string& message) {
+  send_error(req.path, res, status, message);
+  request_context().close_connection = true;  // its body, if any, was not read
+  res.set_header("Connection", "close");
+  return Verdict::Handled;
+}
+
+bool json_content_type(const std::string& value) {
+  std::string media = value.substr(0, value.find(';'));
+  media.erase(media.find_last_not_of(" \t") + 1);
+  for (auto& c : media) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return media == "application/json";
+}
+
+// Before the body is read: the request id, then Host (loopback binds), the key, the route and method, the type.
+Verdict pre_route(const httplib::Request& req, httplib::Response& res, State& s) {
+  auto& ctx = request_context();
+  ctx.id = request_id(req.get_header_value("X-Request-Id"));
+  res.set_header("X-Request-Id", ctx.id);
+  const Route* route = find_route(req.path);
+  if (s.loopback && !loopback_host_header_ok(req.get_header_value("Host"), s.port)) {
+    return refuse(req, res, 403, "Host: expected localhost, 127.0.0.1 or [::1] with port " + std::to_string(s.port) +
+                                     " (a loopback server answers only its own names, against DNS rebinding)");
+  }
+  if (!s.api_key.empty() && !(route && req.path == "/health") &&
+      !bearer_matches(req.get_header_value("Authorization"), s.api_key)) {
+    res.set_header("WWW-Authenticate", "Bearer");
+    return refuse(req, res, 401, "Authorization: expected 'Bearer <key>' with the server's API key");
+  }
+  if (!route) return refuse(req, res, 404, "no route " + req.path.substr(0, 100) +
+                                               " (routes: /generate, /v1/images/generations, /sdapi/v1/txt2img, /health, /metrics)");
+  const std::string allow = route->allow;
+  if ((", " + allow + ",").find(", " + req.method + ",") == std::string::npos) {
+    res.set_header("Allow", allow);
+    return refuse(req, res, 405, "method " + req.method.substr(0, 20) + " not allowed on " + req.path + " (allowed: " + allow + ")");
+  }
+  if (req.method == "POST" && !json_content_type(req.get_header_value("Content-Type"))) {
+    return refuse(req, res, 415, "Content-Type: expected application/json");
+  }
+  return Verdict::Unhandled;
+}
+
+// After the answer is written: metrics and one JSON log line; connections close after an error.
+void log_request(const httplib::Request& req, const httplib::Response& res, State& s) {
+  auto& ctx = request_context();
+  if (ctx.id.empty()) ctx.id = request_id("");
+  const Route* route = find_route(req.path);
+  const std::string name = route ? route->path : "other";
+  const double seconds = seconds_since(ctx.start);
+  s.metrics.request(name, res.status, seconds);
+  const LogLevel level = res.status >= 500 ? LogLevel::error : res.status >= 400 ? LogLevel::warn : LogLevel::info;
+  log_line(level, {{"event", "request"}, {"id", ctx.id}, {"method", req.method.substr(0, 20)}, {"route", name},
+                   {"status", res.status}, {"latency_ms", seconds * 1e3}, {"images", ctx.images},
+                   {"steps", ctx.steps}, {"correction_steps", ctx.correction_steps}});
+}
+
+// Answers cpp-httplib wrote itself (413, malformed requests) get a JSON body and the request id too.
+void fill_error(const httplib::Request& req, httplib::Response& res, const ServerOptions& o) {
+  auto& ctx = request_context();
+  if (ctx.id.empty()) ctx.id = request_id("");
+  if (!res.has_header("X-Request-Id")) res.set_header("X-Request-Id", ctx.id);
+  if (res.body.empty()) {  // cpp-httplib's own errors: the rest of the request was not read
+    send_error(req.path, res, res.status, status_message(res.status, o));
+    ctx.close_connection = true;
+    res.set_header("Connection", "close");
+  }
+}
+
+struct Generated {
+  int status = 200;
+  std::string error;
+  std::vector<Outcome> outcomes;
+};
+
+// Queue every image of a call at once (503 when they do not all fit), wait for all of them within the timeout.
+Generated generate_all(std::vector<ParsedRequest> items, State& s) {
+  std::vector<std::shared_ptr<Job>> jobs;
+  std::vector<std::future<Outcome>> futures;
+  for (auto& item : items) {
+    jobs.push_back(std::make_shared<Job>());
+    jobs.back()->request = std::move(item);
+    futures.push_back(jobs.back()->promise.get_future());
+  }
+  if (!s.worker->submit(jobs)) {
+    ++s.rejected;
+    return {503, "queue full (" + std::to_string(s.o.queue) + " images may wait): retry later", {}};
+  }
+  const auto deadline = Clock::now() + std::chrono::milliseconds(s.o.timeout_ms);
+  Generated out;
+  for (auto& f : futures) {
+    if (f.wait_until(deadline) != std::future_status::ready) {
+      for (auto& job : jobs) job->cancelled = true;  // the worker skips those it has not started
+      ++s.timed_out;
+      return {504, "request took longer than " + std::to_string(s.o.timeout_ms) + " ms", {}};
+    }
+    out.outcomes.push_back(f.get());
+    if (out.outcomes.back().status != 200) return {out.outcomes.back().status, out.outcomes.back().error, {}};
+  }
+  auto& ctx = request_context();
+  for (const auto& o : out.outcomes) {
+    ++ctx.images;
+    ctx.steps += o.record.value("steps", 0L);
+    ctx.correction_steps += o.record.value("corrected_count", 0L);
+  }
+  return out;
+}
+
+// Counts answered image requests; the last one allowed by --max-requests asks the server to stop.
+struct AnsweredCount {
+  State& s;
+  ~AnsweredCount() {
+    if (++s.answered == s.o.max_requests) s.stop.request();
+  }
+};
+
+void answer_generate(const httplib::Request& req, httplib::Response& res, State& s) {
+  AnsweredCount count{s};
+  ParsedRequest p;
   try {
-    job->request = parse_request(json::parse(req.body), runtime.manifest());
-    runtime.validate(job->request.request);
-  } catch (const json::exception& e) {
-    return send_error(res, 400, std::string("body: not a JSON object (") + e.what() + ")");
+    p = parse_request(parse_json_limited(req.body, "body"), s.runtime.manifest());
+    s.runtime.validate(p.request);
   } catch (const Error& e) {
-    return send_error(res, http_status(e.kind()), e.what());
+    return send_error(req.path, res, http_status(e.kind()), e.what());
+  } catch (const json::exception& e) {  // a value of a JSON type the parsers do not name (the batch CLI exits 4 too)
+    return send_error(req.path, res, 400, std::string("body: ") + e.what());
   }
-  auto future = job->promise.get_future();
-  if (!worker.submit(job)) {
-    ++counts.rejected;
-    res.set_header("Retry-After", "1");
-    return send_error(res, 503, "queue full (" + std::to_string(o.queue) + " waiting): retry later");
+  Generated g = generate_all({p}, s);
+  if (g.status != 200) {
+    if (g.status == 503) res.set_header("Retry-After", "1");
+    return send_error(req.path, res, g.status, g.error);
   }
-  if (future.wait_for(std::chrono::milliseconds(o.timeout_ms)) != std::future_status::ready) {
-    job->cancelled = true;  // the worker skips it if it has not started
-    ++counts.timed_out;
-    return send_error(res, 504, "request took longer than " + std::to_string(o.timeout_ms) + " ms");
-  }
-  Outcome out = future.get();
-  if (out.status != 200) return send_error(res, out.status, out.error);
+  const Outcome& out = g.outcomes.front();
   if (req.has_param("format") && req.get_param_value("format") == "png") {
     res.set_header("X-Safe-Denoiser-Record", out.record.dump(-1, ' ', true, json::error_handler_t::replace));
     res.set_content(out.png, "image/png");
@@ -218,51 +369,175 @@ void answer_generate(const httplib::Request& req, httplib::Response& res, const 
   }
 }
 
-// Listen on the bound socket until a signal or a limit; true when listen() ended without a socket error.
-bool listen_until_stopped(httplib::Server& server, const ServerOptions& o, const Counters& counts) {
-  std::atomic<bool> done{false};
-  const auto start = Clock::now();
-  std::thread monitor([&] {  // stops the server on a signal or a limit; listen() then returns
-    while (!done) {
-      const double age = std::chrono::duration<double>(Clock::now() - start).count();
-      // Keep calling stop(): a stop() before listen() has started its loop would be lost.
-      if (g_stop_signal || (o.max_requests > 0 && counts.answered >= o.max_requests) ||
-          (o.max_seconds > 0 && age >= o.max_seconds)) {
-        server.stop();
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
-  });
-  const bool ok = server.listen_after_bind();
-  done = true;
-  monitor.join();
-  return ok;
+// POST /v1/images/generations and /sdapi/v1/txt2img: translate, generate, answer in the API's shape.
+void answer_image_api(const httplib::Request& req, httplib::Response& res, State& s, bool openai) {
+  AnsweredCount count{s};
+  json body;
+  ImageCall call;
+  try {
+    body = parse_json_limited(req.body, "body");
+    const auto most = static_cast<size_t>(s.o.queue);
+    call = openai ? parse_openai(body, s.runtime, s.size, most) : parse_a1111(body, s.runtime, s.size, most);
+  } catch (const Error& e) {
+    return send_error(req.path, res, http_status(e.kind()), e.what());
+  } catch (const json::exception& e) {  // a value of a JSON type the parsers do not name (the batch CLI exits 4 too)
+    return send_error(req.path, res, 400, std::string("body: ") + e.what());
+  }
+  Generated g = generate_all(std::move(call.items), s);
+  if (g.status != 200) {
+    if (g.status == 503) res.set_header("Retry-After", "1");
+    return send_error(req.path, res, g.status, g.error);
+  }
+  std::vector<std::string> pngs;
+  std::vector<json> corrected;
+  for (const auto& o : g.outcomes) {
+    pngs.push_back(o.png);
+    corrected.push_back(o.record.value("corrected_steps", json::array()));
+  }
+  const json answer = openai ? answer_openai(pngs) : answer_a1111(body, call, pngs, corrected);
+  res.set_content(answer.dump(-1, ' ', true, json::error_handler_t::replace), "application/json");
+}
+
+void answer_health(httplib::Response& res, State& s) {
+  const Manifest& m = s.runtime.manifest();
+  const bool worker = s.worker->running();
+  const bool ready = worker && !s.stop.requested();
+  res.status = ready ? 200 : 503;
+  res.set_content(json{{"status", ready ? "ok" : "stopping"},
+                       {"ready", ready},
+                       {"bundle_loaded", true},
+                       {"worker_running", worker},
+                       {"queued", s.worker->queued()},
+                       {"queue_capacity", s.o.queue},
+                       {"model_kind", m.model_kind},
+                       {"source", public_source(m.source)},
+                       {"image", {{"width", s.size.width}, {"height", s.size.height}}},
+                       {"auth", s.api_key.empty() ? "none" : "bearer"},
+                       {"answered", s.answered.load()},
+                       {"rejected", s.rejected.load()},
+                       {"timed_out", s.timed_out.load()}}
+                      .dump(),
+                  "application/json");
+}
+
+void answer_metrics(httplib::Response& res, State& s) {
+  Gauges g;
+  g.queue_depth = s.worker->queued();
+  g.queue_capacity = static_cast<size_t>(s.o.queue);
+  g.connections_active = s.server->active_connections();
+  g.ready = s.worker->running() && !s.stop.requested();
+  g.connections_rejected = s.server->rejected_connections.load();
+  res.set_content(s.metrics.exposition(g), "text/plain; version=0.0.4; charset=utf-8");
+}
+
+void add_routes(GuardedServer& server, State& s) {
+  server.set_pre_routing_handler([&s](const httplib::Request& req, httplib::Response& res) { return pre_route(req, res, s); });
+  server.set_logger([&s](const httplib::Request& req, const httplib::Response& res) { log_request(req, res, s); });
+  server.set_error_handler([&s](const httplib::Request& req, httplib::Response& res) { fill_error(req, res, s.o); });
+  server.Get("/health", [&s](const httplib::Request&, httplib::Response& res) { answer_health(res, s); });
+  server.Get("/metrics", [&s](const httplib::Request&, httplib::Response& res) { answer_metrics(res, s); });
+  server.Post("/generate", [&s](const httplib::Request& req, httplib::Response& res) { answer_generate(req, res, s); });
+  server.Post("/v1/images/generations",
+              [&s](const httplib::Request& req, httplib::Response& res) { answer_image_api(req, res, s, true); });
+  server.Post("/sdapi/v1/txt2img",
+              [&s](const httplib::Request& req, httplib::Response& res) { answer_image_api(req, res, s, false); });
+}
+
+// The image size the APIs check width/height against: one 1-step image (also a warm-up of every session).
+ImageSize probe_image_size(Runtime& runtime) {
+  Request probe;
+  if (runtime.manifest().model_kind == "class-conditional") {
+    probe.class_label = 0;
+  } else {
+    probe.prompt = "";
+  }
+  const auto result = runtime.generate({probe}, 1);
+  return {result.at(0).image_w, result.at(0).image_h};
+}
+
+// The API key (flag, else environment) and the rule that only loopback binds may run without one.
+std::string access_key(const ServerOptions& o) {
+  std::string key = o.api_key, source = "--api-key";
+  if (key.empty()) {
+    const char* env = std::getenv("SAFE_DENOISER_API_KEY");
+    key = env ? env : "";
+    source = "SAFE_DENOISER_API_KEY";
+  }
+  if (!key.empty()) check_api_key(key, source);
+  if (key.empty() && !is_loopback_host(o.host)) {
+    throw Error(ErrorKind::usage, "--host " + o.host +
+                                      " is not a loopback address: serving beyond this machine needs an API key "
+                                      "(--api-key KEY or the environment variable SAFE_DENOISER_API_KEY); clients "
+                                      "then send 'Authorization: Bearer KEY'. TLS is not served: put a proxy in front");
+  }
+  return key;
+}
+
+ConnectionLimits connection_limits(const ServerOptions& o) {
+  ConnectionLimits l;
+  l.threads = o.http_threads > 0 ? o.http_threads : o.queue + o.max_batch + 4;
+  l.max_connections = o.max_connections > 0 ? o.max_connections : 4 * l.threads;
+  if (l.max_connections < l.threads) {
+    throw Error(ErrorKind::usage, "--max-connections: expected at least --http-threads (" + std::to_string(l.threads) + ")");
+  }
+  l.read_timeout_ms = o.read_timeout_ms;
+  l.busy_read_timeout_ms = std::min(1000, o.read_timeout_ms);
+  l.reserve = std::max(1, std::min(4, l.threads / 4));
+  return l;
 }
 }  // namespace
 
+void add_serve_flags(CLI::App& serve, ServerOptions& so) {
+  serve.add_option("--api-key", so.api_key,
+                   "require 'Authorization: Bearer KEY' (16..256 characters; default: $SAFE_DENOISER_API_KEY); "
+                   "needed to bind a non-loopback address");
+  serve.add_option("--log-level", so.log_level, "JSON log lines on stderr from this level: error, warn, info, debug")
+      ->check(CLI::IsMember({"error", "warn", "info", "debug"}))
+      ->capture_default_str();
+  serve.add_option("--http-threads", so.http_threads, "connection threads (default: queue + max-batch + 4)")
+      ->check(integer_in(1, 1024));
+  serve.add_option("--max-connections", so.max_connections,
+                   "connections served or waiting for a thread; more get 503 (default: 4 x http-threads)")
+      ->check(integer_in(1, 65536));
+  serve.add_option("--read-timeout-ms", so.read_timeout_ms,
+                   "time to receive one whole request (1000 ms while the connection threads are nearly all busy)")
+      ->check(integer_in(100, 600000))
+      ->capture_default_str();
+}
+
 int serve(Runtime& runtime, const std::string& provider, const ServerOptions& o) {
   if (o.port < 0 || o.port > 65535) throw Error(ErrorKind::usage, "--port must lie in 0..65535");
+  set_log_level(parse_log_level(o.log_level));
+  State s(runtime, o, access_key(o));
+  const ConnectionLimits limits = connection_limits(o);
   std::signal(SIGPIPE, SIG_IGN);
-  std::signal(SIGTERM, on_signal);
-  std::signal(SIGINT, on_signal);
-  Counters counts;
-  httplib::Server server;
-  configure(server, o);
-  auto worker = std::make_unique<Worker>(runtime, provider, o);
-  server.Get("/health", [&](const httplib::Request&, httplib::Response& res) {
-    res.set_content(health(runtime, *worker, counts), "application/json");
+  const auto probe_start = Clock::now();
+  s.size = probe_image_size(runtime);
+  GuardedServer server(limits);
+  s.server = &server;
+  server.set_payload_max_length(o.max_body);
+  server.set_write_timeout(10, 0);
+  s.worker = std::make_unique<Worker>(runtime, provider, o, s.metrics);
+  add_routes(server, s);
+  s.port = o.port == 0 ? server.bind_to_any_port(o.host.c_str()) : (server.bind_to_port(o.host.c_str(), o.port) ? o.port : -1);
+  if (s.port < 0) throw Error(ErrorKind::io, "cannot listen on " + o.host + ":" + std::to_string(o.port));
+  log_line(LogLevel::info, {{"event", "start"}, {"host", o.host}, {"port", s.port}, {"http_threads", limits.threads},
+                            {"max_connections", limits.max_connections}, {"auth", s.api_key.empty() ? "none" : "bearer"},
+                            {"warmup_ms", seconds_since(probe_start) * 1e3}});
+  std::cout << "listening on http://" << o.host << ":" << s.port << std::endl;
+  bool listened = false;
+  std::thread listener([&] {
+    listened = server.listen_after_bind();
+    s.stop.request();  // listen() ended by itself: a socket error
   });
-  server.Post("/generate", [&](const httplib::Request& req, httplib::Response& res) {
-    answer_generate(req, res, runtime, *worker, o, counts);
-  });
-  const int port = o.port == 0 ? server.bind_to_any_port(o.host.c_str()) : (server.bind_to_port(o.host.c_str(), o.port) ? o.port : -1);
-  if (port < 0) throw Error(ErrorKind::io, "cannot listen on " + o.host + ":" + std::to_string(o.port));
-  std::cout << "listening on http://" << o.host << ":" << port << std::endl;
-  const bool ok = listen_until_stopped(server, o, counts);
-  worker.reset();  // every handler has returned; the queue is drained
-  std::cout << "stopped: " << counts.answered.load() << " answered, " << counts.rejected.load() << " rejected (503), "
-            << counts.timed_out.load() << " timed out" << std::endl;
-  return ok || g_stop_signal || o.max_requests > 0 || o.max_seconds > 0 ? 0 : static_cast<int>(ErrorKind::io);
+  s.stop.wait(o.max_seconds);
+  server.stop_now();
+  listener.join();  // every connection thread has finished its request
+  s.worker.reset();  // the queue is drained
+  std::cout << "stopped: " << s.answered.load() << " answered, " << s.rejected.load() << " rejected (503), "
+            << s.timed_out.load() << " timed out" << std::endl;
+  const bool limited = o.max_requests > 0 || o.max_seconds > 0;
+  return listened || s.stop.by_signal() || limited ? 0 : static_cast<int>(ErrorKind::io);
 }
 
 }  // namespace sdcpp::cli
