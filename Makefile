@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch; a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test lint typecheck unit bench clean cpp cpp-deps cpp-test
+.PHONY: demo test lint typecheck unit bench clean cpp cpp-deps cpp-test fuzz-build fuzz-smoke fuzz
 
 # The C source of the compiled kernel is built by the install (an optional extension): rebuild when it changes.
 $(BIN)/.installed: pyproject.toml safe_denoiser/core/csrc/fused_kernel.c
@@ -31,7 +31,7 @@ typecheck: $(BIN)/.installed
 unit: $(BIN)/.installed
 	$(BIN)/pytest -q
 
-test: lint typecheck cpp-test unit
+test: lint typecheck cpp-test fuzz-smoke unit
 
 # ---- C++ runtime (cpp_runtime/): Debian packages + an ONNX Runtime SDK assembled without installing anything --------
 CPP_BUILD ?= cpp_runtime/build
@@ -54,6 +54,26 @@ cpp-test: cpp
 		$(CMAKE_ORT) -DSD_TEST_BUNDLES=$(abspath $(CPP_BUILD)/test_bundles)
 	cmake --build $(CPP_BUILD)/asan
 	ctest --test-dir $(CPP_BUILD)/asan --output-on-failure
+
+# ---- Fuzzing (cpp_runtime/fuzz/): libFuzzer targets with ASan + UBSan, built by clang in a folder of their own -----
+FUZZ_BUILD ?= $(CPP_BUILD)/fuzz
+FUZZ_SECONDS ?= 300
+
+# The test bundles: the image-API target (fuzz_api_compat) opens two of them (skipped when up to date).
+fuzz-build: $(BIN)/.installed cpp-deps
+	$(BIN)/python cpp_runtime/scripts/make_test_bundles.py $(CPP_BUILD)/test_bundles
+	cmake -S cpp_runtime -B $(FUZZ_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_COMPILER=clang++ -DSD_FUZZ=ON \
+		-DSD_BUILD_CLI=OFF -DSD_BUILD_TESTS=OFF $(CMAKE_ORT) -DSD_TEST_BUNDLES=$(abspath $(CPP_BUILD)/test_bundles)
+	cmake --build $(FUZZ_BUILD)
+
+# Every regression input (cpp_runtime/fuzz/regressions/), then 10 s of fuzzing per target: part of `make test`.
+fuzz-smoke: fuzz-build
+	cpp_runtime/fuzz/run_fuzz.sh $(FUZZ_BUILD) 10
+
+# The same for FUZZ_SECONDS per target (5 minutes each by default; not in CI). New inputs collect in
+# $(FUZZ_BUILD)/corpus, crashes in $(FUZZ_BUILD)/artifacts.
+fuzz: fuzz-build
+	cpp_runtime/fuzz/run_fuzz.sh $(FUZZ_BUILD) $(FUZZ_SECONDS)
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/correction.py

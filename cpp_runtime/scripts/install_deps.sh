@@ -2,8 +2,10 @@
 # Install the Debian packages the C++ runtime builds against, when missing (needs root; prints the command
 # otherwise). Never touches ONNX Runtime: scripts/assemble_ort_sdk.sh assembles that without installing anything.
 set -euo pipefail
+# clang + libclang-rt-dev: the fuzz targets (libFuzzer and the sanitizer runtimes; --no-install-recommends
+# would leave the runtimes out of a bare `clang`).
 packages=(cmake ninja-build g++ pkg-config nlohmann-json3-dev zlib1g-dev libssl-dev libicu-dev libcli11-dev
-          libcpp-httplib-dev libgtest-dev)
+          libcpp-httplib-dev libgtest-dev clang libclang-rt-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
