@@ -185,9 +185,19 @@ def base_section(banks: dict[str, str]) -> dict[str, Any]:
     }
 
 
+def _folder_kind(name: str) -> str:
+    """``name`` registered again as a folder kind (its folder is never read), which takes ``model_dir`` and
+    ``unet_weights``: the kinds without a folder refuse them."""
+    import dataclasses
+
+    from safe_denoiser.models.registry import model_kind, register_model_kind
+
+    return register_model_kind(dataclasses.replace(model_kind(name), name=f"{name}-folder", needs_model_dir=True)).name
+
+
 # field -> a change of it (given the banks), and the setting the refusal names
 CHANGES: dict[str, tuple[Any, str]] = {
-    "model": (lambda b: {"model": "tiny-sdxl"}, "model"),
+    "model": (lambda b: {"model": _folder_kind("tiny-sdxl")}, "model"),
     "model_dir": (lambda b: {"model_dir": "/elsewhere"}, "model_dir"),
     "unet_weights": (lambda b: {"unet_weights": b["other_unet"]}, "unet_weights"),
     "scheduler": (lambda b: {"scheduler": "euler"}, "scheduler"),
@@ -244,7 +254,12 @@ def test_resume_refuses_each_image_shaping_change_naming_it(field: str, banks: d
     from safe_denoiser.lightning.module import SafeDiffusionModule
     from safe_denoiser.lightning.outputs import OutputFolder, SettingsMismatchError
 
-    before = {**base_section(banks), "unet_weights": banks["unet"]}
+    before = {
+        **base_section(banks),
+        "model": _folder_kind("tiny-sd"),
+        "model_dir": "/here",
+        "unet_weights": banks["unet"],
+    }
     change, named = CHANGES[field]
     out = tmp_path / "out"
     _, items = folder_with_one_image(out, SafeDiffusionModule(**before).settings())

@@ -393,3 +393,17 @@ def test_the_demo_takes_its_super_class_labels_and_resume_compares_the_precision
     assert predict(out, prompts, "--trainer.precision=bf16-mixed") == 2
     err = capfd.readouterr().err
     assert "setting 'trainer.precision': '32-true' in the folder, 'bf16-mixed' in this run" in err, err[-2000:]
+
+
+@pytest.mark.parametrize("model", ["demo", "tiny-sd", "sd14-random"])
+@pytest.mark.parametrize("field", ["model_dir", "unet_weights"])
+def test_kinds_without_a_folder_refuse_model_dir_and_unet_weights(model: str, field: str, tmp_path: Path) -> None:
+    """model_dir and unet_weights are read only by the folder kinds; any other kind used to ignore them silently."""
+    import safe_denoiser.testing  # noqa: F401  (registers the tiny-* kinds)
+    from safe_denoiser.errors import FieldError
+    from safe_denoiser.models.config import ModelConfig
+
+    with pytest.raises(FieldError, match=rf"model\.{field} must be null for model '{model}'") as exc:
+        ModelConfig(model=model, **{field: str(tmp_path / "weights")})
+    assert exc.value.field == field
+    assert ModelConfig(model=model).model_dir is None  # without them the kind is accepted

@@ -199,6 +199,8 @@ def test_cli_toy_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
         (["--beta-per-mass", "nan"], "--beta-per-mass"),
         (["--beta-per-mass", "1e4"], "--beta-per-mass"),
         (["--seed", "-1"], "--seed"),
+        (["--n", "100000000000"], "--n must be an integer in 1..100000"),  # 1.6 TB of noise, refused up front
+        (["--n", "100001"], "--n must be an integer in 1..100000"),
     ],
 )
 def test_cli_bad_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], named: str) -> None:
@@ -246,3 +248,35 @@ def test_flow_mode_draws_the_same_picture() -> None:
     assert unsafe["base"] > 0.2 and unsafe["exact"] < 0.02 and unsafe["safe"] < 0.04, unsafe
     with pytest.raises(ValueError, match="path"):
         sample_toy(mixture, noise, 5, "base", path="edm")  # type: ignore[arg-type]
+
+
+def test_cli_out_name_too_long_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A 300-character folder name is refused before the sampling, as one line naming --out."""
+    out = tmp_path / ("x" * 300)
+    assert main(["toy", "--out", str(out), "--n", "8", "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("safe-denoiser toy: error: --out: cannot write") and "the name is too long" in err
+    assert err.count("\n") == 1 and not list(tmp_path.iterdir())  # (out.exists() itself raises: name too long)
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--n", "100000000000"], "--n must be an integer in 1..100000"),
+        (["--n", "0"], "--n must be"),
+        (["--steps", "1001"], "--steps must be an integer in 1..1000"),
+        (["--seed", "-1"], "--seed must be"),
+        (["--out", "y" * 300], "--out: cannot write"),
+    ],
+)
+def test_toy_study_bad_flags_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], named: str
+) -> None:
+    from safe_denoiser.demo.toy_study import main as study_main
+
+    with pytest.raises(SystemExit) as exc:
+        study_main(["--out", str(tmp_path / "study"), *flags])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err
+    assert not (tmp_path / "study").exists()

@@ -64,16 +64,18 @@ from safe_denoiser.core.paths import flow_path, prediction_from_x0
 from safe_denoiser.core.step import StepRecord, path_correction, theorem_correction
 from safe_denoiser.demo.mixture import GaussianMixture
 from safe_denoiser.errors import FieldError
-from safe_denoiser.files import atomic_write, atomic_write_json
+from safe_denoiser.files import OutputPathError, atomic_write, atomic_write_json, check_out_dir
 from safe_denoiser.threads import torch_threads
 
 __all__ = [
     "BANK_SIZE",
     "DEFAULT_BETA_PER_MASS",
     "DEFAULT_WINDOW",
+    "MAX_SAMPLES",
     "Denoiser",
     "add_parser",
     "alphas_cumprod",
+    "check_run_sizes",
     "ddim_schedule",
     "ddim_step",
     "ddim_timesteps",
@@ -97,6 +99,9 @@ N_TRAJECTORIES = 40
 DEFAULT_BETA_PER_MASS = 4.0
 DEFAULT_WINDOW = (0.0, 1000.0)
 REGION_RADIUS = 3.0  # a point is "on" component k when within 3 std of its mean (98.9% of its mass in 2-D)
+# Largest --n: each sampler keeps its whole trajectory, (steps + 1, n, 2) float64, so 100,000 samples take about
+# 250 MB at 50 steps and 4.8 GB at the 1000-step maximum (three samplers); beyond that a run cannot fit in memory.
+MAX_SAMPLES = 100_000
 
 
 def default_mixture(dtype: torch.dtype = torch.float64) -> GaussianMixture:
@@ -244,21 +249,26 @@ def toy_metrics(mixture: GaussianMixture, x: Tensor, ideal: Tensor | None = None
 SAMPLERS: tuple[tuple[Denoiser, str], ...] = (("base", "base"), ("safe", "safe denoiser"), ("exact", "exact E_safe"))
 
 
-def _check_args(out_dir: Path, n: int, steps: int, seed: int, beta_per_mass: float) -> None:
-    def is_int(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
-    if not is_int(n) or n <= 0:
-        raise FieldError("n", "a positive integer (number of samples)", n)
-    if not is_int(steps) or not 1 <= steps <= NUM_TRAIN_TIMESTEPS:
+
+def check_run_sizes(n: int, steps: int, seed: int) -> None:
+    """``FieldError`` naming ``n``, ``steps`` or ``seed`` unless each is an integer within its bounds."""
+    if not _is_int(n) or not 1 <= n <= MAX_SAMPLES:
+        raise FieldError("n", f"an integer in 1..{MAX_SAMPLES} (number of samples)", n)
+    if not _is_int(steps) or not 1 <= steps <= NUM_TRAIN_TIMESTEPS:
         raise FieldError("steps", f"an integer in 1..{NUM_TRAIN_TIMESTEPS}", steps)
-    if not is_int(seed) or seed < 0:
+    if not _is_int(seed) or seed < 0:
         raise FieldError("seed", "a non-negative integer", seed)
+
+
+def _check_args(out_dir: Path, n: int, steps: int, seed: int, beta_per_mass: float) -> None:
+    check_run_sizes(n, steps, seed)
     b = beta_per_mass
     if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or not 0 <= b <= MAX_STRENGTH:
         raise FieldError("beta_per_mass", f"a number in [0, {MAX_STRENGTH:g}]", b)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FieldError("out_dir", "a directory (existing or to be created), not a file", str(out_dir))
+    check_out_dir(out_dir)  # a file, a name too long, a read-only place: refused now, not after the sampling
 
 
 def single_threaded() -> AbstractContextManager[None]:
@@ -504,7 +514,9 @@ def _cli(args: argparse.Namespace) -> int:
             path=args.path,
         )
     except FieldError as exc:
-        raise exc.for_flag("--out" if exc.field == "out_dir" else f"--{exc.field.replace('_', '-')}") from None
+        raise exc.for_flag(f"--{exc.field.replace('_', '-')}") from None
+    except (OutputPathError, NotADirectoryError) as exc:
+        raise ValueError(f"--out: {exc}") from None
     s = result["settings"]
     print(
         f"toy: n={s['n']} steps={s['steps']} seed={s['seed']} preset={s['guidance']['preset']}"
@@ -531,7 +543,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--out", default="outputs/toy", help="output directory for toy_metrics.json and toy_trajectories.png"
     )
-    p.add_argument("--n", type=int, default=512, help="number of samples per sampler (default 512)")
+    p.add_argument("--n", type=int, default=512, help=f"number of samples per sampler, 1..{MAX_SAMPLES} (default 512)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps, 1..1000 (default 50)")
     p.add_argument("--seed", type=int, default=0, help="seed for the initial noise and the bank (default 0)")
     p.add_argument(

@@ -22,8 +22,17 @@ import torch
 from torch import Tensor
 
 from safe_denoiser.core.guidance import ConstantGuidance, MassGuidance, OddsGuidance, TheoremGuidance
-from safe_denoiser.demo.toy import BANK_SIZE, default_mixture, sample_toy, toy_metrics
-from safe_denoiser.files import atomic_write, atomic_write_json
+from safe_denoiser.demo.toy import (
+    BANK_SIZE,
+    MAX_SAMPLES,
+    NUM_TRAIN_TIMESTEPS,
+    check_run_sizes,
+    default_mixture,
+    sample_toy,
+    toy_metrics,
+)
+from safe_denoiser.errors import FieldError
+from safe_denoiser.files import OutputPathError, atomic_write, atomic_write_json, check_out_dir
 from safe_denoiser.threads import torch_threads
 
 __all__ = ["candidates", "main", "run_study", "sliced_wasserstein"]
@@ -56,6 +65,7 @@ def candidates() -> dict[str, TheoremGuidance]:
 
 def run_study(n: int = 2048, steps: int = 50, seed: int = 0) -> dict[str, Any]:
     """Every candidate on one noise draw; a reference bank of safe points sized in proportion to the weights."""
+    check_run_sizes(n, steps, seed)
     mixture = default_mixture()
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((n, mixture.dim), generator=g, dtype=mixture.means.dtype)
@@ -121,12 +131,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m safe_denoiser.demo.toy_study --out DIR``."""
     parser = argparse.ArgumentParser(prog="python -m safe_denoiser.demo.toy_study", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="outputs/toy_study")
-    parser.add_argument("--n", type=int, default=2048)
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n", type=int, default=2048, help=f"samples per candidate, 1..{MAX_SAMPLES} (default 2048)")
+    parser.add_argument("--steps", type=int, default=50, help=f"DDIM steps, 1..{NUM_TRAIN_TIMESTEPS} (default 50)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the noise and the banks (default 0)")
     args = parser.parse_args(argv)
-    result = run_study(args.n, args.steps, args.seed)
     out = Path(args.out)
+    try:  # before the sampling: bad sizes and an output folder that cannot be written are one-line errors
+        check_run_sizes(args.n, args.steps, args.seed)
+        check_out_dir(out)
+    except FieldError as exc:
+        parser.error(str(exc.for_flag(f"--{exc.field}")))
+    except (OutputPathError, NotADirectoryError) as exc:
+        parser.error(f"--out: {exc}")
+    result = run_study(args.n, args.steps, args.seed)
     atomic_write_json(out / "study.json", result)
     table = format_table(result["rows"])
     atomic_write(out / "study.md", lambda p: p.write_text(table + "\n", encoding="utf-8"))

@@ -1,7 +1,8 @@
 """TensorRT engines from a bundle's ONNX graphs, and polygraphy checks of those graphs.
 
 ``build_engines`` parses each ONNX file with TensorRT's ONNX parser (external data included), adds one
-optimisation profile (min/opt/max batch and, where a graph's spatial size is free, resolution), optionally enables
+optimisation profile (min/opt/max batch; where a graph's spatial size is free, resolution; where its text length is
+free, as in the flow (SD3/Flux) denoiser's prompt embeddings, text length), optionally enables
 fp16, reuses and updates a timing cache, and writes ``<bundle>/tensorrt/<graph>.plan`` plus ``engines.json``
 (TensorRT version, profiles, precision). It needs TensorRT >= 10 (int64 inputs: class labels, timesteps' step
 index, token ids) and its Python package; where that is not importable ``TensorRTUnavailableError`` says what to
@@ -22,10 +23,12 @@ from typing import Any
 
 import numpy as np
 
+from safe_denoiser.errors import FieldError
 from safe_denoiser.files import atomic_write, atomic_write_json
 from safe_denoiser.runtime.manifest import GraphSpec, Manifest
 
 __all__ = [
+    "DEFAULT_TEXT_LENGTH",
     "INSTALL_HINT",
     "EngineProfile",
     "TensorRTUnavailableError",
@@ -43,6 +46,11 @@ INSTALL_HINT = (
     " (onnxruntime, CPU or CUDA)."
 )
 _SPATIAL = {"height": 0, "width": 1, "latent_height": 0, "latent_width": 1}
+TEXT_LENGTH_AXIS = "text_length"  # the flow exporter's name for the prompt embeddings' token axis
+# (min, opt, max) tokens of a flow graph's prompt embeddings: opt 333 is SD3's default (77 CLIP + 256 T5 tokens);
+# max 589 = 77 + 512 covers SD3 with max_sequence_length=512 and Flux's largest T5 length (512); min 1 admits
+# any shorter max_sequence_length.
+DEFAULT_TEXT_LENGTH = (1, 333, 589)
 
 
 class TensorRTUnavailableError(RuntimeError):
@@ -63,18 +71,22 @@ def require_tensorrt() -> Any:
 
 @dataclass(frozen=True)
 class EngineProfile:
-    """One optimisation profile: (min, opt, max) batch and, for free spatial dims, (min, opt, max) (h, w).
+    """One optimisation profile: (min, opt, max) batch, for free spatial dims (min, opt, max) (h, w), and for a
+    free text length (the flow graphs' ``text_length`` axis) (min, opt, max) tokens.
 
-    ``size=None`` fixes free spatial dims at the bundle's sample size (latent units for latent models).
+    ``size=None`` fixes free spatial dims at the bundle's sample size (latent units for latent models);
+    ``text_length`` defaults to ``DEFAULT_TEXT_LENGTH`` (SD3's and Flux's prompt lengths).
     """
 
     batch: tuple[int, int, int] = (1, 2, 4)
     size: tuple[tuple[int, int], tuple[int, int], tuple[int, int]] | None = None
+    text_length: tuple[int, int, int] = DEFAULT_TEXT_LENGTH
 
     def __post_init__(self) -> None:
-        lo, opt, hi = self.batch
-        if not 1 <= lo <= opt <= hi:
-            raise ValueError(f"profile batch must satisfy 1 <= min <= opt <= max, got {self.batch}")
+        for name in ("batch", "text_length"):
+            value = getattr(self, name)
+            if len(value) != 3 or not 1 <= value[0] <= value[1] <= value[2]:
+                raise FieldError(name, "three integers with 1 <= min <= opt <= max", value, owner="profile")
 
 
 def profile_shapes(
@@ -83,7 +95,7 @@ def profile_shapes(
     """(min, opt, max) shape of every input of ``spec``: symbolic dims resolved from ``profile``.
 
     Spatial dims ("height", "width", "latent_height", "latent_width") are in the sample's units (latents for
-    latent models), ``sample_hw`` being the bundle's sample size.
+    latent models), ``sample_hw`` being the bundle's sample size; "text_length" is in tokens.
     """
     sizes = profile.size or (sample_hw, sample_hw, sample_hw)
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = {}
@@ -98,6 +110,8 @@ def profile_shapes(
                     dims.append(profile.batch[level])
                 elif d in _SPATIAL:
                     dims.append(sizes[level][_SPATIAL[d]])
+                elif d == TEXT_LENGTH_AXIS:
+                    dims.append(profile.text_length[level])
                 else:
                     raise ValueError(f"input {tensor.name!r} of {spec.file} has an unknown symbolic dim {d!r}")
             per_level.append(tuple(dims))

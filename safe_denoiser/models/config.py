@@ -151,8 +151,9 @@ class ModelConfig:
         model: the model kind (``safe_denoiser.models.model_kind_names()``): "demo" (the bundled digits model;
             prompts are class labels), "sd", "sdxl", "sd3", "flux" (a local diffusers folder, ``model_dir``),
             "sd14-random" (the SD-1.4 architecture with random weights).
-        model_dir: local diffusers folder of the folder kinds; nothing is ever downloaded.
-        unet_weights: optional safetensors UNet state dict replacing the folder's (ESD, RECE, ...).
+        model_dir: local diffusers folder of the folder kinds (refused by the others); nothing is ever downloaded.
+        unet_weights: optional safetensors UNet state dict replacing the folder's (ESD, RECE, ...); folder kinds
+            only.
         scheduler: sampler name (ddim, ddpm, pndm, euler, euler_a, lms, dpmpp, flow_euler; demo: ddim, ddpm, dpmpp).
         num_inference_steps: sampling steps.
         guidance_scale: classifier-free guidance scale.
@@ -219,9 +220,14 @@ class ModelConfig:
             )
 
     def _check_kind(self, kind: ModelKind) -> None:
-        """The rules the model kind sets: a folder, a fixed size, text-only methods, shipped banks."""
+        """The rules the model kind sets: a folder (and its weights) or none, a fixed size, text-only methods, shipped
+        banks."""
         if kind.needs_model_dir and not self.model_dir:
             raise ValueError(f"model.model_dir is required with model: {self.model} (a local diffusers folder)")
+        for name in ("model_dir", "unet_weights"):  # only a folder kind reads them; elsewhere they would be ignored
+            if not kind.needs_model_dir and getattr(self, name) is not None:
+                expected = f"null for model {self.model!r} (it loads no diffusers folder)"
+                raise FieldError(name, expected, getattr(self, name), owner="model")
         for name in ("height", "width"):
             if kind.fixed_size and getattr(self, name) is not None:
                 expected = f"null for model {self.model!r} (it makes images of one fixed size)"

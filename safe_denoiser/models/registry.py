@@ -85,9 +85,11 @@ class ModelKind:
     """One value of ``model.model``.
 
     ``inputs``: what a prompt is (class labels, with ``labels`` saying which, or text). ``needs_model_dir``: the
-    kind loads a local diffusers folder. ``fixed_size``: the model makes one image size (``height``/``width`` are
-    refused). ``bundled_bank`` / ``bundled_reference_bank``: what ``bank: bundled`` / ``reference_bank: bundled``
-    load (None: the kind ships none). ``user_facing``: listed in messages (test kinds are not).
+    kind loads a local diffusers folder (``model.model_dir``, required), whose UNet or transformer
+    ``model.unet_weights`` may replace; a kind without one refuses both fields. ``fixed_size``: the model makes one
+    image size (``height``/``width`` are refused). ``bundled_bank`` / ``bundled_reference_bank``: what
+    ``bank: bundled`` / ``reference_bank: bundled`` load (None: the kind ships none). ``user_facing``: listed in
+    messages (test kinds are not).
     """
 
     name: str
