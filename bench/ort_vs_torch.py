@@ -18,8 +18,12 @@ Speed-ups are PyTorch time / onnxruntime time, in wall time and in this process'
 time spent descheduled by other jobs on a shared machine; the 1-minute load average is recorded). Also reported:
 export and session-creation times and the final-sample relative difference between the two loops.
 
-Usage: python bench/ort_vs_torch.py [--quick] [--threads 1] [--repeats K] [--out bench/results/ort_vs_torch.json]
-(``--quick``: the demo model only.)
+``--optimize`` adds a row per model whose bundle was exported with ``ExportOptions(optimize=True)`` (graphs stored
+as ORT_ENABLE_ALL output for the CPU provider, sessions created without re-optimising): its "session s" is the
+start-up saved, its step time what offline optimisation gives over the default session-time optimisation.
+
+Usage: python bench/ort_vs_torch.py [--quick] [--optimize] [--threads 1] [--repeats K]
+[--out bench/results/ort_vs_torch.json] (``--quick``: the demo model only.)
 """
 
 from __future__ import annotations
@@ -129,7 +133,9 @@ def torch_side(
     }
 
 
-def run_model(name: str, batch: int, steps: int, repeats: int, e2e_repeats: int, threads: int, tmp: Path) -> dict:
+def run_model(
+    name: str, batch: int, steps: int, repeats: int, e2e_repeats: int, threads: int, tmp: Path, optimize: bool = False
+) -> dict:
     shape = (1, 8, 8) if name == "demo" else (4, 32, 32)
     bank = NegativeBank.from_tensor(torch.randn(16, *shape, generator=torch.Generator().manual_seed(0)))
     bank_path = bank.save(tmp / f"{name}_bank.safetensors")
@@ -138,7 +144,8 @@ def run_model(name: str, batch: int, steps: int, repeats: int, e2e_repeats: int,
     build_s = time.perf_counter() - t0
     log(f"{name}: built in {build_s:.1f} s; exporting")
     t0 = time.perf_counter()
-    export_bundle(source, tmp / name, ExportOptions(verify=False))
+    folder = tmp / (f"{name}-optimized" if optimize else name)
+    export_bundle(source, folder, ExportOptions(verify=False, optimize=optimize))
     export_s = time.perf_counter() - t0
     log(f"{name}: exported in {export_s:.1f} s")
 
@@ -150,7 +157,7 @@ def run_model(name: str, batch: int, steps: int, repeats: int, e2e_repeats: int,
     ref_out, torch_final = torch_res["step_out"], torch_res["final"]
 
     t0 = time.perf_counter()
-    bundle = Bundle(tmp / name, threads=threads)
+    bundle = Bundle(folder, threads=threads)
     session = bundle.session("denoiser")
     session_s = time.perf_counter() - t0
     feeds = {n: v.numpy() for n, v in zip(bundle.manifest.graphs["denoiser"].input_names, inputs, strict=True)}
@@ -164,7 +171,8 @@ def run_model(name: str, batch: int, steps: int, repeats: int, e2e_repeats: int,
     rel = float(np.linalg.norm(ort_final - torch_final) / np.linalg.norm(torch_final))
     log(f"{name}: ort step {ort_step * 1e3:.1f} ms, end-to-end {ort_e2e:.2f} s")
     return {
-        "model": name,
+        "model": f"{name} --optimize" if optimize else name,
+        "optimize": optimize,
         "batch": batch,
         "sample_shape": list(shape),
         "steps": steps,
@@ -194,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="the demo model only")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads for PyTorch and onnxruntime (default 1)")
     p.add_argument("--repeats", type=int, default=None, help="timed step calls per model (default: demo 30, sd14 3)")
+    p.add_argument("--optimize", action="store_true", help="also time bundles exported with --optimize")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ort_vs_torch.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -203,7 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="ort-vs-torch-") as tmp:
         for name, batch, steps, repeats, e2e_repeats in plan:
-            rows.append(run_model(name, batch, steps, repeats, e2e_repeats, args.threads, Path(tmp)))
+            for optimize in (False, True) if args.optimize else (False,):
+                rows.append(run_model(name, batch, steps, repeats, e2e_repeats, args.threads, Path(tmp), optimize))
     header = [
         "model",
         "batch",

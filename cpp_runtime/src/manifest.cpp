@@ -91,6 +91,11 @@ GraphSpec graph(const json& g, const std::string& name) {
   if (g.contains("external_data") && !g.at("external_data").is_null()) spec.external_data = g.at("external_data");
   spec.inputs = tensors(require(g, "inputs", where), where + " inputs");
   spec.outputs = tensors(require(g, "outputs", where), where + " outputs");
+  if (g.contains("optimization") && !g.at("optimization").is_null()) {
+    const auto& provider = require(g.at("optimization"), "provider", where + " optimization");
+    if (!provider.is_string()) bad(where + " optimization.provider must be a string");
+    spec.optimized_for = provider.get<std::string>();
+  }
   return spec;
 }
 

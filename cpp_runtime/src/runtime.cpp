@@ -288,10 +288,16 @@ std::unique_ptr<Runtime> Runtime::open(const std::string& bundle_dir, const Runt
   if (options.inter_threads > 0) so.SetInterOpNumThreads(options.inter_threads);
   const bool check = std::getenv("SAFE_DENOISER_CPP_SKIP_PROVIDER_CHECK") == nullptr;  // tests: exercise the append path
   add_provider(so, options, bundle_dir, check);
+  const std::string provider = provider_name(options.provider);
   auto session = [&](const std::string& graph) {
-    const std::string path = bundle_dir + "/" + m.graphs.at(graph).file;
+    const GraphSpec& spec = m.graphs.at(graph);
+    const std::string path = bundle_dir + "/" + spec.file;
     try {
-      auto s = std::make_unique<Ort::Session>(ort_env(), path.c_str(), so);
+      // A graph optimised offline for this provider holds its optimisations already: skip them at session start.
+      const bool optimized = spec.optimized_for && *spec.optimized_for == provider;
+      Ort::SessionOptions graph_so = so.Clone();
+      if (optimized) graph_so.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_DISABLE_ALL);
+      auto s = std::make_unique<Ort::Session>(ort_env(), path.c_str(), optimized ? graph_so : so);
       check_session(*s, m.graphs.at(graph), graph);
       return s;
     } catch (const Ort::Exception& e) {

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from safe_denoiser.runtime.manifest import Manifest
 
     from .onnx_graph import ExportOptions
+    from .tensorrt import EngineProfile
 
 __all__ = ["add_parser"]
 
@@ -46,6 +47,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--width", type=int, default=None, help="image width in pixels (overrides model.width)")
     p.add_argument("--external-data", choices=("auto", "always", "never"), default="auto", help="weights file")
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime-vs-PyTorch check of each graph")
+    p.add_argument(
+        "--optimize",
+        action="store_true",
+        help="store ONNX Runtime's ORT_ENABLE_ALL optimisation of each graph for the CPU provider (CPU sessions then"
+        " start without re-optimising; the output is specific to the CPU and onnxruntime version that wrote it)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     p.add_argument("--tensorrt", action="store_true", help="also build TensorRT engines (needs TensorRT >= 10)")
     p.add_argument("--trt-batch", type=_triple, default=(1, 2, 4), help="engine profile batch MIN,OPT,MAX")
@@ -54,6 +61,13 @@ def add_parser(sub: Any) -> None:
         type=_triple,
         default=None,
         help="engine profile MIN,OPT,MAX square size (latent units) for graphs whose height/width are free",
+    )
+    p.add_argument(
+        "--trt-text-length",
+        type=_triple,
+        default=None,
+        help="engine profile MIN,OPT,MAX prompt tokens for flow (SD3/Flux) graphs (default 1,333,589: SD3's 77 CLIP"
+        " + 256 T5 tokens at opt, up to 77 + 512)",
     )
     p.add_argument("--trt-fp32", action="store_true", help="build TensorRT engines without fp16 kernels")
     p.add_argument("--trt-timing-cache", default=None, help="timing cache file (default: BUNDLE/tensorrt/timing.cache)")
@@ -84,20 +98,36 @@ def _export(args: argparse.Namespace, options: ExportOptions) -> Manifest:
     return export_bundle(source, args.out, options)
 
 
+_PROFILE_FLAGS = {"batch": "--trt-batch", "size": "--trt-size", "text_length": "--trt-text-length"}
+
+
+def _engine_profile(args: argparse.Namespace) -> EngineProfile:
+    """The TensorRT optimisation profile of ``--trt-batch/--trt-size/--trt-text-length``; a bad one names its flag."""
+    from safe_denoiser.errors import FieldError
+
+    from .tensorrt import DEFAULT_TEXT_LENGTH, EngineProfile
+
+    size = None
+    if args.trt_size is not None:
+        lo, opt, hi = args.trt_size
+        size = ((lo, lo), (opt, opt), (hi, hi))
+    text_length = args.trt_text_length if args.trt_text_length is not None else DEFAULT_TEXT_LENGTH
+    try:
+        return EngineProfile(batch=args.trt_batch, size=size, text_length=text_length)
+    except FieldError as exc:
+        raise exc.for_flag(_PROFILE_FLAGS.get(exc.field, exc.field)) from None
+
+
 def _run(args: argparse.Namespace) -> int:
     import yaml
 
     from .exporter import ExportOptions
-    from .tensorrt import EngineProfile, TensorRTUnavailableError, build_engines, require_tensorrt
+    from .tensorrt import TensorRTUnavailableError, build_engines, require_tensorrt
 
     try:
+        profile = _engine_profile(args)
         if args.tensorrt:
             require_tensorrt()  # before the (slow) export: say now what to install
-        size = None
-        if args.trt_size is not None:
-            lo, opt, hi = args.trt_size
-            size = ((lo, lo), (opt, opt), (hi, hi))
-        profile = EngineProfile(batch=args.trt_batch, size=size)
     except (TensorRTUnavailableError, ValueError) as exc:
         print(f"safe-denoiser export: error: {exc}", file=sys.stderr)
         return 2
@@ -109,6 +139,7 @@ def _run(args: argparse.Namespace) -> int:
         verify=not args.no_verify,
         overwrite=args.overwrite,
         bank_dtype=args.bank_dtype,
+        optimize=args.optimize,
     )
     try:
         manifest = _export(args, options)
@@ -125,12 +156,14 @@ def _run(args: argparse.Namespace) -> int:
     for graph in manifest.graphs.values():
         worst = max(graph.parity_max_abs_diff.values(), default=float("nan"))
         data = f" + {graph.external_data}" if graph.external_data else ""
-        print(f"  {graph.file}{data}: max |onnxruntime - torch| = {worst:.3g}")
+        how = graph.optimization
+        done = f", optimised ({how.level}, {how.provider}, onnxruntime {how.onnxruntime})" if how else ""
+        print(f"  {graph.file}{data}: max |onnxruntime - torch| = {worst:.3g}{done}")
     if args.tensorrt:
         try:
             engines = build_engines(args.out, profile, fp16=not args.trt_fp32, timing_cache=args.trt_timing_cache)
-        except TensorRTUnavailableError as exc:
-            print(f"safe-denoiser export: error: {exc}", file=sys.stderr)
+        except (TensorRTUnavailableError, ValueError, RuntimeError) as exc:  # the ONNX bundle is written and valid
+            print(f"safe-denoiser export: error: TensorRT engines for {args.out!r}: {exc}", file=sys.stderr)
             return 2
         for name, path in engines.items():
             print(f"  TensorRT engine {name}: {path}")

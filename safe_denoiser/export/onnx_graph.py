@@ -3,12 +3,15 @@
 ``export_graph`` traces with the legacy TorchScript exporter (``torch.onnx.export(..., dynamo=False)``, opset 17 or
 18), turns the constant inputs into named initializers (the bank is ``negative_bank``, bit-identical to the bank
 file), gathers weights over 2 GB into one page-aligned external-data file, and checks the graph with onnxruntime
-against PyTorch (``verify``).
+against PyTorch (``verify``). With ``optimize`` the finished graph is rewritten by ONNX Runtime's own graph
+optimisations (ORT_ENABLE_ALL for the CPU provider, constant folding left out so the named constants survive) before
+it is verified, and the manifest records how (``GraphOptimization``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -21,14 +24,18 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from safe_denoiser.runtime.manifest import BANK_DTYPES, BankDtype, GraphSpec, TensorSpec
+from safe_denoiser.runtime.manifest import BANK_DTYPES, BankDtype, GraphOptimization, GraphSpec, TensorSpec
 
-__all__ = ["SUPPORTED_OPSETS", "ExportOptions", "export_graph"]
+__all__ = ["OPTIMIZE_PROVIDER", "SUPPORTED_OPSETS", "ExportOptions", "export_graph", "optimize_graph"]
 
 SUPPORTED_OPSETS = (17, 18)
 _TWO_GB = 2**31
 _EXTERNAL_MIN_BYTES = 1024  # tensors below this stay inside the .onnx file when external data is used
 _ALIGN = 4096  # page-aligned offsets in the external-data file (onnxruntime can memory-map it)
+OPTIMIZE_PROVIDER = "CPUExecutionProvider"  # the provider ``optimize`` optimises for
+# Constant folding would fold Reshape(negative_bank) and the like into new, unnamed initializers: the bank constants
+# (hashed by both runtimes) must keep their names. The torch exporter already folded the networks' constants.
+_KEEP_CONSTANTS = ("ConstantFolding",)
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,8 @@ class ExportOptions:
     ``verify`` runs every graph once with onnxruntime on random inputs of batch ``batch + 1`` (so a graph that
     silently fixed the traced batch fails) and records the max abs differences in the manifest.
     ``bank_dtype``: "float32" or "float16" storage of the banks inside the graph (cast to float32 there).
+    ``optimize``: store each graph as ONNX Runtime's ORT_ENABLE_ALL optimisation of it for the CPU provider
+    (``optimize_graph``), so CPU sessions start without re-optimising.
     """
 
     opset: int = 17
@@ -49,6 +58,7 @@ class ExportOptions:
     verify: bool = True
     overwrite: bool = False
     bank_dtype: BankDtype = "float32"
+    optimize: bool = False
 
     def __post_init__(self) -> None:
         if self.opset not in SUPPORTED_OPSETS:
@@ -195,13 +205,54 @@ def _graph_spec(path: Path, data_name: str | None, constants: Mapping[str, str])
     )
 
 
+def optimize_graph(path: Path, data_name: str | None, provider: str = OPTIMIZE_PROVIDER) -> GraphOptimization:
+    """Replace ``path`` (and its external data ``data_name``) by ONNX Runtime's ORT_ENABLE_ALL optimisation of it
+    for ``provider``; returns the record for the manifest. Written to a temporary sibling folder, then renamed."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # the "hardware specific" warning of ENABLE_ALL output: recorded in the manifest
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    with tempfile.TemporaryDirectory(prefix=f".optimize-{path.stem}-", dir=path.parent) as tmp:
+        optimized = Path(tmp) / path.name
+        options.optimized_model_filepath = str(optimized)
+        if data_name is not None:  # weights stay in one external-data file of the same name
+            options.add_session_config_entry("session.optimized_model_external_initializers_file_name", data_name)
+            options.add_session_config_entry(
+                "session.optimized_model_external_initializers_min_size_in_bytes", str(_EXTERNAL_MIN_BYTES)
+            )
+        ort.InferenceSession(str(path), options, providers=[provider], disabled_optimizers=list(_KEEP_CONSTANTS))
+        if data_name is not None:
+            os.replace(Path(tmp) / data_name, path.parent / data_name)
+        os.replace(optimized, path)
+    return GraphOptimization(
+        level="all", provider=provider, onnxruntime=ort.__version__, disabled_optimizers=_KEEP_CONSTANTS
+    )
+
+
+def _check_constants_kept(path: Path, constants: Mapping[str, str]) -> None:
+    """RuntimeError unless every named constant of the manifest is still an initializer of ``path``."""
+    import onnx
+
+    names = {t.name for t in onnx.load(str(path), load_external_data=False).graph.initializer}
+    lost = sorted(set(constants) - names)
+    if lost:
+        raise RuntimeError(f"{path.name}: graph optimisation removed the named constants {lost}")
+
+
 def _verify(
-    path: Path, module: nn.Module, inputs: Sequence[Tensor], input_names: list[str], output_names: list[str]
+    path: Path,
+    module: nn.Module,
+    inputs: Sequence[Tensor],
+    input_names: list[str],
+    output_names: list[str],
+    optimization: GraphOptimization | None = None,
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """(max |onnxruntime - PyTorch|, max |PyTorch|) per output (booleans: the number of disagreeing entries)."""
+    """(max |onnxruntime - PyTorch|, max |PyTorch|) per output (booleans: the number of disagreeing entries), the
+    graph loaded as the runtime loads it."""
     from safe_denoiser.runtime.bundle import make_session
 
-    session = make_session(path)
+    session = make_session(path, optimization=optimization)
     feeds = {n: v.numpy() for n, v in zip(input_names, inputs, strict=True)}
     got = session.run(output_names, feeds)
     with torch.no_grad():
@@ -248,7 +299,10 @@ def export_graph(
         arrays = {k: v.detach().cpu().numpy() for k, v in consts.items()}
         data_name = _finalize(traced, dest, arrays, options.external_data)
     spec = _graph_spec(dest, data_name, roles or {})
+    if options.optimize:
+        spec = dataclasses.replace(spec, optimization=optimize_graph(dest, data_name))
+        _check_constants_kept(dest, spec.constants)
     if check is not None:
-        diffs, scales = _verify(dest, module, check, input_names, output_names)
+        diffs, scales = _verify(dest, module, check, input_names, output_names, spec.optimization)
         spec = dataclasses.replace(spec, parity_max_abs_diff=diffs, parity_max_abs_value=scales)
     return spec

@@ -36,7 +36,7 @@ from safe_denoiser.core.guidance import ReferenceGuidance
 from .arguments import check_array, check_int, check_labels, check_scales, check_seeds
 from .ddpm_sampler import ddpm_settings, ddpm_step
 from .flow_sampler import flow_euler_step, flow_schedule
-from .manifest import Manifest, ManifestError, SchedulerInfo
+from .manifest import GraphOptimization, Manifest, ManifestError, SchedulerInfo
 from .noise import INITIAL_STREAM, ddpm_stream, gaussian_noise, renoise_stream
 from .safree_text import SafreePrompt, masked_ids, pooled_rows, safree_prompt
 
@@ -96,16 +96,27 @@ def resolve_providers(providers: str | Sequence[str] | None = None) -> list[str]
 
 
 def make_session(
-    path: str | os.PathLike[str], providers: str | Sequence[str] | None = None, threads: int | None = None
+    path: str | os.PathLike[str],
+    providers: str | Sequence[str] | None = None,
+    threads: int | None = None,
+    optimization: GraphOptimization | None = None,
 ) -> Any:
-    """An ``onnxruntime.InferenceSession`` with quiet logging (constant-folding notices are not errors)."""
+    """An ``onnxruntime.InferenceSession`` with quiet logging (constant-folding notices are not errors).
+
+    A graph already optimised offline for the session's first provider (``optimization``, from its manifest entry)
+    is loaded with ORT_DISABLE_ALL: its optimisations are in the file, so session creation skips them; any other
+    graph gets onnxruntime's default (ORT_ENABLE_ALL, at every session start).
+    """
     import onnxruntime as ort
 
+    names = resolve_providers(providers)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads is not None:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=resolve_providers(providers))
+    if optimization is not None and optimization.provider == names[0]:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=names)
 
 
 # ---- DDIM in numpy ---------------------------------------------------------------------------------------------
@@ -207,9 +218,10 @@ class Bundle:
         if graph not in self._sessions:
             if graph not in self.manifest.graphs:
                 raise KeyError(f"bundle has no {graph!r} graph; it has {sorted(self.manifest.graphs)}")
-            file = self.path / self.manifest.graphs[graph].file
+            spec = self.manifest.graphs[graph]
+            file = self.path / spec.file
             try:
-                self._sessions[graph] = make_session(file, self.providers, self.threads)
+                self._sessions[graph] = make_session(file, self.providers, self.threads, spec.optimization)
             except ProviderUnavailableError:
                 raise
             except Exception as exc:  # onnxruntime's parse errors do not name the file

@@ -44,6 +44,7 @@ __all__ = [
     "REFERENCE_NORMS_INITIALIZER",
     "BankDtype",
     "BankInfo",
+    "GraphOptimization",
     "GraphSpec",
     "Manifest",
     "ManifestError",
@@ -122,6 +123,35 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class GraphOptimization:
+    """How a graph file was optimised offline by ONNX Runtime (``safe-denoiser export --optimize``).
+
+    ``level`` is the SessionOptions level that produced the file ("all": ORT_ENABLE_ALL, whose output may hold
+    provider- and CPU-specific nodes such as NCHWc convolutions, so it is only reused by a session of the same
+    ``provider``); ``onnxruntime`` the version that wrote it; ``disabled_optimizers`` the passes left out (constant
+    folding: it would fold the bank constants into unnamed initializers and break their hash check).
+    """
+
+    level: str
+    provider: str
+    onnxruntime: str
+    disabled_optimizers: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GraphOptimization:
+        where = "a graph's optimization"
+        return cls(
+            level=str(_require(data, "level", where)),
+            provider=str(_require(data, "provider", where)),
+            onnxruntime=str(_require(data, "onnxruntime", where)),
+            disabled_optimizers=tuple(str(v) for v in data.get("disabled_optimizers", ())),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "disabled_optimizers": list(self.disabled_optimizers)}
+
+
+@dataclass(frozen=True)
 class GraphSpec:
     """One ONNX file of the bundle: its file name, external data file (or None), I/O and named constants.
 
@@ -129,6 +159,8 @@ class GraphSpec:
     ``parity_max_abs_diff`` maps each output to its largest |onnxruntime - PyTorch| difference measured at
     export time on random inputs (booleans: the number of entries that differ), ``parity_max_abs_value`` to the
     largest |PyTorch output| of that check, its scale (both empty when the export ran without verification).
+    ``optimization``: how the file was optimised offline (None: as traced; the key is absent then, and readers
+    that predate it ignore it, so it needs no format version).
     """
 
     file: str
@@ -138,6 +170,7 @@ class GraphSpec:
     constants: dict[str, str] = field(default_factory=dict)
     parity_max_abs_diff: dict[str, float] = field(default_factory=dict)
     parity_max_abs_value: dict[str, float] = field(default_factory=dict)
+    optimization: GraphOptimization | None = None
 
     def input(self, name: str) -> TensorSpec:
         """The input called ``name`` (KeyError naming the known inputs otherwise)."""
@@ -156,6 +189,7 @@ class GraphSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GraphSpec:
+        optimization = data.get("optimization")
         return cls(
             file=str(_require(data, "file", "a graph")),
             inputs=tuple(TensorSpec.from_dict(d) for d in _require(data, "inputs", "a graph")),
@@ -164,9 +198,11 @@ class GraphSpec:
             constants=dict(data.get("constants", {})),
             parity_max_abs_diff={k: float(v) for k, v in data.get("parity_max_abs_diff", {}).items()},
             parity_max_abs_value={k: float(v) for k, v in data.get("parity_max_abs_value", {}).items()},
+            optimization=None if optimization is None else GraphOptimization.from_dict(optimization),
         )
 
     def to_dict(self) -> dict[str, Any]:
+        optimization = {} if self.optimization is None else {"optimization": self.optimization.to_dict()}
         return {
             "file": self.file,
             "external_data": self.external_data,
@@ -175,6 +211,7 @@ class GraphSpec:
             "constants": dict(self.constants),
             "parity_max_abs_diff": dict(self.parity_max_abs_diff),
             "parity_max_abs_value": dict(self.parity_max_abs_value),
+            **optimization,
         }
 
 

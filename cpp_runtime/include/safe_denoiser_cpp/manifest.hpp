@@ -32,6 +32,8 @@ struct GraphSpec {
   std::optional<std::string> external_data;
   std::vector<TensorSpec> inputs;
   std::vector<TensorSpec> outputs;
+  // The provider the file was optimised offline for (`optimization.provider`, export --optimize); absent: as traced.
+  std::optional<std::string> optimized_for;
   const TensorSpec* input(const std::string& name) const;
   const TensorSpec* output(const std::string& name) const;
 };
