@@ -255,6 +255,46 @@ def test_one_json_log_line_per_request_with_its_id(start: Any, bundles: Path, tm
     assert quiet.log() == []  # info and warn lines are below --log-level error
 
 
+# ---- worker pool --------------------------------------------------------------------------------------------------
+def test_two_workers_serve_concurrent_requests_with_the_bytes_of_generate(
+    start: Any, cpp: Path, bundles: Path, tmp_path: Path
+) -> None:
+    bundle = bundles / "demo_theorem"
+    s = start(bundle, "--workers", "2", "--max-batch", "1")  # one image per call: both workers get work
+    health = json.loads(s.request("GET", "/health")[2])
+    assert health["workers"] == 2 and health["ready"] is True
+    assert metric_samples(s)[("safe_denoiser_workers", ())] == 2
+    jobs = [(seed % 3, seed) for seed in range(6)]  # (class, seed), six requests at once
+    got: dict[int, tuple[int, bytes]] = {}
+
+    def ask(label: int, seed: int) -> None:
+        status, _, body = s.post("/generate?format=png", {"class": label, "seed": seed, "steps": 4})
+        got[seed] = (status, body)
+
+    threads = [threading.Thread(target=ask, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(got) == [seed for _, seed in jobs]
+    for label, seed in jobs:
+        status, body = got[seed]
+        assert status == 200, body
+        want = generate_png(cpp, bundle, tmp_path, "--class", str(label), "--seed", str(seed), "--steps", "4")
+        assert body == want, seed
+    assert metric_samples(s)[("safe_denoiser_images_generated_total", ())] == len(jobs)
+    out = s.stop()
+    assert s.proc.returncode == 0 and "stopped: 6 answered" in out
+
+
+@pytest.mark.parametrize("count", ["0", "17", "two"])
+def test_workers_out_of_range_is_refused_naming_the_flag(cpp: Path, bundles: Path, count: str) -> None:
+    proc = subprocess.run([str(cpp), "serve", "--bundle", str(bundles / "demo_theorem"), "--port", "0",
+                           "--workers", count], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 2 and "--workers" in proc.stderr, proc.stderr
+    assert "listening" not in proc.stdout
+
+
 # ---- access -------------------------------------------------------------------------------------------------------
 def test_non_loopback_bind_needs_a_key(cpp: Path, bundles: Path, start: Any) -> None:
     bundle = str(bundles / "demo_theorem")

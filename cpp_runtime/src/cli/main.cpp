@@ -280,7 +280,8 @@ struct ServeArgs {
 
 int run_serve(const ServeArgs& a) {
   auto runtime = Runtime::open(a.common.bundle, a.common.options());
-  return cli::serve(*runtime, a.common.provider, a.server);
+  return cli::serve(*runtime, a.common.provider, a.server,
+                    [&a] { return Runtime::open(a.common.bundle, a.common.options()); });
 }
 
 struct ScheduleArgs {

@@ -103,6 +103,8 @@ std::string Metrics::exposition(const Gauges& g) const {
   sample(out, "safe_denoiser_http_connections_active", "", g.connections_active);
   family(out, "safe_denoiser_http_connections_rejected_total", "counter", "Connections closed with 503: too many waiting.");
   sample(out, "safe_denoiser_http_connections_rejected_total", "", static_cast<double>(g.connections_rejected));
+  family(out, "safe_denoiser_workers", "gauge", "Generation worker threads (--workers), each with its own runtime.");
+  sample(out, "safe_denoiser_workers", "", static_cast<double>(g.workers));
   family(out, "safe_denoiser_ready", "gauge", "1 when the bundle is loaded and the worker runs.");
   sample(out, "safe_denoiser_ready", "", g.ready ? 1 : 0);
   return out;

@@ -27,7 +27,7 @@ class Histogram {
 
 // What the worker and the connection threads report; the gauges are read when /metrics is served.
 struct Gauges {
-  size_t queue_depth = 0, queue_capacity = 0;
+  size_t queue_depth = 0, queue_capacity = 0, workers = 0;
   int connections_active = 0;
   long connections_rejected = 0;  // a counter kept by the connection layer
   bool ready = false;

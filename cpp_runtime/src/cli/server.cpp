@@ -51,20 +51,11 @@ std::string public_source(const std::string& source) {
   return path ? source.substr(source.find_last_of("/\\") + 1) : source;
 }
 
-// One worker thread owns the runtime (not thread-safe): it takes up to max_batch queued jobs with the same steps
-// and sampler per call.
-class Worker {
+// The one bounded queue every worker takes from. A worker takes up to max_batch queued jobs with the same steps and
+// sampler per call.
+class JobQueue {
  public:
-  Worker(Runtime& runtime, std::string provider, const ServerOptions& o, Metrics& metrics)
-      : runtime_(runtime), provider_(std::move(provider)), options_(o), metrics_(metrics), thread_([this] { loop(); }) {}
-  ~Worker() {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      stopping_ = true;
-    }
-    ready_.notify_all();
-    thread_.join();
-  }
+  explicit JobQueue(const ServerOptions& o) : options_(o) {}
   // All or none: false when the jobs do not all fit in the queue.
   bool submit(const std::vector<std::shared_ptr<Job>>& jobs) {
     {
@@ -72,7 +63,7 @@ class Worker {
       if (stopping_ || queue_.size() + jobs.size() > static_cast<size_t>(options_.queue)) return false;
       queue_.insert(queue_.end(), jobs.begin(), jobs.end());
     }
-    ready_.notify_one();
+    ready_.notify_all();  // several workers may each take a batch of different steps/sampler
     return true;
   }
   size_t queued() {
@@ -83,12 +74,19 @@ class Worker {
     std::lock_guard<std::mutex> lock(mutex_);
     return !stopping_;
   }
-
- private:
+  void stop() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stopping_ = true;
+    }
+    ready_.notify_all();
+  }
+  // Blocks until jobs are queued or the queue stops; empty only when stopping and drained.
   std::vector<std::shared_ptr<Job>> take_batch() {
     std::unique_lock<std::mutex> lock(mutex_);
     ready_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
     std::vector<std::shared_ptr<Job>> batch;
+    while (!queue_.empty() && queue_.front()->cancelled) queue_.pop_front();
     if (queue_.empty()) return batch;
     const int steps = queue_.front()->request.steps;
     const Sampler sampler = queue_.front()->request.sampler;
@@ -105,15 +103,45 @@ class Worker {
     return batch;
   }
 
+ private:
+  const ServerOptions& options_;
+  std::mutex mutex_;
+  std::condition_variable ready_;
+  std::deque<std::shared_ptr<Job>> queue_;
+  bool stopping_ = false;
+};
+
+// One worker thread per runtime (a runtime is not thread-safe); every worker takes from the same queue. The
+// destructor stops the queue and joins each worker once the queue is drained.
+class Worker {
+ public:
+  Worker(Runtime& runtime, std::string provider, JobQueue& queue, Metrics& metrics)
+      : runtime_(runtime), provider_(std::move(provider)), queue_(queue), metrics_(metrics), thread_([this] { loop(); }) {}
+  ~Worker() {
+    queue_.stop();
+    thread_.join();
+  }
+
+ private:
   void loop() {
     for (;;) {
-      const auto batch = take_batch();
-      if (!batch.empty()) {
-        run(batch);
-      } else if (!running()) {
-        return;  // stopping and drained
-      }
+      const auto batch = queue_.take_batch();
+      if (batch.empty()) return;  // stopping and drained
+      run(batch);
     }
+  }
+
+  Outcome outcome(const Job& job, const Result& result, size_t batch_size) {
+    const auto png_start = Clock::now();
+    const auto png = result_png(result);
+    Outcome out;
+    out.status = 200;
+    out.png.assign(png.begin(), png.end());
+    out.record = make_record(runtime_, job.request, result, provider_, seconds_since(png_start) * 1e3);
+    out.record["batch_size"] = batch_size;
+    out.record.erase("bundle");  // no filesystem paths in answers
+    out.record["source"] = public_source(runtime_.manifest().source);
+    return out;
   }
 
   void run(const std::vector<std::shared_ptr<Job>>& batch) {
@@ -126,18 +154,9 @@ class Worker {
       uint64_t steps = 0, corrected = 0;
       std::vector<Outcome> outcomes;
       for (size_t i = 0; i < batch.size(); ++i) {
-        const auto png_start = Clock::now();
-        const auto png = result_png(results[i]);
-        Outcome out;
-        out.status = 200;
-        out.png.assign(png.begin(), png.end());
-        out.record = make_record(runtime_, batch[i]->request, results[i], provider_, seconds_since(png_start) * 1e3);
-        out.record["batch_size"] = batch.size();
-        out.record.erase("bundle");  // no filesystem paths in answers
-        out.record["source"] = public_source(runtime_.manifest().source);
+        outcomes.push_back(outcome(*batch[i], results[i], batch.size()));
         steps += results[i].timesteps.size();
         corrected += results[i].corrected_steps.size();
-        outcomes.push_back(std::move(out));
       }
       metrics_.images(batch.size(), steps, corrected);  // before the answers: a client then sees them counted
       for (size_t i = 0; i < batch.size(); ++i) batch[i]->promise.set_value(std::move(outcomes[i]));
@@ -155,19 +174,15 @@ class Worker {
 
   Runtime& runtime_;
   std::string provider_;
-  ServerOptions options_;
+  JobQueue& queue_;
   Metrics& metrics_;
-  std::mutex mutex_;
-  std::condition_variable ready_;
-  std::deque<std::shared_ptr<Job>> queue_;
-  bool stopping_ = false;
   std::thread thread_;
 };
 
 // Everything the handlers share.
 struct State {
   State(Runtime& r, const ServerOptions& options, std::string key)
-      : runtime(r), o(options), api_key(std::move(key)), loopback(is_loopback_host(options.host)) {}
+      : runtime(r), o(options), api_key(std::move(key)), loopback(is_loopback_host(options.host)), queue(options) {}
   Runtime& runtime;
   const ServerOptions& o;
   std::string api_key;
@@ -176,7 +191,9 @@ struct State {
   ImageSize size;
   Metrics metrics;
   StopSignal stop;
-  std::unique_ptr<Worker> worker;
+  JobQueue queue;
+  std::vector<std::unique_ptr<Runtime>> more_runtimes;  // workers 2..N each own one
+  std::vector<std::unique_ptr<Worker>> workers;          // declared after the queue: destroyed (joined) first
   GuardedServer* server = nullptr;
   std::atomic<long> answered{0}, rejected{0}, timed_out{0};
 };
@@ -311,7 +328,7 @@ Generated generate_all(std::vector<ParsedRequest> items, State& s) {
     jobs.back()->request = std::move(item);
     futures.push_back(jobs.back()->promise.get_future());
   }
-  if (!s.worker->submit(jobs)) {
+  if (!s.queue.submit(jobs)) {
     ++s.rejected;
     return {503, "queue full (" + std::to_string(s.o.queue) + " images may wait): retry later", {}};
   }
@@ -400,14 +417,15 @@ void answer_image_api(const httplib::Request& req, httplib::Response& res, State
 
 void answer_health(httplib::Response& res, State& s) {
   const Manifest& m = s.runtime.manifest();
-  const bool worker = s.worker->running();
+  const bool worker = s.queue.running();
   const bool ready = worker && !s.stop.requested();
   res.status = ready ? 200 : 503;
   res.set_content(json{{"status", ready ? "ok" : "stopping"},
                        {"ready", ready},
                        {"bundle_loaded", true},
                        {"worker_running", worker},
-                       {"queued", s.worker->queued()},
+                       {"workers", s.workers.size()},
+                       {"queued", s.queue.queued()},
                        {"queue_capacity", s.o.queue},
                        {"model_kind", m.model_kind},
                        {"source", public_source(m.source)},
@@ -422,10 +440,11 @@ void answer_health(httplib::Response& res, State& s) {
 
 void answer_metrics(httplib::Response& res, State& s) {
   Gauges g;
-  g.queue_depth = s.worker->queued();
+  g.queue_depth = s.queue.queued();
+  g.workers = s.workers.size();
   g.queue_capacity = static_cast<size_t>(s.o.queue);
   g.connections_active = s.server->active_connections();
-  g.ready = s.worker->running() && !s.stop.requested();
+  g.ready = s.queue.running() && !s.stop.requested();
   g.connections_rejected = s.server->rejected_connections.load();
   res.set_content(s.metrics.exposition(g), "text/plain; version=0.0.4; charset=utf-8");
 }
@@ -473,6 +492,18 @@ std::string access_key(const ServerOptions& o) {
   return key;
 }
 
+// Worker 1 uses the runtime already open; each further worker opens its own (memory grows with --workers) and
+// warms it up with the probe, so no first request pays for that.
+void start_workers(State& s, const std::string& provider, const RuntimeOpener& open_runtime) {
+  for (int i = 1; i < s.o.workers; ++i) {
+    if (!open_runtime) throw Error(ErrorKind::usage, "--workers: this caller cannot open more runtimes");
+    s.more_runtimes.push_back(open_runtime());
+    probe_image_size(*s.more_runtimes.back());
+  }
+  s.workers.push_back(std::make_unique<Worker>(s.runtime, provider, s.queue, s.metrics));
+  for (auto& r : s.more_runtimes) s.workers.push_back(std::make_unique<Worker>(*r, provider, s.queue, s.metrics));
+}
+
 ConnectionLimits connection_limits(const ServerOptions& o) {
   ConnectionLimits l;
   l.threads = o.http_threads > 0 ? o.http_threads : o.queue + o.max_batch + 4;
@@ -494,6 +525,11 @@ void add_serve_flags(CLI::App& serve, ServerOptions& so) {
   serve.add_option("--log-level", so.log_level, "JSON log lines on stderr from this level: error, warn, info, debug")
       ->check(CLI::IsMember({"error", "warn", "info", "debug"}))
       ->capture_default_str();
+  serve.add_option("--workers", so.workers,
+                   "generation threads, each with its own copy of the model: memory grows with N (one bundle's "
+                   "sessions per worker)")
+      ->check(integer_in(1, 16))
+      ->capture_default_str();
   serve.add_option("--http-threads", so.http_threads, "connection threads (default: queue + max-batch + 4)")
       ->check(integer_in(1, 1024));
   serve.add_option("--max-connections", so.max_connections,
@@ -505,7 +541,7 @@ void add_serve_flags(CLI::App& serve, ServerOptions& so) {
       ->capture_default_str();
 }
 
-int serve(Runtime& runtime, const std::string& provider, const ServerOptions& o) {
+int serve(Runtime& runtime, const std::string& provider, const ServerOptions& o, const RuntimeOpener& open_runtime) {
   if (o.port < 0 || o.port > 65535) throw Error(ErrorKind::usage, "--port must lie in 0..65535");
   set_log_level(parse_log_level(o.log_level));
   State s(runtime, o, access_key(o));
@@ -517,11 +553,12 @@ int serve(Runtime& runtime, const std::string& provider, const ServerOptions& o)
   s.server = &server;
   server.set_payload_max_length(o.max_body);
   server.set_write_timeout(10, 0);
-  s.worker = std::make_unique<Worker>(runtime, provider, o, s.metrics);
+  start_workers(s, provider, open_runtime);
   add_routes(server, s);
   s.port = o.port == 0 ? server.bind_to_any_port(o.host.c_str()) : (server.bind_to_port(o.host.c_str(), o.port) ? o.port : -1);
   if (s.port < 0) throw Error(ErrorKind::io, "cannot listen on " + o.host + ":" + std::to_string(o.port));
-  log_line(LogLevel::info, {{"event", "start"}, {"host", o.host}, {"port", s.port}, {"http_threads", limits.threads},
+  log_line(LogLevel::info, {{"event", "start"}, {"host", o.host}, {"port", s.port}, {"workers", o.workers},
+                            {"http_threads", limits.threads},
                             {"max_connections", limits.max_connections}, {"auth", s.api_key.empty() ? "none" : "bearer"},
                             {"warmup_ms", seconds_since(probe_start) * 1e3}});
   std::cout << "listening on http://" << o.host << ":" << s.port << std::endl;
@@ -533,7 +570,7 @@ int serve(Runtime& runtime, const std::string& provider, const ServerOptions& o)
   s.stop.wait(o.max_seconds);
   server.stop_now();
   listener.join();  // every connection thread has finished its request
-  s.worker.reset();  // the queue is drained
+  s.workers.clear();  // each worker finishes what is queued before it joins
   std::cout << "stopped: " << s.answered.load() << " answered, " << s.rejected.load() << " rejected (503), "
             << s.timed_out.load() << " timed out" << std::endl;
   const bool limited = o.max_requests > 0 || o.max_seconds > 0;

@@ -4,6 +4,8 @@
 #pragma once
 
 #include <cstddef>
+#include <functional>
+#include <memory>
 #include <string>
 
 #include "safe_denoiser_cpp/runtime.hpp"
@@ -28,12 +30,18 @@ struct ServerOptions {
   int http_threads = 0;      // connection threads (0: queue + max_batch + 4)
   int max_connections = 0;   // connections served or waiting for a thread (0: 4 x http_threads)
   int read_timeout_ms = 10000;  // to receive one whole request
+  int workers = 1;           // generation threads, each with its own Runtime (memory grows with it)
 };
 
 // The serve subcommand's options that belong to the HTTP layer (keys, logs, connections).
 void add_serve_flags(CLI::App& serve, ServerOptions& options);
 
+// Opens one more runtime on the same bundle with the same options (one per worker after the first).
+using RuntimeOpener = std::function<std::unique_ptr<Runtime>()>;
+
 // Serve until SIGTERM/SIGINT or a limit; queued requests are finished before returning. Returns the exit code.
-int serve(Runtime& runtime, const std::string& provider, const ServerOptions& options);
+// `runtime` serves worker 1; `open_runtime` opens one for each further worker (--workers).
+int serve(Runtime& runtime, const std::string& provider, const ServerOptions& options,
+          const RuntimeOpener& open_runtime = {});
 
 }  // namespace sdcpp::cli
