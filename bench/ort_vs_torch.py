@@ -133,9 +133,10 @@ def torch_side(
     }
 
 
-def run_model(
-    name: str, batch: int, steps: int, repeats: int, e2e_repeats: int, threads: int, tmp: Path, optimize: bool = False
-) -> dict:
+def build_and_export(
+    name: str, steps: int, tmp: Path, optimize: bool
+) -> tuple[Any, Path, tuple[int, ...], float, float]:
+    """(source, bundle folder, sample shape, build seconds, export seconds) of one model with a random 16-item bank."""
     shape = (1, 8, 8) if name == "demo" else (4, 32, 32)
     bank = NegativeBank.from_tensor(torch.randn(16, *shape, generator=torch.Generator().manual_seed(0)))
     bank_path = bank.save(tmp / f"{name}_bank.safetensors")
@@ -148,6 +149,13 @@ def run_model(
     export_bundle(source, folder, ExportOptions(verify=False, optimize=optimize))
     export_s = time.perf_counter() - t0
     log(f"{name}: exported in {export_s:.1f} s")
+    return source, folder, shape, build_s, export_s
+
+
+def run_model(
+    name: str, batch: int, steps: int, repeats: int, e2e_repeats: int, threads: int, tmp: Path, optimize: bool = False
+) -> dict:
+    source, folder, shape, build_s, export_s = build_and_export(name, steps, tmp, optimize)
 
     torch_res = torch_side(name, source, batch, steps, repeats, e2e_repeats, shape)
     del source  # free the PyTorch weights before onnxruntime loads its copy

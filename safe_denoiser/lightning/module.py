@@ -8,6 +8,7 @@ with the item's own seed, so image k does not depend on the world size, the batc
 from __future__ import annotations
 
 import time
+from functools import cached_property
 from typing import Any
 
 import lightning as L
@@ -44,7 +45,6 @@ class SafeDiffusionModule(L.LightningModule):
         self.config = ModelConfig.from_mapping(fields)  # validates every field
         self.pipe: Any = None
         self.handle: Any = None
-        self._banks: tuple[PreparedBanks | None] | None = None  # loaded once; (None,) when the guidance is off
         self._settings: dict[str, Any] | None = None
 
     @classmethod
@@ -60,11 +60,10 @@ class SafeDiffusionModule(L.LightningModule):
         # The pipeline's networks become children, so Lightning moves and casts them (devices, precision).
         self.networks = nn.ModuleDict({k: v for k, v in self.pipe.components.items() if isinstance(v, nn.Module)})
 
-    def banks(self) -> PreparedBanks | None:
+    @cached_property
+    def run_banks(self) -> PreparedBanks | None:
         """The banks this run reads, loaded once (hashed into the settings before the model loads)."""
-        if self._banks is None:
-            self._banks = (self.config.load_banks(),)
-        return self._banks[0]
+        return self.config.load_banks()
 
     def on_predict_start(self) -> None:
         """Attach the bank, SLD and SAFREE after Lightning has placed the networks (so the bank takes their
@@ -87,7 +86,7 @@ class SafeDiffusionModule(L.LightningModule):
 
             attach_safree(self.pipe, safree)
         if guidance is not None:
-            loaded = self.banks()
+            loaded = self.run_banks
             assert loaded is not None  # ModelConfig requires a bank with the safe denoiser
             banks = cfg.fit_banks(loaded, cfg.sample_shape(self.pipe))
             self.handle = attach(self.pipe, banks, guidance, record=True)
@@ -144,7 +143,7 @@ class SafeDiffusionModule(L.LightningModule):
         and the trainer's precision): recorded in every PNG and metadata row, compared on resume."""
         if self._settings is None:
             precision = str(self.trainer.precision) if self._trainer is not None else None
-            self._settings = self.config.image_settings(self.banks(), precision)
+            self._settings = self.config.image_settings(self.run_banks, precision)
         return self._settings
 
     def predict_step(

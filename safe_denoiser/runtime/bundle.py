@@ -179,6 +179,7 @@ class _SamplingLoop:
     safree: list[SafreePrompt] | None
     keys: list[tuple[int, int]]
     timesteps: np.ndarray
+    alphas_cumprod: np.ndarray  # the schedule's table as float32, converted once per call
     ddpm: bool
     step_noise: Sequence[np.ndarray | None] | None
     ddpm_noise: Sequence[np.ndarray | None] | None
@@ -348,8 +349,9 @@ class Bundle:
         ddpm = sampler == "ddpm"
         timesteps = ddim_timesteps(m.scheduler, steps, ddpm_settings(m.scheduler) if ddpm else None)
         self._check_threshold(timesteps)
+        alphas = np.asarray(m.scheduler.alphas_cumprod, dtype=np.float32)
         loop = _SamplingLoop(
-            {**cond_feeds, "guidance_scale": gs_arr}, safree, keys, timesteps, ddpm, step_noise, ddpm_noise
+            {**cond_feeds, "guidance_scale": gs_arr}, safree, keys, timesteps, alphas, ddpm, step_noise, ddpm_noise
         )
         momentum = np.zeros_like(x) if m.sld is not None else None
         applied: list[np.ndarray] = []
@@ -387,14 +389,20 @@ class Bundle:
     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """One DDIM / DDPM step through denoiser.onnx: (next sample, SLD momentum, where the correction fired)."""
         m = self.manifest
-        feeds = {**loop.feeds, "sample": x, **self._step_feeds(t, x)}
+        b = x.shape[0]
+        feeds = {
+            **loop.feeds,
+            "sample": x,
+            "timestep": np.full((b,), t, dtype=np.float32),
+            "alpha_bar": np.full((b,), loop.alphas_cumprod[t], dtype=np.float32),
+        }
         if loop.safree is not None:
             feeds["prompt_embeds"] = self._safree_rows(loop.feeds["prompt_embeds"], loop.safree, i)
         if m.guidance is not None and m.guidance.renoises:
             feeds["noise"] = self._renoise(i, t, x, loop.step_noise, loop.keys)
         if momentum is not None:
             feeds["sld_momentum"] = momentum
-            feeds["sld_step"] = np.full((x.shape[0],), i, dtype=np.int64)
+            feeds["sld_step"] = np.full((b,), i, dtype=np.int64)
         out = self._run_denoiser(feeds)
         steps = len(loop.timesteps)
         if loop.ddpm:
@@ -425,12 +433,6 @@ class Bundle:
         if any(v.shape[0] != b for v in feeds.values()):
             raise ValueError(f"conditioning and negative conditioning differ in batch size ({b})")
         return feeds, safree
-
-    def _step_feeds(self, t: int, x: np.ndarray) -> dict[str, np.ndarray]:
-        """The step's timestep and its alphas_cumprod, one per image."""
-        ac = np.asarray(self.manifest.scheduler.alphas_cumprod, dtype=np.float32)
-        b = x.shape[0]
-        return {"timestep": np.full((b,), t, dtype=np.float32), "alpha_bar": np.full((b,), ac[t], dtype=np.float32)}
 
     def _run_denoiser(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = self.manifest.graphs["denoiser"].output_names

@@ -9,6 +9,8 @@
 #include <random>
 #include <set>
 
+#include <openssl/evp.h>
+
 #include "safe_denoiser_cpp/json_limits.hpp"
 
 namespace sdcpp::cli {
@@ -248,23 +250,11 @@ json answer_a1111(const json& body, const ImageCall& call, const std::vector<std
 }
 
 std::string base64(const std::string& data) {
-  static const char* table = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-  std::string out;
-  out.reserve((data.size() + 2) / 3 * 4);
-  size_t i = 0;
-  for (; i + 2 < data.size(); i += 3) {
-    const uint32_t v = (static_cast<uint8_t>(data[i]) << 16) | (static_cast<uint8_t>(data[i + 1]) << 8) |
-                       static_cast<uint8_t>(data[i + 2]);
-    for (int s = 18; s >= 0; s -= 6) out += table[(v >> s) & 63];
-  }
-  if (i < data.size()) {
-    uint32_t v = static_cast<uint8_t>(data[i]) << 16;
-    if (i + 1 < data.size()) v |= static_cast<uint8_t>(data[i + 1]) << 8;
-    out += table[(v >> 18) & 63];
-    out += table[(v >> 12) & 63];
-    out += i + 1 < data.size() ? table[(v >> 6) & 63] : '=';
-    out += '=';
-  }
+  // OpenSSL's encoder (already linked for sha256 and the key comparison): standard alphabet, padded, no newlines.
+  std::string out(4 * ((data.size() + 2) / 3) + 1, '\0');
+  const int n = EVP_EncodeBlock(reinterpret_cast<unsigned char*>(out.data()),
+                                reinterpret_cast<const unsigned char*>(data.data()), static_cast<int>(data.size()));
+  out.resize(static_cast<size_t>(n));
   return out;
 }
 
