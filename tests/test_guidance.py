@@ -25,15 +25,24 @@ from safe_denoiser import (
     SafeGuidance,
 )
 from safe_denoiser.core.banks import bank_data_variance
-from safe_denoiser.core.guidance import MAX_STRENGTH, TheoremGuidance
+from safe_denoiser.core.guidance import MAX_STRENGTH, EnergyGuidance, SGFGuidance, ShieldedGuidance, TheoremGuidance
 
 PRESETS: dict[str, type[SafeGuidance]] = {
     "constant": ConstantGuidance,
     "mass": MassGuidance,
     "odds": OddsGuidance,
     "reference": ReferenceGuidance,
+    "sgf": SGFGuidance,
+    "shielded": ShieldedGuidance,
 }
-STRENGTH = {"constant": "beta", "mass": "beta_per_mass", "odds": "odds_scale", "reference": "step_size"}
+STRENGTH = {
+    "constant": "beta",
+    "mass": "beta_per_mass",
+    "odds": "odds_scale",
+    "reference": "step_size",
+    "sgf": "mmd_scale",
+    "shielded": "overcompensation",
+}
 
 # Every field of every preset set away from its default (kernel_sigma and bank_sigma are exclusive: one each).
 NON_DEFAULT: dict[str, SafeGuidance] = {
@@ -55,13 +64,24 @@ NON_DEFAULT: dict[str, SafeGuidance] = {
     "reference": ReferenceGuidance(
         step_size=0.5, window=(700.0, 990.0), chunk_size=16, kernel_sigma=20.0, margin=-0.5, threshold=4.25
     ),
+    "sgf": SGFGuidance(
+        mmd_scale=3.0,
+        window=(600.0, 990.0),
+        chunk_size=32,
+        ramp=50.0,
+        kernel_sigma=2.0,
+        bandwidth_rank=3,
+        kernel_at_rank=0.2,
+    ),
+    "shielded": ShieldedGuidance(radius=4.0, overcompensation=1.6, window=(100.0, 900.0), chunk_size=4),
 }
 
 
 # ---- construction: each preset its own fields, validated ----------------------------------------------------------
-@pytest.mark.parametrize("base", [SafeGuidance, TheoremGuidance])
+@pytest.mark.parametrize("base", [SafeGuidance, TheoremGuidance, EnergyGuidance])
 def test_abstract_bases_are_refused(base: type[SafeGuidance]) -> None:
-    with pytest.raises(TypeError, match=rf"{base.__name__} is abstract: use one of constant, mass, odds, reference"):
+    names = "constant, mass, odds, reference, sgf, shielded"
+    with pytest.raises(TypeError, match=rf"{base.__name__} is abstract: use one of {names}"):
         base()
     with pytest.raises(TypeError, match="is abstract"):
         base(window=(0.0, 10.0))
@@ -87,8 +107,8 @@ def test_defaults() -> None:
 def test_class_properties() -> None:
     """Only the odds preset reads a reference bank; only the reference preset re-noises x_t."""
     assert [cls.preset for cls in PRESETS.values()] == list(PRESETS)
-    assert [cls.needs_reference_bank for cls in PRESETS.values()] == [False, False, True, False]
-    assert [cls.renoises for cls in PRESETS.values()] == [False, False, False, True]
+    assert [cls.needs_reference_bank for cls in PRESETS.values()] == [False, False, True, False, False, False]
+    assert [cls.renoises for cls in PRESETS.values()] == [False, False, False, True, False, False]
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
@@ -258,12 +278,15 @@ def test_from_dict_validates_values() -> None:
     [
         (
             {"preset": "theorem", "eta": 1.0},
-            r"safe_denoiser\.preset must be one of constant, mass, odds, reference, got 'theorem'"
+            r"safe_denoiser\.preset must be one of constant, mass, odds, reference, sgf, shielded, got 'theorem'"
             r" \('theorem' with beta_mode constant/mass/odds is now the preset constant/mass/odds\)",
         ),
-        ({}, r"safe_denoiser\.preset must be one of constant, mass, odds, reference, got None"),
-        ({"preset": "strong"}, r"safe_denoiser\.preset must be one of constant, mass, odds, reference, got 'strong'$"),
-        ({"preset": 3}, r"safe_denoiser\.preset must be one of constant, mass, odds, reference, got 3$"),
+        ({}, r"safe_denoiser\.preset must be one of constant, mass, odds, reference, sgf, shielded, got None"),
+        (
+            {"preset": "strong"},
+            r"safe_denoiser\.preset must be one of constant, mass, odds, reference, sgf, shielded, got 'strong'$",
+        ),
+        ({"preset": 3}, r"safe_denoiser\.preset must be one of constant, mass, odds, reference, sgf, shielded, got 3$"),
         (
             {"preset": "constant", "eta": 0.5},
             r"unknown field\(s\) \['eta'\] for safe_denoiser preset 'constant'; expected some of .*'beta'.*"

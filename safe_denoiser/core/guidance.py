@@ -6,9 +6,14 @@
   times ``odds_scale`` (``core.beta``; docs/method.md section 2).
 - ``ReferenceGuidance``: the authors' research code (docs/method.md section 3): x0_hat <- x0_hat - ``step_size``
   E_unsafe(x0_hat) when the kernel sum passes a gate, then x_t re-noised.
+- ``SGFGuidance``: Safety-Guided Flow, a gradient step on an MMD potential between x0_hat and the bank, strong in an
+  early critical window (``core.energy_guidance``; docs/method.md section 7).
+- ``ShieldedGuidance``: Shielded Diffusion's sparse repellency (SPELL): x0_hat pushed out of the balls of radius
+  ``radius`` around the bank items (``core.energy_guidance``).
 
-The first three share the forward kernel (``TheoremGuidance``: bandwidth, kernel density bank, log-mass gate); all
-four share the window of training timesteps where they apply. Plain dataclasses without torch, so that a runtime
+The first three share the forward kernel (``TheoremGuidance``: bandwidth, kernel density bank, log-mass gate), the
+last two correct the denoised estimate by an energy gradient (``EnergyGuidance``); all share the window of training
+timesteps where they apply. Plain dataclasses without torch, so that a runtime
 reads a bundle's manifest without it; the tensor math of each preset lives in ``core.step``. YAML and the command
 line name a preset and its fields (``{"preset": "odds", "odds_scale": 3}``: ``SafeGuidance.from_dict``).
 """
@@ -18,16 +23,20 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, ClassVar, Literal, Self
+from typing import Any, ClassVar, Literal, Self, TypeAlias
 
 __all__ = [
     "MAX_STRENGTH",
     "ConstantGuidance",
+    "EnergyGuidance",
     "MassGuidance",
     "OddsGuidance",
+    "PredictionGuidance",
     "ReferenceGuidance",
     "ReferenceKind",
+    "SGFGuidance",
     "SafeGuidance",
+    "ShieldedGuidance",
     "TheoremGuidance",
 ]
 
@@ -55,7 +64,7 @@ class SafeGuidance:
     chunk_size: int | None = None
 
     def __post_init__(self) -> None:
-        if type(self) in (SafeGuidance, TheoremGuidance):
+        if type(self) in (SafeGuidance, TheoremGuidance, EnergyGuidance):
             raise TypeError(f"{type(self).__name__} is abstract: use one of {', '.join(sorted(_PRESETS))}")
         w = self.window
         self._require(
@@ -225,8 +234,72 @@ class ReferenceGuidance(SafeGuidance):
         self._require(self.threshold is None or _finite(self.threshold), "threshold", "a finite float or None")
 
 
+@dataclass(frozen=True, kw_only=True)
+class EnergyGuidance(SafeGuidance):
+    """Negative guidance as an energy gradient on the denoised estimate: x0_hat <- x0_hat + delta(x0_hat), mapped to
+    the model's prediction at fixed x_t (``core.step.energy_correction``); the SGF paper's family."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SGFGuidance(EnergyGuidance):
+    """Safety-Guided Flow (Kim, Kim & Park, ICLR 2026): x0_hat <- x0_hat + ``mmd_scale`` w(t) sum_n k_n (x0_hat - x_n),
+    a gradient step (in units of the bandwidth h) on the MMD potential -sum_n k(x0_hat, x_n), Gaussian kernel
+    k = exp(-||x0_hat - x_n||^2 / (2 h)).
+
+    Bandwidth: ``kernel_sigma`` fixes h = kernel_sigma^2; None picks h per sample so that the kernel at its
+    ``bandwidth_rank``-th nearest bank item is ``kernel_at_rank`` (the authors' nearest-neighbour rule, made per
+    sample so that an image does not depend on its batch). Schedule w(t): the critical window ``window``
+    (t/1000 in [0.8, 1] as the authors run it), with a half-cosine ``ramp`` of that many timesteps at its lower end
+    down to 0 (0: the hard window).
+    """
+
+    preset: ClassVar[str] = "sgf"
+    window: tuple[float, float] = (800.0, 1000.0)
+    mmd_scale: float = 1.0
+    ramp: float = 0.0
+    kernel_sigma: float | None = None
+    bandwidth_rank: int = 5
+    kernel_at_rank: float = 0.05
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._strength("mmd_scale")
+        r = self.ramp
+        width = self.window[1] - self.window[0]
+        self._require(_finite(r) and 0 <= r <= width, "ramp", f"a float in [0, {width:g}] (the window's width)")
+        self._positive_or_none("kernel_sigma", "the nearest-neighbour bandwidth")
+        k = self.bandwidth_rank
+        self._require(isinstance(k, int) and not isinstance(k, bool) and k >= 1, "bandwidth_rank", "an int >= 1")
+        e = self.kernel_at_rank
+        self._require(_finite(e) and 0 < e < 1, "kernel_at_rank", "a float in (0, 1)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShieldedGuidance(EnergyGuidance):
+    """Shielded Diffusion's sparse repellency (SPELL; Kirchhof et al., ICML 2025): x0_hat <- x0_hat +
+    ``overcompensation`` sum_n max(0, r - d_n) / d_n (x0_hat - x_n), d_n = ||x0_hat - x_n||, r = ``radius``.
+
+    Zero unless some bank item lies within ``radius`` of x0_hat; with one such item and overcompensation 1 the
+    estimate lands on that ball's surface. ``radius`` is in the data's units (``core.energy_guidance.suggest_radius``
+    gives a starting point from the bank).
+    """
+
+    preset: ClassVar[str] = "shielded"
+    radius: float = 1.0
+    overcompensation: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._require(_finite(self.radius) and self.radius > 0, "radius", "a float > 0 (in the data's units)")
+        self._strength("overcompensation")
+
+
+# The presets that correct the model's prediction at fixed x_t (every one but the re-noising reference preset).
+PredictionGuidance: TypeAlias = TheoremGuidance | EnergyGuidance
+
 _PRESETS: dict[str, type[SafeGuidance]] = {
-    cls.preset: cls for cls in (ConstantGuidance, MassGuidance, OddsGuidance, ReferenceGuidance)
+    cls.preset: cls
+    for cls in (ConstantGuidance, MassGuidance, OddsGuidance, ReferenceGuidance, SGFGuidance, ShieldedGuidance)
 }
 # Names of the earlier single-class settings, so that an old config says what replaced it.
 _LEGACY_PRESETS = {"theorem": " ('theorem' with beta_mode constant/mass/odds is now the preset constant/mass/odds)"}

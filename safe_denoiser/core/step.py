@@ -1,4 +1,7 @@
-"""One sampling step's safe-denoiser correction, for either preset of ``SafeGuidance``.
+"""One sampling step's safe-denoiser correction, for every preset of ``SafeGuidance``.
+
+``theorem_correction`` / ``path_correction`` correct the model's prediction at fixed x_t (Theorem 1's presets and,
+through ``energy_correction``, the energy presets SGF and Shielded); ``reference_correction`` re-noises x_t.
 
 Pure functions over tensors: the window test on a traced tensor timestep is graph logic (torch.where),
 so nothing here synchronises with the host.
@@ -15,11 +18,24 @@ from torch import Tensor
 from safe_denoiser.core.banks import PreparedBanks
 from safe_denoiser.core.beta import log_beta, posterior_variance
 from safe_denoiser.core.correction import safe_eps, safe_prediction
+from safe_denoiser.core.energy_guidance import (
+    mmd_weights,
+    nearest_exact,
+    neighbour_bandwidth,
+    repulsion,
+    sparse_repellency_weights,
+    squared_distances,
+    window_weight,
+)
 from safe_denoiser.core.guidance import (
     ConstantGuidance,
+    EnergyGuidance,
     MassGuidance,
     OddsGuidance,
+    PredictionGuidance,
     ReferenceGuidance,
+    SGFGuidance,
+    ShieldedGuidance,
     TheoremGuidance,
 )
 from safe_denoiser.core.kernel import (
@@ -32,11 +48,12 @@ from safe_denoiser.core.kernel import (
     path_kernel_estimate,
 )
 from safe_denoiser.core.parameterization import broadcast_to_sample, x0_from_eps
-from safe_denoiser.core.paths import GaussianPath, Prediction, vp_path, x0_from_prediction
+from safe_denoiser.core.paths import GaussianPath, Prediction, prediction_from_x0, vp_path, x0_from_prediction
 
 __all__ = [
     "THRESHOLD_SEED",
     "StepRecord",
+    "energy_correction",
     "odds_log_beta",
     "path_correction",
     "reference_correction",
@@ -74,9 +91,12 @@ def theorem_correction(
     alpha_bar: float | Tensor,
     t: float | Tensor,
     banks: PreparedBanks,
-    guidance: TheoremGuidance,
+    guidance: PredictionGuidance,
 ) -> tuple[Tensor, StepRecord]:
-    """Theorem 1 in noise space with the bank's kernel estimate of E_unsafe[x0 | x_t] and the preset's gated beta."""
+    """Theorem 1 in noise space with the bank's kernel estimate of E_unsafe[x0 | x_t] and the preset's gated beta;
+    an energy preset's correction of eps on the VP path (``energy_correction``)."""
+    if isinstance(guidance, EnergyGuidance):
+        return energy_correction(eps, x_t, vp_path(alpha_bar), "epsilon", t, banks, guidance)
     acc = accumulation_dtype(x_t.dtype)
     ab = as_batch_column(alpha_bar, x_t.shape[0], x_t.new_empty((), dtype=acc)).squeeze(1)
     x0_hat = x0_from_eps(x_t.to(acc), eps.to(acc), ab) if _odds_at_estimate(guidance) else None
@@ -93,15 +113,18 @@ def path_correction(
     prediction: Prediction,
     t: float | Tensor,
     banks: PreparedBanks,
-    guidance: TheoremGuidance,
+    guidance: PredictionGuidance,
 ) -> tuple[Tensor, StepRecord]:
-    """``theorem_correction`` on any Gaussian path, for a model predicting ``prediction`` (``core.paths``).
+    """``theorem_correction`` on any Gaussian path, for a model predicting ``prediction`` (``core.paths``); the
+    energy presets go to ``energy_correction``.
 
     Kernel, beta, gate and window are evaluated on the equivalent VP sample; the correction is applied in the
     model's own prediction space (p + beta (p - p_unsafe)), which stays exact where a_t = 0 (the flow path's
     sigma = 1, where eps = x_t carries no correction). An eps prediction is corrected exactly as
     ``theorem_correction`` on the VP sample does, bit for bit.
     """
+    if isinstance(guidance, EnergyGuidance):
+        return energy_correction(pred, x_t, path, prediction, t, banks, guidance)
     acc = accumulation_dtype(x_t.dtype)
     c, ab = path.to_vp()
     x_vp = x_t if isinstance(c, float) and c == 1.0 else x_t * broadcast_to_sample(c, x_t)
@@ -112,6 +135,54 @@ def path_correction(
     est, beta, applied = _theorem_terms(x_vp, ab, t, banks, guidance, x0_hat)
     out = safe_prediction(pred.to(acc), x_t.to(acc), path, prediction, est.mean.to(acc), beta).to(pred.dtype)
     return out, StepRecord(applied, est.log_mass.float(), _delta_norm(out, pred))
+
+
+def energy_correction(
+    pred: Tensor,
+    x_t: Tensor,
+    path: GaussianPath,
+    prediction: Prediction,
+    t: float | Tensor,
+    banks: PreparedBanks,
+    guidance: EnergyGuidance,
+) -> tuple[Tensor, StepRecord]:
+    """An energy preset (``core.energy_guidance``): x0_hat <- x0_hat + delta(x0_hat), the prediction moved by the
+    change that implies at fixed x_t (p is affine in x0 there: p + J delta, J delta = ``prediction_from_x0`` of delta
+    at x_t = 0). Where the preset does not fire the prediction comes back bit for bit."""
+    acc = accumulation_dtype(x_t.dtype)
+    x0_hat = x0_from_prediction(x_t.to(acc), pred.to(acc), path, prediction)
+    delta, log_mass, applied = _energy_delta(x0_hat, t, banks, guidance)
+    change = prediction_from_x0(torch.zeros_like(delta), delta, path, prediction)
+    per_sample = (pred.shape[0],) + (1,) * (pred.dim() - 1)
+    out = torch.where(applied.reshape(per_sample), (pred.to(acc) + change).to(pred.dtype), pred)
+    return out, StepRecord(applied, log_mass.float(), _delta_norm(out, pred))
+
+
+def _energy_delta(
+    x0_hat: Tensor, t: float | Tensor, banks: PreparedBanks, guidance: EnergyGuidance
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(delta (B, ...), log-mass (B,), applied (B,) bool) of each energy preset at the denoised estimate."""
+    b, bank = x0_hat.shape[0], banks.negative
+    sq_dist, near, diff = nearest_exact(x0_hat, bank.data, squared_distances(x0_hat, bank.data, bank.sq_norms))
+    applied = window_mask(t, guidance.window, b, x0_hat.device)
+    match guidance:
+        case SGFGuidance():
+            if guidance.kernel_sigma is None:
+                h: Tensor | float = neighbour_bandwidth(sq_dist, guidance.bandwidth_rank, guidance.kernel_at_rank)
+            else:
+                h = guidance.kernel_sigma**2
+            weights, log_mass = mmd_weights(sq_dist, h)
+            w_t = window_weight(t, guidance.window, guidance.ramp, b, sq_dist)
+            scale, strength = guidance.mmd_scale * w_t, guidance.mmd_scale
+        case ShieldedGuidance():
+            weights, log_mass = sparse_repellency_weights(sq_dist, guidance.radius)
+            applied = applied & (weights > 0).any(dim=1)  # sparse: no item within the radius, no correction
+            scale, strength = torch.full_like(log_mass, guidance.overcompensation), guidance.overcompensation
+        case _:
+            raise TypeError(f"no energy correction for {type(guidance).__name__}")
+    applied = applied & (scale > 0) if strength > 0 else torch.zeros_like(applied)
+    delta = repulsion(x0_hat, bank.data, weights * scale.unsqueeze(1), (near, diff))
+    return delta, log_mass, applied
 
 
 def _odds_at_estimate(guidance: TheoremGuidance) -> bool:

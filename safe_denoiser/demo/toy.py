@@ -59,7 +59,7 @@ import torch
 from torch import Tensor
 
 from safe_denoiser.core.banks import PreparedBanks
-from safe_denoiser.core.guidance import MAX_STRENGTH, MassGuidance, TheoremGuidance
+from safe_denoiser.core.guidance import MAX_STRENGTH, MassGuidance, PredictionGuidance
 from safe_denoiser.core.paths import flow_path, prediction_from_x0
 from safe_denoiser.core.step import StepRecord, path_correction, theorem_correction
 from safe_denoiser.demo.mixture import GaussianMixture
@@ -172,7 +172,7 @@ def sample_toy(
     steps: int,
     denoiser: Denoiser = "base",
     bank: Tensor | None = None,
-    guidance: TheoremGuidance | None = None,
+    guidance: PredictionGuidance | None = None,
     record_every: int = 1,
     records: list[StepRecord] | None = None,
     on_step: Callable[[], None] | None = None,

@@ -21,7 +21,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from safe_denoiser.core.guidance import ConstantGuidance, MassGuidance, OddsGuidance, TheoremGuidance
+from safe_denoiser.core.guidance import (
+    ConstantGuidance,
+    MassGuidance,
+    OddsGuidance,
+    PredictionGuidance,
+    SGFGuidance,
+    ShieldedGuidance,
+)
 from safe_denoiser.demo.toy import (
     BANK_SIZE,
     MAX_SAMPLES,
@@ -49,9 +56,11 @@ def sliced_wasserstein(a: Tensor, b: Tensor, projections: int = 256, seed: int =
     return float((pa - pb).square().mean().sqrt())
 
 
-def candidates() -> dict[str, TheoremGuidance]:
-    """The settings compared: each beta choice over the whole trajectory and with a window that closes early."""
-    out: dict[str, TheoremGuidance] = {}
+def candidates() -> dict[str, PredictionGuidance]:
+    """The settings compared: each beta choice over the whole trajectory and with a window that closes early; the
+    energy presets (SGF at its critical window and wider, Shielded Diffusion at radii around the unsafe cluster's
+    size, 0.35)."""
+    out: dict[str, PredictionGuidance] = {}
     for window in ((0.0, 1000.0), (200.0, 1000.0)):
         w = f"t in [{window[0]:g}, {window[1]:g}]"
         for beta in (0.5, 1.0, 2.0):
@@ -60,6 +69,18 @@ def candidates() -> dict[str, TheoremGuidance]:
             out[f"mass beta, beta_per_mass {per_mass:g}, {w}"] = MassGuidance(beta_per_mass=per_mass, window=window)
         out[f"odds beta (theorem), {w}"] = OddsGuidance(window=window)
     out["odds beta (theorem), t in [300, 1000] (the preset's default)"] = OddsGuidance()
+    for scale in (1.0, 4.0):
+        out[f"sgf, mmd_scale {scale:g}, t in [800, 1000] (the preset's window)"] = SGFGuidance(mmd_scale=scale)
+        out[f"sgf, mmd_scale {scale:g}, t in [400, 1000], ramp 200"] = SGFGuidance(
+            mmd_scale=scale, window=(400.0, 1000.0), ramp=200.0
+        )
+    for scale in (1.0, 4.0):  # a fixed bandwidth of the unsafe cluster's size instead of the nearest-neighbour rule
+        out[f"sgf, mmd_scale {scale:g}, kernel_sigma 0.5, t in [0, 1000]"] = SGFGuidance(
+            mmd_scale=scale, kernel_sigma=0.5, window=(0.0, 1000.0)
+        )
+    for radius in (0.5, 1.0):
+        out[f"shielded, radius {radius:g}, t in [0, 1000]"] = ShieldedGuidance(radius=radius)
+        out[f"shielded, radius {radius:g}, t in [800, 1000]"] = ShieldedGuidance(radius=radius, window=(800.0, 1000.0))
     return out
 
 

@@ -51,7 +51,14 @@ from torch import Tensor
 
 from safe_denoiser.core.bank import NegativeBank
 from safe_denoiser.core.banks import PreparedBanks
-from safe_denoiser.core.guidance import ConstantGuidance, ReferenceGuidance, SafeGuidance, TheoremGuidance
+from safe_denoiser.core.guidance import (
+    ConstantGuidance,
+    EnergyGuidance,
+    PredictionGuidance,
+    ReferenceGuidance,
+    SafeGuidance,
+    TheoremGuidance,
+)
 from safe_denoiser.core.kernel import accumulation_dtype
 from safe_denoiser.core.parameterization import eps_from_v
 from safe_denoiser.core.paths import flow_path
@@ -166,7 +173,7 @@ class SafeScheduler:
         if kind == "flow" and guidance.renoises:
             raise ValueError(
                 f"safe denoiser: the reference preset is defined on the DDPM schedule; with flow matching"
-                f" ({type(scheduler).__name__}) use the constant, mass or odds preset"
+                f" ({type(scheduler).__name__}) use another preset (constant, mass, odds, sgf, shielded)"
             )
         own = {
             "scheduler": scheduler,
@@ -314,14 +321,14 @@ class SafeScheduler:
         banks = self._banks_on(sample)
         t_dev = timestep if isinstance(timestep, Tensor) else t_host
         if self._kind == "flow":
-            assert isinstance(g, TheoremGuidance)
+            assert isinstance(g, (TheoremGuidance, EnergyGuidance))
             return self._correct_flow(model_output, timestep, t_dev, sample, banks, g, in_window, t_host), sample
         ab, c = self._noise_level(t_host, timestep)
         x = sample if c == 1.0 else sample * c
         v_pred = self._prediction == "v_prediction"
         eps = eps_from_v(x, model_output, ab) if v_pred else model_output
         # The window mask in the core reads the device-side timestep: no host<->device copy.
-        if isinstance(g, TheoremGuidance):
+        if isinstance(g, (TheoremGuidance, EnergyGuidance)):
             new_eps, rec = theorem_correction(eps, x, ab, t_dev, banks, g)
             if in_window:
                 # eps-space change mapped to the model's output; zero where the gate is closed (bit-exact no-op).
@@ -347,7 +354,7 @@ class SafeScheduler:
         t_dev: float | Tensor,
         sample: Tensor,
         banks: PreparedBanks,
-        guidance: TheoremGuidance,
+        guidance: PredictionGuidance,
         in_window: bool,
         t_host: float,
     ) -> Tensor:
