@@ -1,0 +1,221 @@
+"""The miniature Stable Diffusion (safe_denoiser/mini_sd, shipped in safe_denoiser/assets/mini_sd)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from safe_denoiser.core.bank import NegativeBank
+from safe_denoiser.mini_sd.bank import BANK_FILE, REFERENCE_BANK_FILE, bank_build_argv, write_digit_images
+from safe_denoiser.mini_sd.captions import (
+    captions_for,
+    heldout_captions,
+    image_attributes,
+    sample_caption,
+    training_universe,
+)
+from safe_denoiser.mini_sd.data import ASSETS_DIR, render_split
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKENIZER = ASSETS_DIR / "tokenizer"
+CPP_BINARY = Path(
+    os.environ.get("SAFE_DENOISER_CPP_BINARY", ROOT / "cpp_runtime" / "build" / "release" / "safe-denoiser-cpp")
+)
+TEXTS = [
+    "a handwritten eight",
+    "the number 8 in bold strokes",
+    "A Figure  EIGHT!",
+    "a thin slanted seven, drawn by hand",
+    "an octopus riding a bicycle",
+    "naïve café 8½ — ünïcode",
+    "",
+]
+
+
+def _clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SAFE_DENOISER", "PYTHON"))}
+    return {**env, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def test_plain_diffusers_loads_and_runs_the_shipped_pipeline(tmp_path: Path) -> None:
+    """No project code: a fresh interpreter in an empty folder imports only diffusers and torch."""
+    script = f"""
+import sys, torch
+from diffusers import StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained({str(ASSETS_DIR)!r}, local_files_only=True)
+assert pipe.safety_checker is None and pipe.feature_extractor is None
+out = pipe("a handwritten eight", num_inference_steps=3, guidance_scale=5.0, output_type="np",
+           generator=torch.Generator().manual_seed(0))
+assert out.images.shape == (1, 32, 32, 3), out.images.shape
+assert 0.0 <= out.images.min() and out.images.max() <= 1.0 and out.images.std() > 0.01
+assert not [m for m in sys.modules if m.startswith("safe_denoiser")], "project code was imported"
+print("ok", type(pipe.scheduler).__name__)
+"""
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", script],
+        cwd=tmp_path,
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "ok DDIMScheduler"
+
+
+def _reference_bpe(vocab: dict[str, int], merges: list[tuple[str, str]], text: str) -> list[int]:
+    """CLIP's published BPE from vocab.json and merges.txt alone (its regex, byte table and </w> suffix), for the
+    ASCII-and-Latin-1 texts above: an independent check of tokenizer.json's encoding."""
+    import unicodedata
+
+    import regex
+
+    from safe_denoiser.mini_sd.tokenizer import _byte_characters
+
+    ranks = {pair: i for i, pair in enumerate(merges)}
+    byte_chars = _byte_characters()
+    text = unicodedata.normalize("NFC", " ".join(text.split())).lower()
+    pattern = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+    ids = [vocab["<|startoftext|>"]]
+    for word in regex.findall(pattern, text):
+        parts = [byte_chars[b] for b in word.encode("utf-8")]
+        parts[-1] += "</w>"
+        while len(parts) > 1:
+            pairs = [(ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(itertools.pairwise(parts))]
+            rank, _ = min(pairs)
+            if rank == 1 << 30:
+                break
+            a, b = merges[rank]
+            merged, i = [], 0
+            while i < len(parts):
+                if i + 1 < len(parts) and parts[i] == a and parts[i + 1] == b:
+                    merged.append(a + b)
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        ids += [vocab[p] for p in parts]
+    return [*ids, vocab["<|endoftext|>"]]
+
+
+def test_tokenizer_forms_agree() -> None:
+    """CLIPTokenizer / CLIPTokenizerFast from the folder, tokenizer.json through ``tokenizers`` and CLIP's BPE from
+    vocab.json + merges.txt give the same ids; EOS pads to 77 as in SD-1.x."""
+    from tokenizers import Tokenizer
+    from transformers import CLIPTokenizer, CLIPTokenizerFast
+
+    raw = Tokenizer.from_file(str(TOKENIZER / "tokenizer.json"))
+    vocab = json.loads((TOKENIZER / "vocab.json").read_text("utf-8"))
+    lines = (TOKENIZER / "merges.txt").read_text("utf-8").splitlines()[1:]
+    merges = [tuple(line.split(" ")) for line in lines if line]
+    texts = [*TEXTS, *random.Random(0).sample(sorted(training_universe()), 30)]
+    for cls in (CLIPTokenizer, CLIPTokenizerFast):
+        tok = cls.from_pretrained(str(TOKENIZER), local_files_only=True)
+        assert tok.model_max_length == 77 and tok.pad_token_id == tok.eos_token_id
+        for text in texts:
+            ids = tok(text).input_ids
+            assert ids == raw.encode(text).ids, text
+            assert ids == _reference_bpe(vocab, merges, text), text  # type: ignore[arg-type]
+        padded = tok("a handwritten eight", padding="max_length", max_length=77).input_ids
+        assert len(padded) == 77 and padded[-1] == tok.eos_token_id
+
+
+@pytest.mark.skipif(not CPP_BINARY.is_file(), reason="the C++ runtime is not built (make cpp)")
+def test_cpp_tokenizer_reads_the_shipped_tokenizer(tmp_path: Path) -> None:
+    from transformers import CLIPTokenizer
+
+    texts = tmp_path / "texts.json"
+    texts.write_text(json.dumps(TEXTS), "utf-8")
+    done = subprocess.run(
+        [str(CPP_BINARY), "tokenize", "--tokenizer", str(TOKENIZER), "--texts", str(texts)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    tok = CLIPTokenizer.from_pretrained(str(TOKENIZER), local_files_only=True)
+    expected = [tok(t, padding="max_length", max_length=77, truncation=True).input_ids for t in TEXTS]
+    assert json.loads(done.stdout) == expected
+
+
+def test_bank_build_through_the_cli_reproduces_the_shipped_bank(tmp_path: Path) -> None:
+    """PNGs of the training 8s, then the user's command in a subprocess: the same tensor as the shipped bank."""
+    images = tmp_path / "eights"
+    assert len(write_digit_images([8], images)) == 87
+    out = tmp_path / "bank.safetensors"
+    argv = bank_build_argv(images, ASSETS_DIR, out)
+    done = subprocess.run(
+        [sys.executable, "-m", "safe_denoiser.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    shipped = NegativeBank.load(ASSETS_DIR / BANK_FILE)
+    built = NegativeBank.load(out)
+    assert built.sample_shape == shipped.sample_shape == (4, 8, 8)
+    assert built.sha256() == shipped.sha256()
+    assert len(NegativeBank.load(ASSETS_DIR / REFERENCE_BANK_FILE)) == len(render_split("generator").labels) - 87
+
+
+def test_caption_grammar_is_seeded_true_and_held_out_is_disjoint() -> None:
+    data = render_split("generator")
+    attributes = image_attributes(data.raw, data.labels)
+
+    def draw(seed: int) -> list[str]:
+        rng = random.Random(seed)
+        return [sample_caption(rng, int(data.labels[i]), attributes[i]).text for i in range(200)]
+
+    assert draw(0) == draw(0) and draw(0) != draw(1)
+    rng = random.Random(0)
+    for i in range(300):  # every caption drawn for an image is true of it
+        caption = sample_caption(rng, int(data.labels[i]), attributes[i])
+        assert caption.meaning.admits(int(data.labels[i]), attributes[i]), caption
+    universe = training_universe()
+    heldout = heldout_captions()
+    assert len(heldout) > 1000
+    assert not {c.text for c in heldout} & universe
+    texts = {c.text for table in captions_for(8, frozenset({"bold"})).values() for c in table}
+    assert {"a handwritten eight", "a figure eight", "the number 8 in bold strokes", "any digit"} <= texts
+    assert "a thin slanted seven" in {c.text for c in captions_for(7, frozenset({"thin", "slanted"}))["digit"]}
+
+
+def test_model_kind_builds_the_shipped_pipeline() -> None:
+    from diffusers import StableDiffusionPipeline
+
+    from safe_denoiser.models.registry import model_kind
+
+    kind = model_kind("mini-sd")
+    assert kind.inputs == "text-to-image" and kind.fixed_size
+    pipe = kind.build(scheduler="ddpm", model_dir=None, unet_weights=None, seed=0)
+    assert isinstance(pipe, StableDiffusionPipeline)
+    assert type(pipe.scheduler).__name__ == "DDPMScheduler"
+    assert kind.sample_shape(pipe, None, None) == (4, 8, 8)
+    assert kind.bundled_bank is not None and kind.bundled_bank().sample_shape == (4, 8, 8)
+    with torch.no_grad():
+        states = pipe.encode_prompt("a handwritten eight", "cpu", 1, False)[0]
+    assert states.shape == (1, 77, 64)
+
+
+def test_training_stage_is_byte_identical_when_rerun(tmp_path: Path) -> None:
+    """Two short VAE runs (3 steps) in fresh interpreters write the same safetensors bytes."""
+    blobs = []
+    for name in ("a", "b"):
+        cmd = [sys.executable, "-m", "safe_denoiser.mini_sd.train", "vae", "--out", str(tmp_path / name)]
+        cmd += ["--steps", "3", "--batch-size", "4", "--seed", "0"]
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        blobs.append((tmp_path / name / "vae" / "diffusion_pytorch_model.safetensors").read_bytes())
+    assert blobs[0] == blobs[1]
