@@ -22,7 +22,10 @@ export and session-creation times and the final-sample relative difference betwe
 as ORT_ENABLE_ALL output for the CPU provider, sessions created without re-optimising): its "session s" is the
 start-up saved, its step time what offline optimisation gives over the default session-time optimisation.
 
-Usage: python bench/ort_vs_torch.py [--quick] [--optimize] [--threads 1] [--repeats K]
+``--int8`` adds rows for bundles exported with ``--precision int8`` (dynamic int8 weights of the UNet's MatMul / Conv,
+the correction float32), with and without ``--optimize``; their "final rel diff" is against PyTorch's float32 loop.
+
+Usage: python bench/ort_vs_torch.py [--quick] [--optimize] [--int8] [--threads 1] [--repeats K]
 [--out bench/results/ort_vs_torch.json] (``--quick``: the demo model only.)
 """
 
@@ -134,7 +137,7 @@ def torch_side(
 
 
 def build_and_export(
-    name: str, steps: int, tmp: Path, optimize: bool
+    name: str, steps: int, tmp: Path, optimize: bool, precision: str = "fp32"
 ) -> tuple[Any, Path, tuple[int, ...], float, float]:
     """(source, bundle folder, sample shape, build seconds, export seconds) of one model with a random 16-item bank."""
     shape = (1, 8, 8) if name == "demo" else (4, 32, 32)
@@ -145,17 +148,30 @@ def build_and_export(
     build_s = time.perf_counter() - t0
     log(f"{name}: built in {build_s:.1f} s; exporting")
     t0 = time.perf_counter()
-    folder = tmp / (f"{name}-optimized" if optimize else name)
-    export_bundle(source, folder, ExportOptions(verify=False, optimize=optimize))
+    folder = tmp / f"{name}-{precision}{'-optimized' if optimize else ''}"
+    export_bundle(source, folder, ExportOptions(verify=False, optimize=optimize, precision=precision))
     export_s = time.perf_counter() - t0
     log(f"{name}: exported in {export_s:.1f} s")
     return source, folder, shape, build_s, export_s
 
 
+def row_label(name: str, optimize: bool, precision: str) -> str:
+    """The table's model column: the model and the export flags of its bundle."""
+    return name + (" --optimize" if optimize else "") + (f" --precision {precision}" if precision != "fp32" else "")
+
+
 def run_model(
-    name: str, batch: int, steps: int, repeats: int, e2e_repeats: int, threads: int, tmp: Path, optimize: bool = False
+    name: str,
+    batch: int,
+    steps: int,
+    repeats: int,
+    e2e_repeats: int,
+    threads: int,
+    tmp: Path,
+    optimize: bool = False,
+    precision: str = "fp32",
 ) -> dict:
-    source, folder, shape, build_s, export_s = build_and_export(name, steps, tmp, optimize)
+    source, folder, shape, build_s, export_s = build_and_export(name, steps, tmp, optimize, precision)
 
     torch_res = torch_side(name, source, batch, steps, repeats, e2e_repeats, shape)
     del source  # free the PyTorch weights before onnxruntime loads its copy
@@ -179,8 +195,9 @@ def run_model(
     rel = float(np.linalg.norm(ort_final - torch_final) / np.linalg.norm(torch_final))
     log(f"{name}: ort step {ort_step * 1e3:.1f} ms, end-to-end {ort_e2e:.2f} s")
     return {
-        "model": f"{name} --optimize" if optimize else name,
+        "model": row_label(name, optimize, precision),
         "optimize": optimize,
+        "precision": precision,
         "batch": batch,
         "sample_shape": list(shape),
         "steps": steps,
@@ -205,23 +222,8 @@ def run_model(
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--quick", action="store_true", help="the demo model only")
-    p.add_argument("--threads", type=int, default=1, help="intra-op threads for PyTorch and onnxruntime (default 1)")
-    p.add_argument("--repeats", type=int, default=None, help="timed step calls per model (default: demo 30, sd14 3)")
-    p.add_argument("--optimize", action="store_true", help="also time bundles exported with --optimize")
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ort_vs_torch.json")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    plan = [("demo", 4, 25, args.repeats or 30, 5)]
-    if not args.quick:
-        plan.append(("sd14", 1, 3, args.repeats or 3, 1))
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="ort-vs-torch-") as tmp:
-        for name, batch, steps, repeats, e2e_repeats in plan:
-            for optimize in (False, True) if args.optimize else (False,):
-                rows.append(run_model(name, batch, steps, repeats, e2e_repeats, args.threads, Path(tmp), optimize))
+def print_rows(rows: list[dict], threads: int) -> None:
+    """The results table, with the load average each row ended at."""
     header = [
         "model",
         "batch",
@@ -258,8 +260,33 @@ def main(argv: list[str] | None = None) -> None:
         for r in rows
     ]
     load = ", ".join(f"{r['model']} {r['load_average_1min']:.1f}" for r in rows)
-    print(f"threads: {args.threads} (PyTorch and onnxruntime), CPU, fp32; 1-min load average at the end: {load}")
+    print(f"threads: {threads} (PyTorch and onnxruntime), CPU, PyTorch fp32; 1-min load average at the end: {load}")
     print_table(header, table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--quick", action="store_true", help="the demo model only")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads for PyTorch and onnxruntime (default 1)")
+    p.add_argument("--repeats", type=int, default=None, help="timed step calls per model (default: demo 30, sd14 3)")
+    p.add_argument("--optimize", action="store_true", help="also time bundles exported with --optimize")
+    p.add_argument("--int8", action="store_true", help="also time bundles exported with --precision int8")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ort_vs_torch.json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    plan = [("demo", 4, 25, args.repeats or 30, 5)]
+    if not args.quick:
+        plan.append(("sd14", 1, 3, args.repeats or 3, 1))
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="ort-vs-torch-") as tmp:
+        for name, batch, steps, repeats, e2e_repeats in plan:
+            for precision in ("fp32", "int8") if args.int8 else ("fp32",):
+                for optimize in (False, True) if args.optimize else (False,):
+                    row = run_model(
+                        name, batch, steps, repeats, e2e_repeats, args.threads, Path(tmp), optimize, precision
+                    )
+                    rows.append(row)
+    print_rows(rows, args.threads)
     out = write_json(args.out, {"machine": machine_info(args.threads), "rows": rows})
     print(f"wrote {out}", file=sys.stderr)
 
