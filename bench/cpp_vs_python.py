@@ -4,7 +4,10 @@ Models (theorem preset, bundled / random bank):
 
 * demo  - the bundled 8x8-digits model, batch 4, 25 steps;
 * sd14  - the SD-1.4 architecture with random weights at 16x16 latents (128x128 pixels), batch 1, 3 steps, with
-  the text encoder and the VAE decoder (``--quick`` skips it).
+  the text encoder and the VAE decoder (``--quick`` skips it);
+* sd3, flux - the tiny random-weight SD3 (odds preset) and Flux (constant preset, T5 tokenizer) flow bundles of
+  cpp_runtime/scripts/make_test_bundles.py, 16x16 pixels, batch 1, 4 steps: prompt -> text encoders -> FlowMatch
+  Euler loop -> VAE decoder -> PNG (``--quick`` skips them; ``--models sd3,flux`` runs only them).
 
 Measured in one run, same steps and ``--threads`` intra-op threads everywhere:
 
@@ -41,7 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, print_table, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
-BINARY = ROOT / "cpp_runtime" / "build" / "release" / "safe-denoiser-cpp"
+# SAFE_DENOISER_CPP_BINARY: another build of the program (as tests/test_cpp_runtime.py takes it).
+BINARY = Path(
+    os.environ.get("SAFE_DENOISER_CPP_BINARY", ROOT / "cpp_runtime" / "build" / "release" / "safe-denoiser-cpp")
+)
 
 PY_RUNNER = """
 import json, sys, time
@@ -58,7 +64,11 @@ t1 = time.perf_counter()
 for i in range(0, len(reqs), batch):
     chunk = reqs[i : i + batch]
     cond = [r.get("class", r.get("prompt")) for r in chunk]
-    res = b.sample(cond, seed=[r["seed"] for r in chunk], steps=steps)
+    seeds = [r["seed"] for r in chunk]
+    if b.manifest.flow is not None:  # SD3 / Flux: prompts -> text_encoder.onnx -> the flow loop
+        res = b.sample_flow(prompts=cond, seed=seeds, steps=steps)
+    else:
+        res = b.sample(cond, seed=seeds, steps=steps)
     for img in Bundle.to_uint8(b.decode(res.sample)):
         png_bytes(img)
 print(json.dumps({"startup_s": t1 - t0, "generate_s": time.perf_counter() - t1}))
@@ -97,9 +107,33 @@ def run_measured(cmd: list[str]) -> tuple[float, int, str]:
         return wall, peak, out.read()
 
 
+FLOW_MODELS = ("sd3", "flux")  # bundle "tiny_<name>" of make_test_bundles.py
+
+
+def flow_args(name: str, tmp: Path) -> dict[str, Any]:
+    """make_test_bundles.py's export config of the tiny flow bundle, with its banks made in ``tmp``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "make_test_bundles", ROOT / "cpp_runtime/scripts/make_test_bundles.py"
+    )
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for bank, (family, prompts, seeds) in script.FLOW_BANKS.items():
+        if family == name and not (tmp / bank).is_file():
+            script.flow_bank(tmp / bank, family, prompts, seeds)
+    return dict(script.specs(tmp)[f"tiny_{name}"])
+
+
 def export(name: str, tmp: Path, steps: int) -> tuple[Path, Any]:
+    import safe_denoiser.testing  # noqa: F401  (the tiny model kinds)
     from safe_denoiser.export.exporter import export_bundle, load_source
 
+    if name in FLOW_MODELS:
+        source = load_source({**flow_args(name, tmp), "num_inference_steps": steps})
+        export_bundle(source, tmp / name)
+        return tmp / name, source
     common = {"scheduler": "ddim", "num_inference_steps": steps, "safe_denoiser": {"preset": "constant", "beta": 0.5}}
     if name == "demo":
         args = {"model": "demo", "guidance_scale": 2.0, "bank": "bundled", **common}
@@ -125,14 +159,18 @@ def torch_rate(name: str, source: Any, reqs: list[dict[str, Any]], batch: int, s
     from safe_denoiser.runtime.png import png_bytes
 
     pipe = source.pipe
-    attach(pipe, source.bank, source.guidance)
+    attach(pipe, source.bank, source.guidance, reference=source.reference_bank)
     try:
         start = time.perf_counter()
         with torch.no_grad():
             for i in range(0, len(reqs), batch):
                 chunk = reqs[i : i + batch]
                 gens = [torch.Generator().manual_seed(r["seed"]) for r in chunk]
-                if name == "demo":
+                if name in FLOW_MODELS:  # the pipeline's own guidance scale: CFG (SD3) or the embedding (Flux)
+                    scale = 5.0 if name == "sd3" else 3.5
+                    size = {"height": 16, "width": 16, "guidance_scale": scale, "output_type": "np"}
+                    out = pipe([r["prompt"] for r in chunk], num_inference_steps=steps, generator=gens, **size).images
+                elif name == "demo":
                     out = pipe(
                         class_labels=[r["class"] for r in chunk],
                         num_inference_steps=steps,
@@ -188,7 +226,8 @@ def server_bench(bundle: Path, reqs: list[dict[str, Any]], threads: int, steps: 
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
                 for r in reqs[k::clients]:
                     t = time.perf_counter()
-                    conn.request("POST", "/generate?format=png", json.dumps({**r, "steps": steps}))
+                    body, headers = json.dumps({**r, "steps": steps}), {"Content-Type": "application/json"}
+                    conn.request("POST", "/generate?format=png", body, headers)
                     resp = conn.getresponse()
                     resp.read()
                     assert resp.status == 200, resp.status
@@ -219,7 +258,7 @@ def server_bench(bundle: Path, reqs: list[dict[str, Any]], threads: int, steps: 
 
 
 def run_model(name: str, images: int, threads: int, tmp: Path) -> dict[str, Any]:
-    batch, steps = (4, 25) if name == "demo" else (1, 3)
+    batch, steps = (4, 25) if name == "demo" else (1, 4) if name in FLOW_MODELS else (1, 3)
     bundle, source = export(name, tmp, steps)
     if name == "demo":
         reqs: list[dict[str, Any]] = [{"class": i % 10, "seed": i} for i in range(images)]
@@ -280,6 +319,7 @@ def run_model(name: str, images: int, threads: int, tmp: Path) -> dict[str, Any]
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="the demo model only")
+    p.add_argument("--models", default="demo,sd14,sd3,flux", help="comma-separated: demo, sd14, sd3, flux")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "cpp_vs_python.json"))
@@ -291,10 +331,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     results = []
     with tempfile.TemporaryDirectory(prefix="cpp-vs-python-") as tmp:
-        for name in ["demo"] if args.quick else ["demo", "sd14"]:
-            results.append(
-                run_model(name, args.images if name == "demo" else max(2, args.images // 4), args.threads, Path(tmp))
-            )
+        for name in ["demo"] if args.quick else args.models.split(","):
+            images = max(2, args.images // 4) if name == "sd14" else args.images
+            results.append(run_model(name, images, args.threads, Path(tmp)))
     header = [
         "model",
         "C++ img/s",

@@ -240,3 +240,15 @@ def tiny_vae_dir(root: Path, seed: int = 0) -> Path:
     )
     vae.save_pretrained(root / "vae", safe_serialization=True)
     return root
+
+
+def bundle_script() -> Any:
+    """cpp_runtime/scripts/make_test_bundles.py loaded as a module (its specs and banks build the C++ test bundles)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "cpp_runtime" / "scripts" / "make_test_bundles.py"
+    spec = importlib.util.spec_from_file_location("make_test_bundles", path)
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script

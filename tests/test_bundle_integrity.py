@@ -196,7 +196,8 @@ def test_runtime_stops_on_non_finite_samples(bundle: Path) -> None:
         ("  bank: 5\n  safe_denoiser: {preset: constant, beta: 1}\n", r"model\.bank must be a string or null, got 5"),
         (
             "  bank: bundled\n  safe_denoiser: {preset: theorem, eta: 1}\n",
-            r"model\.safe_denoiser: safe_denoiser\.preset must be one of constant, mass, odds, reference, got 'theorem'"
+            r"model\.safe_denoiser: safe_denoiser\.preset must be one of constant, mass, odds, reference, sgf, "
+            r"shielded, got 'theorem'"
             r" \('theorem' with beta_mode constant/mass/odds is now the preset constant/mass/odds\)",
         ),
         (

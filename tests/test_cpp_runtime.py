@@ -262,8 +262,9 @@ def test_ddpm_parity(
         str(tmp_path / "c"),
         check=False,
     )
-    assert bad.returncode == EXIT["input"] and "sampler" in bad.stderr
-    assert run(cpp, "generate", *args, "--sampler", "euler", "--out", str(tmp_path / "e.png"), check=False).returncode
+    assert bad.returncode == EXIT["input"] and "sampler: this VP bundle samples with ddim or ddpm" in bad.stderr
+    euler = run(cpp, "generate", *args, "--sampler", "euler", "--out", str(tmp_path / "e.png"), check=False)
+    assert euler.returncode == EXIT["input"] and "--sampler: this VP bundle samples with ddim or ddpm" in euler.stderr
     assert not (tmp_path / "e.png").exists()
 
 
@@ -483,11 +484,12 @@ def test_bad_bundles_and_arguments(cpp: Path, bundles: Path, tmp_path: Path) -> 
     edit_manifest(b, format_version=FORMAT_VERSION + 1)
     expect_failure(cpp, out, "bundle", f"format_version {FORMAT_VERSION + 1} is not supported", *gen(b))
     b = copy_bundle(bundles, tmp_path / "flow")
-    edit_manifest(b, path="flow")
-    expect_failure(cpp, out, "bundle", "flow-matching bundle", *gen(b))
+    edit_manifest(b, path="flow")  # without a flow section (the contract, tests/test_manifest_contract.py)
+    expect_failure(cpp, out, "bundle", "flow must be an object (the flow sampler's settings), got null", *gen(b))
     b = copy_bundle(bundles, tmp_path / "safree")
-    edit_manifest(b, safree={"alpha": 0.01})
-    expect_failure(cpp, out, "bundle", "SAFREE", *gen(b))
+    section = {"alpha": 0.01, "self_validation": True, "svf_max_step": 2.5}  # the first wrong field is named
+    edit_manifest(b, safree=section)
+    expect_failure(cpp, out, "bundle", "safree.svf_max_step must be an integer in 0..2147483647, got 2.5", *gen(b))
     b = copy_bundle(bundles, tmp_path / "hash")
     edit_manifest(b, **{"bank.sha256": "0" * 64})
     expect_failure(cpp, out, "bundle", "bank hash mismatch", *gen(b))
@@ -772,7 +774,7 @@ def test_non_finite_results_are_errors_not_images(cpp: Path, bundles: Path, tmp_
     data["scheduler"]["alphas_cumprod"][3] = 1.5
     (b / "manifest.json").write_text(json.dumps(data))
     proc = gen(b, "--no-verify-files")
-    expect_nothing_written(out, proc, "bundle", "scheduler.alphas_cumprod[3] must lie in (0, 1], got 1.5")
+    expect_nothing_written(out, proc, "bundle", "scheduler.alphas_cumprod[3] must be in (0, 1], got 1.5")
 
 
 @pytest.mark.parametrize(

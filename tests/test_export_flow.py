@@ -102,7 +102,8 @@ def test_flow_graph_parity_and_manifest(flow: tuple[ExportSource, Manifest, Path
     check_graph_parity(source, manifest)
     assert manifest.path == "flow" and manifest.prediction_type == "flow"
     assert manifest.flow is not None and manifest.flow["family"] == source.family
-    assert set(manifest.graphs) == {"denoiser"} and manifest.tokenizer is None  # text encoders and VAE: not exported
+    # text side and decoder: tests/test_flow_bundle_text.py
+    assert set(manifest.graphs) == {"denoiser", "text_encoder", "vae_decoder"} and manifest.tokenizer is None
     spec = manifest.graphs["denoiser"]
     assert spec.input_names[:3] == ["sample", "timestep", "sigma"]
     assert spec.output_names == ["noise_pred", "x0_hat", "correction_applied", "kernel_log_mass"]

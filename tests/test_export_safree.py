@@ -22,7 +22,7 @@ from safe_denoiser.diffusers.safree_pipeline import attach_safree, concept_proje
 from safe_denoiser.export.exporter import ExportSource, export_bundle, load_source
 from safe_denoiser.runtime.bundle import Bundle
 from safe_denoiser.runtime.manifest import Manifest
-from safe_denoiser.runtime.safree_text import orthonormal_basis, safree_prompt
+from safe_denoiser.runtime.safree_text import SafreeSettings, orthonormal_basis, safree_prompt
 from safe_denoiser.testing import tiny_sd_pipeline
 
 from step_bounds import network_bound, perturbed
@@ -63,8 +63,9 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[ExportSource, Mani
 
 def test_manifest_carries_the_concept_subspace(bundle: tuple[ExportSource, Manifest, Path]) -> None:
     source, manifest, _ = bundle
-    assert manifest.safree is not None and manifest.safree["concepts"] == list(CONCEPTS)
-    basis = np.asarray(manifest.safree["concept_basis"], dtype=np.float32)
+    assert manifest.safree is not None and manifest.safree.concepts == tuple(CONCEPTS)
+    assert manifest.safree.vocab_size == source.pipe.text_encoder.config.vocab_size
+    basis = manifest.safree.concept_basis
     assert basis.shape == (32, len(CONCEPTS))
     np.testing.assert_allclose(basis.T @ basis, np.eye(len(CONCEPTS)), atol=1e-6)  # orthonormal
     want = concept_projector(source.pipe, CONCEPTS).numpy()
@@ -81,7 +82,8 @@ def test_numpy_text_side_equals_pytorch_on_the_same_inputs() -> None:
         tokens, masked, concepts = rng.standard_normal((8, 6)), rng.standard_normal((4, 6)), rng.standard_normal((2, 6))
         masked[0] += 3 * concepts[0]  # one masked prompt near the subspace: detection has both outcomes
         active = np.arange(8) < 6
-        got = safree_prompt(tokens, masked, active, orthonormal_basis(concepts), {**cfg.to_dict()})
+        settings = SafreeSettings(orthonormal_basis(concepts), alpha=cfg.alpha, svf_midpoint=cfg.svf_midpoint)
+        got = safree_prompt(tokens, masked, active, settings)
         p_c = orthogonal_projector(torch.from_numpy(concepts))
         want, flags, last = safree_tokens(
             torch.from_numpy(tokens), torch.from_numpy(masked), torch.from_numpy(active), p_c, cfg

@@ -23,6 +23,7 @@ void check(const sdcpp::cli::ParsedRequest& p, const sdcpp::Manifest& m) {
   if (!p.id.empty() && !sdcpp::cli::safe_stem(p.id)) sdfuzz::violated("unsafe id accepted");
   if (r.class_label && (*r.class_label < 0 || *r.class_label > m.class_label_max())) sdfuzz::violated("class");
   if (r.guidance && !std::isfinite(*r.guidance)) sdfuzz::violated("non-finite guidance accepted");
+  if ((p.sampler == sdcpp::Sampler::flow_euler) != m.flow.has_value()) sdfuzz::violated("sampler of the other path");
 }
 }  // namespace
 

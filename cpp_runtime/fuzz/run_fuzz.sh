@@ -12,7 +12,7 @@ seconds=${2:?$usage}
 shift 2
 targets=("$@")
 if (( ! ${#targets[@]} )); then
-  targets=(manifest onnx_initializer tokenizer tokenizer_json requests)
+  targets=(manifest onnx_initializer tokenizer tokenizer_json t5_tokenizer requests)
   [[ -x $build/fuzz/fuzz_api_compat ]] && targets+=(api_compat)  # built when the test bundles were given
 fi
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1

@@ -7,6 +7,10 @@ demo_odds      demo model, odds preset: bundled bank + reference bank (Theorem 1
 demo_odds_fp16 demo_odds with a jittered bank, both banks stored as float16 (--bank-dtype float16)
 tiny_sld       tiny random-weight SD, reference preset + SLD      (text, latents, VAE)
 tiny_theorem   tiny random-weight SD, constant-beta preset, no SLD (text)
+tiny_safree    tiny_theorem + SAFREE's text side (self-validation: filtered rows for steps 0..t' = 0..2 of 4)
+tiny_safree_always  tiny SD, SAFREE without self-validation (filtered rows at every step), no correction
+tiny_sd3       tiny random-weight SD3 (flow, two CLIP tokenizers), odds preset: bank + reference bank
+tiny_flux      tiny random-weight Flux (flow, packed, CLIP + T5 tokenizers, dynamic shifting), constant preset
 
 Usage: python cpp_runtime/scripts/make_test_bundles.py OUT
 """
@@ -22,6 +26,9 @@ from typing import Any
 # Export options per bundle (ExportOptions fields); the others use the defaults.
 OPTIONS: dict[str, dict[str, Any]] = {"demo_odds_fp16": {"bank_dtype": "float16"}}
 SLD = {"guidance_scale": 1000.0, "warmup_steps": 1, "threshold": 0.01, "momentum_scale": 0.3, "mom_beta": 0.4}
+# SAFREE on the tiny CLIP (as tests/test_export_safree.py): midpoint 0 makes t' = svf_max_step for any prompt with a
+# trigger, so both phases of the self-validating filter run; the latent re-attention is not exported.
+SAFREE = {"concepts": ["nudity", "naked body", "sexual"], "svf_max_step": 2, "svf_midpoint": 0.0, "re_attention": False}
 
 
 def specs(work: Path) -> dict[str, dict[str, Any]]:
@@ -51,7 +58,61 @@ def specs(work: Path) -> dict[str, dict[str, Any]]:
         },
         "tiny_sld": {**tiny, "safe_denoiser": {"preset": "reference", "window": [400, 1000]}, "sld": SLD},
         "tiny_theorem": {**tiny, "safe_denoiser": {"preset": "constant", "beta": 0.5, "window": [0, 1000]}},
+        "tiny_safree": {
+            **tiny,
+            "safe_denoiser": {"preset": "constant", "beta": 0.5, "window": [0, 1000]},
+            "safree": SAFREE,
+        },
+        **flow_specs(work),
+        "tiny_safree_always": {
+            **{k: v for k, v in tiny.items() if k != "bank"},
+            "safree": {**SAFREE, "self_validation": False},
+        },
     }
+
+
+def flow_specs(work: Path) -> dict[str, dict[str, Any]]:
+    """The flow bundles (as tests/test_flow_bundle_text.py exports them), on banks of their own unguided outputs."""
+    flow = {"scheduler": "flow_euler", "num_inference_steps": 4, "height": 16, "width": 16}
+    return {
+        "tiny_sd3": {
+            **flow,
+            "model": "tiny-sd3",
+            "guidance_scale": 5.0,
+            "bank": str(work / "sd3_bank.safetensors"),
+            "reference_bank": str(work / "sd3_reference.safetensors"),
+            "safe_denoiser": {"preset": "odds", "odds_scale": 1.0},
+        },
+        "tiny_flux": {
+            **flow,
+            "model": "tiny-flux",
+            "guidance_scale": 3.5,
+            "bank": str(work / "flux_bank.safetensors"),
+            "safe_denoiser": {"preset": "constant", "beta": 1.0, "window": [0, 1000]},
+        },
+    }
+
+
+# The flow banks: (family, prompts, seeds) of the tiny pipeline's unguided final latents (Flux: unpacked).
+FLOW_BANKS = {
+    "sd3_bank.safetensors": ("sd3", ["a photo of a cat"] * 3, [0, 1, 2]),
+    "sd3_reference.safetensors": ("sd3", ["a red car", "a dog", "a house"], [3, 4, 5]),
+    "flux_bank.safetensors": ("flux", ["a photo of a cat"] * 3, [0, 1, 2]),
+}
+
+
+def flow_bank(path: Path, family: str, prompts: list[str], seeds: list[int]) -> None:
+    import torch
+
+    from safe_denoiser.core.bank import NegativeBank
+    from safe_denoiser.testing import tiny_pipeline
+
+    pipe = tiny_pipeline(family)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    lat = pipe(prompts, num_inference_steps=4, height=16, width=16, generator=gens, output_type="latent").images
+    if family == "flux":
+        lat = pipe._unpack_latents(lat, 16, 16, pipe.vae_scale_factor)
+    NegativeBank.from_tensor(lat).save(path)
 
 
 def tiny_bank(path: Path) -> None:
@@ -107,7 +168,7 @@ def main(out: str) -> None:
     root.mkdir(parents=True, exist_ok=True)
     stamp = source_stamp()
     if (root / STAMP).is_file() and (root / STAMP).read_text().strip() != stamp:
-        for name in [*specs(root), "tiny_bank.safetensors", "demo_jitter_bank.safetensors"]:
+        for name in [*specs(root), "tiny_bank.safetensors", "demo_jitter_bank.safetensors", *FLOW_BANKS]:
             target = root / name
             if target.is_dir():
                 shutil.rmtree(target)
@@ -117,6 +178,9 @@ def main(out: str) -> None:
         tiny_bank(root / "tiny_bank.safetensors")
     if not (root / "demo_jitter_bank.safetensors").is_file():
         jitter_bank(root / "demo_jitter_bank.safetensors")
+    for bank, (family, prompts, seeds) in FLOW_BANKS.items():
+        if not (root / bank).is_file():
+            flow_bank(root / bank, family, prompts, seeds)
     for name, args in specs(root).items():
         if not (root / name / "manifest.json").is_file():
             if (root / name).exists():  # an export that did not finish

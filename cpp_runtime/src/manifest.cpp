@@ -5,6 +5,7 @@
 #include <cmath>
 #include <nlohmann/json.hpp>
 
+#include "contract.hpp"
 #include "onnx_initializer.hpp"
 #include "safe_denoiser_cpp/files.hpp"
 #include "safe_denoiser_cpp/errors.hpp"
@@ -57,12 +58,16 @@ std::optional<int64_t> optional_integer(const json& data, const std::string& key
 }
 
 // (C, H, W): three integers >= 1 whose product, the element count of one sample that sizes every buffer and ORT
-// shape, fits int32 (so sample_size() and batch * sample_size() cannot overflow).
-std::vector<int64_t> read_sample_shape(const json& v, const std::string& field) {
-  if (!v.is_array() || v.size() != 3) bad(field + " must be (C, H, W): 3 integers, got " + shown(v));
+// shape, fits int32 (so sample_size() and batch * sample_size() cannot overflow). The flow path also takes Flux's
+// packed (tokens, 64).
+std::vector<int64_t> read_sample_shape(const json& v, const std::string& field, bool flow) {
+  if (!v.is_array() || !(v.size() == 3 || (flow && v.size() == 2))) {
+    bad(field + (flow ? " must be (C, H, W) or Flux's packed (tokens, 64): 3 or 2 integers, got "
+                      : " must be (C, H, W): 3 integers, got ") + shown(v));
+  }
   std::vector<int64_t> shape;
   int64_t elements = 1;
-  for (size_t i = 0; i < 3; ++i) {
+  for (size_t i = 0; i < v.size(); ++i) {
     shape.push_back(integer(v[i], field + "[" + std::to_string(i) + "]", 1, INT32_MAX));
     elements *= shape.back();  // both factors <= INT32_MAX: no overflow
     if (elements > INT32_MAX) bad(field + " " + shown(v) + " has more than 2^31-1 elements");
@@ -95,6 +100,8 @@ GraphSpec graph(const json& g, const std::string& name) {
     const auto& provider = require(g.at("optimization"), "provider", where + " optimization");
     if (!provider.is_string()) bad(where + " optimization.provider must be a string");
     spec.optimized_for = provider.get<std::string>();
+    const json& opt = g.at("optimization");
+    spec.requires_optimized_for = opt.contains("requires_provider") && opt.at("requires_provider") == true;
   }
   return spec;
 }
@@ -105,10 +112,10 @@ std::optional<T> optional_value(const json& data, const std::string& key) {
   return data.at(key).get<T>();
 }
 
-BankInfo bank_info(const json& b, const std::string& where, const std::string& initializer) {
+BankInfo bank_info(const json& b, const std::string& where, const std::string& initializer, bool flow) {
   BankInfo bank;
   bank.count = integer(require(b, "count", where), where + ".count", 1, INT32_MAX);
-  bank.sample_shape = read_sample_shape(require(b, "sample_shape", where), where + ".sample_shape");
+  bank.sample_shape = read_sample_shape(require(b, "sample_shape", where), where + ".sample_shape", flow);
   bank.sha256 = require(b, "sha256", where).get<std::string>();
   bank.initializer = b.value("initializer", initializer);
   bank.dtype = b.value("dtype", std::string("float32"));
@@ -127,8 +134,9 @@ void check_bank_constant(const std::string& onnx, const BankInfo& info, const st
   std::vector<int64_t> expected = {info.count};
   expected.insert(expected.end(), sample_shape.begin(), sample_shape.end());
   if (bank.dims != expected) {
-    throw Error(ErrorKind::bundle, what + " inside '" + onnx + "' has shape " + shape_text(bank.dims) +
-                                       ", manifest says " + shape_text(expected));
+    const std::string key = what == "bank" ? "bank" : "reference_bank";  // the manifest field
+    throw Error(ErrorKind::bundle, what + " inside '" + onnx + "' has shape " + shape_text(bank.dims) + ", the manifest's " +
+                                       key + ".count and " + key + ".sample_shape say " + shape_text(expected));
   }
   if (bank.stored_dtype != info.dtype) {
     throw Error(ErrorKind::bundle, what + " inside '" + onnx + "' is " + bank.stored_dtype + ", the manifest says " +
@@ -142,9 +150,7 @@ void check_bank_constant(const std::string& onnx, const BankInfo& info, const st
   }
 }
 
-bool safe_relative(const std::string& file) {
-  return !file.empty() && file[0] != '/' && file.find("..") == std::string::npos;
-}
+bool safe_relative(const std::string& file) { return is_bundle_relative(file); }  // contract.hpp: the one rule
 
 bool is_sha256_hex(const std::string& s) {
   return s.size() == 64 && s.find_first_not_of("0123456789abcdef") == std::string::npos;
@@ -177,7 +183,7 @@ void read_step_settings(const json& obj, const std::string& where, StepSettings&
   s.thresholding = obj.value("thresholding", s.thresholding);
 }
 
-SchedulerInfo scheduler_info(const json& sched) {
+SchedulerInfo scheduler_info(const json& sched, bool flow) {
   SchedulerInfo info;
   info.alphas_cumprod = require(sched, "alphas_cumprod", "scheduler").get<std::vector<double>>();
   const auto sigmas = require(sched, "sigmas", "scheduler").get<std::vector<double>>();
@@ -197,11 +203,12 @@ SchedulerInfo scheduler_info(const json& sched) {
     bad("scheduler.alphas_cumprod and scheduler.sigmas must be non-empty and equal");
   }
   // Products of alphas in (0, 1]: anything else (above 1, 0, NaN) makes sqrt(1 - a) or 1 / sqrt(a) NaN or infinite
-  // and every image black.
+  // and every image black. The flow path does not sample over them (its abar of sigma 1 is 0).
   for (size_t t = 0; t < info.alphas_cumprod.size(); ++t) {
     const double a = info.alphas_cumprod[t];
-    if (!(a > 0.0 && a <= 1.0)) {
-      bad("scheduler.alphas_cumprod[" + std::to_string(t) + "] must lie in (0, 1], got " + json(a).dump());
+    if (!((a > 0.0 || (flow && a == 0.0)) && a <= 1.0)) {
+      bad("scheduler.alphas_cumprod[" + std::to_string(t) + "] must lie in " + (flow ? "[0, 1]" : "(0, 1]") + ", got " +
+          json(a).dump());
     }
   }
   if (!(info.final_alpha_cumprod > 0.0 && info.final_alpha_cumprod <= 1.0)) {
@@ -223,16 +230,16 @@ GuidanceInfo guidance_info(const json& g) {
   return info;
 }
 
-// Refuse what this runtime does not implement rather than sample without it.
-void refuse_unsupported(const json& data) {
-  if (data.contains("path") && data.at("path") != "vp") {
-    bad("path " + data.at("path").dump() + " (a flow-matching bundle) is not supported by this runtime; "
-        "run it with the Python runtime (Bundle.sample_flow)");
+// The sampler path: "vp" (DDIM / DDPM) or "flow" (SD3, Flux; with its `flow` section). True for flow.
+bool flow_path(const json& data) {
+  const json path = data.contains("path") ? data.at("path") : json("vp");
+  const bool flow = path == "flow";
+  if (path != "vp" && !flow) bad("path must be 'vp' or 'flow', got " + path.dump());
+  const bool section = data.contains("flow") && !data.at("flow").is_null();
+  if (flow != section) {  // name the section (contract.cpp says the same)
+    bad(std::string("flow must be ") + (flow ? "an object (the flow sampler's settings), got null" : "null on path 'vp'"));
   }
-  if (data.contains("safree") && !data.at("safree").is_null()) {
-    bad("the bundle carries SAFREE's text side, which this runtime does not implement; "
-        "run it with the Python runtime (Bundle.sample)");
-  }
+  return flow;
 }
 
 void check_format(const json& data) {
@@ -250,6 +257,22 @@ void check_format(const json& data) {
 bool present(const json& data, const std::string& key) {
   return data.contains(key) && !data.at(key).is_null();
 }
+
+// A flow bundle goes from a prompt to an image with text_encoder.onnx, vae_decoder.onnx and its tokenizers; bundles
+// exported before those were take embeddings, which this runtime has no way to receive: refuse them, saying so.
+void check_flow_text_side(const std::string& bundle_dir, const Manifest& m) {
+  std::string missing;
+  for (const char* graph : {"text_encoder", "vae_decoder"}) {
+    if (!m.graphs.count(graph)) missing += std::string(missing.empty() ? "" : ", ") + "graph '" + graph + "'";
+  }
+  if (m.tokenizers.empty()) missing += std::string(missing.empty() ? "" : ", ") + "tokenizers";
+  if (!missing.empty()) {
+    bad("this flow bundle has no " + missing + " (it was exported before flow text encoders were, and takes "
+        "precomputed embeddings, which only the Python runtime's Bundle.sample_flow(prompt_embeds=...) accepts); "
+        "re-export it with the current safe-denoiser to run it from a prompt");
+  }
+  check_tokenizer_folders(bundle_dir, m.tokenizers);
+}
 }  // namespace
 
 const TensorSpec* GraphSpec::input(const std::string& name) const {
@@ -266,6 +289,19 @@ int64_t Manifest::sample_size() const {
   int64_t n = 1;
   for (const auto d : sample_shape) n *= d;
   return n;
+}
+
+Sampler Manifest::resolve_sampler(std::optional<Sampler> requested, const std::string& field) const {
+  const Sampler chosen = requested.value_or(flow ? Sampler::flow_euler : Sampler::ddim);
+  if (flow && chosen != Sampler::flow_euler) {
+    throw Error(ErrorKind::input, field + ": this flow bundle (SD3, Flux) samples with the flow-matching Euler sampler: "
+                                          "expected flow_euler (or euler), got " + sampler_name(chosen));
+  }
+  if (!flow && chosen == Sampler::flow_euler) {
+    throw Error(ErrorKind::input, field + ": this VP bundle samples with ddim or ddpm, got flow_euler (flow bundles "
+                                          "(SD3, Flux) only)");
+  }
+  return chosen;
 }
 
 GuidancePreset parse_guidance_preset(const std::string& name, const std::string& field) {
@@ -296,30 +332,38 @@ Manifest Manifest::parse(const std::string& text) {
     bad(std::string("not readable JSON: ") + e.what());
   }
   check_format(data);
-  refuse_unsupported(data);
   Manifest m;
+  try {
+    m.file_fields = manifest_file_fields(data);  // the path rule (contract.hpp), before what this runtime refuses
+  } catch (const json::exception& e) {
+    bad(std::string("invalid content: ") + e.what());
+  }
+  const bool flow = flow_path(data);
   try {
     m.model_kind = require(data, "model_kind", "the manifest").get<std::string>();
     m.source = require(data, "source", "the manifest").get<std::string>();
-    m.sample_shape = read_sample_shape(require(data, "sample_shape", "the manifest"), "sample_shape");
+    m.sample_shape = read_sample_shape(require(data, "sample_shape", "the manifest"), "sample_shape", flow);
     const auto& steps = require(data, "num_inference_steps", "the manifest");
     m.num_inference_steps = static_cast<int>(integer(steps, "num_inference_steps", 1, INT_MAX));
     m.guidance_scale = require(data, "guidance_scale", "the manifest").get<double>();
     if (!(std::abs(m.guidance_scale) <= kMaxGuidance)) {
       bad("guidance_scale must be a number in -1000..1000, got " + json(m.guidance_scale).dump());
     }
-    m.scheduler = scheduler_info(require(data, "scheduler", "the manifest"));
+    m.scheduler = scheduler_info(require(data, "scheduler", "the manifest"), flow);
     if (present(data, "guidance")) m.guidance = guidance_info(data.at("guidance"));
     m.reference_threshold_alpha_bar = optional_value<double>(data, "reference_threshold_alpha_bar");
     if (const auto n = optional_integer(data, "reference_threshold_steps", 0, INT_MAX)) {
       m.reference_threshold_steps = static_cast<int>(*n);
     }
     m.has_sld = present(data, "sld");
-    if (present(data, "bank")) m.bank = bank_info(data.at("bank"), "bank", "negative_bank");
+    if (present(data, "bank")) m.bank = bank_info(data.at("bank"), "bank", "negative_bank", flow);
     if (present(data, "reference_bank")) {
-      m.reference_bank = bank_info(data.at("reference_bank"), "reference_bank", "reference_bank");
+      m.reference_bank = bank_info(data.at("reference_bank"), "reference_bank", "reference_bank", flow);
     }
     m.tokenizer = optional_value<std::string>(data, "tokenizer");
+    if (flow) m.flow = FlowInfo::parse(data.at("flow"));
+    m.tokenizers = parse_tokenizer_specs(data);
+    if (present(data, "safree")) m.safree = SafreeSettings::parse(data.at("safree"));
     m.null_class = optional_integer(data, "null_class", 0, INT32_MAX - 1);
     if (present(data, "num_class_labels")) {
       const auto& n = data.at("num_class_labels");
@@ -341,10 +385,15 @@ Manifest Manifest::load(const std::string& bundle_dir, bool check_bank, bool che
   if (!is_dir(bundle_dir)) throw Error(ErrorKind::bundle, "bundle '" + bundle_dir + "' is not a folder");
   const std::string path = bundle_dir + "/manifest.json";
   if (!is_file(path)) throw Error(ErrorKind::bundle, "bundle '" + bundle_dir + "' has no manifest.json");
-  Manifest m = parse(read_file(path));
+  const std::string text = read_file(path);
+  check_manifest_contract(text);  // its numbers (contract.hpp), before parse refuses what this runtime lacks
+  Manifest m = parse(text);
+  for (const auto& [field, name] : m.file_fields) check_inside_bundle(bundle_dir, name, field);
   if (m.model_kind != "class-conditional" && m.model_kind != "text-to-image") bad("unknown model_kind '" + m.model_kind + "'");
   if (!m.graphs.count("denoiser")) bad("no 'denoiser' graph");
-  if (m.model_kind == "text-to-image") {
+  if (m.model_kind == "text-to-image" && m.flow) {
+    check_flow_text_side(bundle_dir, m);
+  } else if (m.model_kind == "text-to-image") {
     for (const char* name : {"text_encoder", "vae_decoder"}) {
       if (!m.graphs.count(name)) bad(std::string("a text-to-image bundle needs a '") + name + "' graph");
     }

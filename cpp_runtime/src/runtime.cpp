@@ -8,9 +8,12 @@
 #include <functional>
 
 #include "safe_denoiser_cpp/noise.hpp"
+#include "safe_denoiser_cpp/safree.hpp"
 #include "safe_denoiser_cpp/scheduler.hpp"
 #include "safe_denoiser_cpp/tokenizer.hpp"
+#include "flow_runtime.hpp"
 #include "ort_session.hpp"
+#include "sample_checks.hpp"
 
 namespace sdcpp {
 namespace {
@@ -31,19 +34,21 @@ std::string dtype_name(ONNXTensorElementDataType t) {
   }
 }
 
-// The session's I/O must be the manifest's: same names, dtypes and fixed dimensions.
+// The session's I/O must be the manifest's: same names, dtypes and fixed dimensions (the contract, as
+// safe_denoiser/runtime/contract.py's check_session_io; each error names the manifest field graphs.<graph>.<kind>s).
 void check_io(const std::string& graph, const std::vector<TensorSpec>& specs, size_t count,
               const std::function<Ort::TypeInfo(size_t)>& type_at, const std::function<std::string(size_t)>& name_at,
               const char* kind) {
   std::vector<std::string> names;
   for (size_t i = 0; i < count; ++i) names.push_back(name_at(i));
+  const std::string field = "manifest: graphs." + graph + "." + kind + "s";
   if (names.size() != specs.size()) {
-    throw Error(ErrorKind::bundle, graph + " has " + kind + "s [" + join(names) + "], the manifest lists " +
+    throw Error(ErrorKind::bundle, field + " must be the graph's " + kind + "s [" + join(names) + "], the manifest lists " +
                                        std::to_string(specs.size()));
   }
   for (size_t i = 0; i < count; ++i) {
     const auto spec = std::find_if(specs.begin(), specs.end(), [&](const TensorSpec& s) { return s.name == names[i]; });
-    if (spec == specs.end()) throw Error(ErrorKind::bundle, graph + ": " + kind + " '" + names[i] + "' is not in the manifest");
+    if (spec == specs.end()) throw Error(ErrorKind::bundle, field + " must list the graph's " + kind + " '" + names[i] + "'");
     const Ort::TypeInfo type = type_at(i);  // owns what the shape info views
     const auto info = type.GetTensorTypeAndShapeInfo();
     const auto shape = info.GetShape();
@@ -52,7 +57,10 @@ void check_io(const std::string& graph, const std::vector<TensorSpec>& specs, si
     for (size_t d = 0; same && d < shape.size(); ++d) {
       same = shape[d] < 0 || spec->shape[d] < 0 || shape[d] == spec->shape[d];
     }
-    if (!same) throw Error(ErrorKind::bundle, graph + ": " + kind + " '" + names[i] + "' differs from the manifest (dtype " + dtype + ")");
+    if (!same) {
+      throw Error(ErrorKind::bundle, field + " '" + names[i] + "' dtype / shape must be the graph's (dtype '" + dtype +
+                                         "', rank " + std::to_string(shape.size()) + "), got dtype '" + spec->dtype + "'");
+    }
   }
 }
 
@@ -62,23 +70,6 @@ void check_session(Ort::Session& s, const GraphSpec& spec, const std::string& gr
            [&](size_t i) { return std::string(s.GetInputNameAllocated(i, alloc).get()); }, "input");
   check_io(graph, spec.outputs, s.GetOutputCount(), [&](size_t i) { return s.GetOutputTypeInfo(i); },
            [&](size_t i) { return std::string(s.GetOutputNameAllocated(i, alloc).get()); }, "output");
-}
-
-// As safe_denoiser/runtime/bundle.py's _check_finite: a NaN or Inf sample is an error naming the step, never a
-// black image.
-void check_finite(const std::vector<float>& x, size_t per_image, size_t s, const std::vector<int64_t>& timesteps) {
-  std::string images;
-  for (size_t i = 0; i * per_image < x.size(); ++i) {
-    const auto first = x.begin() + static_cast<std::ptrdiff_t>(i * per_image);
-    if (!std::all_of(first, first + static_cast<std::ptrdiff_t>(per_image), [](float v) { return std::isfinite(v); })) {
-      images += (images.empty() ? "" : ", ") + std::to_string(i);
-    }
-  }
-  if (images.empty()) return;
-  throw Error(ErrorKind::runtime, "step " + std::to_string(s + 1) + " of " + std::to_string(timesteps.size()) +
-                                      " (timestep " + std::to_string(timesteps[s]) +
-                                      ") made non-finite samples for image(s) [" + images +
-                                      "]; check the guidance scale, the conditioning and the bank");
 }
 
 template <typename T>
@@ -186,9 +177,19 @@ struct Runtime::Impl {
   std::map<int64_t, std::unique_ptr<Workspace>> workspaces;
   double load_ms = 0;
   int64_t embed_len = 0, embed_dim = 0;
+  std::optional<SafreeBatch> safree;  // the current batch's SAFREE rows (SAFREE bundles; set by condition())
+  std::unique_ptr<FlowRuntime> flow;  // flow bundles (SD3, Flux): their sessions and loop (flow_runtime.cpp)
+  Ort::SessionOptions session_options;  // threads and provider, shared by every graph's session
+  std::string provider;                 // provider_name(opt.provider)
 
+  void prepare_sessions();
+  // A checked session of one manifest graph (its I/O against the manifest's GraphSpec).
+  std::unique_ptr<Ort::Session> session(const std::string& graph) const;
+  void open_vp();
   Workspace& workspace(int64_t b);
   std::vector<float> encode(const std::vector<std::string>& prompts);
+  // text_encoder.onnx's last hidden state (rows, L, D) for ids (rows, L).
+  std::vector<float> text_hidden(std::vector<int64_t> ids, int64_t rows);
   // Class labels or prompt embeddings of a batch into its workspace.
   void condition(const std::vector<Request>& requests, Workspace& ws);
   // One sampler step at timesteps[s]: the denoiser (with re-noise and SLD momentum), then the DDIM / DDPM update.
@@ -217,12 +218,15 @@ Workspace& Runtime::Impl::workspace(int64_t b) {
 }
 
 std::vector<float> Runtime::Impl::encode(const std::vector<std::string>& prompts) {
-  const auto b = static_cast<int64_t>(prompts.size());
   std::vector<int64_t> ids;
   for (const auto& p : prompts) {
     const auto row = tokenizer->encode(p);
     ids.insert(ids.end(), row.begin(), row.end());
   }
+  return text_hidden(std::move(ids), static_cast<int64_t>(prompts.size()));
+}
+
+std::vector<float> Runtime::Impl::text_hidden(std::vector<int64_t> ids, int64_t b) {
   const std::vector<int64_t> shape = {b, static_cast<int64_t>(tokenizer->max_length())};
   Ort::Value input = tensor(ids, shape);
   const char* in_names[] = {"input_ids"};
@@ -273,38 +277,42 @@ const Manifest& Runtime::manifest() const { return impl_->m; }
 const std::string& Runtime::bundle_dir() const { return impl_->dir; }
 double Runtime::load_ms() const { return impl_->load_ms; }
 
-std::unique_ptr<Runtime> Runtime::open(const std::string& bundle_dir, const RuntimeOptions& options) {
-  const auto start = Clock::now();
-  init_ort();
-  provider_name(options.provider);  // unknown names fail before any file is read
-  auto impl = std::make_unique<Impl>();
-  impl->dir = bundle_dir;
-  impl->opt = options;
-  impl->m = Manifest::load(bundle_dir, options.check_bank, options.check_files);
-  const Manifest& m = impl->m;
-  Ort::SessionOptions so;
-  so.SetLogSeverityLevel(3);
-  if (options.intra_threads > 0) so.SetIntraOpNumThreads(options.intra_threads);
-  if (options.inter_threads > 0) so.SetInterOpNumThreads(options.inter_threads);
-  const bool check = std::getenv("SAFE_DENOISER_CPP_SKIP_PROVIDER_CHECK") == nullptr;  // tests: exercise the append path
-  add_provider(so, options, bundle_dir, check);
-  const std::string provider = provider_name(options.provider);
-  auto session = [&](const std::string& graph) {
-    const GraphSpec& spec = m.graphs.at(graph);
-    const std::string path = bundle_dir + "/" + spec.file;
-    try {
-      // A graph optimised offline for this provider holds its optimisations already: skip them at session start.
-      const bool optimized = spec.optimized_for && *spec.optimized_for == provider;
-      Ort::SessionOptions graph_so = so.Clone();
-      if (optimized) graph_so.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_DISABLE_ALL);
-      auto s = std::make_unique<Ort::Session>(ort_env(), path.c_str(), optimized ? graph_so : so);
-      check_session(*s, m.graphs.at(graph), graph);
-      return s;
-    } catch (const Ort::Exception& e) {
-      throw Error(ErrorKind::bundle, "cannot load '" + path + "': " + e.what());
-    }
-  };
-  impl->denoiser = session("denoiser");
+// Session options for every graph of the bundle: threads and the provider (appended once, checked unless a test
+// exercises the append path only).
+void Runtime::Impl::prepare_sessions() {
+  session_options.SetLogSeverityLevel(3);
+  if (opt.intra_threads > 0) session_options.SetIntraOpNumThreads(opt.intra_threads);
+  if (opt.inter_threads > 0) session_options.SetInterOpNumThreads(opt.inter_threads);
+  const bool check = std::getenv("SAFE_DENOISER_CPP_SKIP_PROVIDER_CHECK") == nullptr;
+  add_provider(session_options, opt, dir, check);
+  provider = provider_name(opt.provider);
+}
+
+std::unique_ptr<Ort::Session> Runtime::Impl::session(const std::string& graph) const {
+  const GraphSpec& spec = m.graphs.at(graph);
+  const std::string path = dir + "/" + spec.file;
+  if (spec.requires_optimized_for && *spec.optimized_for != provider) {  // e.g. NhwcConv, GroupNorm: CUDA only
+    throw Error(ErrorKind::provider, "graph '" + spec.file + "' was optimised offline for " + *spec.optimized_for +
+                                         " with fused operators that " + provider + " cannot run: open the" +
+                                         " bundle with that provider, or export it with --optimize cpu");
+  }
+  try {
+    // A graph optimised offline for this provider holds its optimisations already: skip them at session start.
+    const bool optimized = spec.optimized_for && *spec.optimized_for == provider;
+    Ort::SessionOptions graph_so = session_options.Clone();
+    if (optimized) graph_so.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_DISABLE_ALL);
+    auto s = std::make_unique<Ort::Session>(ort_env(), path.c_str(), optimized ? graph_so : session_options);
+    check_session(*s, spec, graph);
+    return s;
+  } catch (const Ort::Exception& e) {
+    throw Error(ErrorKind::bundle, "cannot load '" + path + "': " + e.what());
+  }
+}
+
+// The VP path's sessions: the denoiser (its inputs against model_kind and the guidance / SLD settings), and for text
+// bundles the tokenizer and text encoder; the VAE decoder when the bundle has one.
+void Runtime::Impl::open_vp() {
+  denoiser = session("denoiser");
   const GraphSpec& g = m.graphs.at("denoiser");
   const bool labels = g.input("class_labels") != nullptr;
   if (labels != (m.model_kind == "class-conditional")) {
@@ -318,12 +326,30 @@ std::unique_ptr<Runtime> Runtime::open(const std::string& bundle_dir, const Runt
     if (pe == nullptr || pe->shape.size() != 3 || pe->shape[1] <= 0 || pe->shape[2] <= 0) {
       throw Error(ErrorKind::bundle, "denoiser has no fixed-size prompt_embeds input");
     }
-    impl->embed_len = pe->shape[1];
-    impl->embed_dim = pe->shape[2];
-    impl->tokenizer = ClipTokenizer::load(bundle_dir + "/" + *m.tokenizer);
-    impl->text_encoder = session("text_encoder");
+    embed_len = pe->shape[1];
+    embed_dim = pe->shape[2];  // SAFREE's concept basis is as wide: the manifest contract checked it
+    tokenizer = ClipTokenizer::load(dir + "/" + *m.tokenizer);
+    text_encoder = session("text_encoder");
   }
-  if (m.graphs.count("vae_decoder")) impl->vae = session("vae_decoder");
+  if (m.graphs.count("vae_decoder")) vae = session("vae_decoder");
+}
+
+std::unique_ptr<Runtime> Runtime::open(const std::string& bundle_dir, const RuntimeOptions& options) {
+  const auto start = Clock::now();
+  init_ort();
+  provider_name(options.provider);  // unknown names fail before any file is read
+  auto impl = std::make_unique<Impl>();
+  impl->dir = bundle_dir;
+  impl->opt = options;
+  impl->m = Manifest::load(bundle_dir, options.check_bank, options.check_files);
+  impl->prepare_sessions();
+  if (impl->m.flow) {  // SD3 / Flux: flow_runtime.cpp owns the sessions and the sampling loop
+    const Impl& sessions = *impl;
+    const auto session = [&sessions](const std::string& graph) { return sessions.session(graph); };
+    impl->flow = std::make_unique<FlowRuntime>(impl->m, bundle_dir, session);
+  } else {
+    impl->open_vp();
+  }
   impl->load_ms = ms_since(start);
   return std::unique_ptr<Runtime>(new Runtime(std::move(impl)));
 }
@@ -362,6 +388,7 @@ void Runtime::validate(const Request& r) const {
   if (r.guidance && !(std::abs(*r.guidance) <= kMaxGuidance)) {
     throw Error(ErrorKind::input, "guidance: expected a finite number in -1000..1000, got " + std::to_string(*r.guidance));
   }
+  if (impl_->flow) impl_->flow->validate(r);
 }
 
 std::vector<std::vector<int64_t>> Runtime::tokenize(const std::vector<std::string>& prompts) const {
@@ -373,6 +400,7 @@ std::vector<std::vector<int64_t>> Runtime::tokenize(const std::vector<std::strin
 
 void Runtime::Impl::condition(const std::vector<Request>& requests, Workspace& ws) {
   const auto b = static_cast<int64_t>(requests.size());
+  safree.reset();
   if (m.model_kind == "class-conditional") {
     for (int64_t i = 0; i < b; ++i) {
       ws.labels[i] = *requests[i].class_label;
@@ -385,8 +413,16 @@ void Runtime::Impl::condition(const std::vector<Request>& requests, Workspace& w
       negatives.push_back(r.negative_prompt);
     }
     // Copy into the bound buffers (assigning a new vector would free the memory the binding points to).
-    const auto pos = encode(prompts), neg = encode(negatives);
-    std::copy(pos.begin(), pos.end(), ws.prompt.begin());
+    if (m.safree) {  // SAFREE: step() writes the filtered or the original prompt rows (Bundle.encode_safree)
+      std::vector<ClipTokens> tokens;
+      for (const auto& p : prompts) tokens.push_back(tokenizer->tokenize(p));
+      safree = safree_encode(*m.safree, tokens, tokenizer->max_length(),
+                             [this](const std::vector<int64_t>& ids, int64_t rows) { return text_hidden(ids, rows); });
+    } else {
+      const auto pos = encode(prompts);
+      std::copy(pos.begin(), pos.end(), ws.prompt.begin());
+    }
+    const auto neg = encode(negatives);
     std::copy(neg.begin(), neg.end(), ws.negative.begin());
   }
 }
@@ -411,6 +447,7 @@ void Runtime::Impl::step(const std::vector<Request>& requests, const std::vector
       }
     }
   }
+  if (safree) safree->rows_at(s, ws.prompt.data());
   if (!ws.sld_step.empty()) {
     std::fill(ws.sld_step.begin(), ws.sld_step.end(), static_cast<int64_t>(s));
     ws.binding->BindInput("sld_momentum", ws.momentum_value[momentum_in]);
@@ -444,11 +481,14 @@ void Runtime::Impl::step(const std::vector<Request>& requests, const std::vector
   }
 }
 
-std::vector<Result> Runtime::generate(const std::vector<Request>& requests, int steps, Sampler sampler) {
+std::vector<Result> Runtime::generate(const std::vector<Request>& requests, int steps,
+                                      std::optional<Sampler> requested) {
   Impl& d = *impl_;
   const Manifest& m = d.m;
+  const Sampler sampler = m.resolve_sampler(requested);  // a flow bundle's is flow_euler
   if (requests.empty()) return {};
   for (const auto& r : requests) validate(r);
+  if (d.flow) return d.flow->generate(requests, steps);
   if (steps < 0) throw Error(ErrorKind::input, "steps must lie in 1.." + std::to_string(m.scheduler.alphas_cumprod.size()) +
                                                    " (0: the manifest's default), got " + std::to_string(steps));
   steps = steps > 0 ? steps : m.num_inference_steps;
@@ -483,7 +523,7 @@ std::vector<Result> Runtime::generate(const std::vector<Request>& requests, int 
   if (!ws.sld_step.empty()) std::fill(ws.momentum[0].begin(), ws.momentum[0].end(), 0.f);
   for (size_t s = 0; s < timesteps.size(); ++s) {
     d.step(requests, timesteps, s, steps, sampler, ws, momentum_in, results);
-    check_finite(ws.x, n, s, timesteps);
+    check_finite(ws.x, n, s, timesteps.size(), std::to_string(timesteps[s]));
   }
   const double denoise_ms = ms_since(t_denoise);
   const auto t_decode = Clock::now();
@@ -491,10 +531,12 @@ std::vector<Result> Runtime::generate(const std::vector<Request>& requests, int 
   const double decode_ms = ms_since(t_decode);
   for (int64_t i = 0; i < b; ++i) {
     results[i].sample.assign(ws.x.begin() + i * n, ws.x.begin() + (i + 1) * n);
-    results[i].timesteps = timesteps;
+    results[i].timesteps.assign(timesteps.begin(), timesteps.end());
     results[i].timings = {encode_ms, denoise_ms, decode_ms};
     results[i].warnings = warnings;
+    if (d.safree) results[i].safree = std::move(d.safree->prompts[static_cast<size_t>(i)]);
   }
+  d.safree.reset();
   return results;
 }
 

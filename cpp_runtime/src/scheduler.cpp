@@ -54,10 +54,19 @@ std::vector<int64_t> ddim_timesteps(const std::string& spacing, int64_t train_st
 Sampler parse_sampler(const std::string& name, const std::string& field) {
   if (name == "ddim") return Sampler::ddim;
   if (name == "ddpm") return Sampler::ddpm;
-  throw Error(ErrorKind::input, field + ": unknown sampler '" + name + "' (expected ddim or ddpm)");
+  if (name == "flow_euler" || name == "euler") return Sampler::flow_euler;
+  throw Error(ErrorKind::input, field + ": unknown sampler '" + name +
+                                    "' (expected ddim or ddpm on VP bundles, flow_euler (or euler) on flow bundles)");
 }
 
-const char* sampler_name(Sampler sampler) { return sampler == Sampler::ddpm ? "ddpm" : "ddim"; }
+const char* sampler_name(Sampler sampler) {
+  switch (sampler) {
+    case Sampler::ddim: return "ddim";
+    case Sampler::ddpm: return "ddpm";
+    case Sampler::flow_euler: return "flow_euler";
+  }
+  return "ddim";  // unreachable: every enumerator returns above
+}
 
 std::vector<int64_t> ddim_timesteps(const SchedulerInfo& m, int steps) {
   return ddim_timesteps(m.ddim.timestep_spacing, m.num_train_timesteps(), m.ddim.steps_offset, steps);

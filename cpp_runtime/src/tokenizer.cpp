@@ -8,6 +8,7 @@
 #include <unicode/ustring.h>
 #include <unicode/utf8.h>
 
+#include <algorithm>
 #include <climits>
 #include <nlohmann/json.hpp>
 
@@ -194,7 +195,26 @@ bool valid_utf8(std::string_view text) {
   return true;
 }
 
-ClipTokenizer ClipTokenizer::load(const std::string& dir) {
+// The recorded special ids in place of tokenizer.json's (see tokenizer.hpp): BOS / EOS must be the post_processor's
+// (what transformers adds), the padding id one of the vocabulary (model.vocab or added_tokens).
+void ClipTokenizer::use_special(const SpecialTokenIds& special, const std::string& dir) {
+  const auto differs = [&](const char* field, int64_t recorded, int64_t found, const char* where) {
+    bad(dir, std::string("the manifest's ") + field + " " + std::to_string(recorded) + " is not tokenizer.json's " +
+                 where + " id " + std::to_string(found) + " (re-export the bundle, or restore the folder)");
+  };
+  if (!special.bos || *special.bos != bos_) differs("bos_id", special.bos.value_or(-1), bos_, "post_processor.cls");
+  if (special.eos != eos_) differs("eos_id", special.eos, eos_, "post_processor.sep");
+  bool known = std::any_of(vocab_.begin(), vocab_.end(), [&](const auto& v) { return v.second == special.pad; });
+  known = known || std::any_of(added_.begin(), added_.end(), [&](const auto& a) { return a.second == special.pad; });
+  if (!known) bad(dir, "the manifest's pad_id " + std::to_string(special.pad) + " is not an id of tokenizer.json");
+  pad_ = special.pad;
+}
+
+ClipTokenizer ClipTokenizer::load(const std::string& dir, int max_length,
+                                  const std::optional<SpecialTokenIds>& special) {
+  if (max_length != 0 && (max_length < 2 || max_length > 4095)) {
+    bad(dir, "max_length must be in 2..4095 (BOS, EOS and the text), got " + std::to_string(max_length));
+  }
   std::string text;
   try {
     text = read_file(dir + "/tokenizer.json");
@@ -248,7 +268,8 @@ ClipTokenizer ClipTokenizer::load(const std::string& dir) {
   } catch (const json::exception& e) {
     bad(dir, std::string("unexpected tokenizer.json content: ") + e.what());
   }
-  t.max_length_ = config_max_length(config);
+  if (special) t.use_special(*special, dir);
+  t.max_length_ = max_length != 0 ? max_length : config_max_length(config);
   return t;
 }
 
@@ -279,7 +300,7 @@ std::vector<std::string> ClipTokenizer::bpe(const std::string& word) const {
   return parts;
 }
 
-std::vector<int64_t> ClipTokenizer::encode(const std::string& text) const {
+ClipTokens ClipTokenizer::tokenize(const std::string& text) const {
   if (!valid_utf8(text)) throw Error(ErrorKind::input, "prompt: not valid UTF-8 text");
   std::vector<int64_t> ids;
   const auto& bytes = byte_chars();
@@ -319,10 +340,10 @@ std::vector<int64_t> ClipTokenizer::encode(const std::string& text) const {
   encode_segment(text.substr(start));
   const auto keep = static_cast<size_t>(max_length_ - 2);
   if (ids.size() > keep) ids.resize(keep);
-  std::vector<int64_t> out = {bos_};
-  out.insert(out.end(), ids.begin(), ids.end());
-  out.push_back(eos_);
-  out.resize(static_cast<size_t>(max_length_), pad_);
+  ClipTokens out{{bos_}, std::min(static_cast<int>(ids.size()) + 2, max_length_)};
+  out.ids.insert(out.ids.end(), ids.begin(), ids.end());
+  out.ids.push_back(eos_);
+  out.ids.resize(static_cast<size_t>(max_length_), pad_);
   return out;
 }
 

@@ -167,7 +167,33 @@ TEST(Ddpm, StepEqualsFloat64Recomputation) {
   EXPECT_THROW(ddpm_timesteps(m, 10), Error);
   EXPECT_EQ(ddpm_stream(0), 0x80000000u);
   EXPECT_EQ(parse_sampler("ddpm"), Sampler::ddpm);
-  EXPECT_THROW(parse_sampler("euler"), Error);
+}
+
+TEST(Sampler, NamesAndTheBundlesDefaultAndRefusals) {
+  for (const auto sampler : {Sampler::ddim, Sampler::ddpm, Sampler::flow_euler}) {
+    EXPECT_EQ(parse_sampler(sampler_name(sampler)), sampler);
+  }
+  EXPECT_EQ(parse_sampler("euler"), Sampler::flow_euler);
+  EXPECT_THROW(parse_sampler("DDIM"), Error);
+  Manifest vp, flow;
+  flow.flow = FlowInfo{};
+  EXPECT_EQ(vp.resolve_sampler(std::nullopt), Sampler::ddim);
+  EXPECT_EQ(vp.resolve_sampler(Sampler::ddpm), Sampler::ddpm);
+  EXPECT_EQ(flow.resolve_sampler(std::nullopt), Sampler::flow_euler);
+  EXPECT_EQ(flow.resolve_sampler(Sampler::flow_euler), Sampler::flow_euler);
+  const auto refused = [](const Manifest& m, Sampler sampler) {
+    try {
+      m.resolve_sampler(sampler, "--sampler");
+    } catch (const Error& e) {
+      const std::string what = e.what();
+      EXPECT_EQ(e.kind(), ErrorKind::input);
+      return what.rfind("--sampler: ", 0) == 0 && what.find(m.flow ? "flow_euler" : "ddim or ddpm") != std::string::npos;
+    }
+    return false;
+  };
+  EXPECT_TRUE(refused(flow, Sampler::ddim));
+  EXPECT_TRUE(refused(flow, Sampler::ddpm));
+  EXPECT_TRUE(refused(vp, Sampler::flow_euler));
 }
 
 TEST(Image, Uint8RoundsHalfToEvenAndClips) {

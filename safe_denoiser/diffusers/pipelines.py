@@ -96,11 +96,12 @@ def _byte_level_chars() -> list[str]:
     return [chr(c) for _, c in sorted(zip(bs, cs, strict=True))]
 
 
-def tiny_clip_tokenizer(model_max_length: int = 77) -> Any:
+def tiny_clip_tokenizer(model_max_length: int = 77, pad_token: str = "<|endoftext|>") -> Any:
     """A CLIPTokenizer over the 256 byte-level characters (with and without ``</w>``) plus BOS/EOS: 514 ids.
 
     Built from vocab.json and merges.txt written to a temporary folder (the format every transformers version
-    reads); EOS doubles as the padding token, as in SD-1.x.
+    reads); EOS doubles as the padding token, as in SD-1.x, unless ``pad_token`` names another (SDXL's and SD3's
+    CLIP-G pad with "!", which then is a special token, matched in prompts as it is there).
     """
     from transformers import CLIPTokenizer
 
@@ -109,7 +110,9 @@ def tiny_clip_tokenizer(model_max_length: int = 77) -> Any:
     with tempfile.TemporaryDirectory(prefix="tiny-clip-tokenizer-") as folder:
         Path(folder, "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
         Path(folder, "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-        return CLIPTokenizer.from_pretrained(folder, local_files_only=True, model_max_length=model_max_length)
+        return CLIPTokenizer.from_pretrained(
+            folder, local_files_only=True, model_max_length=model_max_length, pad_token=pad_token
+        )
 
 
 def clip_text_encoder(tokenizer: Any, projection: bool = False, **config: Any) -> Any:

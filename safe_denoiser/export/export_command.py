@@ -25,6 +25,16 @@ def _triple(text: str) -> tuple[int, int, int]:
     return (parts[0], parts[1], parts[2])
 
 
+def _sequence_length(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 4096:
+        raise argparse.ArgumentTypeError(f"expected an integer in 1..4096, got {text!r}")
+    return value
+
+
 def add_parser(sub: Any) -> None:
     """Register ``export`` on the ``safe-denoiser`` sub-command parser."""
     p = sub.add_parser(
@@ -35,7 +45,21 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--config", required=True, help="a safe-denoiser predict YAML (its model: section is used)")
     p.add_argument("--out", required=True, help="bundle folder to write (must not exist or be empty)")
     p.add_argument("--opset", type=int, default=17, choices=(17, 18), help="ONNX opset (legacy exporter)")
-    p.add_argument("--fp16", action="store_true", help="float16 weights (inputs/outputs and correction stay fp32)")
+    p.add_argument("--fp16", action="store_true", help="the same as --precision fp16")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "fp16", "int8"),
+        default=None,
+        help="fp16: float16 networks (GPU / TensorRT bundles); int8: int8 UNet weights (ONNX Runtime quantization);"
+        " graph inputs/outputs, the correction and the bank stay float32 (default fp32)",
+    )
+    p.add_argument(
+        "--int8-format",
+        choices=("dynamic", "qdq"),
+        default=None,
+        help="int8: dynamic (CPU) or qdq calibrated on the bundle's own sampling steps (TensorRT; default with"
+        " --tensorrt)",
+    )
     p.add_argument(
         "--bank-dtype",
         choices=("float32", "float16"),
@@ -49,11 +73,27 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime-vs-PyTorch check of each graph")
     p.add_argument(
         "--optimize",
-        action="store_true",
-        help="store ONNX Runtime's ORT_ENABLE_ALL optimisation of each graph for the CPU provider (CPU sessions then"
-        " start without re-optimising; the output is specific to the CPU and onnxruntime version that wrote it)",
+        nargs="?",
+        const="cpu",
+        default=None,
+        choices=("cpu", "cuda"),
+        help="cpu (the default): store ONNX Runtime's ORT_ENABLE_ALL optimisation of each graph (CPU sessions then"
+        " start without re-optimising; specific to the CPU and onnxruntime version that wrote it); cuda: the"
+        " transformer optimizer's UNet / CLIP / VAE fusions, some of which only the CUDA provider runs",
+    )
+    p.add_argument(
+        "--max-sequence-length",
+        type=_sequence_length,
+        default=None,
+        help="T5 tokens of an SD3 / Flux text encoder (default: the pipeline's, SD3 256, Flux 512)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    _add_tensorrt_arguments(p)
+    p.set_defaults(func=_run)
+
+
+def _add_tensorrt_arguments(p: argparse.ArgumentParser) -> None:
+    """The TensorRT engine flags of ``export``."""
     p.add_argument("--tensorrt", action="store_true", help="also build TensorRT engines (needs TensorRT >= 10)")
     p.add_argument("--trt-batch", type=_triple, default=(1, 2, 4), help="engine profile batch MIN,OPT,MAX")
     p.add_argument(
@@ -71,7 +111,6 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--trt-fp32", action="store_true", help="build TensorRT engines without fp16 kernels")
     p.add_argument("--trt-timing-cache", default=None, help="timing cache file (default: BUNDLE/tensorrt/timing.cache)")
-    p.set_defaults(func=_run)
 
 
 def _yaml_problem(exc: Exception) -> str:
@@ -98,6 +137,7 @@ def _export(args: argparse.Namespace, options: ExportOptions) -> Manifest:
     return export_bundle(source, args.out, options)
 
 
+_OPTIMIZE_FOR = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _PROFILE_FLAGS = {"batch": "--trt-batch", "size": "--trt-size", "text_length": "--trt-text-length"}
 
 
@@ -124,6 +164,9 @@ def _run(args: argparse.Namespace) -> int:
     from .exporter import ExportOptions
     from .tensorrt import TensorRTUnavailableError, build_engines, require_tensorrt
 
+    if args.fp16 and args.precision not in (None, "fp16"):
+        print(f"safe-denoiser export: error: --fp16 contradicts --precision {args.precision}", file=sys.stderr)
+        return 2
     try:
         profile = _engine_profile(args)
         if args.tensorrt:
@@ -134,12 +177,16 @@ def _run(args: argparse.Namespace) -> int:
     options = ExportOptions(
         opset=args.opset,
         fp16=args.fp16,
+        precision=args.precision or ("fp16" if args.fp16 else "fp32"),
+        int8_format=args.int8_format or ("qdq" if args.tensorrt else "dynamic"),
+        optimize_for=_OPTIMIZE_FOR[args.optimize or "cpu"],
         batch=args.batch,
         external_data=args.external_data,
         verify=not args.no_verify,
         overwrite=args.overwrite,
         bank_dtype=args.bank_dtype,
-        optimize=args.optimize,
+        optimize=args.optimize is not None,
+        max_sequence_length=args.max_sequence_length,
     )
     try:
         manifest = _export(args, options)
@@ -158,7 +205,8 @@ def _run(args: argparse.Namespace) -> int:
         data = f" + {graph.external_data}" if graph.external_data else ""
         how = graph.optimization
         done = f", optimised ({how.level}, {how.provider}, onnxruntime {how.onnxruntime})" if how else ""
-        print(f"  {graph.file}{data}: max |onnxruntime - torch| = {worst:.3g}{done}")
+        lowered = f", {graph.precision.dtype} ({graph.precision.method})" if graph.precision else ""
+        print(f"  {graph.file}{data}: max |onnxruntime - torch| = {worst:.3g}{done}{lowered}")
     if args.tensorrt:
         try:
             engines = build_engines(args.out, profile, fp16=not args.trt_fp32, timing_cache=args.trt_timing_cache)

@@ -8,13 +8,13 @@ checks the graph with onnxruntime against PyTorch; this module writes the bundle
 scheduler tables, SAFREE's concept basis and the manifest, atomically (everything goes to a temporary sibling
 folder that is renamed into place at the end). The public names of all three are importable from here.
 
-Rectified-flow pipelines (SD3, Flux) export their step only (``flow_graphs.FlowDenoiserStep``) with the sampler
-settings in ``manifest.flow``; their text encoders (CLIP + T5, concatenated) and VAE are not exported.
+Rectified-flow pipelines (SD3, Flux) export their step (``flow_graphs.FlowDenoiserStep``) with the sampler settings
+in ``manifest.flow``, and their text encoders (CLIP + T5, as ``encode_prompt``), tokenizers and VAE decoder
+(``flow_text``).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
@@ -46,11 +46,14 @@ from safe_denoiser.runtime.manifest import (
     SchedulerInfo,
     array_sha256,
 )
-from safe_denoiser.runtime.safree_text import orthonormal_basis
+from safe_denoiser.runtime.safree_text import SafreeSettings, orthonormal_basis
+from safe_denoiser.runtime.tokenizer_spec import TokenizerSpec
 
 from .flow_graphs import FlowDenoiserStep, register_rms_norm, traceable_rotary
+from .flow_text import export_flow_text_and_vae
 from .graphs import DenoiserStep, TextEncoderGraph, VaeDecoderGraph
 from .onnx_graph import SUPPORTED_OPSETS, ExportOptions, export_graph
+from .precision import denoiser_lowering, whole_graph_lowering
 from .source import (
     ExportSource,
     build_denoiser,
@@ -187,6 +190,10 @@ def _write_bundle(source: ExportSource, root: Path, options: ExportOptions) -> M
         graphs.update(_export_text_and_vae(source, root, options))
         tokenizer_dir = "tokenizer"
         pipe.tokenizer.save_pretrained(str(root / tokenizer_dir))
+    tokenizers: tuple[TokenizerSpec, ...] = ()
+    if source.family is not None:  # SD3 / Flux: text encoders, tokenizers and VAE decoder (export.flow_text)
+        flow_graphs, tokenizers = export_flow_text_and_vae(pipe, source.family, source.sample_shape, root, options)
+        graphs.update(flow_graphs)
 
     threshold, ab_last = resolved_threshold(source)
     manifest = Manifest(
@@ -199,7 +206,7 @@ def _write_bundle(source: ExportSource, root: Path, options: ExportOptions) -> M
         guidance_scale=source.guidance_scale,
         graphs=graphs,
         opset=options.opset,
-        precision="fp16" if options.fp16 else "fp32",
+        precision=options.precision,
         guidance=source.guidance,
         reference_threshold=threshold,
         reference_threshold_steps=source.num_inference_steps if threshold is not None else None,
@@ -208,6 +215,7 @@ def _write_bundle(source: ExportSource, root: Path, options: ExportOptions) -> M
         bank=bank,
         reference_bank=reference_bank,
         tokenizer=tokenizer_dir,
+        tokenizers=tokenizers,
         null_class=None if source.labels is None else source.labels.null,
         num_class_labels=class_label_count(pipe) if source.kind == "class-conditional" else None,
         vae_scaling_factor=float(pipe.vae.config.scaling_factor) if source.kind == "text-to-image" else None,
@@ -264,6 +272,7 @@ def _export_denoiser(
             options,
             dict(zip(step.constant_names, step.constants(), strict=True)),
             roles,
+            denoiser_lowering(source, step, options),
         )
     return spec, step
 
@@ -272,8 +281,8 @@ def _export_text_and_vae(source: ExportSource, root: Path, options: ExportOption
     """text_encoder.onnx and vae_decoder.onnx of an SD-1.x-style text-to-image pipeline."""
     pipe = source.pipe
     b, check_b = options.batch, options.batch + 1
-    text_encoder = copy.deepcopy(pipe.text_encoder).half() if options.fp16 else pipe.text_encoder
-    te = TextEncoderGraph(text_encoder.eval()).eval()
+    te = TextEncoderGraph(pipe.text_encoder.eval()).eval()  # fp16: converted as a graph (export.precision)
+    lowering = whole_graph_lowering(options)
     tok = pipe.tokenizer
 
     def ids(n: int) -> Tensor:
@@ -290,10 +299,10 @@ def _export_text_and_vae(source: ExportSource, root: Path, options: ExportOption
             te.output_names,
             {"input_ids": {0: "batch"}, "last_hidden_state": {0: "batch"}},
             options,
+            lowering=lowering,
         )
     }
-    vae = copy.deepcopy(pipe.vae).half() if options.fp16 else pipe.vae
-    vd = VaeDecoderGraph(vae.eval()).eval()
+    vd = VaeDecoderGraph(pipe.vae.eval()).eval()
     gen = torch.Generator().manual_seed(2)
     c, h, w = source.sample_shape
     graphs["vae_decoder"] = export_graph(
@@ -308,6 +317,7 @@ def _export_text_and_vae(source: ExportSource, root: Path, options: ExportOption
             "image": {0: "batch", 2: "image_height", 3: "image_width"},
         },
         options,
+        lowering=lowering,
     )
     return graphs
 
@@ -359,7 +369,7 @@ _FLOW_REFUSED = (
 def _flow_scheduler_info(pipe: Any) -> SchedulerInfo:
     """A flow scheduler's training schedule, t = 0 first: ``sigmas`` its own (x = (1 - s) x0 + s eps; the VP form's
     sigma is infinite at s = 1), ``alphas_cumprod`` the equivalent VP abar = (1 - s)^2 / ((1 - s)^2 + s^2)."""
-    sched = pipe.scheduler
+    sched = type(pipe.scheduler).from_config(pipe.scheduler.config)  # the training table, not a past run's sigmas
     s = np.asarray(sched.sigmas.double().cpu().numpy()[: int(sched.config.num_train_timesteps)])[::-1]  # t = 0 first
     ab = (1 - s) ** 2 / ((1 - s) ** 2 + s**2)
     return SchedulerInfo(
@@ -405,7 +415,7 @@ def _flow_settings(source: ExportSource) -> dict[str, Any]:
     return settings
 
 
-def _safree_section(source: ExportSource) -> dict[str, Any] | None:
+def _safree_section(source: ExportSource) -> SafreeSettings | None:
     """SAFREE's settings and the concept subspace's orthonormal basis (D, r), for ``safree_text`` at run time."""
     cfg = source.safree
     if cfg is None:
@@ -423,9 +433,12 @@ def _safree_section(source: ExportSource) -> dict[str, Any] | None:
     ids = tok(list(cfg.concepts), padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids
     pooled = encode_pooled(te, torch.tensor(ids)).float().cpu().numpy()
     eos = int(te.config.eos_token_id)
-    return {
-        **_jsonable(cfg.to_dict()),
-        "pooling": "argmax" if eos == 2 else "eos",  # how CLIPTextModel picks the pooled row
-        "eos_token_id": eos,
-        "concept_basis": orthonormal_basis(pooled).tolist(),
-    }
+    return SafreeSettings.from_dict(
+        {
+            **_jsonable(cfg.to_dict()),
+            "pooling": "argmax" if eos == 2 else "eos",  # how CLIPTextModel picks the pooled row
+            "eos_token_id": eos,
+            "vocab_size": int(te.config.vocab_size),  # the runtimes check mask_token_id / eos_token_id against it
+            "concept_basis": orthonormal_basis(pooled).tolist(),
+        }
+    )

@@ -41,9 +41,10 @@ import torch
 from torch import Tensor, nn
 
 from safe_denoiser.core.correction import cfg_combine
-from safe_denoiser.core.guidance import SafeGuidance, TheoremGuidance
+from safe_denoiser.core.guidance import EnergyGuidance, SafeGuidance, TheoremGuidance
 from safe_denoiser.core.paths import flow_path, x0_from_prediction
 from safe_denoiser.core.step import path_correction
+from safe_denoiser.runtime.contract import denoiser_names
 from safe_denoiser.runtime.manifest import (
     BANK_INITIALIZER,
     BANK_NORMS_INITIALIZER,
@@ -98,8 +99,8 @@ class FlowDenoiserStep(nn.Module):
         super().__init__()
         if family not in ("sd3", "flux"):
             raise ValueError(f"family must be 'sd3' or 'flux', got {family!r}")
-        if guidance is not None and (bank is None or not isinstance(guidance, TheoremGuidance)):
-            raise ValueError("FlowDenoiserStep: the correction needs a bank and a constant, mass or odds preset")
+        if guidance is not None and (bank is None or not isinstance(guidance, (TheoremGuidance, EnergyGuidance))):
+            raise ValueError("FlowDenoiserStep: the correction needs a bank and a preset other than reference")
         if family == "flux" and image_ids is None:
             raise ValueError("FlowDenoiserStep: Flux needs its image position ids")
         if (guidance is not None and guidance.needs_reference_bank) != (reference_bank is not None):
@@ -118,11 +119,8 @@ class FlowDenoiserStep(nn.Module):
 
     @property
     def input_names(self) -> list[str]:
-        """Runtime inputs, in the order ``forward`` takes them."""
-        names = ["sample", "timestep", "sigma", "prompt_embeds", "pooled_prompt_embeds"]
-        if self.family == "sd3":
-            names += ["negative_prompt_embeds", "negative_pooled_prompt_embeds"]
-        return [*names, "guidance_scale"]
+        """Runtime inputs, in the order ``forward`` takes them (``contract.denoiser_names``, the runtimes' list)."""
+        return denoiser_names("flow", sd3=self.family == "sd3", guided=self.guidance is not None)[0]
 
     @property
     def constant_names(self) -> list[str]:
@@ -137,8 +135,7 @@ class FlowDenoiserStep(nn.Module):
 
     @property
     def output_names(self) -> list[str]:
-        names = ["noise_pred", "x0_hat"]
-        return names + (["correction_applied", "kernel_log_mass"] if self.guidance is not None else [])
+        return denoiser_names("flow", sd3=self.family == "sd3", guided=self.guidance is not None)[1]
 
     def _velocity(self, x: dict[str, Tensor]) -> Tensor:
         """The (guided) velocity, as the SD3 / Flux pipelines compute it, in float32."""
@@ -177,7 +174,7 @@ class FlowDenoiserStep(nn.Module):
         u = self._velocity(x)
         path = flow_path(x["sigma"])
         record: list[Tensor] = []
-        if isinstance(self.guidance, TheoremGuidance):
+        if isinstance(self.guidance, (TheoremGuidance, EnergyGuidance)):
             u, rec = path_correction(u, x["sample"], path, "flow", x["timestep"], banks, self.guidance)
             record = [rec.applied, rec.log_mass]
         return (u, x0_from_prediction(x["sample"], u, path, "flow"), *record)

@@ -52,12 +52,13 @@ from torch import Tensor, nn
 
 from safe_denoiser.core.banks import PreparedBanks, bank_data_variance
 from safe_denoiser.core.correction import cfg_combine
-from safe_denoiser.core.guidance import OddsGuidance, ReferenceGuidance, SafeGuidance, TheoremGuidance
+from safe_denoiser.core.guidance import EnergyGuidance, OddsGuidance, ReferenceGuidance, SafeGuidance, TheoremGuidance
 from safe_denoiser.core.kernel import bank_sq_norms
 from safe_denoiser.core.parameterization import x0_from_eps
 from safe_denoiser.core.sld import append_safety_branch, sld_guidance
 from safe_denoiser.core.sld_config import SLDConfig
 from safe_denoiser.core.step import reference_correction, theorem_correction
+from safe_denoiser.runtime.contract import denoiser_names
 from safe_denoiser.runtime.manifest import (
     BANK_DTYPES,
     BANK_INITIALIZER,
@@ -214,18 +215,13 @@ class DenoiserStep(nn.Module):
 
     @property
     def input_names(self) -> list[str]:
-        """Runtime inputs, in the order ``forward`` takes them."""
-        cond = (
-            ["class_labels", "negative_class_labels"]
-            if self.conditioning == "class_labels"
-            else ["prompt_embeds", "negative_prompt_embeds"]
-        )
-        names = ["sample", "timestep", "alpha_bar", *cond, "guidance_scale"]
-        if self.reference:
-            names.append("noise")
-        if self.sld is not None:
-            names += ["sld_momentum", "sld_step"]
-        return names
+        """Runtime inputs, in the order ``forward`` takes them (``contract.denoiser_names``, the runtimes' list)."""
+        return self._names()[0]
+
+    def _names(self) -> tuple[list[str], list[str]]:
+        guided, sld = self.guidance is not None, self.sld is not None
+        labels = self.conditioning == "class_labels"
+        return denoiser_names("vp", class_labels=labels, guided=guided, renoises=self.reference, sld=sld)
 
     @property
     def constant_names(self) -> list[str]:
@@ -252,12 +248,7 @@ class DenoiserStep(nn.Module):
 
     @property
     def output_names(self) -> list[str]:
-        names = ["noise_pred", "sample_corrected", "x0_hat"]
-        if self.guidance is not None:
-            names += ["correction_applied", "kernel_log_mass"]
-        if self.sld is not None:
-            names.append("sld_momentum_out")
-        return names
+        return self._names()[1]
 
     # ---- the step -----------------------------------------------------------------------------------------
     def _unet(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
@@ -309,7 +300,7 @@ class DenoiserStep(nn.Module):
         if g is None:
             x_out = sample
             record: list[Tensor] = []
-        elif isinstance(g, TheoremGuidance):
+        elif isinstance(g, (TheoremGuidance, EnergyGuidance)):  # every preset that corrects eps at fixed x_t
             eps, rec = theorem_correction(eps, sample, ab, t, banks, g)
             x_out = sample
             record = [rec.applied, rec.log_mass]

@@ -14,7 +14,7 @@ import dataclasses
 import os
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,18 +24,22 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from safe_denoiser.runtime.graph_records import PRECISIONS, GraphPrecision
 from safe_denoiser.runtime.manifest import BANK_DTYPES, BankDtype, GraphOptimization, GraphSpec, TensorSpec
 
 __all__ = ["OPTIMIZE_PROVIDER", "SUPPORTED_OPSETS", "ExportOptions", "export_graph", "optimize_graph"]
 
 SUPPORTED_OPSETS = (17, 18)
 _TWO_GB = 2**31
+EXTERNAL_DATA_THRESHOLD = _TWO_GB - 2**26  # "auto": inline bytes above this go external (protobuf's 2 GB)
 _EXTERNAL_MIN_BYTES = 1024  # tensors below this stay inside the .onnx file when external data is used
 _ALIGN = 4096  # page-aligned offsets in the external-data file (onnxruntime can memory-map it)
 OPTIMIZE_PROVIDER = "CPUExecutionProvider"  # the provider ``optimize`` optimises for
 # Constant folding would fold Reshape(negative_bank) and the like into new, unnamed initializers: the bank constants
 # (hashed by both runtimes) must keep their names. The torch exporter already folded the networks' constants.
 _KEEP_CONSTANTS = ("ConstantFolding",)
+OPTIMIZE_TARGETS = (OPTIMIZE_PROVIDER, "CUDAExecutionProvider")  # CUDA: the transformer optimizer (export.fusion)
+Lowering = Callable[[Path, "str | None"], GraphPrecision]  # rewrites a finished graph in place (export.precision)
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,12 @@ class ExportOptions:
     ``bank_dtype``: "float32" or "float16" storage of the banks inside the graph (cast to float32 there).
     ``optimize``: store each graph as ONNX Runtime's ORT_ENABLE_ALL optimisation of it for the CPU provider
     (``optimize_graph``), so CPU sessions start without re-optimising.
+    ``external_data_threshold``: with "auto", a graph whose inline bytes exceed it gets external data (tests lower
+    it to exercise that path on tiny graphs). ``max_sequence_length``: the T5 token length of a flow bundle's
+    text encoder (None: the pipeline's default, SD3 256, Flux 512).
+    ``precision``: "fp32", "fp16" or "int8" (export.precision; ``fp16=True`` is the same as "fp16", and the two
+    always agree after construction); ``int8_format``: "dynamic" (CPU) or "qdq" (calibrated, for TensorRT).
+    ``optimize_for``: the provider ``optimize`` targets, CPU (ORT_ENABLE_ALL) or CUDA (transformer fusions).
     """
 
     opset: int = 17
@@ -59,8 +69,21 @@ class ExportOptions:
     overwrite: bool = False
     bank_dtype: BankDtype = "float32"
     optimize: bool = False
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
+    max_sequence_length: int | None = None
+    precision: str = "fp32"
+    int8_format: Literal["dynamic", "qdq"] = "dynamic"
+    optimize_for: str = OPTIMIZE_PROVIDER
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS or (self.fp16 and self.precision not in ("fp32", "fp16")):
+            raise ValueError(f"precision must be one of {PRECISIONS} (fp16=True: fp16), got {self.precision!r}")
+        object.__setattr__(self, "precision", "fp16" if self.fp16 else self.precision)
+        object.__setattr__(self, "fp16", self.precision == "fp16")
+        if self.int8_format not in ("dynamic", "qdq"):
+            raise ValueError(f"int8_format must be dynamic or qdq, got {self.int8_format!r}")
+        if self.optimize_for not in OPTIMIZE_TARGETS:
+            raise ValueError(f"optimize_for must be one of {OPTIMIZE_TARGETS}, got {self.optimize_for!r}")
         if self.opset not in SUPPORTED_OPSETS:
             raise ValueError(f"opset must be one of {SUPPORTED_OPSETS} (legacy exporter), got {self.opset}")
         if self.batch < 1:
@@ -69,6 +92,10 @@ class ExportOptions:
             raise ValueError(f"external_data must be auto, always or never, got {self.external_data!r}")
         if self.bank_dtype not in BANK_DTYPES:
             raise ValueError(f"bank_dtype must be one of {BANK_DTYPES}, got {self.bank_dtype!r}")
+        if not 0 <= self.external_data_threshold <= EXTERNAL_DATA_THRESHOLD:
+            raise ValueError(f"external_data_threshold must lie in 0..{EXTERNAL_DATA_THRESHOLD}")
+        if self.max_sequence_length is not None and not 1 <= self.max_sequence_length <= 4096:
+            raise ValueError(f"max_sequence_length must lie in 1..4096, got {self.max_sequence_length}")
 
 
 # ---- tracing and ONNX post-processing ---------------------------------------------------------------------------
@@ -125,7 +152,11 @@ def _point_to(tensor: Any, location: str, offset: int, length: int) -> None:
 
 
 def _finalize(
-    traced: Path, dest: Path, constants: Mapping[str, np.ndarray], external: Literal["auto", "always", "never"]
+    traced: Path,
+    dest: Path,
+    constants: Mapping[str, np.ndarray],
+    external: Literal["auto", "always", "never"],
+    threshold: int = EXTERNAL_DATA_THRESHOLD,
 ) -> str | None:
     """Move constant inputs into initializers and gather external data into ``<dest>.data``.
 
@@ -150,7 +181,7 @@ def _finalize(
     tensors = list(_all_tensors(model))
     already = any(uses_external_data(t) for t in tensors)
     inline_bytes = sum(len(t.raw_data) for t in tensors)
-    to_external = already or external == "always" or (external == "auto" and inline_bytes > _TWO_GB - 2**26)
+    to_external = already or external == "always" or (external == "auto" and inline_bytes > threshold)
     if external == "never" and to_external:
         raise ValueError(f"{dest.name} is over 2 GB: it needs external data (external_data='never' was given)")
     data_name: str | None = None
@@ -282,8 +313,10 @@ def export_graph(
     options: ExportOptions,
     constants: Mapping[str, Tensor] | None = None,
     roles: Mapping[str, str] | None = None,
+    lowering: Lowering | None = None,
 ) -> GraphSpec:
-    """Trace ``module`` into ``dest`` (constants appended as inputs, then made initializers); verify if asked."""
+    """Trace ``module`` into ``dest`` (constants appended as inputs, then made initializers), lower its precision
+    (``lowering``), optimise, verify, as ``options`` asks."""
     consts = dict(constants or {})
     with tempfile.TemporaryDirectory(prefix=f".trace-{dest.stem}-", dir=dest.parent) as tmp:
         traced = Path(tmp) / dest.name
@@ -297,12 +330,19 @@ def export_graph(
             options.opset,
         )
         arrays = {k: v.detach().cpu().numpy() for k, v in consts.items()}
-        data_name = _finalize(traced, dest, arrays, options.external_data)
+        data_name = _finalize(traced, dest, arrays, options.external_data, options.external_data_threshold)
     spec = _graph_spec(dest, data_name, roles or {})
-    if options.optimize:
+    if lowering is not None:
+        spec = dataclasses.replace(spec, precision=lowering(dest, data_name))
+    if options.optimize and options.optimize_for == OPTIMIZE_PROVIDER:
         spec = dataclasses.replace(spec, optimization=optimize_graph(dest, data_name))
+    elif options.optimize:
+        from .fusion import fuse_graph
+
+        spec = dataclasses.replace(spec, optimization=fuse_graph(dest, data_name, dest.stem))
+    if lowering is not None or options.optimize:
         _check_constants_kept(dest, spec.constants)
-    if check is not None:
+    if check is not None and not (spec.optimization and spec.optimization.requires_provider):  # no GPU: unverified
         diffs, scales = _verify(dest, module, check, input_names, output_names, spec.optimization)
         spec = dataclasses.replace(spec, parity_max_abs_diff=diffs, parity_max_abs_value=scales)
     return spec

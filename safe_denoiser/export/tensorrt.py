@@ -2,7 +2,8 @@
 
 ``build_engines`` parses each ONNX file with TensorRT's ONNX parser (external data included), adds one
 optimisation profile (min/opt/max batch; where a graph's spatial size is free, resolution; where its text length is
-free, as in the flow (SD3/Flux) denoiser's prompt embeddings, text length), optionally enables
+free, as in the flow (SD3/Flux) denoiser's prompt embeddings, text length; the flow text encoder's T5 ids, fixed at
+the manifest's T5 ``max_length``, which runtimes always feed), optionally enables
 fp16, reuses and updates a timing cache, and writes ``<bundle>/tensorrt/<graph>.plan`` plus ``engines.json``
 (TensorRT version, profiles, precision). It needs TensorRT >= 10 (int64 inputs: class labels, timesteps' step
 index, token ids) and its Python package; where that is not importable ``TensorRTUnavailableError`` says what to
@@ -34,6 +35,7 @@ __all__ = [
     "TensorRTUnavailableError",
     "build_engine",
     "build_engines",
+    "manifest_axes",
     "polygraphy_compare",
     "profile_shapes",
     "require_tensorrt",
@@ -51,6 +53,7 @@ TEXT_LENGTH_AXIS = "text_length"  # the flow exporter's name for the prompt embe
 # max 589 = 77 + 512 covers SD3 with max_sequence_length=512 and Flux's largest T5 length (512); min 1 admits
 # any shorter max_sequence_length.
 DEFAULT_TEXT_LENGTH = (1, 333, 589)
+T5_LENGTH_AXIS = "t5_length"  # the flow text encoder's T5 ids axis (docs/bundle_format.md, "text_encoder.onnx (flow)")
 
 
 class TensorRTUnavailableError(RuntimeError):
@@ -89,14 +92,26 @@ class EngineProfile:
                 raise FieldError(name, "three integers with 1 <= min <= opt <= max", value, owner="profile")
 
 
+def manifest_axes(manifest: Manifest) -> dict[str, int]:
+    """Symbolic dims whose length the manifest fixes: "t5_length" = the T5 tokenizer's ``max_length`` (a flow
+    bundle's text encoder; runtimes pad every prompt to it), so its profile is that length at min, opt and max."""
+    t5 = [spec.max_length for spec in manifest.tokenizers if spec.kind == "t5"]
+    return {T5_LENGTH_AXIS: t5[0]} if t5 else {}
+
+
 def profile_shapes(
-    spec: GraphSpec, sample_hw: tuple[int, int], profile: EngineProfile
+    spec: GraphSpec,
+    sample_hw: tuple[int, int],
+    profile: EngineProfile,
+    fixed_axes: Mapping[str, int] | None = None,
 ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
     """(min, opt, max) shape of every input of ``spec``: symbolic dims resolved from ``profile``.
 
     Spatial dims ("height", "width", "latent_height", "latent_width") are in the sample's units (latents for
-    latent models), ``sample_hw`` being the bundle's sample size; "text_length" is in tokens.
+    latent models), ``sample_hw`` being the bundle's sample size; "text_length" is in tokens; a dim named in
+    ``fixed_axes`` (``manifest_axes``: "t5_length") is that length at every level.
     """
+    fixed = dict(fixed_axes or {})
     sizes = profile.size or (sample_hw, sample_hw, sample_hw)
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = {}
     for tensor in spec.inputs:
@@ -112,6 +127,8 @@ def profile_shapes(
                     dims.append(sizes[level][_SPATIAL[d]])
                 elif d == TEXT_LENGTH_AXIS:
                     dims.append(profile.text_length[level])
+                elif d in fixed:
+                    dims.append(fixed[d])
                 else:
                     raise ValueError(f"input {tensor.name!r} of {spec.file} has an unknown symbolic dim {d!r}")
             per_level.append(tuple(dims))
@@ -175,12 +192,14 @@ def build_engines(
     out_dir = root / out_subdir
     out_dir.mkdir(parents=True, exist_ok=True)
     cache = Path(timing_cache) if timing_cache is not None else out_dir / "timing.cache"
-    hw = (manifest.sample_shape[1], manifest.sample_shape[2])
+    shape = manifest.sample_shape  # (C, H, W); Flux's packed (tokens, 64) graphs have no free spatial dims
+    hw = (shape[1], shape[2]) if len(shape) == 3 else (0, 0)
+    fixed = manifest_axes(manifest)
     engines: dict[str, Path] = {}
     record: dict[str, Any] = {"tensorrt": str(trt.__version__), "fp16": fp16, "profile": asdict(profile), "engines": {}}
     for name in graphs or list(manifest.graphs):
         spec = manifest.graphs[name]
-        shapes = profile_shapes(spec, hw, profile)
+        shapes = profile_shapes(spec, hw, profile, fixed)
         engines[name] = build_engine(root / spec.file, out_dir / f"{name}.plan", shapes, fp16, cache)
         record["engines"][name] = {"file": f"{name}.plan", "shapes": {k: list(v) for k, v in shapes.items()}}
     atomic_write_json(out_dir / "engines.json", record)

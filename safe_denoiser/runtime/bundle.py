@@ -34,11 +34,12 @@ import numpy as np
 from safe_denoiser.core.guidance import ReferenceGuidance
 
 from .arguments import check_array, check_int, check_labels, check_scales, check_seeds
+from .contract import check_session_io
 from .ddpm_sampler import ddpm_settings, ddpm_step
-from .flow_sampler import flow_euler_step, flow_schedule
 from .manifest import GraphOptimization, Manifest, ManifestError, SchedulerInfo
 from .noise import INITIAL_STREAM, ddpm_stream, gaussian_noise, renoise_stream
 from .safree_text import SafreePrompt, masked_ids, pooled_rows, safree_prompt
+from .tokenizer_spec import TokenizerSpec, TokenizerSpecError
 
 __all__ = [
     "PROVIDER_ALIASES",
@@ -109,7 +110,10 @@ def make_session(
     """
     import onnxruntime as ort
 
+    from .graph_records import check_session_provider
+
     names = resolve_providers(providers)
+    check_session_provider(Path(path).name, optimization, names)  # fused GPU-only operators: refused by name
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads is not None:
@@ -213,6 +217,7 @@ class Bundle:
         self.threads = threads
         self._sessions: dict[str, Any] = {}
         self._tokenizer: Any = None
+        self._flow_tokenizers: dict[str, Any] = {}  # flow bundles: folder -> tokenizer
 
     def session(self, graph: str) -> Any:
         """The onnxruntime session of ``graph`` ("denoiser", "text_encoder", "vae_decoder")."""
@@ -222,11 +227,13 @@ class Bundle:
             spec = self.manifest.graphs[graph]
             file = self.path / spec.file
             try:
-                self._sessions[graph] = make_session(file, self.providers, self.threads, spec.optimization)
+                session = make_session(file, self.providers, self.threads, spec.optimization)
             except ProviderUnavailableError:
                 raise
             except Exception as exc:  # onnxruntime's parse errors do not name the file
                 raise ManifestError(f"{str(file)!r}: onnxruntime cannot load this graph: {exc}") from exc
+            check_session_io(session, spec, graph)  # the graph's I/O is the manifest's (runtime/contract.py)
+            self._sessions[graph] = session
         return self._sessions[graph]
 
     # ---- conditioning -------------------------------------------------------------------------------------
@@ -265,23 +272,22 @@ class Bundle:
         ids, attention = self._tokenize(prompts)
         hidden = self._text(ids)
         counts = [max(int(a.sum()) - 2, 0) for a in attention]  # real tokens between BOS and EOS
-        masked = [masked_ids(ids[b], n, int(settings["mask_token_id"])) for b, n in enumerate(counts) if n > 0]
+        masked = [masked_ids(ids[b], n, settings.mask_token_id) for b, n in enumerate(counts) if n > 0]
         pooled = None
         if masked:
             all_ids = np.concatenate(masked)
             pooled = pooled_rows(self._text(all_ids), all_ids, settings)
-        basis = np.asarray(settings["concept_basis"], dtype=np.float32)
         results, offset = [], 0
         for b, n in enumerate(counts):
             rows = pooled[offset : offset + n] if pooled is not None else np.zeros((0, hidden.shape[-1]), np.float32)
             offset += n
-            results.append(safree_prompt(hidden[b], rows, attention[b].astype(bool), basis, settings))
+            results.append(safree_prompt(hidden[b], rows, attention[b].astype(bool), settings))
         return hidden, results
 
     def _safree_rows(self, prompt: np.ndarray, filtered: list[SafreePrompt], step: int) -> np.ndarray:
         """The prompt rows at ``step``: filtered for steps 0..t' (every step without self-validation)."""
         assert self.manifest.safree is not None
-        always = not self.manifest.safree["self_validation"]
+        always = not self.manifest.safree.self_validation
         return np.stack([r.filtered if always or step <= r.last_step else prompt[b] for b, r in enumerate(filtered)])
 
     def _labels(self, labels: Any, b: int | None, name: str) -> np.ndarray:
@@ -440,64 +446,57 @@ class Bundle:
 
     def sample_flow(
         self,
-        prompt_embeds: np.ndarray,
-        pooled_prompt_embeds: np.ndarray,
+        prompt_embeds: np.ndarray | None = None,
+        pooled_prompt_embeds: np.ndarray | None = None,
         negative_prompt_embeds: np.ndarray | None = None,
         negative_pooled_prompt_embeds: np.ndarray | None = None,
         noise: np.ndarray | None = None,
         steps: int | None = None,
         guidance_scale: float | Sequence[float] | None = None,
         seed: int | Sequence[int] = 0,
+        prompts: str | Sequence[str] | None = None,
+        negative_prompts: str | Sequence[str] | None = None,
     ) -> SampleResult:
-        """Flow-matching Euler sampling through denoiser.onnx (SD3 / Flux bundles; ``flow_sampler``).
+        """Flow-matching Euler sampling through denoiser.onnx (SD3 / Flux bundles; ``flow_bundle``, ``flow_sampler``).
 
-        The embeddings are the pipeline's ``encode_prompt`` outputs (flow bundles carry no text encoder); SD3 needs
-        the negative (or empty) prompt's too, Flux takes none (``guidance_scale`` is its guidance embedding).
+        ``prompts`` (and for SD3 ``negative_prompts``, default "") go through the bundle's tokenizers and
+        text_encoder.onnx; or give the pipeline's ``encode_prompt`` outputs as embeddings (SD3: the negative or
+        empty prompt's too; Flux takes none: ``guidance_scale`` is its guidance embedding).
         ``noise``: the initial sample (B, *sample_shape) (Flux: packed); default: Philox noise of ``seed``.
+        The result's sample is what ``decode`` (vae_decoder.onnx) takes as it is.
         """
-        m = self.manifest
-        if m.flow is None:
-            raise ValueError("this bundle is not a flow-matching bundle: sample it with Bundle.sample")
-        steps = m.num_inference_steps if steps is None else check_int(steps, "steps", 1)
-        prompt = check_array(prompt_embeds, "prompt_embeds", (None, None, None))
-        b = prompt.shape[0]
-        feeds_c = {
-            "prompt_embeds": prompt,
-            "pooled_prompt_embeds": check_array(pooled_prompt_embeds, "pooled", (b, None)),
+        from .flow_bundle import flow_embeddings, sample_flow
+
+        given = {
+            "prompt_embeds": prompt_embeds,
+            "pooled_prompt_embeds": pooled_prompt_embeds,
+            "negative_prompt_embeds": negative_prompt_embeds,
+            "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds,
         }
-        if "negative_prompt_embeds" in m.graphs["denoiser"].input_names:
-            if negative_prompt_embeds is None or negative_pooled_prompt_embeds is None:
-                raise ValueError(
-                    "negative_prompt_embeds and negative_pooled_prompt_embeds are required by this SD3 bundle (the"
-                    " pipeline's encode_prompt of the negative or empty prompt)"
-                )
-            feeds_c["negative_prompt_embeds"] = check_array(
-                negative_prompt_embeds, "negative_prompt_embeds", prompt.shape
-            )
-            feeds_c["negative_pooled_prompt_embeds"] = check_array(
-                negative_pooled_prompt_embeds, "negative_pooled_prompt_embeds", (b, None)
-            )
-        x = self._seed_noise(check_seeds(seed, b), INITIAL_STREAM) if noise is None else noise
-        x = check_array(x, "noise", (b, *m.sample_shape))
-        gs = check_scales(m.guidance_scale if guidance_scale is None else guidance_scale, b)
-        timesteps, sigmas = flow_schedule(m.flow, steps)
-        session = self.session("denoiser")
-        outputs = m.graphs["denoiser"].output_names
-        applied: list[np.ndarray] = []
-        for i, t in enumerate(timesteps):
-            feeds = {
-                "sample": x,
-                "timestep": np.full((b,), t, dtype=np.float32),
-                "sigma": np.full((b,), sigmas[i], dtype=np.float32),
-                **feeds_c,
-                "guidance_scale": gs,
-            }
-            out = dict(zip(outputs, session.run(outputs, feeds), strict=True))
-            if "correction_applied" in out:
-                applied.append(out["correction_applied"])
-            x = flow_euler_step(out["noise_pred"], x, sigmas[i], sigmas[i + 1])
-            _check_finite(x, i, steps, float(t))
-        return SampleResult(x, timesteps, np.stack(applied) if applied else None)
+        if self.manifest.flow is None:
+            raise ValueError("this bundle is not a flow-matching bundle: sample it with Bundle.sample")
+        embeddings = flow_embeddings(self, prompts, negative_prompts, given)
+        return sample_flow(self, embeddings, noise, steps, guidance_scale, seed)
+
+    def encode_flow(self, prompts: str | Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """A flow bundle's (prompt_embeds, pooled_prompt_embeds) of ``prompts``: every tokenizer, text_encoder.onnx."""
+        from .flow_bundle import encode_flow
+
+        return encode_flow(self, prompts)
+
+    def flow_tokenizer(self, spec: TokenizerSpec) -> Any:
+        """The tokenizer of a manifest ``tokenizers`` entry (loaded once, with transformers' AutoTokenizer); a
+        ``ManifestError`` naming the field when its special ids are not the recorded ones (``check_tokenizer``)."""
+        if spec.folder not in self._flow_tokenizers:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(self.path / spec.folder))
+            try:
+                spec.check_tokenizer(tokenizer)
+            except TokenizerSpecError as exc:
+                raise ManifestError(str(exc)) from None
+            self._flow_tokenizers[spec.folder] = tokenizer
+        return self._flow_tokenizers[spec.folder]
 
     def _renoise(
         self, i: int, t: int, x: np.ndarray, step_noise: Sequence[np.ndarray | None] | None, keys: list[tuple[int, int]]
@@ -543,6 +542,8 @@ class Bundle:
     def decode(self, sample: np.ndarray) -> np.ndarray:
         """Images (B, C, H, W) in [-1, 1]: vae_decoder.onnx for latent models, the sample itself otherwise."""
         if "vae_decoder" not in self.manifest.graphs:
+            if self.manifest.flow is not None:  # flow bundles exported before their VAE decoder was
+                raise ManifestError("this flow bundle has no 'vae_decoder' graph (exported before it was); re-export")
             return np.asarray(sample, dtype=np.float32)
         return np.asarray(
             self.session("vae_decoder").run(None, {"latents": np.ascontiguousarray(sample, np.float32)})[0]
@@ -575,6 +576,10 @@ def run_bundle(
 ) -> np.ndarray:
     """Open a bundle and sample: the final sample (latents for text models, images in [-1, 1] for the demo).
 
-    ``conditioning``: class labels or prompt embeddings/prompts; ``kwargs`` go to ``Bundle.sample``.
+    ``conditioning``: class labels or prompt embeddings/prompts; ``kwargs`` go to ``Bundle.sample``. A flow bundle
+    (SD3, Flux) takes prompts (``kwargs`` go to ``Bundle.sample_flow``: ``negative_prompts``, ``guidance_scale``, ...).
     """
-    return Bundle(bundle_dir, providers).sample(conditioning, noise=noise, steps=steps, **kwargs).sample
+    bundle = Bundle(bundle_dir, providers)
+    if bundle.manifest.flow is not None:
+        return bundle.sample_flow(prompts=conditioning, noise=noise, steps=steps, **kwargs).sample
+    return bundle.sample(conditioning, noise=noise, steps=steps, **kwargs).sample

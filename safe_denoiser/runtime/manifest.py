@@ -31,7 +31,11 @@ from safe_denoiser.core.guidance import SafeGuidance
 from safe_denoiser.core.sld_config import SLDConfig
 from safe_denoiser.files import atomic_write_json
 
+from .graph_records import GraphPrecision
 from .integrity import BundleFileError, verify_files
+from .json_fields import json_int, json_ints
+from .safree_text import SafreeSettings
+from .tokenizer_spec import TokenizerSpec, TokenizerSpecError
 
 __all__ = [
     "BANK_DTYPES",
@@ -129,13 +133,17 @@ class GraphOptimization:
     ``level`` is the SessionOptions level that produced the file ("all": ORT_ENABLE_ALL, whose output may hold
     provider- and CPU-specific nodes such as NCHWc convolutions, so it is only reused by a session of the same
     ``provider``); ``onnxruntime`` the version that wrote it; ``disabled_optimizers`` the passes left out (constant
-    folding: it would fold the bank constants into unnamed initializers and break their hash check).
+    folding: it would fold the bank constants into unnamed initializers and break their hash check). ``fusions``:
+    the fused operators (type -> count) of onnxruntime's transformer optimizer (level "transformer", export/fusion.py);
+    ``requires_provider``: some of them run only on ``provider``, so both runtimes refuse a session without it.
     """
 
     level: str
     provider: str
     onnxruntime: str
     disabled_optimizers: tuple[str, ...] = ()
+    fusions: dict[str, int] = field(default_factory=dict)
+    requires_provider: bool = False
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GraphOptimization:
@@ -145,10 +153,13 @@ class GraphOptimization:
             provider=str(_require(data, "provider", where)),
             onnxruntime=str(_require(data, "onnxruntime", where)),
             disabled_optimizers=tuple(str(v) for v in data.get("disabled_optimizers", ())),
+            fusions={str(k): int(v) for k, v in data.get("fusions", {}).items()},
+            requires_provider=data.get("requires_provider", False) is True,
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "disabled_optimizers": list(self.disabled_optimizers)}
+        data = {**asdict(self), "disabled_optimizers": list(self.disabled_optimizers)}
+        return {k: v for k, v in data.items() if v or k not in ("fusions", "requires_provider")}  # absent: none
 
 
 @dataclass(frozen=True)
@@ -171,6 +182,7 @@ class GraphSpec:
     parity_max_abs_diff: dict[str, float] = field(default_factory=dict)
     parity_max_abs_value: dict[str, float] = field(default_factory=dict)
     optimization: GraphOptimization | None = None
+    precision: GraphPrecision | None = None  # float16 / int8 lowering (graph_records); absent: float32
 
     def input(self, name: str) -> TensorSpec:
         """The input called ``name`` (KeyError naming the known inputs otherwise)."""
@@ -199,10 +211,12 @@ class GraphSpec:
             parity_max_abs_diff={k: float(v) for k, v in data.get("parity_max_abs_diff", {}).items()},
             parity_max_abs_value={k: float(v) for k, v in data.get("parity_max_abs_value", {}).items()},
             optimization=None if optimization is None else GraphOptimization.from_dict(optimization),
+            precision=GraphPrecision.from_dict(data["precision"]) if data.get("precision") else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
         optimization = {} if self.optimization is None else {"optimization": self.optimization.to_dict()}
+        precision = {} if self.precision is None else {"precision": self.precision.to_dict()}
         return {
             "file": self.file,
             "external_data": self.external_data,
@@ -212,6 +226,7 @@ class GraphSpec:
             "parity_max_abs_diff": dict(self.parity_max_abs_diff),
             "parity_max_abs_value": dict(self.parity_max_abs_value),
             **optimization,
+            **precision,
         }
 
 
@@ -286,8 +301,8 @@ class BankInfo:
     def from_dict(cls, data: dict[str, Any], where: str = "bank") -> BankInfo:
         kind = data.get("reference_kind")
         return cls(
-            count=int(_require(data, "count", where)),
-            sample_shape=tuple(int(v) for v in _require(data, "sample_shape", where)),
+            count=json_int(_require(data, "count", where), f"{where}.count"),
+            sample_shape=json_ints(_require(data, "sample_shape", where), f"{where}.sample_shape"),
             sha256=str(_require(data, "sha256", where)),
             initializer=str(data.get("initializer", BANK_INITIALIZER)),
             metadata={str(k): str(v) for k, v in data.get("metadata", {}).items()},
@@ -330,6 +345,8 @@ class Manifest:
     bank: BankInfo | None = None
     reference_bank: BankInfo | None = None  # the odds preset's reference bank (``OddsGuidance`` only)
     tokenizer: str | None = None
+    # Flow bundles: one entry per tokenizer folder, in text_encoder input order (empty: VP, or exported before)
+    tokenizers: tuple[TokenizerSpec, ...] = ()
     null_class: int | None = None  # the "no class" label (class-conditional bundles)
     # Rows of the class embedding (labels 0..num_class_labels-1: digits, null, super-classes); None in bundles
     # exported before it was recorded, which accept 0..null_class only (``class_label_max``).
@@ -337,7 +354,7 @@ class Manifest:
     vae_scaling_factor: float | None = None
     path: str = "vp"  # "vp": DDIM over alphas_cumprod; "flow": rectified flow (``flow`` holds the sampler settings)
     flow: dict[str, Any] | None = None  # export.flow_sampler's settings: family, shift / mu, sigma range, ...
-    safree: dict[str, Any] | None = None  # SAFREE's text side (export.safree_text): settings and concept basis
+    safree: SafreeSettings | None = None  # SAFREE's text side (runtime.safree_text): settings and concept basis
     model_config: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256 of every graph and data file
@@ -358,7 +375,7 @@ class Manifest:
             "vae_scaling_factor": self.vae_scaling_factor,
             "path": self.path,
             "flow": self.flow,
-            "safree": self.safree,
+            "safree": None if self.safree is None else self.safree.to_dict(),
             "num_inference_steps": self.num_inference_steps,
             "guidance_scale": self.guidance_scale,
             "guidance": None if self.guidance is None else self.guidance.to_dict(),
@@ -371,6 +388,7 @@ class Manifest:
             "opset": self.opset,
             "precision": self.precision,
             "tokenizer": self.tokenizer,
+            "tokenizers": [s.to_dict() for s in self.tokenizers],
             "graphs": {name: g.to_dict() for name, g in self.graphs.items()},
             "scheduler": self.scheduler.to_dict(),
             "model_config": self.model_config,
@@ -398,13 +416,15 @@ class Manifest:
             return cls(
                 model_kind=str(_require(data, "model_kind", "the manifest")),
                 source=str(_require(data, "source", "the manifest")),
-                sample_shape=tuple(int(v) for v in _require(data, "sample_shape", "the manifest")),
+                sample_shape=json_ints(_require(data, "sample_shape", "the manifest"), "sample_shape"),
                 prediction_type=str(_require(data, "prediction_type", "the manifest")),
                 scheduler=SchedulerInfo.from_dict(_require(data, "scheduler", "the manifest")),
-                num_inference_steps=int(_require(data, "num_inference_steps", "the manifest")),
+                num_inference_steps=json_int(
+                    _require(data, "num_inference_steps", "the manifest"), "num_inference_steps"
+                ),
                 guidance_scale=float(_require(data, "guidance_scale", "the manifest")),
                 graphs={k: GraphSpec.from_dict(v) for k, v in _require(data, "graphs", "the manifest").items()},
-                opset=int(_require(data, "opset", "the manifest")),
+                opset=json_int(_require(data, "opset", "the manifest"), "opset"),
                 precision=str(_require(data, "precision", "the manifest")),
                 guidance=None if guidance is None else SafeGuidance.from_dict(guidance),
                 reference_threshold=data.get("reference_threshold"),
@@ -414,12 +434,13 @@ class Manifest:
                 bank=None if bank is None else BankInfo.from_dict(bank),
                 reference_bank=None if reference_bank is None else BankInfo.from_dict(reference_bank, "reference_bank"),
                 tokenizer=data.get("tokenizer"),
+                tokenizers=tuple(TokenizerSpec.from_dict(s) for s in data.get("tokenizers") or ()),
                 null_class=data.get("null_class"),
                 num_class_labels=data.get("num_class_labels"),
                 vae_scaling_factor=data.get("vae_scaling_factor"),
                 path=str(data.get("path", "vp")),
                 flow=data.get("flow"),
-                safree=data.get("safree"),
+                safree=None if data.get("safree") is None else SafreeSettings.from_dict(data["safree"]),
                 model_config=dict(data.get("model_config", {})),
                 versions=dict(data.get("versions", {})),
                 files={str(k): str(v) for k, v in (data.get("files") or {}).items()},
@@ -462,9 +483,11 @@ class Manifest:
             raise ManifestError(f"manifest: unknown model_kind {self.model_kind!r}")
         if "denoiser" not in self.graphs:
             raise ManifestError("manifest: no 'denoiser' graph")
-        if self.path not in ("vp", "flow") or (self.path == "flow") != (self.flow is not None):
-            raise ManifestError(f"manifest: path must be 'vp' or 'flow' (with a 'flow' section), got {self.path!r}")
-        # Flow bundles carry the denoiser step only (their multi-encoder text side and VAE are not exported).
+        from .contract import check_numbers, check_paths  # the contract both runtimes enforce (contract.cpp)
+
+        check_paths(self, root)  # before any file is opened: every file name stays inside the bundle
+        # Flow bundles: text_encoder / vae_decoder are optional (older ones carry the step only; runtimes refuse
+        # prompts and decoding without them).
         needed = {"text-to-image": ("text_encoder", "vae_decoder")}.get(self.model_kind, ())
         needed = needed if self.path == "vp" else ()
         for name in needed:
@@ -476,6 +499,7 @@ class Manifest:
                     raise ManifestError(f"bundle {str(root)!r}: file {file!r} of graph {name!r} is missing")
         if self.tokenizer is not None and not (root / self.tokenizer).is_dir():
             raise ManifestError(f"bundle {str(root)!r}: tokenizer folder {self.tokenizer!r} is missing")
+        _check_tokenizer_folders(root, self.tokenizers)
         count = self.num_class_labels
         if count is not None and (
             not isinstance(count, int) or isinstance(count, bool) or count <= (self.null_class or 0)
@@ -492,6 +516,7 @@ class Manifest:
             raise ManifestError(
                 "manifest: reference_bank must be set exactly when guidance.preset is 'odds' (Theorem 1's beta)"
             )
+        check_numbers(self)
         if self.bank is not None:
             for key, info in (("bank", self.bank), ("reference_bank", self.reference_bank)):
                 if info is not None and info.sample_shape != self.sample_shape:
@@ -513,9 +538,9 @@ class Manifest:
         return self.num_class_labels - 1 if self.num_class_labels is not None else null
 
     def file_entries(self) -> list[str]:
-        """What ``files`` covers: each graph's file and external data, and the tokenizer folder."""
+        """What ``files`` covers: each graph's file and external data, and the tokenizer folder(s)."""
         graphs = [f for g in self.graphs.values() for f in (g.file, g.external_data) if f is not None]
-        return graphs + ([self.tokenizer] if self.tokenizer is not None else [])
+        return graphs + ([self.tokenizer] if self.tokenizer is not None else []) + [s.folder for s in self.tokenizers]
 
     def check_bank(self, bundle_dir: str | os.PathLike[str]) -> str:
         """Hash the bank constants inside denoiser.onnx (the negative bank, and the reference bank of the odds
@@ -544,13 +569,23 @@ class Manifest:
             )
 
 
+def _check_tokenizer_folders(root: Path, tokenizers: tuple[TokenizerSpec, ...]) -> None:
+    """Each flow tokenizer's folder and its kind's file (``TokenizerSpec.check_folder``), as ``ManifestError``."""
+    try:
+        for spec in tokenizers:
+            spec.check_folder(root)
+    except TokenizerSpecError as exc:
+        raise ManifestError(str(exc)) from None
+
+
 def _check_bank_constant(path: Path, info: BankInfo, what: str) -> str:
     """Shape, storage dtype and hash of one bank initializer of ``path`` against ``info``; returns the hash."""
     array = read_initializer(path, info.initializer)
     if tuple(array.shape) != (info.count, *info.sample_shape):
+        key = what.replace(" ", "_")  # the manifest field: bank / reference_bank
         raise ManifestError(
-            f"{what} inside {str(path)!r} has shape {tuple(array.shape)}, manifest says"
-            f" {(info.count, *info.sample_shape)}"
+            f"{what} inside {str(path)!r} has shape {tuple(array.shape)}, the manifest's {key}.count and"
+            f" {key}.sample_shape say {(info.count, *info.sample_shape)}"
         )
     if array.dtype != np.dtype(info.dtype):
         raise ManifestError(f"{what} inside {str(path)!r} is {array.dtype}, the manifest says {info.dtype}")

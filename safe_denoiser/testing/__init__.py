@@ -19,15 +19,18 @@ from safe_denoiser.testing.pipelines import (
     tiny_sd_pipeline,
     tiny_sdxl_pipeline,
 )
+from safe_denoiser.testing.t5 import TINY_T5_FOLDER, tiny_t5_tokenizer
 
 __all__ = [
     "TINY_FAMILIES",
     "TINY_KINDS",
+    "TINY_T5_FOLDER",
     "tiny_flux_pipeline",
     "tiny_pipeline",
     "tiny_sd3_pipeline",
     "tiny_sd_pipeline",
     "tiny_sdxl_pipeline",
+    "tiny_t5_tokenizer",
 ]
 
 

@@ -8,14 +8,15 @@ real models (seeded, no hub, CPU milliseconds per step):
   latents, VAE scaling 0.13025, an Euler scheduler with SDXL-base's config (DPM++ and every other VP/sigma sampler
   by name);
 * SD3: an MMDiT (``SD3Transformer2DModel``, 2x2 patches inside the transformer) on 16-channel latents, VAE
-  scaling 1.5305 and shift 0.0609, ``FlowMatchEulerDiscreteScheduler`` with shift 3 (SD3-medium's); no T5 (the
-  pipeline then feeds zeros in its place, as diffusers allows);
+  scaling 1.5305 and shift 0.0609, ``FlowMatchEulerDiscreteScheduler`` with shift 3 (SD3-medium's); the second
+  CLIP tokenizer pads with "!" (a special token) as SD3's ``tokenizer_2`` does, the first with its EOS; T5 only with
+  ``t5=True`` (without it the pipeline feeds zeros in its place, as diffusers allows);
 * Flux: ``FluxTransformer2DModel`` on 16-channel latents packed into 2x2 patches (the scheduler steps (B, h w / 4,
   64) tokens), VAE scaling 0.3611 and shift 0.1159, CLIP + T5 text encoders, guidance embedding, and the
   scheduler with Flux-dev's dynamic shifting (mu from the image's token count).
 
-Every tiny VAE has two blocks (downscale 2), so a 16 x 16 image has 8 x 8 latents. Tokenizers are the byte-level
-``tiny_clip_tokenizer`` (also in T5's place: any tokenizer that returns ids below the encoder's vocabulary works).
+Every tiny VAE has two blocks (downscale 2), so a 16 x 16 image has 8 x 8 latents. The CLIP tokenizers are the
+byte-level ``tiny_clip_tokenizer``; T5's is ``tiny_t5_tokenizer``, a real SentencePiece Unigram model (``t5.py``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from safe_denoiser.diffusers.pipelines import (
     tiny_clip_tokenizer,
 )
 from safe_denoiser.diffusers.scheduler_registry import scheduler_spec
+from safe_denoiser.testing.t5 import tiny_t5_tokenizer
 
 __all__ = [
     "TINY_FAMILIES",
@@ -159,12 +161,35 @@ def tiny_sdxl_pipeline(seed: int = 0, scheduler: str = "euler", prediction_type:
     return pipe
 
 
-def tiny_sd3_pipeline(seed: int = 0, shift: float = 3.0) -> Any:
-    """A random-weight ``StableDiffusion3Pipeline`` for unit tests (module docstring); ``shift``: the sigma shift."""
+def _t5(tokenizer: Any, width: int) -> Any:
+    """A T5 encoder ``width`` wide whose vocabulary covers ``tokenizer``'s ids (its pieces and sentinels)."""
+    from transformers import T5Config, T5EncoderModel
+
+    if len(tokenizer) > _TINY_VOCAB:
+        raise ValueError(f"the tiny T5 tokenizer has {len(tokenizer)} ids, more than the encoder's {_TINY_VOCAB}")
+    config = T5Config(
+        vocab_size=_TINY_VOCAB,
+        d_model=width,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return T5EncoderModel(config).eval()
+
+
+def tiny_sd3_pipeline(seed: int = 0, shift: float = 3.0, t5: bool = False) -> Any:
+    """A random-weight ``StableDiffusion3Pipeline`` for unit tests (module docstring); ``shift``: the sigma shift;
+    ``t5``: with the third text encoder (``tiny_t5_tokenizer`` and a T5 encoder 64 wide), made after the other
+    weights so that they are the same with and without it."""
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
     sched = make_scheduler("flow_euler", {"num_train_timesteps": 1000, "shift": shift})
-    tok, tok2 = tiny_clip_tokenizer(), tiny_clip_tokenizer()
+    tok, tok2 = tiny_clip_tokenizer(), tiny_clip_tokenizer(pad_token="!")  # CLIP-G pads with "!", as in SD3
+    tok3 = tiny_t5_tokenizer() if t5 else None
     transformer: Any
     with seeded_weights(seed):
         transformer = SD3Transformer2DModel(
@@ -182,6 +207,7 @@ def tiny_sd3_pipeline(seed: int = 0, shift: float = 3.0) -> Any:
         )
         vae = _vae(16, 1.5305, 0.0609)
         te, te2 = _clip(tok, True), _clip(tok2, True)
+        te3 = _t5(tok3, 64) if tok3 is not None else None  # joint_attention_dim: T5's width
     pipe: Any = StableDiffusion3Pipeline(
         transformer=transformer.eval(),
         scheduler=sched,
@@ -190,8 +216,8 @@ def tiny_sd3_pipeline(seed: int = 0, shift: float = 3.0) -> Any:
         tokenizer=tok,
         text_encoder_2=te2,
         tokenizer_2=tok2,
-        text_encoder_3=None,
-        tokenizer_3=None,
+        text_encoder_3=te3,
+        tokenizer_3=tok3,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -200,10 +226,9 @@ def tiny_sd3_pipeline(seed: int = 0, shift: float = 3.0) -> Any:
 def tiny_flux_pipeline(seed: int = 0, dynamic_shifting: bool = True) -> Any:
     """A random-weight ``FluxPipeline`` for unit tests (module docstring); ``dynamic_shifting=False``: shift 3."""
     from diffusers import FluxPipeline, FluxTransformer2DModel
-    from transformers import T5Config, T5EncoderModel
 
     sched = make_scheduler("flow_euler", {**FLUX_SCHEDULER_CONFIG, "use_dynamic_shifting": dynamic_shifting})
-    tok, tok2 = tiny_clip_tokenizer(), tiny_clip_tokenizer(model_max_length=512)
+    tok, tok2 = tiny_clip_tokenizer(), tiny_t5_tokenizer(model_max_length=512)
     transformer: Any
     with seeded_weights(seed):
         transformer = FluxTransformer2DModel(
@@ -220,19 +245,7 @@ def tiny_flux_pipeline(seed: int = 0, dynamic_shifting: bool = True) -> Any:
         )
         vae = _vae(16, 0.3611, 0.1159)
         te = _clip(tok, False)
-        t5 = T5EncoderModel(
-            T5Config(
-                vocab_size=_TINY_VOCAB,
-                d_model=32,
-                d_kv=8,
-                d_ff=37,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                pad_token_id=tok2.pad_token_id,
-                eos_token_id=tok2.eos_token_id,
-            )
-        ).eval()
+        t5 = _t5(tok2, 32)  # joint_attention_dim: T5's width
     pipe: Any = FluxPipeline(
         scheduler=sched,
         vae=vae,

@@ -8,7 +8,10 @@
 #include <string>
 #include <vector>
 
+#include "safe_denoiser_cpp/flow_sampler.hpp"
+#include "safe_denoiser_cpp/safree.hpp"
 #include "safe_denoiser_cpp/scheduler.hpp"
+#include "safe_denoiser_cpp/tokenizer_spec.hpp"
 
 namespace sdcpp {
 
@@ -34,6 +37,8 @@ struct GraphSpec {
   std::vector<TensorSpec> outputs;
   // The provider the file was optimised offline for (`optimization.provider`, export --optimize); absent: as traced.
   std::optional<std::string> optimized_for;
+  // `optimization.requires_provider` (export --optimize cuda): fused operators only `optimized_for` runs.
+  bool requires_optimized_for = false;
   const TensorSpec* input(const std::string& name) const;
   const TensorSpec* output(const std::string& name) const;
 };
@@ -76,10 +81,15 @@ struct Manifest {
   std::optional<BankInfo> bank;
   std::optional<BankInfo> reference_bank;  // the odds preset's reference bank (inside denoiser.onnx)
   std::optional<std::string> tokenizer;
+  std::optional<FlowInfo> flow;            // path "flow" (SD3, Flux): the flow sampler's settings; absent: VP path
+  std::vector<TokenizerSpec> tokenizers;   // flow bundles: one per text_encoder input (tokenizer_spec.hpp)
+  std::optional<SafreeSettings> safree;     // SAFREE's text side (text-to-image bundles; safree.hpp)
   std::optional<int64_t> null_class;        // the "no class" label
   std::optional<int64_t> num_class_labels;  // class-embedding rows; absent in older bundles (0..null_class only)
   std::map<std::string, GraphSpec> graphs;
   std::map<std::string, std::string> files;  // relative path -> sha256 of every graph, data and tokenizer file
+  // Every file name the manifest states, as (field, name) (src/contract.hpp): checked to stay inside the bundle.
+  std::vector<std::pair<std::string, std::string>> file_fields;
 
   bool has_preset(GuidancePreset preset) const { return guidance && guidance->preset == preset; }
   // The reference preset: denoiser.onnx takes the re-noise input `noise`.
@@ -87,6 +97,9 @@ struct Manifest {
   int64_t sample_size() const;  // C * H * W
   int64_t null_label() const { return null_class.value_or(0); }
   int64_t class_label_max() const { return num_class_labels ? *num_class_labels - 1 : null_label(); }
+  // The sampler a request gets on this bundle, decided here only: none requested -> the path's default (VP: ddim,
+  // flow: flow_euler); a sampler of the other path -> Error(input) naming `field` and the accepted values.
+  Sampler resolve_sampler(std::optional<Sampler> requested, const std::string& field = "sampler") const;
   // Parse and validate as Manifest.load does: format and version, keys, files present, bank hash (check_bank),
   // every file listed in `files` against its sha256 (check_files; false skips reading them, for huge bundles).
   static Manifest load(const std::string& bundle_dir, bool check_bank = true, bool check_files = true);

@@ -42,13 +42,14 @@ struct Timings {
 };
 
 struct Result {
-  std::vector<float> sample;            // final sample (C, H, W): latents for text bundles
+  std::vector<float> sample;            // final sample (sample_shape): latents for text bundles (Flux: packed)
   std::vector<float> image;             // decoded image (c, h, w) in [-1, 1]
   int64_t image_c = 0, image_h = 0, image_w = 0;
-  std::vector<int64_t> timesteps;       // the schedule, noisiest first
-  std::vector<int64_t> corrected_steps; // timesteps at which the correction fired
+  std::vector<double> timesteps;        // the schedule, noisiest first (VP: integers; flow: sigma x 1000 in float32)
+  std::vector<double> corrected_steps;  // timesteps at which the correction fired
   std::vector<float> kernel_log_mass;   // per step (empty when the correction is off)
   std::vector<std::string> warnings;    // e.g. the reference gate's threshold computed for another schedule
+  std::optional<SafreePrompt> safree;   // SAFREE bundles: the trigger flags, t' and the filtered prompt rows
   Timings timings;
 };
 
@@ -64,8 +65,10 @@ class Runtime {
   const std::string& bundle_dir() const;
   // Check a request against the bundle (classes, prompt vs class, noise size); Error(input) naming the field.
   void validate(const Request& request) const;
-  // Generate one batch: all requests share `steps` (0: the manifest's default) and the sampler.
-  std::vector<Result> generate(const std::vector<Request>& requests, int steps = 0, Sampler sampler = Sampler::ddim);
+  // Generate one batch: all requests share `steps` (0: the manifest's default) and the sampler (none: the bundle's
+  // default, Manifest::resolve_sampler; one of the other sampler path: Error(input)).
+  std::vector<Result> generate(const std::vector<Request>& requests, int steps = 0,
+                               std::optional<Sampler> sampler = std::nullopt);
   // Token ids (77 per prompt) as the bundle's tokenizer gives them (text bundles).
   std::vector<std::vector<int64_t>> tokenize(const std::vector<std::string>& prompts) const;
   double load_ms() const;

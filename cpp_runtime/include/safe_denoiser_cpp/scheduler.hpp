@@ -39,11 +39,12 @@ struct SchedulerInfo {
   int64_t num_train_timesteps() const { return static_cast<int64_t>(alphas_cumprod.size()); }
 };
 
-// The sampler loop around denoiser.onnx: deterministic DDIM (eta = 0) or DDPM (DDPMScheduler.step).
-enum class Sampler { ddim, ddpm };
-// "ddim" / "ddpm" -> Sampler; Error(input) naming `field` otherwise.
+// The sampler loop around denoiser.onnx: on VP bundles deterministic DDIM (eta = 0) or DDPM (DDPMScheduler.step);
+// on flow bundles (SD3, Flux) the FlowMatch Euler sampler. Manifest::resolve_sampler picks a bundle's default.
+enum class Sampler { ddim, ddpm, flow_euler };
+// "ddim" / "ddpm" / "flow_euler" (alias "euler") -> Sampler; Error(input) naming `field` otherwise.
 Sampler parse_sampler(const std::string& name, const std::string& field = "sampler");
-const char* sampler_name(Sampler sampler);
+const char* sampler_name(Sampler sampler);  // "ddim", "ddpm" or "flow_euler" (what records say)
 
 // DDIMScheduler.set_timesteps: int64 timesteps, noisiest first ("linspace", "leading", "trailing").
 std::vector<int64_t> ddim_timesteps(const std::string& spacing, int64_t train_steps, int64_t steps_offset, int steps);

@@ -99,6 +99,21 @@ void check_openai_fields(const json& body, ImageSize size) {
   const std::string got = text(body, "size", want);
   if (got != want && got != "auto") bad("size", "expected \"" + want + "\" (the bundle's image size) or \"auto\", got " + shown(got));
 }
+
+std::string lower_case(std::string name) {
+  for (auto& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return name;
+}
+
+// A flow bundle (SD3, Flux) samples with the FlowMatch Euler sampler only: the OpenAI extra field `sampler` must name
+// it ("flow_euler", what records say, or "euler"); the runtime's default sampler is then that one.
+void check_flow_sampler(const json& value) {
+  const std::string name = value.is_string() ? lower_case(value.get<std::string>()) : "";
+  if (name != "flow_euler" && name != "euler") {
+    bad("sampler", "this flow bundle (SD3, Flux) samples with the FlowMatch Euler sampler: expected \"flow_euler\" "
+                   "(or \"euler\"), got " + shown(value));
+  }
+}
 }  // namespace
 
 ImageCall parse_openai(const json& body, const Runtime& runtime, ImageSize size, size_t max_images) {
@@ -110,7 +125,8 @@ ImageCall parse_openai(const json& body, const Runtime& runtime, ImageSize size,
   if (body.contains("seed")) fields["seed"] = body["seed"];
   if (body.contains("steps")) fields["steps"] = body["steps"];
   if (body.contains("guidance_scale")) fields["guidance"] = body["guidance_scale"];
-  if (body.contains("sampler")) fields["sampler"] = body["sampler"];
+  if (body.contains("sampler") && runtime.manifest().flow) check_flow_sampler(body["sampler"]);
+  if (body.contains("sampler") && !runtime.manifest().flow) fields["sampler"] = body["sampler"];
   ImageCall call;
   for (int64_t i = 0; i < n; ++i) {
     fields["item"] = i;
@@ -165,16 +181,27 @@ void check_a1111_fields(const json& body) {
   }
 }
 
-// sampler_name (else the deprecated sampler_index, as A1111 reads them): "DDIM" or "DDPM"; eta must match it.
-std::string a1111_sampler(const json& body) {
+// sampler_name (else the deprecated sampler_index, as A1111 reads them): VP bundles "DDIM" or "DDPM", eta must match
+// it; flow bundles (SD3, Flux) "Euler" (the FlowMatch Euler sampler; absent means it too), eta a number or null and
+// unused (A1111's Euler ignores eta; webuiapi always sends one).
+std::string a1111_sampler(const json& body, bool flow) {
   std::string name = text(body, "sampler_name", "");
   const char* field = "sampler_name";
   if (name.empty()) {
-    name = text(body, "sampler_index", "DDIM");
+    name = text(body, "sampler_index", flow ? "Euler" : "DDIM");
     field = "sampler_index";
   }
-  std::string lower = name;
-  for (auto& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  const std::string lower = lower_case(name);
+  if (flow) {
+    if (lower != "euler") {
+      bad(field, "this flow bundle (SD3, Flux) samples with the FlowMatch Euler sampler: expected \"Euler\", got " +
+                     shown(name));
+    }
+    if (body.contains("eta") && !body["eta"].is_null() && !body["eta"].is_number()) {
+      bad("eta", "expected a number or null (unused by Euler), got " + shown(body["eta"]));
+    }
+    return lower;
+  }
   if (lower != "ddim" && lower != "ddpm") bad(field, "expected \"DDIM\" or \"DDPM\" (the bundle's samplers), got " + shown(name));
   if (body.contains("eta") && !body["eta"].is_null()) {
     const json& eta = body["eta"];
@@ -211,10 +238,10 @@ ImageCall parse_a1111(const json& body, const Runtime& runtime, ImageSize size, 
   if (batch * iters > most) bad("batch_size", "batch_size x n_iter must be at most " + std::to_string(most));
   check_size(body, "width", size.width, "width");
   check_size(body, "height", size.height, "height");
-  const std::string sampler = a1111_sampler(body);
+  const std::string sampler = a1111_sampler(body, m.flow.has_value());
   const uint64_t seed = a1111_seed(body, static_cast<size_t>(batch * iters));
   json fields = conditioning(m, prompt, negative, "prompt", "negative_prompt");
-  fields["sampler"] = sampler;
+  fields["sampler"] = sampler;  // "ddim", "ddpm", or "euler" (flow_euler) on a flow bundle
   if (body.contains("steps") && !body["steps"].is_null()) fields["steps"] = body["steps"];
   if (body.contains("cfg_scale") && !body["cfg_scale"].is_null()) fields["guidance"] = body["cfg_scale"];
   ImageCall call;
@@ -234,7 +261,7 @@ ImageCall parse_a1111(const json& body, const Runtime& runtime, ImageSize size, 
                {"seed", seed}, {"all_seeds", seeds}, {"subseed", -1}, {"subseed_strength", 0},
                {"steps", first.steps ? first.steps : m.num_inference_steps},
                {"cfg_scale", first.request.guidance.value_or(m.guidance_scale)}, {"width", size.width},
-               {"height", size.height}, {"sampler_name", sampler == "ddim" ? "DDIM" : "DDPM"},
+               {"height", size.height}, {"sampler_name", m.flow ? "Euler" : sampler == "ddim" ? "DDIM" : "DDPM"},
                {"batch_size", batch}, {"n_iter", iters}, {"correction", correction(m)}};
   for (int64_t k = 0; k < batch * iters; ++k) call.info["all_prompts"].push_back(prompt);
   return call;

@@ -17,11 +17,14 @@
 #include <sstream>
 
 #include "flags.hpp"
+#include "flow_cli.hpp"
 #include "requests.hpp"
+#include "safree_cli.hpp"
 #include "safe_denoiser_cpp/files.hpp"
 #include "safe_denoiser_cpp/image.hpp"
 #include "safe_denoiser_cpp/noise.hpp"
 #include "safe_denoiser_cpp/scheduler.hpp"
+#include "safe_denoiser_cpp/t5_tokenizer.hpp"
 #include "safe_denoiser_cpp/tokenizer.hpp"
 #include "server.hpp"
 
@@ -92,7 +95,7 @@ struct GenerateArgs {
   uint64_t seed = 0;
   uint32_t item = 0;
   int steps = 0;
-  std::string sampler = "ddim";
+  std::optional<std::string> sampler;  // absent: the bundle's default (Manifest::resolve_sampler)
   std::optional<double> guidance;
 };
 
@@ -102,11 +105,13 @@ std::vector<float> read_noise(const std::string& path, const Manifest& m) {
   std::vector<int64_t> expect = m.sample_shape, expect1 = {1};
   expect1.insert(expect1.end(), expect.begin(), expect.end());
   if (noise.shape != expect && noise.shape != expect1) {
-    std::string got;
-    for (const auto d : noise.shape) got += (got.empty() ? "" : ", ") + std::to_string(d);
-    throw Error(ErrorKind::input, "noise: '" + path + "' has shape (" + got + "), expected (1, " +
-                                      std::to_string(expect[0]) + ", " + std::to_string(expect[1]) + ", " +
-                                      std::to_string(expect[2]) + ") float32");
+    const auto text = [](const std::vector<int64_t>& shape) {
+      std::string s;
+      for (const auto d : shape) s += (s.empty() ? "" : ", ") + std::to_string(d);
+      return "(" + s + ")";
+    };
+    throw Error(ErrorKind::input, "noise: '" + path + "' has shape " + text(noise.shape) + ", expected " +
+                                      text(expect1) + " float32");  // sample_shape: 3 dims, or Flux's packed 2
   }
   return std::move(noise.data);
 }
@@ -140,7 +145,8 @@ int run_generate(const GenerateArgs& a) {
   p.request.item = a.item;
   p.request.guidance = a.guidance;
   p.steps = a.steps;
-  p.sampler = parse_sampler(a.sampler, "--sampler");
+  p.sampler = m.resolve_sampler(a.sampler ? std::optional(parse_sampler(*a.sampler, "--sampler")) : std::nullopt,
+                                "--sampler");
   if (!a.noise.empty()) p.request.noise = read_noise(a.noise, m);
   runtime->validate(p.request);
   auto results = runtime->generate({p.request}, p.steps, p.sampler);
@@ -268,7 +274,9 @@ int run_info(const Common& c) {
                {"sld", m.has_sld},            {"bank_sha256", m.bank ? json(m.bank->sha256) : json(nullptr)},
                {"onnxruntime", ort_version()}, {"ort_api_version", kOrtApiVersion},
                {"providers", available_providers()}, {"load_ms", runtime->load_ms()},
-               {"files", m.files.size()},     {"files_verified", !c.no_verify_files}};
+               {"files", m.files.size()},     {"files_verified", !c.no_verify_files},
+               {"safree", cli::safree_summary(m)}};
+  info.update(cli::bundle_needs(m));  // path, graphs, tokenizers, flow
   std::cout << dump(info);
   return 0;
 }
@@ -285,12 +293,17 @@ int run_serve(const ServeArgs& a) {
 }
 
 struct ScheduleArgs {
-  std::string spacing = "leading";
+  std::string spacing, flow;  // DDIM's spacing, or a JSON file with a flow section
   int64_t train_steps = 1000, offset = 0;
   int steps = 10;
 };
 
 int run_schedule(const ScheduleArgs& a) {
+  if (!a.flow.empty()) {
+    std::cout << cli::flow_schedule_json(a.flow, a.steps).dump() << "\n";
+    return 0;
+  }
+  if (a.spacing.empty()) throw Error(ErrorKind::usage, "schedule: give --spacing (DDIM) or --flow (a flow section)");
   std::cout << json(ddim_timesteps(a.spacing, a.train_steps, a.offset, a.steps)).dump() << "\n";
   return 0;
 }
@@ -310,16 +323,29 @@ int run_noise(const NoiseArgs& a) {
 }
 
 struct TokenizeArgs {
-  std::string texts, tokenizer_dir;
+  std::string texts, tokenizer_dir, t5_dir;
+  int max_length = 0;
 };
 
+// CLIP (--tokenizer): a list of id lists. T5 (--t5): a list of {"input_ids", "attention_mask"}.
 int run_tokenize(const TokenizeArgs& a) {
-  const auto tokenizer = ClipTokenizer::load(a.tokenizer_dir);
+  if (a.tokenizer_dir.empty() == a.t5_dir.empty()) throw Error(ErrorKind::usage, "tokenize: give --tokenizer or --t5");
+  if (!a.t5_dir.empty() && a.max_length == 0) throw Error(ErrorKind::usage, "tokenize --t5: --max-length is required");
   json ids = json::array();
   const json texts = cli::parse_json_limited(read_file(a.texts), "--texts");
   if (!texts.is_array() || !std::all_of(texts.begin(), texts.end(), [](const json& t) { return t.is_string(); })) {
     throw Error(ErrorKind::input, "--texts: expected a JSON list of strings");
   }
+  if (!a.t5_dir.empty()) {
+    const T5Tokenizer t5(a.t5_dir, a.max_length);
+    for (const auto& text : texts) {
+      const auto encoded = t5.encode(text.get<std::string>());
+      ids.push_back({{"input_ids", encoded.ids}, {"attention_mask", encoded.attention_mask}});
+    }
+    std::cout << ids.dump() << "\n";
+    return 0;
+  }
+  const auto tokenizer = ClipTokenizer::load(a.tokenizer_dir);
   for (const auto& text : texts) ids.push_back(tokenizer.encode(text.get<std::string>()));
   std::cout << ids.dump() << "\n";
   return 0;
@@ -340,8 +366,10 @@ CLI::App* add_generate(CLI::App& app, GenerateArgs& g) {
   gen->add_option("--item", g.item, "noise stream under the seed (Python: position in the batch)")
       ->check(integer_in(0, UINT32_MAX));
   gen->add_option("--steps", g.steps, "sampler steps (default: the manifest's)")->check(integer_in(1, 1000000));
-  gen->add_option("--sampler", g.sampler, "ddim (deterministic) or ddpm (Philox variance noise of seed/item)")
-      ->check(CLI::IsMember({"ddim", "ddpm"}));
+  gen->add_option("--sampler", g.sampler,
+                  "VP bundles: ddim (deterministic, the default) or ddpm (Philox variance noise of seed/item); flow "
+                  "bundles: flow_euler (alias euler, the default)")
+      ->check(CLI::IsMember({"ddim", "ddpm", "flow_euler", "euler"}));
   gen->add_option("--guidance", g.guidance, "classifier-free guidance scale (default: the manifest's)")
       ->check(number_in(-kMaxGuidance, kMaxGuidance));
   gen->add_option("--out", g.out, "PNG to write")->required();
@@ -391,8 +419,9 @@ CLI::App* add_serve(CLI::App& app, ServeArgs& a) {
 }
 
 CLI::App* add_schedule(CLI::App& app, ScheduleArgs& a) {
-  auto* schedule = app.add_subcommand("schedule", "print DDIM timesteps as JSON");
-  schedule->add_option("--spacing", a.spacing)->required();
+  auto* schedule = app.add_subcommand("schedule", "print DDIM timesteps, or a flow schedule, as JSON");
+  auto* spacing = schedule->add_option("--spacing", a.spacing, "DDIM timestep spacing");
+  schedule->add_option("--flow", a.flow, "JSON file: a manifest's flow section (or manifest.json)")->excludes(spacing);
   schedule->add_option("--train-steps", a.train_steps)->check(integer_in(1, 1000000));
   schedule->add_option("--offset", a.offset)->check(integer_in(0, 1000000));
   schedule->add_option("--steps", a.steps)->required()->check(integer_in(1, 1000000));
@@ -411,7 +440,11 @@ CLI::App* add_noise(CLI::App& app, NoiseArgs& a) {
 
 CLI::App* add_tokenize(CLI::App& app, TokenizeArgs& a) {
   auto* tokenize = app.add_subcommand("tokenize", "token ids of prompts (JSON list file) as JSON");
-  tokenize->add_option("--tokenizer", a.tokenizer_dir, "a bundle's tokenizer folder (tokenizer.json)")->required();
+  auto* clip = tokenize->add_option("--tokenizer", a.tokenizer_dir, "a bundle's CLIP tokenizer folder (tokenizer.json)");
+  auto* t5 = tokenize->add_option("--t5", a.t5_dir, "a T5 tokenizer folder (spiece.model)")->excludes(clip);
+  tokenize->add_option("--max-length", a.max_length, "T5: ids per prompt (padded, truncated)")
+      ->needs(t5)
+      ->check(integer_in(1, T5Tokenizer::kMaxLength));
   tokenize->add_option("--texts", a.texts, "JSON file: a list of strings")->required();
   return tokenize;
 }
@@ -443,6 +476,7 @@ int main(int argc, char** argv) {
   ScheduleArgs schedule;
   NoiseArgs noise;
   TokenizeArgs tokenize;
+  cli::SafreeCheckArgs safree;
   // Each subcommand with what runs it, in the order --help lists them.
   const std::vector<std::pair<CLI::App*, std::function<int()>>> commands = {
       {add_generate(app, generate), [&] { return run_generate(generate); }},
@@ -452,6 +486,7 @@ int main(int argc, char** argv) {
       {add_schedule(app, schedule), [&] { return run_schedule(schedule); }},
       {add_noise(app, noise), [&] { return run_noise(noise); }},
       {add_tokenize(app, tokenize), [&] { return run_tokenize(tokenize); }},
+      {cli::add_safree_check(app, safree), [&] { return cli::run_safree_check(safree); }},
   };
   try {
     app.parse(argc, argv);

@@ -91,10 +91,14 @@ ParsedRequest parse_request(const json& body, const Manifest& m) {
   if (body.contains("item")) r.item = static_cast<uint32_t>(integer(body["item"], "item", 0, 0xffffffffLL));
   const int64_t train = m.scheduler.num_train_timesteps();
   if (body.contains("steps")) out.steps = static_cast<int>(integer(body["steps"], "steps", 1, train));
+  std::optional<Sampler> sampler;
   if (body.contains("sampler")) {
-    if (!body["sampler"].is_string()) bad("sampler", "\"ddim\" or \"ddpm\"", body["sampler"]);
-    out.sampler = parse_sampler(body["sampler"].get<std::string>());
+    if (!body["sampler"].is_string()) {
+      bad("sampler", "\"ddim\" or \"ddpm\" (VP bundles), \"flow_euler\" (flow bundles)", body["sampler"]);
+    }
+    sampler = parse_sampler(body["sampler"].get<std::string>());
   }
+  out.sampler = m.resolve_sampler(sampler);
   if (body.contains("guidance")) {
     const auto& g = body["guidance"];
     if (!g.is_number() || !(std::abs(g.get<double>()) <= kMaxGuidance)) bad("guidance", "a number in -1000..1000", g);
@@ -147,6 +151,7 @@ json make_record(const Runtime& runtime, const ParsedRequest& p, const Result& r
         {"decode", res.timings.decode_ms}, {"png", png_ms}}},
   };
   if (!p.id.empty()) rec["id"] = p.id;
+  if (res.safree) rec["safree"] = {{"triggers", res.safree->triggers}, {"last_step", res.safree->last_step}};
   if (r.class_label) {
     rec["class"] = *r.class_label;
     rec["negative_class"] = r.negative_class.value_or(m.null_label());

@@ -14,7 +14,7 @@ namespace sdcpp::cli {
 struct ParsedRequest {
   Request request;
   int steps = 0;   // 0: the manifest's default
-  Sampler sampler = Sampler::ddim;
+  Sampler sampler = Sampler::ddim;  // resolved for the bundle (Manifest::resolve_sampler) by whoever fills this in
   std::string id;  // batch mode: output file stem
 };
 
