@@ -306,10 +306,11 @@ Sampler Manifest::resolve_sampler(std::optional<Sampler> requested, const std::s
 
 GuidancePreset parse_guidance_preset(const std::string& name, const std::string& field) {
   for (const auto preset : {GuidancePreset::constant, GuidancePreset::mass, GuidancePreset::odds,
-                            GuidancePreset::reference}) {
+                            GuidancePreset::reference, GuidancePreset::sgf, GuidancePreset::shielded}) {
     if (name == guidance_preset_name(preset)) return preset;
   }
-  throw Error(ErrorKind::bundle, "manifest: " + field + " must be 'constant', 'mass', 'odds' or 'reference', got '" +
+  throw Error(ErrorKind::bundle, "manifest: " + field +
+                                     " must be 'constant', 'mass', 'odds', 'reference', 'sgf' or 'shielded', got '" +
                                      name + "'");
 }
 
@@ -319,6 +320,8 @@ const char* guidance_preset_name(GuidancePreset preset) {
     case GuidancePreset::mass: return "mass";
     case GuidancePreset::odds: return "odds";
     case GuidancePreset::reference: return "reference";
+    case GuidancePreset::sgf: return "sgf";
+    case GuidancePreset::shielded: return "shielded";
   }
   return "constant";  // unreachable: every enumerator is named above
 }

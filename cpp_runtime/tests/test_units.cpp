@@ -379,7 +379,7 @@ TEST(Manifest, ReadsTheGuidancePreset) {
   EXPECT_TRUE(off.scheduler.ddim.clip_sample);
   EXPECT_FALSE(off.scheduler.ddpm.has_value());
   for (const auto preset : {GuidancePreset::constant, GuidancePreset::mass, GuidancePreset::odds,
-                            GuidancePreset::reference}) {
+                            GuidancePreset::reference, GuidancePreset::sgf, GuidancePreset::shielded}) {
     const std::string name = guidance_preset_name(preset);
     EXPECT_EQ(parse_guidance_preset(name), preset);
     // Fields the runtime does not use (the preset's strength) are left to the graph.
@@ -400,7 +400,8 @@ TEST(Manifest, ReadsTheGuidancePreset) {
 
 TEST(Manifest, RefusesABadGuidanceEntryNamingTheField) {
   EXPECT_NE(parse_error(manifest_with_guidance(R"({"preset": "theorem", "window": [0, 1]})"))
-                .find("guidance.preset must be 'constant', 'mass', 'odds' or 'reference', got 'theorem'"),
+                .find("guidance.preset must be 'constant', 'mass', 'odds', 'reference', 'sgf' or 'shielded', got "
+                      "'theorem'"),
             std::string::npos);
   // The format before version 2: mode / beta_mode, no preset.
   EXPECT_NE(parse_error(manifest_with_guidance(R"({"mode": "theorem", "beta_mode": "odds", "window": [0, 1]})"))

@@ -211,7 +211,8 @@ def build_flow_denoiser(
         raise ValueError(f"model.sld: SLD is not supported on {family} pipelines (flow matching)")
     if source.guidance is not None and source.guidance.renoises:
         raise ValueError(
-            "model.safe_denoiser: flow matching supports the constant, mass and odds presets (not 'reference')"
+            "model.safe_denoiser: flow matching supports the constant, mass, odds, sgf and shielded presets, not"
+            " 'reference' (it re-noises x_t with the DDPM forward process, which a flow path does not have)"
         )
     if source.safree is not None:
         raise ValueError(f"model.safree: SAFREE's export covers SD-1.x text encoders, not {family}")

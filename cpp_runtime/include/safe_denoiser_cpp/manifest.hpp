@@ -55,8 +55,11 @@ struct BankInfo {
 
 // The safe denoiser's preset family (manifest guidance.preset). The graph computes the correction; the runtime
 // only needs what changes its inputs: odds carries a reference bank, reference takes re-noise (input `noise`).
-enum class GuidancePreset { constant, mass, odds, reference };
-// "constant" / "mass" / "odds" / "reference" -> GuidancePreset; Error(bundle) naming `field` and the value else.
+// sgf (Safety-Guided Flow's MMD gradient) and shielded (Shielded Diffusion's sparse repellency) correct the
+// prediction inside the graph from the negative bank alone, like constant and mass: no input of their own.
+enum class GuidancePreset { constant, mass, odds, reference, sgf, shielded };
+// "constant" / "mass" / "odds" / "reference" / "sgf" / "shielded" -> GuidancePreset; Error(bundle) naming `field`
+// and the value else.
 GuidancePreset parse_guidance_preset(const std::string& name, const std::string& field = "guidance.preset");
 const char* guidance_preset_name(GuidancePreset preset);
 
