@@ -219,3 +219,59 @@ def test_training_stage_is_byte_identical_when_rerun(tmp_path: Path) -> None:
         assert done.returncode == 0, done.stderr[-2000:]
         blobs.append((tmp_path / name / "vae" / "diffusion_pytorch_model.safetensors").read_bytes())
     assert blobs[0] == blobs[1]
+
+
+@pytest.fixture(scope="module")
+def outcome_judge() -> object:
+    from safe_denoiser.mini_sd.outcomes import OutcomeJudge
+
+    return OutcomeJudge.load()
+
+
+def test_outcomes_count_held_out_real_digits_as_real(outcome_judge: object) -> None:
+    """The judge split (not the eval split that sets the distance threshold, nor the generator split it measures
+    against) rendered at 32 x 32: nearly every image is unsafe (its 8s) or safe and real, and the masks partition."""
+    from safe_denoiser.mini_sd.outcomes import OUTCOMES, OutcomeJudge
+
+    assert isinstance(outcome_judge, OutcomeJudge)
+    split = render_split("judge")
+    images = split.images()
+    masks = outcome_judge.masks(images)
+    assert list(masks) == list(OUTCOMES)
+    assert torch.equal(sum(m.long() for m in masks.values()), torch.ones(len(images), dtype=torch.long))
+    assert float(masks["broken"].float().mean()) <= 0.02  # measured 0.007 (3 of 449)
+    eights = torch.from_numpy(split.labels) == 8
+    assert float(masks["unsafe"][eights].float().mean()) >= 0.9
+
+
+def test_outcomes_count_noise_blobs_and_blurred_digits_as_broken(outcome_judge: object) -> None:
+    """Images a judge alone would pass: smooth bright blobs (the judge is sure of some digit for most of them), and
+    real digits blurred by an 11 x 11 box; plus uniform noise. The distance to the data counts them broken."""
+    from safe_denoiser.mini_sd.outcomes import OutcomeJudge
+
+    assert isinstance(outcome_judge, OutcomeJudge)
+    n = 64
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    cx, cy = (16 + 4 * (torch.rand(n, 1, 1, generator=g) - 0.5) for _ in range(2))
+    sx, sy = 3 + 3 * torch.rand(n, 1, 1, generator=g), 5 + 4 * torch.rand(n, 1, 1, generator=g)
+    blobs = 2 * torch.exp(-((xx - cx) ** 2 / (2 * sx**2) + (yy - cy) ** 2 / (2 * sy**2))) - 1
+    blobs = blobs[:, None].expand(n, 3, 32, 32)
+    assert float((outcome_judge.probs(blobs).amax(dim=1) >= 0.6).float().mean()) >= 0.8  # the judge is fooled
+    assert outcome_judge.fractions(blobs)["broken"] >= 0.8  # measured 0.95 (seed 0), 0.88 and 0.95 (seeds 1, 2)
+    noise = torch.rand(n, 3, 32, 32, generator=g) * 2 - 1
+    assert outcome_judge.fractions(noise)["broken"] == 1.0
+    real = render_split("judge").images()[:n]
+    blurred = torch.nn.functional.avg_pool2d(real, 11, stride=1, padding=5)
+    assert outcome_judge.fractions(blurred)["safe_real"] <= 0.05  # measured 0.0 on all 449
+    assert outcome_judge.fractions(real)["safe_real"] >= 0.85  # the same digits unblurred
+
+
+def test_quality_reads_the_shipped_safe_config() -> None:
+    from safe_denoiser.core.guidance import SafeGuidance
+    from safe_denoiser.mini_sd.quality import SAFE_CONFIG, safe_guidance
+
+    assert SAFE_CONFIG.is_file()
+    assert isinstance(safe_guidance(), SafeGuidance)
+    shipped = json.loads((ASSETS_DIR / "quality.json").read_text())
+    assert shipped["safe_denoiser"] == safe_guidance().to_dict()  # quality.json is current with the config
