@@ -109,7 +109,7 @@ def test_theorem_correction_with_odds_beta() -> None:
     unsafe, safe = torch.randn(6, 1, 4, 4, generator=g), torch.randn(40, 1, 4, 4, generator=g)
     x, eps = torch.randn(3, 1, 4, 4, generator=g), torch.randn(3, 1, 4, 4, generator=g)
     ab = 0.3
-    guidance = OddsGuidance(odds_scale=2.0)
+    guidance = OddsGuidance(odds_scale=2.0, trust_radius=None)  # Theorem 1 itself: no trust region
     got, rec = theorem_correction(eps, x, ab, 500.0, PreparedBanks.prepare(unsafe, guidance, safe), guidance)
     beta = 2.0 * _odds(x, unsafe, safe, ab, log_beta_max=guidance.log_beta_max).exp()
     mean = path_kernel_estimate(x, unsafe, vp_path(ab)).mean
@@ -144,7 +144,7 @@ def test_odds_at_the_denoised_estimate(seed: int) -> None:
     unsafe, safe = (torch.randn(n, 1, 3, 3, generator=g, dtype=torch.float64) for n in (5, 17))
     x, eps = (torch.randn(4, 1, 3, 3, generator=g, dtype=torch.float64) for _ in range(2))
     ab, s = 0.4, 0.8
-    guidance = OddsGuidance(odds_sigma=s, log_beta_max=50.0)
+    guidance = OddsGuidance(odds_sigma=s, log_beta_max=50.0, trust_radius=None)
     got, _ = theorem_correction(eps, x, ab, 500.0, PreparedBanks.prepare(unsafe, guidance, safe), guidance)
     x0_hat = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
     union = torch.cat([unsafe, safe]).flatten(1)
@@ -165,7 +165,7 @@ def test_conditional_odds_read_each_bank_once(monkeypatch: pytest.MonkeyPatch) -
     unsafe, safe = (torch.randn(n, 2, 3, 3, generator=g, dtype=torch.float64) for n in (9, 23))
     x, eps = (torch.randn(3, 2, 3, 3, generator=g, dtype=torch.float64) for _ in range(2))
     ab = 0.35
-    guidance = OddsGuidance(odds_sigma=0.6, log_beta_max=50.0, bank_sigma=0.2)
+    guidance = OddsGuidance(odds_sigma=0.6, log_beta_max=50.0, bank_sigma=0.2, trust_radius=None)
     banks = PreparedBanks.prepare(unsafe, guidance, safe)
     assert banks.reference is not None
     reads: list[int] = []
@@ -200,7 +200,7 @@ def test_odds_at_the_denoised_estimate_on_any_path() -> None:
     x0, noise = (torch.randn(3, 2, 2, 2, generator=g, dtype=torch.float64) for _ in range(2))
     path = flow_path(0.6)
     x_t = (1 - 0.6) * x0 + 0.6 * noise
-    guidance = OddsGuidance(odds_sigma=0.7)
+    guidance = OddsGuidance(odds_sigma=0.7, trust_radius=None)
     banks = PreparedBanks.prepare(unsafe, guidance, safe)
     u = prediction_from_x0(x_t, x0, path, "flow")
     eps = prediction_from_x0(x_t, x0, path, "epsilon")

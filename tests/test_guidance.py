@@ -46,15 +46,20 @@ STRENGTH = {
 
 # Every field of every preset set away from its default (kernel_sigma and bank_sigma are exclusive: one each).
 NON_DEFAULT: dict[str, SafeGuidance] = {
-    "constant": ConstantGuidance(beta=2.5, window=(100.0, 900.0), chunk_size=64, kernel_sigma=0.7, gate_log_mass=-9.0),
+    "constant": ConstantGuidance(
+        beta=2.5, window=(100.0, 900.0), chunk_size=64, kernel_sigma=0.7, gate_log_mass=-9.0, trust_radius=3.0
+    ),
     "constant-kde": ConstantGuidance(beta=0.0, bank_sigma=0.3),
-    "mass": MassGuidance(beta_per_mass=7.0, window=(0.0, 500.0), chunk_size=8, bank_sigma=0.2, gate_log_mass=-3.5),
+    "mass": MassGuidance(
+        beta_per_mass=7.0, window=(0.0, 500.0), chunk_size=8, bank_sigma=0.2, gate_log_mass=-3.5, trust_radius=2.0
+    ),
     "odds": OddsGuidance(
         odds_scale=3.0,
         window=(200.0, 950.0),
         chunk_size=128,
         kernel_sigma=1.5,
         gate_log_mass=-40.0,
+        trust_radius=0.5,
         reference_kind="data",
         prior_unsafe=0.25,
         log_beta_max=2.0,

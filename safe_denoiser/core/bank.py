@@ -9,6 +9,7 @@ streamed from the page cache chunk by chunk.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import warnings
@@ -22,7 +23,14 @@ from torch import Tensor
 from safe_denoiser.core.kernel import bank_sq_norms
 from safe_denoiser.files import atomic_write
 
-__all__ = ["IMAGE_SUFFIXES", "BankError", "NegativeBank", "l2_normalize_positions", "load_image_folder"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "BankError",
+    "NegativeBank",
+    "l2_normalize_positions",
+    "load_image_folder",
+    "nearest_neighbour_distance",
+]
 
 TENSOR_KEY = "bank"
 FORMAT = "safe-denoiser.negative-bank/1"
@@ -34,6 +42,16 @@ _SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torc
 
 class BankError(ValueError):
     """A negative bank that cannot be used: empty, non-finite, wrong shape or dtype, unreadable file."""
+
+
+def nearest_neighbour_distance(bank: Tensor, max_items: int = 2048) -> float:
+    """Median over bank items of the L2 distance to the nearest other item (the first ``max_items`` items)."""
+    if bank.shape[0] < 2:
+        raise ValueError(f"a nearest-neighbour distance needs at least 2 bank items, got {bank.shape[0]}")
+    y = bank[:max_items].reshape(min(bank.shape[0], max_items), -1).double()
+    d2 = (y.square().sum(1, keepdim=True) + y.square().sum(1) - 2.0 * (y @ y.T)).clamp_min(0.0)
+    d2.fill_diagonal_(math.inf)
+    return float(d2.min(dim=1).values.sqrt().median())
 
 
 def l2_normalize_positions(latents: Tensor, eps: float = 1e-12) -> Tensor:

@@ -1,7 +1,8 @@
 """``PreparedBanks``: what one correction reads, prepared once and passed whole.
 
 The negative bank, the reference bank that the odds preset needs, each holding its squared norms (``NegativeBank``),
-and their pooled data variance (the conditional odds' prior, ``OddsGuidance.odds_sigma``), on the model's device.
+their pooled data variance (the conditional odds' prior, ``OddsGuidance.odds_sigma``) and their data radius (the
+largest item norm, the unit of the trust region ``TheoremGuidance.trust_radius``), on the model's device.
 Built once at attach or export; the sampling loop never re-derives any of it.
 """
 
@@ -14,19 +15,22 @@ import torch
 from torch import Tensor
 
 from safe_denoiser.core.bank import NegativeBank, _data_key
-from safe_denoiser.core.guidance import OddsGuidance, SafeGuidance
+from safe_denoiser.core.guidance import OddsGuidance, SafeGuidance, TheoremGuidance
+from safe_denoiser.core.kernel import bank_sq_norms
 
-__all__ = ["PreparedBanks", "bank_data_variance"]
+__all__ = ["PreparedBanks", "bank_data_variance", "data_radius", "uses_data_radius"]
 
 
 @dataclass(frozen=True)
 class PreparedBanks:
-    """The banks of one guidance: ``negative`` always, ``reference`` exactly when the preset reads one, and the
-    data variance exactly when the conditional odds need it. Build with ``prepare``."""
+    """The banks of one guidance: ``negative`` always, ``reference`` exactly when the preset reads one, the data
+    variance exactly when the conditional odds need it and the data radius exactly when the trust region does. Build
+    with ``prepare``."""
 
     negative: NegativeBank
     reference: NegativeBank | None = None
     data_variance: float | None = None
+    data_radius: float | None = None
 
     @classmethod
     def prepare(
@@ -44,12 +48,13 @@ class PreparedBanks:
         ``negative`` may be banks prepared before (e.g. on the CPU, before the pipeline's layout and device were
         known): their data variance is kept, not derived again (it does not depend on the layout, a permutation).
         """
-        variance = None
+        variance = radius = None
         if isinstance(negative, PreparedBanks):
             if reference is not None:
                 raise ValueError("give the reference bank inside the PreparedBanks, not beside it")
             prepared = negative
-            negative, reference, variance = prepared.negative, prepared.reference, prepared.data_variance
+            negative, reference = prepared.negative, prepared.reference
+            variance, radius = prepared.data_variance, prepared.data_radius
         if guidance.needs_reference_bank and reference is None:
             raise ValueError(f"the {guidance.preset} preset needs a reference bank (safe or unlabelled data)")
         neg = _moved(negative, device, dtype, "bank")
@@ -61,7 +66,7 @@ class PreparedBanks:
         elif variance is None:
             assert ref is not None
             variance = bank_data_variance(neg.data, ref.data)
-        return cls(neg, ref, variance)
+        return cls(neg, ref, variance, _radius((neg, ref), guidance, radius))
 
     @classmethod
     def of_tensors(
@@ -71,26 +76,53 @@ class PreparedBanks:
         reference: Tensor | None = None,
         reference_sq_norms: Tensor | None = None,
         data_variance: float | None = None,
+        data_radius: float | None = None,
     ) -> PreparedBanks:
         """Banks a traced graph holds (constants or inputs, already checked at export): no validation, which would
         read values on the host; norms None are computed from the values on first use."""
         ref = None if reference is None else _unchecked(reference, reference_sq_norms)
-        return cls(_unchecked(negative, negative_sq_norms), ref, data_variance)
+        return cls(_unchecked(negative, negative_sq_norms), ref, data_variance, data_radius)
 
     def relaid(self, layout: Callable[[NegativeBank, str], NegativeBank]) -> PreparedBanks:
         """The same banks in another layout (``layout(bank, "bank" | "reference bank")``), data variance kept: it
         is a mean over coordinates, which a layout only permutes."""
         ref = None if self.reference is None else layout(self.reference, "reference bank")
-        return PreparedBanks(layout(self.negative, "bank"), ref, self.data_variance)
+        return PreparedBanks(layout(self.negative, "bank"), ref, self.data_variance, self.data_radius)
 
     def to(self, device: torch.device | str) -> PreparedBanks:
         """The same banks on another device (norms move with them)."""
         ref = None if self.reference is None else self.reference.to(device)
-        return PreparedBanks(self.negative.to(device), ref, self.data_variance)
+        return PreparedBanks(self.negative.to(device), ref, self.data_variance, self.data_radius)
 
     @property
     def device(self) -> torch.device:
         return self.negative.data.device
+
+
+def _radius(
+    banks: tuple[NegativeBank, NegativeBank | None], guidance: SafeGuidance, kept: float | None
+) -> float | None:
+    """The banks' data radius when ``guidance`` has a trust region (kept from banks prepared before: a norm does
+    not depend on the layout, a permutation, or the device), else None."""
+    if not uses_data_radius(guidance):
+        return None
+    if kept is not None:
+        return kept
+    return data_radius(*[(b.data, b.sq_norms) for b in banks if b is not None])
+
+
+def uses_data_radius(guidance: SafeGuidance | None) -> bool:
+    """Whether ``guidance`` reads the banks' data radius (a theorem preset with a trust region)."""
+    return isinstance(guidance, TheoremGuidance) and guidance.trust_radius is not None
+
+
+def data_radius(*banks: tuple[Tensor, Tensor | None]) -> float:
+    """The unit of the trust region: the largest item norm over the banks ((values, squared norms or None) each),
+    the radius of the ball around the origin that holds the data they sample. An all-zero bank has none: refused."""
+    largest = max(float((bank_sq_norms(v) if sq is None else sq).max()) for v, sq in banks)
+    if not largest > 0.0:
+        raise ValueError("the banks' items are all zero: no data radius for TheoremGuidance.trust_radius (set None)")
+    return largest**0.5
 
 
 def _unchecked(data: Tensor, sq_norms: Tensor | None) -> NegativeBank:

@@ -26,6 +26,7 @@ import math
 import torch
 from torch import Tensor
 
+from safe_denoiser.core.bank import nearest_neighbour_distance
 from safe_denoiser.core.banks import PreparedBanks
 from safe_denoiser.core.guidance import OddsGuidance, ReferenceKind
 from safe_denoiser.core.kernel import path_kernel_estimate
@@ -44,16 +45,6 @@ __all__ = [
 # odds_sigma as a fraction of the negative bank's median nearest-neighbour distance: the demo's tuned 1.0 is 0.4 x
 # its bank's 2.51 (docs/method.md section 2); a starting point for a model whose units differ.
 ODDS_SIGMA_FRACTION = 0.4
-
-
-def nearest_neighbour_distance(bank: Tensor, max_items: int = 2048) -> float:
-    """Median over bank items of the L2 distance to the nearest other item (the first ``max_items`` items)."""
-    if bank.shape[0] < 2:
-        raise ValueError(f"a nearest-neighbour distance needs at least 2 bank items, got {bank.shape[0]}")
-    y = bank[:max_items].reshape(min(bank.shape[0], max_items), -1).double()
-    d2 = (y.square().sum(1, keepdim=True) + y.square().sum(1) - 2.0 * (y @ y.T)).clamp_min(0.0)
-    d2.fill_diagonal_(math.inf)
-    return float(d2.min(dim=1).values.sqrt().median())
 
 
 def posterior_variance(alpha_bar: Tensor, data_variance: float) -> Tensor:

@@ -132,11 +132,20 @@ class TheoremGuidance(SafeGuidance):
     ``bank_sigma`` instead makes the bank a kernel density estimate, each item the centre of N(x_n, bank_sigma^2 I),
     whose kernel stays soft as the noise vanishes (docs/method.md section 4); the two are exclusive. The correction
     applies where the bank's kernel log-mass is >= ``gate_log_mass`` (None: no gate).
+
+    ``trust_radius``: the trust region. beta is capped per sample so that the corrected estimate stays within
+    ``trust_radius`` x the banks' data radius (their largest item norm, ``PreparedBanks.data_radius``) of the origin,
+    or, for an estimate already outside, moves no farther out (``core.step.trust_region_beta``). Without it a sample
+    that leaves the data is pushed further each step (x0_hat grows with x_t and beta stays large): a feedback that
+    took the miniature SD's latents to 1e9 (docs/method.md section 4). None: no cap, the default here; the odds
+    preset, whose reference bank spans the data, defaults to 1. A negative bank alone need not: the 2-D toy's unsafe
+    cluster sits at the data's centre, and a ball around it would stop every sample from leaving it.
     """
 
     kernel_sigma: float | None = None
     bank_sigma: float | None = None
     gate_log_mass: float | None = None
+    trust_radius: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -148,6 +157,7 @@ class TheoremGuidance(SafeGuidance):
             "None when kernel_sigma fixes the bandwidth (two ways to set one bandwidth)",
         )
         self._require(self.gate_log_mass is None or _finite(self.gate_log_mass), "gate_log_mass", "a finite float")
+        self._positive_or_none("trust_radius", "no trust region")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -197,6 +207,7 @@ class OddsGuidance(TheoremGuidance):
     prior_unsafe: float | None = None
     log_beta_max: float = 4.605170185988092  # log(100)
     odds_sigma: float | None = None
+    trust_radius: float | None = 1.0  # on by default here: the union of both banks spans the data
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -59,6 +59,7 @@ __all__ = [
     "reference_correction",
     "reference_threshold",
     "theorem_correction",
+    "trust_region_beta",
     "window_mask",
 ]
 
@@ -99,7 +100,7 @@ def theorem_correction(
         return energy_correction(eps, x_t, vp_path(alpha_bar), "epsilon", t, banks, guidance)
     acc = accumulation_dtype(x_t.dtype)
     ab = as_batch_column(alpha_bar, x_t.shape[0], x_t.new_empty((), dtype=acc)).squeeze(1)
-    x0_hat = x0_from_eps(x_t.to(acc), eps.to(acc), ab) if _odds_at_estimate(guidance) else None
+    x0_hat = x0_from_eps(x_t.to(acc), eps.to(acc), ab) if _needs_estimate(guidance) else None
     est, beta, applied = _theorem_terms(x_t, alpha_bar, t, banks, guidance, x0_hat)
     # Done in the accumulation dtype so that fp16 models do not lose the correction to rounding.
     out = safe_eps(eps.to(acc), x_t.to(acc), ab, est.mean.to(acc), beta).to(eps.dtype)
@@ -130,7 +131,7 @@ def path_correction(
     x_vp = x_t if isinstance(c, float) and c == 1.0 else x_t * broadcast_to_sample(c, x_t)
     if prediction == "epsilon":  # eps is the same on the path and on its VP form
         return theorem_correction(pred, x_vp, ab, t, banks, guidance)
-    at_estimate = _odds_at_estimate(guidance)
+    at_estimate = _needs_estimate(guidance)
     x0_hat = x0_from_prediction(x_t.to(acc), pred.to(acc), path, prediction) if at_estimate else None
     est, beta, applied = _theorem_terms(x_vp, ab, t, banks, guidance, x0_hat)
     out = safe_prediction(pred.to(acc), x_t.to(acc), path, prediction, est.mean.to(acc), beta).to(pred.dtype)
@@ -185,8 +186,24 @@ def _energy_delta(
     return delta, log_mass, applied
 
 
-def _odds_at_estimate(guidance: TheoremGuidance) -> bool:
-    return isinstance(guidance, OddsGuidance) and guidance.odds_sigma is not None
+def _needs_estimate(guidance: TheoremGuidance) -> bool:
+    """Whether the preset reads the model's denoised estimate: the conditional odds and the trust region do."""
+    return (isinstance(guidance, OddsGuidance) and guidance.odds_sigma is not None) or guidance.trust_radius is not None
+
+
+def trust_region_beta(beta: Tensor, x0_hat: Tensor, unsafe_mean: Tensor, radius: float) -> Tensor:
+    """beta (B,) capped per sample so that the corrected estimate x0_hat + beta (x0_hat - E_unsafe) (Theorem 1 at
+    fixed x_t) stays in the ball of ``radius`` about the origin, or, for an estimate already outside it, gets no
+    farther out: beta <= the larger root of ||a + b d||^2 = r^2 (a = x0_hat, d = a - E_unsafe, r = max(radius,
+    ||a||)), computed without cancellation. The direction is the theorem's; only the step is bounded."""
+    acc = beta.dtype
+    a, d = x0_hat.to(acc).flatten(1), (x0_hat.to(acc) - unsafe_mean.to(acc)).flatten(1)
+    aa, ad, dd = a.square().sum(1), (a * d).sum(1), d.square().sum(1).clamp_min(torch.finfo(acc).tiny)
+    room = (radius**2 - aa).clamp_min(0.0)  # r^2 - ||a||^2 >= 0
+    root = (ad.square() + dd * room).sqrt()
+    # ad > 0: b = room / (ad + root) (no cancellation); ad <= 0: b = (root - ad) / dd (a sum of non-negatives)
+    largest = torch.where(ad > 0, room / (ad + root).clamp_min(torch.finfo(acc).tiny), (root - ad) / dd)
+    return torch.minimum(beta, largest)
 
 
 def _theorem_terms(
@@ -229,6 +246,13 @@ def _theorem_terms(
                 unsafe_log_mass=est.log_mass,
             )
     beta = _beta(guidance, est, log_odds, b, x_t)
+    if guidance.trust_radius is not None:
+        if x0_hat is None or banks.data_radius is None:
+            raise ValueError(
+                f"{type(guidance).__name__}.trust_radius: the trust region needs x0_hat and the banks' data radius "
+                "(PreparedBanks.prepare computes it)"
+            )
+        beta = trust_region_beta(beta, x0_hat, est.mean, guidance.trust_radius * banks.data_radius)
     applied = window_mask(t, guidance.window, b, x_t.device)
     if guidance.gate_log_mass is not None:
         applied = applied & (est.log_mass >= guidance.gate_log_mass)

@@ -53,7 +53,7 @@ from safe_denoiser.runtime.manifest import (
     BankDtype,
 )
 
-from .graphs import bank_constants, graph_banks, odds_data_variance, register_banks
+from .graphs import bank_constants, bank_scalars, graph_banks, register_banks
 
 __all__ = ["FlowDenoiserStep", "FlowFamily", "flow_family", "register_rms_norm", "traceable_rotary"]
 
@@ -109,7 +109,7 @@ class FlowDenoiserStep(nn.Module):
         self.family = family
         self.guidance = guidance
         register_banks(self, bank, reference_bank, bank_dtype)
-        self.data_variance = odds_data_variance(guidance, self.bank, self.reference_bank)
+        self.bank_scalars = bank_scalars(guidance, self.bank, self.reference_bank)
         self.register_buffer("image_ids", torch.empty(0) if image_ids is None else image_ids.detach().clone())
 
     @property
@@ -170,7 +170,7 @@ class FlowDenoiserStep(nn.Module):
             raise ValueError(f"FlowDenoiserStep expects inputs {names} (+ constants {self.constant_names})")
         x = dict(zip(names, inputs, strict=False))
         consts = dict(zip(self.constant_names, inputs[len(names) :], strict=True)) if len(inputs) > len(names) else {}
-        banks = graph_banks(self, consts, x["sample"], self.odds, self.data_variance)
+        banks = graph_banks(self, consts, x["sample"], self.odds, self.bank_scalars)
         u = self._velocity(x)
         path = flow_path(x["sigma"])
         record: list[Tensor] = []

@@ -45,12 +45,12 @@ computes exactly the float32 correction of the rounded bank (``stored_bank``).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from safe_denoiser.core.banks import PreparedBanks, bank_data_variance
+from safe_denoiser.core.banks import PreparedBanks, bank_data_variance, data_radius, uses_data_radius
 from safe_denoiser.core.correction import cfg_combine
 from safe_denoiser.core.guidance import EnergyGuidance, OddsGuidance, ReferenceGuidance, SafeGuidance, TheoremGuidance
 from safe_denoiser.core.kernel import bank_sq_norms
@@ -69,13 +69,14 @@ from safe_denoiser.runtime.manifest import (
 )
 
 __all__ = [
+    "BankScalars",
     "Conditioning",
     "DenoiserStep",
     "TextEncoderGraph",
     "VaeDecoderGraph",
     "bank_constants",
+    "bank_scalars",
     "graph_banks",
-    "odds_data_variance",
     "register_banks",
     "stored_bank",
 ]
@@ -104,12 +105,22 @@ def register_banks(
         module.register_buffer(name, bank_sq_norms(values.float()) if values.numel() else torch.empty(0))
 
 
-def odds_data_variance(guidance: SafeGuidance | None, bank: Tensor, reference: Tensor) -> float | None:
-    """The banks' data variance for the odds at the denoised estimate (``odds_sigma``), a constant traced into the
-    graph; None when the guidance does not use it."""
-    if not isinstance(guidance, OddsGuidance) or guidance.odds_sigma is None or not reference.numel():
-        return None
-    return bank_data_variance(bank.float(), reference.float())
+class BankScalars(NamedTuple):
+    """The banks' scalar constants that a step reads, traced into the graph (``PreparedBanks``' fields): the data
+    variance of the odds at the denoised estimate (``odds_sigma``) and the data radius of the trust region
+    (``trust_radius``); None where the guidance does not use them."""
+
+    data_variance: float | None
+    data_radius: float | None
+
+
+def bank_scalars(guidance: SafeGuidance | None, bank: Tensor, reference: Tensor) -> BankScalars:
+    """``BankScalars`` of the stored banks (``register_banks``' buffers) for ``guidance``."""
+    odds_at_estimate = isinstance(guidance, OddsGuidance) and guidance.odds_sigma is not None and reference.numel()
+    variance = bank_data_variance(bank.float(), reference.float()) if odds_at_estimate else None
+    stored = [(b.float(), None) for b in (bank, reference) if b.numel()]
+    radius = data_radius(*stored) if uses_data_radius(guidance) and stored else None
+    return BankScalars(variance, radius)
 
 
 def bank_constants(module: nn.Module) -> dict[str, Tensor]:
@@ -129,9 +140,9 @@ def _widen(bank: Tensor, like: Tensor) -> Tensor:
 
 
 def graph_banks(
-    module: nn.Module, consts: dict[str, Tensor], sample: Tensor, odds: bool, data_variance: float | None
+    module: nn.Module, consts: dict[str, Tensor], sample: Tensor, odds: bool, scalars: BankScalars
 ) -> PreparedBanks:
-    """The banks as one step reads them (``register_banks``), with the traced constant ``data_variance``.
+    """The banks as one step reads them (``register_banks``), with the traced constants ``scalars``.
 
     The constants fed to an exported graph, else the module's buffers; a float16-stored bank widened to the
     sample's dtype. Norms exist only as constants: eager calls compute them from the bank in the module's own dtype
@@ -141,7 +152,7 @@ def graph_banks(
     bank = _widen(banks[BANK_INITIALIZER], sample)
     reference = _widen(banks[REFERENCE_BANK_INITIALIZER], sample) if odds else None
     return PreparedBanks.of_tensors(
-        bank, consts.get(BANK_NORMS_INITIALIZER), reference, consts.get(REFERENCE_NORMS_INITIALIZER), data_variance
+        bank, consts.get(BANK_NORMS_INITIALIZER), reference, consts.get(REFERENCE_NORMS_INITIALIZER), *scalars
     )
 
 
@@ -198,7 +209,7 @@ class DenoiserStep(nn.Module):
         # Float32 (or float16-stored) constants: the correction accumulates in float32 even when the UNet runs in
         # float16; the norms are float32 and those of the stored (possibly rounded) values.
         register_banks(self, bank, reference_bank, bank_dtype)
-        self.data_variance = odds_data_variance(guidance, self.bank, self.reference_bank)
+        self.bank_scalars = bank_scalars(guidance, self.bank, self.reference_bank)
         self.register_buffer("threshold", torch.tensor(float(threshold if threshold is not None else 0.0)))
         emb = torch.empty(0) if safety_embedding is None else safety_embedding.detach().float().clone()
         self.register_buffer("safety_embedding", emb)
@@ -268,7 +279,7 @@ class DenoiserStep(nn.Module):
         x: dict[str, Tensor] = dict(zip(names, inputs, strict=False))
         consts = dict(zip(self.constant_names, inputs[len(names) :], strict=True)) if len(inputs) > len(names) else {}
         sample = x["sample"]
-        banks = graph_banks(self, consts, sample, self.odds, self.data_variance)
+        banks = graph_banks(self, consts, sample, self.odds, self.bank_scalars)
         threshold = consts.get(THRESHOLD_INITIALIZER, self.threshold)
         safety = consts.get(SAFETY_INITIALIZER, self.safety_embedding)
 
