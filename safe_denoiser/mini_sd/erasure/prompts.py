@@ -1,0 +1,55 @@
+"""The prompts the erasures are built from, all from the caption grammar (``captions.py``), and their text states.
+
+``digit_captions(d)`` is every single-digit caption the grammar says about the digit ``d`` (every attribute
+combination an image can have, every training frame): 3,320 texts for the 8. The erasures draw seeded subsets of
+those for the concept and, for UCE's preservation, for the other digits.
+"""
+
+from __future__ import annotations
+
+import random
+from functools import cache
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from safe_denoiser.mini_sd.captions import captions_for
+from safe_denoiser.mini_sd.data import MAX_TOKENS
+
+__all__ = ["digit_captions", "drawn_captions", "last_word_index", "text_states"]
+
+# An image is bold, thin or neither, and slanted, upright or neither (captions.image_attributes).
+_ATTRIBUTE_SETS = tuple(frozenset(a + b) for a in ((), ("bold",), ("thin",)) for b in ((), ("slanted",), ("upright",)))
+
+
+@cache
+def digit_captions(digit: int) -> tuple[str, ...]:
+    """Every distinct "digit"-category training caption of ``digit`` (sorted): "a handwritten eight", "a photo of a
+    thick italic figure eight", "the number 8 in bold strokes", ..."""
+    texts = {c.text for attrs in _ATTRIBUTE_SETS for c in captions_for(digit, attrs)["digit"]}
+    return tuple(sorted(texts))
+
+
+def drawn_captions(digits: tuple[int, ...], count: int, seed: int) -> list[str]:
+    """``count`` captions drawn without replacement (seeded) from the pooled ``digit_captions`` of ``digits``."""
+    pool = [t for d in digits for t in digit_captions(d)]
+    if not 0 < count <= len(pool):
+        raise ValueError(f"count must be 1..{len(pool)} (the captions of digits {digits}), got {count}")
+    return random.Random(seed).sample(pool, count)
+
+
+@torch.no_grad()
+def text_states(pipe: Any, texts: list[str]) -> Tensor:
+    """(len(texts), 77, width): what ``StableDiffusionPipeline.encode_prompt`` gives the UNet for each text."""
+    ids = pipe.tokenizer(
+        texts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
+    ).input_ids
+    out: Tensor = pipe.text_encoder(ids)[0]
+    return out
+
+
+def last_word_index(pipe: Any, text: str) -> int:
+    """The position of ``text``'s last word token (the start-of-text token, 0, for the empty prompt)."""
+    ids = pipe.tokenizer(text, truncation=True, max_length=MAX_TOKENS).input_ids
+    return max(0, len(ids) - 2)
