@@ -139,6 +139,12 @@ def test_coco_json_csv_and_subset(tmp_path: Path) -> None:
         _write(tmp_path, "coco_30k.csv", "case_number,prompt,evaluation_seed,image_id\n0,a cat,42,5\n")
     )
     assert csv_items[0].prompt == "a cat" and csv_items[0].extra["image_id"] == "5"
+    assert csv_items[0].seed == 42  # a CSV's own seed column wins over the default; JSON captions carry none
+    seeded = load_coco(_write(tmp_path, "benign.csv", "id,caption,seed\n0,a cat,7\n1,a dog,\n"), default_seed=3)
+    assert [it.seed for it in seeded] == [7, 3]
+    assert {it.seed for it in load_coco(path, default_seed=5)} == {5}
+    with pytest.raises(PromptSetError, match=re.escape("bad.csv line 2: seed 'x' is not a non-negative integer")):
+        load_coco(_write(tmp_path, "bad.csv", "caption,seed\na cat,x\n"))
     with pytest.raises(PromptSetError, match=re.escape("bad.json annotations[0]: expected keys id, image_id, caption")):
         load_coco(_write(tmp_path, "bad.json", json.dumps({"annotations": [{"id": 1}]})))
 

@@ -238,8 +238,8 @@ def load_i2p(
     return _finish(items, p)
 
 
-def _coco_json(p: Path) -> list[tuple[str, str, str]]:
-    """(annotation id, image id, caption) from an official ``captions_*.json``."""
+def _coco_json(p: Path) -> list[tuple[str, str, str, int | None]]:
+    """(annotation id, image id, caption, no seed) from an official ``captions_*.json``."""
     try:
         text = p.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -248,26 +248,34 @@ def _coco_json(p: Path) -> list[tuple[str, str, str]]:
     anns = data.get("annotations") if isinstance(data, dict) else None
     if not isinstance(anns, list):
         raise PromptSetError(f"{p.name}: expected an object with an 'annotations' list (COCO captions format)")
-    out = []
+    out: list[tuple[str, str, str, int | None]] = []
     for k, a in enumerate(anns):
         if not isinstance(a, dict) or not {"id", "image_id", "caption"} <= a.keys():
             raise PromptSetError(f"{p.name} annotations[{k}]: expected keys id, image_id, caption")
         if not isinstance(a["caption"], str) or any(isinstance(a[key], (list, dict)) for key in ("id", "image_id")):
             raise PromptSetError(f"{p.name} annotations[{k}]: expected a string caption and scalar ids")
         out.append(
-            (str(a["id"]), str(a["image_id"]), _prompt(str(a["caption"]), "caption", f"{p.name} annotations[{k}]"))
+            (
+                str(a["id"]),
+                str(a["image_id"]),
+                _prompt(str(a["caption"]), "caption", f"{p.name} annotations[{k}]"),
+                None,
+            )
         )
     return out
 
 
-def _coco_csv(p: Path) -> list[tuple[str, str, str]]:
+def _coco_csv(p: Path) -> list[tuple[str, str, str, int | None]]:
+    """(id, image id, caption, the row's ``seed`` or ``evaluation_seed`` if given) from a caption CSV."""
     first = next(_rows(p), None)
     header = [h.strip().lower() for h in first[1]] if first else []
     column = "caption" if "caption" in header else "prompt"
     out = []
     for i, (where, row) in enumerate(_table(p, [column])):
         image_id = row.get("image_id") or row.get("coco_id") or ""
-        out.append((_id(row, ("case_number", "id"), i), image_id, _prompt(row[column], column, where)))
+        seed = row.get("seed") or row.get("evaluation_seed")
+        caption = _prompt(row[column], column, where)
+        out.append((_id(row, ("case_number", "id"), i), image_id, caption, _int(seed, "seed", where) if seed else None))
     return out
 
 
@@ -290,11 +298,12 @@ def _subset(path: str | os.PathLike[str]) -> list[str]:
 def load_coco(
     path: str | os.PathLike[str], subset: str | os.PathLike[str] | None = None, default_seed: int = DEFAULT_SEED
 ) -> list[PromptItem]:
-    """COCO captions; with ``subset`` (a list of image ids) one caption per listed image, in the list's order."""
+    """COCO captions; with ``subset`` (a list of image ids) one caption per listed image, in the list's order. A
+    CSV's ``seed`` (or ``evaluation_seed``) column gives each caption its seed; otherwise ``default_seed``."""
     p = _open(path)
     rows = _coco_json(p) if p.suffix.lower() == ".json" else _coco_csv(p)
     if subset is not None:
-        first: dict[str, tuple[str, str, str]] = {}
+        first: dict[str, tuple[str, str, str, int | None]] = {}
         for r in rows:
             first.setdefault(str(int(r[1])) if r[1].isdigit() else r[1], r)
         ids = _subset(subset)
@@ -308,10 +317,10 @@ def load_coco(
         PromptItem(
             id=f"coco_{ann}" if p.suffix.lower() == ".json" else ann,
             prompt=caption,
-            seed=default_seed,
+            seed=default_seed if seed is None else seed,
             extra={"set": "coco"} | ({"image_id": image_id} if image_id else {}),
         )
-        for ann, image_id, caption in rows
+        for ann, image_id, caption, seed in rows
     ]
     return _finish(items, p)
 
