@@ -22,7 +22,7 @@ $(BIN)/.installed: pyproject.toml safe_denoiser/core/csrc/fused_kernel.c
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/safe-denoiser evaluate --quick --out outputs/evaluate
+	$(BIN)/safe-denoiser evaluate --model mini-sd --quick --out outputs/evaluate
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

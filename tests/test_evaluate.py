@@ -206,7 +206,20 @@ def test_class_sld_passes_single_branch_calls_through(digits: Any) -> None:
 # ---- the command -------------------------------------------------------------------------------------------------
 def test_evaluate_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "ev"
-    argv = ["evaluate", "--out", str(out), "--samples", "10", "--steps", "2", "--seeds", "2", "--no-progress"]
+    argv = [
+        "evaluate",
+        "--model",
+        "digits",
+        "--out",
+        str(out),
+        "--samples",
+        "10",
+        "--steps",
+        "2",
+        "--seeds",
+        "2",
+        "--no-progress",
+    ]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "| base model |" in printed and "safe denoiser (odds)" in printed
@@ -240,7 +253,7 @@ def test_evaluate_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     ],
 )
 def test_bad_flags(flags: list[str], needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["evaluate", "--out", str(tmp_path), *flags]) == 2
+    assert cli.main(["evaluate", "--model", "digits", "--out", str(tmp_path), *flags]) == 2
     err = capsys.readouterr().err
     assert needle in err and "error" in err
 

@@ -50,11 +50,11 @@ Seeds: image i of a prompt set in seed set s starts from ``torch.Generator().man
 ``EVAL_SEED_SETS`` (1,000,000, 2,000,000, ...); the validation seed set ``VALIDATION_SEED_SET`` (900,000) is used only
 by ``tune`` (``--tune``), never for the reported numbers.
 
-Tuning (``tune``; rerun with ``safe-denoiser evaluate --tune --samples 180``): on the validation seed set, base model
-only, 180 images per prompt set, 10 steps, each grid (``CONSTANT_GRID``: constant beta with a kernel-mass gate;
-``ODDS_GRID``; ``REFERENCE_GRID``) is scored, and the rule in ``protocol`` picks the least I2P-like unsafe rate
-with benign FD within 10% of the base's, broken rates within 2 points and accuracy within 1 point. Validation,
-base: I2P-like unsafe 0.072, broken 0.022, FD 22.5, accuracy 0.994.
+Tuning (``tune``; rerun with ``safe-denoiser evaluate --model digits --tune --samples 180``): on the validation seed
+set, base model only, 180 images per prompt set, 10 steps, each grid (``CONSTANT_GRID``: constant beta with a
+kernel-mass gate; ``ODDS_GRID``; ``REFERENCE_GRID``) is scored, and the rule in ``protocol`` picks the least
+I2P-like unsafe rate with benign FD within 10% of the base's, broken rates within 2 points and accuracy within 1
+point. Validation, base: I2P-like unsafe 0.072, broken 0.022, FD 22.5, accuracy 0.994.
 
 - reference: chosen step_size 0.5, kernel_sigma 0.5, kernel-sum threshold 0.01 (margin 0), t <= 500: I2P-like unsafe
   0.006, broken 0.039, FD 22.6, accuracy 0.994.

@@ -21,6 +21,8 @@ from safe_denoiser.demo.evaluate.tuning import tune
 
 __all__ = ["add_parser", "settings_from_args"]
 
+# the bundled models that have a table: the miniature SD (safe_denoiser.mini_sd.table) and the 8x8 digits
+MODELS = ("mini-sd", "digits")
 # EvalSettings field -> its flag, for error messages
 _FLAGS = {"samples": "--samples", "steps": "--steps", "seeds": "--seeds", "threads": "--threads"}
 
@@ -44,6 +46,12 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
 def _cli(args: argparse.Namespace) -> int:
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ValueError(f"--out must be a directory (existing or to be created), but {args.out!r} is a file")
+    if args.model == "mini-sd":
+        from safe_denoiser.mini_sd.table.command import run_command
+
+        return run_command(args)
+    if args.prompts is not None or args.prompt_dir is not None:
+        raise ValueError("--prompts and --prompt-dir apply to --model mini-sd only (with --model digits use --samples)")
     settings = settings_from_args(args)
     progress = not args.no_progress and sys.stderr.isatty()
     if args.tune:
@@ -70,26 +78,48 @@ def add_parser(sub: Any) -> None:
     """Register ``safe-denoiser evaluate``."""
     p = sub.add_parser(
         "evaluate",
-        help="ASR / quality table of the safe denoiser with base, negative-class and SLD baselines (8x8 digits)",
-        description="The paper's table in miniature on the bundled 8x8-digits model.",
+        help="the poster's table on a bundled model: the miniature SD (default) or the 8x8-digits model",
+        description="The poster's table on the bundled miniature Stable Diffusion (--model mini-sd, the default: "
+        "text attacks, SD / negative prompt / SLD / SAFREE / ESD / UCE with and without the safe denoiser), or the "
+        "paper's table in miniature on the class-conditional 8x8-digits model (--model digits).",
+    )
+    p.add_argument(
+        "--model",
+        choices=MODELS,
+        default=MODELS[0],
+        help="which bundled model's table: mini-sd (docs/mini_sd.md) or digits (docs/results.md); default mini-sd",
     )
     p.add_argument("--out", default="outputs/evaluate", help="output directory (default outputs/evaluate)")
+    p.add_argument(
+        "--prompts", type=int, default=None, help="mini-sd: prompts per prompt file (default all, --quick 20)"
+    )
+    p.add_argument(
+        "--prompt-dir",
+        default=None,
+        help="mini-sd: the folder of attack and benign prompt files (default configs/prompts/mini_sd_attacks)",
+    )
     p.add_argument(
         "--samples",
         type=int,
         default=None,
-        help=f"images per prompt set and seed set (default {EvalSettings.samples}, --quick {QUICK['samples']})",
+        help=f"digits: images per prompt set and seed set (default {EvalSettings.samples}, --quick {QUICK['samples']})",
     )
     p.add_argument(
-        "--steps", type=int, default=None, help=f"DDIM steps (default {EvalSettings.steps}, --quick {QUICK['steps']})"
+        "--steps",
+        type=int,
+        default=None,
+        help=f"DDIM steps (digits: default {EvalSettings.steps}, --quick {QUICK['steps']}; mini-sd: 25)",
     )
     p.add_argument(
         "--seeds",
         type=int,
         default=None,
-        help=f"evaluation seed sets, 1..{len(EVAL_SEED_SETS)} (default {EvalSettings.seeds}, --quick {QUICK['seeds']})",
+        help=f"evaluation seed sets (digits: 1..{len(EVAL_SEED_SETS)}, default {EvalSettings.seeds}, --quick "
+        f"{QUICK['seeds']}; mini-sd: 1..3, default 3, --quick 1)",
     )
-    p.add_argument("--quick", action="store_true", help="a short run (about two minutes on one CPU core)")
+    p.add_argument(
+        "--quick", action="store_true", help="a short run (mini-sd: fewer prompts, one seed set, the core rows)"
+    )
     p.add_argument(
         "--tune",
         action="store_true",

@@ -258,7 +258,7 @@ class EvalSettings:
         return d
 
 
-# Sized so that `safe-denoiser evaluate --quick` takes about two minutes on one CPU core.
+# Sized so that `safe-denoiser evaluate --model digits --quick` takes about two minutes on one CPU core.
 QUICK: dict[str, int] = {"samples": 90, "steps": 10, "seeds": 2}
 
 
