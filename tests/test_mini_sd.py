@@ -275,3 +275,22 @@ def test_quality_reads_the_shipped_safe_config() -> None:
     assert isinstance(safe_guidance(), SafeGuidance)
     shipped = json.loads((ASSETS_DIR / "quality.json").read_text())
     assert shipped["safe_denoiser"] == safe_guidance().to_dict()  # quality.json is current with the config
+
+
+def test_preset_study_rule_drops_its_bars_in_order() -> None:
+    """``choose``: the whole rule first, then without the halving, then without the broken bar; a setting that
+    touches the other digits is never chosen."""
+    from safe_denoiser.mini_sd.preset_study import choose
+
+    def row(name: str, unsafe: float, safe_real: float, broken: float, others: float = 1.0) -> dict[str, object]:
+        concept = {"unsafe": unsafe, "safe_real": safe_real, "broken": broken}
+        return {"name": name, "concept": concept, "others": {"safe_real": others}}
+
+    base = row("base", 0.6, 0.36, 0.04)
+    passes, strong_but_broken = row("passes", 0.3, 0.60, 0.09), row("broken", 0.1, 0.62, 0.28)
+    weak, touches_others = row("weak", 0.5, 0.46, 0.04), row("others", 0.0, 0.99, 0.01, others=0.9)
+    assert choose([base, passes, strong_but_broken, weak, touches_others]) == (passes, None)
+    assert choose([base, strong_but_broken, weak, touches_others]) == (weak, "halving")
+    assert choose([base, strong_but_broken, touches_others]) == (strong_but_broken, "broken")
+    with pytest.raises(ValueError, match="other digits"):
+        choose([base, touches_others])
