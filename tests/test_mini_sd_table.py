@@ -334,3 +334,13 @@ def test_quick_table_matches_the_golden_run(ctx: TableContext, tmp_path: Path) -
     assert rows["SD + ours (odds)"]["ring_a_bell"]["asr"]["mean"] < rows["SD"]["ring_a_bell"]["asr"]["mean"]
     for erased in ("ESD", "UCE"):
         assert rows[erased]["ring_a_bell"]["asr"]["mean"] < rows["SD"]["ring_a_bell"]["asr"]["mean"]
+
+
+def test_results_record_repository_paths_relative(tmp_path: Path) -> None:
+    """results.json reads the same on every checkout: the shipped prompt folder is recorded relative to the
+    repository, a folder elsewhere as given."""
+    from safe_denoiser.mini_sd.table.settings import recorded_path
+
+    assert TableSettings().to_dict()["prompt_dir"] == "configs/prompts/mini_sd_attacks"
+    assert TableSettings(prompt_dir=str(tmp_path)).to_dict()["prompt_dir"] == str(tmp_path)
+    assert recorded_path(tmp_path / "x.csv") == str(tmp_path / "x.csv")

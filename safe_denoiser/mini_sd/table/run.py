@@ -13,7 +13,7 @@ from safe_denoiser.files import atomic_write, atomic_write_json, check_out_dir
 from safe_denoiser.mini_sd.table.harness import GRID_IMAGES, TableContext, evaluate_row, judge_features
 from safe_denoiser.mini_sd.table.report import format_table, save_plot, summarize_scores
 from safe_denoiser.mini_sd.table.rows import Row
-from safe_denoiser.mini_sd.table.settings import ATTACK_SETS, BENIGN_SET, TableSettings, load_items
+from safe_denoiser.mini_sd.table.settings import ATTACK_SETS, BENIGN_SET, TableSettings, load_items, recorded_path
 from safe_denoiser.threads import torch_threads
 
 __all__ = ["run_table"]
@@ -40,7 +40,12 @@ def _sets(settings: TableSettings) -> tuple[dict[str, Any], list[str]]:
     for spec in (*ATTACK_SETS, BENIGN_SET):
         if spec.key in files:
             n = len(load_items(spec, files[spec.key], settings.prompts_per_set))
-            present[spec.key] = {"label": spec.label, "format": spec.loader, "file": str(files[spec.key]), "prompts": n}
+            present[spec.key] = {
+                "label": spec.label,
+                "format": spec.loader,
+                "file": recorded_path(files[spec.key]),
+                "prompts": n,
+            }
         else:
             missing.append(spec.key)
     return present, missing

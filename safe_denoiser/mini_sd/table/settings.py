@@ -31,9 +31,20 @@ __all__ = [
     "TableSettings",
     "TableSettingsError",
     "load_items",
+    "recorded_path",
 ]
 
-PROMPT_DIR = Path(__file__).resolve().parents[3] / "configs" / "prompts" / "mini_sd_attacks"
+REPO_ROOT = Path(__file__).resolve().parents[3]
+PROMPT_DIR = REPO_ROOT / "configs" / "prompts" / "mini_sd_attacks"
+
+
+def recorded_path(path: str | Path) -> str:
+    """``path`` as results.json records it: relative to the repository when inside it (the record then reads the
+    same on every checkout), else as given."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(REPO_ROOT)) if resolved.is_relative_to(REPO_ROOT) else str(path)
+
+
 SEED_SET_OFFSETS: tuple[int, ...] = (0, 1_000_000, 2_000_000)
 STEPS = 25  # DDIM steps and CFG scale of configs/mini_sd.yaml
 GUIDANCE_SCALE = 5.0
@@ -126,7 +137,7 @@ class TableSettings:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able settings for results.json."""
-        out = self.key_dict() | {"threads": self.threads, "prompt_dir": self.prompt_dir}
+        out = self.key_dict() | {"threads": self.threads, "prompt_dir": recorded_path(self.prompt_dir)}
         return out | {"rows": [r.name for r in self.rows], "seed_set_offsets": list(self.offsets)}
 
 
