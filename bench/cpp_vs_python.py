@@ -3,11 +3,17 @@
 Models (theorem preset, bundled / random bank):
 
 * demo  - the bundled 8x8-digits model, batch 4, 25 steps;
+* mini_sd - the bundled miniature Stable Diffusion (a real text-to-image StableDiffusionPipeline, 32x32 pixels),
+  exported as the README does (``safe-denoiser export --config configs/mini_sd_safe.yaml``: the odds preset with its
+  bundled negative and reference banks), prompt "a handwritten eight", seeds 0.., batch 4, 25 DDIM steps, CFG 5.0:
+  prompt -> text encoder -> loop -> VAE decoder -> PNG; the PyTorch row is that config's pipeline with ``attach``;
 * sd14  - the SD-1.4 architecture with random weights at 16x16 latents (128x128 pixels), batch 1, 3 steps, with
   the text encoder and the VAE decoder (``--quick`` skips it);
 * sd3, flux - the tiny random-weight SD3 (odds preset) and Flux (constant preset, T5 tokenizer) flow bundles of
   cpp_runtime/scripts/make_test_bundles.py, 16x16 pixels, batch 1, 4 steps: prompt -> text encoders -> FlowMatch
   Euler loop -> VAE decoder -> PNG (``--quick`` skips them; ``--models sd3,flux`` runs only them).
+
+``--quick`` runs the demo only; ``--models mini_sd`` (or any comma-separated subset) runs only those.
 
 Measured in one run, same steps and ``--threads`` intra-op threads everywhere:
 
@@ -108,6 +114,9 @@ def run_measured(cmd: list[str]) -> tuple[float, int, str]:
 
 
 FLOW_MODELS = ("sd3", "flux")  # bundle "tiny_<name>" of make_test_bundles.py
+MODELS = ("demo", "mini_sd", "sd14", "sd3", "flux")
+MINI_SD_CONFIG = ROOT / "configs" / "mini_sd_safe.yaml"
+MINI_SD_PROMPT = "a handwritten eight"  # configs/prompts/mini_sd.csv's first prompt (its seeds are 0, 1, ...)
 
 
 def flow_args(name: str, tmp: Path) -> dict[str, Any]:
@@ -126,10 +135,27 @@ def flow_args(name: str, tmp: Path) -> dict[str, Any]:
     return dict(script.specs(tmp)[f"tiny_{name}"])
 
 
+def export_mini_sd(tmp: Path, steps: int) -> tuple[Path, Any]:
+    """The README's ``safe-denoiser export --config configs/mini_sd_safe.yaml`` (a process), and that config's
+    pipeline, banks and guidance for the PyTorch row (the same ``load_source`` the export command calls)."""
+    from safe_denoiser.export.exporter import load_source, read_model_section
+
+    out = tmp / "mini_sd"
+    cli = Path(sys.executable).with_name("safe-denoiser")
+    cmd = [str(cli)] if cli.is_file() else [sys.executable, "-m", "safe_denoiser.cli"]
+    subprocess.run([*cmd, "export", "--config", str(MINI_SD_CONFIG), "--out", str(out)], check=True, cwd=ROOT)
+    source = load_source(read_model_section(MINI_SD_CONFIG))
+    if source.num_inference_steps != steps or source.guidance_scale != 5.0:
+        raise ValueError(f"{MINI_SD_CONFIG}: expected {steps} steps and CFG 5.0 (the bench's settings)")
+    return out, source
+
+
 def export(name: str, tmp: Path, steps: int) -> tuple[Path, Any]:
     import safe_denoiser.testing  # noqa: F401  (the tiny model kinds)
     from safe_denoiser.export.exporter import export_bundle, load_source
 
+    if name == "mini_sd":
+        return export_mini_sd(tmp, steps)
     if name in FLOW_MODELS:
         source = load_source({**flow_args(name, tmp), "num_inference_steps": steps})
         export_bundle(source, tmp / name)
@@ -176,6 +202,14 @@ def torch_rate(name: str, source: Any, reqs: list[dict[str, Any]], batch: int, s
                         num_inference_steps=steps,
                         generator=gens,
                         guidance_scale=2.0,
+                        output_type="np",
+                    ).images
+                elif name == "mini_sd":  # fixed 32x32; CFG 5.0 as the config (and so the bundle) has it
+                    out = pipe(
+                        [r["prompt"] for r in chunk],
+                        num_inference_steps=steps,
+                        generator=gens,
+                        guidance_scale=5.0,
                         output_type="np",
                     ).images
                 else:
@@ -258,10 +292,12 @@ def server_bench(bundle: Path, reqs: list[dict[str, Any]], threads: int, steps: 
 
 
 def run_model(name: str, images: int, threads: int, tmp: Path) -> dict[str, Any]:
-    batch, steps = (4, 25) if name == "demo" else (1, 4) if name in FLOW_MODELS else (1, 3)
+    batch, steps = (4, 25) if name in ("demo", "mini_sd") else (1, 4) if name in FLOW_MODELS else (1, 3)
     bundle, source = export(name, tmp, steps)
     if name == "demo":
         reqs: list[dict[str, Any]] = [{"class": i % 10, "seed": i} for i in range(images)]
+    elif name == "mini_sd":
+        reqs = [{"prompt": MINI_SD_PROMPT, "seed": i} for i in range(images)]
     else:
         reqs = [{"prompt": f"a photo of a cat number {i}", "seed": i} for i in range(images)]
     (tmp / f"{name}.jsonl").write_text("\n".join(json.dumps({**r, "steps": steps}) for r in reqs) + "\n")
@@ -319,11 +355,15 @@ def run_model(name: str, images: int, threads: int, tmp: Path) -> dict[str, Any]
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="the demo model only")
-    p.add_argument("--models", default="demo,sd14,sd3,flux", help="comma-separated: demo, sd14, sd3, flux")
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "cpp_vs_python.json"))
     args = p.parse_args(argv)
+    models = ["demo"] if args.quick else [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown:
+        p.error(f"unknown --models {', '.join(unknown)} (choose from {', '.join(MODELS)})")
     if not BINARY.is_file():
         raise SystemExit(f"{BINARY} is missing: run `make cpp` first")
     import torch
@@ -331,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     results = []
     with tempfile.TemporaryDirectory(prefix="cpp-vs-python-") as tmp:
-        for name in ["demo"] if args.quick else args.models.split(","):
+        for name in models:
             images = max(2, args.images // 4) if name == "sd14" else args.images
             results.append(run_model(name, images, args.threads, Path(tmp)))
     header = [
