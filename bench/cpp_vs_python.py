@@ -66,6 +66,8 @@ b = Bundle(bundle_dir, threads=threads)
 b.session("denoiser")
 for g in b.manifest.graphs:
     b.session(g)
+if b.manifest.tokenizer is not None:  # the tokenizer (and transformers) load on first use: part of start-up
+    b.encode([""])
 t1 = time.perf_counter()
 for i in range(0, len(reqs), batch):
     chunk = reqs[i : i + batch]
