@@ -38,6 +38,7 @@ from .contract import check_session_io
 from .ddpm_sampler import ddpm_settings, ddpm_step
 from .manifest import GraphOptimization, Manifest, ManifestError, SchedulerInfo
 from .noise import INITIAL_STREAM, ddpm_stream, gaussian_noise, renoise_stream
+from .prompt_tokenizer import load_prompt_tokenizer
 from .safree_text import SafreePrompt, masked_ids, pooled_rows, safree_prompt
 from .tokenizer_spec import TokenizerSpec, TokenizerSpecError
 
@@ -248,14 +249,10 @@ class Bundle:
         if self.manifest.tokenizer is None:
             raise ValueError("this bundle has no text encoder (its model takes class labels or embeddings)")
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(str(self.path / self.manifest.tokenizer))
-        tok = self._tokenizer
-        out = tok(
-            list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="np"
-        )
-        return out.input_ids.astype(np.int64), out.attention_mask.astype(np.int64)
+            folder = self.path / self.manifest.tokenizer
+            self._tokenizer = load_prompt_tokenizer(folder) or _transformers_tokenizer(folder)
+        ids, mask = self._tokenizer(prompts)
+        return ids, mask
 
     def _text(self, ids: np.ndarray) -> np.ndarray:
         """text_encoder.onnx's last hidden state (B, L, D) float32."""
@@ -583,3 +580,18 @@ def run_bundle(
     if bundle.manifest.flow is not None:
         return bundle.sample_flow(prompts=conditioning, noise=noise, steps=steps, **kwargs).sample
     return bundle.sample(conditioning, noise=noise, steps=steps, **kwargs).sample
+
+
+def _transformers_tokenizer(folder: Path) -> Any:
+    """The folder's tokenizer through transformers (a folder without the fast form): (ids, mask) as the pipelines."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+
+    def tokenize(prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        out = tok(
+            list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="np"
+        )
+        return out.input_ids.astype(np.int64), out.attention_mask.astype(np.int64)
+
+    return tokenize
