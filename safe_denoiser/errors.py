@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["FieldError"]
+__all__ = ["FieldError", "require_positive_ints"]
 
 
 class FieldError(ValueError):
@@ -21,3 +21,12 @@ class FieldError(ValueError):
     def for_flag(self, flag: str) -> ValueError:
         """The same message naming a command-line flag instead of the field."""
         return ValueError(f"{flag} must be {self.expected}, got {self.got!r}")
+
+
+def require_positive_ints(owner: object, *names: str) -> None:
+    """Raise ``FieldError`` (owned by ``owner``'s class) for the first of ``names`` that is not an int >= 1 (a bool
+    is not): the common check of settings dataclasses' sizes and counts."""
+    for name in names:
+        value = getattr(owner, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise FieldError(name, "a positive integer", value, owner=type(owner).__name__)

@@ -128,3 +128,20 @@ def test_regeneration_is_deterministic(encoder: TextEncoder, tmp_path: Path) -> 
     for spec in FILES:
         assert (tmp_path / "a" / spec.name).read_bytes() == (tmp_path / "b" / spec.name).read_bytes()
         assert (tmp_path / "a" / spec.name).read_text() == csv_text(spec.header, first[spec.name])
+
+
+@pytest.mark.parametrize(
+    ("cls", "field"),
+    [("GCGConfig", "top_k"), ("GeneticConfig", "generations"), ("EsdSettings", "batch_size")],
+)
+@pytest.mark.parametrize("bad", [0, -3, True, 2.0])
+def test_settings_sizes_must_be_positive_integers(cls: str, field: str, bad: object) -> None:
+    """Every size of the attacks' and ESD's settings: an int >= 1 (not a bool, not a float), the error naming the
+    class and the field (``errors.require_positive_ints``)."""
+    from safe_denoiser.mini_sd.attacks.mma import GCGConfig
+    from safe_denoiser.mini_sd.attacks.ring_a_bell import GeneticConfig
+    from safe_denoiser.mini_sd.erasure.esd import EsdSettings
+
+    settings = {"GCGConfig": GCGConfig, "GeneticConfig": GeneticConfig, "EsdSettings": EsdSettings}[cls]
+    with pytest.raises(ValueError, match=rf"^{cls}\.{field} must be a positive integer, got {bad!r}$"):
+        settings(**{field: bad})

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from safe_denoiser.errors import require_positive_ints
 from safe_denoiser.mini_sd.attacks.text import TextEncoder
 
 __all__ = ["GCGConfig", "GCGResult", "embedding_loss", "gcg_attack"]
@@ -41,9 +42,7 @@ class GCGConfig:
     objective: Objective = "pooled"
 
     def __post_init__(self) -> None:
-        for name in ("length", "steps", "candidates", "top_k"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"GCGConfig.{name} must be >= 1, got {getattr(self, name)}")
+        require_positive_ints(self, "length", "steps", "candidates", "top_k")
         if self.objective not in ("pooled", "states"):
             raise ValueError(f"GCGConfig.objective must be 'pooled' or 'states', got {self.objective!r}")
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from safe_denoiser.errors import require_positive_ints
 from safe_denoiser.mini_sd import captions
 from safe_denoiser.mini_sd.attacks.text import TextEncoder
 from safe_denoiser.mini_sd.data import UNSAFE_DIGIT
@@ -80,9 +81,7 @@ class GeneticConfig:
     eta: float = 2.0
 
     def __post_init__(self) -> None:
-        for name in ("length", "population", "generations"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"GeneticConfig.{name} must be >= 1, got {getattr(self, name)}")
+        require_positive_ints(self, "length", "population", "generations")
         if self.population % 2 or self.population < 4:
             raise ValueError(f"GeneticConfig.population must be even and >= 4, got {self.population}")
         if not 0.0 <= self.mutation_rate <= 1.0:

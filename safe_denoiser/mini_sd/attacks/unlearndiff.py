@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from safe_denoiser.errors import require_positive_ints
 from safe_denoiser.files import atomic_write
 from safe_denoiser.mini_sd.attacks.filter import contains_sensitive
 from safe_denoiser.mini_sd.attacks.text import TextEncoder
@@ -139,10 +140,7 @@ class AttackSettings:
     eval_steps: int = 25
 
     def __post_init__(self) -> None:
-        for name in ("tokens", "stages", "iterations", "batch", "targets", "eval_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"AttackSettings.{name} must be a positive integer, got {value!r}")
+        require_positive_ints(self, "tokens", "stages", "iterations", "batch", "targets", "eval_steps")
         if isinstance(self.t_min, bool) or not isinstance(self.t_min, int) or self.t_min < 0:
             raise ValueError(f"AttackSettings.t_min must be an integer >= 0, got {self.t_min!r}")
         for name in ("lr", "guidance_scale"):

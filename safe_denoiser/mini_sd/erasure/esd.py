@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from safe_denoiser.errors import require_positive_ints
 from safe_denoiser.files import atomic_write, atomic_write_json
 from safe_denoiser.mini_sd.data import Concept
 from safe_denoiser.mini_sd.erasure.prompts import drawn_captions, text_states
@@ -71,8 +72,7 @@ class EsdSettings:
     def __post_init__(self) -> None:
         if self.scope not in _SCOPES:
             raise ValueError(f"scope must be one of {', '.join(_SCOPES)}, got {self.scope!r}")
-        if self.steps < 1 or self.batch_size < 1 or self.sample_steps < 1 or self.prompts < 1:
-            raise ValueError(f"steps, batch_size, sample_steps and prompts must be >= 1, got {self}")
+        require_positive_ints(self, "steps", "batch_size", "sample_steps", "prompts")
 
 
 def trainable_names(unet: torch.nn.Module, scope: Scope) -> list[str]:
