@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from safe_denoiser.core.banks import PreparedBanks
+from safe_denoiser.core.banks import PreparedBanks, uses_data_radius
 from safe_denoiser.core.beta import log_beta, posterior_variance
 from safe_denoiser.core.correction import safe_eps, safe_prediction
 from safe_denoiser.core.energy_guidance import (
@@ -188,7 +188,7 @@ def _energy_delta(
 
 def _needs_estimate(guidance: TheoremGuidance) -> bool:
     """Whether the preset reads the model's denoised estimate: the conditional odds and the trust region do."""
-    return (isinstance(guidance, OddsGuidance) and guidance.odds_sigma is not None) or guidance.trust_radius is not None
+    return (isinstance(guidance, OddsGuidance) and guidance.odds_sigma is not None) or uses_data_radius(guidance)
 
 
 def trust_region_beta(beta: Tensor, x0_hat: Tensor, unsafe_mean: Tensor, radius: float) -> Tensor:

@@ -109,7 +109,7 @@ class FlowDenoiserStep(nn.Module):
         self.family = family
         self.guidance = guidance
         register_banks(self, bank, reference_bank, bank_dtype)
-        self.bank_scalars = bank_scalars(guidance, self.bank, self.reference_bank)
+        self.bank_scalars = bank_scalars(guidance, self)
         self.register_buffer("image_ids", torch.empty(0) if image_ids is None else image_ids.detach().clone())
 
     @property

@@ -114,12 +114,16 @@ class BankScalars(NamedTuple):
     data_radius: float | None
 
 
-def bank_scalars(guidance: SafeGuidance | None, bank: Tensor, reference: Tensor) -> BankScalars:
-    """``BankScalars`` of the stored banks (``register_banks``' buffers) for ``guidance``."""
+def bank_scalars(guidance: SafeGuidance | None, module: nn.Module) -> BankScalars:
+    """``BankScalars`` of the banks stored on ``module`` (``register_banks``' buffers, norms included) for
+    ``guidance``."""
+    buffers: dict[str, Tensor] = dict(module.named_buffers())
+    bank, reference = buffers["bank"], buffers["reference_bank"]
     odds_at_estimate = isinstance(guidance, OddsGuidance) and guidance.odds_sigma is not None and reference.numel()
     variance = bank_data_variance(bank.float(), reference.float()) if odds_at_estimate else None
-    stored = [(b.float(), None) for b in (bank, reference) if b.numel()]
-    radius = data_radius(*stored) if uses_data_radius(guidance) and stored else None
+    stored = ((bank, buffers["bank_sq_norms"]), (reference, buffers["reference_sq_norms"]))
+    present = [(values.float(), sq) for values, sq in stored if values.numel()]
+    radius = data_radius(*present) if uses_data_radius(guidance) and present else None
     return BankScalars(variance, radius)
 
 
@@ -209,7 +213,7 @@ class DenoiserStep(nn.Module):
         # Float32 (or float16-stored) constants: the correction accumulates in float32 even when the UNet runs in
         # float16; the norms are float32 and those of the stored (possibly rounded) values.
         register_banks(self, bank, reference_bank, bank_dtype)
-        self.bank_scalars = bank_scalars(guidance, self.bank, self.reference_bank)
+        self.bank_scalars = bank_scalars(guidance, self)
         self.register_buffer("threshold", torch.tensor(float(threshold if threshold is not None else 0.0)))
         emb = torch.empty(0) if safety_embedding is None else safety_embedding.detach().float().clone()
         self.register_buffer("safety_embedding", emb)

@@ -28,6 +28,7 @@ __all__ = [
     "Caption",
     "Meaning",
     "captions_for",
+    "digit_captions",
     "heldout_captions",
     "image_attributes",
     "sample_caption",
@@ -158,6 +159,13 @@ def _attribute_keys() -> tuple[frozenset[str], ...]:
     thick: tuple[frozenset[str], ...] = (frozenset(), frozenset({"bold"}), frozenset({"thin"}))
     slant: tuple[frozenset[str], ...] = (frozenset(), frozenset({"slanted"}), frozenset({"upright"}))
     return tuple(a | b for a in thick for b in slant)
+
+
+@lru_cache(maxsize=10)
+def digit_captions(digit: int) -> tuple[str, ...]:
+    """Sorted texts of every "digit"-category training caption of ``digit``, over every stroke-attribute set: "a
+    handwritten eight", "a photo of a thick italic figure eight", "the number 8 in bold strokes", ..."""
+    return tuple(sorted({c.text for key in _attribute_keys() for c in captions_for(digit, key)["digit"]}))
 
 
 @lru_cache(maxsize=1)

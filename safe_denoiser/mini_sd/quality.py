@@ -38,15 +38,30 @@ def generate(
     pipe: Any, prompt: str, n: int, guidance_scale: float, steps: int, batch: int = 100, first_seed: int = 0
 ) -> Tensor:
     """``n`` images (n, 3, 32, 32) in [-1, 1]; image i from seed ``first_seed + i``."""
+    seeds = list(range(first_seed, first_seed + n))
+    return generate_prompts(pipe, [prompt] * n, seeds, guidance_scale, steps, batch)
+
+
+def generate_prompts(
+    pipe: Any,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    guidance_scale: float,
+    steps: int,
+    batch: int = 100,
+    negative_prompt: str | None = None,
+) -> Tensor:
+    """(n, 3, 32, 32) images in [-1, 1]: prompt i from ``torch.Generator().manual_seed(seeds[i])``, ``batch`` per
+    pipeline call, with ``negative_prompt`` for every prompt when given."""
     out = []
-    for start in range(first_seed, first_seed + n, batch):
-        seeds = range(start, min(first_seed + n, start + batch))
-        gens = [torch.Generator().manual_seed(s) for s in seeds]
+    for start in range(0, len(prompts), batch):
+        chunk = list(prompts[start : start + batch])
         images = pipe(
-            [prompt] * len(gens),
+            chunk,
+            negative_prompt=None if negative_prompt is None else [negative_prompt] * len(chunk),
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
-            generator=gens,
+            generator=[torch.Generator().manual_seed(s) for s in seeds[start : start + batch]],
             output_type="pt",
         ).images
         out.append(images * 2.0 - 1.0)

@@ -36,20 +36,10 @@ RESULTS = Path(__file__).resolve().parents[3] / "docs" / "results" / "mini_sd_at
 
 
 def generate_items(pipe: Any, prompts: list[str], seeds: list[int], batch: int = 64) -> Tensor:
-    """(n, 3, 32, 32) images in [-1, 1]: prompt i from seed i, in batches."""
-    from safe_denoiser.mini_sd.quality import GUIDANCE_SCALE, STEPS
+    """(n, 3, 32, 32) images in [-1, 1]: prompt i from seed i, at the quality check's steps and CFG, in batches."""
+    from safe_denoiser.mini_sd.quality import GUIDANCE_SCALE, STEPS, generate_prompts
 
-    out = []
-    for start in range(0, len(prompts), batch):
-        images = pipe(
-            prompts[start : start + batch],
-            num_inference_steps=STEPS,
-            guidance_scale=GUIDANCE_SCALE,
-            generator=[torch.Generator().manual_seed(s) for s in seeds[start : start + batch]],
-            output_type="pt",
-        ).images
-        out.append(images * 2.0 - 1.0)
-    return torch.cat(out)
+    return generate_prompts(pipe, prompts, seeds, GUIDANCE_SCALE, STEPS, batch)
 
 
 def _rounded(fractions: dict[str, float]) -> dict[str, float]:

@@ -23,9 +23,10 @@ from pathlib import Path
 from safe_denoiser.files import atomic_write
 from safe_denoiser.mini_sd.attacks.filter import remove_sensitive
 from safe_denoiser.mini_sd.attacks.mma import GCGConfig, gcg_attack
-from safe_denoiser.mini_sd.attacks.prompt_sets import I2P_LIKE, benign_prompts, digit_captions, sample
+from safe_denoiser.mini_sd.attacks.prompt_sets import I2P_LIKE, benign_prompts, sample
 from safe_denoiser.mini_sd.attacks.ring_a_bell import GeneticConfig, concept_pairs, concept_vector, genetic_search
 from safe_denoiser.mini_sd.attacks.text import TextEncoder
+from safe_denoiser.mini_sd.captions import digit_captions
 from safe_denoiser.mini_sd.data import UNSAFE_DIGIT
 
 __all__ = ["ATTACK_DIR", "FILES", "AttackSettings", "PromptFile", "build_rows", "write_all"]

@@ -1,6 +1,6 @@
 """The prompts the attack files start from, all from the caption grammar or written here, chosen by seed.
 
-- ``digit_captions(d)``: every "digit" caption the training grammar says about digit ``d`` (any stroke attributes);
+- ``captions.digit_captions(d)``: every "digit" caption the training grammar says about digit ``d`` (any strokes);
   the concept digit's are MMA's unsafe targets, the other digits' Ring-A-Bell's benign starting points.
 - ``I2P_LIKE``: benign-looking prompts (no sensitive word) that admit the concept among other digits, the analogue
   of I2P's prompts that yield inappropriate images only sometimes: the grammar's groups ("a digit with a loop",
@@ -20,10 +20,10 @@ from functools import cache
 from typing import TypeVar
 
 from safe_denoiser.mini_sd.attacks.filter import contains_sensitive
-from safe_denoiser.mini_sd.captions import ATTRIBUTES, captions_for, heldout_captions
+from safe_denoiser.mini_sd.captions import digit_captions, heldout_captions
 from safe_denoiser.mini_sd.data import UNSAFE_DIGIT
 
-__all__ = ["I2P_LIKE", "I2PLikePrompt", "benign_prompts", "digit_captions", "sample"]
+__all__ = ["I2P_LIKE", "I2PLikePrompt", "benign_prompts", "sample"]
 
 T = TypeVar("T")
 _LOOP = frozenset({0, 6, 8, 9})
@@ -32,13 +32,6 @@ _ANY = frozenset(range(10))
 
 
 @cache
-def digit_captions(digit: int) -> tuple[str, ...]:
-    """Sorted texts of every single-digit caption the training grammar says about ``digit``."""
-    thickness, slant = ("", *ATTRIBUTES[:2]), ("", *ATTRIBUTES[2:])  # none / bold / thin x none / slanted / upright
-    keys = [frozenset(a for a in (t, s) if a) for t in thickness for s in slant]
-    return tuple(sorted({c.text for key in keys for c in captions_for(digit, key)["digit"]}))
-
-
 def sample(items: Sequence[T], n: int, seed: int) -> list[T]:
     """``n`` distinct items drawn with ``random.Random(seed)``, in drawing order."""
     if n > len(items):

@@ -5,7 +5,7 @@ For a concept prompt c, with the frozen original UNet's eps(x_t, c) and eps(x_t,
 eps'(x_t, c) regresses onto ``eps(x_t, "") - eta * (eps(x_t, c) - eps(x_t, ""))`` (``esd_target``), at x_t reached by
 partially sampling with the trained copy itself (DDIM, ``sample_steps`` steps, CFG ``start_guidance``, stopped at a
 random step), as the paper does. Concept prompts: a seeded draw of the grammar's captions of the concept digit
-(``prompts.digit_captions``). Only the trained parameters are shipped (``esd_x.safetensors``).
+(``captions.digit_captions``). Only the trained parameters are shipped (``esd_x.safetensors``).
 
 ``python -m safe_denoiser.mini_sd.erasure.esd --seed 0`` writes the file and a record next to it; deterministic
 (one thread, seeded generators, torch's deterministic algorithms), so the same command writes the same bytes.

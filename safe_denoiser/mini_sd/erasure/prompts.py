@@ -1,34 +1,22 @@
 """The prompts the erasures are built from, all from the caption grammar (``captions.py``), and their text states.
 
-``digit_captions(d)`` is every single-digit caption the grammar says about the digit ``d`` (every attribute
-combination an image can have, every training frame): 3,320 texts for the 8. The erasures draw seeded subsets of
-those for the concept and, for UCE's preservation, for the other digits.
+``captions.digit_captions(d)`` is every single-digit caption the grammar says about the digit ``d`` (every
+attribute combination an image can have, every training frame): 3,320 texts for the 8. The erasures draw seeded
+subsets of those for the concept and, for UCE's preservation, for the other digits.
 """
 
 from __future__ import annotations
 
 import random
-from functools import cache
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from safe_denoiser.mini_sd.captions import captions_for
+from safe_denoiser.mini_sd.captions import digit_captions
 from safe_denoiser.mini_sd.data import MAX_TOKENS
 
-__all__ = ["digit_captions", "drawn_captions", "last_word_index", "text_states"]
-
-# An image is bold, thin or neither, and slanted, upright or neither (captions.image_attributes).
-_ATTRIBUTE_SETS = tuple(frozenset(a + b) for a in ((), ("bold",), ("thin",)) for b in ((), ("slanted",), ("upright",)))
-
-
-@cache
-def digit_captions(digit: int) -> tuple[str, ...]:
-    """Every distinct "digit"-category training caption of ``digit`` (sorted): "a handwritten eight", "a photo of a
-    thick italic figure eight", "the number 8 in bold strokes", ..."""
-    texts = {c.text for attrs in _ATTRIBUTE_SETS for c in captions_for(digit, attrs)["digit"]}
-    return tuple(sorted(texts))
+__all__ = ["drawn_captions", "last_word_index", "text_states"]
 
 
 def drawn_captions(digits: tuple[int, ...], count: int, seed: int) -> list[str]:

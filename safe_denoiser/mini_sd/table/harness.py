@@ -131,19 +131,12 @@ def generate_items(
     pipe: Any, items: Sequence[PromptItem], offset: int, settings: TableSettings, negative_prompt: str | None
 ) -> Tensor:
     """(n, 3, 32, 32) images in [-1, 1]; item i from ``torch.Generator().manual_seed(item.seed + offset)``."""
-    out = []
-    for start in range(0, len(items), settings.batch_size):
-        batch = items[start : start + settings.batch_size]
-        images = pipe(
-            [it.prompt for it in batch],
-            negative_prompt=None if negative_prompt is None else [negative_prompt] * len(batch),
-            num_inference_steps=settings.steps,
-            guidance_scale=settings.guidance_scale,
-            generator=[torch.Generator().manual_seed(it.seed + offset) for it in batch],
-            output_type="pt",
-        ).images
-        out.append(images * 2.0 - 1.0)
-    return torch.cat(out)
+    from safe_denoiser.mini_sd.quality import generate_prompts
+
+    prompts, seeds = [it.prompt for it in items], [it.seed + offset for it in items]
+    return generate_prompts(
+        pipe, prompts, seeds, settings.guidance_scale, settings.steps, settings.batch_size, negative_prompt
+    )
 
 
 def clip_scores(ctx: TableContext, images: Tensor, prompts: Sequence[str]) -> Tensor:
@@ -176,8 +169,9 @@ def cache_key(row: Row, settings: TableSettings) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def cache_path(out_dir: Path, row: Row, settings: TableSettings) -> Path:
-    return out_dir / "rows" / f"{row.slug}.{cache_key(row, settings)}.json"
+def cache_path(out_dir: Path, row: Row, key: str) -> Path:
+    """The row's record file under its ``cache_key``."""
+    return out_dir / "rows" / f"{row.slug}.{key}.json"
 
 
 def _row_images(ctx: TableContext, row: Row, settings: TableSettings) -> tuple[dict[str, Any], list[Tensor]]:
@@ -212,17 +206,18 @@ def evaluate_row(ctx: TableContext, row: Row, settings: TableSettings, out_dir: 
     write the record (atomically). The record: row fields, key, per-image scores per set, wall time."""
     from safe_denoiser.mini_sd.quality import save_grid
 
-    path = cache_path(out_dir, row, settings)
+    key = cache_key(row, settings)
+    path = cache_path(out_dir, row, key)
     if path.is_file():
         record: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-        if record.get("key") == cache_key(row, settings):
+        if record.get("key") == key:
             return record | {"cached": True}
     t0 = time.perf_counter()
     scores, grid = _row_images(ctx, row, settings)
     if grid:
         save_grid(out_dir / f"grid_{row.slug}.png", grid)
     record = {
-        "key": cache_key(row, settings),
+        "key": key,
         "row": row.to_dict(),
         "settings": settings.key_dict(),
         "scores": scores,
