@@ -12,9 +12,9 @@ rounds) in one run:
 Ratios use each variant's fastest round (other processes only ever add time), in wall time and in this
 process's CPU time (which does not count time spent descheduled by other jobs on a shared machine).
 
-The correction alone (``SafeScheduler.correct``, no UNet) is also timed over many repeats, for the constant, the
-conditional-odds (``odds_sigma``, with a reference bank of the same size) and the reference presets, because on a
-shared CPU its milliseconds are below the UNet's run-to-run noise.
+The correction alone (``SafeScheduler.correct``, no UNet) is also timed over many repeats for every preset the
+library ships (constant, mass, the conditional odds with a reference bank of the same size, reference, sgf,
+shielded), because on a shared CPU its milliseconds are below the UNet's run-to-run noise.
 
 Usage: python bench/pipeline_overhead.py [--rounds 3] [--threads N] [--out bench/results/pipeline_overhead.json]
 """
@@ -37,6 +37,7 @@ from torch import Tensor
 
 from safe_denoiser import (
     ConstantGuidance,
+    MassGuidance,
     OddsGuidance,
     PreparedBanks,
     ReferenceGuidance,
@@ -46,6 +47,8 @@ from safe_denoiser import (
     SLDUNet,
 )
 from safe_denoiser.core.bank import l2_normalize_positions
+from safe_denoiser.core.energy_guidance import suggest_radius
+from safe_denoiser.core.guidance import SGFGuidance, ShieldedGuidance
 from safe_denoiser.diffusers.pipelines import make_scheduler, sd14_unet
 from safe_denoiser.files import atomic_write_json as write_json
 
@@ -130,6 +133,26 @@ def time_steps(bench: StepBench, rounds: int) -> tuple[dict[str, list[float]], d
     return times, cpu_times
 
 
+def correction_presets(bank: Tensor) -> list[tuple[str, SafeGuidance]]:
+    """One setting of every preset the library ships, each firing at the timed step (t = 881, inside every window).
+
+    Shielded's radius is the bank's own scale (``suggest_radius``): its cost does not depend on how many items fall
+    inside (both bank reads are dense GEMVs), only its output does.
+    """
+    presets: list[tuple[str, SafeGuidance]] = [
+        ("constant", ConstantGuidance(beta=0.5)),
+        ("mass", MassGuidance()),
+        ("odds (odds_sigma 1)", OddsGuidance(odds_scale=3.0, odds_sigma=1.0)),
+        ("reference", ReferenceGuidance(threshold=0.0)),
+        ("sgf", SGFGuidance()),
+        ("shielded", ShieldedGuidance(radius=suggest_radius(bank))),
+    ]
+    shipped = {g.preset for _, g in presets}
+    if shipped != set(SafeGuidance.preset_names()):  # a new preset must get a row here
+        raise RuntimeError(f"bench presets {sorted(shipped)} != the library's {SafeGuidance.preset_names()}")
+    return presets
+
+
 def time_corrections(bench: StepBench, banks: dict[int, Tensor]) -> dict[str, float]:
     """The correction alone (``SafeScheduler.correct``, no UNet), median ms of 10, per preset and bank size."""
     eps = torch.randn(1, *LATENT)
@@ -137,11 +160,7 @@ def time_corrections(bench: StepBench, banks: dict[int, Tensor]) -> dict[str, fl
     correction_ms: dict[str, float] = {}
     for n, b in banks.items():
         reference = l2_normalize_positions(torch.randn(n, *LATENT))
-        for preset, g in (
-            ("constant", ConstantGuidance(beta=0.5)),
-            ("odds (odds_sigma 1)", OddsGuidance(odds_scale=3.0, odds_sigma=1.0)),
-            ("reference", ReferenceGuidance(threshold=0.0)),
-        ):
+        for preset, g in correction_presets(b):
             s = safe_ddim(b, g, reference if g.needs_reference_bank else None)
             with torch.inference_mode():
                 s.correct(eps, t, x)

@@ -401,3 +401,12 @@ def test_safe_scheduler_prepares_the_banks_of_its_guidance() -> None:
     plain = SafeScheduler(make_scheduler("ddim"), neg, "mass")
     assert plain.guidance == MassGuidance() and plain.banks.reference is None
     assert SafeScheduler(make_scheduler("ddim"), neg).guidance == ConstantGuidance()
+
+
+def test_preset_names_are_what_from_dict_accepts() -> None:
+    """``preset_names`` lists every shipped preset (benches loop over it), and each name builds its own type."""
+    assert SafeGuidance.preset_names() == tuple(sorted(PRESETS))
+    for name in SafeGuidance.preset_names():
+        assert SafeGuidance.from_dict({"preset": name}).preset == name
+    with pytest.raises(ValueError, match="must be one of " + ", ".join(SafeGuidance.preset_names())):
+        SafeGuidance.from_dict({"preset": "nope"})

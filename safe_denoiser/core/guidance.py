@@ -103,6 +103,11 @@ class SafeGuidance:
         return {"preset": self.preset, **asdict(self), "window": list(self.window)}
 
     @staticmethod
+    def preset_names() -> tuple[str, ...]:
+        """The names of every preset the library ships, sorted (what ``from_dict`` accepts under ``preset``)."""
+        return tuple(sorted(_PRESETS))
+
+    @staticmethod
     def from_dict(data: Mapping[str, Any]) -> SafeGuidance:
         """``{"preset": name, **fields}`` -> that preset's type (the inverse of ``to_dict``); bad names say why."""
         values = dict(data)
