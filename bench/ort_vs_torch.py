@@ -22,11 +22,13 @@ export and session-creation times and the final-sample relative difference betwe
 as ORT_ENABLE_ALL output for the CPU provider, sessions created without re-optimising): its "session s" is the
 start-up saved, its step time what offline optimisation gives over the default session-time optimisation.
 
-``--int8`` adds rows for bundles exported with ``--precision int8`` (dynamic int8 weights of the UNet's MatMul / Conv,
-the correction float32), with and without ``--optimize``; their "final rel diff" is against PyTorch's float32 loop.
+``--int8`` adds rows for bundles exported with ``--precision int8``, with and without ``--optimize``, one per
+``--int8-formats`` entry: dynamic (int8 weights of the UNet's MatMul / Gemm, activations quantized per call) and / or
+qdq (QDQ int8 MatMul / Conv / Gemm, activation ranges calibrated on the bundle's own denoiser inputs); the correction
+stays float32. Their "final rel diff" is against PyTorch's float32 loop.
 
-Usage: python bench/ort_vs_torch.py [--quick] [--optimize] [--int8] [--threads 1] [--repeats K]
-[--out bench/results/ort_vs_torch.json] (``--quick``: the demo model only.)
+Usage: python bench/ort_vs_torch.py [--quick] [--optimize] [--int8 [--int8-formats dynamic,qdq]] [--threads 1]
+[--repeats K] [--out bench/results/ort_vs_torch.json] (``--quick``: the demo model only.)
 """
 
 from __future__ import annotations
@@ -137,7 +139,7 @@ def torch_side(
 
 
 def build_and_export(
-    name: str, steps: int, tmp: Path, optimize: bool, precision: str = "fp32"
+    name: str, steps: int, tmp: Path, optimize: bool, precision: str = "fp32", int8_format: str = "dynamic"
 ) -> tuple[Any, Path, tuple[int, ...], float, float]:
     """(source, bundle folder, sample shape, build seconds, export seconds) of one model with a random 16-item bank."""
     shape = (1, 8, 8) if name == "demo" else (4, 32, 32)
@@ -148,16 +150,18 @@ def build_and_export(
     build_s = time.perf_counter() - t0
     log(f"{name}: built in {build_s:.1f} s; exporting")
     t0 = time.perf_counter()
-    folder = tmp / f"{name}-{precision}{'-optimized' if optimize else ''}"
-    export_bundle(source, folder, ExportOptions(verify=False, optimize=optimize, precision=precision))
+    folder = tmp / f"{name}-{precision}-{int8_format}{'-optimized' if optimize else ''}"
+    options = ExportOptions(verify=False, optimize=optimize, precision=precision, int8_format=int8_format)  # type: ignore[arg-type]
+    export_bundle(source, folder, options)
     export_s = time.perf_counter() - t0
     log(f"{name}: exported in {export_s:.1f} s")
     return source, folder, shape, build_s, export_s
 
 
-def row_label(name: str, optimize: bool, precision: str) -> str:
+def row_label(name: str, optimize: bool, precision: str, int8_format: str = "dynamic") -> str:
     """The table's model column: the model and the export flags of its bundle."""
-    return name + (" --optimize" if optimize else "") + (f" --precision {precision}" if precision != "fp32" else "")
+    label = name + (" --optimize" if optimize else "") + (f" --precision {precision}" if precision != "fp32" else "")
+    return label + (f" --int8-format {int8_format}" if precision == "int8" else "")
 
 
 def run_model(
@@ -170,8 +174,9 @@ def run_model(
     tmp: Path,
     optimize: bool = False,
     precision: str = "fp32",
+    int8_format: str = "dynamic",
 ) -> dict:
-    source, folder, shape, build_s, export_s = build_and_export(name, steps, tmp, optimize, precision)
+    source, folder, shape, build_s, export_s = build_and_export(name, steps, tmp, optimize, precision, int8_format)
 
     torch_res = torch_side(name, source, batch, steps, repeats, e2e_repeats, shape)
     del source  # free the PyTorch weights before onnxruntime loads its copy
@@ -195,9 +200,10 @@ def run_model(
     rel = float(np.linalg.norm(ort_final - torch_final) / np.linalg.norm(torch_final))
     log(f"{name}: ort step {ort_step * 1e3:.1f} ms, end-to-end {ort_e2e:.2f} s")
     return {
-        "model": row_label(name, optimize, precision),
+        "model": row_label(name, optimize, precision, int8_format),
         "optimize": optimize,
         "precision": precision,
+        "int8_format": int8_format if precision == "int8" else None,
         "batch": batch,
         "sample_shape": list(shape),
         "steps": steps,
@@ -271,19 +277,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=None, help="timed step calls per model (default: demo 30, sd14 3)")
     p.add_argument("--optimize", action="store_true", help="also time bundles exported with --optimize")
     p.add_argument("--int8", action="store_true", help="also time bundles exported with --precision int8")
+    p.add_argument(
+        "--int8-formats", default="dynamic", help="with --int8: comma-separated --int8-format values (dynamic, qdq)"
+    )
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ort_vs_torch.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    formats = [f.strip() for f in args.int8_formats.split(",") if f.strip()]
+    if not set(formats) <= {"dynamic", "qdq"}:
+        p.error(f"--int8-formats takes dynamic and/or qdq, got {args.int8_formats!r}")
+    variants = [("fp32", "dynamic"), *((("int8", f) for f in formats) if args.int8 else ())]
     plan = [("demo", 4, 25, args.repeats or 30, 5)]
     if not args.quick:
         plan.append(("sd14", 1, 3, args.repeats or 3, 1))
     rows = []
     with tempfile.TemporaryDirectory(prefix="ort-vs-torch-") as tmp:
         for name, batch, steps, repeats, e2e_repeats in plan:
-            for precision in ("fp32", "int8") if args.int8 else ("fp32",):
+            for precision, fmt in variants:
                 for optimize in (False, True) if args.optimize else (False,):
                     row = run_model(
-                        name, batch, steps, repeats, e2e_repeats, args.threads, Path(tmp), optimize, precision
+                        name, batch, steps, repeats, e2e_repeats, args.threads, Path(tmp), optimize, precision, fmt
                     )
                     rows.append(row)
     print_rows(rows, args.threads)

@@ -126,6 +126,14 @@ def test_int8_quantizes_only_the_network(demo: Exported, demo8: Exported) -> Non
     nodes = list(onnx.load(str(out / "denoiser.onnx")).graph.node)
     quantized = [n for n in nodes if n.op_type in ("MatMulInteger", "ConvInteger")]
     assert quantized and all(n.name.startswith("/unet/") for n in quantized)
+    # Dynamic int8 is for CPU, whose ConvInteger is slower than float32 Conv: the convolutions stay float32.
+    assert {n.op_type for n in quantized} == {"MatMulInteger"}
+    assert [n for n in nodes if n.op_type == "Conv" and n.name.startswith("/unet/")]
+    # The record counts the float graph's network MatMul / Gemm nodes handed to the quantizer; it gives int8 weights
+    # to those with a constant weight (not attention's activation x activation products).
+    float_nodes = onnx.load(str(demo[2] / "denoiser.onnx")).graph.node
+    candidates = [n for n in float_nodes if n.op_type in ("MatMul", "Gemm") and n.name.startswith("/unet/")]
+    assert record.nodes == len(candidates) and 0 < len(quantized) < len(candidates)
     # The correction's kernel (x @ bank^T and the weighted sum over the bank) stays float32 MatMul.
     assert [n for n in nodes if n.op_type == "MatMul" and not n.name.startswith("/unet/")]
     feeds = _step_feeds(demo[0], demo[1])
@@ -140,6 +148,58 @@ def test_int8_quantizes_only_the_network(demo: Exported, demo8: Exported) -> Non
         f" loop rel err {rel_err(a.sample, b.sample):.3e}, firing record equal: {np.array_equal(a.applied, b.applied)}"
     )
     assert np.isfinite(got["noise_pred"]).all() and worst < scale
+
+
+def test_int8_external_data_holds_one_copy_of_the_weights(work: Path, demo_bank: Path) -> None:
+    """With external data (SD-size graphs) the quantized graph's .data file holds exactly the bytes its tensors
+    point at, from offset 0 (onnx appends to an existing data file: the quantizer's own would stay in front of them,
+    which doubled the SD-1.4 int8 bundle), and the graph runs."""
+    from onnx.external_data_helper import uses_external_data
+
+    _, manifest, out = _export(
+        load_source(demo_args(demo_bank)), work / "demo8ext", precision="int8", external_data="always"
+    )
+    data = manifest.graphs["denoiser"].external_data
+    assert data is not None
+    proto = onnx.load(str(out / "denoiser.onnx"), load_external_data=False)
+    spans = []
+    for t in proto.graph.initializer:
+        if uses_external_data(t):
+            info = {e.key: int(e.value) for e in t.external_data if e.key in ("offset", "length")}
+            spans.append((info.get("offset", 0), info["length"]))
+    assert spans and min(o for o, _ in spans) == 0
+    assert (out / data).stat().st_size == max(o + n for o, n in spans)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in out.iterdir() if f.is_file()}
+    assert modes[data] == modes["denoiser.onnx"] == modes["manifest.json"], modes  # readable like the rest
+    labels = [7, 1]
+    assert np.isfinite(Bundle(out).sample(labels, seed=1).sample).all()
+
+
+def test_int8_qdq_quantizes_the_network_with_calibrated_ranges(tiny: Exported, work: Path) -> None:
+    """``--int8-format qdq`` (TensorRT's form; ONNX Runtime's CPU provider runs it too): the network's MatMul / Conv /
+    Gemm nodes get QDQ pairs with scales from the recorded calibration steps; the correction and the bank stay float32.
+    Random weights have no smooth activation ranges, so the step's difference is printed, not bounded."""
+    source, m32, plain = tiny
+    _, manifest, out = _export(source, work / "tiny8qdq", precision="int8", int8_format="qdq")
+    record = manifest.graphs["denoiser"].precision
+    assert record is not None and (record.dtype, record.method) == ("int8", "qdq")
+    assert record.calibration_feeds == 8  # two 4-step DDIM trajectories (precision.calibration_feeds)
+    float_nodes = onnx.load(str(plain / "denoiser.onnx")).graph.node
+    candidates = [n for n in float_nodes if n.op_type in ("MatMul", "Conv", "Gemm") and n.name.startswith("/unet/")]
+    assert record.nodes == len(candidates) > 0
+    _bank_unchanged(out, plain)
+    nodes = list(onnx.load(str(out / "denoiser.onnx")).graph.node)
+    dequantized = {o for n in nodes if n.op_type == "DequantizeLinear" for o in n.output}
+    fed = [n for n in nodes if n.op_type in ("MatMul", "Conv", "Gemm") and dequantized & set(n.input)]
+    assert fed and all(n.name.startswith("/unet/") for n in fed)  # nothing outside the network is quantized
+    assert {"Conv", "MatMul"} <= {n.op_type for n in fed}
+    assert [n for n in nodes if n.op_type == "MatMul" and not n.name.startswith("/unet/")]  # the correction's
+    feeds = _step_feeds(source, m32)
+    want, got = _outputs(plain, feeds), _outputs(out, feeds)
+    worst = float(np.abs(got["noise_pred"] - want["noise_pred"]).max())
+    print(f"tiny SD int8 qdq step: max |noise_pred - fp32| {worst:.3e} of max {np.abs(want['noise_pred']).max():.2f}")
+    assert all(np.isfinite(v).all() for v in got.values())
+    assert np.array_equal(got["correction_applied"], want["correction_applied"])
 
 
 def test_cuda_fusions_recorded_and_refused_on_cpu(tiny: Exported, work: Path) -> None:

@@ -10,8 +10,8 @@ the bank initializers keep their bytes and hashes.
   float32 inputs cast at its boundary inside the step, so the graph's I/O and the correction stay float32. The text
   encoder and the VAE decoder: onnxruntime.transformers' float16 converter over the whole traced graph with its I/O
   kept float32 (the torch-half trace of CLIP mixes float32 and float16 LayerNorm inputs, which onnxruntime refuses).
-* int8 "dynamic" (CPU): ``quantize_dynamic``, int8 weights of the network's MatMul / Conv nodes, activations
-  quantized per call (MatMulInteger / ConvInteger).
+* int8 "dynamic" (CPU): ``quantize_dynamic``, int8 weights of the network's MatMul / Gemm nodes, activations
+  quantized per call (MatMulInteger); its convolutions stay float32 (``QUANTIZED_OPS`` says why).
 * int8 "qdq" (TensorRT): ``quantize_static`` in QDQ format over the same nodes, activation ranges calibrated on
   real denoiser inputs: a few DDIM steps of the float32 step module from noise, with the bundle's own conditioning
   (``calibration_feeds``).
@@ -32,6 +32,7 @@ from safe_denoiser.runtime.graph_records import GraphPrecision
 
 __all__ = [
     "INT8_FORMATS",
+    "QUANTIZED_OPS",
     "Int8Format",
     "calibration_feeds",
     "float16_graph",
@@ -42,7 +43,11 @@ __all__ = [
 
 Int8Format = Literal["dynamic", "qdq"]
 INT8_FORMATS: tuple[Int8Format, ...] = ("dynamic", "qdq")
-_QUANTIZED_OPS = ["MatMul", "Conv", "Gemm"]
+# The node types given int8 weights, per format. Dynamic (CPU) leaves Conv in float32: ONNX Runtime's ConvInteger
+# (activations quantized per call, then an integer im2col GEMM) ran the SD-1.4 UNet's convolutions 2.8x slower than
+# float32 Conv on a 2-core AVX-512 / AVX-VNNI CPU, while MatMulInteger ran its attention and linear layers faster
+# (docs/performance.md, "int8"). QDQ (TensorRT) quantizes both: TensorRT has int8 convolution kernels.
+QUANTIZED_OPS: dict[str, tuple[str, ...]] = {"dynamic": ("MatMul", "Gemm"), "qdq": ("MatMul", "Conv", "Gemm")}
 OUTSIDE = "nodes outside {scope} (CFG, SLD, the safe-denoiser correction and its bank constants)"
 
 
@@ -60,11 +65,12 @@ def _walk(graph: Any) -> Iterator[Any]:
                 yield from _walk(attr.g)
 
 
-def network_nodes(path: Path, scope: str) -> list[str]:
-    """Names of the nodes of ``path`` inside the network's trace scope."""
+def network_nodes(path: Path, scope: str, op_types: Sequence[str] | None = None) -> list[str]:
+    """Names of the nodes of ``path`` inside the network's trace scope (of ``op_types`` only, when given)."""
     import onnx
 
-    return [n.name for n in _walk(onnx.load(str(path), load_external_data=False).graph) if n.name.startswith(scope)]
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return [n.name for n in _walk(graph) if n.name.startswith(scope) and (op_types is None or n.op_type in op_types)]
 
 
 def torch_half_record(scope: str) -> GraphPrecision:
@@ -80,9 +86,16 @@ def _replace(path: Path, data_name: str | None, write: Callable[[Path], None]) -
         if data_name is not None:
             import onnx
 
-            model = onnx.load(str(out))
+            model = onnx.load(str(out))  # with its external data, read into memory
+            # onnx appends external data to an existing file: the writer's own data file (often this very name)
+            # would stay in front of the new bytes, a second copy of the weights that nothing reads.
+            for leftover in Path(tmp).iterdir():
+                if leftover != out and leftover.is_file():
+                    leftover.unlink()
             onnx.save(model, str(out), save_as_external_data=True, location=data_name, size_threshold=1024)
+            os.chmod(Path(tmp) / data_name, path.stat().st_mode & 0o777)  # the writer may create it 0600
             os.replace(Path(tmp) / data_name, path.parent / data_name)
+        os.chmod(out, path.stat().st_mode & 0o777)  # the bundle's other files' mode, not a temporary file's
         os.replace(out, path)
 
 
@@ -128,11 +141,11 @@ def quantize_int8(
     method: Int8Format,
     feeds: Sequence[dict[str, np.ndarray]] = (),
 ) -> GraphPrecision:
-    """int8 weights for the network's MatMul / Conv / Gemm nodes of ``path`` (``scope``); the rest stays float32."""
+    """int8 weights for the network's ``QUANTIZED_OPS[method]`` nodes of ``path`` (``scope``); the rest float32."""
     import onnxruntime as ort
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
-    nodes = network_nodes(path, scope)
+    nodes = network_nodes(path, scope, QUANTIZED_OPS[method])
     external = data_name is not None
     if method == "qdq" and not feeds:
         raise ValueError("int8 qdq quantization needs calibration feeds (real denoiser inputs)")
@@ -140,7 +153,7 @@ def quantize_int8(
     def write(out: Path) -> None:
         common: dict[str, Any] = {
             "nodes_to_quantize": nodes,
-            "op_types_to_quantize": _QUANTIZED_OPS,
+            "op_types_to_quantize": list(QUANTIZED_OPS[method]),
             "use_external_data_format": external,
         }
         if method == "dynamic":

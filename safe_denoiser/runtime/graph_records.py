@@ -34,7 +34,8 @@ class GraphPrecision:
     weights, activations quantized per call; CPU) or "qdq" (``quantize_static`` in QDQ format, activation scales
     from ``calibration_feeds`` real denoiser inputs; TensorRT). ``float32_scope``: what stays float32 (the graph's
     nodes outside the network: CFG, SLD, the safe-denoiser correction and its bank constants). ``nodes``: how many
-    nodes were lowered (int8: quantized MatMul / Conv nodes). ``onnxruntime``: the version that wrote it (None for
+    nodes were lowered (int8: the network's nodes of the types ``export.precision.QUANTIZED_OPS`` handed to the
+    quantizer, which skips those without a constant weight). ``onnxruntime``: the version that wrote it (None for
     torch-half).
     """
 
