@@ -244,3 +244,24 @@ def test_openai_images_request_equals_generate(cpp: Path, bundles: dict[str, Pat
     bundle = Bundle(folder, threads=1)
     images = Bundle.to_uint8(bundle.decode(bundle.sample(["a handwritten eight"] * 2, seed=5).sample))
     assert two == [png_bytes(image) for image in images]
+
+
+def test_bundle_pipeline_gives_the_runtimes_images(bundles: dict[str, Path]) -> None:
+    """The table's generator (``quality.generate_prompts``) over ``BundlePipeline``: each image is the runtime's own
+    sample of that prompt and seed (same call, bit for bit), in the table's [-1, 1] form; bad calls say why."""
+    from types import SimpleNamespace
+
+    from safe_denoiser.mini_sd.quality import generate_prompts
+    from safe_denoiser.mini_sd.table.bundle_pipeline import BundlePipeline
+
+    bundle = Bundle(bundles["safe"], threads=1)
+    prompts, seeds = [p for p, _ in CASES[:3]], [5, 9, 11]
+    got = generate_prompts(BundlePipeline(bundle), prompts, seeds, 5.0, 4, batch=3, negative_prompt="a figure eight")
+    raw = bundle.sample(prompts, steps=4, guidance_scale=5.0, negative=["a figure eight"] * 3, seed=seeds).sample
+    want = torch.from_numpy(bundle.decode(raw)).div(2).add(0.5).clamp(0, 1) * 2 - 1
+    assert got.shape == (3, 3, 32, 32) and torch.equal(got, want)
+    assert not torch.equal(got[0], got[1])  # different prompts and seeds: different images
+    with pytest.raises(ValueError, match=r"one torch\.Generator per prompt"):
+        BundlePipeline(bundle)(prompts, generator=[torch.Generator()])
+    with pytest.raises(ValueError, match="needs a text bundle"):
+        BundlePipeline(SimpleNamespace(manifest=SimpleNamespace(model_kind="class-conditional"), path="demo"))
