@@ -56,7 +56,8 @@ cpp-test: cpp
 	cmake -S cpp_runtime -B $(CPP_BUILD)/asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DSD_SANITIZE=ON -DSD_BUILD_CLI=OFF \
 		$(CMAKE_ORT) -DSD_TEST_BUNDLES=$(abspath $(CPP_BUILD)/test_bundles)
 	cmake --build $(CPP_BUILD)/asan
-	ctest --test-dir $(CPP_BUILD)/asan --output-on-failure
+	# The runtimes' verified-files cache in the build folder, never the user's ~/.cache.
+	SAFE_DENOISER_VERIFY_CACHE=$(abspath $(CPP_BUILD))/asan/verified-files.json ctest --test-dir $(CPP_BUILD)/asan --output-on-failure
 
 # ---- Fuzzing (cpp_runtime/fuzz/): libFuzzer targets with ASan + UBSan, built by clang in a folder of their own -----
 FUZZ_BUILD ?= $(CPP_BUILD)/fuzz

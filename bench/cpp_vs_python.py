@@ -21,11 +21,16 @@ Measured in one run, same steps and ``--threads`` intra-op threads everywhere:
   the same with ``runtime.Bundle`` (import, sessions, all images, PNGs), and the PyTorch pipeline with
   ``safe_denoiser.attach`` in this process (pipeline already built; its start-up is not counted, which favours it);
   also the in-process generation rate of both runtimes (start-up excluded). Ratios are against the Python runtime.
-* start-up: ``safe-denoiser-cpp info`` vs ``python -c 'Bundle(dir); sessions'`` wall time.
+* start-up: ``safe-denoiser-cpp info`` vs ``python -c 'Bundle(dir); sessions'`` wall time, every file hashed (the
+  verified-files cache off in every process; ``bench/startup.py`` times it).
 * peak memory: each process's peak resident set (VmHWM, sampled every 10 ms).
 * server: ``safe-denoiser-cpp serve`` on 127.0.0.1, 1/2/4 concurrent clients, throughput and p50/p99 latency.
 
-Usage: python bench/cpp_vs_python.py [--quick] [--threads 1] [--images 16] [--out bench/results/cpp_vs_python.json]
+``--optimize`` exports every bundle with ``--optimize`` (graphs stored as ONNX Runtime's CPU optimisation of them,
+sessions opened without re-optimising: the start-up the deployment path gets).
+
+Usage: python bench/cpp_vs_python.py [--quick] [--optimize] [--threads 1] [--images 16]
+[--out bench/results/cpp_vs_python.json]
 Needs ``make cpp`` first (the binary is cpp_runtime/build/release/safe-denoiser-cpp).
 """
 
@@ -137,7 +142,7 @@ def flow_args(name: str, tmp: Path) -> dict[str, Any]:
     return dict(script.specs(tmp)[f"tiny_{name}"])
 
 
-def export_mini_sd(tmp: Path, steps: int) -> tuple[Path, Any]:
+def export_mini_sd(tmp: Path, steps: int, optimize: bool) -> tuple[Path, Any]:
     """The README's ``safe-denoiser export --config configs/mini_sd_safe.yaml`` (a process), and that config's
     pipeline, banks and guidance for the PyTorch row (the same ``load_source`` the export command calls)."""
     from safe_denoiser.export.exporter import load_source, read_model_section
@@ -145,22 +150,25 @@ def export_mini_sd(tmp: Path, steps: int) -> tuple[Path, Any]:
     out = tmp / "mini_sd"
     cli = Path(sys.executable).with_name("safe-denoiser")
     cmd = [str(cli)] if cli.is_file() else [sys.executable, "-m", "safe_denoiser.cli"]
-    subprocess.run([*cmd, "export", "--config", str(MINI_SD_CONFIG), "--out", str(out)], check=True, cwd=ROOT)
+    flags = ["--optimize"] if optimize else []
+    subprocess.run([*cmd, "export", "--config", str(MINI_SD_CONFIG), "--out", str(out), *flags], check=True, cwd=ROOT)
     source = load_source(read_model_section(MINI_SD_CONFIG))
     if source.num_inference_steps != steps or source.guidance_scale != 5.0:
         raise ValueError(f"{MINI_SD_CONFIG}: expected {steps} steps and CFG 5.0 (the bench's settings)")
     return out, source
 
 
-def export(name: str, tmp: Path, steps: int) -> tuple[Path, Any]:
+def export(name: str, tmp: Path, steps: int, optimize: bool = False) -> tuple[Path, Any]:
+    """The model's bundle in ``tmp`` (``optimize``: graphs stored optimised, ``export --optimize``) and its source."""
     import safe_denoiser.testing  # noqa: F401  (the tiny model kinds)
-    from safe_denoiser.export.exporter import export_bundle, load_source
+    from safe_denoiser.export.exporter import ExportOptions, export_bundle, load_source
 
+    options = ExportOptions(optimize=optimize)
     if name == "mini_sd":
-        return export_mini_sd(tmp, steps)
+        return export_mini_sd(tmp, steps, optimize)
     if name in FLOW_MODELS:
         source = load_source({**flow_args(name, tmp), "num_inference_steps": steps})
-        export_bundle(source, tmp / name)
+        export_bundle(source, tmp / name, options)
         return tmp / name, source
     common = {"scheduler": "ddim", "num_inference_steps": steps, "safe_denoiser": {"preset": "constant", "beta": 0.5}}
     if name == "demo":
@@ -175,7 +183,7 @@ def export(name: str, tmp: Path, steps: int) -> tuple[Path, Any]:
         args = {"model": "sd14-random", "guidance_scale": 7.5, "height": 128, "width": 128, "bank": str(bank), **common}
     source = load_source(args)
     out = tmp / name
-    export_bundle(source, out)
+    export_bundle(source, out, options)
     return out, source
 
 
@@ -293,9 +301,9 @@ def server_bench(bundle: Path, reqs: list[dict[str, Any]], threads: int, steps: 
     return rows
 
 
-def run_model(name: str, images: int, threads: int, tmp: Path) -> dict[str, Any]:
+def run_model(name: str, images: int, threads: int, tmp: Path, optimize: bool = False) -> dict[str, Any]:
     batch, steps = (4, 25) if name in ("demo", "mini_sd") else (1, 4) if name in FLOW_MODELS else (1, 3)
-    bundle, source = export(name, tmp, steps)
+    bundle, source = export(name, tmp, steps, optimize)
     if name == "demo":
         reqs: list[dict[str, Any]] = [{"class": i % 10, "seed": i} for i in range(images)]
     elif name == "mini_sd":
@@ -335,6 +343,7 @@ def run_model(name: str, images: int, threads: int, tmp: Path) -> dict[str, Any]
     cpp_ips, py_ips = images / cpp_wall, images / py_wall
     return {
         "model": name,
+        "optimize": optimize,
         "batch": batch,
         "steps": steps,
         "images": images,
@@ -360,6 +369,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--images", type=int, default=16)
+    p.add_argument("--optimize", action="store_true", help="export bundles with --optimize")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "cpp_vs_python.json"))
     args = p.parse_args(argv)
     models = ["demo"] if args.quick else [m.strip() for m in args.models.split(",") if m.strip()]
@@ -370,12 +380,17 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{BINARY} is missing: run `make cpp` first")
     import torch
 
+    from safe_denoiser.runtime.integrity import VERIFY_CACHE_ENV
+
+    # Both runtimes hash every bundle file at each start (the verified-files cache would skip that on the second
+    # start of one bundle, and the runs here start each bundle several times): bench/startup.py times the cache.
+    os.environ[VERIFY_CACHE_ENV] = "off"
     torch.set_num_threads(args.threads)
     results = []
     with tempfile.TemporaryDirectory(prefix="cpp-vs-python-") as tmp:
         for name in models:
             images = max(2, args.images // 4) if name == "sd14" else args.images
-            results.append(run_model(name, images, args.threads, Path(tmp)))
+            results.append(run_model(name, images, args.threads, Path(tmp), args.optimize))
     header = [
         "model",
         "C++ img/s",

@@ -18,6 +18,21 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault(PLUGINS_ENV, "safe_denoiser.testing")  # and in `safe-denoiser predict` subprocesses too
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _verify_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The runtimes' verified-files cache in a session folder (and so in the C++ binary the tests start), never the
+    user's ~/.cache; tests of the cache itself set their own."""
+    from safe_denoiser.runtime.integrity import VERIFY_CACHE_ENV
+
+    before = os.environ.get(VERIFY_CACHE_ENV)
+    os.environ[VERIFY_CACHE_ENV] = str(tmp_path_factory.mktemp("verify_cache") / "verified-files.json")
+    yield
+    if before is None:
+        os.environ.pop(VERIFY_CACHE_ENV, None)
+    else:
+        os.environ[VERIFY_CACHE_ENV] = before
+
+
 @pytest.fixture(autouse=True)
 def _seed(request: pytest.FixtureRequest) -> None:
     """torch's global seed: 0, or the seed a multi-seed check passes by indirect parametrisation of ``_seed``."""

@@ -415,7 +415,7 @@ Manifest Manifest::load(const std::string& bundle_dir, bool check_bank, bool che
     throw Error(ErrorKind::bundle, "bundle '" + bundle_dir + "': tokenizer folder '" + *m.tokenizer + "' is missing");
   }
   // Before the bank check: a damaged denoiser.onnx is reported as a damaged file, not as what parsing it gives.
-  if (check_files) verify_files(bundle_dir, m.files);
+  if (check_files) m.files_check = verify_files(bundle_dir, m.files);
   if (m.guidance.has_value() != m.bank.has_value()) bad("guidance and bank must both be set or both be null");
   // The odds preset's beta (Theorem 1) needs the reference bank inside the graph; this runtime only feeds the graph.
   if (m.has_preset(GuidancePreset::odds) != m.reference_bank.has_value()) {

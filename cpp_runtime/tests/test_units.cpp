@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <functional>
+#include <optional>
 
 #include "safe_denoiser_cpp/files.hpp"
 #include "safe_denoiser_cpp/image.hpp"
@@ -329,6 +330,37 @@ TEST(Integrity, VerifyFilesNamesTheMissingOrAlteredFile) {
   EXPECT_NE(message().find("file 'sub/b.json' listed in the manifest is missing"), std::string::npos) << message();
   atomic_write(dir + "/a.onnx", std::string("abd"));  // the first file in path order is named first
   EXPECT_NE(message().find("file 'a.onnx' does not match"), std::string::npos) << message();
+}
+
+TEST(Integrity, VerifiedFilesCacheRecordsOnlySettledFilesAndSurvivesGarbage) {
+  // A file written just now is hashed every time and never recorded (the racy window); a cache file of another
+  // form is ignored. The record-and-skip path (settled files, shared with Python) is tests/test_verify_cache.py's.
+  const std::string dir = temp_dir();
+  atomic_write(dir + "/a.onnx", std::string("abc"));
+  const std::map<std::string, std::string> expected = {
+      {"a.onnx", "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"}};
+  const std::string cache = dir + "/cache/verified.json";
+  for (int i = 0; i < 2; ++i) {
+    const Verification v = verify_files(dir, expected, cache);
+    EXPECT_EQ(v.hashed, 1);
+    EXPECT_EQ(v.cached, 0);
+  }
+  struct stat st {};
+  EXPECT_NE(::stat(cache.c_str(), &st), 0) << "a racy file was recorded";
+  atomic_write(dir + "/garbage.json", std::string("{\"version\": 1, \"files\": {\"x\": [1, 2]}"));
+  EXPECT_EQ(verify_files(dir, expected, dir + "/garbage.json").hashed, 1);
+  EXPECT_EQ(verify_files(dir, expected, std::nullopt).hashed, 1);
+  const char* before = std::getenv("SAFE_DENOISER_VERIFY_CACHE");
+  const std::optional<std::string> saved = before ? std::optional<std::string>(before) : std::nullopt;
+  ::setenv("SAFE_DENOISER_VERIFY_CACHE", "off", 1);
+  EXPECT_FALSE(verify_cache_path().has_value());
+  ::setenv("SAFE_DENOISER_VERIFY_CACHE", cache.c_str(), 1);
+  EXPECT_EQ(verify_cache_path().value_or(""), cache);
+  if (saved) {
+    ::setenv("SAFE_DENOISER_VERIFY_CACHE", saved->c_str(), 1);
+  } else {
+    ::unsetenv("SAFE_DENOISER_VERIFY_CACHE");
+  }
 }
 
 TEST(Manifest, RejectsWrongFormatVersionAndBadJson) {

@@ -2,20 +2,45 @@
 
 So a flipped byte in a graph's weights, a truncated graph or a swapped tokenizer file is an error naming the file
 at ``Manifest.load``, before onnxruntime sees the graph (it would otherwise load different weights silently, or
-fail with a bare protobuf error). Hashing reads every byte once (0.5 GB/s measured on a shared 2-core VM, so
-seconds for an SD-1.4 bundle); ``check_files=False`` skips it for a bundle that is known to be intact.
+fail with a bare protobuf error). Hashing reads every byte once (1.5 GB/s from the page cache on a 2-core VM: 2.3 s
+of an SD-1.4 bundle's start-up); ``check_files=False`` skips it for a bundle that is known to be intact.
+
+The verified-files cache: a file whose hash matched is recorded with its stat stamp (size, mtime, ctime, inode,
+device) in ``verify_cache_path()``; a later load whose file has the same stamp and whose manifest expects the same
+hash does not read it again. Any write to the file changes its ctime, which no user process can set back, so a
+changed file is hashed again. A file changed within ``RACY_SECONDS`` of the check is never recorded (the
+file system's clock is coarse: two writes inside one tick can leave equal stamps, git's "racily clean" case). The
+C++ runtime reads and writes the same file (cpp_runtime/src/integrity.cpp). A cache that cannot be read or written
+is ignored: the files are hashed, nothing fails.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any, NamedTuple
 
-__all__ = ["BundleFileError", "bundle_files", "file_sha256", "hash_files", "verify_files"]
+__all__ = [
+    "VERIFY_CACHE_ENV",
+    "BundleFileError",
+    "FileStamp",
+    "Verification",
+    "bundle_files",
+    "file_sha256",
+    "hash_files",
+    "verify_cache_path",
+    "verify_files",
+]
 
 _CHUNK = 1 << 20
+VERIFY_CACHE_ENV = "SAFE_DENOISER_VERIFY_CACHE"  # the cache file; "" or "off": no cache
+CACHE_VERSION = 1
+MAX_CACHE_ENTRIES = 4096
+RACY_SECONDS = 2.0
 
 
 class BundleFileError(ValueError):
@@ -51,17 +76,104 @@ def hash_files(root: str | os.PathLike[str], names: Iterable[str]) -> dict[str, 
     return {name: file_sha256(Path(root) / name) for name in names}
 
 
-def verify_files(root: str | os.PathLike[str], expected: Mapping[str, str]) -> None:
-    """``BundleFileError`` naming the first file that is missing or whose sha256 differs from ``expected``."""
+class FileStamp(NamedTuple):
+    """What changes whenever a file's bytes can have changed: size, mtime and ctime (ns), inode, device."""
+
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    ino: int
+    dev: int
+
+    @classmethod
+    def of(cls, path: str | os.PathLike[str]) -> FileStamp:
+        st = os.stat(path)
+        return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+
+    def settled(self, now_ns: int) -> bool:
+        """Whether the file last changed more than ``RACY_SECONDS`` ago (only then may its stamp be recorded)."""
+        return now_ns - max(self.mtime_ns, self.ctime_ns) > RACY_SECONDS * 1e9
+
+
+class Verification(NamedTuple):
+    """How ``verify_files`` checked the files: ``hashed`` read and hashed, ``cached`` matched a recorded stamp."""
+
+    hashed: int
+    cached: int
+
+
+def verify_cache_path() -> Path | None:
+    """$SAFE_DENOISER_VERIFY_CACHE ("" or "off": None), else $XDG_CACHE_HOME (or ~/.cache)/safe-denoiser/
+    verified-files.json."""
+    value = os.environ.get(VERIFY_CACHE_ENV)
+    if value is not None:
+        return None if value in ("", "off") else Path(value)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "safe-denoiser" / "verified-files.json"
+
+
+def _read_cache(path: Path | None) -> dict[str, Any]:
+    """``{absolute path: {"stamp": [...], "sha256": hex}}``; empty when absent, unreadable or of another form."""
+    if path is None:
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    files = data.get("files") if isinstance(data, dict) and data.get("version") == CACHE_VERSION else None
+    return files if isinstance(files, dict) else {}
+
+
+def _write_cache(path: Path, files: dict[str, Any]) -> None:
+    """The entries whose files still exist (at most ``MAX_CACHE_ENTRIES``, the newest), written atomically; a cache
+    that cannot be written is left as it was."""
+    from safe_denoiser.files import OutputPathError, atomic_write_json
+
+    kept = {k: v for k, v in files.items() if os.path.exists(k)}
+    kept = dict(list(kept.items())[-MAX_CACHE_ENTRIES:])
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {"version": CACHE_VERSION, "files": kept})
+    except (OSError, OutputPathError):
+        pass
+
+
+def _cached(entry: Any, stamp: FileStamp, want: str) -> bool:
+    return isinstance(entry, dict) and entry.get("sha256") == want and entry.get("stamp") == list(stamp)
+
+
+def verify_files(
+    root: str | os.PathLike[str], expected: Mapping[str, str], cache: Path | bool | None = True
+) -> Verification:
+    """``BundleFileError`` naming the first file that is missing or whose sha256 differs from ``expected``.
+
+    ``cache``: True (the default) uses ``verify_cache_path()``; a path uses that file; False or None hashes every file.
+    """
     base = Path(root)
+    cache_path = verify_cache_path() if cache is True else (cache or None)
+    entries = _read_cache(cache_path)
+    hashed = cached = 0
+    changed = False
     for name, want in sorted(expected.items()):
         path = base / name
         if not path.is_file():
             raise BundleFileError(f"bundle {str(base)!r}: file {name!r} listed in the manifest is missing")
+        key, stamp = str(path.resolve()), FileStamp.of(path)
+        if _cached(entries.get(key), stamp, want):
+            cached += 1
+            continue
         got = file_sha256(path)
+        hashed += 1
+        if got == want and FileStamp.of(path) == stamp and stamp.settled(time.time_ns()):
+            entries.pop(key, None)  # re-inserted last: the newest entries are the ones kept
+            entries[key] = {"stamp": list(stamp), "sha256": got}
+            changed = True
         if got != want:
             raise BundleFileError(
                 f"bundle {str(base)!r}: file {name!r} does not match the manifest (sha256 {got[:16]}..., recorded "
                 f"{want[:16]}...): it was changed or damaged after export (a partial copy, a flipped byte); copy or "
                 "export the bundle again"
             )
+    if changed and cache_path is not None:
+        _write_cache(cache_path, entries)
+    return Verification(hashed, cached)

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "safe_denoiser_cpp/flow_sampler.hpp"
+#include "safe_denoiser_cpp/integrity.hpp"
 #include "safe_denoiser_cpp/safree.hpp"
 #include "safe_denoiser_cpp/scheduler.hpp"
 #include "safe_denoiser_cpp/tokenizer_spec.hpp"
@@ -93,6 +94,7 @@ struct Manifest {
   std::map<std::string, std::string> files;  // relative path -> sha256 of every graph, data and tokenizer file
   // Every file name the manifest states, as (field, name) (src/contract.hpp): checked to stay inside the bundle.
   std::vector<std::pair<std::string, std::string>> file_fields;
+  Verification files_check;  // how load checked the files (hashed / from the verified-files cache; zeros: not checked)
 
   bool has_preset(GuidancePreset preset) const { return guidance && guidance->preset == preset; }
   // The reference preset: denoiser.onnx takes the re-noise input `noise`.

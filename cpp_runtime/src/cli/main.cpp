@@ -275,6 +275,7 @@ int run_info(const Common& c) {
                {"onnxruntime", ort_version()}, {"ort_api_version", kOrtApiVersion},
                {"providers", available_providers()}, {"load_ms", runtime->load_ms()},
                {"files", m.files.size()},     {"files_verified", !c.no_verify_files},
+               {"files_hashed", m.files_check.hashed}, {"files_from_cache", m.files_check.cached},
                {"safree", cli::safree_summary(m)}};
   info.update(cli::bundle_needs(m));  // path, graphs, tokenizers, flow
   std::cout << dump(info);
