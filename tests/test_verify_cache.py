@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_cpp_runtime import bundles, copy_bundle, cpp, flip_byte, run
+from test_cpp_bundle_checks import flip_byte
+from test_cpp_runtime import bundles, copy_bundle, cpp, run
 
 from safe_denoiser.runtime import integrity
 from safe_denoiser.runtime.integrity import (
