@@ -1,10 +1,10 @@
 """Which node types pay to quantize on CPU: one denoiser step of a float32 bundle, int8 per node-type set.
 
 Takes a float32 bundle's ``denoiser.onnx`` (e.g. ``bench/startup.py``'s ``sd14-plain``: the SD-1.4 architecture)
-and writes, beside it in ``--work``, copies quantized by onnxruntime over the network's nodes (``/unet/``) of one
-type set each: dynamic int8 (``quantize_dynamic``: MatMulInteger / ConvInteger, activations quantized per call) of
-MatMul + Gemm, of Conv, of all three; and static QDQ int8 (``quantize_static``, which ONNX Runtime's CPU provider
-fuses into QLinearMatMul / QLinearConv) of all three, calibrated on ``--calibration`` random input sets (enough to
+and writes into ``--work`` copies quantized by the export's own ``export.precision.quantize_graph`` over the
+network's nodes (``/unet/``) of one type set each: dynamic int8 (MatMulInteger / ConvInteger, activations quantized
+per call) of MatMul + Gemm, of Conv, of all three; and QDQ int8 (which ONNX Runtime's CPU provider fuses into
+QLinearMatMul / QLinearConv) of all three, calibrated on ``--calibration`` random input sets (enough to
 time it; the export's own calibration uses real denoiser inputs, ``export.precision.calibration_feeds``). The
 correction and its bank stay float32 in every copy.
 
@@ -31,10 +31,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, print_table, write_json
 
-from safe_denoiser.export.precision import network_nodes
+from safe_denoiser.export.precision import Int8Format, network_nodes, quantize_graph
+from safe_denoiser.runtime.manifest import Manifest
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
+VARIANTS: dict[str, tuple[Int8Format, tuple[str, ...]]] = {
     "dynamic-matmul": ("dynamic", ("MatMul", "Gemm")),
     "dynamic-conv": ("dynamic", ("Conv",)),
     "dynamic-all": ("dynamic", ("MatMul", "Conv", "Gemm")),
@@ -46,12 +47,16 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def random_feeds(session: Any, seed: int) -> dict[str, np.ndarray]:
-    """Inputs of the session's shapes (free dimensions 1), timestep 500 and alpha_bar 0.3: inside every window."""
+def random_feeds(session: Any, sample_shape: tuple[int, ...], seed: int) -> dict[str, np.ndarray]:
+    """Inputs of the session's shapes (batch 1; a sample-shaped input (B, C, H, W) the bundle's ``sample_shape``),
+    timestep 500 and alpha_bar 0.3: inside every window."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for spec in session.get_inputs():
-        shape = [d if isinstance(d, int) else 1 for d in spec.shape]
+        if len(spec.shape) == 1 + len(sample_shape) and spec.name in ("sample", "noise"):
+            shape = [1, *sample_shape]
+        else:
+            shape = [d if isinstance(d, int) else 1 for d in spec.shape]
         if "int64" in spec.type:
             feeds[spec.name] = np.zeros(shape, np.int64)
         elif spec.name in ("timestep", "alpha_bar"):
@@ -61,23 +66,8 @@ def random_feeds(session: Any, seed: int) -> dict[str, np.ndarray]:
     return feeds
 
 
-class Feeds:
-    """onnxruntime's CalibrationDataReader over a list of input dicts (duck-typed)."""
-
-    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
-        self.feeds, self.position = feeds, 0
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        self.position += 1
-        return self.feeds[self.position - 1] if self.position <= len(self.feeds) else None
-
-    def rewind(self) -> None:
-        self.position = 0
-
-
 def main() -> None:
     import onnxruntime as ort
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("bundle", type=Path)
@@ -112,33 +102,18 @@ def main() -> None:
         return statistics.median(times), out
 
     float_session = session(source)
-    feeds = random_feeds(float_session, 0)
+    sample_shape = Manifest.load(args.bundle, check_bank=False, check_files=False).sample_shape
+    feeds = random_feeds(float_session, sample_shape, 0)
     _, reference = step_seconds(float_session, feeds)
     rows = []
     for name in names:
         method, ops = VARIANTS[name]
         out = args.work / f"{name}.onnx"
         nodes = network_nodes(source, "/unet/", ops)
-        common: dict[str, Any] = {
-            "nodes_to_quantize": nodes,
-            "op_types_to_quantize": list(ops),
-            "use_external_data_format": True,
-        }
         t0 = time.perf_counter()
-        if method == "dynamic":
-            quantize_dynamic(str(source), str(out), weight_type=QuantType.QInt8, **common)
-        else:
-            calibration = Feeds([random_feeds(float_session, k) for k in range(args.calibration)])
-            quantize_static(
-                str(source),
-                str(out),
-                calibration,  # type: ignore[arg-type]  (duck-typed CalibrationDataReader)
-                quant_format=QuantFormat.QDQ,
-                activation_type=QuantType.QInt8,
-                weight_type=QuantType.QInt8,
-                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
-                **common,
-            )
+        count = args.calibration if method == "qdq" else 0
+        calibration = [random_feeds(float_session, sample_shape, k) for k in range(count)]
+        quantize_graph(source, out, nodes, ops, method, calibration, external=True)  # the export's own call
         quantize_s = time.perf_counter() - t0
         int8_s, got = step_seconds(session(out), feeds)
         float_s, _ = step_seconds(float_session, feeds)

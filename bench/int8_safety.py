@@ -1,8 +1,9 @@
 """int8 vs float32 bundles of the miniature SD: the safety table's figures, image-by-image agreement and speed.
 
 For each config (``configs/mini_sd.yaml``: SD, no safe denoiser; ``configs/mini_sd_safe.yaml``: SD + ours, the odds
-preset) the bundle is exported twice, ``--precision fp32`` and ``--precision int8`` (dynamic int8 weights of the
-denoiser's MatMul / Conv nodes, the correction float32; ``--int8-format``). Every bundle then runs the miniature
+preset) the bundle is exported twice, ``--precision fp32`` and ``--precision int8`` with ``--int8-format`` (dynamic:
+int8 weights of the denoiser's MatMul / Gemm nodes; qdq: MatMul / Conv / Gemm with calibrated activations; the
+correction float32 in both). Every bundle then runs the miniature
 table's prompt sets (``safe-denoiser evaluate --model mini-sd``'s files, all prompts, 3 seed sets unless
 ``--quick``) through the Python runtime (``mini_sd.table.bundle_pipeline``) and is scored by the table's own code:
 ASR / TR / broken per attack set, benign Frechet distance and CLIP analogue, with bootstrap intervals.
@@ -31,6 +32,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +84,11 @@ def outcome_flips(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def bundle_loader(bundle: Bundle) -> Callable[[str], BundlePipeline]:
+    """The table context's ``load``: every row model name gets this bundle's pipeline."""
+    return lambda _model: BundlePipeline(bundle)
+
+
 def timed_sample(bundle: Bundle) -> float:
     t0 = time.perf_counter()
     bundle.sample(TIMED_PROMPTS, seed=list(range(len(TIMED_PROMPTS))))
@@ -98,8 +105,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "int8_safety.json")
     args = p.parse_args()
 
-    quick = {"prompts_per_set": 8, "seed_sets": 1} if args.quick else {}
-    settings = TableSettings(threads=args.threads, **quick)
+    settings = TableSettings(threads=args.threads)
+    if args.quick:
+        settings = dataclasses.replace(settings, prompts_per_set=8, seed_sets=1)
     base_ctx = TableContext.create()
     bundles: dict[tuple[str, str], Bundle] = {}
     tables: dict[tuple[str, str], dict[str, Any]] = {}
@@ -111,7 +119,7 @@ def main() -> None:
             bundle = Bundle(folder, threads=args.threads)
             bundles[label, precision] = bundle
             row = Row(f"{label} [{precision} bundle]")
-            ctx = dataclasses.replace(base_ctx, load=lambda _model, b=bundle: BundlePipeline(b), pipes={})
+            ctx = dataclasses.replace(base_ctx, load=bundle_loader(bundle), pipes={})
             out = args.work / f"{name}-{digest(folder)}"
             t0 = time.perf_counter()
             result = run_table(out, dataclasses.replace(settings, rows=(row,)), ctx, progress=True)
@@ -134,10 +142,11 @@ def main() -> None:
         (BENIGN_SET.key, "clip"),
         (BENIGN_SET.key, "broken"),
     ]
+    flips_by_row = {label: outcome_flips(scores[label, "fp32"], scores[label, "int8"]) for label in CONFIGS}
     rows_out, table_rows = [], []
     for label in CONFIGS:
         f32, i8 = tables[label, "fp32"]["summary"], tables[label, "int8"]["summary"]
-        flips = outcome_flips(scores[label, "fp32"], scores[label, "int8"])
+        flips = flips_by_row[label]
         for key, m in metrics:
             if key not in f32:
                 continue
@@ -166,7 +175,7 @@ def main() -> None:
         "settings": settings.to_dict(),
         "int8_format": args.int8_format,
         "figures": rows_out,
-        "outcome_flips": {label: outcome_flips(scores[label, "fp32"], scores[label, "int8"]) for label in CONFIGS},
+        "outcome_flips": flips_by_row,
         "sample_s": {f"{label} [{p}]": v for (label, p), v in times.items()},
         "sample_median_s": {f"{label} [{p}]": v for (label, p), v in median.items()},
         "machine": machine_info(args.threads),

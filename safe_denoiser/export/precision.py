@@ -37,16 +37,17 @@ __all__ = [
     "calibration_feeds",
     "float16_graph",
     "network_scope",
+    "quantize_graph",
     "quantize_int8",
     "torch_half_record",
 ]
 
 Int8Format = Literal["dynamic", "qdq"]
 INT8_FORMATS: tuple[Int8Format, ...] = ("dynamic", "qdq")
-# The node types given int8 weights, per format. Dynamic (CPU) leaves Conv in float32: ONNX Runtime's ConvInteger
-# (activations quantized per call, then an integer im2col GEMM) ran the SD-1.4 UNet's convolutions 2.8x slower than
-# float32 Conv on a 2-core AVX-512 / AVX-VNNI CPU, while MatMulInteger ran its attention and linear layers faster
-# (docs/performance.md, "int8"). QDQ (TensorRT) quantizes both: TensorRT has int8 convolution kernels.
+# The node types given int8 weights, per format. Dynamic (CPU) leaves Conv in float32: with ONNX Runtime's
+# ConvInteger the SD-1.4 denoiser's step ran at 0.33x float32 (Conv only) and MatMulInteger at 1.36x (MatMul / Gemm
+# only) on a 2-core AVX-512 / AVX-VNNI CPU (bench/int8_ops.py; docs/performance.md, "int8 at SD-1.4 size"). QDQ
+# quantizes both: ONNX Runtime fuses it into QLinearConv on CPU (1.83x there), and TensorRT has int8 convolutions.
 QUANTIZED_OPS: dict[str, tuple[str, ...]] = {"dynamic": ("MatMul", "Gemm"), "qdq": ("MatMul", "Conv", "Gemm")}
 OUTSIDE = "nodes outside {scope} (CFG, SLD, the safe-denoiser correction and its bank constants)"
 
@@ -134,6 +135,41 @@ class _Feeds:
         self.position = 0
 
 
+def quantize_graph(
+    path: Path,
+    out: Path,
+    nodes: Sequence[str],
+    op_types: Sequence[str],
+    method: Int8Format,
+    feeds: Sequence[dict[str, np.ndarray]] = (),
+    external: bool = False,
+) -> None:
+    """Write ``path`` with int8 weights for ``nodes`` of ``op_types`` to ``out``: dynamic (activations quantized per
+    call) or QDQ (symmetric int8, activation ranges from the calibration ``feeds``)."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    if method == "qdq" and not feeds:
+        raise ValueError("int8 qdq quantization needs calibration feeds (real denoiser inputs)")
+    common: dict[str, Any] = {
+        "nodes_to_quantize": list(nodes),
+        "op_types_to_quantize": list(op_types),
+        "use_external_data_format": external,
+    }
+    if method == "dynamic":
+        quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8, **common)
+    else:
+        quantize_static(
+            str(path),
+            str(out),
+            _Feeds(feeds),  # duck-typed CalibrationDataReader
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+            **common,
+        )
+
+
 def quantize_int8(
     path: Path,
     data_name: str | None,
@@ -143,34 +179,10 @@ def quantize_int8(
 ) -> GraphPrecision:
     """int8 weights for the network's ``QUANTIZED_OPS[method]`` nodes of ``path`` (``scope``); the rest float32."""
     import onnxruntime as ort
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
-    nodes = network_nodes(path, scope, QUANTIZED_OPS[method])
-    external = data_name is not None
-    if method == "qdq" and not feeds:
-        raise ValueError("int8 qdq quantization needs calibration feeds (real denoiser inputs)")
-
-    def write(out: Path) -> None:
-        common: dict[str, Any] = {
-            "nodes_to_quantize": nodes,
-            "op_types_to_quantize": list(QUANTIZED_OPS[method]),
-            "use_external_data_format": external,
-        }
-        if method == "dynamic":
-            quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8, **common)
-        else:
-            quantize_static(
-                str(path),
-                str(out),
-                _Feeds(feeds),  # duck-typed CalibrationDataReader
-                quant_format=QuantFormat.QDQ,
-                activation_type=QuantType.QInt8,
-                weight_type=QuantType.QInt8,
-                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
-                **common,
-            )
-
-    _replace(path, data_name, write)
+    ops = QUANTIZED_OPS[method]
+    nodes = network_nodes(path, scope, ops)
+    _replace(path, data_name, lambda out: quantize_graph(path, out, nodes, ops, method, feeds, data_name is not None))
     return GraphPrecision("int8", method, OUTSIDE.format(scope=scope), len(nodes), len(feeds), ort.__version__)
 
 
