@@ -13,7 +13,8 @@ A bundle is a folder::
 negative bank (or, for the odds preset, reference bank) inside ``denoiser.onnx`` does not hash to the manifest's
 ``bank.sha256`` (``reference_bank.sha256``), and a file whose sha256
 differs from the one ``files`` records (``integrity``; ``check_files=False`` skips the hashing): each with a
-``ManifestError`` naming the problem and the file.
+``ManifestError`` naming the problem and the file. The files are hashed before the bank check parses
+``denoiser.onnx``, so a damaged graph or weights file is named as such, as the C++ runtime names it.
 """
 
 from __future__ import annotations
@@ -517,6 +518,11 @@ class Manifest:
                 "manifest: reference_bank must be set exactly when guidance.preset is 'odds' (Theorem 1's beta)"
             )
         check_numbers(self)
+        if check_files:  # before the bank check parses denoiser.onnx: a damaged file is named as such
+            try:
+                verify_files(root, self.files)
+            except BundleFileError as exc:
+                raise ManifestError(str(exc)) from None
         if self.bank is not None:
             for key, info in (("bank", self.bank), ("reference_bank", self.reference_bank)):
                 if info is not None and info.sample_shape != self.sample_shape:
@@ -525,11 +531,6 @@ class Manifest:
                     )
             if check_bank:
                 self.check_bank(root)
-        if check_files:
-            try:
-                verify_files(root, self.files)
-            except BundleFileError as exc:
-                raise ManifestError(str(exc)) from None
         return self
 
     def class_label_max(self) -> int:
