@@ -172,6 +172,54 @@ def test_every_listed_file_is_hashed(cpp: Path, bundles: Path, tmp_path: Path) -
     assert info["files_verified"] is False
 
 
+def initializer_offset(graph: Path, name: str) -> int:
+    """Where an initializer's bytes start in its graph's external-data file."""
+    import onnx
+
+    proto = onnx.load(str(graph), load_external_data=False)
+    tensor = next(t for t in proto.graph.initializer if t.name == name)
+    return int(next(e.value for e in tensor.external_data if e.key == "offset"))
+
+
+def test_external_weights_are_hashed_while_the_sessions_open(cpp: Path, bundles: Path, tmp_path: Path) -> None:
+    """Weights in external-data files are hashed on a worker while the sessions open (BackgroundVerification): the
+    image is the inline bundle's, and a damaged weights file is named as such, never as what loading it gave (a
+    truncated file's onnxruntime error, the bank hash of a byte flipped inside the bank)."""
+    name = "tiny_external"
+    listed = json.loads((bundles / name / "manifest.json").read_text())["files"]
+    data_files = sorted(f for f in listed if f.endswith(".onnx.data"))
+    assert {"denoiser.onnx.data", "text_encoder.onnx.data", "vae_decoder.onnx.data"} <= set(data_files), listed
+    info = json.loads(run(cpp, "info", "--bundle", str(bundles / name)).stdout)
+    assert info["files_verified"] and info["files_hashed"] + info["files_from_cache"] == len(listed), info
+    gen = ("generate", "--prompt", "a cat", "--seed", "3", "--steps", "3")
+    run(cpp, *gen, "--bundle", str(bundles / name), "--out", str(tmp_path / "external.png"))
+    run(cpp, *gen, "--bundle", str(bundles / "tiny_theorem"), "--out", str(tmp_path / "inline.png"))
+    assert (tmp_path / "external.png").read_bytes() == (tmp_path / "inline.png").read_bytes()
+
+    bank = json.loads((bundles / name / "manifest.json").read_text())["bank"]["initializer"]
+    out = tmp_path / "x.png"
+    cases = {
+        "flip": lambda p: flip_byte(p, p.stat().st_size // 2),
+        "truncate": lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
+        "bank": lambda p: flip_byte(p, initializer_offset(p.parent / "denoiser.onnx", bank) + 5),
+    }
+    for file in data_files:
+        for how, damage in cases.items():
+            if how == "bank" and file != "denoiser.onnx.data":
+                continue
+            b = copy_bundle(bundles, tmp_path / f"{how}-{file}", name)
+            damage(b / file)
+            needle = f"file '{file}' does not match the manifest"
+            expect_failure(cpp, out, "bundle", needle, *gen, "--bundle", str(b), "--out", str(out))
+            with pytest.raises(ValueError, match=f"'{file}'"):  # the Python runtime refuses the same file
+                Manifest.load(b)
+    # Unchecked, the flipped bank byte is what the bank check reports.
+    b = tmp_path / "bank-denoiser.onnx.data" / name
+    expect_failure(
+        cpp, out, "bundle", "bank hash mismatch", *gen, "--bundle", str(b), "--out", str(out), "--no-verify-files"
+    )
+
+
 def test_cuda_append_path_fails_cleanly(cpp: Path, bundles: Path, tmp_path: Path) -> None:
     """With the availability check skipped, the provider set-up itself reports the missing provider (no abort)."""
     out = tmp_path / "x.png"

@@ -96,12 +96,14 @@ def test_verified_files_cache_off_unreadable_or_unwritable_means_hashing(
     assert verify_cache_path() == tmp_path / "xdg" / "safe-denoiser" / "verified-files.json"
 
 
+@pytest.mark.parametrize("name", ["demo_theorem", "tiny_external"])
 def test_cpp_and_python_share_the_cache_and_refuse_a_changed_file(
-    cpp: Path, bundles: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    cpp: Path, bundles: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
 ) -> None:
     """C++ ``info`` records the files, then skips them; the Python runtime reads what C++ wrote and the other way
-    round; a flipped byte with the old mtime put back is refused by both."""
-    b = copy_bundle(bundles, tmp_path)
+    round; a flipped byte with the old mtime put back is refused by both. tiny_external: the C++ runtime hashes its
+    weights files on a worker thread and the rest on the opening thread; both threads' records reach the cache."""
+    b = copy_bundle(bundles, tmp_path, name)
     listed = Manifest.load(b, check_files=False).files
     time.sleep(RACY_SECONDS + 0.2)  # the copies' ctimes must be settled before either runtime records them
     cache = tmp_path / "cache" / "verified-files.json"

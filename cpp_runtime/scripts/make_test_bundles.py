@@ -7,6 +7,7 @@ demo_odds      demo model, odds preset: bundled bank + reference bank (Theorem 1
 demo_odds_fp16 demo_odds with a jittered bank, both banks stored as float16 (--bank-dtype float16)
 tiny_sld       tiny random-weight SD, reference preset + SLD      (text, latents, VAE)
 tiny_theorem   tiny random-weight SD, constant-beta preset, no SLD (text)
+tiny_external  tiny_theorem with every graph's weights in an external-data file (as an SD-1.4 denoiser's)
 tiny_safree    tiny_theorem + SAFREE's text side (self-validation: filtered rows for steps 0..t' = 0..2 of 4)
 tiny_safree_always  tiny SD, SAFREE without self-validation (filtered rows at every step), no correction
 tiny_sd3       tiny random-weight SD3 (flow, two CLIP tokenizers), odds preset: bank + reference bank
@@ -24,7 +25,10 @@ from pathlib import Path
 from typing import Any
 
 # Export options per bundle (ExportOptions fields); the others use the defaults.
-OPTIONS: dict[str, dict[str, Any]] = {"demo_odds_fp16": {"bank_dtype": "float16"}}
+OPTIONS: dict[str, dict[str, Any]] = {
+    "demo_odds_fp16": {"bank_dtype": "float16"},
+    "tiny_external": {"external_data": "always"},
+}
 SLD = {"guidance_scale": 1000.0, "warmup_steps": 1, "threshold": 0.01, "momentum_scale": 0.3, "mom_beta": 0.4}
 # SAFREE on the tiny CLIP (as tests/test_export_safree.py): midpoint 0 makes t' = svf_max_step for any prompt with a
 # trigger, so both phases of the self-validating filter run; the latent re-attention is not exported.
@@ -58,6 +62,7 @@ def specs(work: Path) -> dict[str, dict[str, Any]]:
         },
         "tiny_sld": {**tiny, "safe_denoiser": {"preset": "reference", "window": [400, 1000]}, "sld": SLD},
         "tiny_theorem": {**tiny, "safe_denoiser": {"preset": "constant", "beta": 0.5, "window": [0, 1000]}},
+        "tiny_external": {**tiny, "safe_denoiser": {"preset": "constant", "beta": 0.5, "window": [0, 1000]}},
         "tiny_safree": {
             **tiny,
             "safe_denoiser": {"preset": "constant", "beta": 0.5, "window": [0, 1000]},

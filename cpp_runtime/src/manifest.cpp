@@ -384,7 +384,7 @@ Manifest Manifest::parse(const std::string& text) {
   return m;
 }
 
-Manifest Manifest::load(const std::string& bundle_dir, bool check_bank, bool check_files) {
+Manifest Manifest::read(const std::string& bundle_dir) {
   if (!is_dir(bundle_dir)) throw Error(ErrorKind::bundle, "bundle '" + bundle_dir + "' is not a folder");
   const std::string path = bundle_dir + "/manifest.json";
   if (!is_file(path)) throw Error(ErrorKind::bundle, "bundle '" + bundle_dir + "' has no manifest.json");
@@ -414,8 +414,6 @@ Manifest Manifest::load(const std::string& bundle_dir, bool check_bank, bool che
   if (m.tokenizer && (!safe_relative(*m.tokenizer) || !is_dir(bundle_dir + "/" + *m.tokenizer))) {
     throw Error(ErrorKind::bundle, "bundle '" + bundle_dir + "': tokenizer folder '" + *m.tokenizer + "' is missing");
   }
-  // Before the bank check: a damaged denoiser.onnx is reported as a damaged file, not as what parsing it gives.
-  if (check_files) m.files_check = verify_files(bundle_dir, m.files);
   if (m.guidance.has_value() != m.bank.has_value()) bad("guidance and bank must both be set or both be null");
   // The odds preset's beta (Theorem 1) needs the reference bank inside the graph; this runtime only feeds the graph.
   if (m.has_preset(GuidancePreset::odds) != m.reference_bank.has_value()) {
@@ -428,12 +426,30 @@ Manifest Manifest::load(const std::string& bundle_dir, bool check_bank, bool che
             " differs from sample_shape " + shape_text(m.sample_shape));
       }
     }
-    if (check_bank) {
-      const std::string onnx = bundle_dir + "/" + m.graphs.at("denoiser").file;
-      check_bank_constant(onnx, *m.bank, m.sample_shape, "bank");
-      if (m.reference_bank) check_bank_constant(onnx, *m.reference_bank, m.sample_shape, "reference bank");
-    }
   }
+  return m;
+}
+
+void Manifest::check_banks(const std::string& bundle_dir) const {
+  if (!bank) return;
+  const std::string onnx = bundle_dir + "/" + graphs.at("denoiser").file;
+  check_bank_constant(onnx, *bank, sample_shape, "bank");
+  if (reference_bank) check_bank_constant(onnx, *reference_bank, sample_shape, "reference bank");
+}
+
+std::set<std::string> Manifest::external_data_files() const {
+  std::set<std::string> out;
+  for (const auto& [name, g] : graphs) {
+    if (g.external_data) out.insert(*g.external_data);
+  }
+  return out;
+}
+
+Manifest Manifest::load(const std::string& bundle_dir, bool check_bank, bool check_files) {
+  Manifest m = read(bundle_dir);
+  // Before the bank check: a damaged denoiser.onnx is reported as a damaged file, not as what parsing it gives.
+  if (check_files) m.files_check = verify_files(bundle_dir, m.files);
+  if (check_bank) m.check_banks(bundle_dir);
   return m;
 }
 

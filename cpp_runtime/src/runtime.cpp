@@ -181,6 +181,12 @@ struct Runtime::Impl {
   std::unique_ptr<FlowRuntime> flow;  // flow bundles (SD3, Flux): their sessions and loop (flow_runtime.cpp)
   Ort::SessionOptions session_options;  // threads and provider, shared by every graph's session
   std::string provider;                 // provider_name(opt.provider)
+  std::unique_ptr<BackgroundVerification> files;  // the manifest's files, hashed while open() opens the sessions
+
+  // Returns once `path` (a file or a folder) is verified, before anything parses it (no-op: not verifying).
+  void verified(const std::string& path) const {
+    if (files) files->wait(path);
+  }
 
   void prepare_sessions();
   // A checked session of one manifest graph (its I/O against the manifest's GraphSpec).
@@ -296,6 +302,7 @@ std::unique_ptr<Ort::Session> Runtime::Impl::session(const std::string& graph) c
                                          " with fused operators that " + provider + " cannot run: open the" +
                                          " bundle with that provider, or export it with --optimize cpu");
   }
+  verified(spec.file);  // its external-data file (weight bytes only) may still be being hashed: finish() waits
   try {
     // A graph optimised offline for this provider holds its optimisations already: skip them at session start.
     const bool optimized = spec.optimized_for && *spec.optimized_for == provider;
@@ -328,6 +335,7 @@ void Runtime::Impl::open_vp() {
     }
     embed_len = pe->shape[1];
     embed_dim = pe->shape[2];  // SAFREE's concept basis is as wide: the manifest contract checked it
+    verified(*m.tokenizer);
     tokenizer = ClipTokenizer::load(dir + "/" + *m.tokenizer);
     text_encoder = session("text_encoder");
   }
@@ -341,14 +349,37 @@ std::unique_ptr<Runtime> Runtime::open(const std::string& bundle_dir, const Runt
   auto impl = std::make_unique<Impl>();
   impl->dir = bundle_dir;
   impl->opt = options;
-  impl->m = Manifest::load(bundle_dir, options.check_bank, options.check_files);
-  impl->prepare_sessions();
-  if (impl->m.flow) {  // SD3 / Flux: flow_runtime.cpp owns the sessions and the sampling loop
-    const Impl& sessions = *impl;
-    const auto session = [&sessions](const std::string& graph) { return sessions.session(graph); };
-    impl->flow = std::make_unique<FlowRuntime>(impl->m, bundle_dir, session);
-  } else {
-    impl->open_vp();
+  impl->m = Manifest::read(bundle_dir);
+  if (options.check_files) {
+    impl->files = std::make_unique<BackgroundVerification>(bundle_dir, impl->m.files, impl->m.external_data_files());
+  }
+  try {
+    if (options.check_bank) {
+      impl->verified(impl->m.graphs.at("denoiser").file);  // the bank check parses it
+      impl->m.check_banks(bundle_dir);
+    }
+    impl->prepare_sessions();
+    if (impl->m.flow) {  // SD3 / Flux: flow_runtime.cpp owns the sessions and the sampling loop
+      if (impl->files) {  // its tokenizers load first: every file but the raw weight bytes
+        const auto raw = impl->m.external_data_files();
+        for (const auto& entry : impl->m.files) {
+          if (!raw.count(entry.first)) impl->verified(entry.first);
+        }
+      }
+      const Impl& sessions = *impl;
+      const auto session = [&sessions](const std::string& graph) { return sessions.session(graph); };
+      impl->flow = std::make_unique<FlowRuntime>(impl->m, bundle_dir, session);
+    } else {
+      impl->open_vp();
+    }
+  } catch (...) {
+    // A damaged file is named as such, not as what reading it gave (a truncated weights file, a bank hash).
+    if (impl->files) impl->files->finish();
+    throw;
+  }
+  if (impl->files) {
+    impl->m.files_check = impl->files->finish();
+    impl->files.reset();
   }
   impl->load_ms = ms_since(start);
   return std::unique_ptr<Runtime>(new Runtime(std::move(impl)));

@@ -363,6 +363,61 @@ TEST(Integrity, VerifiedFilesCacheRecordsOnlySettledFilesAndSurvivesGarbage) {
   }
 }
 
+TEST(Integrity, BackgroundVerificationWaitsPerFileAndNamesTheBadOne) {
+  // wait(path) returns once that file (or every file under that folder) is verified; finish() reports every file;
+  // a bad file is the Error of finish() and of any wait after it failed.
+  const std::string dir = temp_dir();
+  ASSERT_EQ(::mkdir((dir + "/tok").c_str(), 0700), 0);
+  std::string weights(5u << 20, '\0');  // raw weight bytes: hashed last
+  uint32_t x = 7;
+  for (auto& c : weights) c = static_cast<char>((x = x * 1664525u + 1013904223u) >> 24);
+  atomic_write(dir + "/g.onnx", std::string("graph"));
+  atomic_write(dir + "/g.onnx.data", weights);
+  atomic_write(dir + "/tok/vocab.json", std::string("{}"));
+  atomic_write(dir + "/tok/merges.txt", std::string("#"));
+  const std::map<std::string, std::string> expected = {
+      {"g.onnx", sha256_hex("graph")},
+      {"g.onnx.data", sha256_hex(weights)},
+      {"tok/vocab.json", sha256_hex("{}")},
+      {"tok/merges.txt", sha256_hex("#")}};
+  {
+    BackgroundVerification files(dir, expected, {"g.onnx.data"}, std::nullopt);
+    EXPECT_NO_THROW(files.wait("g.onnx"));
+    EXPECT_NO_THROW(files.wait("tok"));
+    EXPECT_NO_THROW(files.wait("not/listed"));  // nothing to wait for
+    const Verification v = files.finish();
+    EXPECT_EQ(v.hashed, 4);
+    EXPECT_EQ(v.cached, 0);
+    EXPECT_NO_THROW(files.finish());  // again: the same answer
+  }
+  const auto failure = [&](const std::function<void(BackgroundVerification&)>& use) {
+    BackgroundVerification files(dir, expected, {"g.onnx.data"}, std::nullopt);
+    try {
+      use(files);
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::bundle);
+      return std::string(e.what());
+    }
+    return std::string("accepted");
+  };
+  weights[weights.size() / 2] ^= 1;
+  atomic_write(dir + "/g.onnx.data", weights);
+  EXPECT_NE(failure([](BackgroundVerification& f) { f.finish(); }).find("file 'g.onnx.data' does not match the manifest"),
+            std::string::npos);
+  // A graph verified before the bad weights file: waiting for it may succeed or report the failure, never hang.
+  const std::string waited = failure([](BackgroundVerification& f) {
+    f.wait("g.onnx");
+    f.finish();
+  });
+  EXPECT_NE(waited.find("'g.onnx.data' does not match"), std::string::npos) << waited;
+  ::unlink((dir + "/tok/merges.txt").c_str());
+  EXPECT_NE(failure([](BackgroundVerification& f) { f.wait("tok"); }).find("file 'tok/merges.txt' listed in the "
+                                                                          "manifest is missing"),
+            std::string::npos);
+  // Destroyed while hashing (an open() that failed early): stops and joins, nothing leaks (ASan).
+  for (int i = 0; i < 3; ++i) BackgroundVerification(dir, expected, {"g.onnx.data"}, std::nullopt);
+}
+
 TEST(Manifest, RejectsWrongFormatVersionAndBadJson) {
   const auto kind_of = [](const std::string& text) {
     try {

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <map>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -108,6 +109,13 @@ struct Manifest {
   // Parse and validate as Manifest.load does: format and version, keys, files present, bank hash (check_bank),
   // every file listed in `files` against its sha256 (check_files; false skips reading them, for huge bundles).
   static Manifest load(const std::string& bundle_dir, bool check_bank = true, bool check_files = true);
+  // load() without reading the graphs and files: the caller runs check_banks and verifies `files` (Runtime::open
+  // verifies them while the sessions open: BackgroundVerification).
+  static Manifest read(const std::string& bundle_dir);
+  // The bank's (and reference bank's) shape, storage dtype and sha256 inside denoiser.onnx against their records.
+  void check_banks(const std::string& bundle_dir) const;
+  // The graphs' external-data files (weight bytes read at offsets their graph states).
+  std::set<std::string> external_data_files() const;
   static Manifest parse(const std::string& json_text);  // format, version and content only
 };
 
