@@ -24,12 +24,15 @@ Measured in one run, same steps and ``--threads`` intra-op threads everywhere:
 * start-up: ``safe-denoiser-cpp info`` vs ``python -c 'Bundle(dir); sessions'`` wall time, every file hashed (the
   verified-files cache off in every process; ``bench/startup.py`` times it).
 * peak memory: each process's peak resident set (VmHWM, sampled every 10 ms).
+
+``--repeats N`` runs the three N times in rounds (C++, Python, PyTorch, then again): each figure is its median
+over the rounds, a ratio the median of the rounds' ratios (each measured side by side); ``rounds`` lists them all.
 * server: ``safe-denoiser-cpp serve`` on 127.0.0.1, 1/2/4 concurrent clients, throughput and p50/p99 latency.
 
 ``--optimize`` exports every bundle with ``--optimize`` (graphs stored as ONNX Runtime's CPU optimisation of them,
 sessions opened without re-optimising: the start-up the deployment path gets).
 
-Usage: python bench/cpp_vs_python.py [--quick] [--optimize] [--threads 1] [--images 16]
+Usage: python bench/cpp_vs_python.py [--quick] [--optimize] [--repeats 1] [--threads 1] [--images 16]
 [--out bench/results/cpp_vs_python.json]
 Needs ``make cpp`` first (the binary is cpp_runtime/build/release/safe-denoiser-cpp).
 """
@@ -301,7 +304,9 @@ def server_bench(bundle: Path, reqs: list[dict[str, Any]], threads: int, steps: 
     return rows
 
 
-def run_model(name: str, images: int, threads: int, tmp: Path, optimize: bool = False) -> dict[str, Any]:
+def run_model(
+    name: str, images: int, threads: int, tmp: Path, optimize: bool = False, repeats: int = 1
+) -> dict[str, Any]:
     batch, steps = (4, 25) if name in ("demo", "mini_sd") else (1, 4) if name in FLOW_MODELS else (1, 3)
     bundle, source = export(name, tmp, steps, optimize)
     if name == "demo":
@@ -311,54 +316,50 @@ def run_model(name: str, images: int, threads: int, tmp: Path, optimize: bool = 
     else:
         reqs = [{"prompt": f"a photo of a cat number {i}", "seed": i} for i in range(images)]
     (tmp / f"{name}.jsonl").write_text("\n".join(json.dumps({**r, "steps": steps}) for r in reqs) + "\n")
-    out_dir = tmp / f"{name}_out"
-    out_dir.mkdir()
 
     startup_cpp, rss_info, _ = run_measured([str(BINARY), "info", "--bundle", str(bundle), "--threads", str(threads)])
-    cpp_wall, cpp_rss, _ = run_measured(
-        [
-            str(BINARY),
-            "batch",
-            "--bundle",
-            str(bundle),
-            "--requests",
-            str(tmp / f"{name}.jsonl"),
-            "--out-dir",
-            str(out_dir),
-            "--max-batch",
-            str(batch),
-            "--threads",
-            str(threads),
-        ]
-    )
-    records = [json.loads(p.read_text()) for p in sorted(out_dir.glob("*.json"))]
-    cpp_load_s = records[0]["timings_ms"]["load"] / 1e3
-    py_wall, py_rss, py_out = run_measured(
-        [sys.executable, "-c", PY_RUNNER, str(bundle), json.dumps(reqs), str(batch), str(steps), str(threads)]
-    )
-    py = json.loads(py_out)
+    rounds = []
+    for k in range(repeats):  # each round times the three side by side; its ratios are the round's
+        out_dir = tmp / f"{name}_out{k}"  # a fresh folder: batch resumes, it would skip the images already there
+        out_dir.mkdir()
+        batch_cmd = [str(BINARY), "batch", "--bundle", str(bundle), "--requests", str(tmp / f"{name}.jsonl")]
+        cpp_wall, cpp_rss, _ = run_measured(
+            [*batch_cmd, "--out-dir", str(out_dir), "--max-batch", str(batch), "--threads", str(threads)]
+        )
+        records = [json.loads(p.read_text()) for p in sorted(out_dir.glob("*.json"))]
+        cpp_load_s = records[0]["timings_ms"]["load"] / 1e3
+        py_wall, py_rss, py_out = run_measured(
+            [sys.executable, "-c", PY_RUNNER, str(bundle), json.dumps(reqs), str(batch), str(steps), str(threads)]
+        )
+        torch_ips = torch_rate(name, source, reqs, batch, steps)
+        rounds.append(
+            {
+                "cpp_images_per_s": images / cpp_wall,
+                "python_images_per_s": images / py_wall,
+                "torch_images_per_s": torch_ips,
+                "cpp_generate_images_per_s": images / max(cpp_wall - cpp_load_s, 1e-9),
+                "python_generate_images_per_s": images / json.loads(py_out)["generate_s"],
+                "cpp_vs_python": py_wall / cpp_wall,
+                "cpp_vs_torch": images / cpp_wall / torch_ips,
+                "peak_rss_cpp_mib": cpp_rss,
+                "peak_rss_python_mib": py_rss,
+            }
+        )
     startup_py, _, _ = run_measured([sys.executable, "-c", PY_RUNNER, str(bundle), "[]", "1", str(steps), str(threads)])
-    torch_ips = torch_rate(name, source, reqs, batch, steps)
     server = server_bench(bundle, reqs, threads, steps)
-    cpp_ips, py_ips = images / cpp_wall, images / py_wall
+    medians = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
     return {
         "model": name,
         "optimize": optimize,
         "batch": batch,
         "steps": steps,
         "images": images,
-        "cpp_images_per_s": cpp_ips,
-        "python_images_per_s": py_ips,
-        "torch_images_per_s": torch_ips,
-        "cpp_generate_images_per_s": images / max(cpp_wall - cpp_load_s, 1e-9),
-        "python_generate_images_per_s": images / py["generate_s"],
-        "cpp_vs_python": cpp_ips / py_ips,
-        "cpp_vs_torch": cpp_ips / torch_ips,
+        "repeats": repeats,
+        **medians,  # each figure's median over the rounds (a ratio: the median of the rounds' ratios)
         "startup_cpp_s": startup_cpp,
         "startup_python_s": startup_py,
-        "peak_rss_cpp_mib": cpp_rss,
         "peak_rss_cpp_info_mib": rss_info,
-        "peak_rss_python_mib": py_rss,
+        "rounds": rounds,
         "server": server,
     }
 
@@ -370,6 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--optimize", action="store_true", help="export bundles with --optimize")
+    p.add_argument("--repeats", type=int, default=1, help="rounds of C++ / Python / PyTorch, side by side (medians)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "cpp_vs_python.json"))
     args = p.parse_args(argv)
     models = ["demo"] if args.quick else [m.strip() for m in args.models.split(",") if m.strip()]
@@ -390,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="cpp-vs-python-") as tmp:
         for name in models:
             images = max(2, args.images // 4) if name == "sd14" else args.images
-            results.append(run_model(name, images, args.threads, Path(tmp), args.optimize))
+            results.append(run_model(name, images, args.threads, Path(tmp), args.optimize, args.repeats))
     header = [
         "model",
         "C++ img/s",
@@ -412,7 +414,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{r['cpp_vs_python']:.2f}x",
                 f"{r['cpp_vs_torch']:.2f}x",
                 f"{r['startup_cpp_s']:.2f} / {r['startup_python_s']:.2f}",
-                f"{r['peak_rss_cpp_mib']} / {r['peak_rss_python_mib']}",
+                f"{r['peak_rss_cpp_mib']:.0f} / {r['peak_rss_python_mib']:.0f}",
             ]
             for r in results
         ],
