@@ -131,3 +131,27 @@ def test_cpp_and_python_share_the_cache_and_refuse_a_changed_file(
     assert proc.returncode != 0 and "file 'denoiser.onnx' does not match the manifest" in proc.stderr
     with pytest.raises(BundleFileError, match=r"file 'denoiser\.onnx' does not match"):
         verify_files(b, listed)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_parallel_hashing_names_the_first_bad_file_in_path_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads: int
+) -> None:
+    """verify_files hashes files on HASH_THREADS threads; whatever finishes first, the file named is the first in
+    path order that is missing or differs, and the counts are those of one thread."""
+    import hashlib
+
+    monkeypatch.setattr(integrity, "HASH_THREADS", threads)
+    contents = {"a.onnx": b"a" * 5000, "b.onnx.data": os.urandom(3 << 20), "c/tok.json": b"{}", "d.onnx": b"d"}
+    (tmp_path / "c").mkdir()
+    for name, data in contents.items():
+        (tmp_path / name).write_bytes(data)
+    expected = {name: hashlib.sha256(data).hexdigest() for name, data in contents.items()}
+    assert verify_files(tmp_path, expected, cache=False) == Verification(hashed=4, cached=0)
+    (tmp_path / "d.onnx").write_bytes(b"e")  # differs, last in path order
+    (tmp_path / "c" / "tok.json").unlink()  # missing, before it
+    with pytest.raises(BundleFileError, match=r"file 'c/tok\.json' listed in the manifest is missing"):
+        verify_files(tmp_path, expected, cache=False)
+    flip_byte(tmp_path / "b.onnx.data", 1 << 20)  # differs, before both
+    with pytest.raises(BundleFileError, match=r"file 'b\.onnx\.data' does not match the manifest"):
+        verify_files(tmp_path, expected, cache=False)
