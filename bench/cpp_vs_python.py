@@ -24,10 +24,10 @@ Measured in one run, same steps and ``--threads`` intra-op threads everywhere:
 * start-up: ``safe-denoiser-cpp info`` vs ``python -c 'Bundle(dir); sessions'`` wall time, every file hashed (the
   verified-files cache off in every process; ``bench/startup.py`` times it).
 * peak memory: each process's peak resident set (VmHWM, sampled every 10 ms).
+* server: ``safe-denoiser-cpp serve`` on 127.0.0.1, 1/2/4 concurrent clients, throughput and p50/p99 latency.
 
 ``--repeats N`` runs the three N times in rounds (C++, Python, PyTorch, then again): each figure is its median
 over the rounds, a ratio the median of the rounds' ratios (each measured side by side); ``rounds`` lists them all.
-* server: ``safe-denoiser-cpp serve`` on 127.0.0.1, 1/2/4 concurrent clients, throughput and p50/p99 latency.
 
 ``--optimize`` exports every bundle with ``--optimize`` (graphs stored as ONNX Runtime's CPU optimisation of them,
 sessions opened without re-optimising: the start-up the deployment path gets).

@@ -312,13 +312,16 @@ void BackgroundVerification::wait(const std::string& path) {
   if (sh.worker_error) std::rethrow_exception(sh.worker_error);
 }
 
+void BackgroundVerification::wait_parsed() {
+  for (const auto& entry : shared_->expected) {
+    if (!shared_->raw.count(entry.first)) wait(entry.first);
+  }
+}
+
 Verification BackgroundVerification::finish() {
   Shared& sh = *shared_;
   if (finished_) return result_;
-  wait("");  // covers nothing: the worker's error, if it has failed already
-  for (const auto& entry : sh.expected) {
-    if (!sh.raw.count(entry.first)) wait(entry.first);  // a bad one throws; the destructor stops the worker
-  }
+  wait_parsed();  // a bad file throws; the destructor stops the worker
   if (worker_.joinable()) worker_.join();
   if (sh.worker_error) std::rethrow_exception(sh.worker_error);
   result_ = {caller_counts_.hashed + sh.worker_counts.hashed, caller_counts_.cached + sh.worker_counts.cached};

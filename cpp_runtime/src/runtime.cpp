@@ -360,12 +360,7 @@ std::unique_ptr<Runtime> Runtime::open(const std::string& bundle_dir, const Runt
     }
     impl->prepare_sessions();
     if (impl->m.flow) {  // SD3 / Flux: flow_runtime.cpp owns the sessions and the sampling loop
-      if (impl->files) {  // its tokenizers load first: every file but the raw weight bytes
-        const auto raw = impl->m.external_data_files();
-        for (const auto& entry : impl->m.files) {
-          if (!raw.count(entry.first)) impl->verified(entry.first);
-        }
-      }
+      if (impl->files) impl->files->wait_parsed();  // its tokenizers load first
       const Impl& sessions = *impl;
       const auto session = [&sessions](const std::string& graph) { return sessions.session(graph); };
       impl->flow = std::make_unique<FlowRuntime>(impl->m, bundle_dir, session);

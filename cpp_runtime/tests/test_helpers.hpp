@@ -3,7 +3,9 @@
 
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <functional>
+#include <stdexcept>
 #include <string>
 
 #include "safe_denoiser_cpp/errors.hpp"
@@ -12,6 +14,14 @@ namespace sdcpp::testing {
 
 inline std::string nested(size_t depth, const std::string& inner = "1") {
   return std::string(depth, '[') + inner + std::string(depth, ']');
+}
+
+// A fresh folder under /tmp.
+inline std::string temp_dir() {
+  char tmpl[] = "/tmp/sdcpp-test-XXXXXX";
+  const char* dir = mkdtemp(tmpl);
+  if (dir == nullptr) throw std::runtime_error("mkdtemp failed");
+  return dir;
 }
 
 inline std::string input_error(const std::function<void()>& call) {

@@ -44,7 +44,7 @@ VERIFY_CACHE_ENV = "SAFE_DENOISER_VERIFY_CACHE"  # the cache file; "" or "off": 
 CACHE_VERSION = 1
 MAX_CACHE_ENTRIES = 4096
 RACY_SECONDS = 2.0
-HASH_THREADS = min(4, os.cpu_count() or 1)  # files hashed at once by verify_files
+HASH_THREADS = min(4, os.cpu_count() or 1)  # files hashed at once by hash_files (and so verify_files)
 
 
 class BundleFileError(ValueError):
@@ -76,8 +76,12 @@ def bundle_files(root: str | os.PathLike[str], entries: Iterable[str | None]) ->
 
 
 def hash_files(root: str | os.PathLike[str], names: Iterable[str]) -> dict[str, str]:
-    """``{relative path: sha256}`` of the named files under ``root``."""
-    return {name: file_sha256(Path(root) / name) for name in names}
+    """``{relative path: sha256}`` of the named files under ``root``, ``HASH_THREADS`` files at a time (hashlib
+    releases the GIL on large buffers: a bundle's big files, an SD-1.4 UNet's weights and its text encoder, hash on
+    several cores at once)."""
+    todo = list(names)
+    with ThreadPoolExecutor(max_workers=max(1, min(len(todo), HASH_THREADS))) as pool:
+        return dict(zip(todo, pool.map(lambda name: file_sha256(Path(root) / name), todo), strict=True))
 
 
 class FileStamp(NamedTuple):
@@ -160,10 +164,7 @@ def verify_files(
     stamps = {name: FileStamp.of(base / name) for name in names if (base / name).is_file()}
     keys = {name: str((base / name).resolve()) for name in stamps}
     todo = [name for name in stamps if not _cached(entries.get(keys[name]), stamps[name], expected[name])]
-    # hashlib releases the GIL on large buffers: a bundle's big files (an SD-1.4 UNet's weights, its text encoder)
-    # hash on several cores at once.
-    with ThreadPoolExecutor(max_workers=max(1, min(len(todo), HASH_THREADS))) as pool:
-        digests = dict(zip(todo, pool.map(lambda name: file_sha256(base / name), todo), strict=True))
+    digests = hash_files(base, todo)
     hashed = cached = 0
     changed = False
     for name in names:  # path order: the first missing or differing file is the one named

@@ -52,6 +52,8 @@ class BackgroundVerification {
   // Returns once every listed file that is `path` or lies under the folder `path` is verified (hashing those that
   // are not raw data here); Error(bundle) for a bad one, or as soon as the worker has found one.
   void wait(const std::string& path);
+  // wait() for every file that is not raw data (what a parser reads: graphs, tokenizer files).
+  void wait_parsed();
   // Every file verified, how (hashed / from the cache), the cache written once; Error(bundle) otherwise.
   Verification finish();
 
