@@ -18,6 +18,8 @@ from safe_denoiser.demo.evaluate import (
     ROWS,
     TUNED_ODDS,
     TUNED_REFERENCE,
+    TUNED_SGF,
+    TUNED_SHIELDED,
     UNSAFE_CLASSES,
     EvalSettings,
     SettingsError,
@@ -30,7 +32,7 @@ from safe_denoiser.demo.evaluate import (
     top_class_probability,
     unsafe_probability,
 )
-from safe_denoiser.demo.evaluate.protocol import CONSTANT_GRID
+from safe_denoiser.demo.evaluate.protocol import CONSTANT_GRID, GRIDS
 from safe_denoiser.evaluation.metrics import attack_success_rate, frechet_distance, toxic_rate
 
 
@@ -237,6 +239,10 @@ def test_evaluate_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     sweep = EvalSettings().sweep
     assert [p["odds_scale"] for p in result["sweep"]["odds"]] == [TUNED_ODDS.odds_scale * m for m in sweep]
     assert [p["step_size"] for p in result["sweep"]["reference"]] == [TUNED_REFERENCE.step_size * m for m in sweep]
+    assert [p["mmd_scale"] for p in result["sweep"]["sgf"]] == [TUNED_SGF.mmd_scale * m for m in sweep]
+    assert [p["overcompensation"] for p in result["sweep"]["shielded"]] == [
+        TUNED_SHIELDED.overcompensation * m for m in sweep
+    ]
     md = (out / "results.md").read_text()
     assert md.count("\n| ") == len(ROWS) + 1 and " ± " in md
     assert (out / "asr_vs_quality.png").stat().st_size > 10_000
@@ -341,7 +347,8 @@ def test_tune_runs_every_preset_grid(tmp_path: Path, monkeypatch: pytest.MonkeyP
     full = tuning.tuning_grid
     monkeypatch.setattr(tuning, "tuning_grid", lambda mode: full(mode)[:2])
     report = tuning.tune(tmp_path, EvalSettings(samples=10, steps=2, seeds=1), baselines=("base", "sld"))
-    for mode in ("constant", "odds", "reference"):
+    assert set(GRIDS) == {"constant", "odds", "reference", "sgf", "shielded"}
+    for mode in GRIDS:
         grid = report[mode]["grid"]
         assert [c["guidance"] for c in grid] == [g.to_dict() for g in full(mode)[:2]]
         assert all(0.0 <= c["i2p_unsafe"] <= 1.0 for c in grid)

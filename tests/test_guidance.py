@@ -35,14 +35,7 @@ PRESETS: dict[str, type[SafeGuidance]] = {
     "sgf": SGFGuidance,
     "shielded": ShieldedGuidance,
 }
-STRENGTH = {
-    "constant": "beta",
-    "mass": "beta_per_mass",
-    "odds": "odds_scale",
-    "reference": "step_size",
-    "sgf": "mmd_scale",
-    "shielded": "overcompensation",
-}
+STRENGTH = {name: cls.strength_field for name, cls in PRESETS.items()}  # each preset's strength field (validated below)
 
 # Every field of every preset set away from its default (kernel_sigma and bank_sigma are exclusive: one each).
 NON_DEFAULT: dict[str, SafeGuidance] = {
@@ -410,3 +403,20 @@ def test_preset_names_are_what_from_dict_accepts() -> None:
         assert SafeGuidance.from_dict({"preset": name}).preset == name
     with pytest.raises(ValueError, match="must be one of " + ", ".join(SafeGuidance.preset_names())):
         SafeGuidance.from_dict({"preset": "nope"})
+
+
+def test_preset_grid_is_the_product_of_its_axes() -> None:
+    """``preset_grid``: every combination, in ``itertools.product`` order, on the preset's defaults; a dict value
+    sets its fields together; a bad value is refused by the preset's own validation, naming the field."""
+    from safe_denoiser.core.guidance import SGFGuidance, preset_grid
+
+    grid = preset_grid("sgf", {"mmd_scale": (0.1, 0.3), "kernel": ({"kernel_sigma": None}, {"kernel_sigma": 2.0})})
+    assert grid == [
+        SGFGuidance(mmd_scale=0.1),
+        SGFGuidance(mmd_scale=0.1, kernel_sigma=2.0),
+        SGFGuidance(mmd_scale=0.3),
+        SGFGuidance(mmd_scale=0.3, kernel_sigma=2.0),
+    ]
+    assert preset_grid("shielded", {}) == [SafeGuidance.from_dict({"preset": "shielded"})]
+    with pytest.raises(ValueError, match=r"ShieldedGuidance\.radius must be"):
+        preset_grid("shielded", {"radius": (1.0, -1.0)})

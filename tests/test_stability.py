@@ -9,7 +9,7 @@ import torch
 
 from safe_denoiser import OddsGuidance, SafeGuidance, attach, detach
 from safe_denoiser.demo.bank import build_reference_bank, load_bundled_bank
-from safe_denoiser.demo.evaluate import TUNED_ODDS, TUNED_REFERENCE
+from safe_denoiser.demo.evaluate import TUNED_ODDS, TUNED_REFERENCE, TUNED_SGF, TUNED_SHIELDED
 from safe_denoiser.demo.pipeline import DigitsPipeline
 
 # The bare pipeline's own batch-vs-items difference here is ~2e-6 (GEMM blocking varies with the batch); 1e-4 is
@@ -25,7 +25,13 @@ def demo() -> tuple[DigitsPipeline, torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize(
     "name,guidance",
-    [("odds", OddsGuidance()), ("tuned odds (demo)", TUNED_ODDS), ("tuned reference", TUNED_REFERENCE)],
+    [
+        ("odds", OddsGuidance()),
+        ("tuned odds (demo)", TUNED_ODDS),
+        ("tuned reference", TUNED_REFERENCE),
+        ("tuned sgf", TUNED_SGF),
+        ("tuned shielded", TUNED_SHIELDED),
+    ],
 )
 def test_batch_equals_items(
     name: str, guidance: SafeGuidance, demo: tuple[DigitsPipeline, torch.Tensor, torch.Tensor]

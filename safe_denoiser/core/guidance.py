@@ -20,8 +20,9 @@ line name a preset and its fields (``{"preset": "odds", "odds_scale": 3}``: ``Sa
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, ClassVar, Literal, Self, TypeAlias
 
@@ -38,6 +39,7 @@ __all__ = [
     "SafeGuidance",
     "ShieldedGuidance",
     "TheoremGuidance",
+    "preset_grid",
 ]
 
 ReferenceKind = Literal["safe", "data"]
@@ -57,6 +59,7 @@ class SafeGuidance:
     where the correction applies, and the kernel's bank rows per chunk (None: automatic)."""
 
     preset: ClassVar[str] = ""
+    strength_field: ClassVar[str] = ""  # the field that scales the correction (0: off); a strength sweep varies it
     needs_reference_bank: ClassVar[bool] = False  # the odds preset reads a reference bank as well
     renoises: ClassVar[bool] = False  # the reference preset changes x_t (re-noised), the others the prediction
 
@@ -171,11 +174,12 @@ class ConstantGuidance(TheoremGuidance):
     it pushes every sample, unsafe or not)."""
 
     preset: ClassVar[str] = "constant"
+    strength_field: ClassVar[str] = "beta"
     beta: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._strength("beta")
+        self._strength(self.strength_field)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -183,11 +187,12 @@ class MassGuidance(TheoremGuidance):
     """beta = ``beta_per_mass`` x the bank's mean kernel value at x_t: strong near the bank, vanishing far from it."""
 
     preset: ClassVar[str] = "mass"
+    strength_field: ClassVar[str] = "beta_per_mass"
     beta_per_mass: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._strength("beta_per_mass")
+        self._strength(self.strength_field)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -205,6 +210,7 @@ class OddsGuidance(TheoremGuidance):
     """
 
     preset: ClassVar[str] = "odds"
+    strength_field: ClassVar[str] = "odds_scale"
     needs_reference_bank: ClassVar[bool] = True
     window: tuple[float, float] = (300.0, 1000.0)
     odds_scale: float = 1.0
@@ -216,7 +222,7 @@ class OddsGuidance(TheoremGuidance):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._strength("odds_scale")
+        self._strength(self.strength_field)
         self._require(self.reference_kind in ("safe", "data"), "reference_kind", "'safe' or 'data'")
         p = self.prior_unsafe
         self._require(p is None or (_finite(p) and 0 < p < 1), "prior_unsafe", "a float in (0, 1) or None")
@@ -235,6 +241,7 @@ class ReferenceGuidance(SafeGuidance):
     """
 
     preset: ClassVar[str] = "reference"
+    strength_field: ClassVar[str] = "step_size"
     renoises: ClassVar[bool] = True
     window: tuple[float, float] = (780.0, 1000.0)
     step_size: float = 0.33
@@ -244,7 +251,7 @@ class ReferenceGuidance(SafeGuidance):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._strength("step_size")
+        self._strength(self.strength_field)
         self._require(_finite(self.kernel_sigma) and self.kernel_sigma > 0, "kernel_sigma", "a float > 0")
         self._require(_finite(self.margin), "margin", "a finite float")
         self._require(self.threshold is None or _finite(self.threshold), "threshold", "a finite float or None")
@@ -270,6 +277,7 @@ class SGFGuidance(EnergyGuidance):
     """
 
     preset: ClassVar[str] = "sgf"
+    strength_field: ClassVar[str] = "mmd_scale"
     window: tuple[float, float] = (800.0, 1000.0)
     mmd_scale: float = 1.0
     ramp: float = 0.0
@@ -279,7 +287,7 @@ class SGFGuidance(EnergyGuidance):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._strength("mmd_scale")
+        self._strength(self.strength_field)
         r = self.ramp
         width = self.window[1] - self.window[0]
         self._require(_finite(r) and 0 <= r <= width, "ramp", f"a float in [0, {width:g}] (the window's width)")
@@ -301,13 +309,14 @@ class ShieldedGuidance(EnergyGuidance):
     """
 
     preset: ClassVar[str] = "shielded"
+    strength_field: ClassVar[str] = "overcompensation"
     radius: float = 1.0
     overcompensation: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._require(_finite(self.radius) and self.radius > 0, "radius", "a float > 0 (in the data's units)")
-        self._strength("overcompensation")
+        self._strength(self.strength_field)
 
 
 # The presets that correct the model's prediction at fixed x_t (every one but the re-noising reference preset).
@@ -324,3 +333,16 @@ _LEGACY_FIELDS = {
     "beta_mode": "'beta_mode' is now the preset itself: constant, mass or odds",
     "mode": "'mode' is now the preset itself",
 }
+
+
+def preset_grid(preset: str, axes: Mapping[str, Sequence[Any]]) -> list[SafeGuidance]:
+    """Every combination of ``axes`` (field -> values; a dict value sets several fields together, e.g. a bandwidth
+    and its gate) applied to ``preset``'s defaults, in ``itertools.product`` order: a tuning grid."""
+    base = SafeGuidance.from_dict({"preset": preset})
+    out = []
+    for values in itertools.product(*axes.values()):
+        changes: dict[str, Any] = {}
+        for name, value in zip(axes, values, strict=True):
+            changes.update(value if isinstance(value, dict) else {name: value})
+        out.append(base.with_(**changes))
+    return out

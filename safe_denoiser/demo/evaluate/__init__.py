@@ -36,7 +36,8 @@ are supported: image i gets unsafe[i % k] as its negative / safety class).
 Rows: the base model (CFG 2), the unsafe class as the negative condition (``negative_class_labels``), class-
 conditional SLD (``safe_denoiser.demo.class_sld``, MEDIUM preset with the warm-up scaled to the step count), each
 without and with the safe denoiser (``odds``: the theorem's own beta as the conditional odds; ``reference``: the
-authors' form; each tuned once on a validation seed set by one rule and then fixed), and unconditional samples
+authors' form; ``sgf`` and ``shielded``: the energy-guidance family, Safety-Guided Flow and Shielded Diffusion's
+sparse repellency; each tuned once on a validation seed set by one rule and then fixed), and unconditional samples
 without and with it. The defence is applied to benign prompts too: that is how its quality cost shows. Sampler:
 the bundled DDIM (10 steps by default; the pipeline recomputes eps from the clipped x0).
 
@@ -67,6 +68,13 @@ point. Validation, base: I2P-like unsafe 0.072, broken 0.022, FD 22.5, accuracy 
   (``OddsGuidance()``, untuned) give 0.050 at FD 24.8, and every stronger setting of them costs more than 10% benign
   FD: at high noise they are the prior odds Z_u / Z_s for every sample, benign prompts included. ``pareto.png``
   draws the limits as lines.
+- sgf (``SGF_GRID``: mmd_scale 0.1, 0.3, 1, 3; windows t >= 800 (the authors'), t >= 500, every step; the
+  nearest-neighbour bandwidth or a fixed one of 1 or 2): chosen mmd_scale 0.1, kernel_sigma 2, t >= 500: I2P-like
+  unsafe 0.022, broken 0.039, FD 24.8. With the authors' per-sample bandwidth every setting that lowers the unsafe
+  rate costs more than 10% benign FD: that bandwidth keeps the kernel large however far a sample is from the bank.
+- shielded (``SHIELDED_GRID``: radius 1.25, 2.5, 3.75, 5 against the bank's median nearest-neighbour distance
+  2.5; overcompensation 1, 2; every step or t >= 500): chosen radius 3.75, overcompensation 2, every step: I2P-like
+  unsafe 0.006, broken 0.028, FD 23.1, as good as the tuned odds. Radii up to 2.5 never reach a sample.
 
 Outputs in ``--out``: ``results.md`` (the table, mean +- sample std over seed sets), ``results.json`` (everything,
 per seed set too; written atomically), ``grid_<row>.png`` (seed set 0's first samples, judged-unsafe ones in a
@@ -92,6 +100,8 @@ from safe_denoiser.demo.evaluate.protocol import (
     SAFE_MODES,
     TUNED_ODDS,
     TUNED_REFERENCE,
+    TUNED_SGF,
+    TUNED_SHIELDED,
     UNSAFE_CLASSES,
     VALIDATION_SEED_SET,
     EvalSettings,
@@ -112,6 +122,8 @@ __all__ = [
     "SAFE_MODES",
     "TUNED_ODDS",
     "TUNED_REFERENCE",
+    "TUNED_SGF",
+    "TUNED_SHIELDED",
     "UNSAFE_CLASSES",
     "VALIDATION_SEED_SET",
     "Context",

@@ -138,8 +138,7 @@ def _tuning_record() -> dict[str, Any]:
         f"accuracy >= base - {ACC_TOLERANCE:g} and broken rates <= base + {BROKEN_TOLERANCE:g}, the lowest FD "
         "of those within one sample of the lowest I2P-like unsafe rate",
         "validation_seed_set": VALIDATION_SEED_SET,
-        "constant_grid": _grid_json(GRIDS["constant"]),
-        "reference_grid": _grid_json(GRIDS["reference"]),
+        **{f"{mode}_grid": _grid_json(grid) for mode, grid in GRIDS.items()},
     }
 
 

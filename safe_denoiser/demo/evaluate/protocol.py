@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from safe_denoiser.core.guidance import OddsGuidance, ReferenceGuidance, SafeGuidance
+from safe_denoiser.core.guidance import OddsGuidance, ReferenceGuidance, SafeGuidance, SGFGuidance, ShieldedGuidance
 from safe_denoiser.core.sld_config import SLDConfig
 from safe_denoiser.demo.bank import UNSAFE_CLASSES
 from safe_denoiser.demo.digits import SUPER_CLASSES
@@ -93,8 +93,19 @@ ACC_TOLERANCE = 0.01
 # Reference: sigma 0.5 (not SD's 3.15), x0_hat -= 0.5 E_unsafe where the kernel sum exceeds 0.01 (margin 0: the
 # bank-derived threshold is ~0.9 here, whose floor 0.9 - 1.6 < 0 would leave the gate always open), t <= 500.
 TUNED_REFERENCE = ReferenceGuidance(step_size=0.5, kernel_sigma=0.5, threshold=0.01, margin=0.0, window=(0.0, 500.0))
-# Each preset's strength: the field the strength sweep multiplies and each grid's first axis.
-STRENGTH_FIELDS = {"constant": "beta", "mass": "beta_per_mass", "odds": "odds_scale", "reference": "step_size"}
+# The energy presets, frozen by the same ``tune`` run (SGF_GRID, SHIELDED_GRID). SGF: mmd_scale 0.1 with a fixed
+# bandwidth of 2 pixel units, t >= 500: I2P-like unsafe 0.072 -> 0.022, broken 0.039, FD 24.76 (the bar: 24.79). The
+# authors' nearest-neighbour bandwidth keeps the kernel at 0.05 for the 5th-nearest item however far the sample is,
+# so it moves benign samples too: every setting of it that lowers the unsafe rate costs > 10% benign FD. Shielded:
+# radius 3.75 (1.5 x the bank's median nearest-neighbour distance), overcompensation 2, every step: 0.006, broken
+# 0.028, FD 23.07. Radii up to the nearest-neighbour distance never reach a sample (the rows equal the base's).
+TUNED_SGF = SGFGuidance(mmd_scale=0.1, kernel_sigma=2.0, window=(500.0, 1000.0))
+TUNED_SHIELDED = ShieldedGuidance(radius=3.75, overcompensation=2.0)
+# Each preset's strength (``SafeGuidance.strength_field``): the field the strength sweep multiplies and each grid's
+# first axis.
+STRENGTH_FIELDS = {
+    name: type(SafeGuidance.from_dict({"preset": name})).strength_field for name in SafeGuidance.preset_names()
+}
 # The grids ``tune`` searches, over the fields of each preset (applied to its defaults); "kernel" and "bank" entries
 # set several fields together (a bandwidth and its gate).
 CONSTANT_GRID: dict[str, tuple[Any, ...]] = {
@@ -124,24 +135,38 @@ REFERENCE_GRID: dict[str, tuple[Any, ...]] = {
     ),
     "window": ((0.0, 1000.0), (0.0, 500.0)),
 }
+# The energy presets (SGF, Shielded Diffusion): SGF's step in units of the bandwidth over its critical window (the
+# authors' t >= 800), a wider one and the whole trajectory; SPELL's radius around half, one, two and four times the
+# bank's median nearest-neighbour distance (2.5 in pixel units), exact or twice overcompensated, over the whole
+# trajectory or t >= 500.
+SGF_GRID: dict[str, tuple[Any, ...]] = {
+    "mmd_scale": (0.1, 0.3, 1.0, 3.0),
+    "window": ((800.0, 1000.0), (500.0, 1000.0), (0.0, 1000.0)),
+    "kernel_sigma": (None, 1.0, 2.0),
+}
+SHIELDED_GRID: dict[str, tuple[Any, ...]] = {
+    "overcompensation": (1.0, 2.0),
+    "radius": (1.25, 2.5, 3.75, 5.0),
+    "window": ((0.0, 1000.0), (500.0, 1000.0)),
+}
 GRIDS: dict[str, dict[str, tuple[Any, ...]]] = {
     "constant": CONSTANT_GRID,
     "odds": ODDS_GRID,
     "reference": REFERENCE_GRID,
+    "sgf": SGF_GRID,
+    "shielded": SHIELDED_GRID,
 }
 SWEEP_MULTIPLIERS: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0)  # the plot: strength x these, base model
 
 BASELINES: tuple[str, ...] = ("base", "negative", "sld", "uncond")
-SAFE_MODES: tuple[str, ...] = ("none", "odds", "reference")  # the table's rows
+SAFE_MODES: tuple[str, ...] = ("none", "odds", "reference", "sgf", "shielded")  # the table's rows
 PRESET_MODES: tuple[str, ...] = tuple(GRIDS)  # every preset a row can run (tuning grids)
 _BASELINE_LABELS = {"base": "base model", "negative": "negative class", "sld": "SLD (class)", "uncond": "uncond."}
 
 
 def strength_field(guidance: SafeGuidance) -> str:
-    """The name of ``guidance``'s strength field (``STRENGTH_FIELDS``)."""
-    if guidance.preset not in STRENGTH_FIELDS:
-        raise ValueError(f"no strength field known for the {guidance.preset!r} preset: add it to STRENGTH_FIELDS")
-    return STRENGTH_FIELDS[guidance.preset]
+    """The name of ``guidance``'s strength field (``SafeGuidance.strength_field``)."""
+    return guidance.strength_field
 
 
 def sld_config(steps: int) -> SLDConfig:
@@ -200,6 +225,8 @@ class EvalSettings:
     unsafe: tuple[int, ...] = UNSAFE_CLASSES
     reference: ReferenceGuidance = TUNED_REFERENCE
     odds: OddsGuidance = TUNED_ODDS
+    sgf: SGFGuidance = TUNED_SGF
+    shielded: ShieldedGuidance = TUNED_SHIELDED
     sweep: tuple[float, ...] = SWEEP_MULTIPLIERS
     batch_size: int = 512
     threads: int = 1
@@ -237,16 +264,26 @@ class EvalSettings:
 
     def guidance(self, mode: str) -> SafeGuidance | None:
         """The safe-denoiser settings of a ``SAFE_MODES`` entry (None for "none")."""
-        return {"none": None, "odds": self.odds, "reference": self.reference}[mode]
+        presets: dict[str, SafeGuidance | None] = {
+            "none": None,
+            "odds": self.odds,
+            "reference": self.reference,
+            "sgf": self.sgf,
+            "shielded": self.shielded,
+        }
+        return presets[mode]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able settings."""
-        d = {k: v for k, v in asdict(self).items() if k not in ("reference", "odds", "rows")}
+        presets = ("reference", "odds", "sgf", "shielded")
+        d = {k: v for k, v in asdict(self).items() if k not in (*presets, "rows")}
         d.update(
             odds=self.odds.to_dict(),
             i2p_labels=list(I2P_LABELS),
             rab={"base": RAB_BASE, "neighbours": RAB_NEIGHBOURS, "strength": RAB_STRENGTH},
             reference=self.reference.to_dict(),
+            sgf=self.sgf.to_dict(),
+            shielded=self.shielded.to_dict(),
             sld=sld_config(self.steps).to_dict(),
             rows=[r.name for r in self.rows],
             safe_classes=list(self.safe_classes),

@@ -155,7 +155,13 @@ def save_grid(
     plt.close(fig)
 
 
-PRESET_COLORS = {"constant": "tab:green", "odds": "tab:red", "reference": "tab:orange"}  # one colour per preset
+PRESET_COLORS = {  # one colour per preset
+    "constant": "tab:green",
+    "odds": "tab:red",
+    "reference": "tab:orange",
+    "sgf": "tab:purple",
+    "shielded": "tab:blue",
+}
 
 
 def save_plot(path: Path, result: dict[str, Any]) -> None:
@@ -169,7 +175,7 @@ def save_plot(path: Path, result: dict[str, Any]) -> None:
         )
         for mode, pts in result["sweep"].items()
     ]
-    markers = {"none": "s", "constant": "^", "odds": "o", "reference": "D"}
+    markers = {"none": "s", "constant": "^", "odds": "o", "reference": "D", "sgf": "v", "shielded": "P"}
     base_colors = {"base": "black", "negative": "tab:blue", "sld": "tab:purple"}
     points = [
         Point(

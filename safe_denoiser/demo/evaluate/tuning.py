@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from safe_denoiser.core.guidance import SafeGuidance
+from safe_denoiser.core.guidance import SafeGuidance, preset_grid
 from safe_denoiser.demo.evaluate.generation import Context, run_row
 from safe_denoiser.demo.evaluate.protocol import (
     ACC_TOLERANCE,
@@ -32,23 +31,11 @@ __all__ = ["pareto_front", "save_pareto", "save_rab_pareto", "select", "tune", "
 
 
 def tuning_grid(mode: str) -> list[SafeGuidance]:
-    """Every setting of a preset's grid (``GRIDS``: ``CONSTANT_GRID`` / ``ODDS_GRID`` / ``REFERENCE_GRID``),
-    each applied to that preset's defaults."""
+    """Every setting of a preset's grid (``GRIDS``: ``CONSTANT_GRID`` / ``ODDS_GRID`` / ``REFERENCE_GRID`` /
+    ``SGF_GRID`` / ``SHIELDED_GRID``), each applied to that preset's defaults."""
     if mode not in GRIDS:
         raise ValueError(f"unknown tuning mode {mode!r}: expected one of {sorted(GRIDS)}")
-    grid = GRIDS[mode]
-    keys = list(grid)
-    base = SafeGuidance.from_dict({"preset": mode})
-    out = []
-    for values in itertools.product(*(grid[k] for k in keys)):
-        changes: dict[str, Any] = {}
-        for k, v in zip(keys, values, strict=True):
-            if isinstance(v, dict):
-                changes.update(v)
-            else:
-                changes[k] = v
-        out.append(base.with_(**changes))
-    return out
+    return preset_grid(mode, GRIDS[mode])
 
 
 def select(base: dict[str, float], candidates: Sequence[dict[str, Any]], asr_tie: float = 0.0) -> dict[str, Any] | None:
