@@ -294,3 +294,72 @@ def test_preset_study_rule_drops_its_bars_in_order() -> None:
     assert choose([base, strong_but_broken, touches_others]) == (strong_but_broken, "broken")
     with pytest.raises(ValueError, match="other digits"):
         choose([base, touches_others])
+
+
+def _study_row(name: str, preset: str | None, unsafe: float, broken: float, others: float = 1.0) -> dict[str, object]:
+    concept = {"unsafe": unsafe, "safe_real": 1.0 - unsafe - broken, "broken": broken}
+    guidance = None if preset is None else {"preset": preset}
+    return {"name": name, "guidance": guidance, "concept": concept, "others": {"safe_real": others}}
+
+
+def test_preset_study_chooses_per_preset() -> None:
+    """``choose_per_preset``: the rule over the base and one preset's settings at a time; None for a preset that no
+    setting of passes even the rule's last fallback."""
+    from safe_denoiser.mini_sd.preset_study import choose_per_preset
+
+    rows = [
+        _study_row("base", None, 0.6, 0.04),
+        _study_row("odds a", "odds", 0.3, 0.08),  # halves, within the broken bar
+        _study_row("odds b", "odds", 0.5, 0.04),
+        _study_row("shielded a", "shielded", 0.55, 0.05),  # only the fallback without the halving
+        _study_row("shielded b", "shielded", 0.1, 0.5),
+        _study_row("sgf a", "sgf", 0.0, 0.0, others=0.5),  # touches the other digits
+        _study_row("reference a", "reference", 0.55, 0.2),  # neither halves nor keeps the broken bar
+    ]
+    assert choose_per_preset(rows) == {
+        "odds": {"name": "odds a", "fallback": None},
+        "shielded": {"name": "shielded a", "fallback": "halving"},
+        "sgf": None,
+        "reference": None,
+    }
+
+
+def test_evaluate_mini_sd_tune_writes_the_study(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``safe-denoiser evaluate --model mini-sd --tune``: every setting of the study scored on the validation seeds
+    (the scorer replaced by a scripted one: score_setting has its own tests), the rule applied overall and per
+    preset, tuning.json and pareto.png written to --out, the choices printed."""
+    from safe_denoiser import cli
+    from safe_denoiser.core.guidance import OddsGuidance, ShieldedGuidance
+    from safe_denoiser.mini_sd import preset_study
+
+    settings = [("base", None), ("odds x", OddsGuidance(odds_scale=3.0)), ("shielded y", ShieldedGuidance(radius=5.0))]
+    outcomes = {None: (0.6, 0.04), 3.0: (0.3, 0.07), 5.0: (0.5, 0.05)}
+    seen: list[tuple[object, int, int]] = []
+
+    def scripted(_pipe: object, _judge: object, _banks: object, guidance: object, n: int, others: int, first: int):
+        seen.append((guidance, n, first))
+        key = None if guidance is None else getattr(guidance, "odds_scale", None) or guidance.radius  # type: ignore
+        unsafe, broken = outcomes[key]
+        return {
+            "concept": {"unsafe": unsafe, "safe_real": 1.0 - unsafe - broken, "broken": broken},
+            "others": {"unsafe": 0.0, "safe_real": 1.0, "broken": 0.0},
+        }
+
+    monkeypatch.setattr(preset_study, "study_settings", lambda: settings)
+    monkeypatch.setattr(preset_study, "score_setting", scripted)
+    out = tmp_path / "tune"
+    argv = ["evaluate", "--model", "mini-sd", "--tune", "--prompts", "3", "--out", str(out), "--no-progress"]
+    assert cli.main(argv) == 0
+    assert [(g, n, first) for g, n, first in seen] == [(g, 3, preset_study.VALIDATION_FIRST_SEED) for _, g in settings]
+    report = json.loads((out / "tuning.json").read_text())
+    assert report["chosen"] == "odds x" and report["chosen_meets_the_bar"]
+    assert report["chosen_per_preset"] == {
+        "odds": {"name": "odds x", "fallback": None},
+        "shielded": {"name": "shielded y", "fallback": "halving"},
+    }
+    assert [r["name"] for r in report["settings"]] == [name for name, _ in settings]
+    assert (out / "pareto.png").stat().st_size > 1000
+    printed = capsys.readouterr().out
+    assert "chosen 'odds x'" in printed and "shielded: chosen 'shielded y' (dropped: halving)" in printed

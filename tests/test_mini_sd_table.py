@@ -86,6 +86,21 @@ def test_presets_cover_the_library_and_the_config() -> None:
     assert QUICK["rows"] == CORE_ROWS and all(r.safe in (None, MINI_SD_PRESETS[RECOMMENDED_PRESET]) for r in CORE_ROWS)
 
 
+def test_presets_are_the_studys_choices() -> None:
+    """Each preset the recorded preset study (docs/results/mini_sd_presets.json) chose a setting for is that setting
+    in the table; the study's grid covers the odds, sgf and shielded presets."""
+    from safe_denoiser.core.guidance import SafeGuidance
+    from safe_denoiser.mini_sd.preset_study import ROOT
+
+    study = json.loads((ROOT / "docs" / "results" / "mini_sd_presets.json").read_text())
+    by_name = {r["name"]: r["guidance"] for r in study["settings"]}
+    chosen = {p: c for p, c in study["chosen_per_preset"].items() if c is not None}
+    assert {"odds", "sgf", "shielded"} <= set(chosen)
+    for preset, choice in chosen.items():
+        assert MINI_SD_PRESETS[preset] == SafeGuidance.from_dict(by_name[choice["name"]]), preset
+    assert study["chosen"] == chosen[RECOMMENDED_PRESET]["name"]  # the recommended preset is the overall choice
+
+
 def test_marks_and_cache_key_follow_the_fields(prompt_dir: Path) -> None:
     settings = _tiny(prompt_dir, CORE_ROWS)
     esd_ours = next(r for r in CORE_ROWS if r.model == "esd" and r.safe is not None)
@@ -263,7 +278,7 @@ def test_resume_reuses_finished_rows_and_a_changed_setting_recomputes(
 def test_poster_layout_prints_every_rows_marks() -> None:
     estimate = {"mean": 0.5, "low": 0.4, "high": 0.6, "n": 10}
     summary = {s.key: {"asr": estimate, "tr": estimate, "broken": estimate} for s in ATTACK_SETS}
-    summary["benign"] = {"fd": estimate, "clip": estimate}
+    summary["benign"] = {"fd": estimate, "clip": estimate, "broken": {"mean": 0.25, "low": 0.2, "high": 0.3, "n": 10}}
     result = {
         "settings": {"seed_set_offsets": [0], "steps": 25, "guidance_scale": 5.0},
         "sets": {s.key: {"label": s.label, "prompts": 10} for s in (*ATTACK_SETS, BENIGN_SET)},
@@ -275,6 +290,8 @@ def test_poster_layout_prints_every_rows_marks() -> None:
     header = lines.pop("row")
     assert [h.strip() for h in header[: len(MARKS)]] == [m for m, _ in MARKS]
     assert "Ring-A-Bell ASR ↓" in " ".join(header) and "CLIP ↑" in header[-1]
+    assert header[-3].strip() == "benign broken ↓"  # a defence's cost where there is nothing to defend against
+    assert all(lines[r.name][-3].strip() == "0.25 (0.20–0.30)" for r in FULL_ROWS)
     for r in FULL_ROWS:
         cells = [c.strip() for c in lines[r.name][: len(MARKS)]]
         assert cells == ["✓" if getattr(r, prop) else "" for _, prop in MARKS], r.name
@@ -295,7 +312,7 @@ def test_bad_model_names_the_flag_and_the_choices(tmp_path: Path, capsys: pytest
         (["--prompts", "1"], "--prompts"),
         (["--seeds", "4"], "--seeds"),
         (["--samples", "20"], "--samples"),
-        (["--tune"], "--tune"),
+        (["--tune", "--tune-baselines", "sld"], "--tune-baselines"),
         (["--prompt-dir", "/nonexistent/prompts"], "--prompt-dir"),
     ],
 )

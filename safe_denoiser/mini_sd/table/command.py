@@ -9,12 +9,12 @@ from typing import Any
 
 from safe_denoiser.mini_sd.table.settings import QUICK, TableSettings, TableSettingsError
 
-__all__ = ["run_command", "table_settings"]
+__all__ = ["run_command", "run_tuning", "table_settings"]
 
 # TableSettings field -> its flag, for error messages
 FLAGS = {"prompts_per_set": "--prompts", "seed_sets": "--seeds", "steps": "--steps", "threads": "--threads"}
-# evaluate's flags that only the digits table has
-DIGITS_ONLY = ("samples", "tune")
+# evaluate's flags that only the digits table has (--tune runs the preset study here: ``run_command``)
+DIGITS_ONLY = ("samples",)
 
 
 def table_settings(args: argparse.Namespace) -> TableSettings:
@@ -22,6 +22,8 @@ def table_settings(args: argparse.Namespace) -> TableSettings:
     for name in DIGITS_ONLY:
         if getattr(args, name, None) not in (None, False):
             raise ValueError(f"--{name} applies to --model digits only (with --model mini-sd use --prompts, --seeds)")
+    if getattr(args, "tune_baselines", "base") != "base":
+        raise ValueError("--tune-baselines applies to --model digits only (the mini-sd study scores the base model)")
     kwargs: dict[str, Any] = dict(QUICK) if args.quick else {}
     given = {"prompts_per_set": args.prompts, "seed_sets": args.seeds, "steps": args.steps}
     kwargs |= {k: v for k, v in given.items() if v is not None}
@@ -53,10 +55,37 @@ def run_command(args: argparse.Namespace) -> int:
     settings = table_settings(args)
     quiet_loaders()
     progress = not args.no_progress and sys.stderr.isatty()
+    if args.tune:
+        return run_tuning(args, settings, progress)
     result = run_table(args.out, settings, progress=progress)
     print(format_table(result, settings.rows))
     print(
         f"\nwrote {Path(args.out)}/results.md, results.json, grid_<row>.png, asr_vs_broken.png, rows/ "
         f"in {result['wall_time_s']:.0f} s"
     )
+    return 0
+
+
+def run_tuning(args: argparse.Namespace, settings: TableSettings, progress: bool) -> int:
+    """``--tune``: the preset study (``mini_sd.preset_study``) on the validation seeds, written to ``--out`` as
+    tuning.json and pareto.png; ``--prompts`` sets the images per concept prompt (default 40)."""
+    from safe_denoiser.files import check_out_dir
+    from safe_denoiser.mini_sd.preset_study import run_study
+    from safe_denoiser.threads import torch_threads
+
+    out = check_out_dir(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    n = 40 if args.prompts is None else args.prompts
+    with torch_threads(settings.threads):
+        report = run_study(out / "tuning.json", out / "pareto.png", n=n, progress=progress, command=" ".join(sys.argv))
+    dropped = report["fallback"]
+    bar = f"no setting meets the bar; dropped: {dropped}" if dropped else "meets the bar"
+    print(f"tuning on the validation seeds from {report['first_seed']}: chosen {report['chosen']!r} ({bar})")
+    for preset, choice in report["chosen_per_preset"].items():
+        if choice is None:
+            print(f"{preset}: no setting passes the rule or its fallbacks")
+            continue
+        note = f" (dropped: {choice['fallback']})" if choice["fallback"] else ""
+        print(f"{preset}: chosen {choice['name']!r}{note}")
+    print(f"wrote {out / 'tuning.json'} and {out / 'pareto.png'}")
     return 0

@@ -53,7 +53,12 @@ def _columns(present: Sequence[str]) -> list[Column]:
         if spec.key in present:
             cols += [Column(f"{spec.key}.{m}", f"{spec.label} {head}", 2) for m, head in ATTACK_METRICS]
     if BENIGN_SET.key in present:
-        cols += [Column("benign.fd", "benign FD ↓", 1), Column("benign.clip", "CLIP ↑", 1)]
+        # the benign prompts' broken rate: what a defence costs where there is nothing to defend against
+        cols += [
+            Column("benign.broken", "benign broken ↓", 2),
+            Column("benign.fd", "benign FD ↓", 1),
+            Column("benign.clip", "CLIP ↑", 1),
+        ]
     return cols
 
 

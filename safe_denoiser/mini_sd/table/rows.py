@@ -40,16 +40,19 @@ __all__ = [
     "with_presets",
 ]
 
-# The safe denoiser's presets on the miniature, one entry per preset the library ships (core/guidance.py). "odds" is
-# the setting of configs/mini_sd_safe.yaml (chosen by ``mini_sd.preset_study``; a test keeps the two equal); the
-# others are the library's defaults (docs/mini_sd.md: at this bank's scale mass and shielded do nothing).
+# The safe denoiser's presets on the miniature, one entry per preset the library ships (core/guidance.py). Where the
+# preset study (``mini_sd.preset_study``, ``evaluate --model mini-sd --tune``) has a grid for the preset, the entry is
+# the setting its rule chose for that preset (a test keeps them equal to docs/results/mini_sd_presets.json): "odds"
+# is also configs/mini_sd_safe.yaml; sgf and shielded are near no-ops, since every setting of theirs that moves the 8s
+# breaks as many images. The others are the library's defaults (docs/mini_sd.md: mass does nothing at this bank's
+# scale; no reference setting passes the rule).
 MINI_SD_PRESETS: dict[str, SafeGuidance] = {
     "odds": OddsGuidance(odds_scale=3.0),
     "reference": ReferenceGuidance(),
     "constant": ConstantGuidance(),
     "mass": MassGuidance(),
-    "sgf": SGFGuidance(),
-    "shielded": ShieldedGuidance(),
+    "sgf": SGFGuidance(mmd_scale=0.1, kernel_sigma=4.2, window=(500.0, 1000.0)),
+    "shielded": ShieldedGuidance(radius=7.9, overcompensation=2.0),
 }
 RECOMMENDED_PRESET = "odds"  # the quick table's "+ ours" rows
 
