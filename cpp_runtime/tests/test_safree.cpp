@@ -206,7 +206,9 @@ TEST(Safree, TriggersByLeaveOneOutDistance) {
   const SafreePrompt p = safree_prompt(s, tokens.data(), 5, masked.data(), 3, 5);
   EXPECT_EQ(p.triggers, (std::vector<bool>{false, false, true}));
   for (int k = 0; k < 20; ++k) {  // rows other than 3 (the third token) keep their bits
-    if (k / 4 != 3) EXPECT_EQ(p.filtered[k], tokens[k]) << k;
+    if (k / 4 != 3) {  // braces: EXPECT_EQ expands to an if/else (-Wdangling-else)
+      EXPECT_EQ(p.filtered[k], tokens[k]) << k;
+    }
   }
   EXPECT_THROW(safree_prompt(s, tokens.data(), 5, masked.data(), 3, 0), Error);  // no active position
 }
