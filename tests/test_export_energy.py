@@ -3,8 +3,8 @@
 Bundles: the tiny SD-1.x text model with a bank of its own unguided final latents (preset ``sgf`` with a window
 whose cosine ramp gives one of the four DDIM steps a partial weight; preset ``shielded`` with a radius of 1.2 x the
 bank's median nearest-neighbour distance, ``suggest_radius``, so that the balls reach the trajectories: it fires at
-some steps and not at others), and the tiny SD3 with ``sgf``. Neither preset adds a graph input: both read only
-the bank constant and re-noise nothing.
+some steps and not at others), and the tiny SD3 with ``sgf`` (rectified flow, FlowMatch Euler in both runtimes).
+Neither preset adds a graph input: both read only the bank constant and re-noise nothing.
 
 Tolerances as in test_export.py / test_export_flow.py (``step_bounds``): each denoiser output within twice the
 float32 error bound of the float64 step; the whole loop through onnxruntime within twice the relative change that
@@ -146,6 +146,30 @@ def cpp() -> Path:
     return BINARY
 
 
+def _cpp_matches_python(cpp: Path, out: Path, tmp_path: Path) -> int:
+    """``safe-denoiser-cpp generate`` on bundle ``out`` for each prompt and seed: the Python runtime's PNG bytes, its
+    correction steps and the preset's name in the record. Returns how many (step, image) corrections fired."""
+    bundle = Bundle(out, threads=1)
+    preset = bundle.manifest.guidance.preset if bundle.manifest.guidance is not None else None
+    flow = bundle.manifest.path == "flow"
+    fired = 0
+    for prompt in PROMPTS:
+        for seed in (0, 7):
+            res = bundle.sample_flow(prompts=[prompt], seed=seed) if flow else bundle.sample([prompt], seed=seed)
+            png = tmp_path / f"{seed}.png"
+            cmd = ["generate", "--bundle", str(out), "--prompt", prompt, "--seed", str(seed), "--threads", "1"]
+            proc = subprocess.run([str(cpp), *cmd, "--out", str(png)], capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, proc.stderr
+            assert png.read_bytes() == png_bytes(Bundle.to_uint8(bundle.decode(res.sample))[0]), (prompt, seed)
+            assert res.applied is not None
+            steps = [t.item() for t, a in zip(res.timesteps, res.applied[:, 0], strict=True) if a]
+            record = json.loads(png.with_suffix(".json").read_text())
+            assert record["corrected_steps"] == steps and record["correction"] == preset, (prompt, seed)
+            assert record["sampler"] == ("flow_euler" if flow else "ddim")
+            fired += len(steps)
+    return fired
+
+
 def test_cpp_generate_same_png_bytes(vp: Bundled, cpp: Path, tmp_path: Path) -> None:
     """``safe-denoiser-cpp generate`` serves the preset: the Python runtime's PNG bytes and correction steps."""
     _, manifest, out = vp
@@ -153,28 +177,16 @@ def test_cpp_generate_same_png_bytes(vp: Bundled, cpp: Path, tmp_path: Path) -> 
     info = subprocess.run([str(cpp), "info", "--bundle", str(out)], capture_output=True, text=True, timeout=120)
     assert info.returncode == 0, info.stderr
     assert json.loads(info.stdout)["correction"] == manifest.guidance.preset
-    bundle = Bundle(out, threads=1)
-    fired = 0
-    for prompt in PROMPTS:
-        for seed in (0, 7):
-            res = bundle.sample([prompt], seed=seed, steps=STEPS)
-            png = tmp_path / f"{seed}.png"
-            cmd = ["generate", "--bundle", str(out), "--prompt", prompt, "--seed", str(seed), "--threads", "1"]
-            proc = subprocess.run([str(cpp), *cmd, "--out", str(png)], capture_output=True, text=True, timeout=300)
-            assert proc.returncode == 0, proc.stderr
-            assert png.read_bytes() == png_bytes(Bundle.to_uint8(bundle.decode(res.sample))[0]), (prompt, seed)
-            assert res.applied is not None
-            steps = [int(t) for t, a in zip(res.timesteps, res.applied[:, 0], strict=True) if a]
-            record = json.loads(png.with_suffix(".json").read_text())
-            assert record["corrected_steps"] == steps and record["correction"] == manifest.guidance.preset
-            fired += len(steps)
-    assert fired > 0
+    assert _cpp_matches_python(cpp, out, tmp_path) > 0
 
 
-def test_flow_sgf_loop_equals_pytorch(tmp_path: Path) -> None:
-    """The tiny SD3 (rectified flow) with ``sgf``: Bundle.sample_flow vs the pipeline with ``attach``."""
+@pytest.fixture(scope="module")
+def flow_sgf(tmp_path_factory: pytest.TempPathFactory) -> Bundled:
+    """The tiny SD3 (rectified flow) with ``sgf``, its bank its own unguided latents; exported with its text
+    encoders, so that the C++ runtime can generate from a prompt."""
+    tmp = tmp_path_factory.mktemp("energy-flow")
     lat = _unguided(tiny_pipeline("sd3"), ["a photo of a cat"] * 3, [0, 1, 2])
-    bank = NegativeBank.from_tensor(lat).save(tmp_path / "bank.safetensors")
+    bank = NegativeBank.from_tensor(lat).save(tmp / "bank.safetensors")
     args = {
         "model": "tiny-sd3",
         "scheduler": "flow_euler",
@@ -186,13 +198,18 @@ def test_flow_sgf_loop_equals_pytorch(tmp_path: Path) -> None:
         "safe_denoiser": SGF,
     }
     source = load_source(args)
-    manifest = export_bundle(source, tmp_path / "bundle")
+    return source, export_bundle(source, tmp / "bundle"), tmp / "bundle"
+
+
+def test_flow_sgf_loop_equals_pytorch(flow_sgf: Bundled) -> None:
+    """The tiny SD3 (rectified flow) with ``sgf``: Bundle.sample_flow vs the pipeline with ``attach``."""
+    source, manifest, out = flow_sgf
     check_graph_parity(source, manifest)
     noise = torch.randn((len(PROMPTS), *manifest.sample_shape), generator=torch.Generator().manual_seed(11))
     want, applied_pt, r, moved_by_guidance = _pytorch_loop(source, noise, W_SD3)
     with torch.no_grad():
         pe, npe, pooled, npooled = source.pipe.encode_prompt(PROMPTS, None, None, do_classifier_free_guidance=True)
-    got = Bundle(tmp_path / "bundle").sample_flow(
+    got = Bundle(out).sample_flow(
         pe.numpy(),
         pooled.numpy(),
         noise=noise.numpy(),
@@ -207,3 +224,12 @@ def test_flow_sgf_loop_equals_pytorch(tmp_path: Path) -> None:
     assert got.applied is not None and np.array_equal(got.applied, applied_pt)
     assert applied_pt.any() and not applied_pt.all()  # the window [400, 1000] covers some of the flow timesteps
     assert moved_by_guidance > 10 * r
+
+
+def test_cpp_flow_sgf_same_png_bytes(flow_sgf: Bundled, cpp: Path, tmp_path: Path) -> None:
+    """``safe-denoiser-cpp generate`` on the SD3 ``sgf`` bundle (FlowMatch Euler): the Python runtime's PNG bytes and
+    correction steps, as on the VP bundles above; the window [400, 1000] makes it fire at some steps only."""
+    _, manifest, out = flow_sgf
+    assert manifest.path == "flow" and manifest.guidance is not None and manifest.guidance.preset == "sgf"
+    fired = _cpp_matches_python(cpp, out, tmp_path)
+    assert 0 < fired < len(PROMPTS) * 2 * STEPS  # fired somewhere, but not at every step

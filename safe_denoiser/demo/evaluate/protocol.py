@@ -136,9 +136,9 @@ REFERENCE_GRID: dict[str, tuple[Any, ...]] = {
     "window": ((0.0, 1000.0), (0.0, 500.0)),
 }
 # The energy presets (SGF, Shielded Diffusion): SGF's step in units of the bandwidth over its critical window (the
-# authors' t >= 800), a wider one and the whole trajectory; SPELL's radius around half, one, two and four times the
-# bank's median nearest-neighbour distance (2.5 in pixel units), exact or twice overcompensated, over the whole
-# trajectory or t >= 500.
+# authors' t >= 800), a wider one and the whole trajectory, with the authors' nearest-neighbour bandwidth or a fixed
+# one; SPELL's radius at half, one, one and a half and two times the bank's median nearest-neighbour distance (2.5 in
+# pixel units), exact or twice overcompensated, over the whole trajectory or t >= 500.
 SGF_GRID: dict[str, tuple[Any, ...]] = {
     "mmd_scale": (0.1, 0.3, 1.0, 3.0),
     "window": ((800.0, 1000.0), (500.0, 1000.0), (0.0, 1000.0)),
