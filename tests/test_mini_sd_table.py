@@ -361,3 +361,24 @@ def test_results_record_repository_paths_relative(tmp_path: Path) -> None:
     assert TableSettings().to_dict()["prompt_dir"] == "configs/prompts/mini_sd_attacks"
     assert TableSettings(prompt_dir=str(tmp_path)).to_dict()["prompt_dir"] == str(tmp_path)
     assert recorded_path(tmp_path / "x.csv") == str(tmp_path / "x.csv")
+
+
+def test_quiet_loaders_silences_inside_and_restores_after() -> None:
+    """The libraries' logging settings are process-wide: inside the block they are silent, after it (also after an
+    error) they are what they were. A leak once made a later test in the suite miss diffusers' loading bar."""
+    import logging
+
+    import diffusers
+    import transformers
+
+    from safe_denoiser.mini_sd.table.command import quiet_loaders
+
+    libs = [lib.utils.logging for lib in (diffusers, transformers)]
+    before = [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libs]
+    assert all(bars for _, bars in before)  # the suite runs with the bars on, or this test checks nothing
+    with quiet_loaders():
+        assert [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libs] == [(logging.ERROR, False)] * 2
+    assert [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libs] == before
+    with pytest.raises(RuntimeError), quiet_loaders():
+        raise RuntimeError("boom")
+    assert [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libs] == before

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +39,29 @@ def table_settings(args: argparse.Namespace) -> TableSettings:
         raise exc.for_flag(FLAGS.get(exc.field, exc.field)) from None
 
 
-def quiet_loaders() -> None:
-    """Silence diffusers' and transformers' per-load progress bars and notices: the table loads a pipeline per
-    model, and its own progress bar (one step per row) is what a reader should see."""
+@contextmanager
+def quiet_loaders() -> Iterator[None]:
+    """Inside the block, diffusers' and transformers' per-load progress bars and notices are silenced: the table
+    loads a pipeline per model, and its own progress bar (one step per row) is what a reader should see. Both
+    libraries' settings are process-wide, so they are put back on exit (a caller in the same process, a test suite
+    for one, keeps its own)."""
     import diffusers
     import transformers
 
-    for library in (diffusers, transformers):
+    saved = [
+        (lib, lib.utils.logging.get_verbosity(), lib.utils.logging.is_progress_bar_enabled())
+        for lib in (diffusers, transformers)
+    ]
+    for library, _, _ in saved:
         library.utils.logging.set_verbosity_error()
         library.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for library, verbosity, bars in saved:
+            library.utils.logging.set_verbosity(verbosity)
+            if bars:
+                library.utils.logging.enable_progress_bar()
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -53,11 +69,11 @@ def run_command(args: argparse.Namespace) -> int:
     from safe_denoiser.mini_sd.table.run import run_table
 
     settings = table_settings(args)
-    quiet_loaders()
     progress = not args.no_progress and sys.stderr.isatty()
-    if args.tune:
-        return run_tuning(args, settings, progress)
-    result = run_table(args.out, settings, progress=progress)
+    with quiet_loaders():
+        if args.tune:
+            return run_tuning(args, settings, progress)
+        result = run_table(args.out, settings, progress=progress)
     print(format_table(result, settings.rows))
     print(
         f"\nwrote {Path(args.out)}/results.md, results.json, grid_<row>.png, asr_vs_broken.png, rows/ "
