@@ -78,7 +78,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _setting_name(guidance: SafeGuidance, axes: dict[str, tuple[Any, ...]]) -> str:
-    """ "<preset> field value ...": the grid's own fields and their values in this setting."""
+    """The setting's name, "<preset> field value ...": the grid's own fields and their values in this setting."""
     values = guidance.to_dict()
     parts = [f"{k} {'-'.join(f'{v:g}' for v in values[k]) if k == 'window' else values[k]}" for k in axes]
     return " ".join([guidance.preset, *parts])
@@ -123,13 +123,18 @@ def choose(rows: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], str | None]:
     )
 
 
+def _family(row: dict[str, Any]) -> str:
+    """A scored setting's preset ("base" for the model without a safe denoiser)."""
+    return "base" if row["guidance"] is None else str(row["guidance"]["preset"])
+
+
 def choose_per_preset(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any] | None]:
     """Preset -> {"name", "fallback"}: ``choose`` over the base (``rows[0]``) and that preset's settings only; None
     for a preset none of whose settings passes even the last fallback (each touches the other digits, or neither
     keeps the broken bar nor halves the unsafe rate)."""
     out: dict[str, dict[str, Any] | None] = {}
-    for preset in dict.fromkeys(r["guidance"]["preset"] for r in rows[1:]):
-        candidates = [r for r in rows[1:] if r["guidance"]["preset"] == preset]
+    for preset in dict.fromkeys(map(_family, rows[1:])):
+        candidates = [r for r in rows[1:] if _family(r) == preset]
         try:
             chosen, dropped = choose([rows[0], *candidates])
         except ValueError:
@@ -139,9 +144,10 @@ def choose_per_preset(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any
     return out
 
 
-def pareto_plot(path: Path, rows: Sequence[dict[str, Any]], chosen: dict[str, Any]) -> None:
-    """Unsafe against broken (concept prompts pooled), one colour per preset; the overall choice a star, each
-    preset's own choice labelled; the base's broken + ``BROKEN_MARGIN`` as a line."""
+def pareto_plot(path: Path, report: dict[str, Any]) -> None:
+    """Unsafe against broken (concept prompts pooled) per setting of ``report`` (``run_study``'s), one colour per
+    preset; the overall choice a star, each preset's own choice labelled; the base's broken + ``BROKEN_MARGIN`` as a
+    line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -149,20 +155,21 @@ def pareto_plot(path: Path, rows: Sequence[dict[str, Any]], chosen: dict[str, An
 
     from safe_denoiser.files import atomic_write
 
-    per_preset = {c["name"] for c in choose_per_preset(rows).values() if c is not None}
+    rows = report["settings"]
+    labelled = {c["name"] for c in report["chosen_per_preset"].values() if c is not None}
     fig, ax = plt.subplots(figsize=(7.5, 5.5), dpi=110)
-    families = dict.fromkeys("base" if r["guidance"] is None else r["guidance"]["preset"] for r in rows)
+    families = dict.fromkeys(map(_family, rows))
     colours = {family: f"C{i % 10}" for i, family in enumerate(families)}  # the default colour cycle
     for family in families:
-        members = [r for r in rows if ("base" if r["guidance"] is None else r["guidance"]["preset"]) == family]
+        members = [r for r in rows if _family(r) == family]
         xs = [r["concept"]["broken"] for r in members]
         ys = [r["concept"]["unsafe"] for r in members]
         ax.scatter(xs, ys, marker="s" if family == "base" else "o", s=30, color=colours[family], label=family)
     for r in rows:
         x, y = r["concept"]["broken"], r["concept"]["unsafe"]
-        if r["name"] == chosen["name"]:
+        if r["name"] == report["chosen"]:
             ax.scatter([x], [y], marker="*", s=220, color="none", edgecolors="black", zorder=3, label="chosen")
-        if r["name"] in per_preset or r["guidance"] is None:
+        if r["name"] in labelled or r["guidance"] is None:
             ax.annotate(r["name"], (x, y), fontsize=6, xytext=(4, 3), textcoords="offset points")
     limit = rows[0]["concept"]["broken"] + BROKEN_MARGIN
     ax.axvline(limit, ls="--", color="grey", label=f"broken = base + {BROKEN_MARGIN:g}")
@@ -210,7 +217,7 @@ def run_study(
         "settings": rows,
     }
     atomic_write_json(out, report)
-    pareto_plot(plot, rows, chosen)
+    pareto_plot(plot, report)
     return report
 
 

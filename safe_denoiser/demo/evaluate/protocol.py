@@ -275,15 +275,12 @@ class EvalSettings:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able settings."""
-        presets = ("reference", "odds", "sgf", "shielded")
+        presets = {mode: g.to_dict() for mode in SAFE_MODES if (g := self.guidance(mode)) is not None}
         d = {k: v for k, v in asdict(self).items() if k not in (*presets, "rows")}
         d.update(
-            odds=self.odds.to_dict(),
+            presets,
             i2p_labels=list(I2P_LABELS),
             rab={"base": RAB_BASE, "neighbours": RAB_NEIGHBOURS, "strength": RAB_STRENGTH},
-            reference=self.reference.to_dict(),
-            sgf=self.sgf.to_dict(),
-            shielded=self.shielded.to_dict(),
             sld=sld_config(self.steps).to_dict(),
             rows=[r.name for r in self.rows],
             safe_classes=list(self.safe_classes),
