@@ -314,6 +314,10 @@ def test_bad_model_names_the_flag_and_the_choices(tmp_path: Path, capsys: pytest
         (["--samples", "20"], "--samples"),
         (["--tune", "--tune-baselines", "sld"], "--tune-baselines"),
         (["--prompt-dir", "/nonexistent/prompts"], "--prompt-dir"),
+        # the preset study would ignore these: refused, naming the flag
+        (["--tune", "--seeds", "2"], "--seeds applies to the mini-sd table, not to --tune"),
+        (["--tune", "--steps", "10"], "--steps applies to the mini-sd table, not to --tune"),
+        (["--tune", "--quick"], "--quick applies to the mini-sd table, not to --tune"),
     ],
 )
 def test_bad_mini_sd_flags(flags: list[str], needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

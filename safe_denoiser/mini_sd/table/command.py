@@ -17,6 +17,9 @@ __all__ = ["run_command", "run_tuning", "table_settings"]
 FLAGS = {"prompts_per_set": "--prompts", "seed_sets": "--seeds", "steps": "--steps", "threads": "--threads"}
 # evaluate's flags that only the digits table has (--tune runs the preset study here: ``run_command``)
 DIGITS_ONLY = ("samples",)
+# the table's flags the preset study has no use for (it runs the validation seeds at its own steps and prompts):
+# with --tune they are refused rather than silently ignored
+TABLE_ONLY = {"seeds": "--seeds", "steps": "--steps", "quick": "--quick", "prompt_dir": "--prompt-dir"}
 
 
 def table_settings(args: argparse.Namespace) -> TableSettings:
@@ -26,6 +29,15 @@ def table_settings(args: argparse.Namespace) -> TableSettings:
             raise ValueError(f"--{name} applies to --model digits only (with --model mini-sd use --prompts, --seeds)")
     if getattr(args, "tune_baselines", "base") != "base":
         raise ValueError("--tune-baselines applies to --model digits only (the mini-sd study scores the base model)")
+    if args.tune:
+        from safe_denoiser.mini_sd.quality import STEPS
+
+        for name, flag in TABLE_ONLY.items():
+            if getattr(args, name, None) not in (None, False):
+                raise ValueError(
+                    f"{flag} applies to the mini-sd table, not to --tune (the preset study scores the validation "
+                    f"seeds at {STEPS} DDIM steps; --prompts sets its images per concept prompt, --threads its threads)"
+                )
     kwargs: dict[str, Any] = dict(QUICK) if args.quick else {}
     given = {"prompts_per_set": args.prompts, "seed_sets": args.seeds, "steps": args.steps}
     kwargs |= {k: v for k, v in given.items() if v is not None}
