@@ -197,6 +197,37 @@ def test_saved_esd_parameters_are_byte_identical_when_rewritten(tmp_path: Path) 
     assert all(torch.equal(load_file(str(tmp_path / "0.safetensors"))[k], v) for k, v in tensors.items())
 
 
+def test_esd_name_captions_only_name_the_concept() -> None:
+    """The default concept prompts (``captions="name"``) are training captions of the 8 that carry no style, stroke
+    or attribute word, every frame of each name; ``captions="all"`` keeps the seeded draw of every caption."""
+    from safe_denoiser.mini_sd import captions
+    from safe_denoiser.mini_sd.erasure.prompts import drawn_captions
+
+    names = EsdSettings().concept_prompts()
+    style = {w for adjs in captions._ADJECTIVES.values() for w in adjs} | set(captions._STYLES) - {""}
+    style |= {w for strokes in captions._STROKES.values() for phrase in strokes for w in phrase.split()}
+    style -= {"a", "at", "in", "the", "to", "with"}  # the grammar words the stroke phrases share with names
+    assert len(names) == 35 and set(names) <= set(captions.digit_captions(8))
+    assert not any(set(t.split()) & style for t in names)
+    assert all(any(noun in t for noun in ("eight", "8")) for t in names)
+    # every caption of the 8 without a style word is one of them: the pool is the whole of "the name and nothing else"
+    assert {t for t in captions.digit_captions(8) if not set(t.split()) & style} == set(names)
+    assert EsdSettings(captions="all", prompts=256).concept_prompts() == drawn_captions((8,), 256, 0)
+    assert EsdSettings(prompts=5, seed=3).concept_prompts() == EsdSettings(prompts=5, seed=3).concept_prompts()
+    assert set(EsdSettings(prompts=5).concept_prompts()) <= set(names)
+
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [({"captions": "nouns"}, "captions must be 'name' or 'all'"), ({"prompts": 0}, "prompts must be a positive")],
+)
+def test_esd_settings_refuse_bad_values(kwargs: dict[str, Any], needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        EsdSettings(**kwargs)
+    with pytest.raises(ValueError, match="count must be 1..35"):
+        EsdSettings(prompts=36).concept_prompts()
+
+
 def test_erased_model_kinds_are_the_miniature_with_another_build() -> None:
     from safe_denoiser.mini_sd.model_kind import MINI_SD
     from safe_denoiser.models.registry import model_kind

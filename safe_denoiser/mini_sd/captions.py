@@ -31,6 +31,7 @@ __all__ = [
     "digit_captions",
     "heldout_captions",
     "image_attributes",
+    "name_captions",
     "sample_caption",
     "training_universe",
 ]
@@ -96,10 +97,12 @@ def _nouns(digit: int) -> tuple[str, ...]:
     return (WORDS[digit], str(digit), *_EXTRA_NOUNS.get(digit, ()))
 
 
-def _adjective_sets(attributes: frozenset[str]) -> list[tuple[tuple[str, ...], frozenset[str]]]:
+def _adjective_sets(
+    attributes: frozenset[str], styles: tuple[str, ...] = _STYLES
+) -> list[tuple[tuple[str, ...], frozenset[str]]]:
     """(adjectives, asserted attributes): a style word or none, then each subset of the image's attributes."""
     out: list[tuple[tuple[str, ...], frozenset[str]]] = []
-    for style in _STYLES:
+    for style in styles:
         for r in range(len(attributes) + 1):
             for subset in itertools.combinations([a for a in ATTRIBUTES if a in attributes], r):
                 for words in itertools.product(*(_ADJECTIVES[a] for a in subset)):
@@ -107,10 +110,12 @@ def _adjective_sets(attributes: frozenset[str]) -> list[tuple[tuple[str, ...], f
     return out
 
 
-def _digit_phrases(digit: int, attributes: frozenset[str]) -> list[tuple[str, frozenset[str]]]:
-    """Noun phrases naming one digit, with the attributes each asserts."""
+def _digit_phrases(
+    digit: int, attributes: frozenset[str], styles: tuple[str, ...] = _STYLES
+) -> list[tuple[str, frozenset[str]]]:
+    """Noun phrases naming one digit, with the attributes each asserts (``styles``: the style words drawn from)."""
     phrases: list[tuple[str, frozenset[str]]] = []
-    for adjectives, asserted in _adjective_sets(attributes):
+    for adjectives, asserted in _adjective_sets(attributes, styles):
         for noun in _nouns(digit):
             phrases.append((_with_article(" ".join((*adjectives, noun))), asserted))
     phrases += [(f"the number {n}", frozenset()) for n in (WORDS[digit], str(digit))]
@@ -166,6 +171,13 @@ def digit_captions(digit: int) -> tuple[str, ...]:
     """Sorted texts of every "digit"-category training caption of ``digit``, over every stroke-attribute set: "a
     handwritten eight", "a photo of a thick italic figure eight", "the number 8 in bold strokes", ..."""
     return tuple(sorted({c.text for key in _attribute_keys() for c in captions_for(digit, key)["digit"]}))
+
+
+def name_captions(digit: int) -> tuple[str, ...]:
+    """Sorted texts of the training captions that name ``digit`` and say nothing else (no style, stroke or attribute
+    word): "an eight", "a picture of a figure eight", "the number 8", ...; 35 for the 8."""
+    phrases = _digit_phrases(digit, frozenset(), styles=("",))
+    return tuple(sorted({c.text for c in _framed(phrases, frozenset({digit}), "digit", _FRAMES)}))
 
 
 @lru_cache(maxsize=1)

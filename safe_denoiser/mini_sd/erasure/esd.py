@@ -4,8 +4,11 @@ UNet's cross-attention (``attn2``) so that the concept's prompts predict the neg
 For a concept prompt c, with the frozen original UNet's eps(x_t, c) and eps(x_t, "") the trained copy's
 eps'(x_t, c) regresses onto ``eps(x_t, "") - eta * (eps(x_t, c) - eps(x_t, ""))`` (``esd_target``), at x_t reached by
 partially sampling with the trained copy itself (DDIM, ``sample_steps`` steps, CFG ``start_guidance``, stopped at a
-random step), as the paper does. Concept prompts: a seeded draw of the grammar's captions of the concept digit
-(``captions.digit_captions``). Only the trained parameters are shipped (``esd_x.safetensors``).
+random step), as the paper does. Concept prompts (``captions``): the grammar's captions that name the concept digit and
+nothing else (``captions.name_captions``: "an eight", "a picture of the number 8", ...), as the paper erases a concept
+by its name ("nudity", "Van Gogh"); or a seeded draw of all its captions with their style and stroke words
+(``captions.digit_captions``), which also erases those words for every digit (measured: the CLIP-score analogue of
+the other digits' images falls from 47 to 12). Only the trained parameters are shipped (``esd_x.safetensors``).
 
 ``python -m safe_denoiser.mini_sd.erasure.esd --seed 0`` writes the file and a record next to it; deterministic
 (one thread, seeded generators, torch's deterministic algorithms), so the same command writes the same bytes.
@@ -29,8 +32,9 @@ from torch import Tensor
 
 from safe_denoiser.errors import require_positive_ints
 from safe_denoiser.files import atomic_write, atomic_write_json
+from safe_denoiser.mini_sd.captions import digit_captions, name_captions
 from safe_denoiser.mini_sd.data import Concept
-from safe_denoiser.mini_sd.erasure.prompts import drawn_captions, text_states
+from safe_denoiser.mini_sd.erasure.prompts import sample_captions, text_states
 from safe_denoiser.mini_sd.loop import Optimisation, train_steps
 from safe_denoiser.threads import torch_threads
 
@@ -49,6 +53,7 @@ __all__ = [
 ERASURE_DIR = Path(__file__).resolve().parents[2] / "assets" / "mini_sd" / "erasure"
 ESD_FILE = ERASURE_DIR / "esd_x.safetensors"
 Scope = Literal["attn2", "attn2-kv"]
+CaptionPool = Literal["name", "all"]
 _SCOPES: dict[str, tuple[str, ...]] = {"attn2": (".attn2.",), "attn2-kv": (".attn2.to_k.", ".attn2.to_v.")}
 
 
@@ -56,7 +61,9 @@ _SCOPES: dict[str, tuple[str, ...]] = {"attn2": (".attn2.",), "attn2-kv": (".att
 class EsdSettings:
     """ESD's knobs. ``eta``: the negative guidance; ``scope``: ``attn2`` (every cross-attention parameter, the
     paper's ESD-x) or ``attn2-kv`` (to_k / to_v only); ``sample_steps`` / ``start_guidance``: the DDIM schedule and
-    CFG scale of the partial sampling; ``prompts``: how many grammar captions of the concept are drawn."""
+    CFG scale of the partial sampling; ``captions``: the concept prompts, ``name`` (the captions that only name the
+    digit) or ``all`` (every caption of the digit, with style and stroke words); ``prompts``: how many of them are
+    drawn (seeded), None for every one."""
 
     steps: int = 200
     lr: float = 5e-4
@@ -65,14 +72,24 @@ class EsdSettings:
     sample_steps: int = 25
     start_guidance: float = 3.0
     scope: Scope = "attn2"
-    prompts: int = 256
+    captions: CaptionPool = "name"
+    prompts: int | None = None
     seed: int = 0
     concept_digit: int = Concept().digit
 
     def __post_init__(self) -> None:
         if self.scope not in _SCOPES:
             raise ValueError(f"scope must be one of {', '.join(_SCOPES)}, got {self.scope!r}")
-        require_positive_ints(self, "steps", "batch_size", "sample_steps", "prompts")
+        if self.captions not in ("name", "all"):
+            raise ValueError(f"captions must be 'name' or 'all', got {self.captions!r}")
+        require_positive_ints(self, "steps", "batch_size", "sample_steps")
+        if self.prompts is not None:
+            require_positive_ints(self, "prompts")
+
+    def concept_prompts(self) -> list[str]:
+        """The concept's prompts ESD trains on (``captions``, ``prompts``)."""
+        pool = name_captions(self.concept_digit) if self.captions == "name" else digit_captions(self.concept_digit)
+        return list(pool) if self.prompts is None else sample_captions(pool, self.prompts, self.seed, f"the {self.captions!r} captions")
 
 
 def trainable_names(unet: torch.nn.Module, scope: Scope) -> list[str]:
@@ -121,7 +138,7 @@ def train_esd(pipe: Any, settings: EsdSettings) -> tuple[dict[str, Tensor], dict
     params = dict(trained.named_parameters())
     for name in names:
         params[name].requires_grad_(True)
-    prompts = drawn_captions((settings.concept_digit,), settings.prompts, settings.seed)
+    prompts = settings.concept_prompts()
     states, null = text_states(pipe, prompts), text_states(pipe, [""])
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     scheduler.set_timesteps(settings.sample_steps)
@@ -160,7 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     defaults = EsdSettings()
     for key, value in asdict(defaults).items():
-        parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
+        kind = int if key == "prompts" else type(value)  # prompts: None (every caption of the pool) or a count
+        parser.add_argument(f"--{key.replace('_', '-')}", type=kind, default=value)
     parser.add_argument("--out", default=str(ESD_FILE), help="the safetensors file to write")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)

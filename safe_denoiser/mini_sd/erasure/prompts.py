@@ -8,6 +8,7 @@ subsets of those for the concept and, for UCE's preservation, for the other digi
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -16,15 +17,19 @@ from torch import Tensor
 from safe_denoiser.mini_sd.captions import digit_captions
 from safe_denoiser.mini_sd.data import MAX_TOKENS
 
-__all__ = ["drawn_captions", "last_word_index", "text_states"]
+__all__ = ["drawn_captions", "last_word_index", "sample_captions", "text_states"]
 
 
 def drawn_captions(digits: tuple[int, ...], count: int, seed: int) -> list[str]:
     """``count`` captions drawn without replacement (seeded) from the pooled ``digit_captions`` of ``digits``."""
-    pool = [t for d in digits for t in digit_captions(d)]
+    return sample_captions([t for d in digits for t in digit_captions(d)], count, seed, f"the captions of digits {digits}")
+
+
+def sample_captions(pool: Sequence[str], count: int, seed: int, what: str = "the pool") -> list[str]:
+    """``count`` of ``pool`` drawn without replacement with ``random.Random(seed)``."""
     if not 0 < count <= len(pool):
-        raise ValueError(f"count must be 1..{len(pool)} (the captions of digits {digits}), got {count}")
-    return random.Random(seed).sample(pool, count)
+        raise ValueError(f"count must be 1..{len(pool)} ({what}), got {count}")
+    return random.Random(seed).sample(list(pool), count)
 
 
 @torch.no_grad()
