@@ -224,7 +224,7 @@ def test_esd_name_captions_only_name_the_concept() -> None:
 def test_esd_settings_refuse_bad_values(kwargs: dict[str, Any], needle: str) -> None:
     with pytest.raises(ValueError, match=needle):
         EsdSettings(**kwargs)
-    with pytest.raises(ValueError, match="count must be 1..35"):
+    with pytest.raises(ValueError, match=r"count must be 1\.\.35"):
         EsdSettings(prompts=36).concept_prompts()
 
 

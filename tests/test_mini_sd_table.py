@@ -357,6 +357,34 @@ def test_quick_table_matches_the_golden_run(ctx: TableContext, tmp_path: Path) -
         assert rows[erased]["ring_a_bell"]["asr"]["mean"] < rows["SD"]["ring_a_bell"]["asr"]["mean"]
 
 
+def test_cache_key_follows_the_shipped_weights(
+    prompt_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row cached under other weights is not reused: the key holds a digest of every weight file the rows read
+    (the ESD weights and the UNet's among them), and changing one byte of one of them changes every key."""
+    from safe_denoiser.mini_sd.erasure.esd import ESD_FILE
+    from safe_denoiser.mini_sd.table import settings as table_settings
+
+    shipped = table_settings.weight_files()
+    assert ESD_FILE in shipped and all(p.is_file() for p in shipped)
+    assert {p.name for p in shipped} >= {"diffusion_pytorch_model.safetensors", "judge.safetensors", "vocab.json"}
+    files = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    for i, f in enumerate(files):
+        f.write_bytes(bytes([i]) * 8)
+    monkeypatch.setattr(table_settings, "weight_files", lambda: files)
+    settings, row = TableSettings(prompt_dir=str(prompt_dir)), CORE_ROWS[0]
+    before = cache_key(row, settings)
+    assert cache_key(row, settings) == before
+    files[1].write_bytes(bytes([1]) * 7 + b"\x02")
+    assert cache_key(row, settings) != before
+    files[1].write_bytes(bytes([1]) * 8)
+    assert cache_key(row, settings) == before
+    # the boundary between files is part of the digest: moving a byte from one file to the next changes it
+    files[0].write_bytes(bytes([0]) * 7)
+    files[1].write_bytes(bytes([0]) + bytes([1]) * 8)
+    assert cache_key(row, settings) != before
+
+
 def test_results_record_repository_paths_relative(tmp_path: Path) -> None:
     """results.json reads the same on every checkout: the shipped prompt folder is recorded relative to the
     repository, a folder elsewhere as given."""

@@ -89,7 +89,9 @@ class EsdSettings:
     def concept_prompts(self) -> list[str]:
         """The concept's prompts ESD trains on (``captions``, ``prompts``)."""
         pool = name_captions(self.concept_digit) if self.captions == "name" else digit_captions(self.concept_digit)
-        return list(pool) if self.prompts is None else sample_captions(pool, self.prompts, self.seed, f"the {self.captions!r} captions")
+        if self.prompts is None:
+            return list(pool)
+        return sample_captions(pool, self.prompts, self.seed, f"the {self.captions!r} captions")
 
 
 def trainable_names(unet: torch.nn.Module, scope: Scope) -> list[str]:

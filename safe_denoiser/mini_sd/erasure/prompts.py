@@ -22,7 +22,8 @@ __all__ = ["drawn_captions", "last_word_index", "sample_captions", "text_states"
 
 def drawn_captions(digits: tuple[int, ...], count: int, seed: int) -> list[str]:
     """``count`` captions drawn without replacement (seeded) from the pooled ``digit_captions`` of ``digits``."""
-    return sample_captions([t for d in digits for t in digit_captions(d)], count, seed, f"the captions of digits {digits}")
+    pool = [t for d in digits for t in digit_captions(d)]
+    return sample_captions(pool, count, seed, f"the captions of digits {digits}")
 
 
 def sample_captions(pool: Sequence[str], count: int, seed: int, what: str = "the pool") -> list[str]:

@@ -10,8 +10,9 @@ row's pipeline with its defences attached (``defended``). Scores kept per image,
   unsafe and broken flags.
 
 The cache: ``<out>/rows/<slug>.<key>.json``, ``key`` a digest of the row's fields (``Row.to_dict``) and the settings
-its numbers depend on (``TableSettings.key_dict``, prompt files' digests included). A finished row is read back,
-never recomputed; a changed field gives another key and so a new file beside the old one (nothing is clobbered).
+its numbers depend on (``TableSettings.key_dict``: prompt files' and weights' digests included). A finished row is
+read back, never recomputed; a changed field gives another key and so a new file beside the old one (nothing is
+clobbered).
 """
 
 from __future__ import annotations

@@ -86,6 +86,32 @@ def _is_int(v: Any) -> bool:
 NOT_IN_KEY = frozenset({"threads", "rows", "prompt_dir"})
 
 
+# the pipeline's component folders and the tiny CLIP: every file in them is weights, config or vocabulary
+MODEL_FOLDERS = ("clip", "scheduler", "text_encoder", "tokenizer", "unet", "vae")
+
+
+def weight_files() -> list[Path]:
+    """The shipped files a row's numbers depend on: the miniature's pipeline, tiny CLIP and banks, the ESD weights
+    and the outcome judge's weights (not the training records or pictures beside them)."""
+    from safe_denoiser.demo.digits import bundled_path
+    from safe_denoiser.mini_sd.data import ASSETS_DIR
+    from safe_denoiser.mini_sd.erasure.esd import ESD_FILE
+
+    folders = [p for name in MODEL_FOLDERS for p in (ASSETS_DIR / name).rglob("*") if p.is_file()]
+    model = sorted([ASSETS_DIR / "model_index.json", *ASSETS_DIR.glob("*.safetensors"), ESD_FILE, *folders])
+    return [*model, bundled_path() / "judge.safetensors"]
+
+
+def weights_digest() -> str:
+    """One sha256 over ``weight_files`` in order, each file's length then its bytes: a row cached under other weights
+    (a retrained ESD, say) is recomputed, not reused."""
+    digest = hashlib.sha256()
+    for path in weight_files():
+        data = path.read_bytes()
+        digest.update(len(data).to_bytes(8, "little") + data)
+    return digest.hexdigest()
+
+
 @dataclass(frozen=True)
 class TableSettings:
     """``prompts_per_set``: prompts taken from each file, evenly spaced (None: all); ``seed_sets``: how many of
@@ -130,9 +156,11 @@ class TableSettings:
         return {s.key: s.path(folder) for s in (*ATTACK_SETS, BENIGN_SET) if s.path(folder).is_file()}
 
     def key_dict(self) -> dict[str, Any]:
-        """The settings a row's numbers depend on (every field but ``NOT_IN_KEY``) and each prompt file's digest."""
+        """The settings a row's numbers depend on (every field but ``NOT_IN_KEY``), each prompt file's digest and the
+        digest of the shipped weights the rows read (``weights_digest``)."""
         out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in NOT_IN_KEY}
         out["prompt_files"] = {k: hashlib.sha256(p.read_bytes()).hexdigest() for k, p in self.prompt_files().items()}
+        out["weights"] = weights_digest()
         return out
 
     def to_dict(self) -> dict[str, Any]:
