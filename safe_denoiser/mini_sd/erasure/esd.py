@@ -24,7 +24,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,7 @@ ERASURE_DIR = Path(__file__).resolve().parents[2] / "assets" / "mini_sd" / "eras
 ESD_FILE = ERASURE_DIR / "esd_x.safetensors"
 Scope = Literal["attn2", "attn2-kv"]
 CaptionPool = Literal["name", "all"]
+_CAPTION_POOLS: tuple[str, ...] = get_args(CaptionPool)
 _SCOPES: dict[str, tuple[str, ...]] = {"attn2": (".attn2.",), "attn2-kv": (".attn2.to_k.", ".attn2.to_v.")}
 
 
@@ -80,8 +81,8 @@ class EsdSettings:
     def __post_init__(self) -> None:
         if self.scope not in _SCOPES:
             raise ValueError(f"scope must be one of {', '.join(_SCOPES)}, got {self.scope!r}")
-        if self.captions not in ("name", "all"):
-            raise ValueError(f"captions must be 'name' or 'all', got {self.captions!r}")
+        if self.captions not in _CAPTION_POOLS:
+            raise ValueError(f"captions must be {' or '.join(map(repr, _CAPTION_POOLS))}, got {self.captions!r}")
         require_positive_ints(self, "steps", "batch_size", "sample_steps")
         if self.prompts is not None:
             require_positive_ints(self, "prompts")
