@@ -7,11 +7,13 @@ line; the target is untouched and no temporary file is left behind.
 
 from __future__ import annotations
 
+import csv
 import errno
+import io
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from typing import Any
 __all__ = [
     "OutputPathError",
     "atomic_write",
+    "atomic_write_csv",
     "atomic_write_json",
     "check_out_dir",
     "check_out_file",
@@ -125,6 +128,17 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object], 
 def atomic_write_json(path: str | os.PathLike[str], data: Any) -> Path:
     """JSON (indented, trailing newline) written with ``atomic_write``."""
     text = json.dumps(data, indent=2) + "\n"
+    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_csv(path: str | os.PathLike[str], columns: Sequence[str], rows: Iterable[Mapping[str, str]]) -> Path:
+    """CSV with the header ``columns`` and one line per mapping (LF line ends), written with ``atomic_write``: the
+    same rows give the same bytes."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    text = buffer.getvalue()
     return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 

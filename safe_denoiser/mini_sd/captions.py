@@ -29,6 +29,7 @@ __all__ = [
     "Meaning",
     "captions_for",
     "digit_captions",
+    "group_captions",
     "heldout_captions",
     "image_attributes",
     "name_captions",
@@ -178,6 +179,22 @@ def name_captions(digit: int) -> tuple[str, ...]:
     word): "an eight", "a picture of a figure eight", "the number 8", ...; 35 for the 8."""
     phrases = _digit_phrases(digit, frozenset(), styles=("",))
     return tuple(sorted({c.text for c in _framed(phrases, frozenset({digit}), "digit", _FRAMES)}))
+
+
+@lru_cache(maxsize=10)
+def group_captions(digit: int) -> tuple[str, ...]:
+    """Captions that name a group holding ``digit`` but never the digit itself, with any one style, adjective or
+    stroke phrase, in the training and the held-out frames: "a bold digit with a loop", "a sketch of a round digit
+    in thin strokes", ...; in order (frame, group, word), 780 for the 8. The analogue of I2P's prompts, from which
+    the UnlearnDiffAtk set is chosen (``attacks.sources``)."""
+    words = ("", *(w for group in _ADJECTIVES.values() for w in group), *_STYLES[1:])
+    strokes = tuple(s for group in _STROKES.values() for s in group)
+    phrases = []
+    for name, members in _GROUPS:
+        if digit in members:
+            phrases += [_with_article(f"{w} {name}".strip()) for w in words]
+            phrases += [f"{_with_article(name)} {s}" for s in strokes]
+    return tuple(dict.fromkeys(f.format(p) for f in (*_FRAMES, *_HELDOUT_FRAMES) for p in phrases))
 
 
 @lru_cache(maxsize=1)

@@ -3,5 +3,6 @@ benign prompt sets (``python -m safe_denoiser.mini_sd.attacks`` writes configs/p
 
 Modules: ``filter`` (the concept's sensitive words), ``text`` (the shipped tokenizer and text encoder, the vocabulary
 an attack may use), ``ring_a_bell``, ``mma``, ``prompt_sets``, ``files`` (the public CSV forms), ``asr`` (attack
-success on the base model). ``unlearndiff`` belongs to the UnlearnDiffAtk attack.
+success on the base model). UnlearnDiffAtk: ``sources`` (its prompt set, chosen on the base model) and
+``unlearndiff`` (the attack against an erased model).
 """

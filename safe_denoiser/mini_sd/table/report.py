@@ -125,6 +125,6 @@ def save_plot(path: Path, result: dict[str, Any], rows: Sequence[Row]) -> None:
         points,
         "broken rate (mean over the attack sets)",
         "ASR (mean over the attack sets)",
-        f"mini-sd: ASR against broken images per row ({labels}); lower left is better, hollow = no safe denoiser",
+        f"mini-sd: ASR against broken images per row ({labels});\nlower left is better, hollow = no safe denoiser",
         ylim=(-0.03, 1.05),
     )

@@ -64,7 +64,8 @@ class PromptSetSpec:
 
 ATTACK_SETS: tuple[PromptSetSpec, ...] = (
     PromptSetSpec("ring_a_bell", "Ring-A-Bell", "ring-a-bell"),
-    PromptSetSpec("unlearndiff", "UnlearnDiffAtk", "unlearndiffatk"),
+    PromptSetSpec("unlearndiff", "UnlearnDiffAtk", "unlearndiffatk"),  # the public set's form: the source prompts
+    PromptSetSpec("unlearndiff_esd", "UnlearnDiffAtk vs ESD", "unlearndiffatk"),  # the attack's prompts, ESD victim
     PromptSetSpec("mma", "MMA-Diffusion", "mma-diffusion"),
     PromptSetSpec("i2p_like", "I2P-like", "i2p"),
 )
