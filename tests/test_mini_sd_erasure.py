@@ -228,6 +228,23 @@ def test_esd_settings_refuse_bad_values(kwargs: dict[str, Any], needle: str) -> 
         EsdSettings(prompts=36).concept_prompts()
 
 
+@pytest.mark.parametrize(
+    "flags,needle",
+    [(["--captions", "x"], "captions must be 'name' or 'all', got 'x'"), (["--scope", "x"], "scope must be one of")],
+)
+def test_esd_command_refuses_bad_values_before_training(
+    flags: list[str], needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad setting on the command line is a usage error (exit 2, the field named), not a traceback, and nothing is
+    trained or written."""
+    from safe_denoiser.mini_sd.erasure import esd
+
+    with pytest.raises(SystemExit) as exc:
+        esd.main([*flags, "--out", str(tmp_path / "esd.safetensors")])
+    assert exc.value.code == 2 and needle in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_erased_model_kinds_are_the_miniature_with_another_build() -> None:
     from safe_denoiser.mini_sd.model_kind import MINI_SD
     from safe_denoiser.models.registry import model_kind

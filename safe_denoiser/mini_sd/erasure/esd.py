@@ -185,7 +185,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ESD_FILE), help="the safetensors file to write")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    settings = EsdSettings(**{k: getattr(args, k) for k in asdict(defaults)})
+    try:
+        settings = EsdSettings(**{k: getattr(args, k) for k in asdict(defaults)})
+    except ValueError as exc:  # a bad value gets the usage line and exit 2, not a traceback
+        parser.error(str(exc))
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
