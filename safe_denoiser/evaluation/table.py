@@ -103,6 +103,9 @@ class Series:
     style: dict[str, Any] = field(default_factory=dict)
 
 
+LEGEND_ROWS = 24
+
+
 def scatter_plot(
     path: str | os.PathLike[str],
     points: Sequence[Point],
@@ -148,6 +151,8 @@ def scatter_plot(
     if xlog:
         ax.set_xscale("log")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    # about 24 entries fit beside the axes at this size; more go into further columns instead of off the figure
+    columns = -(-(len(points) + len(series)) // LEGEND_ROWS)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, ncols=max(1, columns))
     atomic_write(path, lambda t: fig.savefig(t, format="png"))
     plt.close(fig)
