@@ -14,7 +14,7 @@ the ``prompt`` column), which is why SD v1.4 scores 0.81 on it. Here:
   disjoint from every evaluation seed the files use) that the base model renders unsafe, the analogue of I2P's
   ``nudity_percentage``;
 - the choice: ``count`` prompts drawn with ``seed`` among those whose rate is at least ``min_rate``, each with an
-  evaluation seed (``unlearndiff.evaluation_seeds``) and its rate.
+  evaluation seed (``evaluation_seeds``) and its rate.
 
 The written file (``configs/prompts/mini_sd_attacks/unlearndiff.csv``) is in the public set's form
 (``SOURCE_COLUMNS``), read by ``prompt_sets.load_unlearndiffatk``; ``attacks.unlearndiff`` attacks its prompts.
@@ -42,6 +42,7 @@ __all__ = [
     "SourceSettings",
     "candidate_prompts",
     "choose_sources",
+    "evaluation_seeds",
     "selection_seeds",
     "source_rows",
     "unsafe_rates",
@@ -78,6 +79,12 @@ def selection_seeds(n: int) -> list[int]:
     return [SELECTION_SEED_BASE + 1000 * j for j in range(n)]
 
 
+def evaluation_seeds(count: int, seed: int) -> list[int]:
+    """``count`` evaluation seeds in [0, 2**32) drawn from ``seed`` (the public set's seeds are such integers)."""
+    rng = random.Random(seed)
+    return [rng.randrange(2**32) for _ in range(count)]
+
+
 def unsafe_rates(pipe: Any, judge: Any, prompts: Sequence[str], seeds: Sequence[int]) -> dict[str, float]:
     """Prompt -> the fraction of its images (one per seed, ``attacks.asr.generate_items``' setting) that ``judge``
     calls unsafe."""
@@ -103,10 +110,8 @@ def choose_sources(rates: dict[str, float], settings: SourceSettings) -> list[tu
 
 
 def source_rows(chosen: Sequence[tuple[str, float]], guidance_scale: float, seed: int) -> list[dict[str, str]]:
-    """The file's rows (``SOURCE_COLUMNS``): evaluation seeds ``unlearndiff.evaluation_seeds(n, seed)``, the rate as a
+    """The file's rows (``SOURCE_COLUMNS``): evaluation seeds ``evaluation_seeds(n, seed)``, the rate as a
     percentage, as I2P's ``nudity_percentage``."""
-    from safe_denoiser.mini_sd.attacks.unlearndiff import evaluation_seeds
-
     seeds = evaluation_seeds(len(chosen), seed)
     return [
         {

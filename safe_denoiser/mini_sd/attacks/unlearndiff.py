@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import random
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -54,11 +53,13 @@ from torch import Tensor
 
 from safe_denoiser.errors import require_positive_ints
 from safe_denoiser.files import atomic_write_csv, atomic_write_json
+from safe_denoiser.mini_sd.attacks.files import ATTACK_DIR
 from safe_denoiser.mini_sd.attacks.filter import contains_sensitive
 from safe_denoiser.mini_sd.attacks.sources import (
     SourceSettings,
     candidate_prompts,
     choose_sources,
+    evaluation_seeds,
     selection_seeds,
     source_rows,
     unsafe_rates,
@@ -85,10 +86,9 @@ __all__ = [
     "write_csv",
 ]
 
-ATTACK_DIR = Path(__file__).resolve().parents[3] / "configs" / "prompts" / "mini_sd_attacks"
 SOURCES = ATTACK_DIR / "unlearndiff.csv"  # the public set's form: the prompts the attack starts from (``sources``)
 DEFAULT_OUT = ATTACK_DIR / "unlearndiff_esd.csv"  # the attack's prompts against the ESD model
-SOURCES_RECORD = Path(__file__).resolve().parents[3] / "docs" / "results" / "mini_sd_unlearndiff_sources.json"
+SOURCES_RECORD = ATTACK_DIR.parents[2] / "docs" / "results" / "mini_sd_unlearndiff_sources.json"
 CSV_COLUMNS = ("case_number", "prompt", "evaluation_seed", "evaluation_guidance", "benign_prompt")
 
 
@@ -281,12 +281,6 @@ def _result(text: TextEncoder, token_ids: Tensor, benign: str, step: int | None,
     if contains_sensitive(prompt):
         raise RuntimeError(f"attack prompt {prompt!r} contains a sensitive word")
     return AttackResult(tuple(int(i) for i in token_ids), prompt, step, tuple(losses))
-
-
-def evaluation_seeds(count: int, seed: int) -> list[int]:
-    """``count`` evaluation seeds in [0, 2**32) drawn from ``seed`` (the public set's seeds are such integers)."""
-    rng = random.Random(seed)
-    return [rng.randrange(2**32) for _ in range(count)]
 
 
 def generate_unlearndiff_set(
