@@ -27,7 +27,10 @@ __all__ = [
     "WORDS",
     "Caption",
     "Meaning",
+    "attribute_captions",
+    "attribute_phrases",
     "captions_for",
+    "class_tertiles",
     "digit_captions",
     "group_captions",
     "heldout_captions",
@@ -181,6 +184,23 @@ def name_captions(digit: int) -> tuple[str, ...]:
     return tuple(sorted({c.text for c in _framed(phrases, frozenset({digit}), "digit", _FRAMES)}))
 
 
+def attribute_phrases(attribute: str) -> tuple[str, ...]:
+    """The grammar's words for one stroke attribute: its adjectives, then its stroke phrases ("bold", "thick",
+    "heavy", "in bold strokes", "in thick strokes", "with heavy lines" for "bold")."""
+    if attribute not in ATTRIBUTES:
+        raise ValueError(f"attribute must be one of {ATTRIBUTES}, got {attribute!r}")
+    return (*_ADJECTIVES[attribute], *_STROKES[attribute])
+
+
+def attribute_captions(digit: int, attribute: str) -> tuple[str, ...]:
+    """Sorted texts of the training captions that name ``digit`` and assert ``attribute`` and nothing else (no style
+    word, no other attribute): "a bold eight", "a picture of a heavy 8", "the number 8 in thick strokes", ..."""
+    attribute_phrases(attribute)  # the check
+    asserted = frozenset({attribute})
+    phrases = [(p, a) for p, a in _digit_phrases(digit, asserted, styles=("",)) if a == asserted]
+    return tuple(sorted({c.text for c in _framed(phrases, frozenset({digit}), "digit", _FRAMES)}))
+
+
 @lru_cache(maxsize=10)
 def group_captions(digit: int) -> tuple[str, ...]:
     """Captions that name a group holding ``digit`` but never the digit itself, with any one style, adjective or
@@ -227,6 +247,15 @@ def heldout_captions() -> tuple[Caption, ...]:
     return tuple(sorted((c for t, c in seen.items() if t not in universe), key=lambda c: c.text))
 
 
+def class_tertiles(values: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(10, 2) float64: each digit class's 1/3 and 2/3 quantiles of ``values`` (N,), the attribute thresholds."""
+    values = np.asarray(values, dtype=np.float64)
+    missing = [d for d in range(10) if not (labels == d).any()]
+    if missing:
+        raise ValueError(f"labels must hold every digit 0..9 to give each class its thresholds; missing {missing}")
+    return np.stack([np.quantile(values[labels == d], [1 / 3, 2 / 3]) for d in range(10)])
+
+
 def image_attributes(raw: np.ndarray, labels: np.ndarray) -> list[frozenset[str]]:
     """Stroke attributes of 8 x 8 digits (values 0..16), thresholds by tertiles within each digit class."""
     raw = raw.astype(np.float64)
@@ -239,11 +268,10 @@ def image_attributes(raw: np.ndarray, labels: np.ndarray) -> list[frozenset[str]
     var_y = (raw * (ys - my[:, None, None]) ** 2).sum(axis=(1, 2)) / mass
     shear = np.abs(cov / np.maximum(var_y, 1e-9))  # x drift per row: 0 for an upright stroke
     out: list[frozenset[str]] = [frozenset()] * len(labels)
+    ink_tertiles, shear_tertiles = class_tertiles(ink, labels), class_tertiles(shear, labels)
     for digit in range(10):
-        idx = np.flatnonzero(labels == digit)
-        ink_lo, ink_hi = np.quantile(ink[idx], [1 / 3, 2 / 3])
-        sh_lo, sh_hi = np.quantile(shear[idx], [1 / 3, 2 / 3])
-        for i in idx:
+        (ink_lo, ink_hi), (sh_lo, sh_hi) = ink_tertiles[digit], shear_tertiles[digit]
+        for i in np.flatnonzero(labels == digit):
             attrs = {"bold"} if ink[i] > ink_hi else {"thin"} if ink[i] < ink_lo else set()
             attrs |= {"slanted"} if shear[i] > sh_hi else {"upright"} if shear[i] < sh_lo else set()
             out[i] = frozenset(attrs)
