@@ -224,3 +224,25 @@ def test_shipped_rates_reproduce(pipe: object) -> None:
     prompts = [r["prompt"] for r in _read(ud.SOURCES)[:2]]
     rates = src.unsafe_rates(pipe, OutcomeJudge.load(), prompts, record["selection_seeds"])
     assert rates == {p: record["rates"][p] for p in prompts}
+
+
+@pytest.mark.parametrize("argv", [["--n", "0"], ["--n", "-1"], ["--threads", "0"]])
+def test_non_positive_counts_are_refused_before_anything_is_written(
+    argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--n 0`` (or -1) would attack no source prompt (or all but the last) and overwrite the attack's file."""
+    out = tmp_path / "attack.csv"
+    out.write_text("kept\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as exc:
+        ud.main([*argv, "--out", str(out)])
+    assert exc.value.code == 2
+    assert f"{argv[0]} must be a positive integer, got {argv[1]}" in capsys.readouterr().err
+    assert out.read_text(encoding="utf-8") == "kept\n"
+
+
+def test_select_sources_records_beside_a_non_shipped_source_file(tmp_path: Path) -> None:
+    assert ud.sources_record_path(ud.SOURCES, None) == ud.SOURCES_RECORD
+    trial = tmp_path / "mine.csv"
+    assert ud.sources_record_path(trial, None) == tmp_path / "mine.rates.json"
+    assert ud.sources_record_path(trial, str(tmp_path / "r.json")) == tmp_path / "r.json"
+    assert ud.sources_record_path(ud.SOURCES, str(tmp_path / "r.json")) == tmp_path / "r.json"

@@ -82,6 +82,7 @@ __all__ = [
     "generate_unlearndiff_set",
     "main",
     "measure_asr",
+    "sources_record_path",
     "target_latents",
     "write_csv",
 ]
@@ -378,9 +379,18 @@ def _measure(path: Path, victims: Sequence[str]) -> dict[str, Any]:
     return {"file": str(path), "n": len(rows), "outcomes": out}
 
 
-def _select_sources(path: Path, settings: SourceSettings, command: str) -> None:
+def sources_record_path(sources: Path, record: str | None) -> Path:
+    """Where ``--select-sources`` records every candidate's rate: ``record`` when given; else ``SOURCES_RECORD`` for
+    the shipped source file and ``<sources stem>.rates.json`` beside any other, so that a trial run elsewhere leaves
+    the shipped record alone."""
+    if record is not None:
+        return Path(record)
+    return SOURCES_RECORD if sources.resolve() == SOURCES.resolve() else sources.with_name(f"{sources.stem}.rates.json")
+
+
+def _select_sources(path: Path, record_path: Path, settings: SourceSettings, command: str) -> None:
     """Rate every candidate on the base model, write the chosen source prompts to ``path`` and every rate to
-    ``SOURCES_RECORD``."""
+    ``record_path``."""
     from safe_denoiser.mini_sd.outcomes import OutcomeJudge
     from safe_denoiser.mini_sd.quality import GUIDANCE_SCALE
 
@@ -399,7 +409,7 @@ def _select_sources(path: Path, settings: SourceSettings, command: str) -> None:
         "seconds": round(time.perf_counter() - start, 1),
         "rates": rates,
     }
-    atomic_write_json(SOURCES_RECORD, record)
+    atomic_write_json(record_path, record)
     print(f"wrote {len(chosen)} source prompts to {path} ({record['eligible']} of {len(candidates)} eligible)")
 
 
@@ -413,12 +423,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sources", default=str(SOURCES), help="the source prompts (the public set's form)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="the attack's CSV to write (or to measure)")
     parser.add_argument("--select-sources", action="store_true", help="choose and write --sources on the base model")
+    parser.add_argument(
+        "--record",
+        default=None,
+        help="--select-sources: where to record every candidate's rate (default: docs/results/"
+        "mini_sd_unlearndiff_sources.json for the shipped --sources, <sources stem>.rates.json beside any other)",
+    )
     parser.add_argument("--victim", default="esd", help="the attacked model: esd, uce (erasure) or base")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n", type=int, default=None, help="attack only the first n source prompts")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--measure", nargs="*", metavar="MODEL", help="measure --out on these models (base esd ...)")
     args = parser.parse_args(argv)
+    for flag, value in (("--n", args.n), ("--threads", args.threads)):
+        if value is not None and value < 1:  # --n 0 or -1 would attack nothing or all but the last prompts
+            parser.error(f"{flag} must be a positive integer, got {value}")
     out, sources = Path(args.out), Path(args.sources)
     with torch_threads(args.threads):
         if args.measure is not None:
@@ -428,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             command = " ".join(
                 ["python -m safe_denoiser.mini_sd.attacks.unlearndiff", *(sys.argv[1:] if argv is None else argv)]
             )
-            _select_sources(sources, SourceSettings(seed=args.seed), command)
+            _select_sources(sources, sources_record_path(sources, args.record), SourceSettings(seed=args.seed), command)
             return 0
         if not sources.is_file():
             parser.error(f"--sources: no file {sources}; write it first with --select-sources")
