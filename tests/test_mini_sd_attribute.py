@@ -184,6 +184,9 @@ def test_a_small_run_matches_images_judged_directly(tmp_path: Path, judge: Attri
                 want = {k: round(v, 6) for k, v in judge.fractions(images).items()}
                 assert scored[key] == want, (scored["name"], key)
                 assert sum(want.values()) == pytest.approx(1.0)
+                if guidance is None:  # the geometry is of SD's own images
+                    ink = round(float(judge_view_ink(images).double().median()), 3)
+                    assert report["geometry"][f"sd_{key}"]["ink"] == pytest.approx(ink, abs=2e-3)
         finally:
             if guidance is not None:
                 detach(pipe)
@@ -208,3 +211,4 @@ def test_the_shipped_record_is_of_the_shipped_rows() -> None:
     for r in report["rows"]:
         for key in study.PROMPT_SETS:
             assert sum(r[key][k] for k in OUTCOMES) == pytest.approx(1.0, abs=1e-5)
+    assert set(report["geometry"]) == {"real_ink", "bank_latent_norm", *(f"sd_{k}" for k in study.PROMPT_SETS)}

@@ -193,6 +193,8 @@ def run_study(
     pipe.set_progress_bar_config(disable=True)
     banks = attribute_banks(pipe.vae, settings.attribute)
     results, samples = [], []
+    images_by_set: dict[str, Tensor] = {}
+    geometry: dict[str, Any] | None = None
     firsts = slice(0, 10 * settings.prompts_per_digit * settings.seeds, settings.prompts_per_digit * settings.seeds)
     with torch.no_grad():
         for row in tqdm(rows, desc="attribute study", unit="row", disable=not progress):
@@ -201,14 +203,18 @@ def run_study(
                 for key in PROMPT_SETS:
                     images = _generate(pipe, items[key], settings, row)
                     scored[key] = {k: round(v, 6) for k, v in judge.fractions(images).items()}
+                    images_by_set[key] = images
                     if key == "attribute" and row.name in GRID_ROWS:
                         samples.append(images[firsts])
             results.append(scored)
+            if row.name == "SD":
+                geometry = _geometry(pipe.vae, settings.attribute, banks, images_by_set)
     report = {
         "command": command,
         "settings": settings.to_dict(),
         "banks": {"negative": len(banks[0]), "reference": len(banks[1])},
         "thresholds": [round(float(t), 4) for t in judge.thresholds],
+        "geometry": geometry,
         "prompts": {k: sorted({p for p, _ in v}) for k, v in items.items()},
         "outcomes": list(OUTCOMES),
         "rows": results,
@@ -218,6 +224,43 @@ def run_study(
     if grid is not None and samples:
         save_grid(grid, samples)
     return report
+
+
+def _geometry(
+    vae: Any, attribute: str, banks: tuple[NegativeBank, NegativeBank], images: dict[str, Tensor]
+) -> dict[str, Any]:
+    """Where SD's images lie against the banks: medians of the judge-view ink (the real digits with ``attribute``
+    beside them), of the latent norm, and of the distance to the nearest negative / reference item. An image beyond
+    the negative bank (farther from the origin than its items) is pushed farther out by a repulsion from it, not
+    towards the safe data."""
+    from safe_denoiser.diffusers.vae import vae_encoder
+    from safe_denoiser.mini_sd.captions import image_attributes
+    from safe_denoiser.mini_sd.data import render_split
+    from safe_denoiser.mini_sd.outcomes import judge_view_ink
+
+    def median(t: Tensor) -> float:
+        return round(float(t.double().median()), 3)
+
+    real = render_split("generator")
+    has = torch.tensor([attribute in a for a in image_attributes(real.raw, real.labels)])
+    negative, reference = (b.data.flatten(1) for b in banks)
+    out: dict[str, Any] = {
+        "real_ink": {
+            "all": median(judge_view_ink(real.images())),
+            attribute: median(judge_view_ink(real.images()[has])),
+        },
+        "bank_latent_norm": {"negative": median(negative.norm(dim=1)), "reference": median(reference.norm(dim=1))},
+    }
+    encode = vae_encoder(vae)
+    for key, x in images.items():
+        z = encode(x).flatten(1)
+        out[f"sd_{key}"] = {
+            "ink": median(judge_view_ink(x)),
+            "latent_norm": median(z.norm(dim=1)),
+            "nearest_negative": median(torch.cdist(z, negative).amin(dim=1)),
+            "nearest_reference": median(torch.cdist(z, reference).amin(dim=1)),
+        }
+    return out
 
 
 def pareto_figure(path: Path, report: dict[str, Any]) -> None:
