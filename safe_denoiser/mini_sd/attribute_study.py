@@ -126,15 +126,22 @@ def study_prompts(settings: AttributeStudySettings) -> dict[str, list[tuple[str,
     return out
 
 
-def attribute_banks(vae: Any, attribute: str) -> tuple[NegativeBank, NegativeBank]:
-    """(negative, reference): the generator split's images with / without ``attribute``, as bank build encodes them."""
-    from safe_denoiser.diffusers.vae import vae_encoder
+def _has_attribute(attribute: str) -> Tensor:
+    """(N,) bool: which of the generator split's images have ``attribute`` (``captions.image_attributes``)."""
     from safe_denoiser.mini_sd.captions import image_attributes
     from safe_denoiser.mini_sd.data import render_split
 
     data = render_split("generator")
-    has = torch.tensor([attribute in a for a in image_attributes(data.raw, data.labels)])
-    latents = vae_encoder(vae)(data.images())
+    return torch.tensor([attribute in a for a in image_attributes(data.raw, data.labels)])
+
+
+def attribute_banks(vae: Any, attribute: str) -> tuple[NegativeBank, NegativeBank]:
+    """(negative, reference): the generator split's images with / without ``attribute``, as bank build encodes them."""
+    from safe_denoiser.diffusers.vae import vae_encoder
+    from safe_denoiser.mini_sd.data import render_split
+
+    has = _has_attribute(attribute)
+    latents = vae_encoder(vae)(render_split("generator").images())
     meta = {"attribute": attribute, "split": "generator"}
     return (
         NegativeBank.from_tensor(latents[has], **meta, items="with the attribute"),
@@ -234,21 +241,16 @@ def _geometry(
     the negative bank (farther from the origin than its items) is pushed farther out by a repulsion from it, not
     towards the safe data."""
     from safe_denoiser.diffusers.vae import vae_encoder
-    from safe_denoiser.mini_sd.captions import image_attributes
     from safe_denoiser.mini_sd.data import render_split
     from safe_denoiser.mini_sd.outcomes import judge_view_ink
 
     def median(t: Tensor) -> float:
         return round(float(t.double().median()), 3)
 
-    real = render_split("generator")
-    has = torch.tensor([attribute in a for a in image_attributes(real.raw, real.labels)])
+    real_ink = judge_view_ink(render_split("generator").images())
     negative, reference = (b.data.flatten(1) for b in banks)
     out: dict[str, Any] = {
-        "real_ink": {
-            "all": median(judge_view_ink(real.images())),
-            attribute: median(judge_view_ink(real.images()[has])),
-        },
+        "real_ink": {"all": median(real_ink), attribute: median(real_ink[_has_attribute(attribute)])},
         "bank_latent_norm": {"negative": median(negative.norm(dim=1)), "reference": median(reference.norm(dim=1))},
     }
     encode = vae_encoder(vae)
